@@ -1,0 +1,109 @@
+"""The activity that runs an agent in its sandbox, heartbeating progress, killed on cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.federation import PeerMessenger
+from agents.loop import AgentLoop
+from agents.models import ScriptedProvider
+from agents.sandbox.process import ProcessSandbox
+from federation.settings import Settings
+from federation.store import repos
+from workflows.models import RUN_AGENT, AgentOutcome, RunTask
+
+log = logging.getLogger(__name__)
+EVENT_MIN_INTERVAL = 1.0  # seconds between progress events sent to the requester
+
+
+class AgentActivities:
+    def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.messenger = PeerMessenger(pool, http, settings)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def workspace(self, task: RunTask) -> Path:
+        return (self.settings.workspaces_dir / task.requester_id / task.agent_id).resolve()
+
+    @activity.defn(name=RUN_AGENT)
+    async def run_agent(self, task: RunTask) -> AgentOutcome:
+        info = activity.info()
+        agent_id = uuid.UUID(task.agent_id)
+        row = await repos.update_executed_agent(
+            self.pool, task.requester_id, agent_id, state="running", attempt=info.attempt
+        )
+        if row is not None:
+            self._notify_soon(row)
+
+        state: dict[str, Any] = {"progress": {"turn": 0, "attempt": info.attempt}, "sent": 0.0}
+
+        async def on_progress(progress: dict[str, Any]) -> None:
+            progress = {**progress, "attempt": info.attempt}
+            state["progress"] = progress
+            activity.heartbeat(progress)
+            updated = await repos.update_executed_agent(
+                self.pool, task.requester_id, agent_id, progress=progress
+            )
+            now = time.monotonic()
+            if updated is not None and now - state["sent"] >= EVENT_MIN_INTERVAL:
+                state["sent"] = now
+                self._notify_soon(updated)
+
+        async def keep_heartbeating() -> None:
+            # Cancellation (kill) reaches an activity only through heartbeats.
+            while True:
+                activity.heartbeat(state["progress"])
+                await asyncio.sleep(task.heartbeat_interval)
+
+        sandbox = ProcessSandbox(self.workspace(task))
+        await sandbox.start()
+        provider = ScriptedProvider(str(task.context.get("instructions") or ""))
+        loop = AgentLoop(provider, sandbox, on_progress=on_progress)
+        beat = asyncio.create_task(keep_heartbeating())
+        try:
+            async with asyncio.timeout(task.timeout_seconds):
+                report = await loop.run(task.agent_type, task.context)
+        except TimeoutError:
+            await sandbox.kill()
+            raise ApplicationError(
+                f"the run exceeded its timeout of {task.timeout_seconds} s",
+                type="AgentTimedOut",
+                non_retryable=True,
+            ) from None
+        except asyncio.CancelledError:
+            await sandbox.kill()
+            raise
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        await sandbox.stop()
+        result = report.as_result()
+        if not report.success:
+            raise ApplicationError(report.summary, result, type="AgentFailed")
+        return AgentOutcome(summary=report.summary, result=result)
+
+    def _notify_soon(self, row: dict[str, Any]) -> None:
+        """Best-effort event to the requester; it polls when an event is lost."""
+
+        async def send() -> None:
+            try:
+                await self.messenger.notify_requester(row, timeout=5.0)
+            except Exception as exc:  # noqa: BLE001 - an event is allowed to be lost
+                log.info("event for agent %s not delivered: %s", row["agent_id"], exc)
+
+        task = asyncio.create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

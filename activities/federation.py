@@ -1,0 +1,300 @@
+"""Activities that talk to peers and keep the store: verify, sign and send, record."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from federation.envelope import MessageType, parse_timestamp
+from federation.errors import FederationError, PeerRefused, PeerUnreachable
+from federation.identity import Identity, load_identity
+from federation.peer import send_signed
+from federation.settings import Settings
+from federation.store import repos
+from federation.trust import check_grants, require_active, verify_incoming
+from workflows.models import (
+    ADMIT_RUN,
+    FINISH_RUN,
+    POLL_STATUS,
+    RECORD_REQUESTER_FINAL,
+    SEND_KILL,
+    SEND_SPAWN,
+    AgentEvent,
+    AgentRunInput,
+    FinishRun,
+    KillResult,
+    PeerCall,
+    RequesterFinal,
+    RunTask,
+    SpawnAgentInput,
+    agent_run_workflow_id,
+)
+
+# Peer answers that a retry may fix.
+TRANSIENT_PEER_STATUSES = {408, 425, 429}
+
+
+def as_activity_error(err: FederationError) -> Exception:
+    """Map a domain error to what Temporal should do with it: retry or give up."""
+    if isinstance(err, PeerUnreachable):
+        return ApplicationError(err.detail, type=err.code)
+    if isinstance(err, PeerRefused) and err.peer_status in TRANSIENT_PEER_STATUSES:
+        return ApplicationError(err.detail, type=err.peer_code)
+    code = err.peer_code if isinstance(err, PeerRefused) else err.code
+    return ApplicationError(err.detail, type=code, non_retryable=True)
+
+
+def event_payload(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "agentId": str(row["agent_id"]),
+        "seq": row["seq"],
+        "state": row["state"],
+        "progress": row["progress"],
+        "result": row["result"],
+        "error": row["error"],
+        "attempt": row["attempt"],
+    }
+
+
+def event_from_payload(payload: dict[str, Any]) -> AgentEvent:
+    return AgentEvent(
+        seq=int(payload.get("seq") or 0),
+        state=str(payload.get("state") or "spawning"),
+        progress=payload.get("progress"),
+        result=payload.get("result"),
+        error=payload.get("error"),
+        attempt=payload.get("attempt"),
+    )
+
+
+class PeerMessenger:
+    """Signs and sends messages to the peer of a connection (shared by activities)."""
+
+    def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient, settings: Settings) -> None:
+        self.pool = pool
+        self.http = http
+        self.settings = settings
+
+    async def identity(self) -> Identity:
+        return await load_identity(self.pool)
+
+    async def send(
+        self,
+        connection: dict[str, Any],
+        *,
+        type: MessageType,
+        command_type: str,
+        payload: dict[str, Any],
+        agent_id: uuid.UUID | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        envelope, reply = await send_signed(
+            self.http,
+            await self.identity(),
+            url=connection["remote_url"],
+            recipient_id=connection["remote_instance_id"],
+            recipient_keys=connection["remote_keys"],
+            type=type,
+            command_type=command_type,
+            payload=payload,
+            window_seconds=self.settings.timestamp_window,
+            timeout=timeout or self.settings.peer_request_timeout,
+        )
+        await repos.record_message(
+            self.pool, envelope.to_wire(), direction="out", agent_id=agent_id
+        )
+        return reply
+
+    async def notify_requester(self, row: dict[str, Any], *, timeout: float | None = None) -> None:
+        """Send the executor's current record of a run to its requester as a signed EVENT."""
+        connection = await repos.connection_for_peer(self.pool, row["peer_instance_id"])
+        require_active(connection)
+        assert connection is not None
+        await self.send(
+            connection,
+            type=MessageType.EVENT,
+            command_type="agent.state",
+            payload=event_payload(row),
+            agent_id=row["agent_id"],
+            timeout=timeout,
+        )
+
+
+class FederationActivities:
+    def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.messenger = PeerMessenger(pool, http, settings)
+
+    async def _active_connection(self, connection_id: str) -> dict[str, Any]:
+        connection = await repos.get_connection(self.pool, uuid.UUID(connection_id))
+        try:
+            return require_active(connection)
+        except FederationError as err:
+            raise as_activity_error(err) from None
+
+    async def _requester_connection(self, agent_id: str) -> dict[str, Any]:
+        row = await repos.get_requested_agent(self.pool, uuid.UUID(agent_id))
+        if row is None:
+            raise ApplicationError(
+                f"no agent {agent_id}", type="agent_not_found", non_retryable=True
+            )
+        return await self._active_connection(str(row["connection_id"]))
+
+    # --- requester side ----------------------------------------------------------------
+
+    @activity.defn(name=SEND_SPAWN)
+    async def send_spawn(self, inp: SpawnAgentInput) -> AgentEvent:
+        connection = await self._active_connection(inp.connection_id)
+        payload = {
+            "agentId": inp.agent_id,
+            "taskId": inp.task_id,
+            "agentType": inp.agent_type,
+            "context": inp.context,
+            "options": inp.options,
+        }
+        try:
+            reply = await self.messenger.send(
+                connection,
+                type=MessageType.COMMAND,
+                command_type="agent.spawn",
+                payload=payload,
+                agent_id=uuid.UUID(inp.agent_id),
+                timeout=inp.peer_timeout_seconds,
+            )
+        except FederationError as err:
+            raise as_activity_error(err) from None
+        event = event_from_payload(reply)
+        await repos.apply_requester_update(
+            self.pool,
+            uuid.UUID(inp.agent_id),
+            seq=event.seq,
+            state=event.state,
+            progress=event.progress,
+            result=event.result,
+            error=event.error,
+            attempt=event.attempt,
+        )
+        return event
+
+    @activity.defn(name=POLL_STATUS)
+    async def poll_status(self, call: PeerCall) -> AgentEvent:
+        connection = await self._requester_connection(call.agent_id)
+        try:
+            reply = await self.messenger.send(
+                connection,
+                type=MessageType.COMMAND,
+                command_type="agent.status",
+                payload={"agentId": call.agent_id},
+                timeout=call.peer_timeout_seconds,
+            )
+        except FederationError as err:
+            raise as_activity_error(err) from None
+        event = event_from_payload(reply)
+        await repos.apply_requester_update(
+            self.pool,
+            uuid.UUID(call.agent_id),
+            seq=event.seq,
+            state=event.state,
+            progress=event.progress,
+            result=event.result,
+            error=event.error,
+            attempt=event.attempt,
+        )
+        return event
+
+    @activity.defn(name=SEND_KILL)
+    async def send_kill(self, call: PeerCall) -> KillResult:
+        connection = await self._requester_connection(call.agent_id)
+        try:
+            reply = await self.messenger.send(
+                connection,
+                type=MessageType.COMMAND,
+                command_type="agent.kill",
+                payload={"agentId": call.agent_id},
+                agent_id=uuid.UUID(call.agent_id),
+                timeout=60.0,
+            )
+        except FederationError as err:
+            raise as_activity_error(err) from None
+        event = event_from_payload(reply)
+        await repos.apply_requester_update(
+            self.pool,
+            uuid.UUID(call.agent_id),
+            seq=event.seq,
+            state=event.state,
+            progress=event.progress,
+            result=event.result,
+            error=event.error,
+        )
+        return KillResult(call.agent_id, event.state, event.seq)
+
+    @activity.defn(name=RECORD_REQUESTER_FINAL)
+    async def record_requester_final(self, final: RequesterFinal) -> None:
+        await repos.force_requester_final(
+            self.pool,
+            uuid.UUID(final.agent_id),
+            state=final.state,
+            result=final.result,
+            error=final.error,
+        )
+
+    # --- executor side -----------------------------------------------------------------
+
+    @activity.defn(name=ADMIT_RUN)
+    async def admit_run(self, inp: AgentRunInput) -> RunTask:
+        """Verify the signed command again, against the connection and grants as they are now."""
+        identity = await load_identity(self.pool)
+        try:
+            verified = await verify_incoming(
+                self.pool,
+                inp.envelope,
+                instance_id=identity.instance_id,
+                window_seconds=self.settings.timestamp_window,
+                check_replay=False,
+                now=parse_timestamp(inp.received_at),
+            )
+            connection = require_active(verified.connection)
+            check_grants(connection, "agent.spawn", verified.envelope.payload)
+        except FederationError as err:
+            raise as_activity_error(err) from None
+        envelope = verified.envelope
+        payload = envelope.payload
+        options = payload.get("options") or {}
+        return RunTask(
+            agent_id=str(payload["agentId"]),
+            requester_id=envelope.senderId,
+            connection_id=str(connection["connection_id"]),
+            task_id=str(payload["taskId"]),
+            agent_type=str(payload["agentType"]),
+            context=dict(payload.get("context") or {}),
+            timeout_seconds=int(options.get("timeout", 3600)),
+            max_retries=int(options.get("maxRetries", 0)),
+            workflow_id=agent_run_workflow_id(envelope.senderId, str(payload["agentId"])),
+            heartbeat_interval=self.settings.heartbeat_interval,
+        )
+
+    @activity.defn(name=FINISH_RUN)
+    async def finish_run(self, finish: FinishRun) -> None:
+        """Record the final state, then tell the requester (retried until it hears it)."""
+        agent_id = uuid.UUID(finish.agent_id)
+        await repos.update_executed_agent(
+            self.pool,
+            finish.requester_id,
+            agent_id,
+            state=finish.state,
+            result=finish.result,
+            error=finish.error,
+        )
+        row = await repos.get_executed_agent(self.pool, finish.requester_id, agent_id)
+        if row is None:
+            return
+        try:
+            await self.messenger.notify_requester(row)
+        except FederationError as err:
+            raise as_activity_error(err) from None

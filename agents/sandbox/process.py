@@ -1,0 +1,112 @@
+"""The first sandbox: each command in its own process group in a per-agent workspace.
+
+It isolates nothing but the working directory; the bubblewrap and Docker backends replace it.
+What it does guarantee is the kill: the whole process group goes, and the children die with
+the worker if the worker dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+from pathlib import Path
+
+from agents.sandbox.base import CommandResult, Limits, Sandbox, bound_output
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class ProcessSandbox(Sandbox):
+    kind = "process"
+
+    def __init__(self, workspace: Path, limits: Limits | None = None) -> None:
+        super().__init__(workspace, limits or Limits(enforced=("command_timeout",)))
+        self._groups: set[int] = set()
+        self._killed = False
+
+    async def start(self) -> None:
+        self.workspace.mkdir(parents=True, exist_ok=True)
+
+    async def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
+        if self._killed:
+            return CommandResult(command, -9, "", killed=True)
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.workspace),
+            "LANG": "C.UTF-8",
+        }
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            command,
+            cwd=self.workspace,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self._groups.add(proc.pid)
+        timed_out = False
+        try:
+            out, _ = await asyncio.wait_for(
+                proc.communicate(), timeout or self.limits.command_timeout
+            )
+        except TimeoutError:
+            timed_out = True
+            self._kill_group(proc.pid)
+            out, _ = await proc.communicate()
+        except asyncio.CancelledError:
+            self._kill_group(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.shield(proc.wait())
+            raise
+        finally:
+            self._groups.discard(proc.pid)
+            self._kill_group(proc.pid)  # children left behind by a finished command go too
+        code = proc.returncode if proc.returncode is not None else -9
+        return CommandResult(command, code, bound_output(out or b""), timed_out, self._killed)
+
+    def _kill_group(self, pgid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+    async def kill(self) -> None:
+        self._killed = True
+        for pgid in list(self._groups):
+            self._kill_group(pgid)
+        for _ in range(100):
+            if not self.alive_pids():
+                return
+            await asyncio.sleep(0.01)
+
+    def alive_pids(self) -> list[int]:
+        alive: list[int] = []
+        for pgid in self._groups:
+            alive.extend(_pids_in_group(pgid))
+        return alive
+
+
+def _pids_in_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # field 5 (pgrp) after the parenthesised command name
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids

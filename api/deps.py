@@ -1,0 +1,78 @@
+"""FastAPI dependencies as Annotated aliases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import asyncpg
+import httpx
+from fastapi import Depends, Request
+from temporalio.client import Client
+
+from federation.errors import Forbidden, Unauthenticated
+from federation.identity import Identity, load_identity
+from federation.settings import Settings
+from federation.store import repos
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+    workspace: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def _pool(request: Request) -> asyncpg.Pool:
+    pool: asyncpg.Pool = request.app.state.pool
+    return pool
+
+
+def _temporal(request: Request) -> Client:
+    client: Client = request.app.state.temporal
+    return client
+
+
+def _http(request: Request) -> httpx.AsyncClient:
+    http: httpx.AsyncClient = request.app.state.http
+    return http
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def _identity(request: Request) -> Identity:
+    # Loaded per request: a rotated key signs from the next request on, in every process.
+    return await load_identity(request.app.state.pool)
+
+
+async def _current_user(request: Request) -> User:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("send 'Authorization: Bearer <token>'")
+    row: dict[str, Any] | None = await repos.find_token(request.app.state.pool, token.strip())
+    if row is None:
+        raise Unauthenticated("the API token is not valid")
+    return User(row["name"], row["role"], row["workspace"])
+
+
+async def _admin_user(user: Annotated[User, Depends(_current_user)]) -> User:
+    if not user.is_admin:
+        raise Forbidden("this needs an admin token")
+    return user
+
+
+PoolDep = Annotated[asyncpg.Pool, Depends(_pool)]
+TemporalDep = Annotated[Client, Depends(_temporal)]
+HttpDep = Annotated[httpx.AsyncClient, Depends(_http)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+IdentityDep = Annotated[Identity, Depends(_identity)]
+CurrentUser = Annotated[User, Depends(_current_user)]
+AdminUser = Annotated[User, Depends(_admin_user)]

@@ -1,0 +1,66 @@
+"""The FastAPI ingress of one instance: `create_app(settings)`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI
+from temporalio.client import Client
+
+from api import problems
+from api.routes import agents, connections, incoming, instance, ops
+from federation.identity import ensure_identity
+from federation.settings import Settings, get_settings
+from federation.store import repos
+from federation.store.db import create_pool, migrate
+
+log = logging.getLogger(__name__)
+
+
+async def _expire_seen_messages(app: FastAPI, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await repos.expire_message_ids(app.state.pool)
+        except Exception as exc:  # noqa: BLE001 - try again next round
+            log.warning("expiring seen message ids failed: %r", exc)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.pool = await create_pool(settings.database_url)
+        await migrate(app.state.pool)
+        await ensure_identity(
+            app.state.pool, name=settings.instance_name, public_url=settings.public_url
+        )
+        app.state.temporal = await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace
+        )
+        app.state.http = httpx.AsyncClient(timeout=settings.peer_request_timeout)
+        expiry = asyncio.create_task(_expire_seen_messages(app, settings.timestamp_window / 2))
+        try:
+            yield
+        finally:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
+            await app.state.http.aclose()
+            await app.state.pool.close()
+
+    app = FastAPI(
+        title=f"fedagent ({settings.instance_name})",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    for module in (instance, connections, agents, incoming, ops):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,397 @@
+"""Public endpoints for peers: every request is a signed envelope, every answer a signed RESPONSE.
+
+A refused message gets problem+json with its own code, is written to the audit log, and
+leaves nothing else behind: the checks run in one transaction that a refusal rolls back.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.common import (
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.deps import HttpDep, IdentityDep, PoolDep, SettingsDep, TemporalDep
+from federation.envelope import Envelope, MessageType, format_timestamp, sign_envelope
+from federation.errors import (
+    AgentNotFound,
+    ConnectionStateConflict,
+    FederationError,
+    InvalidPayload,
+    MalformedEnvelope,
+    UnknownSender,
+    UnsupportedCommand,
+)
+from federation.identity import Identity
+from federation.models import (
+    AgentEventPayload,
+    AgentRefPayload,
+    ConnectChangePayload,
+    ConnectRequestPayload,
+    SpawnPayload,
+)
+from federation.peer import fetch_card
+from federation.settings import Settings
+from federation.store import repos
+from federation.trust import check_grants, require_active, verify_incoming
+from workflows.models import (
+    AgentEvent,
+    AgentRunInput,
+    KillRequest,
+    agent_run_workflow_id,
+    agent_search_attributes,
+    remote_agent_workflow_id,
+)
+
+router = APIRouter(prefix="/api/v1/federation/incoming", tags=["federation (peers)"])
+
+
+async def _body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedEnvelope("body is not JSON") from exc
+
+
+def _payload(model: type[BaseModel], envelope: Envelope) -> Any:
+    try:
+        return model.model_validate(envelope.payload)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+        raise InvalidPayload(
+            f"payload of {envelope.commandType} is invalid: {', '.join(fields)}", fields=fields
+        ) from exc
+
+
+def _reply(identity: Identity, request: Envelope, payload: dict[str, Any]) -> dict[str, Any]:
+    return sign_envelope(
+        identity.signing_key,
+        type=MessageType.RESPONSE,
+        sender_id=identity.instance_id,
+        recipient_id=request.senderId,
+        payload=payload,
+        command_type=request.commandType,
+        correlation_id=request.messageId,
+    ).to_wire()
+
+
+async def _refused(pool: asyncpg.Pool, body: Any, err: FederationError, endpoint: str) -> None:
+    sender = body.get("senderId") if isinstance(body, dict) else None
+    await repos.audit(
+        pool,
+        actor=f"peer:{sender}" if isinstance(sender, str) else "peer:unknown",
+        action=f"incoming.{endpoint}",
+        outcome="refused",
+        code=err.code,
+        reason=err.detail,
+        messageId=body.get("messageId") if isinstance(body, dict) else None,
+        commandType=body.get("commandType") if isinstance(body, dict) else None,
+    )
+
+
+def _event_payload(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "agentId": str(row["agent_id"]),
+        "workflowId": row["workflow_id"],
+        "seq": row["seq"],
+        "state": row["state"],
+        "progress": row["progress"],
+        "result": row["result"],
+        "error": row["error"],
+        "attempt": row["attempt"],
+    }
+
+
+# --- CONNECT -------------------------------------------------------------------------------
+
+
+@router.post("/connect")
+async def incoming_connect(
+    request: Request,
+    pool: PoolDep,
+    http: HttpDep,
+    identity: IdentityDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    body = await _body(request)
+    try:
+        return await _connect(body, pool, http, identity, settings)
+    except FederationError as err:
+        await _refused(pool, body, err, "connect")
+        raise
+
+
+async def _connect(
+    body: Any, pool: asyncpg.Pool, http: Any, identity: Identity, settings: Settings
+) -> dict[str, Any]:
+    window = settings.timestamp_window
+    is_request = isinstance(body, dict) and body.get("commandType") == "connection.request"
+    card: dict[str, Any] | None = None
+    if is_request:
+        # A stranger: trust the key only if the card at its own URL lists it.
+        payload = body.get("payload") if isinstance(body.get("payload"), dict) else {}
+        try:
+            request_payload = ConnectRequestPayload.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidPayload("connection.request needs connectionId, url and name") from exc
+        card = await fetch_card(http, str(request_payload.url))
+        if card.get("instanceId") != body.get("senderId"):
+            raise UnknownSender("the identity card at the sender's URL names another instance")
+    async with pool.acquire() as conn, conn.transaction():
+        verified = await verify_incoming(
+            conn,
+            body,
+            instance_id=identity.instance_id,
+            window_seconds=window,
+            sender_keys=card["keys"] if card else None,
+        )
+        envelope = verified.envelope
+        if envelope.type is not MessageType.CONNECT:
+            raise MalformedEnvelope("this endpoint takes CONNECT messages")
+        if card is not None:
+            existing = await repos.connection_for_peer(conn, envelope.senderId)
+            if existing is not None and existing["status"] != "DISCONNECTED":
+                raise ConnectionStateConflict(
+                    f"a connection with this peer is already {existing['status']}"
+                )
+            row = await repos.insert_connection(
+                conn,
+                connection_id=request_payload.connectionId,
+                remote_instance_id=card["instanceId"],
+                remote_name=str(card.get("name") or request_payload.name),
+                remote_url=str(card.get("url") or request_payload.url),
+                remote_keys=card["keys"],
+                direction="inbound",
+            )
+        else:
+            change = _payload(ConnectChangePayload, envelope)
+            connection = verified.connection
+            assert connection is not None
+            if connection["connection_id"] != change.connectionId:
+                raise ConnectionStateConflict("connectionId does not match the live connection")
+            transitions = {
+                "connection.accept": ("ACTIVE", ("PENDING",), "outbound"),
+                "connection.reject": ("DISCONNECTED", ("PENDING",), "outbound"),
+                "connection.disconnect": (
+                    "DISCONNECTED",
+                    ("PENDING", "ACTIVE", "SUSPENDED"),
+                    None,
+                ),
+            }
+            if envelope.commandType not in transitions:
+                raise UnsupportedCommand(f"unknown CONNECT command {envelope.commandType!r}")
+            target, expect, direction = transitions[envelope.commandType]
+            if direction is not None and connection["direction"] != direction:
+                raise ConnectionStateConflict("only the side that was asked may answer")
+            updated = await repos.set_connection_status(
+                conn, change.connectionId, target, expect=expect
+            )
+            if updated is None:
+                raise ConnectionStateConflict(
+                    f"cannot {envelope.commandType} a {connection['status']} connection"
+                )
+            row = updated
+        await repos.record_message(conn, envelope.to_wire(), direction="in")
+        await repos.audit(
+            conn,
+            actor=f"peer:{envelope.senderId}",
+            action=str(envelope.commandType),
+            connectionId=str(row["connection_id"]),
+            status=row["status"],
+        )
+    return _reply(
+        identity,
+        envelope,
+        {"connectionId": str(row["connection_id"]), "status": row["status"]},
+    )
+
+
+# --- COMMAND -------------------------------------------------------------------------------
+
+
+@router.post("/command")
+async def incoming_command(
+    request: Request,
+    pool: PoolDep,
+    temporal: TemporalDep,
+    identity: IdentityDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    body = await _body(request)
+    received_at = datetime.now(UTC)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            verified = await verify_incoming(
+                conn,
+                body,
+                instance_id=identity.instance_id,
+                window_seconds=settings.timestamp_window,
+                now=received_at,
+            )
+            envelope = verified.envelope
+            if envelope.type is not MessageType.COMMAND:
+                raise MalformedEnvelope("this endpoint takes COMMAND messages")
+            connection = require_active(verified.connection)
+            command = envelope.commandType or ""
+            if command not in ("agent.spawn", "agent.status", "agent.kill"):
+                raise UnsupportedCommand(f"unknown command {command!r}")
+            check_grants(connection, command, envelope.payload)
+            if command == "agent.spawn":
+                payload = await _spawn(
+                    conn, temporal, settings.task_queue, envelope, connection, received_at
+                )
+                await repos.record_message(
+                    conn, envelope.to_wire(), direction="in", agent_id=uuid.UUID(payload["agentId"])
+                )
+                return _reply(identity, envelope, payload)
+            ref = _payload(AgentRefPayload, envelope)
+            row = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
+            if row is None:
+                raise AgentNotFound(f"no agent {ref.agentId} of this requester")
+            await repos.record_message(
+                conn, envelope.to_wire(), direction="in", agent_id=ref.agentId
+            )
+    except FederationError as err:
+        await _refused(pool, body, err, "command")
+        raise
+    if command == "agent.kill":
+        row = await _kill(pool, temporal, row)
+    return _reply(identity, envelope, _event_payload(row))
+
+
+async def _spawn(
+    conn: asyncpg.Connection,
+    temporal: Client,
+    task_queue: str,
+    envelope: Envelope,
+    connection: dict[str, Any],
+    received_at: datetime,
+) -> dict[str, Any]:
+    spawn = _payload(SpawnPayload, envelope)
+    agent_id = str(spawn.agentId)
+    workflow_id = agent_run_workflow_id(envelope.senderId, agent_id)
+    await repos.insert_agent(
+        conn,
+        agent_id=spawn.agentId,
+        role="executor",
+        connection_id=connection["connection_id"],
+        peer_instance_id=envelope.senderId,
+        task_id=spawn.taskId,
+        agent_type=spawn.agentType,
+        context=spawn.context.model_dump(),
+        options=spawn.options.model_dump(),
+        workflow_id=workflow_id,
+        state="spawning",
+    )
+    try:
+        await temporal.start_workflow(
+            "AgentRunWorkflow",
+            AgentRunInput(envelope=envelope.to_wire(), received_at=format_timestamp(received_at)),
+            id=workflow_id,
+            task_queue=task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            static_summary=(
+                f"{spawn.agentType} agent for task {spawn.taskId} from {connection['remote_name']}"
+            ),
+            search_attributes=agent_search_attributes(
+                agent_id=agent_id,
+                task_id=spawn.taskId,
+                peer=connection["remote_name"],
+                agent_type=spawn.agentType,
+            ),
+        )
+    except WorkflowAlreadyStartedError:
+        pass  # the run exists and is closed: the same agentId never runs twice
+    row = await repos.get_executed_agent(conn, envelope.senderId, spawn.agentId)
+    assert row is not None
+    return _event_payload(row)
+
+
+async def _kill(pool: asyncpg.Pool, temporal: Client, row: dict[str, Any]) -> dict[str, Any]:
+    """Kill the run and answer once its sandbox is gone; a finished run is left as it is."""
+    if row["state"] not in repos.TERMINAL_STATES:
+        handle = temporal.get_workflow_handle(row["workflow_id"])
+        try:
+            result = await handle.execute_update("kill", KillRequest(), result_type=dict)
+            state = str(result.get("state", "killed"))
+        except WorkflowUpdateFailedError:
+            state = "killed"
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            state = "killed"  # no workflow left to run it: nothing runs
+        await repos.update_executed_agent(
+            pool, row["peer_instance_id"], row["agent_id"], state=state, error="killed on request"
+        )
+    fresh = await repos.get_executed_agent(pool, row["peer_instance_id"], row["agent_id"])
+    assert fresh is not None
+    return fresh
+
+
+# --- EVENT ---------------------------------------------------------------------------------
+
+
+@router.post("/event")
+async def incoming_event(
+    request: Request,
+    pool: PoolDep,
+    temporal: TemporalDep,
+    identity: IdentityDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    body = await _body(request)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            verified = await verify_incoming(
+                conn,
+                body,
+                instance_id=identity.instance_id,
+                window_seconds=settings.timestamp_window,
+            )
+            envelope = verified.envelope
+            if envelope.type is not MessageType.EVENT:
+                raise MalformedEnvelope("this endpoint takes EVENT messages")
+            require_active(verified.connection)
+            event = _payload(AgentEventPayload, envelope)
+            row = await repos.get_requested_agent(conn, event.agentId)
+            if row is None or row["peer_instance_id"] != envelope.senderId:
+                raise AgentNotFound(f"no agent {event.agentId} was spawned on this peer")
+            applied = await repos.apply_requester_update(
+                conn,
+                event.agentId,
+                seq=event.seq,
+                state=event.state,
+                progress=event.progress,
+                result=event.result,
+                error=event.error,
+                attempt=event.attempt,
+            )
+    except FederationError as err:
+        await _refused(pool, body, err, "event")
+        raise
+    if applied and event.state != row["state"]:
+        # Only state changes wake the workflow; progress lives in the projection.
+        handle = temporal.get_workflow_handle(remote_agent_workflow_id(str(event.agentId)))
+        try:
+            await handle.signal(
+                "on_event",
+                AgentEvent(
+                    event.seq, event.state, event.progress, event.result, event.error, event.attempt
+                ),
+            )
+        except Exception:  # noqa: BLE001 - a closed workflow needs no more news
+            pass
+    return _reply(identity, envelope, {"agentId": str(event.agentId), "applied": applied})

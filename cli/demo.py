@@ -1,0 +1,157 @@
+"""`fedagent demo`: the whole product once, offline: hub spawns a scripted agent on spoke."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from cli.devstack import DevStack
+
+DEMO_INSTRUCTIONS = """Write a greeting into the workspace and show it.
+$ echo "hello from the spoke" > hello.txt
+$ cat hello.txt
+$ sleep 2
+$ wc -c hello.txt
+"""
+TERMINAL = {"completed", "failed", "killed", "timed_out"}
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def connect(http: httpx.AsyncClient, hub: dict[str, Any], spoke: dict[str, Any]) -> str:
+    hub_auth = {"Authorization": f"Bearer {hub['adminToken']}"}
+    spoke_auth = {"Authorization": f"Bearer {spoke['adminToken']}"}
+    existing = (
+        await http.get(f"{hub['apiUrl']}/api/v1/federation/connections", headers=hub_auth)
+    ).json()
+    for conn in existing:
+        if conn["remoteInstanceId"] == spoke["instanceId"] and conn["status"] == "ACTIVE":
+            say(f"hub is already connected to spoke (connection {conn['connectionId']})")
+            return str(conn["connectionId"])
+    response = await http.post(
+        f"{hub['apiUrl']}/api/v1/federation/connections",
+        json={"remoteUrl": spoke["apiUrl"]},
+        headers=hub_auth,
+    )
+    response.raise_for_status()
+    connection_id = response.json()["connectionId"]
+    say(f"hub asked spoke for a connection: {connection_id} is PENDING")
+    response = await http.post(
+        f"{spoke['apiUrl']}/api/v1/federation/connections/{connection_id}/accept",
+        headers=spoke_auth,
+    )
+    response.raise_for_status()
+    say(f"spoke accepted: connection is {response.json()['status']} on both sides")
+    return str(connection_id)
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.instances.split(",") if n.strip()]
+    if len(names) < 2:
+        say("the demo needs two instances, e.g. --instances hub,spoke")
+        return 2
+    stack = DevStack(
+        names,
+        Path(args.data_dir),
+        base_port=args.base_port,
+        temporal_port=args.temporal_port,
+        ui_port=args.ui_port,
+        workers_per_instance=args.workers,
+    )
+    started = time.monotonic()
+    try:
+        say("starting Temporal dev server, PostgreSQL and two instances ...")
+        doc = await stack.start()
+        hub, spoke = doc["instances"][names[0]], doc["instances"][names[1]]
+        say(f"stack up in {time.monotonic() - started:.1f} s; Temporal UI at {stack.ui_url}")
+        async with httpx.AsyncClient(timeout=120.0) as http:
+            connection_id = await connect(http, hub, spoke)
+            agent_id = str(uuid.uuid4())
+            body = {
+                "agentId": agent_id,
+                "connectionId": connection_id,
+                "taskId": "demo-1",
+                "agentType": "worker",
+                "context": {
+                    "repository": "demo",
+                    "branch": "main",
+                    "workItems": ["write hello.txt"],
+                    "instructions": DEMO_INSTRUCTIONS,
+                },
+                "options": {"timeout": 120, "maxRetries": 1},
+            }
+            auth = {"Authorization": f"Bearer {hub['adminToken']}"}
+            response = await http.post(
+                f"{hub['apiUrl']}/api/v1/federation/agents/spawn", json=body, headers=auth
+            )
+            response.raise_for_status()
+            say(f"spawned agent {agent_id} on {names[1]}: {response.json()['state']}")
+            agent = await follow(http, hub, agent_id, auth)
+            result = agent.get("result") or {}
+            say(f"final state: {agent['state']}")
+            if agent.get("error"):
+                say(f"error: {agent['error']}")
+            if result:
+                say("result summary:\n  " + str(result.get("summary", "")).replace("\n", "\n  "))
+                say("log tail:\n  " + str(result.get("logTail", "")).strip().replace("\n", "\n  "))
+            say("where to look in the Temporal Web UI:")
+            say(
+                f"  requester: {stack.ui_url}/namespaces/{names[0]}/workflows/"
+                f"{quote('remote-agent/' + agent_id, safe='')}"
+            )
+            say(
+                f"  executor:  {stack.ui_url}/namespaces/{names[1]}/workflows/"
+                f"{quote('agent-run/' + hub['instanceId'] + '/' + agent_id, safe='')}"
+            )
+            say(f"  (filter with: AgentId = '{agent_id}')")
+        say(f"instances.json: {stack.data_dir / 'instances.json'}")
+        if not args.exit:
+            say("the stack keeps running; Ctrl-C stops it")
+            await _until_signal()
+        return 0 if agent["state"] == "completed" else 1
+    finally:
+        say("stopping ...")
+        stack.stop()
+        say("stopped")
+
+
+async def follow(
+    http: httpx.AsyncClient, hub: dict[str, Any], agent_id: str, auth: dict[str, str]
+) -> dict[str, Any]:
+    last: tuple[Any, ...] = ()
+    while True:
+        response = await http.get(
+            f"{hub['apiUrl']}/api/v1/federation/agents/{agent_id}", headers=auth
+        )
+        agent: dict[str, Any] = response.json()
+        progress = agent.get("progress") or {}
+        seen = (agent["state"], progress.get("turn"), progress.get("lastTool"))
+        if seen != last:
+            last = seen
+            step = ""
+            if progress:
+                step = f"  turn {progress.get('turn')} {progress.get('lastTool')}"
+                if progress.get("command"):
+                    step += f": {progress['command']}"
+            say(f"[{time.strftime('%H:%M:%S')}] {agent['state']}{step}")
+        if agent["state"] in TERMINAL:
+            return agent
+        await asyncio.sleep(0.2)
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

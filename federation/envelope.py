@@ -1,0 +1,236 @@
+"""The signed message of wire protocol `fedagent/1`: canonical JSON, sign, verify.
+
+The signature covers the RFC 8785 (JCS) canonical form of every field but `signature`.
+The algorithm is bound to the verifying key, never read from the message.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Literal
+
+import rfc8785
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from federation.errors import (
+    MalformedEnvelope,
+    SignatureInvalid,
+    TimestampOutOfWindow,
+    UnsupportedProtocol,
+    WrongRecipient,
+)
+
+PROTOCOL = "fedagent/1"
+
+
+class MessageType(StrEnum):
+    CONNECT = "CONNECT"
+    COMMAND = "COMMAND"
+    EVENT = "EVENT"
+    RESPONSE = "RESPONSE"
+
+
+class Algorithm(StrEnum):
+    ED25519 = "Ed25519"
+    RSA_PSS_SHA256 = "RSA-PSS-SHA256"
+
+
+class Envelope(BaseModel):
+    """One message between instances, exactly as it travels (unknown fields refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocol: Literal["fedagent/1"]
+    messageId: str = Field(min_length=1, max_length=128)
+    type: MessageType
+    senderId: str = Field(min_length=1, max_length=128)
+    recipientId: str = Field(min_length=1, max_length=128)
+    keyId: str = Field(min_length=1, max_length=128)
+    timestamp: str = Field(min_length=1, max_length=64)
+    commandType: str | None = Field(default=None, max_length=64)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    correlationId: str | None = Field(default=None, max_length=128)
+    signature: str = Field(default="", max_length=1024)
+
+    def signed_fields(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"signature"})
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def canonical_bytes(obj: Any) -> bytes:
+    """RFC 8785 canonical JSON of `obj`."""
+    return rfc8785.dumps(obj)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def format_timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_timestamp(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise MalformedEnvelope(f"timestamp {text!r} is not RFC 3339") from exc
+    if moment.tzinfo is None:
+        raise MalformedEnvelope("timestamp must carry a UTC offset")
+    return moment
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A verifying key with the algorithm it is bound to."""
+
+    key_id: str
+    algorithm: Algorithm
+    public_pem: str
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        key = serialization.load_pem_public_key(self.public_pem.encode())
+        try:
+            if self.algorithm is Algorithm.ED25519 and isinstance(key, ed25519.Ed25519PublicKey):
+                key.verify(signature, data)
+                return True
+            if self.algorithm is Algorithm.RSA_PSS_SHA256 and isinstance(key, rsa.RSAPublicKey):
+                key.verify(signature, data, _pss(), hashes.SHA256())
+                return True
+        except InvalidSignature:
+            return False
+        return False  # the key material does not match the algorithm it claims
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key of this instance, with its id and algorithm."""
+
+    key_id: str
+    algorithm: Algorithm
+    private_pem: str
+
+    def sign(self, data: bytes) -> bytes:
+        key = serialization.load_pem_private_key(self.private_pem.encode(), password=None)
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            return key.sign(data)
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key.sign(data, _pss(), hashes.SHA256())
+        raise TypeError(f"unsupported private key type {type(key).__name__}")
+
+    def public(self) -> PublicKey:
+        key = serialization.load_pem_private_key(self.private_pem.encode(), password=None)
+        pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return PublicKey(self.key_id, self.algorithm, pem.decode())
+
+    def __repr__(self) -> str:  # never print private material
+        return f"SigningKey(key_id={self.key_id!r}, algorithm={self.algorithm.value!r})"
+
+
+def _pss() -> padding.PSS:
+    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
+
+
+def generate_signing_key(algorithm: Algorithm = Algorithm.ED25519) -> SigningKey:
+    private: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    if algorithm is Algorithm.ED25519:
+        private = ed25519.Ed25519PrivateKey.generate()
+    else:
+        private = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return SigningKey(
+        key_id=f"k-{uuid.uuid4().hex[:16]}", algorithm=algorithm, private_pem=pem.decode()
+    )
+
+
+def sign_envelope(
+    key: SigningKey,
+    *,
+    type: MessageType,
+    sender_id: str,
+    recipient_id: str,
+    payload: dict[str, Any],
+    command_type: str | None = None,
+    correlation_id: str | None = None,
+    message_id: str | None = None,
+    now: datetime | None = None,
+) -> Envelope:
+    unsigned = Envelope(
+        protocol=PROTOCOL,
+        messageId=message_id or str(uuid.uuid4()),
+        type=type,
+        senderId=sender_id,
+        recipientId=recipient_id,
+        keyId=key.key_id,
+        timestamp=format_timestamp(now or datetime.now(UTC)),
+        commandType=command_type,
+        payload=payload,
+        correlationId=correlation_id,
+    )
+    signature = key.sign(canonical_bytes(unsigned.signed_fields()))
+    return unsigned.model_copy(update={"signature": b64url(signature)})
+
+
+def parse_envelope(raw: Any) -> Envelope:
+    """Validate the shape of a wire message; unknown fields and wrong types are refused."""
+    if isinstance(raw, dict) and raw.get("protocol") not in (None, PROTOCOL):
+        raise UnsupportedProtocol(f"protocol {raw.get('protocol')!r} is not {PROTOCOL}")
+    try:
+        return Envelope.model_validate(raw)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+        raise MalformedEnvelope(
+            f"signed message does not match fedagent/1: {', '.join(fields) or 'body'}",
+            fields=fields,
+        ) from exc
+
+
+def check_recipient(envelope: Envelope, instance_id: str) -> None:
+    if envelope.recipientId != instance_id:
+        raise WrongRecipient(
+            f"message is addressed to {envelope.recipientId!r}, not to this instance"
+        )
+
+
+def check_timestamp(envelope: Envelope, window_seconds: int, now: datetime | None = None) -> None:
+    moment = parse_timestamp(envelope.timestamp)
+    current = now or datetime.now(UTC)
+    skew = abs((current - moment).total_seconds())
+    if skew > window_seconds:
+        where = "in the past" if moment < current else "in the future"
+        raise TimestampOutOfWindow(
+            f"timestamp is {int(skew)} s {where}; the window is ±{window_seconds} s"
+        )
+
+
+def check_signature(envelope: Envelope, key: PublicKey) -> None:
+    try:
+        signature = b64url_decode(envelope.signature)
+    except (ValueError, TypeError) as exc:
+        raise SignatureInvalid("signature is not base64url") from exc
+    if not key.verify(signature, canonical_bytes(envelope.signed_fields())):
+        raise SignatureInvalid("signature does not verify against the sender's key")
+
+
+def expiry(window_seconds: int, now: datetime | None = None) -> datetime:
+    """How long a seen messageId must be remembered: twice the window."""
+    return (now or datetime.now(UTC)) + timedelta(seconds=2 * window_seconds)

@@ -1,0 +1,183 @@
+"""The domain's error hierarchy: every refusal has a stable machine-readable code.
+
+The API maps these to RFC 9457 problem+json; activities map them to non-retryable
+Temporal ApplicationErrors whose type is the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FederationError(Exception):
+    """Root of every error a user or a peer can be told about."""
+
+    code = "federation_error"
+    status = 400
+    title = "Federation error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+# Envelope verification (401): each failure has its own code.
+class EnvelopeError(FederationError):
+    code = "envelope_invalid"
+    status = 401
+    title = "Signed message refused"
+
+
+class MalformedEnvelope(EnvelopeError):
+    code = "envelope_malformed"
+    status = 422
+    title = "Malformed signed message"
+
+
+class UnsupportedProtocol(EnvelopeError):
+    code = "protocol_unsupported"
+    title = "Unsupported protocol version"
+
+
+class UnknownSender(EnvelopeError):
+    code = "sender_unknown"
+    title = "Unknown sender"
+
+
+class UnknownKey(EnvelopeError):
+    code = "key_unknown"
+    title = "Unknown signing key"
+
+
+class SignatureInvalid(EnvelopeError):
+    code = "signature_invalid"
+    title = "Signature does not verify"
+
+
+class TimestampOutOfWindow(EnvelopeError):
+    code = "timestamp_out_of_window"
+    title = "Timestamp outside the accepted window"
+
+
+class ReplayedMessage(EnvelopeError):
+    code = "message_replayed"
+    title = "Message id seen before"
+
+
+class WrongRecipient(EnvelopeError):
+    code = "recipient_mismatch"
+    title = "Message is addressed to another instance"
+
+
+# Trust state (403).
+class ConnectionNotActive(FederationError):
+    code = "connection_not_active"
+    status = 403
+    title = "Connection is not active"
+
+
+class GrantDenied(FederationError):
+    code = "grant_denied"
+    status = 403
+    title = "Not allowed by the connection's grants"
+
+
+# Local users.
+class Unauthenticated(FederationError):
+    code = "unauthenticated"
+    status = 401
+    title = "Missing or invalid API token"
+
+
+class Forbidden(FederationError):
+    code = "forbidden"
+    status = 403
+    title = "Not allowed for this user"
+
+
+# Resources and requests.
+class NotFound(FederationError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class AgentNotFound(NotFound):
+    code = "agent_not_found"
+    title = "Agent not found"
+
+
+class ConnectionNotFound(NotFound):
+    code = "connection_not_found"
+    title = "Connection not found"
+
+
+class Conflict(FederationError):
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class ConnectionStateConflict(Conflict):
+    code = "connection_state_conflict"
+    title = "Connection is not in a state that allows this"
+
+
+class AgentIdConflict(Conflict):
+    code = "agent_id_conflict"
+    title = "This agentId is already used by a different spawn"
+
+
+class InvalidPayload(FederationError):
+    code = "payload_invalid"
+    status = 422
+    title = "Invalid message payload"
+
+
+class UnsupportedCommand(FederationError):
+    code = "command_unsupported"
+    status = 422
+    title = "Unsupported command type"
+
+
+class PeerUnreachable(FederationError):
+    code = "peer_unreachable"
+    status = 502
+    title = "Peer instance could not be reached"
+
+
+class PeerRefused(FederationError):
+    code = "peer_refused"
+    status = 502
+    title = "Peer instance refused the request"
+
+    def __init__(self, detail: str, *, peer_code: str, peer_status: int) -> None:
+        super().__init__(detail, peerCode=peer_code, peerStatus=peer_status)
+        self.peer_code = peer_code
+        self.peer_status = peer_status
+
+
+class PeerResponseInvalid(FederationError):
+    code = "peer_response_invalid"
+    status = 502
+    title = "Peer instance answered with an invalid message"
+
+
+class ServiceUnavailable(FederationError):
+    code = "service_unavailable"
+    status = 503
+    title = "A backing service is unavailable"
+
+
+class LocalConnectionNotActive(Conflict):
+    """A local user asked to use a connection that is not ACTIVE."""
+
+    code = "connection_not_active"
+    title = "Connection is not active"
+
+
+class InvalidRequest(FederationError):
+    code = "request_invalid"
+    status = 422
+    title = "Invalid request"

@@ -1,0 +1,53 @@
+"""One Settings object for an instance, read from FEDAGENT_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything one instance (its API and its workers) needs to run."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDAGENT_", extra="ignore")
+
+    instance_name: str = "local"
+    # The URL peers use to reach this instance's API (goes into the identity card).
+    public_url: str = "http://127.0.0.1:8100"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8100
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/fedagent"
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "fedagent"
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+
+    data_dir: Path = Path(".fedagent")
+    # Accepted clock skew for signed messages, in seconds.
+    timestamp_window: int = Field(default=300, ge=5)
+    # How long a signed call to a peer may take before it counts as failed.
+    peer_request_timeout: float = Field(default=15.0, gt=0)
+    # How long a requester keeps trying to deliver a spawn before giving up.
+    spawn_deadline: int = Field(default=600, ge=5)
+    # Requester falls back to polling agent.status when no event came for this long.
+    status_poll_interval: int = Field(default=15, ge=1)
+    # Maximum agents one worker process runs at once.
+    max_concurrent_agents: int = Field(default=8, ge=1)
+    # How often a running agent heartbeats (progress) to Temporal.
+    heartbeat_interval: float = Field(default=1.0, gt=0)
+
+    model_provider: str = "scripted"
+    log_level: str = "info"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.data_dir / "workspaces" / self.instance_name
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

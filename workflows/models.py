@@ -1,0 +1,167 @@
+"""Frozen dataclasses passed in and out of workflows and activities, and the names they share.
+
+New fields get defaults so that running workflows keep replaying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+
+TERMINAL_STATES = ("completed", "failed", "killed", "timed_out")
+
+# Activity names: workflows call activities by name so they never import I/O code.
+SEND_SPAWN = "send_spawn"
+POLL_STATUS = "poll_status"
+SEND_KILL = "send_kill"
+RECORD_REQUESTER_FINAL = "record_requester_final"
+ADMIT_RUN = "admit_run"
+RUN_AGENT = "run_agent"
+FINISH_RUN = "finish_run"
+
+# Custom search attributes operators filter by in the Temporal Web UI.
+SA_AGENT_ID = SearchAttributeKey.for_keyword("AgentId")
+SA_TASK_ID = SearchAttributeKey.for_keyword("TaskId")
+SA_PEER_INSTANCE = SearchAttributeKey.for_keyword("PeerInstance")
+SA_AGENT_TYPE = SearchAttributeKey.for_keyword("AgentType")
+SA_AGENT_STATE = SearchAttributeKey.for_keyword("AgentState")
+SEARCH_ATTRIBUTES = {
+    "AgentId": "Keyword",
+    "TaskId": "Keyword",
+    "PeerInstance": "Keyword",
+    "AgentType": "Keyword",
+    "AgentState": "Keyword",
+}
+
+
+def agent_search_attributes(
+    *, agent_id: str, task_id: str, peer: str, agent_type: str, state: str = "spawning"
+) -> TypedSearchAttributes:
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(SA_AGENT_ID, agent_id),
+            SearchAttributePair(SA_TASK_ID, task_id),
+            SearchAttributePair(SA_PEER_INSTANCE, peer),
+            SearchAttributePair(SA_AGENT_TYPE, agent_type),
+            SearchAttributePair(SA_AGENT_STATE, state),
+        ]
+    )
+
+
+def remote_agent_workflow_id(agent_id: str) -> str:
+    return f"remote-agent/{agent_id}"
+
+
+def agent_run_workflow_id(requester_instance_id: str, agent_id: str) -> str:
+    return f"agent-run/{requester_instance_id}/{agent_id}"
+
+
+# --- requester side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpawnAgentInput:
+    agent_id: str
+    connection_id: str
+    peer_instance_id: str
+    peer_name: str
+    task_id: str
+    agent_type: str
+    context: dict[str, Any]
+    options: dict[str, Any]
+    spawn_deadline_seconds: int = 600
+    status_poll_seconds: int = 15
+    peer_timeout_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    """What the executor reports about a run; `seq` orders reports of one agent."""
+
+    seq: int
+    state: str
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    attempt: int | None = None
+
+
+@dataclass(frozen=True)
+class PeerCall:
+    agent_id: str
+    connection_id: str
+    peer_timeout_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class KillRequest:
+    reason: str = "killed by user"
+
+
+@dataclass(frozen=True)
+class KillResult:
+    agent_id: str
+    state: str
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class RequesterFinal:
+    agent_id: str
+    state: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    agent_id: str
+    state: str
+    seq: int = 0
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    attempt: int | None = None
+
+
+# --- executor side -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentRunInput:
+    """The signed agent.spawn exactly as received, so the history holds who asked for what."""
+
+    envelope: dict[str, Any]
+    received_at: str
+
+
+@dataclass(frozen=True)
+class RunTask:
+    agent_id: str
+    requester_id: str
+    connection_id: str
+    task_id: str
+    agent_type: str
+    context: dict[str, Any]
+    timeout_seconds: int
+    max_retries: int
+    workflow_id: str
+    heartbeat_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class AgentOutcome:
+    summary: str
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FinishRun:
+    agent_id: str
+    requester_id: str
+    state: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    attempt: int | None = None

@@ -1,0 +1,159 @@
+"""RemoteAgentWorkflow: the requester's side of one remote spawn (id `remote-agent/{agentId}`)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows.models import (
+        POLL_STATUS,
+        RECORD_REQUESTER_FINAL,
+        SA_AGENT_STATE,
+        SEND_KILL,
+        SEND_SPAWN,
+        TERMINAL_STATES,
+        AgentEvent,
+        AgentStatus,
+        KillRequest,
+        KillResult,
+        PeerCall,
+        RequesterFinal,
+        SpawnAgentInput,
+    )
+
+PEER_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+)
+STORE_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5)
+)
+
+
+def _reason(err: ActivityError) -> str:
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        return f"{cause.type}: {cause.message}" if cause.type else cause.message
+    return str(cause or err)
+
+
+@workflow.defn
+class RemoteAgentWorkflow:
+    def __init__(self) -> None:
+        self._agent_id = ""
+        self._state = "spawning"
+        self._seq = 0
+        self._result: dict | None = None  # type: ignore[type-arg]
+        self._error: str | None = None
+        self._attempt: int | None = None
+        self._spawn_settled = False
+        self._changed = False
+
+    @workflow.run
+    async def run(self, inp: SpawnAgentInput) -> AgentStatus:
+        self._agent_id = inp.agent_id
+        call = PeerCall(inp.agent_id, inp.connection_id, inp.peer_timeout_seconds)
+        try:
+            ack = await workflow.execute_activity(
+                SEND_SPAWN,
+                inp,
+                result_type=AgentEvent,
+                schedule_to_close_timeout=timedelta(seconds=inp.spawn_deadline_seconds),
+                start_to_close_timeout=timedelta(seconds=inp.peer_timeout_seconds + 5),
+                retry_policy=PEER_RETRY,
+                summary=f"send agent.spawn to {inp.peer_name}",
+            )
+            self._apply(ack)
+        except ActivityError as err:
+            self._finish("failed", error=f"spawn not delivered: {_reason(err)}")
+        self._spawn_settled = True
+
+        poll = timedelta(seconds=inp.status_poll_seconds)
+        while self._state not in TERMINAL_STATES:
+            self._changed = False
+            try:
+                await workflow.wait_condition(lambda: self._changed, timeout=poll)
+            except TimeoutError:
+                # Events may be lost or late: ask the executor directly.
+                try:
+                    self._apply(
+                        await workflow.execute_activity(
+                            POLL_STATUS,
+                            call,
+                            result_type=AgentEvent,
+                            start_to_close_timeout=timedelta(seconds=inp.peer_timeout_seconds + 5),
+                            retry_policy=RetryPolicy(maximum_attempts=1),
+                            summary="poll agent.status",
+                        )
+                    )
+                except ActivityError as err:
+                    workflow.logger.warning("status poll failed: %s", _reason(err))
+
+        await workflow.execute_activity(
+            RECORD_REQUESTER_FINAL,
+            RequesterFinal(inp.agent_id, self._state, self._result, self._error),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=STORE_RETRY,
+            summary=f"record final state {self._state}",
+        )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self.status()
+
+    @workflow.signal
+    def on_event(self, event: AgentEvent) -> None:
+        self._apply(event)
+
+    @workflow.update
+    async def kill(self, request: KillRequest) -> KillResult:
+        await workflow.wait_condition(lambda: self._spawn_settled)
+        if self._state not in TERMINAL_STATES:
+            answer = await workflow.execute_activity(
+                SEND_KILL,
+                PeerCall(self._agent_id, "", 15.0),
+                result_type=KillResult,
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=PEER_RETRY,
+                schedule_to_close_timeout=timedelta(minutes=10),
+                summary="send agent.kill",
+            )
+            self._apply(AgentEvent(seq=answer.seq, state=answer.state))
+            if answer.state not in TERMINAL_STATES:
+                self._finish("killed")
+        return KillResult(self._agent_id, self._state, self._seq)
+
+    @workflow.query
+    def status(self) -> AgentStatus:
+        return AgentStatus(
+            self._agent_id, self._state, self._seq, None, self._result, self._error, self._attempt
+        )
+
+    def _apply(self, event: AgentEvent) -> None:
+        # A terminal state is final; an older or repeated report changes nothing.
+        if self._state in TERMINAL_STATES or event.seq <= self._seq:
+            return
+        self._seq = event.seq
+        self._attempt = event.attempt if event.attempt is not None else self._attempt
+        if event.state in TERMINAL_STATES:
+            self._finish(event.state, event.result, event.error)
+        elif event.state != self._state:
+            self._state = event.state
+            self._set_state_attribute()
+        self._changed = True
+
+    def _finish(self, state: str, result: dict | None = None, error: str | None = None) -> None:  # type: ignore[type-arg]
+        if self._state in TERMINAL_STATES:
+            return
+        self._state = state
+        self._result = result if result is not None else self._result
+        self._error = error if error is not None else self._error
+        self._changed = True
+        self._set_state_attribute()
+
+    def _set_state_attribute(self) -> None:
+        workflow.upsert_search_attributes([SA_AGENT_STATE.value_set(self._state)])
+        workflow.set_current_details(f"agent **{self._agent_id}** is `{self._state}`")
