@@ -125,10 +125,10 @@ class DevStack:
             args += ["--namespace", name]
         for attr, kind in SEARCH_ATTRIBUTES.items():
             args += ["--search-attribute", f"{attr}={kind}"]
-        log = open(self.logs / "temporal.log", "ab")  # noqa: SIM115 - owned by the child
-        self._temporal = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        with open(self.logs / "temporal.log", "ab") as log:  # the child keeps its own copy
+            self._temporal = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
 
     async def _wait_for_temporal(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -196,14 +196,14 @@ class DevStack:
     def _spawn(self, inst: InstanceProcesses, role: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, **inst.env}
         suffix = role if role == "api" else f"worker{len(inst.workers) + 1}"
-        log = open(self.logs / f"{inst.name}-{suffix}.log", "ab")  # noqa: SIM115
-        return subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve" if role == "api" else "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+        with open(self.logs / f"{inst.name}-{suffix}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "cli.main", "serve" if role == "api" else "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def start_api(self, name: str) -> subprocess.Popen[bytes]:
         inst = self.instances[name]

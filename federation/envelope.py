@@ -195,13 +195,19 @@ def parse_envelope(raw: Any) -> Envelope:
     if isinstance(raw, dict) and raw.get("protocol") not in (None, PROTOCOL):
         raise UnsupportedProtocol(f"protocol {raw.get('protocol')!r} is not {PROTOCOL}")
     try:
-        return Envelope.model_validate(raw)
+        envelope = Envelope.model_validate(raw)
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
         raise MalformedEnvelope(
             f"signed message does not match fedagent/1: {', '.join(fields) or 'body'}",
             fields=fields,
         ) from exc
+    try:
+        canonical_bytes(envelope.signed_fields())
+    except rfc8785.CanonicalizationError as exc:
+        # e.g. integers beyond 2^53 or NaN: they have no canonical JSON form to sign.
+        raise MalformedEnvelope(f"message has no canonical JSON form: {exc}") from exc
+    return envelope
 
 
 def check_recipient(envelope: Envelope, instance_id: str) -> None:

@@ -1,0 +1,157 @@
+"""Session fixtures: one real embedded stack (Temporal dev server, PostgreSQL, uvicorn APIs and
+worker processes) shared by the end-to-end tests; each test uses its own agents and ids."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from temporalio.client import Client
+
+from cli.devstack import DevStack
+
+TERMINAL = {"completed", "failed", "killed", "timed_out"}
+INSTANCES = ["hub", "spoke", "edge"]
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int) -> int:
+    for _ in range(200):
+        base = random.randint(20000, 50000)
+        if all(_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no free port block on loopback")
+
+
+class Instance:
+    """One running instance as a test drives it: its REST API and its own database."""
+
+    def __init__(self, info: dict[str, Any], http: httpx.AsyncClient) -> None:
+        self.info = info
+        self.name: str = info["name"]
+        self.id: str = info["instanceId"]
+        self.url: str = info["apiUrl"]
+        self.http = http
+        self.auth = {"Authorization": f"Bearer {info['adminToken']}"}
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {**self.auth, **kwargs.pop("headers", {})}
+        return await self.http.request(
+            method, f"{self.url}/api/v1/federation{path}", headers=headers, **kwargs
+        )
+
+    async def db(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.info["databaseUrl"])
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await self.db()
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    async def temporal(self) -> Client:
+        return await Client.connect(self.info["temporalAddress"], namespace=self.info["namespace"])
+
+    async def count_workflows(self, query: str) -> int:
+        client = await self.temporal()
+        return (await client.count_workflows(query)).count
+
+    async def wait_agent(
+        self, agent_id: str, states: set[str] | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        states = states or TERMINAL
+        deadline = time.monotonic() + timeout
+        while True:
+            response = await self.call("GET", f"/agents/{agent_id}")
+            assert response.status_code == 200, response.text
+            agent: dict[str, Any] = response.json()
+            if agent["state"] in states:
+                return agent
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent {agent_id} still {agent['state']}: {agent}")
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevStack]:
+    data_dir: Path = tmp_path_factory.mktemp("stack")
+    base = free_port_block(len(INSTANCES))
+    temporal = free_port_block(2)
+    dev = DevStack(
+        INSTANCES,
+        data_dir,
+        base_port=base,
+        temporal_port=temporal,
+        ui_port=temporal + 1,
+        # Fall back to polling quickly so tests of lost events stay short.
+        extra_env={"FEDAGENT_STATUS_POLL_INTERVAL": "3", "FEDAGENT_LOG_LEVEL": "info"},
+    )
+    try:
+        await dev.start()
+        yield dev
+    finally:
+        dev.stop()
+        if os.environ.get("CI"):
+            for log in sorted(dev.logs.glob("*.log")):
+                text = log.read_text(errors="replace")
+                if "Traceback" in text:
+                    print(f"--- {log.name} (tail) ---\n{text[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=90.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def instances(stack: DevStack, http: httpx.AsyncClient) -> dict[str, Instance]:
+    return {name: Instance(stack.instances[name].info, http) for name in INSTANCES}
+
+
+@pytest.fixture(scope="session")
+def hub(instances: dict[str, Instance]) -> Instance:
+    return instances["hub"]
+
+
+@pytest.fixture(scope="session")
+def spoke(instances: dict[str, Instance]) -> Instance:
+    return instances["spoke"]
+
+
+@pytest.fixture(scope="session")
+def edge(instances: dict[str, Instance]) -> Instance:
+    return instances["edge"]
+
+
+async def connect(requester: Instance, executor: Instance) -> str:
+    """requester asks executor for a connection and executor accepts; returns its id."""
+    response = await requester.call("POST", "/connections", json={"remoteUrl": executor.url})
+    assert response.status_code == 201, response.text
+    connection_id: str = response.json()["connectionId"]
+    response = await executor.call("POST", f"/connections/{connection_id}/accept")
+    assert response.status_code == 200, response.text
+    return connection_id
+
+
+@pytest.fixture(scope="session")
+async def hub_spoke(hub: Instance, spoke: Instance) -> str:
+    return await connect(hub, spoke)

@@ -1,0 +1,119 @@
+"""The signed envelope on its own: canonical form, signing, verification of every field."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from federation.envelope import (
+    Algorithm,
+    Envelope,
+    MessageType,
+    canonical_bytes,
+    check_signature,
+    check_timestamp,
+    generate_signing_key,
+    parse_envelope,
+    sign_envelope,
+)
+from federation.errors import MalformedEnvelope, SignatureInvalid, TimestampOutOfWindow
+
+KEY = generate_signing_key()
+
+
+def signed(**payload: Any) -> Envelope:
+    return sign_envelope(
+        KEY,
+        type=MessageType.COMMAND,
+        sender_id="a",
+        recipient_id="b",
+        command_type="agent.spawn",
+        payload=payload or {"x": 1},
+    )
+
+
+def test_canonical_form_ignores_key_order_and_escapes() -> None:
+    assert canonical_bytes({"b": 1, "a": "é"}) == canonical_bytes({"a": "\u00e9", "b": 1})
+    assert canonical_bytes({"b": 1, "a": [1, 2]}) == b'{"a":[1,2],"b":1}'
+
+
+def test_signature_survives_a_json_round_trip() -> None:
+    envelope = signed(items=["ü", 1.5, None])
+    check_signature(parse_envelope(envelope.to_wire()), KEY.public())
+
+
+def test_rsa_pss_keys_sign_and_verify() -> None:
+    rsa = generate_signing_key(Algorithm.RSA_PSS_SHA256)
+    envelope = sign_envelope(
+        rsa, type=MessageType.EVENT, sender_id="a", recipient_id="b", payload={"k": "v"}
+    )
+    check_signature(envelope, rsa.public())
+    # The algorithm is bound to the key: an Ed25519 key named like the RSA one does not verify.
+    other = generate_signing_key().public()
+    with pytest.raises(SignatureInvalid):
+        check_signature(envelope, type(other)(rsa.key_id, other.algorithm, other.public_pem))
+
+
+SIGNED_FIELDS = ["messageId", "senderId", "recipientId", "keyId", "timestamp", "commandType",
+                 "correlationId", "type"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(field=st.sampled_from(SIGNED_FIELDS), text=st.text(min_size=1, max_size=20))
+def test_any_change_to_a_signed_header_field_fails(field: str, text: str) -> None:
+    wire = signed().to_wire()
+    new_value: Any = "RESPONSE" if field == "type" else text
+    if wire[field] == new_value:
+        new_value = new_value + "x"
+    wire[field] = new_value
+    with pytest.raises(SignatureInvalid):
+        check_signature(Envelope.model_validate(wire), KEY.public())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    payload=st.dictionaries(
+        st.text(max_size=8),
+        st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1) | st.text(max_size=8),
+        min_size=1,
+    )
+)
+def test_any_change_to_the_payload_fails(payload: dict[str, Any]) -> None:
+    wire = signed(**{"k": 0}).to_wire()
+    if payload == wire["payload"]:
+        payload = {**payload, "extra": 1}
+    wire["payload"] = payload
+    with pytest.raises(SignatureInvalid):
+        check_signature(Envelope.model_validate(wire), KEY.public())
+
+
+def test_timestamp_window() -> None:
+    now = datetime.now(UTC)
+    check_timestamp(signed(), 300, now + timedelta(seconds=299))
+    with pytest.raises(TimestampOutOfWindow):
+        check_timestamp(signed(), 300, now + timedelta(seconds=302))
+    with pytest.raises(TimestampOutOfWindow):
+        check_timestamp(signed(), 300, now - timedelta(seconds=302))
+
+
+def test_unknown_fields_and_wrong_protocol_are_malformed() -> None:
+    wire = signed().to_wire()
+    with pytest.raises(MalformedEnvelope):
+        parse_envelope({**wire, "alg": "none"})
+    with pytest.raises(MalformedEnvelope):
+        parse_envelope({k: v for k, v in wire.items() if k != "senderId"})
+
+
+def test_signing_key_repr_hides_private_material() -> None:
+    assert "PRIVATE" not in repr(KEY)
+
+
+def test_numbers_without_a_canonical_form_are_malformed() -> None:
+    wire = signed().to_wire()
+    wire["payload"] = {"n": 2**60}
+    with pytest.raises(MalformedEnvelope):
+        parse_envelope(wire)
