@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,8 @@ class AgentActivities:
         if row is not None:
             self._notify_soon(row)
 
-        state: dict[str, Any] = {"progress": {"turn": 0, "attempt": info.attempt}, "sent": 0.0}
+        state: dict[str, Any] = {"progress": {"turn": 0, "attempt": info.attempt}, "row": None}
+        dirty = asyncio.Event()
 
         async def on_progress(progress: dict[str, Any]) -> None:
             progress = {**progress, "attempt": info.attempt}
@@ -56,10 +55,17 @@ class AgentActivities:
             updated = await repos.update_executed_agent(
                 self.pool, task.requester_id, agent_id, progress=progress
             )
-            now = time.monotonic()
-            if updated is not None and now - state["sent"] >= EVENT_MIN_INTERVAL:
-                state["sent"] = now
-                self._notify_soon(updated)
+            if updated is not None:
+                state["row"] = updated
+                dirty.set()
+
+        async def pump_events() -> None:
+            # At most one progress event a second, and always the latest one.
+            while True:
+                await dirty.wait()
+                dirty.clear()
+                await self._notify(state["row"])
+                await asyncio.sleep(EVENT_MIN_INTERVAL)
 
         async def keep_heartbeating() -> None:
             # Cancellation (kill) reaches an activity only through heartbeats.
@@ -71,7 +77,7 @@ class AgentActivities:
         await sandbox.start()
         provider = ScriptedProvider(str(task.context.get("instructions") or ""))
         loop = AgentLoop(provider, sandbox, on_progress=on_progress)
-        beat = asyncio.create_task(keep_heartbeating())
+        helpers = [asyncio.create_task(keep_heartbeating()), asyncio.create_task(pump_events())]
         try:
             async with asyncio.timeout(task.timeout_seconds):
                 report = await loop.run(task.agent_type, task.context)
@@ -86,24 +92,23 @@ class AgentActivities:
             await sandbox.kill()
             raise
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
         await sandbox.stop()
         result = report.as_result()
         if not report.success:
             raise ApplicationError(report.summary, result, type="AgentFailed")
         return AgentOutcome(summary=report.summary, result=result)
 
-    def _notify_soon(self, row: dict[str, Any]) -> None:
+    async def _notify(self, row: dict[str, Any]) -> None:
         """Best-effort event to the requester; it polls when an event is lost."""
+        try:
+            await self.messenger.notify_requester(row, timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - an event is allowed to be lost
+            log.info("event for agent %s not delivered: %s", row["agent_id"], exc)
 
-        async def send() -> None:
-            try:
-                await self.messenger.notify_requester(row, timeout=5.0)
-            except Exception as exc:  # noqa: BLE001 - an event is allowed to be lost
-                log.info("event for agent %s not delivered: %s", row["agent_id"], exc)
-
-        task = asyncio.create_task(send())
+    def _notify_soon(self, row: dict[str, Any]) -> None:
+        task = asyncio.create_task(self._notify(row))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -50,14 +50,13 @@ def command(
 
 
 async def post(spoke: Instance, envelope: dict[str, Any]) -> Any:
-    return await spoke.http.post(
-        f"{spoke.url}/api/v1/federation/incoming/command", json=envelope
-    )
+    return await spoke.http.post(f"{spoke.url}/api/v1/federation/incoming/command", json=envelope)
 
 
 async def assert_nothing_started(spoke: Instance, agent_id: str) -> None:
-    assert await spoke.fetch("SELECT 1 FROM agents WHERE agent_id = $1", uuid.UUID(agent_id)) == []
-    assert await spoke.fetch("SELECT 1 FROM messages WHERE agent_id = $1", uuid.UUID(agent_id)) == []
+    key = uuid.UUID(agent_id)
+    assert await spoke.fetch("SELECT 1 FROM agents WHERE agent_id = $1", key) == []
+    assert await spoke.fetch("SELECT 1 FROM messages WHERE agent_id = $1", key) == []
     assert await spoke.count_workflows(f"AgentId = '{agent_id}'") == 0
 
 
@@ -80,11 +79,12 @@ def tamper_header(env: dict[str, Any], hub: Instance, spoke: Instance) -> dict[s
     return env
 
 
+STALE = "timestamp_out_of_window"
 CASES = {
     "tampered payload": (tamper_payload, {}, "signature_invalid"),
     "tampered header field": (tamper_header, {}, "signature_invalid"),
-    "old timestamp": (None, {"now": datetime.now(UTC) - timedelta(seconds=301)}, "timestamp_out_of_window"),
-    "timestamp in the future": (None, {"now": datetime.now(UTC) + timedelta(seconds=400)}, "timestamp_out_of_window"),
+    "old timestamp": (None, {"now": datetime.now(UTC) - timedelta(seconds=301)}, STALE),
+    "timestamp in the future": (None, {"now": datetime.now(UTC) + timedelta(seconds=400)}, STALE),
 }
 
 

@@ -150,7 +150,8 @@ async def test_spawn_on_a_connection_that_is_not_active_is_refused(
     assert refused.headers["content-type"] == "application/problem+json"
     assert refused.json()["code"] == "connection_not_active"
     assert "PENDING" in refused.json()["detail"]
-    assert await hub.fetch("SELECT 1 FROM agents WHERE agent_id = $1", uuid.UUID(body["agentId"])) == []
+    rows = await hub.fetch("SELECT 1 FROM agents WHERE agent_id = $1", uuid.UUID(body["agentId"]))
+    assert rows == []
     assert await hub.count_workflows(f"AgentId = '{body['agentId']}'") == 0
 
     unknown = await hub.call("POST", "/agents/spawn", json=spawn_body(str(uuid.uuid4()), "$ true"))

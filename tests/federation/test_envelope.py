@@ -58,8 +58,16 @@ def test_rsa_pss_keys_sign_and_verify() -> None:
         check_signature(envelope, type(other)(rsa.key_id, other.algorithm, other.public_pem))
 
 
-SIGNED_FIELDS = ["messageId", "senderId", "recipientId", "keyId", "timestamp", "commandType",
-                 "correlationId", "type"]
+SIGNED_FIELDS = [
+    "messageId",
+    "senderId",
+    "recipientId",
+    "keyId",
+    "timestamp",
+    "commandType",
+    "correlationId",
+    "type",
+]
 
 
 @settings(max_examples=60, deadline=None)
@@ -83,7 +91,7 @@ def test_any_change_to_a_signed_header_field_fails(field: str, text: str) -> Non
     )
 )
 def test_any_change_to_the_payload_fails(payload: dict[str, Any]) -> None:
-    wire = signed(**{"k": 0}).to_wire()
+    wire = signed(k=0).to_wire()
     if payload == wire["payload"]:
         payload = {**payload, "extra": 1}
     wire["payload"] = payload
