@@ -39,17 +39,23 @@ class AgentActivities:
     async def run_agent(self, task: RunTask) -> AgentOutcome:
         info = activity.info()
         agent_id = uuid.UUID(task.agent_id)
+        # A retry of the same try (the worker was lost) resumes after the commands it finished.
+        resume_after = completed_commands(info.heartbeat_details) if info.attempt > 1 else 0
         row = await repos.update_executed_agent(
-            self.pool, task.requester_id, agent_id, state="running", attempt=info.attempt
+            self.pool, task.requester_id, agent_id, state="running", attempt=task.attempt
         )
         if row is not None:
             self._notify_soon(row)
 
-        state: dict[str, Any] = {"progress": {"turn": 0, "attempt": info.attempt}, "row": None}
+        state: dict[str, Any] = {
+            "progress": {"turn": 0, "attempt": task.attempt, "completedCommands": resume_after},
+            "row": None,
+        }
         dirty = asyncio.Event()
 
         async def on_progress(progress: dict[str, Any]) -> None:
-            progress = {**progress, "attempt": info.attempt}
+            done = resume_after + (progress["turn"] - 1 if progress.get("lastTool") else 0)
+            progress = {**progress, "attempt": task.attempt, "completedCommands": done}
             state["progress"] = progress
             activity.heartbeat(progress)
             updated = await repos.update_executed_agent(
@@ -75,7 +81,8 @@ class AgentActivities:
 
         sandbox = ProcessSandbox(self.workspace(task))
         await sandbox.start()
-        provider = ScriptedProvider(str(task.context.get("instructions") or ""))
+        instructions = skip_commands(str(task.context.get("instructions") or ""), resume_after)
+        provider = ScriptedProvider(instructions)
         loop = AgentLoop(provider, sandbox, on_progress=on_progress)
         helpers = [asyncio.create_task(keep_heartbeating()), asyncio.create_task(pump_events())]
         try:
@@ -112,3 +119,25 @@ class AgentActivities:
         task = asyncio.create_task(self._notify(row))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def completed_commands(details: Any) -> int:
+    """How many scripted commands the previous run of this try finished, from its heartbeat."""
+    try:
+        last = details[-1] if details else None
+        return max(0, int(last.get("completedCommands", 0))) if isinstance(last, dict) else 0
+    except (TypeError, ValueError, AttributeError):
+        return 0
+
+
+def skip_commands(instructions: str, count: int) -> str:
+    """The instructions without their first `count` `$ ` command lines."""
+    if count <= 0:
+        return instructions
+    kept: list[str] = []
+    for line in instructions.splitlines():
+        if line.startswith("$ ") and count > 0:
+            count -= 1
+            continue
+        kept.append(line)
+    return "\n".join(kept)

@@ -277,6 +277,7 @@ class FederationActivities:
             max_retries=int(options.get("maxRetries", 0)),
             workflow_id=agent_run_workflow_id(envelope.senderId, str(payload["agentId"])),
             heartbeat_interval=self.settings.heartbeat_interval,
+            agent_task_queue=self.settings.agent_task_queue,
         )
 
     @activity.defn(name=FINISH_RUN)

@@ -59,6 +59,8 @@ class DevStack:
         ui_port: int | None = None,
         workers_per_instance: int = 1,
         extra_env: dict[str, str] | None = None,
+        instance_env: dict[str, dict[str, str]] | None = None,
+        public_urls: dict[str, str] | None = None,
     ) -> None:
         self.names = names
         self.data_dir = data_dir.resolve()
@@ -67,6 +69,9 @@ class DevStack:
         self.ui_port = ui_port or temporal_port + 1000
         self.workers_per_instance = workers_per_instance
         self.extra_env = extra_env or {}
+        # Per instance: settings of its own, and the URL peers should use (e.g. via a proxy).
+        self.instance_env = instance_env or {}
+        self.public_urls = public_urls or {}
         self.instances: dict[str, InstanceProcesses] = {}
         self._pg: Any = None
         self._temporal: subprocess.Popen[bytes] | None = None
@@ -160,9 +165,10 @@ class DevStack:
         database_url = self._pg.get_uri(name)
         port = self.base_port + index
         api_url = f"http://127.0.0.1:{port}"
+        public_url = self.public_urls.get(name, api_url)
         env = {
             "FEDAGENT_INSTANCE_NAME": name,
-            "FEDAGENT_PUBLIC_URL": api_url,
+            "FEDAGENT_PUBLIC_URL": public_url,
             "FEDAGENT_API_HOST": "127.0.0.1",
             "FEDAGENT_API_PORT": str(port),
             "FEDAGENT_DATABASE_URL": database_url,
@@ -172,11 +178,12 @@ class DevStack:
             "FEDAGENT_TEMPORAL_UI_URL": self.ui_url,
             "FEDAGENT_DATA_DIR": str(self.data_dir),
             **self.extra_env,
+            **self.instance_env.get(name, {}),
         }
         pool = await create_pool(database_url, max_size=2)
         try:
             await migrate(pool)
-            identity = await ensure_identity(pool, name=name, public_url=api_url)
+            identity = await ensure_identity(pool, name=name, public_url=public_url)
             token = await repos.create_token(pool, name="dev-admin", role="admin")
         finally:
             await pool.close()
@@ -184,6 +191,7 @@ class DevStack:
             "name": name,
             "instanceId": identity.instance_id,
             "apiUrl": api_url,
+            "publicUrl": public_url,
             "adminToken": token,
             "temporalAddress": self.temporal_address,
             "namespace": name,
@@ -252,6 +260,26 @@ class DevStack:
         return doc
 
     # --- stop --------------------------------------------------------------------------
+
+    def stop_api(self, name: str) -> None:
+        inst = self.instances[name]
+        self.stop_process(inst.api)
+        inst.api = None
+
+    def stop_workers(self, name: str, sig: signal.Signals = signal.SIGTERM) -> list[int]:
+        """Stop every worker of an instance (SIGKILL simulates a crash); returns exit codes."""
+        inst = self.instances[name]
+        codes: list[int] = []
+        for proc in inst.workers:
+            if proc.poll() is None:
+                if sig == signal.SIGTERM:
+                    self.stop_process(proc, grace=60.0)
+                else:
+                    proc.send_signal(sig)
+                    proc.wait()
+            codes.append(proc.returncode)
+        inst.workers = []
+        return codes
 
     @staticmethod
     def stop_process(proc: subprocess.Popen[bytes] | None, *, grace: float = 15.0) -> None:

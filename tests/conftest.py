@@ -18,9 +18,13 @@ import pytest
 from temporalio.client import Client
 
 from cli.devstack import DevStack
+from tests.e2e.proxy import ControlledProxy
 
 TERMINAL = {"completed", "failed", "killed", "timed_out"}
-INSTANCES = ["hub", "spoke", "edge"]
+INSTANCES = ["hub", "spoke", "edge", "far"]
+# `far` is reached by its peers only through a proxy the tests control (lost events, outages),
+# and runs at most one agent at a time for everyone (capacity tests).
+FAR_ENV = {"FEDAGENT_MAX_RUNNING_AGENTS": "1"}
 
 
 def _free(port: int) -> bool:
@@ -91,9 +95,21 @@ class Instance:
 
 
 @pytest.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevStack]:
+async def far_proxy() -> AsyncIterator[ControlledProxy]:
+    ports = free_port_block(len(INSTANCES) + 1)
+    proxy = ControlledProxy(ports + len(INSTANCES), ports + INSTANCES.index("far"))
+    proxy.base_port = ports  # type: ignore[attr-defined]
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+@pytest.fixture(scope="session")
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, far_proxy: ControlledProxy
+) -> AsyncIterator[DevStack]:
     data_dir: Path = tmp_path_factory.mktemp("stack")
-    base = free_port_block(len(INSTANCES))
+    base: int = far_proxy.base_port  # type: ignore[attr-defined]
     temporal = free_port_block(2)
     dev = DevStack(
         INSTANCES,
@@ -103,6 +119,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevSt
         ui_port=temporal + 1,
         # Fall back to polling quickly so tests of lost events stay short.
         extra_env={"FEDAGENT_STATUS_POLL_INTERVAL": "3", "FEDAGENT_LOG_LEVEL": "info"},
+        instance_env={"far": FAR_ENV},
+        public_urls={"far": far_proxy.url},
     )
     try:
         await dev.start()
@@ -140,6 +158,20 @@ def spoke(instances: dict[str, Instance]) -> Instance:
 @pytest.fixture(scope="session")
 def edge(instances: dict[str, Instance]) -> Instance:
     return instances["edge"]
+
+
+@pytest.fixture(scope="session")
+def far(instances: dict[str, Instance]) -> Instance:
+    return instances["far"]
+
+
+async def ensure_connection(one: Instance, other: Instance) -> str:
+    """The ACTIVE connection between two instances (either side may have asked), or a new one."""
+    listed = (await one.call("GET", "/connections")).json()
+    for conn in listed:
+        if conn["remoteInstanceId"] == other.id and conn["status"] == "ACTIVE":
+            return str(conn["connectionId"])
+    return await connect(one, other)
 
 
 async def connect(requester: Instance, executor: Instance) -> str:

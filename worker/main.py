@@ -9,7 +9,13 @@ import signal
 from datetime import timedelta
 
 import httpx
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.agents import AgentActivities
@@ -18,6 +24,7 @@ from federation.identity import ensure_identity
 from federation.settings import Settings
 from federation.store.db import create_pool, migrate
 from workflows.agent_run import AgentRunWorkflow
+from workflows.models import SEARCH_ATTRIBUTES
 from workflows.remote_agent import RemoteAgentWorkflow
 
 log = logging.getLogger(__name__)
@@ -32,7 +39,9 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     federation = FederationActivities(pool, http, settings)
     agents = AgentActivities(pool, http, settings)
-    worker = Worker(
+    await ensure_search_attributes(client, settings.temporal_namespace)
+    grace = timedelta(seconds=settings.worker_shutdown_grace)
+    main_worker = Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[RemoteAgentWorkflow, AgentRunWorkflow],
@@ -43,22 +52,53 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
             federation.record_requester_final,
             federation.admit_run,
             federation.finish_run,
-            agents.run_agent,
         ],
-        # Agents plus room for the short federation activities.
-        max_concurrent_activities=settings.max_concurrent_agents + 32,
+        graceful_shutdown_timeout=grace,
+    )
+    agent_worker = Worker(
+        client,
+        task_queue=settings.agent_task_queue,
+        activities=[agents.run_agent],
+        max_concurrent_activities=settings.max_concurrent_agents,
         # Kill arrives through heartbeats: let them through often.
         max_heartbeat_throttle_interval=timedelta(seconds=0.5),
         default_heartbeat_throttle_interval=timedelta(seconds=0.5),
-        graceful_shutdown_timeout=timedelta(seconds=10),
+        graceful_shutdown_timeout=grace,
     )
-    log.info("worker for %s polling %s", settings.instance_name, settings.task_queue)
+    log.info(
+        "worker for %s polling %s and %s (at most %d agents)",
+        settings.instance_name,
+        settings.task_queue,
+        settings.agent_task_queue,
+        settings.max_concurrent_agents,
+    )
     try:
-        async with worker:
+        async with main_worker, agent_worker:
             await stop.wait()
+            log.info("stopping: no new tasks; running agents get %s to finish", grace)
     finally:
         await http.aclose()
         await pool.close()
+
+
+async def ensure_search_attributes(client: Client, namespace: str) -> None:
+    """Register fedagent's search attributes on a real cluster (the dev server has them)."""
+    try:
+        existing = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=namespace)
+        )
+        missing = {
+            name: IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{kind.upper()}")
+            for name, kind in SEARCH_ATTRIBUTES.items()
+            if name not in existing.custom_attributes
+        }
+        if missing:
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(namespace=namespace, search_attributes=missing)
+            )
+            log.info("registered search attributes %s", sorted(missing))
+    except RPCError as exc:  # e.g. Temporal Cloud, where an admin registers them
+        log.warning("could not check or register search attributes: %s", exc)
 
 
 def main(settings: Settings) -> None:

@@ -19,6 +19,10 @@ SEND_KILL = "send_kill"
 RECORD_REQUESTER_FINAL = "record_requester_final"
 ADMIT_RUN = "admit_run"
 RUN_AGENT = "run_agent"
+# Errors no retry of the same try can fix.
+AGENT_FAILED = "AgentFailed"
+AGENT_TIMED_OUT = "AgentTimedOut"
+TASK_INVALID = "TaskInvalid"
 FINISH_RUN = "finish_run"
 
 # Custom search attributes operators filter by in the Temporal Web UI.
@@ -149,6 +153,10 @@ class RunTask:
     max_retries: int
     workflow_id: str
     heartbeat_interval: float = 1.0
+    # Which try of the agent this is (1 + agent failures so far); infrastructure retries of the
+    # same try (a lost worker) keep the number and resume from the last heartbeat.
+    attempt: int = 1
+    agent_task_queue: str = ""
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Header, Query, status
+from fastapi.responses import StreamingResponse
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.common import (
     WorkflowIDConflictPolicy,
@@ -19,9 +23,17 @@ from federation.errors import (
     AgentIdConflict,
     AgentNotFound,
     ConnectionNotFound,
+    InvalidRequest,
     LocalConnectionNotActive,
 )
-from federation.models import AgentKillPublic, AgentPublic, AgentSpawnAccepted, AgentSpawnCreate
+from federation.models import (
+    AgentKillPublic,
+    AgentPublic,
+    AgentSpawnAccepted,
+    AgentSpawnCreate,
+    AgentState,
+    AgentType,
+)
 from federation.store import repos
 from workflows.models import (
     KillRequest,
@@ -31,6 +43,8 @@ from workflows.models import (
 )
 
 router = APIRouter(prefix="/api/v1/federation/agents", tags=["agents"])
+SSE_POLL_SECONDS = 0.25
+SSE_KEEPALIVE_SECONDS = 15.0
 
 
 def _visible(user: User, row: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -74,7 +88,9 @@ async def spawn_agent(
             workflow_id=workflow_id,
             state="spawning",
         )
-        if not inserted:
+        if inserted:
+            await repos.add_agent_event(conn, agent_id, seq=0, state="spawning")
+        else:
             existing = await repos.get_requested_agent(conn, agent_id)
             same = existing is not None and (
                 existing["connection_id"] == body.connectionId
@@ -135,11 +151,26 @@ async def spawn_agent(
 async def list_agents(
     user: CurrentUser,
     pool: PoolDep,
-    limit: int = Query(default=50, ge=1, le=500),
-    offset: int = Query(default=0, ge=0),
+    state: AgentState | None = None,
+    connection_id: Annotated[uuid.UUID | None, Query(alias="connectionId")] = None,
+    agent_type: Annotated[AgentType | None, Query(alias="agentType")] = None,
+    task_id: Annotated[str | None, Query(alias="taskId", max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[AgentPublic]:
-    rows = await repos.list_agents(pool, role="requester", limit=limit, offset=offset)
-    return [AgentPublic.from_row(r) for r in rows if _visible(user, r) is not None]
+    """Agents this instance spawned on peers, newest first; members see their workspace only."""
+    rows = await repos.list_agents(
+        pool,
+        role="requester",
+        workspace=None if user.is_admin else user.workspace,
+        state=state,
+        connection_id=connection_id,
+        agent_type=agent_type,
+        task_id=task_id,
+        limit=limit,
+        offset=offset,
+    )
+    return [AgentPublic.from_row(r) for r in rows]
 
 
 async def _get(pool: Any, user: User, agent_id: uuid.UUID) -> dict[str, Any]:
@@ -174,3 +205,69 @@ async def kill_agent(
         )
         row = await _get(pool, user, agent_id)
     return AgentKillPublic(agentId=agent_id, state=row["state"])
+
+
+def _sse(event: dict[str, Any], agent_id: uuid.UUID) -> str:
+    data = {
+        "agentId": str(agent_id),
+        "seq": event["seq"],
+        "state": event["state"],
+        "progress": event["progress"],
+        "error": event["error"],
+        "attempt": event["attempt"],
+        "at": event["at"].isoformat(),
+    }
+    kind = "state" if event["state"] in repos.TERMINAL_STATES else "progress"
+    return f"id: {event['id']}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+@router.get(
+    "/{agent_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def agent_events(
+    agent_id: uuid.UUID,
+    user: CurrentUser,
+    pool: PoolDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events of the agent's state and progress until it ends.
+
+    Each event's `id` is its place in this instance's log of the agent; reconnecting with
+    `Last-Event-ID` resumes after it.
+    """
+    await _get(pool, user, agent_id)
+    try:
+        after = int(last_event_id) if last_event_id else 0
+    except ValueError:
+        raise InvalidRequest("Last-Event-ID must be an event id from this stream") from None
+
+    async def stream() -> AsyncIterator[str]:
+        cursor = after
+        idle = 0.0
+        yield "retry: 1000\n\n"
+        while True:
+            events = await repos.agent_events_after(pool, agent_id, cursor)
+            for event in events:
+                cursor = event["id"]
+                yield _sse(event, agent_id)
+                if event["state"] in repos.TERMINAL_STATES:
+                    return
+            if not events:
+                row = await repos.get_requested_agent(pool, agent_id)
+                if row is not None and row["state"] in repos.TERMINAL_STATES:
+                    return  # resumed after the final event: nothing more will come
+                await asyncio.sleep(SSE_POLL_SECONDS)
+                idle += SSE_POLL_SECONDS
+                if idle >= SSE_KEEPALIVE_SECONDS:
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+            else:
+                idle = 0.0
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,95 @@
+"""A loopback HTTP proxy the tests control: forward, refuse some paths, or be down.
+
+Each request is forwarded on its own upstream connection with `Connection: close`, so every
+request passes the rules, even when the client keeps its connection alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ProxyRules:
+    # Requests whose path ends with one of these get a 503 and never reach the upstream.
+    refuse_paths: set[str] = field(default_factory=set)
+    # Everything is refused: the peer looks down.
+    down: bool = False
+
+
+class ControlledProxy:
+    def __init__(self, listen_port: int, upstream_port: int) -> None:
+        self.listen_port = listen_port
+        self.upstream_port = upstream_port
+        self.rules = ProxyRules()
+        self.refused: list[str] = []
+        self.forwarded: list[str] = []
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.listen_port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                request_line, _, rest = head.partition(b"\r\n")
+                parts = request_line.decode(errors="replace").split()
+                method, path = (parts[0], parts[1]) if len(parts) >= 2 else ("?", "?")
+                length = 0
+                headers = []
+                for line in rest.split(b"\r\n"):
+                    if not line:
+                        continue
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                    if name.strip().lower() == b"connection":
+                        continue
+                    headers.append(line)
+                body = await reader.readexactly(length) if length else b""
+                what = f"{method} {path}"
+                if self.rules.down or any(path.endswith(p) for p in self.rules.refuse_paths):
+                    self.refused.append(what)
+                    writer.write(
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                        b"connection: close\r\n\r\n"
+                    )
+                    await writer.drain()
+                    return
+                self.forwarded.append(what)
+                upstream_reader, upstream_writer = await asyncio.open_connection(
+                    "127.0.0.1", self.upstream_port
+                )
+                upstream_writer.write(
+                    request_line
+                    + b"\r\n"
+                    + b"\r\n".join([*headers, b"connection: close"])
+                    + b"\r\n\r\n"
+                    + body
+                )
+                await upstream_writer.drain()
+                response = await upstream_reader.read()
+                upstream_writer.close()
+                writer.write(response)
+                await writer.drain()
+                return  # the response said connection: close
+        except asyncio.CancelledError:
+            return  # the proxy is stopping
+        finally:
+            with contextlib.suppress(ConnectionError):
+                writer.close()
