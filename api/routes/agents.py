@@ -24,6 +24,7 @@ from federation.errors import (
     AgentNotFound,
     ConnectionNotFound,
     InvalidRequest,
+    KillNotDelivered,
     LocalConnectionNotActive,
 )
 from federation.models import (
@@ -195,8 +196,13 @@ async def kill_agent(
         handle = temporal.get_workflow_handle(row["workflow_id"])
         try:
             await handle.execute_update("kill", KillRequest(), result_type=dict)
-        except WorkflowUpdateFailedError:
-            pass  # the final state is in the projection either way
+        except WorkflowUpdateFailedError as exc:
+            row = await _get(pool, user, agent_id)
+            if row["state"] not in repos.TERMINAL_STATES:
+                cause = exc.cause.cause if exc.cause and exc.cause.cause else exc.cause
+                raise KillNotDelivered(
+                    f"the kill did not reach the executor: {cause}", state=row["state"]
+                ) from None
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
