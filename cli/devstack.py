@@ -95,7 +95,11 @@ class DevStack:
             warnings.simplefilter("ignore")
             import pgserver
 
-            self._pg = await asyncio.to_thread(pgserver.get_server, pg_dir, cleanup_mode="stop")
+            self._pg = await asyncio.to_thread(
+                pgserver.get_server,  # type: ignore[attr-defined]
+                pg_dir,
+                cleanup_mode="stop",
+            )
         self._start_temporal()
         await self._wait_for_temporal()
         for index, name in enumerate(self.names):

@@ -181,3 +181,55 @@ class InvalidRequest(FederationError):
     code = "request_invalid"
     status = 422
     title = "Invalid request"
+
+
+class CapacityExceeded(FederationError):
+    code = "capacity_exceeded"
+    status = 429
+    title = "This instance runs as many agents as it may"
+
+
+# --- trust ----------------------------------------------------------------------------------
+
+
+class KeyExpired(EnvelopeError):
+    code = "key_expired"
+    title = "Signing key is past its validity"
+
+
+class GrantCommandType(GrantDenied):
+    code = "grant_command_type"
+    title = "Command type not granted to this peer"
+
+
+class GrantAgentType(GrantDenied):
+    code = "grant_agent_type"
+    title = "Agent type not granted to this peer"
+
+
+class GrantRepository(GrantDenied):
+    code = "grant_repository"
+    title = "Repository not in this peer's allowlist"
+
+
+class GrantTimeout(GrantDenied):
+    code = "grant_timeout"
+    title = "Timeout above what this peer is granted"
+
+
+class GrantConcurrency(GrantDenied):
+    code = "grant_concurrency"
+    status = 429
+    title = "This peer runs as many agents as it is granted"
+
+
+class BodyTooLarge(FederationError):
+    code = "body_too_large"
+    status = 413
+    title = "Request body too large"
+
+
+class KillNotDelivered(FederationError):
+    code = "kill_not_delivered"
+    status = 502
+    title = "The kill could not be delivered to the executor"

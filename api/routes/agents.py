@@ -199,7 +199,7 @@ async def kill_agent(
         except WorkflowUpdateFailedError as exc:
             row = await _get(pool, user, agent_id)
             if row["state"] not in repos.TERMINAL_STATES:
-                cause = exc.cause.cause if exc.cause and exc.cause.cause else exc.cause
+                cause = exc.cause.__cause__ or exc.cause
                 raise KillNotDelivered(
                     f"the kill did not reach the executor: {cause}", state=row["state"]
                 ) from None

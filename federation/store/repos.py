@@ -6,13 +6,12 @@ import hashlib
 import secrets
 import uuid
 from datetime import datetime
-from typing import Any
-
-import asyncpg
+from typing import Any, TypeAlias
 
 from federation.store.db import row_dict
 
-Executor = asyncpg.Pool | asyncpg.Connection
+# A pool or a connection (inside a transaction): both have execute/fetch/fetchrow/fetchval.
+Executor: TypeAlias = Any
 
 TERMINAL_STATES = frozenset({"completed", "failed", "killed", "timed_out"})
 
@@ -200,12 +199,29 @@ async def get_executed_agent(
 
 
 async def list_agents(
-    db: Executor, *, role: str | None = None, limit: int = 100, offset: int = 0
+    db: Executor,
+    *,
+    role: str | None = None,
+    workspace: str | None = None,
+    state: str | None = None,
+    connection_id: uuid.UUID | None = None,
+    agent_type: str | None = None,
+    task_id: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
     rows = await db.fetch(
         "SELECT * FROM agents WHERE ($1::text IS NULL OR role = $1)"
-        " ORDER BY created_at DESC LIMIT $2 OFFSET $3",
+        " AND ($2::text IS NULL OR workspace = $2) AND ($3::text IS NULL OR state = $3)"
+        " AND ($4::uuid IS NULL OR connection_id = $4) AND ($5::text IS NULL OR agent_type = $5)"
+        " AND ($6::text IS NULL OR task_id = $6)"
+        " ORDER BY created_at DESC, agent_id LIMIT $7 OFFSET $8",
         role,
+        workspace,
+        state,
+        connection_id,
+        agent_type,
+        task_id,
         limit,
         offset,
     )
@@ -229,14 +245,18 @@ async def apply_requester_update(
     nothing, and a terminal state is final whatever arrives after it.
     """
     status = await db.execute(
-        "UPDATE agents SET seq = $2, state = $3, progress = COALESCE($4, progress),"
+        "WITH updated AS ("
+        " UPDATE agents SET seq = $2, state = $3, progress = COALESCE($4, progress),"
         " result = COALESCE($5, result), error = COALESCE($6, error),"
         " attempt = COALESCE($7, attempt), updated_at = now(),"
         " started_at = CASE WHEN $3 <> 'spawning' THEN COALESCE(started_at, now())"
         "              ELSE started_at END,"
         " finished_at = CASE WHEN $3 = ANY($8::text[]) THEN now() ELSE NULL END"
         " WHERE role = 'requester' AND agent_id = $1 AND seq < $2"
-        " AND NOT (state = ANY($8::text[]))",
+        " AND NOT (state = ANY($8::text[]))"
+        " RETURNING agent_id, seq, state, progress, error, attempt)"
+        " INSERT INTO agent_events (agent_id, seq, state, progress, error, attempt)"
+        " SELECT agent_id, seq, state, progress, error, attempt FROM updated",
         agent_id,
         seq,
         state,
@@ -259,15 +279,39 @@ async def force_requester_final(
 ) -> None:
     """The requester's own final word (its workflow ended): terminal, whatever came before."""
     await db.execute(
-        "UPDATE agents SET state = $2, result = COALESCE($3, result), error = COALESCE($4, error),"
-        " updated_at = now(), finished_at = COALESCE(finished_at, now())"
-        " WHERE role = 'requester' AND agent_id = $1 AND NOT (state = ANY($5::text[]))",
+        "WITH updated AS ("
+        " UPDATE agents SET state = $2, result = COALESCE($3, result),"
+        " error = COALESCE($4, error), updated_at = now(),"
+        " finished_at = COALESCE(finished_at, now())"
+        " WHERE role = 'requester' AND agent_id = $1 AND NOT (state = ANY($5::text[]))"
+        " RETURNING agent_id, seq, state, progress, error, attempt)"
+        " INSERT INTO agent_events (agent_id, seq, state, progress, error, attempt)"
+        " SELECT agent_id, seq, state, progress, error, attempt FROM updated",
         agent_id,
         state,
         result,
         error,
         list(TERMINAL_STATES),
     )
+
+
+async def add_agent_event(db: Executor, agent_id: uuid.UUID, *, seq: int, state: str) -> None:
+    await db.execute(
+        "INSERT INTO agent_events (agent_id, seq, state) VALUES ($1, $2, $3)", agent_id, seq, state
+    )
+
+
+async def agent_events_after(
+    db: Executor, agent_id: uuid.UUID, after_id: int, limit: int = 500
+) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        "SELECT id, seq, state, progress, error, attempt, at FROM agent_events"
+        " WHERE agent_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        agent_id,
+        after_id,
+        limit,
+    )
+    return [dict(r) for r in rows]
 
 
 async def update_executed_agent(
@@ -304,6 +348,15 @@ async def update_executed_agent(
     return row_dict(row)
 
 
+async def count_running_executed(db: Executor) -> int:
+    """Runs this instance executes for any peer that have not ended."""
+    value = await db.fetchval(
+        "SELECT count(*) FROM agents WHERE role = 'executor' AND NOT (state = ANY($1::text[]))",
+        list(TERMINAL_STATES),
+    )
+    return int(value or 0)
+
+
 async def count_running_for_peer(db: Executor, requester_id: str) -> int:
     value = await db.fetchval(
         "SELECT count(*) FROM agents WHERE role = 'executor' AND peer_instance_id = $1"
@@ -326,4 +379,102 @@ async def audit(
         action,
         outcome,
         details,
+    )
+
+
+# --- trust: peer keys, grants, suspension, audit queries ------------------------------------
+
+
+async def claim_key_refresh(db: Executor, connection_id: uuid.UUID, min_interval: float) -> bool:
+    """Take the right to fetch a peer's identity card now; False if one was fetched lately."""
+    status = await db.execute(
+        "UPDATE connections SET keys_refreshed_at = now() WHERE connection_id = $1"
+        " AND (keys_refreshed_at IS NULL"
+        "      OR keys_refreshed_at < now() - make_interval(secs => $2))",
+        connection_id,
+        float(min_interval),
+    )
+    return bool(status.endswith(" 1"))
+
+
+async def set_remote_keys(
+    db: Executor, connection_id: uuid.UUID, keys: list[dict[str, Any]], *, name: str | None = None
+) -> None:
+    await db.execute(
+        "UPDATE connections SET remote_keys = $2, remote_name = COALESCE($3, remote_name),"
+        " keys_refreshed_at = now() WHERE connection_id = $1",
+        connection_id,
+        keys,
+        name,
+    )
+
+
+async def set_grants(
+    db: Executor, connection_id: uuid.UUID, grants: dict[str, Any]
+) -> dict[str, Any] | None:
+    return row_dict(
+        await db.fetchrow(
+            "UPDATE connections SET grants = $2, updated_at = now()"
+            " WHERE connection_id = $1 RETURNING *",
+            connection_id,
+            grants,
+        )
+    )
+
+
+async def list_audit(
+    db: Executor,
+    *,
+    action: str | None = None,
+    outcome: str | None = None,
+    actor: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before: int | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Newest first. `action` ending in '*' matches by prefix."""
+    action_prefix = action[:-1] if action is not None and action.endswith("*") else None
+    exact = action if action_prefix is None else None
+    rows = await db.fetch(
+        "SELECT id, at, actor, action, outcome, details FROM audit_log"
+        " WHERE ($1::text IS NULL OR action = $1)"
+        " AND ($2::text IS NULL OR starts_with(action, $2))"
+        " AND ($3::text IS NULL OR outcome = $3) AND ($4::text IS NULL OR actor = $4)"
+        " AND ($5::timestamptz IS NULL OR at >= $5) AND ($6::timestamptz IS NULL OR at < $6)"
+        " AND ($7::bigint IS NULL OR id < $7)"
+        " ORDER BY id DESC LIMIT $8",
+        exact,
+        action_prefix,
+        outcome,
+        actor,
+        since,
+        until,
+        before,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def update_connection_state(
+    db: Executor,
+    connection_id: uuid.UUID,
+    *,
+    status: str,
+    suspended_by: str | None,
+    expect_status: str,
+    expect_suspended_by: str | None,
+) -> dict[str, Any] | None:
+    """Compare-and-set of (status, suspended_by); None when the row changed meanwhile."""
+    return row_dict(
+        await db.fetchrow(
+            "UPDATE connections SET status = $2, suspended_by = $3, updated_at = now()"
+            " WHERE connection_id = $1 AND status = $4"
+            " AND suspended_by IS NOT DISTINCT FROM $5 RETURNING *",
+            connection_id,
+            status,
+            suspended_by,
+            expect_status,
+            expect_suspended_by,
+        )
     )
