@@ -58,9 +58,14 @@ class AgentActivities:
             progress = {**progress, "attempt": task.attempt, "completedCommands": done}
             state["progress"] = progress
             activity.heartbeat(progress)
-            updated = await repos.update_executed_agent(
-                self.pool, task.requester_id, agent_id, progress=progress
-            )
+            try:
+                updated = await repos.update_executed_agent(
+                    self.pool, task.requester_id, agent_id, progress=progress
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Progress is best effort; the heartbeat above already carries it.
+                log.warning("progress of agent %s not stored: %r", agent_id, exc)
+                return
             if updated is not None:
                 state["row"] = updated
                 dirty.set()
@@ -95,8 +100,9 @@ class AgentActivities:
                 type="AgentTimedOut",
                 non_retryable=True,
             ) from None
-        except asyncio.CancelledError:
-            await sandbox.kill()
+        except BaseException:
+            # Cancelled (kill), or the worker's own trouble: nothing of the sandbox survives.
+            await asyncio.shield(sandbox.kill())
             raise
         finally:
             for helper in helpers:

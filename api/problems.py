@@ -89,7 +89,12 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(asyncpg.PostgresConnectionError)
-    @app.exception_handler(ConnectionError)
+    @app.exception_handler(asyncpg.exceptions.OperatorInterventionError)
+    @app.exception_handler(asyncpg.exceptions.ConnectionDoesNotExistError)
+    @app.exception_handler(asyncpg.exceptions.InternalClientError)
+    # A refused or missing socket of the database server (the only sockets the API opens
+    # outside httpx, whose errors are domain errors already).
+    @app.exception_handler(OSError)
     async def database_error(request: Request, exc: Exception) -> JSONResponse:
         log.warning("backing service failed: %r", exc)
         return problem(

@@ -90,16 +90,7 @@ class DevStack:
     async def start(self) -> dict[str, Any]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        pg_dir = self.data_dir / "postgres"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pgserver
-
-            self._pg = await asyncio.to_thread(
-                pgserver.get_server,  # type: ignore[attr-defined]
-                pg_dir,
-                cleanup_mode="stop",
-            )
+        await self.start_postgres()
         self._start_temporal()
         await self._wait_for_temporal()
         for index, name in enumerate(self.names):
@@ -262,6 +253,33 @@ class DevStack:
         path.write_text(json.dumps(doc, indent=2))
         path.chmod(0o600)  # it holds admin tokens
         return doc
+
+    # --- restarts (operators and fault tests) -------------------------------------------
+
+    def stop_temporal(self) -> None:
+        self.stop_process(self._temporal)
+        self._temporal = None
+
+    async def start_temporal(self) -> None:
+        """Start the dev server again on the same database file: its runs survive."""
+        self._start_temporal()
+        await self._wait_for_temporal()
+
+    def stop_postgres(self) -> None:
+        if self._pg is not None:
+            self._pg.cleanup()
+            self._pg = None
+
+    async def start_postgres(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver
+
+            self._pg = await asyncio.to_thread(
+                pgserver.get_server,  # type: ignore[attr-defined]
+                self.data_dir / "postgres",
+                cleanup_mode="stop",
+            )
 
     # --- stop --------------------------------------------------------------------------
 

@@ -36,10 +36,16 @@ STORE_RETRY = RetryPolicy(
 
 
 def _reason(err: ActivityError) -> str:
-    cause = err.cause
-    if isinstance(cause, ApplicationError):
-        return f"{cause.type}: {cause.message}" if cause.type else cause.message
-    return str(cause or err)
+    """The failure chain of an activity in one line: 'timeout: last try: peer_unreachable: ...'."""
+    parts: list[str] = []
+    cause: BaseException | None = err.cause
+    while cause is not None and len(parts) < 4:
+        if isinstance(cause, ApplicationError) and cause.type:
+            parts.append(f"{cause.type}: {cause.message}")
+        else:
+            parts.append(str(cause))
+        cause = cause.__cause__
+    return " <- ".join(parts) or str(err)
 
 
 @workflow.defn

@@ -17,6 +17,8 @@ class ProxyRules:
     refuse_paths: set[str] = field(default_factory=set)
     # Everything is refused: the peer looks down.
     down: bool = False
+    # Connections are cut before any answer: the network drops requests.
+    drop: bool = False
 
 
 class ControlledProxy:
@@ -63,6 +65,9 @@ class ControlledProxy:
                     headers.append(line)
                 body = await reader.readexactly(length) if length else b""
                 what = f"{method} {path}"
+                if self.rules.drop:
+                    self.refused.append(what)
+                    return
                 if self.rules.down or any(path.endswith(p) for p in self.rules.refuse_paths):
                     self.refused.append(what)
                     writer.write(
