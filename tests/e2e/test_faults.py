@@ -1,0 +1,213 @@
+"""Faults on a stack of its own: the network drops requests, Temporal and PostgreSQL restart,
+and a peer that answers slowly, with garbage or with a bad signature cannot wedge anything."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from cli.devstack import DevStack
+from tests.conftest import Instance, free_port_block
+from tests.e2e.helpers import processes_in, spawn_body
+from tests.e2e.proxy import ControlledProxy
+from tests.e2e.rogue_peer import RoguePeer
+
+pytestmark = pytest.mark.e2e
+NAMES = ["alpha", "beta"]
+
+
+class FaultWorld:
+    def __init__(
+        self, stack: DevStack, alpha: Instance, beta: Instance, proxies: dict[str, ControlledProxy]
+    ) -> None:
+        self.stack, self.alpha, self.beta, self.proxies = stack, alpha, beta, proxies
+        self.connection_id = ""
+
+    def drop(self, on: bool) -> None:
+        for proxy in self.proxies.values():
+            proxy.rules.drop = on
+
+
+@pytest.fixture(scope="module")
+async def world(
+    tmp_path_factory: pytest.TempPathFactory, http: httpx.AsyncClient
+) -> AsyncIterator[FaultWorld]:
+    ports = free_port_block(len(NAMES) + 2)
+    proxies = {
+        name: ControlledProxy(ports + len(NAMES) + i, ports + i) for i, name in enumerate(NAMES)
+    }
+    for proxy in proxies.values():
+        await proxy.start()
+    temporal = free_port_block(2)
+    stack = DevStack(
+        NAMES,
+        tmp_path_factory.mktemp("faults"),
+        base_port=ports,
+        temporal_port=temporal,
+        ui_port=temporal + 1,
+        extra_env={
+            "FEDAGENT_STATUS_POLL_INTERVAL": "2",
+            "FEDAGENT_SPAWN_DEADLINE": "15",
+            "FEDAGENT_PEER_REQUEST_TIMEOUT": "3",
+        },
+        # Every message between the two crosses a proxy the tests control.
+        public_urls={name: proxy.url for name, proxy in proxies.items()},
+    )
+    try:
+        await stack.start()
+        alpha, beta = (Instance(stack.instances[n].info, http) for n in NAMES)
+        made = FaultWorld(stack, alpha, beta, proxies)
+        response = await alpha.call("POST", "/connections", json={"remoteUrl": proxies["beta"].url})
+        assert response.status_code == 201, response.text
+        made.connection_id = response.json()["connectionId"]
+        accepted = await beta.call("POST", f"/connections/{made.connection_id}/accept")
+        assert accepted.status_code == 200, accepted.text
+        yield made
+    finally:
+        stack.stop()
+        for proxy in proxies.values():
+            await proxy.stop()
+
+
+async def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def test_dropped_network_delays_spawn_events_and_kill_but_each_arrives_once(
+    world: FaultWorld,
+) -> None:
+    alpha, beta = world.alpha, world.beta
+    body = spawn_body(world.connection_id, "$ echo ran >> runs.txt\n$ sleep 120", timeout=300)
+    world.drop(True)
+    try:
+        assert (await alpha.call("POST", "/agents/spawn", json=body)).status_code == 202
+        await asyncio.sleep(5)
+        assert (await alpha.call("GET", f"/agents/{body['agentId']}")).json()["state"] == "spawning"
+    finally:
+        world.drop(False)
+    await alpha.wait_agent(body["agentId"], {"running"}, timeout=60)
+    workspace = world.stack.data_dir / "workspaces" / "beta" / alpha.id / body["agentId"]
+    await wait_until(lambda: _value(bool(processes_in(workspace))), 30, "the sleep")
+
+    world.drop(True)
+    kill = asyncio.create_task(alpha.call("POST", f"/agents/{body['agentId']}/kill"))
+    await asyncio.sleep(4)
+    assert not kill.done()  # it cannot be acknowledged while nothing gets through
+    world.drop(False)
+    response = await kill
+    assert (response.status_code, response.json()["state"]) == (200, "killed")
+    assert processes_in(workspace) == []
+    assert (workspace / "runs.txt").read_text() == "ran\n"
+    assert await beta.count_workflows(f"AgentId = '{body['agentId']}'") == 1
+    dropped = sum(len(p.refused) for p in world.proxies.values())
+    assert dropped > 0
+    events = await alpha.fetch(
+        "SELECT seq, state FROM agent_events WHERE agent_id = $1 ORDER BY id",
+        uuid.UUID(body["agentId"]),
+    )
+    assert [e["state"] for e in events].count("killed") == 1
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs)
+    print(f"network faults: {dropped} requests dropped, spawn and kill each took effect once")
+
+
+async def _value(value: Any) -> Any:
+    return value
+
+
+async def test_temporal_restart_while_agents_run(world: FaultWorld) -> None:
+    alpha = world.alpha
+    bodies = [
+        spawn_body(world.connection_id, f"$ sleep 3\n$ echo agent-{i}", task_id=f"tr-{i}")
+        for i in range(3)
+    ]
+    for body in bodies:
+        assert (await alpha.call("POST", "/agents/spawn", json=body)).status_code == 202
+    for body in bodies:
+        await alpha.wait_agent(body["agentId"], {"running"}, timeout=60)
+    world.stack.stop_temporal()
+    await asyncio.sleep(2)
+    await world.stack.start_temporal()
+    for i, body in enumerate(bodies):
+        agent = await alpha.wait_agent(body["agentId"], timeout=120)
+        assert agent["state"] == "completed", agent
+        assert f"agent-{i}" in agent["result"]["logTail"]
+    print(f"temporal restart: {len(bodies)} running agents finished, 0 lost")
+
+
+async def test_postgres_restart_answers_503_then_everything_finishes(world: FaultWorld) -> None:
+    alpha = world.alpha
+    body = spawn_body(world.connection_id, "$ sleep 4\n$ echo after-restart", task_id="pg-1")
+    assert (await alpha.call("POST", "/agents/spawn", json=body)).status_code == 202
+    await alpha.wait_agent(body["agentId"], {"running"}, timeout=60)
+    world.stack.stop_postgres()
+    try:
+        response = await alpha.call("GET", f"/agents/{body['agentId']}")
+        assert response.status_code == 503
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["code"] == "database_unavailable"
+        ready = await alpha.http.get(f"{alpha.url}/readyz")
+        assert ready.status_code == 503
+        await asyncio.sleep(3)
+    finally:
+        await world.stack.start_postgres()
+    agent = await alpha.wait_agent(body["agentId"], timeout=120)
+    assert agent["state"] == "completed", agent
+    assert "after-restart" in agent["result"]["logTail"]
+    print("postgres restart: API answered 503 problem+json while down; 0 agents lost")
+
+
+@pytest.fixture(scope="module")
+async def rogue(world: FaultWorld) -> AsyncIterator[tuple[RoguePeer, str]]:
+    peer = RoguePeer(free_port_block(1))
+    await peer.start()
+    try:
+        response = await world.alpha.call("POST", "/connections", json={"remoteUrl": peer.url})
+        assert response.status_code == 201, response.text
+        cid = response.json()["connectionId"]
+        card = (await world.alpha.http.get(f"{world.alpha.url}/api/v1/federation/instance")).json()
+        await peer.accept(world.alpha.url, card, cid)
+        listed = await world.alpha.call("GET", f"/connections/{cid}")
+        assert listed.json()["status"] == "ACTIVE"
+        yield peer, cid
+    finally:
+        await peer.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("garbage", "peer_response_invalid"),
+        ("badsig", "peer_response_invalid"),
+        ("slow", "timeout"),
+    ],
+)
+async def test_a_misbehaving_peer_cannot_wedge_the_requester(
+    world: FaultWorld, rogue: tuple[RoguePeer, str], mode: str, reason: str
+) -> None:
+    peer, cid = rogue
+    peer.mode = mode
+    alpha = world.alpha
+    bad = spawn_body(cid, "$ echo never", task_id=f"rogue-{mode}")
+    started = time.monotonic()
+    assert (await alpha.call("POST", "/agents/spawn", json=bad)).status_code == 202
+    # Meanwhile the good peer is served as usual.
+    good = spawn_body(world.connection_id, "$ echo fine", task_id=f"good-{mode}")
+    assert (await alpha.call("POST", "/agents/spawn", json=good)).status_code == 202
+    assert (await alpha.wait_agent(good["agentId"], timeout=60))["state"] == "completed"
+
+    agent = await alpha.wait_agent(bad["agentId"], timeout=60)
+    assert agent["state"] == "failed"
+    assert reason in agent["error"].lower(), agent["error"]
+    assert time.monotonic() - started < 45  # bounded by the spawn deadline (15 s here)
+    print(f"rogue peer ({mode}): failed after {time.monotonic() - started:.1f} s: {agent['error']}")
