@@ -9,14 +9,15 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI
-from temporalio.client import Client
 
 from api import problems
+from api.metrics import ObservabilityMiddleware
 from api.routes import agents, connections, incoming, instance, ops
 from federation.identity import ensure_identity
 from federation.settings import Settings, get_settings
 from federation.store import repos
 from federation.store.db import create_pool, migrate
+from federation.temporal import connect_temporal
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await ensure_identity(
             app.state.pool, name=settings.instance_name, public_url=settings.public_url
         )
-        app.state.temporal = await Client.connect(
-            settings.temporal_address, namespace=settings.temporal_namespace
-        )
+        app.state.temporal = await connect_temporal(settings)
         app.state.http = httpx.AsyncClient(timeout=settings.peer_request_timeout)
         expiry = asyncio.create_task(_expire_seen_messages(app, settings.timestamp_window / 2))
         try:
@@ -63,4 +62,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     for module in (instance, connections, agents, incoming, ops):
         app.include_router(module.router)
+    # Outermost: request ids in the logs, latency and refusal metrics (413s included).
+    app.add_middleware(ObservabilityMiddleware)
     return app

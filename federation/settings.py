@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,6 +43,22 @@ class Settings(BaseSettings):
 
     model_provider: str = "scripted"
     log_level: str = "info"
+
+    # --- production ---
+    # Temporal beyond the dev server: TLS (mutual with a client certificate and key, PEM files),
+    # the CA that signed the server's certificate (default: the system roots) and the name to
+    # verify it by; or an API key (Temporal Cloud), which implies TLS.
+    temporal_tls: bool = False
+    temporal_tls_cert: Path | None = None
+    temporal_tls_key: Path | None = None
+    temporal_tls_server_ca: Path | None = None
+    temporal_tls_server_name: str | None = None
+    temporal_api_key: SecretStr | None = None
+    # Workers serve the Temporal SDK's metrics in Prometheus format here (unset: off).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # json: one JSON object per line with instance, agentId, workflowId, messageId.
+    log_format: Literal["json", "text"] = "text"
 
     @property
     def workspaces_dir(self) -> Path:

@@ -23,6 +23,7 @@ from activities.federation import FederationActivities
 from federation.identity import ensure_identity
 from federation.settings import Settings
 from federation.store.db import create_pool, migrate
+from federation.temporal import connect_temporal, metrics_runtime
 from workflows.agent_run import AgentRunWorkflow
 from workflows.models import SEARCH_ATTRIBUTES
 from workflows.remote_agent import RemoteAgentWorkflow
@@ -36,7 +37,8 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     await migrate(pool)
     await ensure_identity(pool, name=settings.instance_name, public_url=settings.public_url)
     http = httpx.AsyncClient(timeout=settings.peer_request_timeout)
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    # Temporal SDK metrics (Prometheus) are served when FEDAGENT_METRICS_PORT is set.
+    client = await connect_temporal(settings, runtime=metrics_runtime(settings))
     federation = FederationActivities(pool, http, settings)
     agents = AgentActivities(pool, http, settings)
     await ensure_search_attributes(client, settings.temporal_namespace)

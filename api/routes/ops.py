@@ -1,36 +1,77 @@
-"""Liveness and readiness for operators."""
+"""Operations: liveness, readiness and Prometheus metrics (no token: keep them off the public
+internet, e.g. expose only /api/v1/federation/instance and /incoming/* through the proxy)."""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 
 from api.deps import PoolDep, TemporalDep
+from api.metrics import REGISTRY, STORE
 
 router = APIRouter(tags=["operations"])
+CHECK_TIMEOUT = 3.0  # seconds each readiness check may take
 
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
+    """The process is up and serving requests."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
-async def readyz(pool: PoolDep, temporal: TemporalDep) -> dict[str, Any] | JSONResponse:
-    checks: dict[str, str] = {}
-    try:
+@router.get(
+    "/readyz",
+    response_model=None,
+    responses={503: {"content": {"application/problem+json": {}}}},
+)
+async def readyz(
+    request: Request, pool: PoolDep, temporal: TemporalDep
+) -> dict[str, Any] | JSONResponse:
+    """Ready when PostgreSQL and Temporal both answer; otherwise 503 problem+json saying which."""
+
+    async def postgres() -> None:
         await pool.fetchval("SELECT 1")
-        checks["postgres"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
-        checks["postgres"] = f"error: {exc.__class__.__name__}"
-    try:
-        await temporal.workflow_service.get_system_info(GetSystemInfoRequest())
-        checks["temporal"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["temporal"] = f"error: {exc.__class__.__name__}"
-    ready = all(v == "ok" for v in checks.values())
-    body = {"status": "ready" if ready else "not ready", "checks": checks}
-    return body if ready else JSONResponse(body, status_code=503)
+
+    async def temporal_server() -> None:
+        await temporal.workflow_service.get_system_info(
+            GetSystemInfoRequest(), timeout=timedelta(seconds=CHECK_TIMEOUT)
+        )
+
+    checks: dict[str, str] = {}
+    for name, check in (("postgres", postgres), ("temporal", temporal_server)):
+        try:
+            await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT)
+            checks[name] = "ok"
+        except TimeoutError:
+            checks[name] = f"error: no answer within {CHECK_TIMEOUT:g} s"
+        except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
+            checks[name] = f"error: {exc.__class__.__name__}"
+    failing = sorted(name for name, result in checks.items() if result != "ok")
+    if not failing:
+        return {"status": "ready", "checks": checks}
+    return JSONResponse(
+        {
+            "type": "urn:fedagent:problem:not_ready",
+            "title": "Not ready",
+            "status": 503,
+            "detail": f"unreachable: {', '.join(failing)}",
+            "code": "not_ready",
+            "instance": request.url.path,
+            "checks": checks,
+        },
+        status_code=503,
+        media_type="application/problem+json",
+    )
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(pool: PoolDep) -> Response:
+    """Prometheus text format; agent figures come from the store, at most 2 s old."""
+    await STORE.refresh(pool)
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,214 @@
+"""What the `fedagent` commands use to talk to an instance: which one (`--instance NAME` from a
+data dir's instances.json, or `--url`/`--token`), and a small REST client that turns
+problem+json answers and unreachable servers into messages a person can act on."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+API = "/api/v1/federation"
+DEFAULT_DATA_DIR = Path(".fedagent/dev")
+
+
+class CliError(Exception):
+    """A failure the command reports in one line (plus a hint) and exits 1 on."""
+
+    def __init__(self, message: str, *, hint: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Target:
+    """One instance's API as a command reaches it."""
+
+    url: str
+    token: str | None
+    name: str | None = None
+    info: dict[str, Any] | None = None  # its entry in instances.json, if it came from there
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url
+
+
+def load_instances(data_dir: Path) -> dict[str, Any]:
+    """The `instances.json` a dev stack wrote into `data_dir`."""
+    path = data_dir / "instances.json"
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CliError(
+            f"no {path}",
+            hint="start a local stack with `fedagent dev` (or pass --data-dir DIR), "
+            "or name the instance by --url and --token (FEDAGENT_URL, FEDAGENT_TOKEN)",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
+    return doc
+
+
+def instance_info(data_dir: Path, name: str) -> dict[str, Any]:
+    doc = load_instances(data_dir)
+    instances: dict[str, Any] = doc.get("instances", {})
+    if name not in instances:
+        known = ", ".join(instances) or "none"
+        raise CliError(
+            f"no instance {name!r} in {data_dir / 'instances.json'} (known: {known})",
+            hint="use one of the names above, or --data-dir of the stack that has it",
+        )
+    info: dict[str, Any] = instances[name]
+    return info
+
+
+def resolve_target(
+    instance: str | None, data_dir: Path, url: str | None, token: str | None
+) -> Target:
+    """--instance wins; else --url/--token (or FEDAGENT_URL/FEDAGENT_TOKEN)."""
+    if instance:
+        info = instance_info(data_dir, instance)
+        return Target(
+            str(info["apiUrl"]).rstrip("/"), token or info.get("adminToken"), instance, info
+        )
+    if url:
+        return Target(url.rstrip("/"), token)
+    path = data_dir / "instances.json"
+    names: list[str] = []
+    if path.exists():
+        names = list(load_instances(data_dir).get("instances", {}))
+    if len(names) == 1:
+        return resolve_target(names[0], data_dir, None, token)
+    raise CliError(
+        "which instance? pass --instance NAME or --url URL --token TOKEN",
+        hint=(
+            f"instances in {path}: {', '.join(names)}"
+            if names
+            else "FEDAGENT_URL and FEDAGENT_TOKEN work too"
+        ),
+    )
+
+
+def resolve_peer_url(peer: str, data_dir: Path) -> tuple[str, dict[str, Any] | None]:
+    """A peer given as a URL, or as the name of an instance in the same instances.json."""
+    if peer.startswith(("http://", "https://")):
+        return peer.rstrip("/"), None
+    info = instance_info(data_dir, peer)
+    return str(info.get("publicUrl") or info["apiUrl"]).rstrip("/"), info
+
+
+def describe_problem(response: httpx.Response) -> CliError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "code" in body:
+        code = str(body["code"])
+        detail = str(body.get("detail") or body.get("title") or "")
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            detail += (
+                " (" + "; ".join(f"{e.get('field')}: {e.get('message')}" for e in errors) + ")"
+            )
+        hint = HINTS.get(code)
+        return CliError(f"{response.status_code} {code}: {detail}", hint=hint, code=code)
+    text = response.text.strip()[:300] or response.reason_phrase
+    return CliError(f"{response.status_code} from {response.request.url}: {text}")
+
+
+HINTS = {
+    "unauthenticated": "check the token: --token, FEDAGENT_TOKEN, or the adminToken in "
+    "instances.json (`fedagent token create` makes one)",
+    "forbidden": "this needs an admin token (`fedagent token create --role admin`)",
+    "connection_not_active": "the peer must accept first: `fedagent accept CONNECTION_ID` "
+    "on the peer; `fedagent connections` shows the state",
+    "connection_not_found": "`fedagent connections` lists the connections",
+    "agent_not_found": "`fedagent agents` lists the agents this instance spawned",
+    "capacity_exceeded": "the peer runs as many agents as it may; retry later or spawn "
+    "with --queue",
+    "peer_unreachable": "the peer's API is not reachable from this instance; is it running?",
+}
+
+
+class Api:
+    """A synchronous REST client of one instance's /api/v1/federation."""
+
+    def __init__(self, target: Target, *, timeout: float = 90.0) -> None:
+        self.target = target
+        headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+        self.http = httpx.Client(base_url=target.url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, f"{API}{path}", **kwargs)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from None
+        if response.status_code >= 400:
+            raise describe_problem(response)
+        if not response.content:
+            return None
+        return response.json()
+
+    def unreachable(self, exc: Exception) -> CliError:
+        return CliError(
+            f"cannot reach {self.target.label} at {self.target.url}: {exc.__class__.__name__} "
+            f"{exc}".strip(),
+            hint="is the instance running? `fedagent dev` starts a local stack; "
+            "`fedagent doctor` checks the pieces",
+        )
+
+    def stream_events(self, agent_id: str, last_event_id: str | None) -> Iterator[dict[str, Any]]:
+        """Server-Sent Events of one agent: dicts with id, event and the decoded data."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        timeout = httpx.Timeout(10.0, read=60.0)  # the server sends a keep-alive every 15 s
+        with self.http.stream(
+            "GET", f"{API}/agents/{agent_id}/events", headers=headers, timeout=timeout
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise describe_problem(response)
+            event: dict[str, Any] = {}
+            for line in response.iter_lines():
+                if not line:
+                    if "data" in event:
+                        yield event
+                    event = {}
+                    continue
+                if line.startswith(":"):
+                    continue
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "data":
+                    try:
+                        event["data"] = json.loads(value)
+                    except ValueError:
+                        event["data"] = {"raw": value}
+                elif name in ("id", "event"):
+                    event[name] = value
+
+
+def unsafe_mode(path: Path) -> int | None:
+    """The permission bits of a secret file if group or others may read it, else None."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    return mode if mode & 0o077 else None
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

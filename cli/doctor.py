@@ -1,0 +1,317 @@
+"""`fedagent doctor`: can this machine run an instance? Checks Temporal, PostgreSQL, the sandbox
+(bubblewrap or Docker) and the secret files, and says how to fix what is wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from federation.settings import Settings
+
+Status = Literal["ok", "warn", "fail"]
+TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+
+def settings_for(instance_info: dict[str, Any] | None, data_dir: Path | None) -> Settings:
+    """The instance's settings: FEDAGENT_* variables, or what a dev stack's instances.json says."""
+    if instance_info is None:
+        return Settings()
+    overrides: dict[str, Any] = {
+        "instance_name": instance_info["name"],
+        "database_url": instance_info["databaseUrl"],
+        "temporal_address": instance_info["temporalAddress"],
+        "temporal_namespace": instance_info["namespace"],
+        "task_queue": instance_info["taskQueue"],
+    }
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir.resolve()
+    return Settings(**overrides)
+
+
+async def check_temporal(settings: Settings) -> list[Check]:
+    from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+    from temporalio.api.workflowservice.v1 import (
+        DescribeNamespaceRequest,
+        GetSystemInfoRequest,
+    )
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from federation.temporal import TemporalSettingsError, connect_temporal
+    from workflows.models import SEARCH_ATTRIBUTES
+
+    where = f"{settings.temporal_address} (namespace {settings.temporal_namespace})"
+    try:
+        client = await asyncio.wait_for(connect_temporal(settings), timeout=TIMEOUT)
+        await client.workflow_service.get_system_info(
+            GetSystemInfoRequest(), timeout=timedelta(seconds=TIMEOUT)
+        )
+    except TemporalSettingsError as exc:
+        return [Check("temporal", "fail", str(exc), "fix the FEDAGENT_TEMPORAL_TLS_* settings")]
+    except Exception as exc:  # noqa: BLE001 - every failure is a finding
+        return [
+            Check(
+                "temporal",
+                "fail",
+                f"cannot reach {where}: {exc.__class__.__name__} {exc}".strip(),
+                "start it (`fedagent dev` runs a dev server) or set FEDAGENT_TEMPORAL_ADDRESS; "
+                "for TLS set FEDAGENT_TEMPORAL_TLS_CERT/_KEY/_SERVER_CA, for Temporal Cloud "
+                "FEDAGENT_TEMPORAL_API_KEY",
+            )
+        ]
+    checks = [Check("temporal", "ok", f"reachable at {settings.temporal_address}")]
+    namespace = settings.temporal_namespace
+    try:
+        await client.workflow_service.describe_namespace(
+            DescribeNamespaceRequest(namespace=namespace), timeout=timedelta(seconds=TIMEOUT)
+        )
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return [
+                *checks,
+                Check(
+                    "temporal namespace",
+                    "fail",
+                    f"namespace {namespace!r} does not exist",
+                    f"temporal operator namespace create --namespace {namespace} "
+                    f"--address {settings.temporal_address}",
+                ),
+            ]
+        checks.append(Check("temporal namespace", "warn", f"cannot describe it: {exc}"))
+        return checks
+    checks.append(Check("temporal namespace", "ok", namespace))
+    try:
+        listed = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=namespace), timeout=timedelta(seconds=TIMEOUT)
+        )
+        missing = sorted(set(SEARCH_ATTRIBUTES) - set(listed.custom_attributes))
+    except RPCError as exc:  # Temporal Cloud: the operator API may be off limits
+        checks.append(Check("search attributes", "warn", f"cannot list them: {exc}"))
+        return checks
+    if missing:
+        commands = "; ".join(
+            f"temporal operator search-attribute create --namespace {namespace} "
+            f"--name {name} --type Keyword"
+            for name in missing
+        )
+        checks.append(
+            Check(
+                "search attributes",
+                "warn",
+                f"missing {', '.join(missing)} (a worker registers them when it may)",
+                commands,
+            )
+        )
+    else:
+        checks.append(Check("search attributes", "ok", ", ".join(sorted(SEARCH_ATTRIBUTES))))
+    return checks
+
+
+async def check_postgres(settings: Settings) -> Check:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=TIMEOUT)
+    except Exception as exc:  # noqa: BLE001
+        return Check(
+            "postgresql",
+            "fail",
+            f"cannot connect to {_redact(settings.database_url)}: "
+            f"{exc.__class__.__name__} {exc}".strip(),
+            "start PostgreSQL or set FEDAGENT_DATABASE_URL "
+            "(postgresql://USER:PASSWORD@HOST:5432/DB); the dev stack's is in instances.json",
+        )
+    try:
+        version = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    return Check("postgresql", "ok", f"PostgreSQL {version} at {_redact(settings.database_url)}")
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+async def check_bwrap(settings: Settings) -> Check:
+    from agents.sandbox.base import SandboxUnavailable
+    from agents.sandbox.bwrap import BwrapSandbox
+
+    path = shutil.which(getattr(settings, "bwrap_path", "bwrap"))
+    if path is None:
+        return Check(
+            "bubblewrap",
+            "fail",
+            "bwrap not found",
+            "apt-get install bubblewrap (scripts/install-system-deps.sh), "
+            "or FEDAGENT_SANDBOX=docker",
+        )
+    workspace = Path(tempfile.mkdtemp(prefix="fedagent-doctor-"))
+    sandbox = BwrapSandbox(workspace / "ws", bwrap=path)
+    try:
+        await asyncio.wait_for(sandbox.start(), timeout=30)
+        probe = await sandbox.run("echo sandboxed", timeout=30)
+        if probe.exit_code != 0:
+            return Check("bubblewrap", "fail", f"a command failed: {probe.output.strip()}")
+        return Check("bubblewrap", "ok", f"{path} runs commands ({_enforced(sandbox.enforced)})")
+    except SandboxUnavailable as exc:
+        return Check("bubblewrap", "fail", "bwrap cannot start a sandbox here", str(exc))
+    except Exception as exc:  # noqa: BLE001
+        return Check("bubblewrap", "fail", f"{exc.__class__.__name__}: {exc}")
+    finally:
+        await sandbox.kill()
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def _enforced(enforced: dict[str, str]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in enforced.items() if k in ("memory", "pids", "cpu"))
+
+
+async def check_docker(settings: Settings) -> Check:
+    def ping() -> str:
+        import docker
+
+        host = getattr(settings, "docker_host", None)
+        client = (
+            docker.DockerClient(base_url=host, timeout=int(TIMEOUT))
+            if host
+            else docker.from_env(timeout=int(TIMEOUT))
+        )
+        try:
+            client.ping()
+            return str(client.version().get("Version", "?"))
+        finally:
+            client.close()
+
+    try:
+        version = await asyncio.to_thread(ping)
+    except Exception as exc:  # noqa: BLE001
+        return Check(
+            "docker",
+            "fail",
+            f"no Docker daemon answers: {exc.__class__.__name__}",
+            "start dockerd (apt-get install docker.io; systemctl start docker) or set "
+            "FEDAGENT_DOCKER_HOST, or use FEDAGENT_SANDBOX=bwrap",
+        )
+    return Check("docker", "ok", f"Docker {version} answers")
+
+
+def check_sandboxes(settings: Settings, bwrap: Check, docker: Check) -> list[Check]:
+    """The configured sandbox must work; the other one is reported for information."""
+    chosen = getattr(settings, "sandbox", "bwrap")
+    results = []
+    for check, kind in ((bwrap, "bwrap"), (docker, "docker")):
+        if kind == chosen or check.status == "ok":
+            results.append(check)
+        else:
+            results.append(
+                Check(check.name, "warn", f"{check.detail} (not the configured sandbox)")
+            )
+    if chosen == "process":
+        results.append(
+            Check(
+                "sandbox",
+                "warn",
+                "FEDAGENT_SANDBOX=process runs agents without isolation",
+                "use bwrap or docker outside tests",
+            )
+        )
+    return results
+
+
+def check_secret_files(settings: Settings, extra: list[Path]) -> list[Check]:
+    from federation import keystore
+
+    checks: list[Check] = []
+    if settings.secret_key is not None:
+        checks.append(Check("master key", "ok", "from FEDAGENT_SECRET_KEY"))
+    else:
+        path = keystore.key_file_path(settings)
+        checks.append(_secret_file("master key", path, created_on_start=True))
+        parent = path.parent
+        if parent.exists() and os.stat(parent).st_mode & 0o077:
+            checks.append(
+                Check(
+                    "secrets directory",
+                    "warn",
+                    f"{parent} is open to others (mode {os.stat(parent).st_mode & 0o777:o})",
+                    f"chmod 700 {parent}",
+                )
+            )
+    if settings.temporal_tls_key is not None:
+        checks.append(_secret_file("temporal TLS key", settings.temporal_tls_key))
+    if settings.temporal_tls_cert is not None and not settings.temporal_tls_cert.exists():
+        checks.append(
+            Check(
+                "temporal TLS cert",
+                "fail",
+                f"{settings.temporal_tls_cert} does not exist",
+                "point FEDAGENT_TEMPORAL_TLS_CERT at the client certificate (PEM)",
+            )
+        )
+    for path in extra:
+        checks.append(_secret_file(path.name, path))
+    return checks
+
+
+def _secret_file(name: str, path: Path, *, created_on_start: bool = False) -> Check:
+    if not path.exists():
+        if created_on_start:
+            return Check(name, "warn", f"{path} does not exist yet (created on the first start)")
+        return Check(name, "fail", f"{path} does not exist", "create it or fix the setting")
+    info = path.stat()
+    mode = info.st_mode & 0o777
+    if mode & 0o077:
+        return Check(
+            name, "fail", f"{path} is readable by others (mode {mode:o})", f"chmod 600 {path}"
+        )
+    if info.st_uid != os.geteuid():
+        return Check(
+            name,
+            "warn",
+            f"{path} belongs to uid {info.st_uid}, not this user ({os.geteuid()})",
+            f"chown {os.geteuid()} {path}",
+        )
+    return Check(name, "ok", f"{path} (mode {mode:o})")
+
+
+async def run_checks(
+    instance_info: dict[str, Any] | None, data_dir: Path | None
+) -> tuple[Settings | None, list[Check]]:
+    try:
+        settings = settings_for(instance_info, data_dir)
+    except Exception as exc:  # noqa: BLE001 - pydantic explains which variable is wrong
+        return None, [
+            Check("settings", "fail", str(exc).splitlines()[0], "fix the FEDAGENT_* variables")
+        ]
+    checks = [Check("settings", "ok", f"instance {settings.instance_name!r}")]
+    temporal, postgres, bwrap, docker = await asyncio.gather(
+        check_temporal(settings),
+        check_postgres(settings),
+        check_bwrap(settings),
+        check_docker(settings),
+    )
+    checks += temporal
+    checks.append(postgres)
+    checks += check_sandboxes(settings, bwrap, docker)
+    extra = [data_dir / "instances.json"] if instance_info is not None and data_dir else []
+    checks += check_secret_files(settings, extra)
+    return settings, checks

@@ -1,0 +1,177 @@
+"""`fedagent spawn --follow` and `fedagent status --follow`: a live view of one agent's state
+and progress from the SSE stream (resumed with Last-Event-ID after a dropped connection), then
+its result."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
+
+from cli.client import Api, CliError
+
+TERMINAL = {"completed", "failed", "killed", "timed_out"}
+STATE_STYLE = {
+    "spawning": "yellow",
+    "running": "cyan",
+    "completed": "bold green",
+    "failed": "bold red",
+    "killed": "bold magenta",
+    "timed_out": "bold red",
+}
+
+
+def state_text(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def describe_progress(progress: dict[str, Any] | None) -> str:
+    if not progress:
+        return ""
+    parts = []
+    if progress.get("turn") is not None:
+        parts.append(f"turn {progress['turn']}")
+    if progress.get("lastTool"):
+        parts.append(str(progress["lastTool"]))
+    if progress.get("command"):
+        parts.append(f"$ {progress['command']}")
+    elif progress.get("message"):
+        parts.append(str(progress["message"]))
+    return "  ".join(parts)
+
+
+class AgentView:
+    """What the live panel shows, updated event by event."""
+
+    def __init__(self, agent_id: str, peer: str | None) -> None:
+        self.agent_id = agent_id
+        self.peer = peer
+        self.state = "spawning"
+        self.progress: dict[str, Any] | None = None
+        self.attempt: int | None = None
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.events = 0
+
+    def apply(self, data: dict[str, Any]) -> None:
+        self.events += 1
+        self.state = str(data.get("state") or self.state)
+        self.progress = data.get("progress") or self.progress
+        self.attempt = data.get("attempt") or self.attempt
+        self.error = data.get("error") or self.error
+
+    def __rich__(self) -> Panel:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim")
+        grid.add_column()
+        grid.add_row("agent", self.agent_id)
+        if self.peer:
+            grid.add_row("on", self.peer)
+        grid.add_row("state", state_text(self.state))
+        if self.attempt:
+            grid.add_row("try", str(self.attempt))
+        if self.progress:
+            grid.add_row("progress", describe_progress(self.progress))
+        if self.error:
+            grid.add_row("error", Text(self.error, style="red"))
+        grid.add_row("elapsed", f"{time.monotonic() - self.started:.1f} s")
+        body: Any = grid
+        if self.state not in TERMINAL:
+            body = Group(Spinner("dots", text=Text("following", style="dim")), grid)
+        return Panel(body, title="fedagent", border_style=STATE_STYLE.get(self.state, "blue"))
+
+
+def follow_agent(api: Api, agent_id: str, console: Console, *, peer: str | None = None) -> Any:
+    """Show the agent until it ends; return its final representation (GET /agents/{id})."""
+    view = AgentView(agent_id, peer)
+    last_event_id: str | None = None
+    last_line: tuple[Any, ...] = ()
+    live = Live(view, console=console, refresh_per_second=8, transient=True)
+    interactive = console.is_terminal
+
+    def log_line(data: dict[str, Any]) -> None:
+        nonlocal last_line
+        key = (data.get("state"), describe_progress(data.get("progress")))
+        if key == last_line:
+            return
+        last_line = key
+        line = Text(time.strftime("%H:%M:%S "), style="dim")
+        line.append_text(state_text(str(data.get("state"))))
+        if key[1]:
+            line.append("  " + key[1])
+        if data.get("error"):
+            line.append("  " + str(data["error"]), style="red")
+        console.print(line)
+
+    if interactive:
+        live.start()
+    try:
+        backoff = 0.5
+        while view.state not in TERMINAL:
+            try:
+                for event in api.stream_events(agent_id, last_event_id):
+                    last_event_id = event.get("id", last_event_id)
+                    data = event["data"]
+                    view.apply(data)
+                    log_line(data)
+                    backoff = 0.5
+                    if view.state in TERMINAL:
+                        break
+                else:
+                    # The stream ended without a final event (resumed after it): read the row.
+                    agent = api.call("GET", f"/agents/{agent_id}")
+                    if agent["state"] in TERMINAL:
+                        view.apply(agent)
+                        log_line(agent)
+            except httpx.TransportError:
+                # Dropped: reconnect and resume after the last event seen.
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except CliError:
+                raise
+    finally:
+        if interactive:
+            live.stop()
+    return api.call("GET", f"/agents/{agent_id}")
+
+
+def print_agent(agent: dict[str, Any], console: Console, *, full: bool = True) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim")
+    grid.add_column(overflow="fold")
+    grid.add_row("agent", str(agent["agentId"]))
+    grid.add_row("state", state_text(agent["state"]))
+    grid.add_row("task", f"{agent['taskId']} ({agent['agentType']})")
+    grid.add_row("connection", str(agent["connectionId"]))
+    grid.add_row("peer", str(agent["peerInstanceId"]))
+    if agent.get("attempt"):
+        grid.add_row("try", str(agent["attempt"]))
+    if agent.get("progress") and agent["state"] not in TERMINAL:
+        grid.add_row("progress", describe_progress(agent["progress"]))
+    grid.add_row("workflow", str(agent["workflowId"]))
+    grid.add_row("created", str(agent["createdAt"]))
+    if agent.get("finishedAt"):
+        grid.add_row("finished", str(agent["finishedAt"]))
+    if agent.get("error"):
+        grid.add_row("error", Text(str(agent["error"]), style="red"))
+    console.print(grid)
+    result = agent.get("result") or {}
+    if full and result:
+        if result.get("summary"):
+            console.print(Panel(str(result["summary"]).strip(), title="result", expand=False))
+        if result.get("logTail"):
+            console.print(
+                Panel(
+                    Text(str(result["logTail"]).strip()),
+                    title="log tail",
+                    border_style="dim",
+                    expand=False,
+                )
+            )
