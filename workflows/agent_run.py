@@ -52,7 +52,8 @@ class AgentRunWorkflow:
         self._agent_id = str(inp.envelope.get("payload", {}).get("agentId", ""))
         task: RunTask | None = None
         try:
-            task = await workflow.execute_activity(
+            # Local: it only reads the store and checks a signature, no round trip needed.
+            task = await workflow.execute_local_activity(
                 ADMIT_RUN,
                 inp,
                 result_type=RunTask,

@@ -30,6 +30,7 @@ PEER_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=10),
 )
+MAX_POLL_BACKOFF = 16  # the poll interval grows up to this many times the base
 STORE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5)
 )
@@ -79,13 +80,17 @@ class RemoteAgentWorkflow:
             self._finish("failed", error=f"spawn not delivered: {_reason(err)}")
         self._spawn_settled = True
 
-        poll = timedelta(seconds=inp.status_poll_seconds)
+        base = timedelta(seconds=inp.status_poll_seconds)
+        poll = base
         while self._state not in TERMINAL_STATES:
             self._changed = False
             try:
                 await workflow.wait_condition(lambda: self._changed, timeout=poll)
+                poll = base  # events flow: the next silence is measured from here
             except TimeoutError:
-                # Events may be lost or late: ask the executor directly.
+                # Events may be lost or late: ask the executor directly. A poll that brings
+                # nothing new doubles the wait, so a long queue of quiet agents is no storm.
+                seq = self._seq
                 try:
                     self._apply(
                         await workflow.execute_activity(
@@ -99,8 +104,10 @@ class RemoteAgentWorkflow:
                     )
                 except ActivityError as err:
                     workflow.logger.warning("status poll failed: %s", _reason(err))
+                poll = base if self._seq != seq else min(poll * 2, base * MAX_POLL_BACKOFF)
 
-        await workflow.execute_activity(
+        # A local activity: one store write needs no round trip through the task queue.
+        await workflow.execute_local_activity(
             RECORD_REQUESTER_FINAL,
             RequesterFinal(inp.agent_id, self._state, self._result, self._error),
             start_to_close_timeout=timedelta(seconds=30),
