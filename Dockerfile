@@ -1,0 +1,47 @@
+# fedagent: one image for an instance's API (`fedagent serve`) and its workers (`fedagent worker`).
+#   docker build -t fedagent:local .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# bubblewrap: the default agent sandbox; git: agents clone and diff repositories;
+# tini: PID 1 that forwards SIGTERM (graceful worker drain) and reaps sandbox leftovers.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends bubblewrap git ca-certificates tini \
+    && rm -rf /var/lib/apt/lists/*
+
+# Non-root: the API and workers never need root; bwrap then uses unprivileged user namespaces.
+RUN groupadd --system --gid 10001 fedagent \
+    && useradd --system --uid 10001 --gid fedagent --create-home --home-dir /home/fedagent \
+       --shell /usr/sbin/nologin fedagent \
+    && install -d -o fedagent -g fedagent -m 0700 /var/lib/fedagent
+
+WORKDIR /opt/fedagent
+# Dependencies first, so that a code change does not reinstall them.
+COPY pyproject.toml README.md ./
+RUN python - <<'PY' > /tmp/requirements.txt
+import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
+PY
+RUN pip install -r /tmp/requirements.txt
+COPY federation/ federation/
+COPY workflows/ workflows/
+COPY activities/ activities/
+COPY agents/ agents/
+COPY api/ api/
+COPY worker/ worker/
+COPY cli/ cli/
+RUN pip install --no-deps . && fedagent --help > /dev/null
+
+USER fedagent
+ENV FEDAGENT_DATA_DIR=/var/lib/fedagent \
+    FEDAGENT_API_HOST=0.0.0.0 \
+    FEDAGENT_API_PORT=8000 \
+    FEDAGENT_LOG_FORMAT=json
+VOLUME ["/var/lib/fedagent"]
+EXPOSE 8000 9464
+ENTRYPOINT ["/usr/bin/tini", "--", "fedagent"]
+CMD ["serve"]
