@@ -1,0 +1,746 @@
+"""fedagent benchmark: a federated spawn next to a bare Temporal workflow, on the embedded stack.
+
+    .venv/bin/python bench/run.py                       # default sizes, ~2-3 minutes
+    .venv/bin/python bench/run.py --sequential 50 --total 200 --in-flight 20 --json out.json
+
+In one run, on one Temporal dev server and PostgreSQL (cli.devstack.DevStack, free loopback
+ports, a temporary data dir, two instances hub and spoke, one worker process each):
+
+- bare: a workflow with one activity (start -> result), its worker in this process;
+- federated: REST spawn on hub of a scripted agent on spoke that runs one trivial command,
+  until hub's REST API shows it `completed`;
+  each sequentially (p50/p99) and as throughput with many in flight;
+- REST spawn ack latency (POST /agents/spawn -> 202);
+- kill latency (POST /agents/{id}/kill -> answer, which comes once the sandbox is gone; the
+  script checks that the sandboxed process is gone by then);
+- sandbox start cost of each sandbox agents.sandbox offers (start + first command + kill).
+
+Then it compares against the goals and, for what misses, shows where the time goes from the
+workflow histories (workflow tasks and activity round trips per spawn, and a timeline).
+No timing here is asserted by the tests: this is a measurement, not a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx  # noqa: E402
+from bare import BenchBareWorkflow, bench_echo  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from temporalio.api.enums.v1 import EventType  # noqa: E402
+from temporalio.client import Client  # noqa: E402
+from temporalio.worker import Worker  # noqa: E402
+
+from cli.devstack import DevStack  # noqa: E402
+
+TERMINAL = {"completed", "failed", "killed", "timed_out"}
+API = "/api/v1/federation"
+console = Console(highlight=False)
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Series:
+    name: str
+    ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        if not self.ms:
+            return {}
+        return {
+            "n": len(self.ms),
+            "p50": percentile(self.ms, 50),
+            "p99": percentile(self.ms, 99),
+            "mean": statistics.fmean(self.ms),
+            "min": min(self.ms),
+            "max": max(self.ms),
+        }
+
+
+@dataclass
+class Throughput:
+    name: str
+    count: int
+    in_flight: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Results:
+    series: dict[str, Series] = field(default_factory=dict)
+    throughput: dict[str, Throughput] = field(default_factory=dict)
+    sandboxes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    breakdown: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, ms: float) -> None:
+        self.series.setdefault(name, Series(name)).ms.append(ms)
+
+
+def fmt_ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f} ms"
+
+
+# --- stack ---------------------------------------------------------------------------------------
+
+
+def free_port_block(size: int) -> int:
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    for _ in range(200):
+        base = random.randint(20000, 50000)
+        if all(free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no free block of loopback ports")
+
+
+class Peer:
+    def __init__(self, info: dict[str, Any], http: httpx.AsyncClient) -> None:
+        self.info = info
+        self.url = info["apiUrl"]
+        self.http = http
+        self.auth = {"Authorization": f"Bearer {info['adminToken']}"}
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return await self.http.request(
+            method, f"{self.url}{API}{path}", headers=self.auth, **kwargs
+        )
+
+    async def temporal(self) -> Client:
+        return await Client.connect(self.info["temporalAddress"], namespace=self.info["namespace"])
+
+
+async def connect(hub: Peer, spoke: Peer) -> str:
+    response = await hub.call("POST", "/connections", json={"remoteUrl": spoke.url})
+    response.raise_for_status()
+    connection_id = str(response.json()["connectionId"])
+    response = await spoke.call("POST", f"/connections/{connection_id}/accept")
+    response.raise_for_status()
+    return connection_id
+
+
+def spawn_body(connection_id: str, instructions: str, task_id: str) -> dict[str, Any]:
+    return {
+        "agentId": str(uuid.uuid4()),
+        "connectionId": connection_id,
+        "taskId": task_id,
+        "agentType": "worker",
+        "context": {"repository": None, "workItems": [], "instructions": instructions},
+        "options": {"timeout": 120, "maxRetries": 0},
+    }
+
+
+# --- bare Temporal -------------------------------------------------------------------------------
+
+
+async def bare_once(client: Client, task_queue: str, value: int) -> float:
+    started = time.perf_counter()
+    result = await client.execute_workflow(
+        BenchBareWorkflow.run, value, id=f"bench-bare/{uuid.uuid4()}", task_queue=task_queue
+    )
+    assert result == value
+    return (time.perf_counter() - started) * 1000
+
+
+async def run_limited(total: int, in_flight: int, one: Callable[[int], Awaitable[None]]) -> float:
+    gate = asyncio.Semaphore(in_flight)
+
+    async def slot(i: int) -> None:
+        async with gate:
+            await one(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(slot(i) for i in range(total)))
+    return time.perf_counter() - started
+
+
+# --- federated -----------------------------------------------------------------------------------
+
+
+async def spawn_and_wait(
+    hub: Peer, body: dict[str, Any], results: Results, *, poll: float = 0.005
+) -> tuple[float, float, dict[str, Any]]:
+    """REST spawn -> completed on hub (polling GET); returns (ack ms, total ms, agent)."""
+    started = time.perf_counter()
+    response = await hub.call("POST", "/agents/spawn", json=body)
+    ack = (time.perf_counter() - started) * 1000
+    if response.status_code != 202:
+        raise RuntimeError(f"spawn refused: {response.status_code} {response.text}")
+    while True:
+        agent = (await hub.call("GET", f"/agents/{body['agentId']}")).json()
+        if agent["state"] in TERMINAL:
+            total = (time.perf_counter() - started) * 1000
+            if agent["state"] != "completed":
+                raise RuntimeError(f"agent ended {agent['state']}: {agent.get('error')}")
+            return ack, total, agent
+        await asyncio.sleep(poll)
+
+
+class CompletionWatcher:
+    """One poller for many agents of a task id (GET /agents?taskId=...), so that many in
+    flight cost the API ten list calls a second, not one call per agent per poll."""
+
+    def __init__(self, hub: Peer, task_id: str, every: float = 0.05) -> None:
+        self.hub = hub
+        self.task_id = task_id
+        self.every = every
+        self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def expect(self, agent_id: str) -> asyncio.Future[dict[str, Any]]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.waiting[agent_id] = future
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            if self.waiting:
+                response = await self.hub.call(
+                    "GET", "/agents", params={"taskId": self.task_id, "limit": 500}
+                )
+                for agent in response.json():
+                    future = self.waiting.get(str(agent["agentId"]))
+                    if future is not None and agent["state"] in TERMINAL and not future.done():
+                        future.set_result(agent)
+                        del self.waiting[str(agent["agentId"])]
+            await asyncio.sleep(self.every)
+
+    def __enter__(self) -> CompletionWatcher:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def wait_running_command(hub: Peer, agent_id: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        agent = (await hub.call("GET", f"/agents/{agent_id}")).json()
+        progress = agent.get("progress") or {}
+        if agent["state"] == "running" and progress.get("command"):
+            return
+        if agent["state"] in TERMINAL or time.monotonic() > deadline:
+            raise RuntimeError(f"agent {agent_id} never ran its command: {agent}")
+        await asyncio.sleep(0.02)
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry.name))
+    return found
+
+
+# --- sandboxes -----------------------------------------------------------------------------------
+
+
+async def measure_sandboxes(runs: int, results: Results, workdir: Path) -> None:
+    try:
+        from agents.runtime import SANDBOXES, RuntimeConfig, make_sandbox
+    except ImportError as exc:
+        results.sandboxes["all"] = {"skipped": f"agents.runtime unavailable: {exc}"}
+        return
+    from agents.sandbox.base import SandboxError
+
+    for kind in SANDBOXES:
+        starts: list[float] = []
+        firsts: list[float] = []
+        kills: list[float] = []
+        try:
+            for i in range(runs):
+                sandbox = make_sandbox(RuntimeConfig(sandbox=kind), workdir / f"{kind}-{i}")
+                t0 = time.perf_counter()
+                await sandbox.start()
+                t1 = time.perf_counter()
+                probe = await sandbox.run("true", timeout=30)
+                t2 = time.perf_counter()
+                await sandbox.kill()
+                t3 = time.perf_counter()
+                if probe.exit_code != 0:
+                    raise SandboxError(f"`true` exited {probe.exit_code}: {probe.output}")
+                starts.append((t1 - t0) * 1000)
+                firsts.append((t2 - t1) * 1000)
+                kills.append((t3 - t2) * 1000)
+        except (SandboxError, OSError) as exc:
+            reason = str(exc).split(". ")[0]
+            results.sandboxes[kind] = {"skipped": reason}
+            console.print(f"  sandbox {kind}: [yellow]skipped[/] ({reason})")
+            continue
+        figures = {
+            "runs": runs,
+            "startP50": percentile(starts, 50),
+            "firstCommandP50": percentile(firsts, 50),
+            "killP50": percentile(kills, 50),
+            "startPlusFirstP50": percentile(
+                [a + b for a, b in zip(starts, firsts, strict=True)], 50
+            ),
+        }
+        results.sandboxes[kind] = figures
+        console.print(
+            f"  sandbox {kind}: start {fmt_ms(figures['startP50'])}, first command "
+            f"{fmt_ms(figures['firstCommandP50'])}, kill {fmt_ms(figures['killP50'])} "
+            f"(p50 of {runs})"
+        )
+
+
+# --- where the time goes -------------------------------------------------------------------------
+
+
+def _event_name(event: Any) -> str:
+    return EventType.Name(event.event_type).removeprefix("EVENT_TYPE_")
+
+
+def _activity_names(events: list[Any]) -> dict[int, str]:
+    names = {}
+    for event in events:
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            names[event.event_id] = (
+                event.activity_task_scheduled_event_attributes.activity_type.name
+            )
+    return names
+
+
+async def history_report(client: Client, workflow_id: str) -> dict[str, Any]:
+    handle = client.get_workflow_handle(workflow_id)
+    with contextlib.suppress(Exception):  # the whole run, up to its last event
+        await asyncio.wait_for(handle.result(), timeout=60)
+    history = await handle.fetch_history()
+    events = list(history.events)
+    counts = Counter(_event_name(e) for e in events)
+    start = events[0].event_time.ToDatetime()
+    names = _activity_names(events)
+    timeline: list[dict[str, Any]] = []
+    for event in events:
+        name = _event_name(event)
+        detail = ""
+        if name.startswith("ACTIVITY_TASK_"):
+            attrs = event.WhichOneof("attributes") or ""
+            scheduled = (
+                event.event_id
+                if name == "ACTIVITY_TASK_SCHEDULED"
+                else getattr(getattr(event, attrs), "scheduled_event_id", 0)
+            )
+            detail = names.get(scheduled, "")
+        elif name == "WORKFLOW_EXECUTION_SIGNALED":
+            detail = event.workflow_execution_signaled_event_attributes.signal_name
+        elif name.startswith("WORKFLOW_EXECUTION_UPDATE"):
+            detail = "update"
+        at = (event.event_time.ToDatetime() - start).total_seconds() * 1000
+        timeline.append({"ms": round(at, 1), "event": name, "detail": detail})
+    # Events are numbered when written: a started activity is written with its completion.
+    timeline.sort(key=lambda row: row["ms"])
+    return {
+        "workflowId": workflow_id,
+        "events": len(events),
+        "workflowTasks": counts["WORKFLOW_TASK_COMPLETED"],
+        "activities": counts["ACTIVITY_TASK_SCHEDULED"],
+        "signals": counts["WORKFLOW_EXECUTION_SIGNALED"],
+        "updates": counts["WORKFLOW_EXECUTION_UPDATE_ACCEPTED"],
+        "durationMs": timeline[-1]["ms"] if timeline else 0.0,
+        "timeline": timeline,
+    }
+
+
+def print_timeline(title: str, report: dict[str, Any]) -> None:
+    console.print(
+        f"\n[bold]{title}[/] {report['workflowId']}: {report['workflowTasks']} workflow tasks, "
+        f"{report['activities']} activities, {report['signals']} signals, "
+        f"{report['updates']} updates, {report['events']} events, "
+        f"{report['durationMs']:.0f} ms first to last event"
+    )
+    previous = 0.0
+    for row in report["timeline"]:
+        if row["event"].startswith("WORKFLOW_TASK_SCHEDULED") or row["event"] == "MARKER_RECORDED":
+            continue
+        gap = row["ms"] - previous
+        previous = row["ms"]
+        console.print(
+            f"  {row['ms']:8.1f} ms  (+{gap:6.1f})  {row['event'].lower()}"
+            + (f"  [dim]{row['detail']}[/]" if row["detail"] else "")
+        )
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> Results:
+    results = Results()
+    data_dir = Path(tempfile.mkdtemp(prefix="fedagent-bench-"))
+    base = free_port_block(2)
+    temporal_port = free_port_block(2)
+    in_flight = args.in_flight
+    stack = DevStack(
+        ["hub", "spoke"],
+        data_dir,
+        base_port=base,
+        temporal_port=temporal_port,
+        ui_port=temporal_port + 1,
+        workers_per_instance=args.workers,
+        extra_env={
+            "FEDAGENT_LOG_LEVEL": "warning",
+            # Measure orchestration, not the capacity limits: every spawn in flight may run.
+            "FEDAGENT_MAX_CONCURRENT_AGENTS": str(max(8, in_flight)),
+            "FEDAGENT_MAX_RUNNING_AGENTS": str(max(64, in_flight * 2)),
+            **({"FEDAGENT_SANDBOX": args.sandbox} if args.sandbox else {}),
+        },
+    )
+    results.environment = {
+        "cpus": os.cpu_count(),
+        "loadAverageAtStart": os.getloadavg()[0],
+        "python": sys.version.split()[0],
+        "workersPerInstance": args.workers,
+        "sandbox": args.sandbox or os.environ.get("FEDAGENT_SANDBOX") or "default (bwrap)",
+    }
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1):
+        console.print(
+            f"[yellow]load average {load:.1f} on {os.cpu_count()} CPUs: other work competes "
+            "with the benchmark; its figures will be noisy[/]"
+        )
+    console.print(f"starting the embedded stack in {data_dir} ...")
+    started = time.monotonic()
+    try:
+        doc = await stack.start()
+        console.print(f"stack up in {time.monotonic() - started:.1f} s")
+        async with httpx.AsyncClient(timeout=120.0) as http:
+            hub = Peer(doc["instances"]["hub"], http)
+            spoke = Peer(doc["instances"]["spoke"], http)
+            connection_id = await connect(hub, spoke)
+            hub_client = await hub.temporal()
+            spoke_client = await spoke.temporal()
+            bare_queue = f"bench-bare-{uuid.uuid4().hex[:8]}"
+            async with Worker(
+                hub_client,
+                task_queue=bare_queue,
+                workflows=[BenchBareWorkflow],
+                activities=[bench_echo],
+                max_concurrent_workflow_tasks=100,
+                max_concurrent_activities=100,
+            ):
+                await bench_bare(hub_client, bare_queue, args, results)
+            await bench_federated(hub, connection_id, args, results)
+            await bench_kill(hub, connection_id, args, results, spoke_client, doc)
+            await explain(hub, hub_client, spoke_client, doc, connection_id, bare_queue, results)
+        console.print("\n[bold]sandbox start cost[/]")
+        await measure_sandboxes(args.sandbox_runs, results, data_dir / "sandbox-bench")
+    finally:
+        stack.stop()
+        if args.keep:
+            console.print(f"kept {data_dir}")
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    return results
+
+
+async def bench_bare(
+    client: Client, queue: str, args: argparse.Namespace, results: Results
+) -> None:
+    console.print("\n[bold]bare Temporal workflow[/] (one activity, start -> result)")
+    for i in range(args.warmup):
+        await bare_once(client, queue, -i)
+    for i in range(args.sequential):
+        results.add("bare", await bare_once(client, queue, i))
+    console.print(f"  sequential: p50 {fmt_ms(results.series['bare'].summary()['p50'])}")
+
+    async def one(i: int) -> None:
+        await bare_once(client, queue, i)
+
+    seconds = await run_limited(args.total, args.in_flight, one)
+    results.throughput["bare"] = Throughput("bare", args.total, args.in_flight, seconds)
+    console.print(
+        f"  throughput: {args.total / seconds:,.1f}/s "
+        f"({args.total} with {args.in_flight} in flight)"
+    )
+
+
+async def bench_federated(
+    hub: Peer, connection_id: str, args: argparse.Namespace, results: Results
+) -> None:
+    console.print(
+        "\n[bold]federated spawn[/] (REST spawn on hub -> completed on hub, `$ true` on spoke)"
+    )
+    task = f"bench-seq-{uuid.uuid4().hex[:6]}"
+    for _ in range(args.warmup):
+        await spawn_and_wait(hub, spawn_body(connection_id, "$ true", task), results)
+    for _ in range(args.sequential):
+        ack, total, _ = await spawn_and_wait(
+            hub, spawn_body(connection_id, "$ true", task), results
+        )
+        results.add("spawnAck", ack)
+        results.add("federated", total)
+    console.print(
+        f"  sequential: p50 {fmt_ms(results.series['federated'].summary()['p50'])}, "
+        f"ack p50 {fmt_ms(results.series['spawnAck'].summary()['p50'])}"
+    )
+    task = f"bench-tput-{uuid.uuid4().hex[:6]}"
+    with CompletionWatcher(hub, task) as watcher:
+
+        async def one(i: int) -> None:
+            body = spawn_body(connection_id, "$ true", task)
+            done = watcher.expect(body["agentId"])
+            started = time.perf_counter()
+            response = await hub.call("POST", "/agents/spawn", json=body)
+            results.add("spawnAckLoaded", (time.perf_counter() - started) * 1000)
+            if response.status_code != 202:
+                raise RuntimeError(f"spawn refused: {response.status_code} {response.text}")
+            agent = await asyncio.wait_for(done, timeout=300)
+            if agent["state"] != "completed":
+                raise RuntimeError(f"agent ended {agent['state']}: {agent.get('error')}")
+
+        seconds = await run_limited(args.total, args.in_flight, one)
+    results.throughput["federated"] = Throughput("federated", args.total, args.in_flight, seconds)
+    console.print(
+        f"  throughput: {args.total / seconds:,.1f}/s "
+        f"({args.total} with {args.in_flight} in flight)"
+    )
+
+
+async def bench_kill(
+    hub: Peer,
+    connection_id: str,
+    args: argparse.Namespace,
+    results: Results,
+    spoke_client: Client,
+    doc: dict[str, Any],
+) -> None:
+    console.print(
+        "\n[bold]kill[/] (POST kill -> answer; the sandboxed `sleep` must be gone by then)"
+    )
+    task = f"bench-kill-{uuid.uuid4().hex[:6]}"
+    survivors = 0
+    last_agent = ""
+    for i in range(args.kills):
+        marker = f"{300 + i}.{random.randint(1000, 9999)}"
+        body = spawn_body(connection_id, f"$ sleep {marker}", task)
+        response = await hub.call("POST", "/agents/spawn", json=body)
+        response.raise_for_status()
+        await wait_running_command(hub, body["agentId"])
+        for _ in range(100):  # the command is reported before its process exists
+            if processes_with(f"sleep {marker}"):
+                break
+            await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        answer = await hub.call("POST", f"/agents/{body['agentId']}/kill")
+        elapsed = (time.perf_counter() - started) * 1000
+        answer.raise_for_status()
+        if processes_with(f"sleep {marker}"):
+            survivors += 1
+        if answer.json()["state"] != "killed":
+            raise RuntimeError(f"kill answered {answer.json()}")
+        results.add("kill", elapsed)
+        last_agent = body["agentId"]
+    summary = results.series["kill"].summary()
+    console.print(
+        f"  p50 {fmt_ms(summary['p50'])}, p99 {fmt_ms(summary['p99'])}; sandbox still there "
+        f"after the answer: {survivors} of {args.kills}"
+    )
+    results.breakdown["killSurvivors"] = survivors
+    hub_id = doc["instances"]["hub"]["instanceId"]
+    results.breakdown["kill"] = {
+        "requester": await history_report(await hub.temporal(), f"remote-agent/{last_agent}"),
+        "executor": await history_report(spoke_client, f"agent-run/{hub_id}/{last_agent}"),
+    }
+
+
+async def explain(
+    hub: Peer,
+    hub_client: Client,
+    spoke_client: Client,
+    doc: dict[str, Any],
+    connection_id: str,
+    bare_queue: str,
+    results: Results,
+) -> None:
+    """One more spawn on a quiet stack, and its two workflow histories."""
+    body = spawn_body(connection_id, "$ true", f"bench-explain-{uuid.uuid4().hex[:6]}")
+    _, total, _ = await spawn_and_wait(hub, body, results)
+    hub_id = doc["instances"]["hub"]["instanceId"]
+    results.breakdown["spawnMs"] = total
+    results.breakdown["requester"] = await history_report(
+        hub_client, f"remote-agent/{body['agentId']}"
+    )
+    results.breakdown["executor"] = await history_report(
+        spoke_client, f"agent-run/{hub_id}/{body['agentId']}"
+    )
+    async for wf in hub_client.list_workflows(
+        f"WorkflowType = 'BenchBareWorkflow' AND TaskQueue = '{bare_queue}'", limit=1
+    ):
+        results.breakdown["bare"] = await history_report(hub_client, wf.id)
+        break
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def report(results: Results) -> list[str]:
+    """Print figures, ratios and goals; return the goals missed."""
+    s = {name: series.summary() for name, series in results.series.items()}
+    bare, fed = s.get("bare", {}), s.get("federated", {})
+    table = Table(title="fedagent benchmark", header_style="bold")
+    for column in ("figure", "n", "p50", "p99", "mean"):
+        table.add_column(column, justify="right" if column != "figure" else "left")
+    labels = {
+        "bare": "bare workflow, start -> result",
+        "federated": "federated spawn -> completed",
+        "spawnAck": "REST spawn ack (sequential)",
+        "spawnAckLoaded": "REST spawn ack (in flight)",
+        "kill": "kill -> answer (sandbox gone)",
+    }
+    for name, label in labels.items():
+        if name in s:
+            row = s[name]
+            table.add_row(
+                label, str(row["n"]), fmt_ms(row["p50"]), fmt_ms(row["p99"]), fmt_ms(row["mean"])
+            )
+    console.print()
+    console.print(table)
+    tput = results.throughput
+    if "bare" in tput and "federated" in tput:
+        console.print(
+            f"throughput: bare {tput['bare'].per_second:,.1f}/s, federated "
+            f"{tput['federated'].per_second:,.1f}/s with {tput['bare'].in_flight} in flight"
+        )
+    ratios: dict[str, float] = {}
+    if bare and fed:
+        ratios["p50"] = fed["p50"] / bare["p50"]
+        ratios["p99"] = fed["p99"] / bare["p99"]
+    if "bare" in tput and "federated" in tput and tput["bare"].per_second:
+        ratios["throughput"] = tput["federated"].per_second / tput["bare"].per_second
+    if ratios:
+        console.print("federated / bare: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    goals: list[tuple[str, float | None, Callable[[float], bool], str]] = [
+        ("federated p50 <= 2x bare", ratios.get("p50"), lambda v: v <= 2.0, "{:.2f}x"),
+        ("federated p99 <= 3x bare", ratios.get("p99"), lambda v: v <= 3.0, "{:.2f}x"),
+        ("throughput >= 0.5x bare", ratios.get("throughput"), lambda v: v >= 0.5, "{:.2f}x"),
+        (
+            "REST spawn ack p50 <= 10 ms",
+            s.get("spawnAck", {}).get("p50"),
+            lambda v: v <= 10,
+            "{:.1f} ms",
+        ),
+        ("kill p50 <= 250 ms", s.get("kill", {}).get("p50"), lambda v: v <= 250, "{:.0f} ms"),
+        ("kill p99 <= 1 s", s.get("kill", {}).get("p99"), lambda v: v <= 1000, "{:.0f} ms"),
+    ]
+    missed = []
+    goal_table = Table(title="goals", header_style="bold")
+    for column in ("goal", "measured", ""):
+        goal_table.add_column(column)
+    for label, value, ok, fmt in goals:
+        if value is None:
+            goal_table.add_row(label, "not measured", "[yellow]?[/]")
+            continue
+        good = ok(value)
+        goal_table.add_row(label, fmt.format(value), "[green]met[/]" if good else "[red]missed[/]")
+        if not good:
+            missed.append(label)
+    console.print(goal_table)
+    results.breakdown["ratios"] = ratios
+    results.breakdown["missed"] = missed
+    return missed
+
+
+def where_time_goes(results: Results, missed: list[str]) -> None:
+    b = results.breakdown
+    if not b.get("requester"):
+        return
+    console.print("\n[bold]where the time goes[/] (one spawn on a quiet stack, from the histories)")
+    req, ex, bare = b["requester"], b["executor"], b.get("bare")
+    if bare:
+        console.print(
+            f"bare workflow: {bare['workflowTasks']} workflow tasks, {bare['activities']} "
+            f"activity, {bare['durationMs']:.0f} ms first to last event"
+        )
+    console.print(
+        f"federated spawn: {req['workflowTasks'] + ex['workflowTasks']} workflow tasks and "
+        f"{req['activities'] + ex['activities']} activity round trips in two workflows "
+        f"(requester {req['workflowTasks']} + {req['activities']}, executor "
+        f"{ex['workflowTasks']} + {ex['activities']}), {req['signals']} signals; "
+        f"REST spawn -> completed {b['spawnMs']:.0f} ms"
+    )
+    print_timeline("requester", req)
+    print_timeline("executor", ex)
+    if any(m.startswith("kill") for m in missed) and "kill" in b:
+        print_timeline("kill, requester", b["kill"]["requester"])
+        print_timeline("kill, executor", b["kill"]["executor"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sequential", type=int, default=20, help="runs of each, one at a time")
+    parser.add_argument("--total", type=int, default=60, help="runs of each for throughput")
+    parser.add_argument("--in-flight", type=int, default=10, help="concurrent runs for throughput")
+    parser.add_argument("--kills", type=int, default=8)
+    parser.add_argument("--sandbox-runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per instance")
+    parser.add_argument("--sandbox", help="FEDAGENT_SANDBOX for the executor (default: its own)")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--keep", action="store_true", help="keep the data dir (logs)")
+    args = parser.parse_args()
+    started = time.monotonic()
+    results = asyncio.run(run(args))
+    missed = report(results)
+    where_time_goes(results, missed)
+    console.print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
+    if args.json:
+        doc = {
+            "series": {k: v.summary() for k, v in results.series.items()},
+            "throughput": {
+                k: {**asdict(v), "perSecond": v.per_second} for k, v in results.throughput.items()
+            },
+            "sandboxes": results.sandboxes,
+            "breakdown": results.breakdown,
+            "environment": results.environment,
+        }
+        args.json.write_text(json.dumps(doc, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
