@@ -12,6 +12,8 @@ from temporalio.client import Client
 
 from federation.errors import Forbidden, Unauthenticated
 from federation.identity import Identity, load_identity
+from federation.keystore import KeyCipher
+from federation.peer import CardKeyRefresher
 from federation.settings import Settings
 from federation.store import repos
 
@@ -47,9 +49,21 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
+def _cipher(request: Request) -> KeyCipher:
+    cipher: KeyCipher = request.app.state.cipher
+    return cipher
+
+
 async def _identity(request: Request) -> Identity:
     # Loaded per request: a rotated key signs from the next request on, in every process.
-    return await load_identity(request.app.state.pool)
+    return await load_identity(request.app.state.pool, request.app.state.cipher)
+
+
+def _key_refresher(request: Request) -> CardKeyRefresher:
+    settings: Settings = request.app.state.settings
+    return CardKeyRefresher(
+        request.app.state.pool, request.app.state.http, settings.key_refresh_interval
+    )
 
 
 async def _current_user(request: Request) -> User:
@@ -74,5 +88,7 @@ TemporalDep = Annotated[Client, Depends(_temporal)]
 HttpDep = Annotated[httpx.AsyncClient, Depends(_http)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 IdentityDep = Annotated[Identity, Depends(_identity)]
+CipherDep = Annotated[KeyCipher, Depends(_cipher)]
+KeyRefresherDep = Annotated[CardKeyRefresher, Depends(_key_refresher)]
 CurrentUser = Annotated[User, Depends(_current_user)]
 AdminUser = Annotated[User, Depends(_admin_user)]

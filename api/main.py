@@ -11,8 +11,10 @@ import httpx
 from fastapi import FastAPI
 
 from api import problems
+from api.limits import BodySizeLimit
 from api.metrics import ObservabilityMiddleware
-from api.routes import agents, connections, incoming, instance, ops
+from api.routes import agents, audit, connections, incoming, instance, ops
+from federation import keystore
 from federation.identity import ensure_identity
 from federation.settings import Settings, get_settings
 from federation.store import repos
@@ -39,8 +41,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.pool = await create_pool(settings.database_url)
         await migrate(app.state.pool)
+        # The master key seals private keys at rest; a wrong or missing one stops the start.
+        app.state.cipher = keystore.load_cipher(settings)
+        keystore.configure(app.state.cipher)
         await ensure_identity(
-            app.state.pool, name=settings.instance_name, public_url=settings.public_url
+            app.state.pool,
+            name=settings.instance_name,
+            public_url=settings.public_url,
+            cipher=app.state.cipher,
         )
         app.state.temporal = await connect_temporal(settings)
         app.state.http = httpx.AsyncClient(timeout=settings.peer_request_timeout)
@@ -60,8 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (instance, connections, agents, incoming, ops):
+    for module in (instance, connections, agents, incoming, audit, ops):
         app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: request ids in the logs, latency and refusal metrics (413s included).
     app.add_middleware(ObservabilityMiddleware)
     return app

@@ -27,7 +27,7 @@ from federation.errors import (
     WrongRecipient,
 )
 
-PROTOCOL = "fedagent/1"
+PROTOCOL: Literal["fedagent/1"] = "fedagent/1"
 
 
 class MessageType(StrEnum):

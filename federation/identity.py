@@ -1,26 +1,69 @@
-"""This instance's identity: id, name, URL and keypair, created on first start.
+"""This instance's identity: id, name, URL, capabilities and keys.
 
-The identity card (`GET /api/v1/federation/instance`) publishes only public keys.
+Private keys live in the store sealed under the master key (see `federation.keystore`) and are
+opened only when something is signed. The identity card (`GET /api/v1/federation/instance`)
+publishes the public keys that verify now, each with its validity: a rotated-out key stays
+listed (and valid) until its grace period ends.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from federation.envelope import Algorithm, PublicKey, SigningKey, generate_signing_key
+from federation import keystore
+from federation.envelope import (
+    PROTOCOL,
+    Algorithm,
+    PublicKey,
+    SigningKey,
+    format_timestamp,
+    generate_signing_key,
+)
+from federation.keystore import KeyCipher, KeystoreError
 
-CAPABILITIES: dict[str, Any] = {
-    "protocol": "fedagent/1",
+# What an instance offers unless its admin says otherwise (PATCH /instance).
+DEFAULT_CAPABILITIES: dict[str, Any] = {
     "agentTypes": ["worker", "reviewer", "tester"],
     "commandTypes": ["agent.spawn", "agent.status", "agent.kill"],
     "sandboxes": ["process"],
     "modelProviders": ["scripted"],
 }
+# Kept for importers of the walking skeleton.
+CAPABILITIES = {"protocol": PROTOCOL, **DEFAULT_CAPABILITIES}
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One key of this instance as published: public half and validity."""
+
+    key_id: str
+    algorithm: Algorithm
+    public_pem: str
+    created_at: datetime
+    retired_at: datetime | None
+    valid_until: datetime | None
+
+    @property
+    def signs(self) -> bool:
+        return self.retired_at is None
+
+    def public(self) -> PublicKey:
+        return PublicKey(self.key_id, self.algorithm, self.public_pem)
+
+    def card_entry(self) -> dict[str, Any]:
+        return {
+            "keyId": self.key_id,
+            "algorithm": self.algorithm.value,
+            "publicKey": self.public_pem,
+            "status": "active" if self.signs else "retiring",
+            "validFrom": format_timestamp(self.created_at),
+            "validUntil": format_timestamp(self.valid_until) if self.valid_until else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -28,77 +71,226 @@ class Identity:
     instance_id: str
     name: str
     public_url: str
-    signing_key: SigningKey
-    verify_keys: tuple[tuple[PublicKey, datetime | None], ...]
+    keys: tuple[KeyRecord, ...]
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # The signing key's private half as stored: sealed, or (before the first API start
+    # sealed it) plain. Opened only in `signing_key`.
+    _private: tuple[str, str] | None = field(default=None, repr=False, compare=False)
+    _cipher: KeyCipher | None = field(default=None, repr=False, compare=False)
 
-    def card(self) -> dict[str, Any]:
+    @property
+    def signing_record(self) -> KeyRecord:
+        active = [k for k in self.keys if k.signs]
+        if not active:
+            raise KeystoreError("instance has no signing key yet: start its API once")
+        return active[-1]
+
+    @property
+    def signing_key(self) -> SigningKey:
+        record = self.signing_record
+        if self._private is None:
+            raise KeystoreError(f"the private half of key {record.key_id} is not available")
+        form, value = self._private
+        if form == "plain":
+            pem = value
+        else:
+            cipher = self._cipher or keystore.default_cipher()
+            pem = cipher.open(value, key_id=record.key_id).decode()
+        return SigningKey(record.key_id, record.algorithm, pem)
+
+    def card(self, limits: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "instanceId": self.instance_id,
             "name": self.name,
             "url": self.public_url,
-            "protocol": "fedagent/1",
-            "keys": [
-                {
-                    "keyId": key.key_id,
-                    "algorithm": key.algorithm.value,
-                    "publicKey": key.public_pem,
-                    "validUntil": valid_until.isoformat() if valid_until else None,
-                }
-                for key, valid_until in self.verify_keys
-            ],
-            "capabilities": CAPABILITIES,
+            "protocol": PROTOCOL,
+            "keys": [k.card_entry() for k in self.keys],
+            "capabilities": {"protocol": PROTOCOL, **self.capabilities},
+            "limits": limits or {},
+            "metadata": self.metadata,
         }
 
 
-async def ensure_identity(pool: asyncpg.Pool, *, name: str, public_url: str) -> Identity:
-    """Create the instance row and its first key if missing; keep name and URL current."""
+def effective_capabilities(stored: dict[str, Any] | None) -> dict[str, Any]:
+    return {**DEFAULT_CAPABILITIES, **(stored or {})}
+
+
+async def _insert_key(
+    conn: asyncpg.Connection, cipher: KeyCipher, algorithm: Algorithm = Algorithm.ED25519
+) -> SigningKey:
+    key = generate_signing_key(algorithm)
+    await conn.execute(
+        "INSERT INTO instance_keys (key_id, algorithm, public_pem, private_sealed)"
+        " VALUES ($1, $2, $3, $4)",
+        key.key_id,
+        key.algorithm.value,
+        key.public().public_pem,
+        cipher.seal(key.private_pem.encode(), key_id=key.key_id),
+    )
+    return key
+
+
+async def _seal_plaintext_keys(conn: asyncpg.Connection, cipher: KeyCipher) -> int:
+    rows = await conn.fetch(
+        "SELECT key_id, private_pem FROM instance_keys WHERE private_pem IS NOT NULL"
+    )
+    for row in rows:
+        await conn.execute(
+            "UPDATE instance_keys SET private_sealed = $2, private_pem = NULL WHERE key_id = $1",
+            row["key_id"],
+            cipher.seal(row["private_pem"].encode(), key_id=row["key_id"]),
+        )
+    return len(rows)
+
+
+async def ensure_identity(
+    pool: asyncpg.Pool, *, name: str, public_url: str, cipher: KeyCipher | None = None
+) -> Identity:
+    """Create the instance row if missing and keep its URL (and configured name) current.
+
+    With the master key (`cipher`), also seal any private key still stored in plain form (from
+    before keys were sealed) and create the first signing key. A process without it (the dev
+    stack preparing a database) leaves key creation to the instance's own API.
+    """
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("LOCK TABLE instance IN EXCLUSIVE MODE")
-        row = await conn.fetchrow("SELECT instance_id FROM instance")
+        row = await conn.fetchrow("SELECT instance_id, configured_name FROM instance")
         if row is None:
             await conn.execute(
-                "INSERT INTO instance (instance_id, name, public_url) VALUES ($1, $2, $3)",
+                "INSERT INTO instance (instance_id, name, configured_name, public_url)"
+                " VALUES ($1, $2, $2, $3)",
                 str(uuid.uuid4()),
                 name,
                 public_url,
             )
-            key = generate_signing_key(Algorithm.ED25519)
-            pub = key.public()
+        elif row["configured_name"] != name:
+            # The operator changed FEDAGENT_INSTANCE_NAME: that wins over a PATCHed name.
             await conn.execute(
-                "INSERT INTO instance_keys (key_id, algorithm, public_pem, private_pem)"
-                " VALUES ($1, $2, $3, $4)",
-                key.key_id,
-                key.algorithm.value,
-                pub.public_pem,
-                key.private_pem,
+                "UPDATE instance SET name = $1, configured_name = $1, public_url = $2,"
+                " updated_at = now()",
+                name,
+                public_url,
             )
         else:
-            await conn.execute("UPDATE instance SET name = $1, public_url = $2", name, public_url)
-    return await load_identity(pool)
+            await conn.execute("UPDATE instance SET public_url = $1", public_url)
+        if cipher is not None:
+            await _seal_plaintext_keys(conn, cipher)
+            signing = await conn.fetchval(
+                "SELECT count(*) FROM instance_keys WHERE retired_at IS NULL"
+            )
+            if not signing:
+                await _insert_key(conn, cipher)
+    return await load_identity(pool, cipher)
 
 
-async def load_identity(pool: asyncpg.Pool | asyncpg.Connection) -> Identity:
-    inst = await pool.fetchrow("SELECT instance_id, name, public_url FROM instance")
+async def load_identity(
+    db: asyncpg.Pool | asyncpg.Connection, cipher: KeyCipher | None = None
+) -> Identity:
+    """The identity as stored now; the private key is opened only when something is signed."""
+    inst = await db.fetchrow(
+        "SELECT instance_id, name, public_url, capabilities, metadata FROM instance"
+    )
     if inst is None:
         raise RuntimeError("instance identity is missing: run migrations and ensure_identity first")
-    keys = await pool.fetch(
-        "SELECT key_id, algorithm, public_pem, private_pem, retired_at, valid_until"
-        " FROM instance_keys WHERE valid_until IS NULL OR valid_until > now()"
-        " ORDER BY created_at"
+    rows = await db.fetch(
+        "SELECT key_id, algorithm, public_pem, private_pem, private_sealed, created_at,"
+        " retired_at, valid_until FROM instance_keys"
+        " WHERE valid_until IS NULL OR valid_until > now() ORDER BY created_at, key_id"
     )
-    active = [k for k in keys if k["retired_at"] is None]
-    if not active:
-        raise RuntimeError("instance has no active signing key")
-    current = active[-1]
+    keys = tuple(
+        KeyRecord(
+            key_id=r["key_id"],
+            algorithm=Algorithm(r["algorithm"]),
+            public_pem=r["public_pem"],
+            created_at=r["created_at"],
+            retired_at=r["retired_at"],
+            valid_until=r["valid_until"],
+        )
+        for r in rows
+    )
+    private: tuple[str, str] | None = None
+    signing = [r for r in rows if r["retired_at"] is None]
+    if signing:
+        last = signing[-1]
+        if last["private_sealed"] is not None:
+            private = ("sealed", last["private_sealed"])
+        elif last["private_pem"] is not None:
+            private = ("plain", last["private_pem"])
     return Identity(
         instance_id=inst["instance_id"],
         name=inst["name"],
         public_url=inst["public_url"],
-        signing_key=SigningKey(
-            current["key_id"], Algorithm(current["algorithm"]), current["private_pem"]
-        ),
-        verify_keys=tuple(
-            (PublicKey(k["key_id"], Algorithm(k["algorithm"]), k["public_pem"]), k["valid_until"])
-            for k in keys
-        ),
+        keys=keys,
+        capabilities=effective_capabilities(inst["capabilities"]),
+        metadata=dict(inst["metadata"] or {}),
+        _private=private,
+        _cipher=cipher,
     )
+
+
+@dataclass(frozen=True)
+class Rotation:
+    new_key: KeyRecord
+    retired: tuple[tuple[str, datetime], ...]
+
+
+async def rotate_key(
+    pool: asyncpg.Pool,
+    cipher: KeyCipher,
+    *,
+    grace_seconds: int,
+    algorithm: Algorithm = Algorithm.ED25519,
+) -> Rotation:
+    """A new key signs from now on; the old ones verify until now + grace, then never again.
+
+    The old keys' private halves are erased now: a retired key never signs again.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("LOCK TABLE instance IN EXCLUSIVE MODE")
+        now = datetime.now(UTC)
+        until = now + timedelta(seconds=grace_seconds)
+        retired = await conn.fetch(
+            "UPDATE instance_keys SET retired_at = $1, private_pem = NULL,"
+            " private_sealed = NULL, valid_until = LEAST(COALESCE(valid_until, $2), $2)"
+            " WHERE retired_at IS NULL RETURNING key_id, valid_until",
+            now,
+            until,
+        )
+        key = await _insert_key(conn, cipher, algorithm)
+        created = await conn.fetchval(
+            "SELECT created_at FROM instance_keys WHERE key_id = $1", key.key_id
+        )
+    return Rotation(
+        new_key=KeyRecord(key.key_id, key.algorithm, key.public().public_pem, created, None, None),
+        retired=tuple((r["key_id"], r["valid_until"]) for r in retired),
+    )
+
+
+async def update_instance(
+    pool: asyncpg.Pool,
+    *,
+    name: str | None = None,
+    capabilities: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Change what an admin may change; returns the previous values of what changed."""
+    async with pool.acquire() as conn, conn.transaction():
+        before = await conn.fetchrow("SELECT name, capabilities, metadata FROM instance FOR UPDATE")
+        assert before is not None
+        merged_caps = {**(before["capabilities"] or {}), **(capabilities or {})}
+        await conn.execute(
+            "UPDATE instance SET name = COALESCE($1, name), capabilities = $2,"
+            " metadata = COALESCE($3, metadata), updated_at = now()",
+            name,
+            merged_caps,
+            metadata,
+        )
+    previous: dict[str, Any] = {}
+    if name is not None:
+        previous["name"] = before["name"]
+    if capabilities is not None:
+        previous["capabilities"] = effective_capabilities(before["capabilities"])
+    if metadata is not None:
+        previous["metadata"] = before["metadata"]
+    return previous

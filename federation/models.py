@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
@@ -35,10 +35,13 @@ class ConnectionPublic(BaseModel):
     createdAt: datetime
     updatedAt: datetime
     peerNotified: bool | None = None
+    # Which side holds the connection SUSPENDED: "local" (this instance), "remote" or "both".
+    suspendedBy: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any], **extra: Any) -> ConnectionPublic:
         return cls(
+            suspendedBy=row.get("suspended_by"),
             connectionId=row["connection_id"],
             remoteInstanceId=row["remote_instance_id"],
             remoteName=row["remote_name"],
@@ -162,3 +165,111 @@ class AgentEventPayload(Strict):
     result: dict[str, Any] | None = None
     error: str | None = None
     attempt: int | None = None
+
+
+# --- trust: grants, instance configuration, keys, audit -----------------------------------------
+
+CommandType = Literal["agent.spawn", "agent.status", "agent.kill"]
+KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
+GlobPattern = Annotated[str, Field(min_length=1, max_length=500)]
+
+
+def _all_command_types() -> list[CommandType]:
+    return ["agent.spawn", "agent.status", "agent.kill"]
+
+
+def _all_agent_types() -> list[AgentType]:
+    return ["worker", "reviewer", "tester"]
+
+
+class Grants(BaseModel):
+    """What a peer may ask of this instance over one connection (checked on every command)."""
+
+    commandTypes: list[CommandType] = Field(default_factory=_all_command_types, max_length=10)
+    agentTypes: list[AgentType] = Field(default_factory=_all_agent_types, max_length=10)
+    # Agents of this peer running here at once; None: only the instance's own limit applies.
+    maxConcurrentAgents: int | None = Field(default=None, ge=0, le=100_000)
+    # Longest options.timeout (seconds) this peer may ask for; None: the instance's limit.
+    maxTimeout: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    # Glob patterns (fnmatch, case-sensitive) a spawn's context.repository must match.
+    repositories: list[GlobPattern] = Field(default_factory=lambda: ["*"], max_length=200)
+
+
+class GrantsUpdate(Strict):
+    """Fields given replace the current ones; fields left out stay as they are."""
+
+    commandTypes: list[CommandType] | None = Field(default=None, max_length=10)
+    agentTypes: list[AgentType] | None = Field(default=None, max_length=10)
+    maxConcurrentAgents: int | None = Field(default=None, ge=0, le=100_000)
+    maxTimeout: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    repositories: list[GlobPattern] | None = Field(default=None, max_length=200)
+
+    def apply(self, current: dict[str, Any] | None) -> Grants:
+        base = Grants.model_validate({**Grants().model_dump(), **(current or {})})
+        changes = self.model_dump(exclude_unset=True)
+        for name in ("commandTypes", "agentTypes", "repositories"):
+            if name in changes and changes[name] is None:
+                raise ValueError(f"{name} cannot be null; send [] to allow nothing")
+        return Grants.model_validate({**base.model_dump(), **changes})
+
+
+class ConnectionAccept(Strict):
+    grants: GrantsUpdate | None = None
+
+
+class ConnectionUpdate(Strict):
+    grants: GrantsUpdate
+
+
+class CapabilitiesUpdate(Strict):
+    agentTypes: list[AgentType] | None = Field(default=None, max_length=10)
+    commandTypes: list[CommandType] | None = Field(default=None, max_length=10)
+    sandboxes: list[Annotated[str, Field(min_length=1, max_length=50)]] | None = Field(
+        default=None, max_length=20
+    )
+    modelProviders: list[Annotated[str, Field(min_length=1, max_length=50)]] | None = Field(
+        default=None, max_length=20
+    )
+
+
+class InstanceUpdate(Strict):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    capabilities: CapabilitiesUpdate | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class KeyRotate(Strict):
+    algorithm: KeyAlgorithm = "Ed25519"
+    # How long the current key still verifies; default: the instance's setting (24 h).
+    graceSeconds: int | None = Field(default=None, ge=0, le=30 * 24 * 3600)
+
+
+class KeyPublic(BaseModel):
+    keyId: str
+    algorithm: KeyAlgorithm
+    publicKey: str
+    status: Literal["active", "retiring"]
+    validFrom: str
+    validUntil: str | None
+
+
+class KeyRotated(BaseModel):
+    keyId: str
+    algorithm: KeyAlgorithm
+    retired: list[dict[str, Any]]
+    keys: list[KeyPublic]
+
+
+class AuditEntryPublic(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    outcome: str
+    details: dict[str, Any]
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEntryPublic]
+    # Pass as `before` for the next (older) page; None when this is the last one.
+    nextBefore: int | None

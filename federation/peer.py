@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import httpx
 
 from federation.envelope import (
@@ -23,7 +26,10 @@ from federation.errors import (
     PeerUnreachable,
 )
 from federation.identity import Identity
-from federation.trust import public_keys
+from federation.store import repos
+from federation.trust import lookup_key, public_keys
+
+log = logging.getLogger(__name__)
 
 API = "/api/v1/federation"
 INCOMING_PATH = {
@@ -33,10 +39,13 @@ INCOMING_PATH = {
 }
 
 
-async def fetch_card(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
+async def fetch_card(
+    http: httpx.AsyncClient, url: str, *, timeout: float | None = None
+) -> dict[str, Any]:
     """GET a peer's identity card; the URL must be the instance's base URL."""
     try:
-        response = await http.get(f"{url.rstrip('/')}{API}/instance")
+        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        response = await http.get(f"{url.rstrip('/')}{API}/instance", **kwargs)
     except httpx.HTTPError as exc:
         raise PeerUnreachable(f"could not reach {url}: {exc.__class__.__name__}") from exc
     if response.status_code != 200:
@@ -62,12 +71,16 @@ async def send_signed(
     payload: dict[str, Any],
     window_seconds: int,
     timeout: float | None = None,
+    refresh_keys: Callable[[], Awaitable[list[dict[str, Any]] | None]] | None = None,
 ) -> tuple[Envelope, dict[str, Any]]:
     """Sign and POST one message; return it and the verified payload of the signed RESPONSE.
 
     A refusal by the peer raises PeerRefused with the peer's problem code; a network failure
     or a 5xx raises PeerUnreachable (worth retrying); a reply that is not a valid RESPONSE
     signed by the recipient for this very message raises PeerResponseInvalid.
+
+    A reply signed with a key `recipient_keys` lack (the peer rotated its key) makes us read the
+    peer's identity card (`refresh_keys`, or directly from `url`) and accept a key it lists.
     """
     envelope = sign_envelope(
         identity.signing_key,
@@ -96,10 +109,69 @@ async def send_signed(
             peer_code=str(code),
             peer_status=response.status_code,
         )
+    key_id = body.get("keyId") if isinstance(body, dict) else None
+    if isinstance(key_id, str) and lookup_key(recipient_keys, key_id) == (None, False):
+        fresh = await (refresh_keys() if refresh_keys else _card_keys(http, url, recipient_id))
+        if fresh is not None:
+            recipient_keys = fresh
     reply = verify_response(
         body, identity, envelope, recipient_keys=recipient_keys, window_seconds=window_seconds
     )
     return envelope, reply.payload
+
+
+async def _card_keys(
+    http: httpx.AsyncClient, url: str, instance_id: str
+) -> list[dict[str, Any]] | None:
+    try:
+        card = await fetch_card(http, url, timeout=5.0)
+    except FederationError as err:
+        log.warning("could not refresh the keys of %s: %s", url, err.detail)
+        return None
+    if card["instanceId"] != instance_id:
+        log.warning("the identity card at %s names another instance", url)
+        return None
+    keys: list[dict[str, Any]] = card["keys"]
+    return keys
+
+
+class CardKeyRefresher:
+    """Reads a connected peer's keys from its identity card, at most once per interval.
+
+    The keys the card lists replace the stored ones (so a key the card no longer lists is
+    dropped too); the change is committed at once, whatever becomes of the message that
+    triggered it, and recorded in the audit log.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient, min_interval: float) -> None:
+        self.pool = pool
+        self.http = http
+        self.min_interval = min_interval
+
+    async def __call__(self, connection: dict[str, Any]) -> list[dict[str, Any]] | None:
+        if connection["status"] == "DISCONNECTED":
+            return None
+        connection_id = connection["connection_id"]
+        if not await repos.claim_key_refresh(self.pool, connection_id, self.min_interval):
+            return None
+        keys = await _card_keys(
+            self.http, connection["remote_url"], connection["remote_instance_id"]
+        )
+        if keys is None:
+            return None
+        before = {k.get("keyId") for k in connection["remote_keys"] if isinstance(k, dict)}
+        after = {k.get("keyId") for k in keys if isinstance(k, dict)}
+        await repos.set_remote_keys(self.pool, connection_id, keys)
+        if before != after:
+            await repos.audit(
+                self.pool,
+                actor=f"peer:{connection['remote_instance_id']}",
+                action="connection.keys_refreshed",
+                connectionId=str(connection_id),
+                added=sorted(str(k) for k in after - before),
+                removed=sorted(str(k) for k in before - after),
+            )
+        return keys
 
 
 def verify_response(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -60,9 +62,63 @@ class Settings(BaseSettings):
     # json: one JSON object per line with instance, agentId, workflowId, messageId.
     log_format: Literal["json", "text"] = "text"
 
+    # --- trust ---
+    # "dev" tolerates placeholder secrets (with a warning); anything else refuses them.
+    environment: Literal["dev", "production"] = "production"
+    # Master key sealing the instance's private keys: 32 bytes in base64, or a passphrase of
+    # at least 32 characters. Unset: a key file (mode 0600) is created on the first start.
+    secret_key: SecretStr | None = None
+    # Default: DATA_DIR/secrets/INSTANCE_NAME.key
+    secret_key_file: Path | None = None
+    # How long a rotated-out key still verifies, in seconds (a rotation request may override).
+    key_rotation_grace: int = Field(default=24 * 3600, ge=0)
+    # At most one identity-card fetch per peer in this many seconds for unknown key ids.
+    key_refresh_interval: float = Field(default=1.0, ge=0)
+    # Request bodies above this many bytes get 413 before they are parsed.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # The longest agent timeout (seconds) this instance accepts from any peer.
+    max_agent_timeout: int = Field(default=24 * 3600, ge=1)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.environment != "dev" and self.secret_key is not None:
+            if is_placeholder_secret(self.secret_key.get_secret_value()):
+                raise ValueError(
+                    "FEDAGENT_SECRET_KEY is a placeholder or too short (needs 32 bytes in "
+                    "base64 or a passphrase of 32+ characters); only environment=dev accepts it"
+                )
+        return self
+
     @property
     def workspaces_dir(self) -> Path:
         return self.data_dir / "workspaces" / self.instance_name
+
+
+PLACEHOLDER_WORDS = ("change", "placeholder", "example", "secret", "password", "todo", "xxx")
+
+
+def decode_master_key(value: str) -> bytes | None:
+    """The 32 raw bytes of a base64 (or base64url) master key; None for a passphrase."""
+    text = value.strip()
+    try:
+        raw = base64.urlsafe_b64decode(
+            text.replace("+", "-").replace("/", "_") + "=" * (-len(text) % 4)
+        )
+    except (ValueError, binascii.Error):
+        return None
+    return raw if len(raw) == 32 else None
+
+
+def is_placeholder_secret(value: str) -> bool:
+    """A value nobody should run a real instance with: short, made-up, or low in entropy."""
+    raw = decode_master_key(value)
+    if raw is not None:
+        return len(set(raw)) < 8
+    text = value.strip()
+    if len(text) < 32 or len(set(text)) < 8:
+        return True
+    lowered = text.lower()
+    return any(word in lowered for word in PLACEHOLDER_WORDS)
 
 
 @lru_cache

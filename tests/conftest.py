@@ -142,7 +142,11 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture(scope="session")
 def instances(stack: DevStack, http: httpx.AsyncClient) -> dict[str, Instance]:
-    return {name: Instance(stack.instances[name].info, http) for name in INSTANCES}
+    # dataDir: where the instance's master key file lives (tests/e2e/signing.py opens its keys).
+    return {
+        name: Instance({**stack.instances[name].info, "dataDir": str(stack.data_dir)}, http)
+        for name in INSTANCES
+    }
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""Connections with peers: initiate, accept, reject, disconnect (admin), list and read."""
+"""Connections with peers (admin): initiate, accept (with grants), reject, suspend, resume,
+disconnect, change grants, list and read. Every change is told to the peer by a signed message
+and written to the audit log."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, status
 
 from api.deps import AdminUser, HttpDep, IdentityDep, PoolDep, SettingsDep
+from federation.connections import change_suspension, suspension_change
 from federation.envelope import MessageType
 from federation.errors import (
     ConnectionNotFound,
@@ -17,7 +20,13 @@ from federation.errors import (
     PeerUnreachable,
 )
 from federation.identity import Identity
-from federation.models import ConnectionCreate, ConnectionPublic
+from federation.models import (
+    ConnectionAccept,
+    ConnectionCreate,
+    ConnectionPublic,
+    ConnectionUpdate,
+    GrantsUpdate,
+)
 from federation.peer import fetch_card, send_signed
 from federation.settings import Settings
 from federation.store import repos
@@ -44,6 +53,13 @@ async def _notify(
         window_seconds=settings.timestamp_window,
         timeout=settings.peer_request_timeout,
     )
+
+
+def _grants_or_422(update: GrantsUpdate, current: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        return update.apply(current).model_dump()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc).splitlines()[0]) from None
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -129,8 +145,10 @@ async def _answer(
     http: Any,
     identity: Identity,
     settings: Settings,
+    grants: GrantsUpdate | None = None,
 ) -> ConnectionPublic:
     row = await _get(pool, connection_id)
+    new_grants = _grants_or_422(grants or GrantsUpdate(), row["grants"])
     if row["direction"] != "inbound" or row["status"] != "PENDING":
         raise ConnectionStateConflict(
             f"only a PENDING request from a peer can be answered; this one is "
@@ -138,12 +156,24 @@ async def _answer(
         )
     # The peer hears it first: a peer that cannot be told keeps us PENDING, in step with it.
     await _notify(http, identity, settings, row, command_type)
-    updated = await repos.set_connection_status(pool, connection_id, target, expect=("PENDING",))
-    if updated is None:
-        raise ConnectionStateConflict("the connection changed meanwhile")
-    await repos.audit(
-        pool, actor=f"user:{user.name}", action=command_type, connectionId=str(connection_id)
-    )
+    async with pool.acquire() as conn, conn.transaction():
+        updated = await repos.set_connection_status(
+            conn, connection_id, target, expect=("PENDING",)
+        )
+        if updated is None:
+            raise ConnectionStateConflict("the connection changed meanwhile")
+        details: dict[str, Any] = {}
+        if target == "ACTIVE":
+            updated = await repos.set_grants(conn, connection_id, new_grants)
+            assert updated is not None
+            details["grants"] = new_grants
+        await repos.audit(
+            conn,
+            actor=f"user:{user.name}",
+            action=command_type,
+            connectionId=str(connection_id),
+            **details,
+        )
     return ConnectionPublic.from_row(updated)
 
 
@@ -155,9 +185,19 @@ async def accept_connection(
     http: HttpDep,
     identity: IdentityDep,
     settings: SettingsDep,
+    body: ConnectionAccept | None = None,
 ) -> ConnectionPublic:
+    """Accept a peer's request; `grants` (optional) say what the peer may ask of us."""
     return await _answer(
-        connection_id, "connection.accept", "ACTIVE", user, pool, http, identity, settings
+        connection_id,
+        "connection.accept",
+        "ACTIVE",
+        user,
+        pool,
+        http,
+        identity,
+        settings,
+        grants=body.grants if body else None,
     )
 
 
@@ -203,3 +243,86 @@ async def disconnect_connection(
         peerNotified=notified,
     )
     return ConnectionPublic.from_row(updated, peerNotified=notified)
+
+
+@router.patch("/{connection_id}")
+async def update_connection(
+    connection_id: uuid.UUID, body: ConnectionUpdate, user: AdminUser, pool: PoolDep
+) -> ConnectionPublic:
+    """Change what the peer may ask of this instance; fields left out stay as they are."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT * FROM connections WHERE connection_id = $1 FOR UPDATE", connection_id
+        )
+        if row is None:
+            raise ConnectionNotFound(f"no connection {connection_id}")
+        if row["status"] == "DISCONNECTED":
+            raise ConnectionStateConflict("a DISCONNECTED connection has no grants to change")
+        before = dict(row["grants"] or {})
+        grants = _grants_or_422(body.grants, before)
+        updated = await repos.set_grants(conn, connection_id, grants)
+        assert updated is not None
+        await repos.audit(
+            conn,
+            actor=f"user:{user.name}",
+            action="connection.grants",
+            connectionId=str(connection_id),
+            before=before,
+            after=grants,
+        )
+    return ConnectionPublic.from_row(updated)
+
+
+@router.post("/{connection_id}/suspend")
+async def suspend_connection(
+    connection_id: uuid.UUID,
+    user: AdminUser,
+    pool: PoolDep,
+    http: HttpDep,
+    identity: IdentityDep,
+    settings: SettingsDep,
+) -> ConnectionPublic:
+    """Stop all traffic with the peer now; `peerNotified` says whether the peer heard it."""
+    row = await _get(pool, connection_id)
+    # Our side stops at once, whether or not the peer can be told.
+    updated = await change_suspension(pool, row, "local", "suspend")
+    try:
+        await _notify(http, identity, settings, row, "connection.suspend")
+        notified = True
+    except FederationError:
+        notified = False
+    await repos.audit(
+        pool,
+        actor=f"user:{user.name}",
+        action="connection.suspend",
+        connectionId=str(connection_id),
+        peerNotified=notified,
+        suspendedBy=updated["suspended_by"],
+    )
+    return ConnectionPublic.from_row(updated, peerNotified=notified)
+
+
+@router.post("/{connection_id}/resume")
+async def resume_connection(
+    connection_id: uuid.UUID,
+    user: AdminUser,
+    pool: PoolDep,
+    http: HttpDep,
+    identity: IdentityDep,
+    settings: SettingsDep,
+) -> ConnectionPublic:
+    """Lift this instance's suspension; the peer hears it first (a peer that cannot be told
+    keeps the connection SUSPENDED on both sides)."""
+    row = await _get(pool, connection_id)
+    suspension_change(row, "local", "resume")  # refuse before telling the peer anything
+    await _notify(http, identity, settings, row, "connection.resume")
+    updated = await change_suspension(pool, row, "local", "resume")
+    await repos.audit(
+        pool,
+        actor=f"user:{user.name}",
+        action="connection.resume",
+        connectionId=str(connection_id),
+        status=updated["status"],
+        suspendedBy=updated["suspended_by"],
+    )
+    return ConnectionPublic.from_row(updated, peerNotified=True)

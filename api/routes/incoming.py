@@ -22,7 +22,8 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import HttpDep, IdentityDep, PoolDep, SettingsDep, TemporalDep
+from api.deps import HttpDep, IdentityDep, KeyRefresherDep, PoolDep, SettingsDep, TemporalDep
+from federation.connections import apply_peer_change
 from federation.envelope import Envelope, MessageType, format_timestamp, sign_envelope
 from federation.errors import (
     AgentNotFound,
@@ -41,10 +42,15 @@ from federation.models import (
     ConnectRequestPayload,
     SpawnPayload,
 )
-from federation.peer import fetch_card
+from federation.peer import CardKeyRefresher, fetch_card
 from federation.settings import Settings
 from federation.store import repos
-from federation.trust import check_grants, require_active, verify_incoming
+from federation.trust import (
+    check_grants,
+    check_peer_concurrency,
+    require_active,
+    verify_incoming,
+)
 from workflows.models import (
     AgentEvent,
     AgentRunInput,
@@ -98,6 +104,17 @@ async def _refused(pool: asyncpg.Pool, body: Any, err: FederationError, endpoint
         reason=err.detail,
         messageId=body.get("messageId") if isinstance(body, dict) else None,
         commandType=body.get("commandType") if isinstance(body, dict) else None,
+    )
+
+
+async def _audit_accepted(db: Any, envelope: Envelope, agent_id: str, **details: Any) -> None:
+    await repos.audit(
+        db,
+        actor=f"peer:{envelope.senderId}",
+        action=str(envelope.commandType),
+        agentId=agent_id,
+        messageId=envelope.messageId,
+        **details,
     )
 
 
@@ -156,6 +173,7 @@ async def _connect(
             instance_id=identity.instance_id,
             window_seconds=window,
             sender_keys=card["keys"] if card else None,
+            refresh_keys=CardKeyRefresher(pool, http, settings.key_refresh_interval),
         )
         envelope = verified.envelope
         if envelope.type is not MessageType.CONNECT:
@@ -181,28 +199,7 @@ async def _connect(
             assert connection is not None
             if connection["connection_id"] != change.connectionId:
                 raise ConnectionStateConflict("connectionId does not match the live connection")
-            transitions = {
-                "connection.accept": ("ACTIVE", ("PENDING",), "outbound"),
-                "connection.reject": ("DISCONNECTED", ("PENDING",), "outbound"),
-                "connection.disconnect": (
-                    "DISCONNECTED",
-                    ("PENDING", "ACTIVE", "SUSPENDED"),
-                    None,
-                ),
-            }
-            if envelope.commandType not in transitions:
-                raise UnsupportedCommand(f"unknown CONNECT command {envelope.commandType!r}")
-            target, expect, direction = transitions[envelope.commandType]
-            if direction is not None and connection["direction"] != direction:
-                raise ConnectionStateConflict("only the side that was asked may answer")
-            updated = await repos.set_connection_status(
-                conn, change.connectionId, target, expect=expect
-            )
-            if updated is None:
-                raise ConnectionStateConflict(
-                    f"cannot {envelope.commandType} a {connection['status']} connection"
-                )
-            row = updated
+            row = await apply_peer_change(conn, connection, envelope.commandType)
         await repos.record_message(conn, envelope.to_wire(), direction="in")
         await repos.audit(
             conn,
@@ -210,6 +207,7 @@ async def _connect(
             action=str(envelope.commandType),
             connectionId=str(row["connection_id"]),
             status=row["status"],
+            suspendedBy=row.get("suspended_by"),
         )
     return _reply(
         identity,
@@ -228,6 +226,7 @@ async def incoming_command(
     temporal: TemporalDep,
     identity: IdentityDep,
     settings: SettingsDep,
+    refresher: KeyRefresherDep,
 ) -> dict[str, Any]:
     body = await _body(request)
     received_at = datetime.now(UTC)
@@ -239,6 +238,7 @@ async def incoming_command(
                 instance_id=identity.instance_id,
                 window_seconds=settings.timestamp_window,
                 now=received_at,
+                refresh_keys=refresher,
             )
             envelope = verified.envelope
             if envelope.type is not MessageType.COMMAND:
@@ -247,11 +247,19 @@ async def incoming_command(
             command = envelope.commandType or ""
             if command not in ("agent.spawn", "agent.status", "agent.kill"):
                 raise UnsupportedCommand(f"unknown command {command!r}")
-            check_grants(connection, command, envelope.payload)
+            check_grants(
+                connection,
+                command,
+                envelope.payload,
+                max_timeout=settings.max_agent_timeout,
+                offered_agent_types=identity.capabilities.get("agentTypes"),
+            )
             if command == "agent.spawn":
+                await check_peer_concurrency(conn, connection, envelope.payload)
                 payload = await _spawn(
                     conn, temporal, settings.task_queue, envelope, connection, received_at
                 )
+                await _audit_accepted(conn, envelope, payload["agentId"])
                 await repos.record_message(
                     conn, envelope.to_wire(), direction="in", agent_id=uuid.UUID(payload["agentId"])
                 )
@@ -268,6 +276,7 @@ async def incoming_command(
         raise
     if command == "agent.kill":
         row = await _kill(pool, temporal, row)
+        await _audit_accepted(pool, envelope, str(row["agent_id"]), state=row["state"])
     return _reply(identity, envelope, _event_payload(row))
 
 
@@ -351,6 +360,7 @@ async def incoming_event(
     temporal: TemporalDep,
     identity: IdentityDep,
     settings: SettingsDep,
+    refresher: KeyRefresherDep,
 ) -> dict[str, Any]:
     body = await _body(request)
     try:
@@ -360,6 +370,7 @@ async def incoming_event(
                 body,
                 instance_id=identity.instance_id,
                 window_seconds=settings.timestamp_window,
+                refresh_keys=refresher,
             )
             envelope = verified.envelope
             if envelope.type is not MessageType.EVENT:

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from cli.devstack import DevStack
-from federation.envelope import Algorithm, MessageType, SigningKey, sign_envelope
+from federation.envelope import MessageType, SigningKey, sign_envelope
 from tests.conftest import Instance, ensure_connection
 from tests.e2e.helpers import processes_in, spawn_body
 from tests.e2e.proxy import ControlledProxy
+from tests.e2e.signing import instance_key
 
 pytestmark = pytest.mark.e2e
 
@@ -35,10 +36,8 @@ async def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition
 
 
 async def signing_key(instance: Instance) -> SigningKey:
-    rows = await instance.fetch(
-        "SELECT key_id, algorithm, private_pem FROM instance_keys WHERE retired_at IS NULL"
-    )
-    return SigningKey(rows[0]["key_id"], Algorithm(rows[0]["algorithm"]), rows[0]["private_pem"])
+    # Private keys are sealed at rest (issue 3): tests/e2e/signing.py opens the current one.
+    return await instance_key(instance)
 
 
 async def executor_state(executor: Instance, agent_id: str) -> str | None:

@@ -1,0 +1,104 @@
+"""Refuse request bodies above a size limit before anything parses them (413 problem+json).
+
+A declared Content-Length above the limit is refused at once; a body without one (chunked) is
+counted as it streams in and refused as soon as it crosses the limit. Below the limit the body
+is handed to the app unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PROBLEM = "application/problem+json"
+# After refusing, read and drop at most this much more so the client can read the answer
+# instead of failing on a write to a closed connection; past it the connection is dropped.
+DRAIN_LIMIT = 8 * 1024 * 1024
+
+
+class BodySizeLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await self._refuse(scope, send, 400, "content_length_invalid", 0)
+                    return
+        if declared is not None and declared > self.max_bytes:
+            await self._drain(receive, declared)
+            await self._refuse(scope, send, 413, "body_too_large", declared)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._drain(receive, size)
+                await self._refuse(scope, send, 413, "body_too_large", size)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            if messages:
+                return messages.pop(0)
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _drain(self, receive: Receive, already: int) -> None:
+        if already > DRAIN_LIMIT:
+            return
+        seen = 0
+        while seen <= DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    async def _refuse(self, scope: Scope, send: Send, status: int, code: str, size: int) -> None:
+        if status == 413:
+            title = "Request body too large"
+            detail = f"the body is larger than the {self.max_bytes} bytes this API accepts"
+        else:
+            title = "Invalid Content-Length"
+            detail = "the Content-Length header is not a number"
+        body: dict[str, Any] = {
+            "type": f"urn:fedagent:problem:{code}",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "code": code,
+            "instance": scope.get("path", ""),
+            "limit": self.max_bytes,
+        }
+        payload = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", PROBLEM.encode()),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,41 @@
+"""The audit log (admin): configuration changes, key rotations, connection changes, spawns,
+kills and every refused incoming message, newest first."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import AdminUser, PoolDep
+from federation.models import AuditEntryPublic, AuditPage
+from federation.store import repos
+
+router = APIRouter(prefix="/api/v1/federation/audit", tags=["audit"])
+
+
+@router.get("")
+async def list_audit(
+    user: AdminUser,
+    pool: PoolDep,
+    action: Annotated[str | None, Query(max_length=200, description="exact, or prefix*")] = None,
+    outcome: Annotated[str | None, Query(max_length=50, description="ok or refused")] = None,
+    actor: Annotated[str | None, Query(max_length=300, description="user:N, peer:ID")] = None,
+    since: Annotated[datetime | None, Query(description="at or after (RFC 3339)")] = None,
+    until: Annotated[datetime | None, Query(description="before (RFC 3339)")] = None,
+    before: Annotated[int | None, Query(ge=1, description="nextBefore of a page")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AuditPage:
+    rows = await repos.list_audit(
+        pool,
+        action=action,
+        outcome=outcome,
+        actor=actor,
+        since=since,
+        until=until,
+        before=before,
+        limit=limit + 1,
+    )
+    items = [AuditEntryPublic.model_validate(r) for r in rows[:limit]]
+    return AuditPage(items=items, nextBefore=items[-1].id if len(rows) > limit else None)

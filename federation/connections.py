@@ -1,0 +1,100 @@
+"""The life of a connection: PENDING -> ACTIVE <-> SUSPENDED, and DISCONNECTED at the end.
+
+Both sides hold a copy and every change travels as a signed CONNECT message:
+`connection.request` (creates PENDING), `connection.accept` (-> ACTIVE) and `connection.reject`
+(-> DISCONNECTED) by the side that was asked, `connection.suspend` / `connection.resume` by
+either side, `connection.disconnect` by either side. A suspension belongs to the side that made
+it: each side lifts only its own, and the connection is ACTIVE again once neither holds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from federation.errors import ConnectionStateConflict, UnsupportedCommand
+from federation.store import repos
+
+# CONNECT commands a peer sends about an existing connection: target, allowed from, and which
+# of our directions the connection must have (the side that was asked answers a request).
+ANSWERS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
+    "connection.accept": ("ACTIVE", ("PENDING",), "outbound"),
+    "connection.reject": ("DISCONNECTED", ("PENDING",), "outbound"),
+    "connection.disconnect": ("DISCONNECTED", ("PENDING", "ACTIVE", "SUSPENDED"), None),
+}
+SUSPENSIONS = ("connection.suspend", "connection.resume")
+# A signed nudge after the peer rotated its key: verifying it refreshed the peer's keys.
+NOTICES = ("connection.keys_changed",)
+PEER_COMMANDS = (*ANSWERS, *SUSPENSIONS, *NOTICES)
+
+
+def _holders(suspended_by: str | None) -> set[str]:
+    if suspended_by is None:
+        return set()
+    return {"local", "remote"} if suspended_by == "both" else {suspended_by}
+
+
+def _encode(holders: set[str]) -> str | None:
+    if not holders:
+        return None
+    return "both" if len(holders) == 2 else next(iter(holders))
+
+
+def suspension_change(row: dict[str, Any], side: str, action: str) -> tuple[str, str | None]:
+    """(status, suspended_by) after `side` ('local' or 'remote') suspends or resumes."""
+    status = row["status"]
+    holders = _holders(row.get("suspended_by"))
+    if action == "suspend":
+        if status not in ("ACTIVE", "SUSPENDED"):
+            raise ConnectionStateConflict(f"a {status} connection cannot be suspended")
+        holders.add(side)
+        return "SUSPENDED", _encode(holders)
+    if action == "resume":
+        if status != "SUSPENDED":
+            raise ConnectionStateConflict(f"a {status} connection cannot be resumed")
+        if side not in holders:
+            who = "this instance" if side == "local" else "the peer"
+            raise ConnectionStateConflict(
+                f"{who} did not suspend this connection; only the side that did may resume it"
+            )
+        holders.discard(side)
+        return ("ACTIVE" if not holders else "SUSPENDED"), _encode(holders)
+    raise ValueError(action)
+
+
+async def change_suspension(
+    db: repos.Executor, row: dict[str, Any], side: str, action: str
+) -> dict[str, Any]:
+    status, suspended_by = suspension_change(row, side, action)
+    updated = await repos.update_connection_state(
+        db,
+        row["connection_id"],
+        status=status,
+        suspended_by=suspended_by,
+        expect_status=row["status"],
+        expect_suspended_by=row.get("suspended_by"),
+    )
+    if updated is None:
+        raise ConnectionStateConflict("the connection changed meanwhile; try again")
+    return updated
+
+
+async def apply_peer_change(
+    db: repos.Executor, connection: dict[str, Any], command_type: str | None
+) -> dict[str, Any]:
+    """Apply a verified CONNECT command from the peer to our copy; returns the new row."""
+    if command_type in NOTICES:
+        return connection
+    if command_type in SUSPENSIONS:
+        action = "suspend" if command_type == "connection.suspend" else "resume"
+        return await change_suspension(db, connection, "remote", action)
+    if command_type not in ANSWERS:
+        raise UnsupportedCommand(f"unknown CONNECT command {command_type!r}")
+    target, expect, direction = ANSWERS[command_type]
+    if direction is not None and connection["direction"] != direction:
+        raise ConnectionStateConflict("only the side that was asked may answer")
+    updated = await repos.set_connection_status(
+        db, connection["connection_id"], target, expect=expect
+    )
+    if updated is None:
+        raise ConnectionStateConflict(f"cannot {command_type} a {connection['status']} connection")
+    return updated
