@@ -5,8 +5,6 @@ problem+json answers and unreachable servers into messages a person can act on."
 from __future__ import annotations
 
 import json
-import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +91,8 @@ def resolve_target(
         hint=(
             f"instances in {path}: {', '.join(names)}"
             if names
-            else "FEDAGENT_URL and FEDAGENT_TOKEN work too"
+            else f"there is no {path}: `fedagent dev` starts a local stack and writes it; "
+            "for another instance set FEDAGENT_URL and FEDAGENT_TOKEN"
         ),
     )
 
@@ -202,13 +201,3 @@ class Api:
                         event["data"] = {"raw": value}
                 elif name in ("id", "event"):
                     event[name] = value
-
-
-def unsafe_mode(path: Path) -> int | None:
-    """The permission bits of a secret file if group or others may read it, else None."""
-    mode = stat.S_IMODE(path.stat().st_mode)
-    return mode if mode & 0o077 else None
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

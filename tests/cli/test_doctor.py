@@ -1,0 +1,62 @@
+"""`fedagent doctor` on a machine where things are wrong: it names each problem and its fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import free_port_block
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FEDAGENT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "doctor", *args],
+        cwd=ROOT,
+        env={**clean, "COLUMNS": "200", "NO_COLOR": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_doctor_names_what_is_unreachable_or_unsafe_and_how_to_fix_it(tmp_path: Path) -> None:
+    closed = free_port_block(2)
+    key = tmp_path / "secrets" / "local.key"
+    key.parent.mkdir()
+    key.write_text("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY=\n")
+    key.chmod(0o644)
+    run = doctor(
+        {
+            "FEDAGENT_TEMPORAL_ADDRESS": f"127.0.0.1:{closed}",
+            "FEDAGENT_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{closed + 1}/none",
+            "FEDAGENT_DATA_DIR": str(tmp_path),
+        }
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+
+    def finding(name: str) -> str:
+        return next(line for line in lines if f" {name} " in line)
+
+    assert "✗" in finding("temporal") and "cannot reach" in finding("temporal")
+    assert "✗" in finding("postgresql") and "cannot connect" in finding("postgresql")
+    assert "✗" in finding("master key") and "readable by others" in finding("master key")
+    fixes = run.stdout.split("└", 1)[1]
+    assert "FEDAGENT_TEMPORAL_ADDRESS" in fixes
+    assert "FEDAGENT_DATABASE_URL" in fixes
+    assert f"chmod 600 {key}" in fixes
+    assert "some checks failed" in run.stdout
+
+
+def test_doctor_refuses_half_a_tls_configuration(tmp_path: Path) -> None:
+    cert = tmp_path / "client.pem"
+    cert.write_text("not a certificate")
+    run = doctor({"FEDAGENT_TEMPORAL_TLS_CERT": str(cert), "FEDAGENT_DATA_DIR": str(tmp_path)})
+    assert run.returncode == 1
+    assert "FEDAGENT_TEMPORAL_TLS_KEY" in run.stdout
