@@ -199,7 +199,7 @@ async def run_limited(total: int, in_flight: int, one: Callable[[int], Awaitable
 
 
 async def spawn_and_wait(
-    hub: Peer, body: dict[str, Any], results: Results, *, poll: float = 0.005
+    hub: Peer, body: dict[str, Any], results: Results, *, poll: float = 0.02
 ) -> tuple[float, float, dict[str, Any]]:
     """REST spawn -> completed on hub (polling GET); returns (ack ms, total ms, agent)."""
     started = time.perf_counter()
@@ -215,44 +215,6 @@ async def spawn_and_wait(
                 raise RuntimeError(f"agent ended {agent['state']}: {agent.get('error')}")
             return ack, total, agent
         await asyncio.sleep(poll)
-
-
-class CompletionWatcher:
-    """One poller for many agents of a task id (GET /agents?taskId=...), so that many in
-    flight cost the API ten list calls a second, not one call per agent per poll."""
-
-    def __init__(self, hub: Peer, task_id: str, every: float = 0.05) -> None:
-        self.hub = hub
-        self.task_id = task_id
-        self.every = every
-        self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def expect(self, agent_id: str) -> asyncio.Future[dict[str, Any]]:
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.waiting[agent_id] = future
-        return future
-
-    async def _run(self) -> None:
-        while True:
-            if self.waiting:
-                response = await self.hub.call(
-                    "GET", "/agents", params={"taskId": self.task_id, "limit": 500}
-                )
-                for agent in response.json():
-                    future = self.waiting.get(str(agent["agentId"]))
-                    if future is not None and agent["state"] in TERMINAL and not future.done():
-                        future.set_result(agent)
-                        del self.waiting[str(agent["agentId"])]
-            await asyncio.sleep(self.every)
-
-    def __enter__(self) -> CompletionWatcher:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
 
 async def wait_running_command(hub: Peer, agent_id: str, timeout: float = 60) -> None:
@@ -274,6 +236,80 @@ def processes_with(marker: str) -> list[int]:
             with contextlib.suppress(OSError):
                 if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
                     found.append(int(entry.name))
+    return found
+
+
+class CpuMeter:
+    """CPU seconds used by each process of the stack (and this one), so a throughput phase
+    can say how much CPU one run costs and where."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, stack: DevStack) -> None:
+        self.data_dir = str(stack.data_dir)
+        self.pids: dict[str, int] = {"bench (this process)": os.getpid()}
+        temporal = getattr(stack, "_temporal", None)
+        if temporal is not None:
+            self.pids["temporal server"] = temporal.pid
+        for name, inst in stack.instances.items():
+            if inst.api is not None:
+                self.pids[f"{name} api"] = inst.api.pid
+            for i, worker in enumerate(inst.workers, 1):
+                self.pids[f"{name} worker{'' if len(inst.workers) == 1 else i}"] = worker.pid
+
+    def _postgres_pids(self) -> list[int]:
+        """This stack's PostgreSQL: its postmaster (whose -D is in the data dir) and its live
+        backends; backends that ended are in the postmaster's children CPU."""
+        postmaster = None
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() != "postgres":
+                    continue
+                pid = int(entry.name)
+                parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if self.data_dir in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    postmaster = pid
+        if postmaster is None:
+            return []
+        return [postmaster, *(pid for pid, parent in parents.items() if parent == postmaster)]
+
+    def _cpu(self, pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        # utime, stime, and the waited-for children (sandboxes, git) cutime, cstime
+        return sum(int(fields[i]) for i in (11, 12, 13, 14)) / self.TICK
+
+    def snapshot(self) -> dict[str, float]:
+        taken = {name: self._cpu(pid) for name, pid in self.pids.items()}
+        postgres = self._postgres_pids()
+        # Live backends are counted on their own; the postmaster's own time plus what it reaped.
+        taken["postgresql"] = sum(self._cpu(pid) for pid in postgres)
+        return taken
+
+    @staticmethod
+    def per_run(before: dict[str, float], after: dict[str, float], runs: int) -> dict[str, float]:
+        return {
+            name: (after[name] - before.get(name, 0.0)) * 1000 / runs
+            for name in after
+            if after[name] - before.get(name, 0.0) > 0
+        }
+
+
+def metric_counts(text: str, name: str, label: str) -> dict[str, float]:
+    """Sum of one Prometheus counter by one label, from a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                key = sample.labels.get(label, "")
+                found[key] = found.get(key, 0.0) + sample.value
     return found
 
 
@@ -327,6 +363,32 @@ async def measure_sandboxes(runs: int, results: Results, workdir: Path) -> None:
             f"{fmt_ms(figures['firstCommandP50'])}, kill {fmt_ms(figures['killP50'])} "
             f"(p50 of {runs})"
         )
+
+
+async def measure_runtime(doc: dict[str, Any], results: Results) -> float | None:
+    """The agent runtime alone (workspace, sandbox, scripted loop, diff) for `$ true`, no
+    Temporal and no network: the floor of the run_agent activity."""
+    try:
+        from agents.runtime import RuntimeConfig, run_agent_task
+    except ImportError:
+        return None
+    workdir = Path(tempfile.mkdtemp(prefix="fedagent-bench-runtime-"))
+    times = []
+    try:
+        for i in range(5):
+            started = time.perf_counter()
+            report = await run_agent_task(
+                workspace=workdir / str(i),
+                agent_type="worker",
+                context={"instructions": "$ true", "workItems": []},
+                config=RuntimeConfig(),
+            )
+            times.append((time.perf_counter() - started) * 1000)
+            if not report.success:
+                return None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return percentile(times, 50)
 
 
 # --- where the time goes -------------------------------------------------------------------------
@@ -385,6 +447,21 @@ async def history_report(client: Client, workflow_id: str) -> dict[str, Any]:
         "durationMs": timeline[-1]["ms"] if timeline else 0.0,
         "timeline": timeline,
     }
+
+
+def _activity_ms(report: dict[str, Any], name: str) -> float | None:
+    """Scheduled -> completed of the first activity called `name` in a timeline."""
+    scheduled = completed = None
+    for row in report["timeline"]:
+        if row["detail"] != name:
+            continue
+        if row["event"] == "ACTIVITY_TASK_SCHEDULED" and scheduled is None:
+            scheduled = row["ms"]
+        elif row["event"] == "ACTIVITY_TASK_COMPLETED" and completed is None:
+            completed = row["ms"]
+    if scheduled is None or completed is None:
+        return None
+    return float(completed - scheduled)
 
 
 def print_timeline(title: str, report: dict[str, Any]) -> None:
@@ -455,6 +532,7 @@ async def run(args: argparse.Namespace) -> Results:
             hub_client = await hub.temporal()
             spoke_client = await spoke.temporal()
             bare_queue = f"bench-bare-{uuid.uuid4().hex[:8]}"
+            cpu = CpuMeter(stack)
             async with Worker(
                 hub_client,
                 task_queue=bare_queue,
@@ -463,10 +541,12 @@ async def run(args: argparse.Namespace) -> Results:
                 max_concurrent_workflow_tasks=100,
                 max_concurrent_activities=100,
             ):
-                await bench_bare(hub_client, bare_queue, args, results)
-            await bench_federated(hub, connection_id, args, results)
-            await bench_kill(hub, connection_id, args, results, spoke_client, doc)
-            await explain(hub, hub_client, spoke_client, doc, connection_id, bare_queue, results)
+                await bench_bare(hub_client, bare_queue, args, results, cpu)
+                await bench_federated(hub, spoke, connection_id, args, results, cpu)
+                await bench_kill(hub, connection_id, args, results, spoke_client, doc)
+                await explain(
+                    hub_client, spoke_client, doc, connection_id, bare_queue, hub, results
+                )
         console.print("\n[bold]sandbox start cost[/]")
         await measure_sandboxes(args.sandbox_runs, results, data_dir / "sandbox-bench")
     finally:
@@ -479,19 +559,27 @@ async def run(args: argparse.Namespace) -> Results:
 
 
 async def bench_bare(
-    client: Client, queue: str, args: argparse.Namespace, results: Results
+    client: Client, queue: str, args: argparse.Namespace, results: Results, cpu: CpuMeter
 ) -> None:
     console.print("\n[bold]bare Temporal workflow[/] (one activity, start -> result)")
     for i in range(args.warmup):
         await bare_once(client, queue, -i)
     for i in range(args.sequential):
         results.add("bare", await bare_once(client, queue, i))
+        started = time.perf_counter()
+        handle = await client.start_workflow(
+            BenchBareWorkflow.run, i, id=f"bench-bare/{uuid.uuid4()}", task_queue=queue
+        )
+        results.add("temporalStart", (time.perf_counter() - started) * 1000)
+        await handle.result()
     console.print(f"  sequential: p50 {fmt_ms(results.series['bare'].summary()['p50'])}")
 
     async def one(i: int) -> None:
         await bare_once(client, queue, i)
 
+    before = cpu.snapshot()
     seconds = await run_limited(args.total, args.in_flight, one)
+    results.breakdown["cpuPerRunBare"] = cpu.per_run(before, cpu.snapshot(), args.total)
     results.throughput["bare"] = Throughput("bare", args.total, args.in_flight, seconds)
     console.print(
         f"  throughput: {args.total / seconds:,.1f}/s "
@@ -500,7 +588,12 @@ async def bench_bare(
 
 
 async def bench_federated(
-    hub: Peer, connection_id: str, args: argparse.Namespace, results: Results
+    hub: Peer,
+    spoke: Peer,
+    connection_id: str,
+    args: argparse.Namespace,
+    results: Results,
+    cpu: CpuMeter,
 ) -> None:
     console.print(
         "\n[bold]federated spawn[/] (REST spawn on hub -> completed on hub, `$ true` on spoke)"
@@ -519,21 +612,37 @@ async def bench_federated(
         f"ack p50 {fmt_ms(results.series['spawnAck'].summary()['p50'])}"
     )
     task = f"bench-tput-{uuid.uuid4().hex[:6]}"
-    with CompletionWatcher(hub, task) as watcher:
+    pages_before = [(await p.http.get(f"{p.url}/metrics")).text for p in (hub, spoke)]
+    cpu_before = cpu.snapshot()
+    hub_client = await hub.temporal()
 
-        async def one(i: int) -> None:
-            body = spawn_body(connection_id, "$ true", task)
-            done = watcher.expect(body["agentId"])
-            started = time.perf_counter()
-            response = await hub.call("POST", "/agents/spawn", json=body)
-            results.add("spawnAckLoaded", (time.perf_counter() - started) * 1000)
-            if response.status_code != 202:
-                raise RuntimeError(f"spawn refused: {response.status_code} {response.text}")
-            agent = await asyncio.wait_for(done, timeout=300)
-            if agent["state"] != "completed":
-                raise RuntimeError(f"agent ended {agent['state']}: {agent.get('error')}")
+    async def one(i: int) -> None:
+        body = spawn_body(connection_id, "$ true", task)
+        started = time.perf_counter()
+        response = await hub.call("POST", "/agents/spawn", json=body)
+        results.add("spawnAckLoaded", (time.perf_counter() - started) * 1000)
+        if response.status_code != 202:
+            raise RuntimeError(f"spawn refused: {response.status_code} {response.text}")
+        # Many in flight: wait on the requester's workflow (a long poll, no API load), which
+        # ends right after it applied the final event; then read the state once.
+        handle = hub_client.get_workflow_handle(f"remote-agent/{body['agentId']}")
+        await asyncio.wait_for(handle.result(), timeout=300)
+        agent = (await hub.call("GET", f"/agents/{body['agentId']}")).json()
+        if agent["state"] != "completed":
+            raise RuntimeError(f"agent ended {agent['state']}: {agent.get('error')}")
 
-        seconds = await run_limited(args.total, args.in_flight, one)
+    seconds = await run_limited(args.total, args.in_flight, one)
+    results.breakdown["cpuPerRunFederated"] = cpu.per_run(cpu_before, cpu.snapshot(), args.total)
+    pages_after = [(await p.http.get(f"{p.url}/metrics")).text for p in (hub, spoke)]
+    requests: dict[str, float] = {}
+    for who, before, after in zip(("hub", "spoke"), pages_before, pages_after, strict=True):
+        name = "fedagent_http_request_duration_seconds_count"
+        old = metric_counts(before, name, "route")
+        for route, count in metric_counts(after, name, "route").items():
+            if route.startswith("/api/v1/federation/incoming/"):
+                per = (count - old.get(route, 0.0)) / args.total
+                requests[f"{who} {route.removeprefix('/api/v1/federation')}"] = per
+    results.breakdown["peerRequestsPerSpawn"] = requests
     results.throughput["federated"] = Throughput("federated", args.total, args.in_flight, seconds)
     console.print(
         f"  throughput: {args.total / seconds:,.1f}/s "
@@ -589,12 +698,12 @@ async def bench_kill(
 
 
 async def explain(
-    hub: Peer,
     hub_client: Client,
     spoke_client: Client,
     doc: dict[str, Any],
     connection_id: str,
     bare_queue: str,
+    hub: Peer,
     results: Results,
 ) -> None:
     """One more spawn on a quiet stack, and its two workflow histories."""
@@ -608,11 +717,12 @@ async def explain(
     results.breakdown["executor"] = await history_report(
         spoke_client, f"agent-run/{hub_id}/{body['agentId']}"
     )
-    async for wf in hub_client.list_workflows(
-        f"WorkflowType = 'BenchBareWorkflow' AND TaskQueue = '{bare_queue}'", limit=1
-    ):
-        results.breakdown["bare"] = await history_report(hub_client, wf.id)
-        break
+    bare_id = f"bench-bare/explain-{uuid.uuid4()}"
+    await hub_client.execute_workflow(BenchBareWorkflow.run, 1, id=bare_id, task_queue=bare_queue)
+    results.breakdown["bare"] = await history_report(hub_client, bare_id)
+    runtime = await measure_runtime(doc, results)
+    if runtime is not None:
+        results.breakdown["agentRuntimeMs"] = runtime
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -630,6 +740,7 @@ def report(results: Results) -> list[str]:
         "federated": "federated spawn -> completed",
         "spawnAck": "REST spawn ack (sequential)",
         "spawnAckLoaded": "REST spawn ack (in flight)",
+        "temporalStart": "Temporal start_workflow RPC",
         "kill": "kill -> answer (sandbox gone)",
     }
     for name, label in labels.items():
@@ -703,6 +814,39 @@ def where_time_goes(results: Results, missed: list[str]) -> None:
         f"{ex['workflowTasks']} + {ex['activities']}), {req['signals']} signals; "
         f"REST spawn -> completed {b['spawnMs']:.0f} ms"
     )
+    run_agent = _activity_ms(ex, "run_agent")
+    if run_agent is not None and b.get("agentRuntimeMs") is not None:
+        console.print(
+            f"run_agent activity {run_agent:.0f} ms, of which the agent runtime alone "
+            f"(workspace, sandbox, scripted loop, diff; no Temporal) takes "
+            f"{b['agentRuntimeMs']:.0f} ms"
+        )
+    ack = results.series.get("spawnAck")
+    start = results.series.get("temporalStart")
+    if ack and start and ack.ms and start.ms:
+        console.print(
+            f"REST spawn ack p50 {percentile(ack.ms, 50):.1f} ms, of which Temporal's "
+            f"start_workflow RPC p50 {percentile(start.ms, 50):.1f} ms (the handler also reads "
+            "the connection and writes the agent, its first event and the audit row)"
+        )
+    if b.get("peerRequestsPerSpawn"):
+        console.print(
+            "signed peer requests per spawn: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(b["peerRequestsPerSpawn"].items()))
+        )
+    if b.get("cpuPerRunBare") and b.get("cpuPerRunFederated"):
+        table = Table(title="CPU per run during the throughput phase", header_style="bold")
+        for column in ("process", "bare", "federated"):
+            table.add_column(column, justify="left" if column == "process" else "right")
+        bare_cpu, fed_cpu = b["cpuPerRunBare"], b["cpuPerRunFederated"]
+        for name in sorted(set(bare_cpu) | set(fed_cpu)):
+            table.add_row(
+                name, f"{bare_cpu.get(name, 0.0):.1f} ms", f"{fed_cpu.get(name, 0.0):.1f} ms"
+            )
+        table.add_row(
+            "total", f"{sum(bare_cpu.values()):.1f} ms", f"{sum(fed_cpu.values()):.1f} ms"
+        )
+        console.print(table)
     print_timeline("requester", req)
     print_timeline("executor", ex)
     if any(m.startswith("kill") for m in missed) and "kill" in b:
@@ -727,7 +871,10 @@ def main() -> int:
     results = asyncio.run(run(args))
     missed = report(results)
     where_time_goes(results, missed)
-    console.print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
+    console.print(
+        f"\nbenchmark took {time.monotonic() - started:.0f} s; load average now "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     if args.json:
         doc = {
             "series": {k: v.summary() for k, v in results.series.items()},
