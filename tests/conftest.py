@@ -24,7 +24,7 @@ TERMINAL = {"completed", "failed", "killed", "timed_out"}
 INSTANCES = ["hub", "spoke", "edge", "far"]
 # `far` is reached by its peers only through a proxy the tests control (lost events, outages),
 # and runs at most one agent at a time for everyone (capacity tests).
-FAR_ENV = {"FEDAGENT_MAX_RUNNING_AGENTS": "1"}
+FAR_ENV = {"FEDAGENT_MAX_RUNNING_AGENTS": "1", "FEDAGENT_MAX_CONCURRENT_AGENTS": "1"}
 
 
 def _free(port: int) -> bool:

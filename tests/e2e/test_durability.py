@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cli.devstack import DevStack
-from federation.envelope import MessageType, SigningKey, sign_envelope
+from federation.envelope import MessageType, sign_envelope
 from tests.conftest import Instance, ensure_connection
 from tests.e2e.helpers import processes_in, spawn_body
 from tests.e2e.proxy import ControlledProxy
@@ -33,11 +33,6 @@ async def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.1)
-
-
-async def signing_key(instance: Instance) -> SigningKey:
-    # Private keys are sealed at rest (issue 3): tests/e2e/signing.py opens the current one.
-    return await instance_key(instance)
 
 
 async def executor_state(executor: Instance, agent_id: str) -> str | None:
@@ -165,7 +160,7 @@ async def test_repeated_and_stale_events_do_not_change_the_outcome(
         uuid.UUID(body["agentId"]),
     )
     last_seq = rows[0]["seq"]
-    key = await signing_key(spoke)
+    key = await instance_key(spoke)
 
     async def send(seq: int, state: str) -> dict[str, Any]:
         envelope = sign_envelope(
@@ -210,7 +205,7 @@ async def test_executor_capacity_refuses_with_429_or_queues_on_request(
     spoke: Instance, far: Instance, stack: DevStack
 ) -> None:
     connection_id = await ensure_connection(spoke, far)  # far runs at most one agent at a time
-    key = await signing_key(spoke)
+    key = await instance_key(spoke)
 
     def spawn_command(instructions: str, queue: bool) -> dict[str, Any]:
         payload = spawn_body(connection_id, instructions, task_id="cap")
@@ -248,7 +243,16 @@ async def test_executor_capacity_refuses_with_429_or_queues_on_request(
         lambda: _is(executor_state(far, queued["payload"]["agentId"]), "completed"),
         what="the queued agent",
     )
-    assert await executor_state(far, busy.json()["agentId"]) == "completed"
+    rows = await far.fetch(
+        "SELECT agent_id, state, started_at, finished_at FROM agents WHERE role = 'executor'"
+        " AND agent_id = ANY($1::uuid[])",
+        [uuid.UUID(busy.json()["agentId"]), uuid.UUID(queued["payload"]["agentId"])],
+    )
+    by_id = {str(r["agent_id"]): r for r in rows}
+    first, second = by_id[busy.json()["agentId"]], by_id[queued["payload"]["agentId"]]
+    assert first["state"] == "completed"
+    # It waited for the slot: it started only once the first one's `sleep 4` was over.
+    assert (second["started_at"] - first["started_at"]).total_seconds() >= 3.5
 
 
 async def test_workflows_carry_search_attributes_summary_and_status(
