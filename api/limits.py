@@ -8,9 +8,15 @@ is handed to the app unchanged.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from federation.store import repos
+
+log = logging.getLogger(__name__)
+INCOMING = "/api/v1/federation/incoming/"
 
 PROBLEM = "application/problem+json"
 # After refusing, read and drop at most this much more so the client can read the answer
@@ -74,6 +80,9 @@ class BodySizeLimit:
                 return
 
     async def _refuse(self, scope: Scope, send: Send, status: int, code: str, size: int) -> None:
+        path = str(scope.get("path", ""))
+        if path.startswith(INCOMING):
+            await self._audit(scope, path, code, size)
         if status == 413:
             title = "Request body too large"
             detail = f"the body is larger than the {self.max_bytes} bytes this API accepts"
@@ -102,3 +111,22 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+    async def _audit(self, scope: Scope, path: str, code: str, size: int) -> None:
+        """A refused peer message is audited like any other, sender unknown (never parsed)."""
+        pool = getattr(getattr(scope.get("app"), "state", None), "pool", None)
+        if pool is None:
+            return
+        client = scope.get("client")
+        try:
+            await repos.audit(
+                pool,
+                actor="peer:unknown",
+                action=f"incoming.{path.removeprefix(INCOMING)}",
+                outcome="refused",
+                code=code,
+                reason=f"body of {size} bytes or more; the limit is {self.max_bytes}",
+                remoteAddr=client[0] if client else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - the refusal stands without its audit entry
+            log.warning("could not audit a refused body: %r", exc)

@@ -11,10 +11,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Literal
 
 import rfc8785
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -102,7 +103,10 @@ class PublicKey:
     public_pem: str
 
     def verify(self, signature: bytes, data: bytes) -> bool:
-        key = serialization.load_pem_public_key(self.public_pem.encode())
+        try:
+            key = _load_public(self.public_pem)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            return False  # a published key we cannot read verifies nothing
         try:
             if self.algorithm is Algorithm.ED25519 and isinstance(key, ed25519.Ed25519PublicKey):
                 key.verify(signature, data)
@@ -140,6 +144,12 @@ class SigningKey:
 
     def __repr__(self) -> str:  # never print private material
         return f"SigningKey(key_id={self.key_id!r}, algorithm={self.algorithm.value!r})"
+
+
+@lru_cache(maxsize=512)
+def _load_public(pem: str) -> Any:
+    # Parsing a PEM (RSA above all) costs far more than a verification: keep the few we meet.
+    return serialization.load_pem_public_key(pem.encode())
 
 
 def _pss() -> padding.PSS:

@@ -250,6 +250,8 @@ async def rotate_key(
         await conn.execute("LOCK TABLE instance IN EXCLUSIVE MODE")
         now = datetime.now(UTC)
         until = now + timedelta(seconds=grace_seconds)
+        # Whole milliseconds: the card publishes validity at that precision.
+        until = until.replace(microsecond=until.microsecond // 1000 * 1000)
         retired = await conn.fetch(
             "UPDATE instance_keys SET retired_at = $1, private_pem = NULL,"
             " private_sealed = NULL, valid_until = LEAST(COALESCE(valid_until, $2), $2)"

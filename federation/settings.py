@@ -100,9 +100,11 @@ PLACEHOLDER_WORDS = ("change", "placeholder", "example", "secret", "password", "
 def decode_master_key(value: str) -> bytes | None:
     """The 32 raw bytes of a base64 (or base64url) master key; None for a passphrase."""
     text = value.strip()
+    if len(text) not in (43, 44):
+        return None
     try:
-        raw = base64.urlsafe_b64decode(
-            text.replace("+", "-").replace("/", "_") + "=" * (-len(text) % 4)
+        raw = base64.b64decode(
+            text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True
         )
     except (ValueError, binascii.Error):
         return None
@@ -113,7 +115,8 @@ def is_placeholder_secret(value: str) -> bool:
     """A value nobody should run a real instance with: short, made-up, or low in entropy."""
     raw = decode_master_key(value)
     if raw is not None:
-        return len(set(raw)) < 8
+        # Random base64 shows ~30 distinct characters; a word repeated to length, a handful.
+        return len(set(raw)) < 8 or len(set(value.strip())) < 16
     text = value.strip()
     if len(text) < 32 or len(set(text)) < 8:
         return True

@@ -68,7 +68,9 @@ async def _body(request: Request) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedEnvelope("body is not JSON") from exc
+        err = MalformedEnvelope("body is not JSON")
+        await _refused(request.app.state.pool, None, err, request.url.path.rsplit("/", 1)[-1])
+        raise err from exc
 
 
 def _payload(model: type[BaseModel], envelope: Envelope) -> Any:

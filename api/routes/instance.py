@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import AdminUser, CipherDep, HttpDep, IdentityDep, PoolDep, SettingsDep
-from federation.envelope import Algorithm, MessageType
+from federation.envelope import Algorithm, MessageType, format_timestamp
 from federation.errors import FederationError
 from federation.identity import Identity, load_identity, rotate_key, update_instance
 from federation.models import InstanceUpdate, KeyPublic, KeyRotate, KeyRotated
@@ -113,7 +113,8 @@ async def rotate_keys(
     identity = await load_identity(pool, cipher)
     notified = await _tell_peers(pool, http, identity, settings)
     retired = [
-        {"keyId": key_id, "validUntil": until.isoformat()} for key_id, until in rotation.retired
+        {"keyId": key_id, "validUntil": format_timestamp(until)}
+        for key_id, until in rotation.retired
     ]
     await repos.audit(
         pool,

@@ -24,86 +24,19 @@ from federation.envelope import (
 )
 from tests.conftest import Instance
 from tests.e2e.helpers import spawn_body
-from tests.e2e.signing import instance_key
+from tests.e2e.signing import (
+    WINDOW,
+    assert_nothing_started,
+    assert_refused,
+    craft,
+    instance_key,
+    post_command,
+    refused_codes,
+    spawn_payload,
+    statuses,
+)
 
 pytestmark = pytest.mark.e2e
-
-WINDOW = 300  # the stack runs with the default FEDAGENT_TIMESTAMP_WINDOW
-
-
-def spawn_payload(
-    *,
-    agent_type: str = "worker",
-    repository: str = "example/repo",
-    timeout: int = 60,
-    instructions: str = "$ echo should-not-run",
-) -> dict[str, Any]:
-    body = spawn_body(str(uuid.uuid4()), instructions, agent_type=agent_type, timeout=timeout)
-    body.pop("connectionId")
-    body["context"]["repository"] = repository
-    return body
-
-
-def craft(
-    key: SigningKey,
-    sender: Instance,
-    recipient: Instance,
-    payload: dict[str, Any],
-    *,
-    command_type: str = "agent.spawn",
-    **kw: Any,
-) -> dict[str, Any]:
-    return sign_envelope(
-        key,
-        type=MessageType.COMMAND,
-        sender_id=kw.pop("sender_id", sender.id),
-        recipient_id=kw.pop("recipient_id", recipient.id),
-        command_type=command_type,
-        payload=payload,
-        **kw,
-    ).to_wire()
-
-
-async def post_command(recipient: Instance, envelope: dict[str, Any]) -> Any:
-    return await recipient.http.post(
-        f"{recipient.url}/api/v1/federation/incoming/command", json=envelope
-    )
-
-
-async def assert_nothing_started(executor: Instance, envelope: dict[str, Any]) -> None:
-    agent_id = envelope["payload"].get("agentId")
-    if agent_id is not None:
-        key = uuid.UUID(agent_id)
-        assert await executor.fetch("SELECT 1 FROM agents WHERE agent_id = $1", key) == []
-        assert await executor.fetch("SELECT 1 FROM messages WHERE agent_id = $1", key) == []
-        assert await executor.count_workflows(f"AgentId = '{agent_id}'") == 0
-    rows = await executor.fetch(
-        "SELECT 1 FROM messages WHERE message_id = $1", envelope["messageId"]
-    )
-    assert rows == []
-
-
-async def refused_codes(executor: Instance, message_id: str) -> list[str]:
-    rows = await executor.fetch(
-        "SELECT details->>'code' AS code FROM audit_log WHERE outcome = 'refused'"
-        " AND details->>'messageId' = $1",
-        message_id,
-    )
-    return [r["code"] for r in rows]
-
-
-async def assert_refused(
-    executor: Instance, envelope: dict[str, Any], status: int, code: str
-) -> dict[str, Any]:
-    response = await post_command(executor, envelope)
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    problem: dict[str, Any] = response.json()
-    assert problem["code"] == code, problem
-    assert await refused_codes(executor, envelope["messageId"]) == [code]
-    await assert_nothing_started(executor, envelope)
-    return problem
-
 
 # --- the envelope itself, on the shared ACTIVE hub -> spoke connection -----------------------
 
@@ -257,25 +190,6 @@ async def _spawned_agent(hub: Instance, connection_id: str) -> str:
 
 
 # --- connection states, on a fresh edge -> spoke connection ---------------------------------
-
-
-@pytest.fixture
-async def edge_spoke_request(edge: Instance, spoke: Instance) -> AsyncIterator[str]:
-    """edge asks spoke for a connection (PENDING); whatever the test does, it ends disconnected."""
-    response = await edge.call("POST", "/connections", json={"remoteUrl": spoke.url})
-    assert response.status_code == 201, response.text
-    connection_id: str = response.json()["connectionId"]
-    try:
-        yield connection_id
-    finally:
-        await edge.call("POST", f"/connections/{connection_id}/disconnect")
-        await spoke.call("POST", f"/connections/{connection_id}/disconnect")
-
-
-async def statuses(a: Instance, b: Instance, connection_id: str) -> tuple[str, str]:
-    first = (await a.call("GET", f"/connections/{connection_id}")).json()
-    second = (await b.call("GET", f"/connections/{connection_id}")).json()
-    return first["status"], second["status"]
 
 
 async def test_messages_on_a_connection_that_is_not_active_are_refused(
@@ -438,6 +352,7 @@ async def test_commands_outside_the_grants_are_refused(
 
 
 async def test_bodies_over_the_limit_get_413_before_parsing(spoke: Instance, hub: Instance) -> None:
+    started = datetime.now(UTC)
     big = b'{"x": "' + b"a" * (1024 * 1024 + 10) + b'"}'
     for path in ("/incoming/command", "/agents/spawn"):
         response = await spoke.http.post(
@@ -467,6 +382,18 @@ async def test_bodies_over_the_limit_get_413_before_parsing(spoke: Instance, hub
         headers={"content-type": "application/json"},
     )
     assert (response.status_code, response.json()["code"]) == (422, "envelope_malformed")
+    # Refused peer messages are audited even when they were never parsed.
+    rows = await spoke.fetch(
+        "SELECT action, details->>'code' AS code FROM audit_log WHERE outcome = 'refused'"
+        " AND details->>'code' IN ('body_too_large', 'envelope_malformed') AND at >= $1"
+        " ORDER BY id",
+        started,
+    )
+    assert [(r["action"], r["code"]) for r in rows] == [
+        ("incoming.command", "body_too_large"),
+        ("incoming.event", "body_too_large"),
+        ("incoming.command", "envelope_malformed"),
+    ]
 
 
 async def test_schema_violations_name_the_field(hub: Instance, hub_spoke: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -125,3 +126,78 @@ def test_numbers_without_a_canonical_form_are_malformed() -> None:
     wire["payload"] = {"n": 2**60}
     with pytest.raises(MalformedEnvelope):
         parse_envelope(wire)
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _reordered(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _reordered(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [_reordered(v) for v in value]
+    return value
+
+
+@settings(max_examples=80, deadline=None)
+@given(payload=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=5))
+def test_canonical_form_is_stable_across_key_order_and_unicode_escapes(
+    payload: dict[str, Any],
+) -> None:
+    envelope = signed(p=payload)
+    wire = envelope.to_wire()
+    for text in (
+        json.dumps(wire, ensure_ascii=True),
+        json.dumps(_reordered(wire), ensure_ascii=False),
+        json.dumps(_reordered(wire), ensure_ascii=True, indent=2),
+    ):
+        received = parse_envelope(json.loads(text))
+        assert canonical_bytes(received.signed_fields()) == canonical_bytes(
+            envelope.signed_fields()
+        )
+        check_signature(received, KEY.public())
+
+
+RSA_KEY = generate_signing_key(Algorithm.RSA_PSS_SHA256)
+
+
+@settings(max_examples=8, deadline=None)
+@given(field=st.sampled_from(SIGNED_FIELDS), text=st.text(min_size=1, max_size=20))
+def test_rsa_pss_signatures_break_on_any_header_change(field: str, text: str) -> None:
+    wire = sign_envelope(
+        RSA_KEY,
+        type=MessageType.COMMAND,
+        sender_id="a",
+        recipient_id="b",
+        command_type="agent.status",
+        payload={"agentId": "x"},
+    ).to_wire()
+    check_signature(Envelope.model_validate(wire), RSA_KEY.public())
+    new_value: Any = "EVENT" if field == "type" else text
+    if wire[field] == new_value:
+        new_value = new_value + "x"
+    wire[field] = new_value
+    with pytest.raises(SignatureInvalid):
+        check_signature(Envelope.model_validate(wire), RSA_KEY.public())
+
+
+@settings(max_examples=40, deadline=None)
+@given(payload=st.dictionaries(st.text(max_size=6), JSON_VALUES, min_size=1, max_size=4))
+def test_any_change_deep_inside_the_payload_fails(payload: dict[str, Any]) -> None:
+    wire = signed(p=payload).to_wire()
+    changed = {**payload, "\u00e9": ["added", 1.5, None]}
+    if changed == payload:
+        changed = {**payload, "\u00e9": None}
+    wire["payload"] = {"p": changed}
+    with pytest.raises(SignatureInvalid):
+        check_signature(Envelope.model_validate(wire), KEY.public())
