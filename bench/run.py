@@ -505,6 +505,7 @@ async def run(args: argparse.Namespace) -> Results:
             "FEDAGENT_MAX_CONCURRENT_AGENTS": str(max(8, in_flight)),
             "FEDAGENT_MAX_RUNNING_AGENTS": str(max(64, in_flight * 2)),
             **({"FEDAGENT_SANDBOX": args.sandbox} if args.sandbox else {}),
+            **dict(item.split("=", 1) for item in args.env),
         },
     )
     results.environment = {
@@ -513,6 +514,7 @@ async def run(args: argparse.Namespace) -> Results:
         "python": sys.version.split()[0],
         "workersPerInstance": args.workers,
         "sandbox": args.sandbox or os.environ.get("FEDAGENT_SANDBOX") or "default (bwrap)",
+        "env": args.env,
     }
     load = os.getloadavg()[0]
     if load > (os.cpu_count() or 1):
@@ -864,6 +866,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="worker processes per instance")
     parser.add_argument("--sandbox", help="FEDAGENT_SANDBOX for the executor (default: its own)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for every instance process, e.g. FEDAGENT_HEARTBEAT_INTERVAL=0.2",
+    )
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--keep", action="store_true", help="keep the data dir (logs)")
     args = parser.parse_args()
