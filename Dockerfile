@@ -22,11 +22,8 @@ RUN groupadd --system --gid 10001 fedagent \
 WORKDIR /opt/fedagent
 # Dependencies first, so that a code change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN python - <<'PY' > /tmp/requirements.txt
-import tomllib
-print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
-PY
-RUN pip install -r /tmp/requirements.txt
+RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
 COPY federation/ federation/
 COPY workflows/ workflows/
 COPY activities/ activities/
