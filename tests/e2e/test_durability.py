@@ -262,17 +262,30 @@ async def test_workflows_carry_search_attributes_summary_and_status(
     assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
     await hub.wait_agent(body["agentId"])
     agent_id = body["agentId"]
+    workflow_ids = {
+        "hub": f"remote-agent/{agent_id}",
+        "spoke": f"agent-run/{hub.id}/{agent_id}",
+    }
     for instance, peer, word in ((hub, "spoke", "on"), (spoke, "hub", "from")):
         client = await instance.temporal()
-        found = [w async for w in client.list_workflows(f"AgentId = '{agent_id}'")]
+        await client.get_workflow_handle(workflow_ids[instance.name]).result()
+        # Visibility is eventually consistent: give it a moment after the close.
+        for _ in range(50):
+            found = [w async for w in client.list_workflows(f"AgentId = '{agent_id}'")]
+            if found and dict(found[0].search_attributes.items()).get("AgentState") == [
+                "completed"
+            ]:
+                break
+            await asyncio.sleep(0.2)
         assert len(found) == 1
+        assert found[0].id == workflow_ids[instance.name]
         attrs = dict(found[0].search_attributes.items())
         assert attrs["TaskId"] == ["ui-1"]
         assert attrs["AgentType"] == ["tester"]
         assert attrs["PeerInstance"] == [peer]
         assert attrs["AgentState"] == ["completed"]
         described = await client.get_workflow_handle(found[0].id).describe()
-        assert await described.static_summary == f"tester agent for task ui-1 {word} {peer}"
+        assert await described.static_summary() == f"tester agent for task ui-1 {word} {peer}"
         status = await client.get_workflow_handle(found[0].id).query("status")
         assert status["state"] == "completed"
     hits = await hub.count_workflows(
