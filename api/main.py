@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from api import problems
 from api.limits import BodySizeLimit
 from api.metrics import ObservabilityMiddleware
-from api.routes import agents, audit, connections, incoming, instance, ops
+from api.routes import agents, audit, commands, connections, incoming, instance, ops
 from federation import keystore
 from federation.identity import ensure_identity
 from federation.settings import Settings, get_settings
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (instance, connections, agents, incoming, audit, ops):
+    for module in (instance, connections, agents, commands, incoming, audit, ops):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: request ids in the logs, latency and refusal metrics (413s included).

@@ -86,6 +86,8 @@ async def apply_peer_change(
         return connection
     if command_type in SUSPENSIONS:
         action = "suspend" if command_type == "connection.suspend" else "resume"
+        if action == "resume" and connection["status"] == "ACTIVE":
+            return connection  # we never heard of the suspension (the peer could not tell us)
         return await change_suspension(db, connection, "remote", action)
     if command_type not in ANSWERS:
         raise UnsupportedCommand(f"unknown CONNECT command {command_type!r}")

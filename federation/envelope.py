@@ -212,12 +212,25 @@ def parse_envelope(raw: Any) -> Envelope:
             f"signed message does not match fedagent/1: {', '.join(fields) or 'body'}",
             fields=fields,
         ) from exc
+    if _has_nul(raw):
+        # No store can keep it (PostgreSQL text and jsonb refuse NUL), so no peer may send it.
+        raise MalformedEnvelope("signed message contains a NUL character")
     try:
         canonical_bytes(envelope.signed_fields())
-    except rfc8785.CanonicalizationError as exc:
+    except (rfc8785.CanonicalizationError, UnicodeError, ValueError) as exc:
         # e.g. integers beyond 2^53 or NaN: they have no canonical JSON form to sign.
         raise MalformedEnvelope(f"message has no canonical JSON form: {exc}") from exc
     return envelope
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def check_recipient(envelope: Envelope, instance_id: str) -> None:

@@ -233,3 +233,8 @@ class KillNotDelivered(FederationError):
     code = "kill_not_delivered"
     status = 502
     title = "The kill could not be delivered to the executor"
+
+
+class CommandNotFound(NotFound):
+    code = "command_not_found"
+    title = "Command not found"

@@ -273,3 +273,45 @@ class AuditPage(BaseModel):
     items: list[AuditEntryPublic]
     # Pass as `before` for the next (older) page; None when this is the last one.
     nextBefore: int | None
+
+
+# --- commands: one-off signed commands sent by a local user -------------------------------------
+
+
+class CommandCreate(Strict):
+    connectionId: uuid.UUID
+    # Only what needs no workflow: spawns and kills go through /agents.
+    commandType: Literal["agent.status"]
+    payload: AgentRefPayload
+
+
+class CommandPublic(BaseModel):
+    commandId: uuid.UUID
+    connectionId: uuid.UUID
+    peerInstanceId: str
+    commandType: str
+    payload: dict[str, Any]
+    messageId: str
+    status: Literal["answered", "refused", "failed"]
+    response: dict[str, Any] | None
+    error: dict[str, Any] | None
+    workspace: str
+    actor: str
+    createdAt: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> CommandPublic:
+        return cls(
+            commandId=row["command_id"],
+            connectionId=row["connection_id"],
+            peerInstanceId=row["peer_instance_id"],
+            commandType=row["command_type"],
+            payload=row["payload"],
+            messageId=row["message_id"],
+            status=row["status"],
+            response=row["response"],
+            error=row["error"],
+            workspace=row["workspace"],
+            actor=row["actor"],
+            createdAt=row["created_at"],
+        )

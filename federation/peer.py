@@ -72,6 +72,7 @@ async def send_signed(
     window_seconds: int,
     timeout: float | None = None,
     refresh_keys: Callable[[], Awaitable[list[dict[str, Any]] | None]] | None = None,
+    message_id: str | None = None,
 ) -> tuple[Envelope, dict[str, Any]]:
     """Sign and POST one message; return it and the verified payload of the signed RESPONSE.
 
@@ -89,6 +90,7 @@ async def send_signed(
         recipient_id=recipient_id,
         command_type=command_type,
         payload=payload,
+        message_id=message_id,
     )
     target = f"{url.rstrip('/')}{INCOMING_PATH[type]}"
     try:

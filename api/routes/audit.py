@@ -24,7 +24,7 @@ async def list_audit(
     actor: Annotated[str | None, Query(max_length=300, description="user:N, peer:ID")] = None,
     since: Annotated[datetime | None, Query(description="at or after (RFC 3339)")] = None,
     until: Annotated[datetime | None, Query(description="before (RFC 3339)")] = None,
-    before: Annotated[int | None, Query(ge=1, description="nextBefore of a page")] = None,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="nextBefore")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     rows = await repos.list_audit(

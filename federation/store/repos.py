@@ -370,15 +370,28 @@ async def count_running_for_peer(db: Executor, requester_id: str) -> int:
 # --- audit --------------------------------------------------------------------------------
 
 
+def _storable(value: Any, limit: int = 2000) -> Any:
+    """What a refused peer sent, made fit for text/jsonb: no NUL, no megabyte strings."""
+    if isinstance(value, str):
+        text = value.replace("\x00", "\\u0000").encode("utf-8", "replace").decode("utf-8")
+        return text if len(text) <= limit else text[:limit] + "..."
+    if isinstance(value, dict):
+        return {str(_storable(k, 200)): _storable(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v, limit) for v in value]
+    return value
+
+
 async def audit(
     db: Executor, *, actor: str, action: str, outcome: str = "ok", **details: Any
 ) -> None:
+    # Entries often quote what a refused peer sent: keep them storable whatever it was.
     await db.execute(
         "INSERT INTO audit_log (actor, action, outcome, details) VALUES ($1, $2, $3, $4)",
-        actor,
-        action,
+        _storable(actor, 300),
+        _storable(action, 200),
         outcome,
-        details,
+        _storable(details),
     )
 
 
@@ -478,3 +491,34 @@ async def update_connection_state(
             expect_suspended_by,
         )
     )
+
+
+# --- commands sent by local users ---------------------------------------------------------
+
+
+async def insert_command(db: Executor, **fields: Any) -> dict[str, Any]:
+    columns = list(fields)
+    placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
+    row = await db.fetchrow(
+        f"INSERT INTO commands ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *",
+        *fields.values(),
+    )
+    assert row is not None
+    return dict(row)
+
+
+async def get_command(db: Executor, command_id: uuid.UUID) -> dict[str, Any] | None:
+    return row_dict(await db.fetchrow("SELECT * FROM commands WHERE command_id = $1", command_id))
+
+
+async def list_commands(
+    db: Executor, *, workspace: str | None, limit: int = 100, offset: int = 0
+) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        "SELECT * FROM commands WHERE ($1::text IS NULL OR workspace = $1)"
+        " ORDER BY created_at DESC, command_id LIMIT $2 OFFSET $3",
+        workspace,
+        limit,
+        offset,
+    )
+    return [dict(r) for r in rows]

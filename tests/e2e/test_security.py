@@ -415,3 +415,37 @@ async def test_schema_violations_name_the_field(hub: Instance, hub_spoke: str) -
         await hub.fetch("SELECT 1 FROM agents WHERE agent_id = $1", uuid.UUID(body["agentId"]))
         == []
     )
+
+
+async def test_a_suspension_the_peer_did_not_hear_can_still_be_lifted(
+    edge: Instance, spoke: Instance, edge_spoke_request: str
+) -> None:
+    cid = edge_spoke_request
+    assert (await spoke.call("POST", f"/connections/{cid}/accept")).status_code == 200
+    conn = await spoke.db()
+    try:
+        url = await conn.fetchval(
+            "UPDATE connections SET remote_url = 'http://127.0.0.1:9' WHERE connection_id = $1"
+            " RETURNING (SELECT remote_url FROM connections WHERE connection_id = $1)",
+            uuid.UUID(cid),
+        )
+        suspended = await spoke.call("POST", f"/connections/{cid}/suspend")
+        assert suspended.status_code == 200, suspended.text
+        # Stopped here at once, though edge could not be told.
+        assert (suspended.json()["status"], suspended.json()["peerNotified"]) == (
+            "SUSPENDED",
+            False,
+        )
+        assert await statuses(edge, spoke, cid) == ("ACTIVE", "SUSPENDED")
+        # While the peer cannot hear it, a resume is refused and changes nothing.
+        refused = await spoke.call("POST", f"/connections/{cid}/resume")
+        assert (refused.status_code, refused.json()["code"]) == (502, "peer_unreachable")
+        assert await statuses(edge, spoke, cid) == ("ACTIVE", "SUSPENDED")
+        await conn.execute(
+            "UPDATE connections SET remote_url = $2 WHERE connection_id = $1", uuid.UUID(cid), url
+        )
+    finally:
+        await conn.close()
+    resumed = await spoke.call("POST", f"/connections/{cid}/resume")
+    assert resumed.status_code == 200, resumed.text
+    assert await statuses(edge, spoke, cid) == ("ACTIVE", "ACTIVE")

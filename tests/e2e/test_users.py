@@ -82,6 +82,31 @@ async def test_a_member_sees_and_acts_on_its_own_workspace_only(
     assert (again.status_code, again.json()["code"]) == (409, "agent_id_conflict")
     assert (await hub.call("GET", f"/agents/{agent_id}", headers=bob)).json()["state"] == "running"
 
+    # Commands: bob asks spoke for its status; alice can neither ask nor see bob's command.
+    status_command = {
+        "connectionId": hub_spoke,
+        "commandType": "agent.status",
+        "payload": {"agentId": agent_id},
+    }
+    sent = await hub.call("POST", "/command", json=status_command, headers=bob)
+    assert sent.status_code == 201, sent.text
+    command = sent.json()
+    assert command["status"] == "answered" and command["response"]["state"] == "running"
+    assert command["workspace"] == "ws-b" and command["actor"] == "user:bob"
+    denied = await hub.call("POST", "/command", json=status_command, headers=alice)
+    assert (denied.status_code, denied.json()["code"]) == (404, "agent_not_found")
+    hidden = await hub.call("GET", f"/commands/{command['commandId']}", headers=alice)
+    assert (hidden.status_code, hidden.json()["code"]) == (404, "command_not_found")
+    mine = await hub.call("GET", "/commands", headers=alice)
+    assert command["commandId"] not in {c["commandId"] for c in mine.json()}
+    theirs = await hub.call("GET", "/commands", headers=bob)
+    assert command["commandId"] in {c["commandId"] for c in theirs.json()}
+    read = await hub.call("GET", f"/commands/{command['commandId']}")
+    assert read.json()["messageId"] == command["messageId"]
+    kill_command = {**status_command, "commandType": "agent.kill"}
+    refused = await hub.call("POST", "/command", json=kill_command, headers=bob)
+    assert (refused.status_code, refused.json()["code"]) == (422, "validation_error")
+
     # bob sees it, the admin sees it, bob kills it.
     listed = await hub.call("GET", "/agents", params={"limit": 500}, headers=bob)
     assert agent_id in {a["agentId"] for a in listed.json()}
@@ -94,6 +119,7 @@ async def test_a_member_sees_and_acts_on_its_own_workspace_only(
     )
     assert [(r["actor"], r["action"]) for r in actions] == [
         ("user:bob", "agent.spawn"),
+        ("user:bob", "command.agent.status"),
         ("user:bob", "agent.kill"),
     ]
 

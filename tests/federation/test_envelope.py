@@ -128,14 +128,19 @@ def test_numbers_without_a_canonical_form_are_malformed() -> None:
         parse_envelope(wire)
 
 
+# NUL and lone surrogates are refused on the wire (no store can keep them, UTF-8 cannot carry
+# them); everything else is fair game.
+WIRE_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+TEXT = st.text(WIRE_CHARS)
 JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
+    | TEXT,
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(WIRE_CHARS, max_size=6), children, max_size=4)
     ),
     max_leaves=20,
 )
@@ -150,7 +155,7 @@ def _reordered(value: Any) -> Any:
 
 
 @settings(max_examples=80, deadline=None)
-@given(payload=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=5))
+@given(payload=st.dictionaries(st.text(WIRE_CHARS, max_size=8), JSON_VALUES, max_size=5))
 def test_canonical_form_is_stable_across_key_order_and_unicode_escapes(
     payload: dict[str, Any],
 ) -> None:
@@ -192,7 +197,9 @@ def test_rsa_pss_signatures_break_on_any_header_change(field: str, text: str) ->
 
 
 @settings(max_examples=40, deadline=None)
-@given(payload=st.dictionaries(st.text(max_size=6), JSON_VALUES, min_size=1, max_size=4))
+@given(
+    payload=st.dictionaries(st.text(WIRE_CHARS, max_size=6), JSON_VALUES, min_size=1, max_size=4)
+)
 def test_any_change_deep_inside_the_payload_fails(payload: dict[str, Any]) -> None:
     wire = signed(p=payload).to_wire()
     changed = {**payload, "\u00e9": ["added", 1.5, None]}
@@ -201,3 +208,23 @@ def test_any_change_deep_inside_the_payload_fails(payload: dict[str, Any]) -> No
     wire["payload"] = {"p": changed}
     with pytest.raises(SignatureInvalid):
         check_signature(Envelope.model_validate(wire), KEY.public())
+
+
+@pytest.mark.parametrize("where", ["messageId", "payload", "key"])
+def test_nul_characters_are_malformed_anywhere(where: str) -> None:
+    wire = signed().to_wire()
+    if where == "messageId":
+        wire["messageId"] = "a\x00b"
+    elif where == "payload":
+        wire["payload"] = {"x": ["ok", "a\x00"]}
+    else:
+        wire["payload"] = {"a\x00": 1}
+    with pytest.raises(MalformedEnvelope, match="NUL"):
+        parse_envelope(wire)
+
+
+def test_lone_surrogates_are_malformed_not_a_crash() -> None:
+    wire = signed().to_wire()
+    wire["payload"] = json.loads('{"x": "\\ud800"}')
+    with pytest.raises(MalformedEnvelope):
+        parse_envelope(wire)
