@@ -1,24 +1,26 @@
 """The agent loop: ask the model for a turn, run its tool calls in the sandbox, repeat.
 
-Usable without Temporal: progress goes to a callback, cancellation is plain asyncio.
+Usable without Temporal: progress goes to a callback, cancellation is plain asyncio. The loop
+owns the limits of a run (turns, token budget) and the retries of transient model API errors
+(with exponential backoff and jitter, honouring Retry-After); a permanent API error (invalid
+request, authentication) ends the run unsuccessfully with the API's reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.models import Conversation, ModelProvider, ModelTurn, ToolCall, ToolOutcome
+from agents.models import Conversation, ModelProvider, ModelTurn, ProviderError, ToolCall
+from agents.prompts import system_prompt, task_prompt
 from agents.sandbox.base import Sandbox
+from agents.tools import TOOL_SPECS, ToolRunner, tools_for
 
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 
-SYSTEM_PROMPTS = {
-    "worker": "You are a worker agent. Change the code in the workspace to complete the task.",
-    "reviewer": "You are a reviewer agent. Review the code in the workspace; change nothing.",
-    "tester": "You are a tester agent. Write and run tests for the code in the workspace.",
-}
 LOG_TAIL = 8 * 1024
 
 
@@ -30,6 +32,23 @@ class AgentRunReport:
     turns: int = 0
     usage: dict[str, dict[str, int]] = field(default_factory=dict)
     log_tail: str = ""
+    # finished | no_tool_call | max_turns | token_budget | model_error
+    stop_reason: str = ""
+    error: str | None = None
+    api_retries: int = 0
+    model: str = ""
+    # Filled by the runtime once the sandbox is gone.
+    diff: str = ""
+    diff_sha256: str = ""
+    diff_bytes: int = 0
+    diff_truncated: bool = False
+    changed_files: list[str] = field(default_factory=list)
+    sandbox: dict[str, Any] = field(default_factory=dict)
+    workspace: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return sum(sum(u.values()) for u in self.usage.values())
 
     def as_result(self) -> dict[str, Any]:
         return {
@@ -40,19 +59,24 @@ class AgentRunReport:
             "turns": self.turns,
             "usage": self.usage,
             "logTail": self.log_tail,
+            "stopReason": self.stop_reason,
+            "error": self.error,
+            "apiRetries": self.api_retries,
+            "model": self.model,
+            "diff": self.diff,
+            "diffSha256": self.diff_sha256,
+            "diffBytes": self.diff_bytes,
+            "diffTruncated": self.diff_truncated,
+            "changedFiles": self.changed_files,
+            "sandbox": self.sandbox,
+            "workspace": self.workspace,
         }
 
 
-def build_task_prompt(agent_type: str, context: dict[str, Any]) -> tuple[str, str]:
-    system = SYSTEM_PROMPTS.get(agent_type, SYSTEM_PROMPTS["worker"])
-    items = "\n".join(f"- {item}" for item in context.get("workItems") or [])
-    task = (
-        f"Repository: {context.get('repository') or '(none)'}\n"
-        f"Branch: {context.get('branch') or '(default)'}\n"
-        f"Work items:\n{items or '- (none)'}\n\n"
-        f"Instructions:\n{context.get('instructions') or ''}"
-    )
-    return system, task
+def build_task_prompt(
+    agent_type: str, context: Mapping[str, Any], workspace_note: str = ""
+) -> tuple[str, str]:
+    return system_prompt(agent_type), task_prompt(context, workspace_note)
 
 
 class AgentLoop:
@@ -63,58 +87,159 @@ class AgentLoop:
         *,
         on_progress: ProgressCallback | None = None,
         max_turns: int = 50,
+        token_budget: int | None = None,
+        max_api_retries: int = 6,
+        backoff: float = 1.0,
+        backoff_max: float = 30.0,
+        log_tail: int = LOG_TAIL,
     ) -> None:
         self.provider = provider
         self.sandbox = sandbox
         self.on_progress = on_progress
         self.max_turns = max_turns
+        self.token_budget = token_budget
+        self.max_api_retries = max_api_retries
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.log_limit = log_tail
         self._log: list[str] = []
 
-    async def run(self, agent_type: str, context: dict[str, Any]) -> AgentRunReport:
-        system, task = build_task_prompt(agent_type, context)
-        conversation = Conversation(system=system, task=task)
-        report = AgentRunReport(success=False, summary="")
+    async def run(
+        self, agent_type: str, context: Mapping[str, Any], *, workspace_note: str = ""
+    ) -> AgentRunReport:
+        allowed = tools_for(agent_type)
+        conversation = Conversation(
+            system=system_prompt(
+                agent_type,
+                mount=self.sandbox.workspace_mount,
+                command_timeout=self.sandbox.limits.command_timeout,
+                max_turns=self.max_turns,
+            ),
+            task=task_prompt(context, workspace_note),
+            tools=[TOOL_SPECS[name] for name in allowed],
+        )
+        tools = ToolRunner(self.sandbox, allowed)
+        report = AgentRunReport(success=False, summary="", model=self.provider.model)
+        try:
+            await self._run(conversation, tools, report)
+        finally:
+            report.log_tail = self._tail()
+        return report
+
+    async def _run(
+        self, conversation: Conversation, tools: ToolRunner, report: AgentRunReport
+    ) -> None:
+        nudged = False
         for turn_no in range(1, self.max_turns + 1):
-            turn = await self.provider.next_turn(conversation)
+            if self.token_budget is not None and report.tokens >= self.token_budget:
+                self._stop(
+                    report,
+                    "token_budget",
+                    f"stopped: the token budget of {self.token_budget} tokens is spent "
+                    f"({report.tokens} used)",
+                )
+                return
+            try:
+                turn = await self._next_turn(conversation, report, turn_no)
+            except ProviderError as exc:
+                self._stop(report, "model_error", self._failure_summary(exc, report))
+                return
             report.turns = turn_no
             self._count_usage(report, turn)
-            outcomes: list[ToolOutcome] = []
+            if turn.text:
+                self._log.append(f"[assistant] {turn.text.strip()}\n")
+            if not turn.tool_calls:
+                if turn.stop_reason == "refusal":
+                    self._stop(report, "model_error", "the model declined the task")
+                    return
+                if nudged or turn.stop_reason not in ("end_turn", "max_tokens", ""):
+                    # The model ended without calling finish twice: its text is the summary.
+                    report.success = True
+                    report.summary = turn.text.strip() or "(the model ended without a summary)"
+                    report.stop_reason = "no_tool_call"
+                    await self._progress(turn_no, "finish", report)
+                    return
+                nudged = turn.stop_reason != "max_tokens"
+                conversation.turns.append((turn, []))
+                continue
+            nudged = False
+            outcomes = []
             for call in turn.tool_calls:
                 if call.name == "finish":
                     report.success = bool(call.input.get("success", True))
                     report.summary = str(call.input.get("summary", ""))
-                    report.log_tail = self._tail()
+                    report.stop_reason = "finished"
                     await self._progress(turn_no, "finish", report)
-                    return report
+                    return
                 await self._progress(turn_no, call.name, report, call)
-                outcomes.append(await self._run_tool(call, report))
+                outcome, record = await tools.run(call)
+                if record is not None:
+                    report.commands.append(
+                        {
+                            "command": record.command,
+                            "exitCode": record.exit_code,
+                            "timedOut": record.timed_out,
+                        }
+                    )
+                    self._log.append(
+                        f"$ {record.command}\n{record.output}[exit {record.exit_code}]\n"
+                    )
+                else:
+                    status = "error" if outcome.is_error else "ok"
+                    self._log.append(f"[{call.name} {call.input.get('path', '')}] {status}\n")
+                outcomes.append(outcome)
             conversation.turns.append((turn, outcomes))
-        report.summary = f"stopped after the maximum of {self.max_turns} turns"
-        report.log_tail = self._tail()
-        return report
+        self._stop(report, "max_turns", f"stopped after the maximum of {self.max_turns} turns")
 
-    async def _run_tool(self, call: ToolCall, report: AgentRunReport) -> ToolOutcome:
-        if call.name != "run_command":
-            return ToolOutcome(call.id, f"unknown tool {call.name!r}", is_error=True)
-        command = str(call.input.get("command", ""))
-        result = await self.sandbox.run(command)
-        report.commands.append(
-            {"command": command, "exitCode": result.exit_code, "timedOut": result.timed_out}
-        )
-        self._log.append(f"$ {command}\n{result.output}[exit {result.exit_code}]\n")
-        return ToolOutcome(
-            call.id, result.output, is_error=result.exit_code != 0, exit_code=result.exit_code
-        )
+    async def _next_turn(
+        self, conversation: Conversation, report: AgentRunReport, turn_no: int
+    ) -> ModelTurn:
+        attempt = 0
+        while True:
+            try:
+                return await self.provider.next_turn(conversation)
+            except ProviderError as exc:
+                if not exc.transient or attempt >= self.max_api_retries:
+                    raise
+                delay = min(self.backoff_max, self.backoff * 2**attempt)
+                delay = delay * (0.5 + random.random() / 2)  # jitter: retries do not align
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, self.backoff_max))
+                attempt += 1
+                report.api_retries += 1
+                self._log.append(
+                    f"[model API] {exc}; retry {attempt}/{self.max_api_retries} in {delay:.2f} s\n"
+                )
+                await self._progress(turn_no, "model_retry", report, retry=attempt, error=str(exc))
+                await asyncio.sleep(delay)
+
+    def _failure_summary(self, exc: ProviderError, report: AgentRunReport) -> str:
+        if exc.transient:
+            return f"the model API stayed unavailable after {report.api_retries} retries: {exc}"
+        return f"the model API refused the request: {exc}"
+
+    def _stop(self, report: AgentRunReport, reason: str, summary: str) -> None:
+        report.success = False
+        report.stop_reason = reason
+        report.summary = summary
+        report.error = summary
 
     async def _progress(
-        self, turn: int, tool: str, report: AgentRunReport, call: ToolCall | None = None
+        self,
+        turn: int,
+        tool: str,
+        report: AgentRunReport,
+        call: ToolCall | None = None,
+        **extra: Any,
     ) -> None:
         if self.on_progress is None:
             return
-        tokens = sum(u.get("input", 0) + u.get("output", 0) for u in report.usage.values())
-        detail: dict[str, Any] = {"turn": turn, "lastTool": tool, "tokens": tokens}
-        if call is not None and "command" in call.input:
-            detail["command"] = str(call.input["command"])[:200]
+        detail: dict[str, Any] = {"turn": turn, "lastTool": tool, "tokens": report.tokens}
+        if call is not None:
+            for key in ("command", "path"):
+                if key in call.input:
+                    detail[key] = str(call.input[key])[:200]
+        detail.update(extra)
         maybe = self.on_progress(detail)
         if maybe is not None:
             await maybe
@@ -124,9 +249,9 @@ class AgentLoop:
         if not turn.usage:
             return
         entry = report.usage.setdefault(turn.model or "unknown", {"input": 0, "output": 0})
-        entry["input"] += turn.usage.get("input", 0)
-        entry["output"] += turn.usage.get("output", 0)
+        for key, value in turn.usage.items():
+            entry[key] = entry.get(key, 0) + value
 
     def _tail(self) -> str:
         text = "".join(self._log)
-        return text[-LOG_TAIL:]
+        return text[-self.log_limit :]

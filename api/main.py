@@ -14,6 +14,7 @@ from api import problems
 from api.limits import BodySizeLimit
 from api.metrics import ObservabilityMiddleware
 from api.routes import agents, audit, commands, connections, incoming, instance, ops
+from api.spawner import SpawnStarter
 from federation import keystore
 from federation.identity import ensure_identity
 from federation.settings import Settings, get_settings
@@ -53,12 +54,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.temporal = await connect_temporal(settings)
         app.state.http = httpx.AsyncClient(timeout=settings.peer_request_timeout)
         expiry = asyncio.create_task(_expire_seen_messages(app, settings.timestamp_window / 2))
+        app.state.spawner = SpawnStarter(app.state.pool, app.state.temporal, settings)
+        app.state.spawner.run()
         try:
             yield
         finally:
             expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
+            await app.state.spawner.close()
             await app.state.http.aclose()
             await app.state.pool.close()
 

@@ -19,6 +19,9 @@ from typing import Any
 
 import asyncpg
 import httpx
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
 from federation.identity import ensure_identity
@@ -100,6 +103,7 @@ class DevStack:
             for _ in range(self.workers_per_instance):
                 self.start_worker(inst.name)
         await asyncio.gather(*(self.wait_ready(name) for name in self.names))
+        await asyncio.gather(*(self.wait_polling(name) for name in self.names))
         return self.write_instances_file()
 
     def _start_temporal(self) -> None:
@@ -236,6 +240,31 @@ class DevStack:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"API of {name} not ready after {timeout} s")
                 await asyncio.sleep(0.2)
+
+    async def wait_polling(self, name: str, timeout: float = 60.0) -> None:
+        """Wait until a worker of the instance polls both of its task queues."""
+        inst = self.instances[name]
+        client = await Client.connect(self.temporal_address, namespace=name)
+        deadline = time.monotonic() + timeout
+        queues = [inst.info["taskQueue"], f"{inst.info['taskQueue']}-agents"]
+        kinds = [TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY]
+        while True:
+            polled = 0
+            for queue, kind in zip(queues, kinds, strict=True):
+                response = await client.workflow_service.describe_task_queue(
+                    DescribeTaskQueueRequest(
+                        namespace=name, task_queue=TaskQueue(name=queue), task_queue_type=kind
+                    )
+                )
+                polled += bool(response.pollers)
+            if polled == len(queues):
+                return
+            for proc in inst.workers:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a worker of {name} exited ({proc.returncode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no worker of {name} polls its task queues")
+            await asyncio.sleep(0.2)
 
     def write_instances_file(self) -> dict[str, Any]:
         doc = {

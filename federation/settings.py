@@ -6,10 +6,10 @@ import base64
 import binascii
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -88,6 +88,53 @@ class Settings(BaseSettings):
                     "base64 or a passphrase of 32+ characters); only environment=dev accepts it"
                 )
         return self
+
+    # --- agent runtime ---
+    # Where agents run: bwrap (bubblewrap, the default), docker (a container per run), or
+    # process (no isolation at all; for tests and machines where neither can run).
+    sandbox: Literal["bwrap", "docker", "process"] = "bwrap"
+    sandbox_memory_mb: int = Field(default=2048, ge=16)
+    sandbox_pids: int = Field(default=256, ge=8)
+    sandbox_cpus: float = Field(default=2.0, gt=0)
+    # Seconds one command may run before everything it started is killed.
+    command_timeout: float = Field(default=600.0, gt=0)
+    # Host uid (and gid) sandboxes run as when the worker runs as root; used by nothing else.
+    sandbox_uid: int = Field(default=61000, ge=1)
+    # False: limits by rlimits only, even where cgroups could be written.
+    sandbox_cgroups: bool = True
+    # Extra host directories mounted read-only in bwrap sandboxes (toolchains), comma-separated.
+    sandbox_ro_paths: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    bwrap_path: str = "bwrap"
+    docker_image: str = "python:3.12-bookworm"
+    # Docker daemon URL (unix:///..., tcp://...); unset: the SDK's DOCKER_HOST / default socket.
+    docker_host: str | None = None
+    # anthropic provider (model_provider=anthropic); unset key/URL fall back to the SDK's
+    # ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL.
+    anthropic_model: str = "claude-sonnet-4-5"
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+    # Other models a spawn may ask for (context.model), comma-separated.
+    allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    agent_max_turns: int = Field(default=50, ge=1)
+    # Input + output tokens one run may use (0: no budget).
+    agent_token_budget: int = Field(default=2_000_000, ge=0)
+    agent_max_output_tokens: int = Field(default=8192, ge=1)
+    # Retries of a transient model API error (429, 529, 5xx, connection), with backoff from
+    # model_api_backoff seconds, doubling, at most 30 s.
+    model_api_retries: int = Field(default=6, ge=0)
+    model_api_backoff: float = Field(default=1.0, ge=0)
+    # Local repository paths a spawn may clone from (comma-separated); none: only git URLs.
+    agent_repo_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    clone_timeout: float = Field(default=600.0, gt=0)
+    # Bytes of the diff kept in the result (its sha256 always covers all of it).
+    diff_limit: int = Field(default=1024 * 1024, ge=1024)
+
+    @field_validator("sandbox_ro_paths", "allowed_models", "agent_repo_roots", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @property
     def workspaces_dir(self) -> Path:

@@ -31,6 +31,22 @@ from workflows.remote_agent import RemoteAgentWorkflow
 log = logging.getLogger(__name__)
 
 
+async def _connect_with_retry(settings: Settings, stop: asyncio.Event) -> Client:
+    """Temporal may be restarting when a worker starts: keep trying (up to 2 minutes)."""
+    runtime = metrics_runtime(settings)
+    delay, waited = 0.5, 0.0
+    while True:
+        try:
+            return await connect_temporal(settings, runtime=runtime)
+        except RuntimeError as exc:
+            if waited >= 120 or stop.is_set():
+                raise
+            log.warning("Temporal not reachable yet (%s); retrying in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+
+
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     pool = await create_pool(settings.database_url)
@@ -38,7 +54,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     await ensure_identity(pool, name=settings.instance_name, public_url=settings.public_url)
     http = httpx.AsyncClient(timeout=settings.peer_request_timeout)
     # Temporal SDK metrics (Prometheus) are served when FEDAGENT_METRICS_PORT is set.
-    client = await connect_temporal(settings, runtime=metrics_runtime(settings))
+    client = await _connect_with_retry(settings, stop)
     federation = FederationActivities(pool, http, settings)
     agents = AgentActivities(pool, http, settings)
     await ensure_search_attributes(client, settings.temporal_namespace)

@@ -1,12 +1,28 @@
-"""The contract every sandbox backend keeps: start, run a command, stop, limits, kill."""
+"""The contract every sandbox backend keeps: start, run a command, stop, limits, kill.
+
+Commands run inside the sandbox; the file tools (read, write, list) work on the workspace from
+the executor's side through `agents.sandbox.files`, which never lets a path leave the workspace.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from agents.sandbox import files
 
 OUTPUT_LIMIT = 16 * 1024  # bytes of a command's output kept (head and tail)
+
+
+class SandboxError(Exception):
+    """The sandbox could not be set up or used."""
+
+
+class SandboxUnavailable(SandboxError):
+    """This machine cannot run the chosen sandbox; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -20,20 +36,37 @@ class CommandResult:
 
 @dataclass(frozen=True)
 class Limits:
-    """What a sandbox enforces; `enforced` names the limits this backend really applies."""
+    """What a run may use. Which of them a backend really enforces is `Sandbox.enforced`."""
 
+    memory_bytes: int | None = 2 * 1024**3
+    pids: int | None = 256
+    cpus: float | None = 2.0
     command_timeout: float = 600.0
-    enforced: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "memoryBytes": self.memory_bytes,
+            "pids": self.pids,
+            "cpus": self.cpus,
+            "commandTimeout": self.command_timeout,
+        }
 
 
 class Sandbox(ABC):
     """An isolated place where an agent's commands run, inside its workspace."""
 
     kind: str = "abstract"
+    # Where commands see the workspace (the process sandbox sees the host path itself).
+    workspace_mount: str = "/workspace"
 
     def __init__(self, workspace: Path, limits: Limits | None = None) -> None:
         self.workspace = workspace
         self.limits = limits or Limits()
+        # limit name -> how it is enforced ("cgroup v1", "rlimit (per process)", ...)
+        self.enforced: dict[str, str] = {}
+        # (uid, gid) that files written by the file tools must belong to, so that the sandbox
+        # can still change them; None keeps the executor's own.
+        self.file_owner: tuple[int, int] | None = None
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -52,6 +85,47 @@ class Sandbox(ABC):
     async def stop(self) -> None:
         await self.kill()
 
+    def describe(self) -> dict[str, Any]:
+        """What the result says about the sandbox: its kind, its limits, what is enforced."""
+        return {"kind": self.kind, "limits": self.limits.as_dict(), "enforced": self.enforced}
+
+    # --- file tools: confined to the workspace --------------------------------------------
+
+    async def read_file(self, path: str, max_bytes: int = 256 * 1024) -> tuple[bytes, bool]:
+        return await asyncio.to_thread(
+            files.read_file,
+            self.workspace,
+            self._relative(path),
+            max_bytes,
+            self.workspace_mount,
+        )
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        await asyncio.to_thread(
+            files.write_file,
+            self.workspace,
+            self._relative(path),
+            data,
+            self.file_owner,
+            self.workspace_mount,
+        )
+
+    async def list_files(
+        self, path: str = ".", *, recursive: bool = False, limit: int = 1000
+    ) -> tuple[list[str], bool]:
+        return await asyncio.to_thread(
+            files.list_files,
+            self.workspace,
+            self._relative(path),
+            recursive,
+            limit,
+            self.workspace_mount,
+        )
+
+    def _relative(self, path: str) -> str:
+        """A tool's path relative to the workspace; absolute paths must be inside its mount."""
+        return files.relative_to_mount(path, self.workspace_mount)
+
 
 def bound_output(data: bytes, limit: int = OUTPUT_LIMIT) -> str:
     if len(data) <= limit:
@@ -63,3 +137,41 @@ def bound_output(data: bytes, limit: int = OUTPUT_LIMIT) -> str:
         + f"\n... [{skipped} bytes skipped] ...\n"
         + data[-half:].decode(errors="replace")
     )
+
+
+class BoundedBuffer:
+    """Keeps the head and the tail of a stream of bytes, so huge output costs bounded memory."""
+
+    def __init__(self, limit: int = OUTPUT_LIMIT) -> None:
+        self.half = limit // 2
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if chunk:
+            self.tail += chunk
+            if len(self.tail) > self.half:
+                del self.tail[: len(self.tail) - self.half]
+
+    def text(self) -> str:
+        skipped = self.total - len(self.head) - len(self.tail)
+        if skipped <= 0:
+            return (bytes(self.head) + bytes(self.tail)).decode(errors="replace")
+        return (
+            self.head.decode(errors="replace")
+            + f"\n... [{skipped} bytes skipped] ...\n"
+            + self.tail.decode(errors="replace")
+        )
+
+
+async def read_bounded(stream: asyncio.StreamReader, limit: int = OUTPUT_LIMIT) -> str:
+    buffer = BoundedBuffer(limit)
+    while chunk := await stream.read(65536):
+        buffer.feed(chunk)
+    return buffer.text()

@@ -1,8 +1,9 @@
 """The first sandbox: each command in its own process group in a per-agent workspace.
 
-It isolates nothing but the working directory; the bubblewrap and Docker backends replace it.
-What it does guarantee is the kill: the whole process group goes, and the children die with
-the worker if the worker dies (PR_SET_PDEATHSIG).
+It isolates nothing but the working directory and enforces no limit but the command timeout;
+it is for unit tests and machines where neither bubblewrap nor Docker can run. What it does
+guarantee is the kill: the whole process group goes, and the children die with the worker if
+the worker dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import signal
 from pathlib import Path
 
-from agents.sandbox.base import CommandResult, Limits, Sandbox, bound_output
+from agents.sandbox.base import CommandResult, Limits, Sandbox, read_bounded
 
 PR_SET_PDEATHSIG = 1
 
@@ -28,7 +29,9 @@ class ProcessSandbox(Sandbox):
     kind = "process"
 
     def __init__(self, workspace: Path, limits: Limits | None = None) -> None:
-        super().__init__(workspace, limits or Limits(enforced=("command_timeout",)))
+        super().__init__(workspace, limits)
+        self.workspace_mount = str(workspace.resolve())
+        self.enforced = {"commandTimeout": "killed after the timeout"}
         self._groups: set[int] = set()
         self._killed = False
 
@@ -56,15 +59,15 @@ class ProcessSandbox(Sandbox):
             preexec_fn=_die_with_parent,
         )
         self._groups.add(proc.pid)
+        assert proc.stdout is not None
+        reader = asyncio.ensure_future(read_bounded(proc.stdout))
         timed_out = False
         try:
-            out, _ = await asyncio.wait_for(
-                proc.communicate(), timeout or self.limits.command_timeout
-            )
+            await asyncio.wait_for(proc.wait(), timeout or self.limits.command_timeout)
         except TimeoutError:
             timed_out = True
             self._kill_group(proc.pid)
-            out, _ = await proc.communicate()
+            await proc.wait()
         except asyncio.CancelledError:
             self._kill_group(proc.pid)
             with contextlib.suppress(ProcessLookupError):
@@ -73,8 +76,14 @@ class ProcessSandbox(Sandbox):
         finally:
             self._groups.discard(proc.pid)
             self._kill_group(proc.pid)  # children left behind by a finished command go too
+            if not reader.done():
+                # a child that escaped the group may still hold the pipe open
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(reader), 1.0)
+                reader.cancel()
+        output = reader.result() if reader.done() and not reader.cancelled() else ""
         code = proc.returncode if proc.returncode is not None else -9
-        return CommandResult(command, code, bound_output(out or b""), timed_out, self._killed)
+        return CommandResult(command, code, output, timed_out, self._killed)
 
     def _kill_group(self, pgid: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

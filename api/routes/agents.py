@@ -8,17 +8,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, status
+from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
 from temporalio.client import WorkflowUpdateFailedError
-from temporalio.common import (
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
-from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentUser, PoolDep, SettingsDep, TemporalDep, User
+from api.deps import CurrentUser, PoolDep, TemporalDep, User
+from api.spawner import SpawnStarter
 from federation.errors import (
     AgentIdConflict,
     AgentNotFound,
@@ -38,14 +34,17 @@ from federation.models import (
 from federation.store import repos
 from workflows.models import (
     KillRequest,
-    SpawnAgentInput,
-    agent_search_attributes,
     remote_agent_workflow_id,
 )
 
 router = APIRouter(prefix="/api/v1/federation/agents", tags=["agents"])
 SSE_POLL_SECONDS = 0.25
 SSE_KEEPALIVE_SECONDS = 15.0
+
+
+def spawner(request: Request) -> SpawnStarter:
+    starter: SpawnStarter = request.app.state.spawner
+    return starter
 
 
 def _visible(user: User, row: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -57,10 +56,9 @@ def _visible(user: User, row: dict[str, Any] | None) -> dict[str, Any] | None:
 @router.post("/spawn", status_code=status.HTTP_202_ACCEPTED)
 async def spawn_agent(
     body: AgentSpawnCreate,
+    request: Request,
     user: CurrentUser,
     pool: PoolDep,
-    temporal: TemporalDep,
-    settings: SettingsDep,
 ) -> AgentSpawnAccepted:
     """Spawn an agent on the peer of an ACTIVE connection; the same agentId runs once."""
     agent_id = body.agentId or uuid.uuid4()
@@ -88,6 +86,7 @@ async def spawn_agent(
             options=options,
             workflow_id=workflow_id,
             state="spawning",
+            workflow_started=False,
         )
         if inserted:
             await repos.add_agent_event(conn, agent_id, seq=0, state="spawning")
@@ -106,38 +105,7 @@ async def spawn_agent(
             return AgentSpawnAccepted(
                 agentId=agent_id, state=existing["state"], workflowId=workflow_id
             )
-        try:
-            await temporal.start_workflow(
-                "RemoteAgentWorkflow",
-                SpawnAgentInput(
-                    agent_id=str(agent_id),
-                    connection_id=str(body.connectionId),
-                    peer_instance_id=connection["remote_instance_id"],
-                    peer_name=connection["remote_name"],
-                    task_id=body.taskId,
-                    agent_type=body.agentType,
-                    context=context,
-                    options=options,
-                    spawn_deadline_seconds=settings.spawn_deadline,
-                    status_poll_seconds=settings.status_poll_interval,
-                    peer_timeout_seconds=settings.peer_request_timeout,
-                ),
-                id=workflow_id,
-                task_queue=settings.task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                static_summary=(
-                    f"{body.agentType} agent for task {body.taskId} on {connection['remote_name']}"
-                ),
-                search_attributes=agent_search_attributes(
-                    agent_id=str(agent_id),
-                    task_id=body.taskId,
-                    peer=connection["remote_name"],
-                    agent_type=body.agentType,
-                ),
-            )
-        except WorkflowAlreadyStartedError:
-            pass
+
         await repos.audit(
             conn,
             actor=f"user:{user.name}",
@@ -145,6 +113,10 @@ async def spawn_agent(
             agentId=str(agent_id),
             connectionId=str(body.connectionId),
         )
+        row = await repos.get_requested_agent(conn, agent_id)
+        assert row is not None
+    # Committed: the outbox makes sure the workflow starts; don't make the caller wait for it.
+    spawner(request).kick(row)
     return AgentSpawnAccepted(agentId=agent_id, state="spawning", workflowId=workflow_id)
 
 
@@ -188,11 +160,17 @@ async def get_agent(agent_id: uuid.UUID, user: CurrentUser, pool: PoolDep) -> Ag
 
 @router.post("/{agent_id}/kill")
 async def kill_agent(
-    agent_id: uuid.UUID, user: CurrentUser, pool: PoolDep, temporal: TemporalDep
+    agent_id: uuid.UUID,
+    request: Request,
+    user: CurrentUser,
+    pool: PoolDep,
+    temporal: TemporalDep,
 ) -> AgentKillPublic:
     """Answers once the remote sandbox is gone; a finished agent keeps its final state."""
     row = await _get(pool, user, agent_id)
     if row["state"] not in repos.TERMINAL_STATES:
+        if not row["workflow_started"]:
+            await spawner(request).start_workflow(row)
         handle = temporal.get_workflow_handle(row["workflow_id"])
         try:
             await handle.execute_update("kill", KillRequest(), result_type=dict)

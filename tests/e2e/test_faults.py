@@ -211,3 +211,26 @@ async def test_a_misbehaving_peer_cannot_wedge_the_requester(
     assert reason in agent["error"].lower(), agent["error"]
     assert time.monotonic() - started < 45  # bounded by the spawn deadline (15 s here)
     print(f"rogue peer ({mode}): failed after {time.monotonic() - started:.1f} s: {agent['error']}")
+
+
+async def test_a_spawn_accepted_while_temporal_is_down_runs_when_it_is_back(
+    world: FaultWorld,
+) -> None:
+    alpha = world.alpha
+    world.stack.stop_temporal()
+    try:
+        body = spawn_body(world.connection_id, "$ echo from-the-outbox", task_id="outbox-1")
+        response = await alpha.call("POST", "/agents/spawn", json=body)
+        assert response.status_code == 202, response.text
+        rows = await alpha.fetch(
+            "SELECT workflow_started FROM agents WHERE agent_id = $1", uuid.UUID(body["agentId"])
+        )
+        assert rows[0]["workflow_started"] is False
+        await asyncio.sleep(2)
+    finally:
+        await world.stack.start_temporal()
+    agent = await alpha.wait_agent(body["agentId"], timeout=120)
+    assert agent["state"] == "completed", agent
+    assert "from-the-outbox" in agent["result"]["logTail"]
+    assert await alpha.count_workflows(f"AgentId = '{body['agentId']}'") == 1
+    print("temporal down at spawn: 202 from the outbox, the sweeper started the run later")

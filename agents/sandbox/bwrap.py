@@ -1,0 +1,453 @@
+"""The default sandbox: each command in a fresh bubblewrap container over the run's workspace.
+
+Every namespace is unshared (user, pid, network, ipc, uts, cgroup; no network at all), the
+command runs as an unprivileged uid with every capability dropped and no way to make further
+user namespaces, system directories and the root are mounted read-only, and only the
+workspace (at /workspace) and the run's private /tmp (a directory next to the workspace, kept
+from one command to the next and removed with the sandbox) are writable. When the executor
+runs as root, bubblewrap itself is started as a dedicated unprivileged uid (`run_as_uid`,
+default 61000) that owns the workspace, so nothing in the sandbox ever holds a privileged uid,
+even outside its user namespace.
+
+Limits: memory, pids and CPU through a cgroup per run (v2, or the v1 controllers), falling
+back to rlimits for whatever cgroup cannot be written; `enforced` says which apply and how.
+
+Kill: SIGKILL to the pid namespace's init takes every process of the command with it at once;
+the cgroup is swept as well. A command's background processes end with it, as the namespace
+ends when its first process does. `--die-with-parent` and PR_SET_PDEATHSIG make the sandbox die
+with the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import shutil
+import signal
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agents.sandbox.base import (
+    CommandResult,
+    Limits,
+    Sandbox,
+    SandboxUnavailable,
+    read_bounded,
+)
+from agents.sandbox.cgroups import CgroupSet, create_cgroups
+
+PR_SET_PDEATHSIG = 1
+CLONE_NEWNS = 0x00020000
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+SANDBOX_UID = 1000  # the uid commands see inside
+DEFAULT_RUN_AS = 61000  # host uid bubblewrap runs as when the executor is root
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+# Where the workspace is bind-mounted, in a mount namespace of the bwrap process only, so the
+# unprivileged uid can reach it whatever the permissions of the directories above it.
+STAGE_CANDIDATES = ("/mnt", "/media", "/srv")
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOST_WORKSPACE_VAR = "FEDAGENT_HOST_WORKSPACE"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+BWRAP_MISSING = (
+    "bubblewrap (bwrap) is not installed or not at {path!r}: install it with "
+    "`apt-get install bubblewrap` (scripts/install-system-deps.sh does it), set "
+    "FEDAGENT_BWRAP_PATH, or choose another sandbox with FEDAGENT_SANDBOX=docker"
+)
+USERNS_BLOCKED = (
+    "bubblewrap cannot create its namespaces here ({detail}). Unprivileged user namespaces "
+    "must be allowed: `sysctl -w kernel.unprivileged_userns_clone=1` (Debian kernels), "
+    "`sysctl -w user.max_user_namespaces=15000`, on Ubuntu 24.04+ "
+    "`sysctl -w kernel.apparmor_restrict_unprivileged_userns=0` (or an AppArmor profile for "
+    "bwrap); in a container, run it with a seccomp profile that allows unshare/clone. "
+    "Or choose FEDAGENT_SANDBOX=docker."
+)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _child_setup(
+    procs_files: list[str],
+    rlimits: list[tuple[int, int]],
+    stage: tuple[str, list[tuple[str, str]]] | None,
+    run_as: tuple[int, int] | None,
+) -> Callable[[], None]:
+    """What the forked child does before it execs bwrap (order matters: the cgroup and the
+    mounts need the executor's privileges, PDEATHSIG must come after the uid change).
+
+    `stage` is (directory, [(host path, name)]): in a mount namespace of this process only, a
+    tmpfs on the directory with each host path bind-mounted at directory/name, where the
+    unprivileged uid can reach them whatever the permissions above the host paths.
+    """
+
+    def setup() -> None:
+        pid = str(os.getpid())
+        for procs in procs_files:
+            with open(procs, "w") as handle:
+                handle.write(pid)
+        for which, value in rlimits:
+            resource.setrlimit(which, (value, value))
+        if stage is not None:
+            directory, binds = stage
+            _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+            _check(
+                _libc.mount(b"fedagent", directory.encode(), b"tmpfs", 0, b"mode=0755,size=64k"),
+                f"tmpfs on {directory}",
+            )
+            for source, name in binds:
+                target = os.path.join(directory, name)
+                os.mkdir(target)
+                _check(
+                    _libc.mount(source.encode(), target.encode(), None, MS_BIND, None),
+                    f"bind {source} on {target}",
+                )
+        if run_as is not None:
+            os.setgroups([])
+            os.setgid(run_as[1])
+            os.setuid(run_as[0])
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return setup
+
+
+def _read_info(fd: int) -> dict[str, Any]:
+    """bwrap's --info-fd JSON (child-pid, namespaces); {} if it never came."""
+    data = b""
+    try:
+        while not data.rstrip().endswith(b"}"):
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    try:
+        info = json.loads(data)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _pid_namespace(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _live(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+class _Running:
+    """One command's bwrap: the outer process and, once known, its pid namespace init."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.info: dict[str, Any] = {}
+
+    @property
+    def init_pid(self) -> int | None:
+        pid = self.info.get("child-pid")
+        return pid if isinstance(pid, int) else None
+
+    def kill(self) -> None:
+        for pid in (self.init_pid, self.proc.pid):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+class BwrapSandbox(Sandbox):
+    kind = "bwrap"
+
+    def __init__(
+        self,
+        workspace: Path,
+        limits: Limits | None = None,
+        *,
+        bwrap: str = "bwrap",
+        run_as_uid: int = DEFAULT_RUN_AS,
+        use_cgroups: bool = True,
+        ro_paths: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(workspace, limits)
+        self.bwrap = bwrap
+        self.use_cgroups = use_cgroups
+        self.ro_paths = ro_paths
+        self.name = f"sbx-{uuid.uuid4().hex[:12]}"
+        self._run_as: tuple[int, int] | None = None
+        if os.geteuid() == 0:
+            self._run_as = (run_as_uid, run_as_uid)
+            self.file_owner = self._run_as
+        # /tmp of the sandbox: on disk next to the workspace, kept from command to command
+        self.tmp_dir = workspace.parent / f".{workspace.name}.tmp"
+        self._bwrap_path: str | None = None
+        self._stage: str | None = None
+        self._cgroup: CgroupSet | None = None
+        self._rlimits: list[tuple[int, int]] = []
+        self._running: set[_Running] = set()
+        self._namespaces: set[int] = set()
+        self._killed = False
+        self._started = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._bwrap_path = shutil.which(self.bwrap)
+        if self._bwrap_path is None:
+            raise SandboxUnavailable(BWRAP_MISSING.format(path=self.bwrap))
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        if self._run_as is not None:
+            await asyncio.to_thread(_chown_tree, self.workspace, self._run_as)
+            os.chown(self.tmp_dir, *self._run_as)
+            self._stage = _stage_dir()
+        self._setup_limits()
+        self._started = True
+        probe = await self.run("true", timeout=30)
+        if probe.exit_code != 0:
+            await self.kill()
+            detail = probe.output.strip() or f"exit {probe.exit_code}"
+            if "namespace" in detail or "Operation not permitted" in detail:
+                raise SandboxUnavailable(USERNS_BLOCKED.format(detail=detail))
+            raise SandboxUnavailable(f"bubblewrap does not start here: {detail}")
+
+    def _setup_limits(self) -> None:
+        limits = self.limits
+        if self.use_cgroups:
+            self._cgroup = create_cgroups(self.name, limits)
+        self.enforced = dict(self._cgroup.enforced) if self._cgroup else {}
+        # rlimits for what no cgroup enforces. They count per process (memory, CPU seconds)
+        # or per uid (processes), so the latter only where the sandbox has a uid of its own.
+        if limits.memory_bytes and "memory" not in self.enforced:
+            self._rlimits.append((resource.RLIMIT_AS, limits.memory_bytes))
+            self.enforced["memory"] = "rlimit (address space per process)"
+        if limits.pids and "pids" not in self.enforced and self._run_as is not None:
+            self._rlimits.append((resource.RLIMIT_NPROC, limits.pids))
+            self.enforced["pids"] = f"rlimit (processes of uid {self._run_as[0]})"
+        if limits.cpus and "cpu" not in self.enforced:
+            seconds = max(1, int(limits.command_timeout * limits.cpus))
+            self._rlimits.append((resource.RLIMIT_CPU, seconds))
+            self.enforced["cpu"] = f"rlimit ({seconds} CPU seconds per process)"
+        self.enforced["network"] = "none (own network namespace)"
+        self.enforced["commandTimeout"] = "killed after the timeout"
+
+    async def kill(self) -> None:
+        self._killed = True
+        for running in list(self._running):
+            running.kill()
+        if self._cgroup is not None:
+            await asyncio.to_thread(self._cgroup.kill)
+        for running in list(self._running):
+            with contextlib.suppress(ProcessLookupError):
+                await running.proc.wait()
+        for _ in range(200):
+            if not self.alive_pids():
+                break
+            await asyncio.sleep(0.005)
+        if self._cgroup is not None:
+            await asyncio.to_thread(self._cgroup.remove)
+            self._cgroup = None
+        await asyncio.to_thread(shutil.rmtree, self.tmp_dir, True)
+
+    def alive_pids(self) -> list[int]:
+        pids = {r.proc.pid for r in self._running if r.proc.returncode is None}
+        if self._cgroup is not None:
+            pids.update(self._cgroup.pids())
+        if self._namespaces:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit() and _pid_namespace(int(entry)) in self._namespaces:
+                    pids.add(int(entry))
+        return sorted(pid for pid in pids if _live(pid))
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _argv(self, command: str, info_fd: int) -> list[str]:
+        assert self._bwrap_path is not None
+        argv = [
+            self._bwrap_path,
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--disable-userns",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+            "--uid",
+            str(SANDBOX_UID),
+            "--gid",
+            str(SANDBOX_UID),
+            "--hostname",
+            "sandbox",
+        ]
+        for directory in SYSTEM_DIRS:
+            if os.path.islink(directory):
+                argv += ["--symlink", os.readlink(directory), directory]
+            elif os.path.isdir(directory):
+                argv += ["--ro-bind", directory, directory]
+        for path in self.ro_paths:
+            argv += ["--ro-bind-try", path, path]
+        if self._stage:
+            workspace, tmp = f"{self._stage}/workspace", f"{self._stage}/tmp"
+        else:
+            workspace, tmp = str(self.workspace.resolve()), str(self.tmp_dir.resolve())
+        argv += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--bind",
+            tmp,
+            "/tmp",
+            "--dir",
+            "/tmp/home",
+            "--bind",
+            workspace,
+            self.workspace_mount,
+            # the root itself (bwrap's tmpfs) read-only too: only /workspace and /tmp take writes
+            "--remount-ro",
+            "/",
+            "--chdir",
+            self.workspace_mount,
+            "--clearenv",
+        ]
+        env = {
+            "PATH": PATH,
+            "HOME": "/tmp/home",
+            "TMPDIR": "/tmp",
+            "LANG": "C.UTF-8",
+            "TERM": "dumb",
+            "GIT_AUTHOR_NAME": "fedagent agent",
+            "GIT_AUTHOR_EMAIL": "agent@fedagent.invalid",
+            "GIT_COMMITTER_NAME": "fedagent agent",
+            "GIT_COMMITTER_EMAIL": "agent@fedagent.invalid",
+            # Also what lets an operator find this sandbox's processes (in bwrap's argv).
+            HOST_WORKSPACE_VAR: str(self.workspace.resolve()),
+        }
+        for key, value in env.items():
+            argv += ["--setenv", key, value]
+        argv += ["--info-fd", str(info_fd), "--", "/bin/sh", "-c", command]
+        return argv
+
+    async def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
+        if self._killed:
+            return CommandResult(command, -9, "", killed=True)
+        if not self._started:
+            raise RuntimeError("the sandbox is not started")
+        oom_before = self._cgroup.oom_kills() if self._cgroup else 0
+        info_read, info_write = os.pipe()
+        stage = None
+        if self._stage:
+            binds = [(str(self.workspace.resolve()), "workspace"), (str(self.tmp_dir), "tmp")]
+            stage = (self._stage, binds)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(command, info_write),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                pass_fds=(info_write,),
+                preexec_fn=_child_setup(
+                    self._cgroup.procs_files if self._cgroup else [],
+                    self._rlimits,
+                    stage,
+                    self._run_as,
+                ),
+            )
+        except BaseException:
+            os.close(info_read)
+            raise
+        finally:
+            os.close(info_write)
+        running = _Running(proc)
+        self._running.add(running)
+        info_task = asyncio.ensure_future(asyncio.to_thread(_read_info, info_read))
+
+        def remember(task: asyncio.Future[dict[str, Any]]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                running.info = task.result()
+                namespace = running.info.get("pid-namespace")
+                if isinstance(namespace, int):
+                    self._namespaces.add(namespace)
+                if self._killed:  # killed before we knew the namespace init
+                    running.kill()
+
+        info_task.add_done_callback(remember)
+        assert proc.stdout is not None
+        reader = asyncio.ensure_future(read_bounded(proc.stdout))
+        timed_out = False
+        try:
+            await asyncio.wait_for(proc.wait(), timeout or self.limits.command_timeout)
+        except TimeoutError:
+            timed_out = True
+            await self._kill_command(running)
+        except asyncio.CancelledError:
+            await self._kill_command(running)
+            raise
+        finally:
+            await self._kill_command(running)  # what the command left running ends with it
+            self._running.discard(running)
+            namespace = running.info.get("pid-namespace")
+            if isinstance(namespace, int):
+                self._namespaces.discard(namespace)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), 2.0)
+            reader.cancel()
+        output = reader.result() if reader.done() and not reader.cancelled() else ""
+        if self._cgroup is not None and self._cgroup.oom_kills() > oom_before:
+            output += "\n[a process was killed: the sandbox's memory limit was reached]\n"
+        code = proc.returncode if proc.returncode is not None else -9
+        return CommandResult(command, code, output, timed_out, self._killed)
+
+    async def _kill_command(self, running: _Running) -> None:
+        if running.proc.returncode is None or (
+            running.init_pid is not None and _live(running.init_pid)
+        ):
+            running.kill()
+        with contextlib.suppress(ProcessLookupError):
+            await running.proc.wait()
+
+
+def _stage_dir() -> str:
+    for candidate in STAGE_CANDIDATES:
+        if os.path.isdir(candidate) and not os.path.islink(candidate):
+            return candidate
+    raise SandboxUnavailable(
+        "the bwrap sandbox needs one of " + ", ".join(STAGE_CANDIDATES) + " to exist "
+        "(an empty directory where each sandbox's workspace is mounted privately)"
+    )
+
+
+def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
+    """Hand the workspace to the sandbox's uid (without following any symlink)."""
+    uid, gid = owner
+    os.chown(root, uid, gid)
+    for top, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = os.path.join(top, name)
+            info = os.lstat(path)
+            if (info.st_uid, info.st_gid) != owner:
+                os.chown(path, uid, gid, follow_symlinks=False)

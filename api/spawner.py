@@ -1,0 +1,126 @@
+"""Starting requester workflows from the spawn outbox.
+
+`POST /agents/spawn` commits the agent's row with `workflow_started = false` and answers 202 at
+once; the starter then starts `RemoteAgentWorkflow` in the background. Because the start uses
+USE_EXISTING / REJECT_DUPLICATE, starting twice is harmless, and the sweeper (every API process)
+starts whatever an API crash or a Temporal outage left unstarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from federation.settings import Settings
+from federation.store import repos
+from workflows.models import SpawnAgentInput, agent_search_attributes
+
+log = logging.getLogger(__name__)
+SWEEP_EVERY = 1.0
+SWEEP_AFTER = "2 seconds"  # give the in-process start a head start before sweeping a row
+
+
+class SpawnStarter:
+    def __init__(self, pool: asyncpg.Pool, temporal: Client, settings: Settings) -> None:
+        self.pool = pool
+        self.temporal = temporal
+        self.settings = settings
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start_workflow(self, row: dict[str, Any], db: Any = None) -> None:
+        """Start the row's workflow and mark it started (through `db` when it holds the row)."""
+        db = db or self.pool
+        connection = await repos.get_connection(db, row["connection_id"])
+        peer = connection["remote_name"] if connection else row["peer_instance_id"]
+        try:
+            await self.temporal.start_workflow(
+                "RemoteAgentWorkflow",
+                SpawnAgentInput(
+                    agent_id=str(row["agent_id"]),
+                    connection_id=str(row["connection_id"]),
+                    peer_instance_id=row["peer_instance_id"],
+                    peer_name=peer,
+                    task_id=row["task_id"],
+                    agent_type=row["agent_type"],
+                    context=row["context"],
+                    options=row["options"],
+                    spawn_deadline_seconds=self.settings.spawn_deadline,
+                    status_poll_seconds=self.settings.status_poll_interval,
+                    peer_timeout_seconds=self.settings.peer_request_timeout,
+                ),
+                id=row["workflow_id"],
+                task_queue=self.settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                # Bounded: while Temporal is away the sweeper retries, nobody waits forever.
+                rpc_timeout=timedelta(seconds=5),
+                static_summary=f"{row['agent_type']} agent for task {row['task_id']} on {peer}",
+                search_attributes=agent_search_attributes(
+                    agent_id=str(row["agent_id"]),
+                    task_id=row["task_id"],
+                    peer=peer,
+                    agent_type=row["agent_type"],
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # closed already: it started long ago
+        await db.execute(
+            "UPDATE agents SET workflow_started = true WHERE role = 'requester' AND agent_id = $1",
+            row["agent_id"],
+        )
+
+    def kick(self, row: dict[str, Any]) -> None:
+        """Start the workflow of a just-committed spawn without making its caller wait."""
+
+        async def start() -> None:
+            try:
+                await self.start_workflow(row)
+            except Exception as exc:  # noqa: BLE001 - the sweeper tries again
+                log.warning("starting workflow of agent %s failed: %r", row["agent_id"], exc)
+
+        task = asyncio.create_task(start())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def sweep_once(self) -> int:
+        started = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT * FROM agents WHERE role = 'requester' AND NOT workflow_started"
+                f" AND created_at < now() - interval '{SWEEP_AFTER}'"
+                " ORDER BY created_at LIMIT 50 FOR UPDATE SKIP LOCKED"
+            )
+            for row in rows:
+                # The same connection: it holds the row lock the update needs.
+                await self.start_workflow(dict(row), conn)
+                started += 1
+        return started
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            try:
+                if count := await self.sweep_once():
+                    log.info("started %d workflow(s) left unstarted", count)
+            except Exception as exc:  # noqa: BLE001 - Temporal or the database is away
+                log.warning("spawn sweep failed: %r", exc)
+
+    def run(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

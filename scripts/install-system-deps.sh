@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# System packages the agent sandboxes need: bubblewrap (the default sandbox), docker.io (the
+# docker sandbox and its tests) and busybox-static (the rootfs of the docker test image).
+# Installs only what is missing, with apt-get; does nothing when everything is there.
+set -euo pipefail
+
+missing=()
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+[ -x /bin/busybox ] || missing+=(busybox-static)
+
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-system-deps: missing ${missing[*]} and no apt-get here; install them with" \
+        "your package manager (the bwrap sandbox tests fail and the docker ones skip without" \
+        "them)" >&2
+    exit 0
+fi
+
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo=(sudo -n)
+    else
+        echo "install-system-deps: missing ${missing[*]}; run as root:" \
+            "apt-get update && apt-get install -y ${missing[*]}" >&2
+        exit 0
+    fi
+fi
+
+echo "install-system-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,122 @@
+"""The bubblewrap sandbox on this machine: the contract, plus what only bwrap has to show."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
+from agents.sandbox.bwrap import BwrapSandbox
+from agents.sandbox.process import ProcessSandbox
+from tests.agents.conftest import Listener
+from tests.agents.contract import (
+    FORK_BOMB,
+    MEMORY_HOG,
+    SMALL,
+    MakeSandbox,
+    SandboxContract,
+    fetch,
+    wait_until,
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bwrap") is None,
+    reason="bubblewrap is not installed (scripts/install-system-deps.sh installs it)",
+)
+
+
+@pytest.fixture
+async def make_sandbox() -> AsyncIterator[MakeSandbox]:
+    made: list[Sandbox] = []
+
+    async def make(workspace: Path, limits: Limits, **options: object) -> Sandbox:
+        sandbox = BwrapSandbox(workspace, limits, **options)  # type: ignore[arg-type]
+        made.append(sandbox)
+        await sandbox.start()
+        return sandbox
+
+    yield make
+    for sandbox in made:
+        await sandbox.kill()
+
+
+class TestBwrapContract(SandboxContract):
+    pass
+
+
+async def test_the_same_fetch_reaches_the_listener_without_the_sandbox(
+    tmp_path: Path, host_listener: Listener
+) -> None:
+    # The control for the network test: the command itself works when nothing isolates it.
+    sandbox = ProcessSandbox(tmp_path / "ws")
+    await sandbox.start()
+    result = await sandbox.run(fetch(host_listener.port))
+    assert result.exit_code == 0 and result.output == "ok"
+    assert host_listener.accepted == ["127.0.0.1"]
+
+
+async def test_limits_are_enforced_by_a_cgroup_and_said_so(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    sandbox = await make_sandbox(tmp_path / "ws", SMALL)
+    if not sandbox.enforced["memory"].startswith("cgroup"):
+        pytest.skip(f"no writable cgroups here: {sandbox.enforced}")
+    assert sandbox.enforced["pids"] == sandbox.enforced["memory"]
+    assert sandbox.describe()["limits"]["pids"] == SMALL.pids
+    hog = await sandbox.run(MEMORY_HOG, timeout=20)
+    assert hog.exit_code == 128 + 9  # SIGKILL from the memory limit
+    assert "memory limit was reached" in hog.output
+
+
+async def test_the_sandbox_runs_as_an_unprivileged_host_uid_when_the_worker_is_root(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the worker is not root: bwrap runs as the worker's own uid")
+    sandbox = await make_sandbox(tmp_path / "ws", SMALL, run_as_uid=61000)
+    task = asyncio.create_task(sandbox.run("sleep 30"))
+    assert await wait_until(lambda: len(sandbox.alive_pids()) >= 3)
+    uids = set()
+    for pid in sandbox.alive_pids():
+        status = Path(f"/proc/{pid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("Uid:"))
+        uids.update(int(v) for v in line.split()[1:])
+    assert uids == {61000}
+    await sandbox.kill()
+    await task
+    assert os.stat(tmp_path / "ws").st_uid == 61000
+
+
+async def test_without_cgroups_rlimits_hold_the_limits(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    sandbox = await make_sandbox(tmp_path / "ws", SMALL, use_cgroups=False)
+    assert sandbox.enforced["memory"].startswith("rlimit")
+    assert sandbox.enforced["cpu"].startswith("rlimit")
+    hog = await sandbox.run(MEMORY_HOG, timeout=20)
+    assert hog.exit_code != 0 and not hog.timed_out
+    if os.geteuid() == 0:  # a uid of its own: the process count holds too
+        assert sandbox.enforced["pids"].startswith("rlimit")
+        bomb = await sandbox.run(FORK_BOMB, timeout=3)
+        assert "fork" in bomb.output.lower()
+    assert sandbox.alive_pids() == []
+
+
+async def test_background_processes_end_with_their_command(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    sandbox = await make_sandbox(tmp_path / "ws", SMALL)
+    result = await sandbox.run("sleep 300 & echo started")
+    assert result.output.strip() == "started"
+    assert await wait_until(lambda: sandbox.alive_pids() == [])
+
+
+async def test_a_missing_bwrap_says_how_to_install_it(tmp_path: Path) -> None:
+    sandbox = BwrapSandbox(tmp_path / "ws", bwrap="/nonexistent/bwrap")
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        await sandbox.start()

@@ -1,0 +1,173 @@
+"""run_agent_task end to end with the scripted provider: the workspace it prepares, the result
+it reports, and what cancelling or timing out leaves on the machine (nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.errors import AgentSetupError
+from agents.loop import AgentRunReport
+from agents.runtime import RuntimeConfig, run_agent_task
+from agents.sandbox.base import Limits
+from tests.agents.conftest import git
+from tests.agents.contract import wait_until
+from tests.e2e.helpers import processes_in
+
+SANDBOX = "bwrap" if shutil.which("bwrap") else "process"
+LIMITS = Limits(memory_bytes=256 * 1024 * 1024, pids=64, cpus=1.0, command_timeout=30)
+
+
+async def scripted(
+    workspace: Path,
+    instructions: str,
+    *,
+    repository: str | None = None,
+    branch: str | None = None,
+    roots: tuple[Path, ...] = (),
+    resume: bool = False,
+    progress: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> AgentRunReport:
+    options: dict[str, Any] = {"sandbox": SANDBOX, "limits": LIMITS, "repo_roots": roots}
+    options.update(overrides)
+    return await run_agent_task(
+        workspace=workspace,
+        agent_type="worker",
+        context={"repository": repository, "branch": branch, "instructions": instructions},
+        config=RuntimeConfig(**options),
+        on_progress=progress.append if progress is not None else None,
+        resume=resume,
+    )
+
+
+async def test_the_repository_is_cloned_at_its_branch(source_repo: Path, tmp_path: Path) -> None:
+    workspace = tmp_path / "runs" / "a1"
+    report = await scripted(
+        workspace,
+        "$ cat FEATURE\n$ echo change >> README.md",
+        repository=str(source_repo),
+        branch="feature",
+        roots=(source_repo.parent,),
+    )
+    assert report.success, report.summary
+    assert "on the feature branch" in report.log_tail
+    feature_head = git("rev-parse", "feature", cwd=source_repo).strip()
+    assert report.workspace["startCommit"] == feature_head
+    assert report.workspace["source"] == "clone"
+    assert report.changed_files == ["README.md"]
+    # the source repository is left as it was
+    assert git("status", "--porcelain", cwd=source_repo) == ""
+
+
+async def test_a_local_path_outside_the_allowed_roots_is_refused(
+    source_repo: Path, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "runs" / "a2"
+    with pytest.raises(AgentSetupError, match="FEDAGENT_AGENT_REPO_ROOTS") as refused:
+        await scripted(workspace, "$ true", repository=str(source_repo))
+    assert refused.value.invalid
+    assert not workspace.exists()
+
+
+async def test_a_branch_that_does_not_exist_fails_the_setup(
+    source_repo: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(AgentSetupError, match="could not prepare the workspace") as failed:
+        await scripted(
+            tmp_path / "runs" / "a3",
+            "$ true",
+            repository=str(source_repo),
+            branch="no-such-branch",
+            roots=(source_repo.parent,),
+        )
+    assert not failed.value.invalid
+
+
+async def test_without_a_git_source_the_workspace_is_an_empty_repository(tmp_path: Path) -> None:
+    report = await scripted(
+        tmp_path / "runs" / "a4", "$ mkdir -p src && echo x > src/new.txt", repository="owner/repo"
+    )
+    assert report.success
+    assert report.workspace["source"] == "empty"
+    assert "neither a git URL nor a local path" in report.workspace["note"]
+    assert report.changed_files == ["src/new.txt"]
+    assert "+x" in report.diff
+
+
+async def test_what_the_agent_puts_in_the_workspace_git_is_not_trusted(tmp_path: Path) -> None:
+    workspace = tmp_path / "runs" / "a5"
+    report = await scripted(
+        workspace,
+        "$ git config core.fsmonitor 'touch /workspace/FSMONITOR_RAN; false'\n"
+        "$ printf '#!/bin/sh\\ntouch /workspace/HOOK_RAN\\n' > .git/hooks/pre-commit\n"
+        "$ chmod +x .git/hooks/pre-commit\n"
+        "$ echo new > new.txt\n"
+        "$ echo ignored > debug.log && echo '*.log' > .gitignore",
+    )
+    assert report.success, report.summary
+    assert report.changed_files == [".gitignore", "new.txt"]
+    assert not (workspace / "FSMONITOR_RAN").exists()
+    assert not (workspace / "HOOK_RAN").exists()
+
+
+async def test_a_resumed_run_keeps_the_workspace_and_its_starting_point(tmp_path: Path) -> None:
+    workspace = tmp_path / "runs" / "a6"
+    first = await scripted(workspace, "$ echo one >> log.txt")
+    second = await scripted(workspace, "$ echo two >> log.txt", resume=True)
+    assert (workspace / "log.txt").read_text() == "one\ntwo\n"
+    assert second.workspace["source"] == "resumed"
+    assert second.workspace["startCommit"] == first.workspace["startCommit"]
+    assert "+one\n+two\n" in second.diff
+    fresh = await scripted(workspace, "$ echo three >> log.txt")
+    assert (workspace / "log.txt").read_text() == "three\n"
+    assert fresh.workspace["source"] == "empty"
+
+
+async def test_a_big_diff_is_cut_but_its_hash_and_size_cover_all_of_it(tmp_path: Path) -> None:
+    report = await scripted(tmp_path / "runs" / "a7", "$ seq 1 5000 > numbers.txt", diff_limit=2048)
+    assert report.diff_truncated
+    assert len(report.diff.encode()) <= 2048 < report.diff_bytes
+    assert report.changed_files == ["numbers.txt"]
+
+
+async def test_progress_carries_turn_last_tool_and_tokens(tmp_path: Path) -> None:
+    progress: list[dict[str, Any]] = []
+    await scripted(tmp_path / "runs" / "a8", "$ echo a\n$ echo b", progress=progress)
+    assert progress == [
+        {"turn": 1, "lastTool": "run_command", "tokens": 0, "command": "echo a"},
+        {"turn": 2, "lastTool": "run_command", "tokens": 0, "command": "echo b"},
+        {"turn": 3, "lastTool": "finish", "tokens": 0},
+    ]
+
+
+async def test_cancelling_the_run_kills_the_sandbox(tmp_path: Path) -> None:
+    workspace = tmp_path / "runs" / "a9"
+    progress: list[dict[str, Any]] = []
+    task = asyncio.create_task(
+        scripted(workspace, "$ echo start\n$ sleep 300 & sleep 301", progress=progress)
+    )
+    assert await wait_until(
+        lambda: (
+            bool(progress)
+            and progress[-1].get("command") == "sleep 300 & sleep 301"
+            and len(processes_in(workspace)) >= 2
+        )
+    )
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert processes_in(workspace) == []
+
+
+async def test_a_run_over_its_timeout_is_killed(tmp_path: Path) -> None:
+    workspace = tmp_path / "runs" / "a10"
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(2):
+            await scripted(workspace, "$ sleep 300 & sleep 301")
+    assert processes_in(workspace) == []
+    assert (workspace / ".git").is_dir()  # the workspace stays for a look afterwards
