@@ -62,7 +62,7 @@ async def _identity(request: Request) -> Identity:
 def _key_refresher(request: Request) -> CardKeyRefresher:
     settings: Settings = request.app.state.settings
     return CardKeyRefresher(
-        request.app.state.pool, request.app.state.http, settings.key_refresh_interval
+        request.app.state.key_pool, request.app.state.http, settings.key_refresh_interval
     )
 
 

@@ -45,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The master key seals private keys at rest; a wrong or missing one stops the start.
         app.state.cipher = keystore.load_cipher(settings)
         keystore.configure(app.state.cipher)
+        # Key refreshes run while a request holds a connection of the main pool: their own.
+        app.state.key_pool = await create_pool(settings.database_url, min_size=0, max_size=2)
         await ensure_identity(
             app.state.pool,
             name=settings.instance_name,
@@ -64,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await expiry
             await app.state.spawner.close()
             await app.state.http.aclose()
+            await app.state.key_pool.close()
             await app.state.pool.close()
 
     app = FastAPI(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -137,12 +138,18 @@ async def _card_keys(
     return keys
 
 
+# One refresh per connection at a time in this process: the others wait and reuse its result.
+_refresh_locks: dict[str, asyncio.Lock] = {}
+
+
 class CardKeyRefresher:
     """Reads a connected peer's keys from its identity card, at most once per interval.
 
     The keys the card lists replace the stored ones (so a key the card no longer lists is
     dropped too); the change is committed at once, whatever becomes of the message that
-    triggered it, and recorded in the audit log.
+    triggered it, and recorded in the audit log. `pool` must not be the pool whose connection
+    the caller holds while it waits here (the API gives it a small pool of its own), or a burst
+    of messages signed with a new key could take every connection and wait forever.
     """
 
     def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient, min_interval: float) -> None:
@@ -154,26 +161,33 @@ class CardKeyRefresher:
         if connection["status"] == "DISCONNECTED":
             return None
         connection_id = connection["connection_id"]
-        if not await repos.claim_key_refresh(self.pool, connection_id, self.min_interval):
-            return None
-        keys = await _card_keys(
-            self.http, connection["remote_url"], connection["remote_instance_id"]
-        )
-        if keys is None:
-            return None
-        before = {k.get("keyId") for k in connection["remote_keys"] if isinstance(k, dict)}
-        after = {k.get("keyId") for k in keys if isinstance(k, dict)}
-        await repos.set_remote_keys(self.pool, connection_id, keys)
-        if before != after:
-            await repos.audit(
-                self.pool,
-                actor=f"peer:{connection['remote_instance_id']}",
-                action="connection.keys_refreshed",
-                connectionId=str(connection_id),
-                added=sorted(str(k) for k in after - before),
-                removed=sorted(str(k) for k in before - after),
+        lock = _refresh_locks.setdefault(str(connection_id), asyncio.Lock())
+        async with lock:
+            stored: list[dict[str, Any]] | None = await self.pool.fetchval(
+                "SELECT remote_keys FROM connections WHERE connection_id = $1", connection_id
             )
-        return keys
+            if stored is not None and stored != connection["remote_keys"]:
+                return stored  # refreshed while this message waited
+            if not await repos.claim_key_refresh(self.pool, connection_id, self.min_interval):
+                return stored
+            keys = await _card_keys(
+                self.http, connection["remote_url"], connection["remote_instance_id"]
+            )
+            if keys is None:
+                return stored
+            before = {k.get("keyId") for k in connection["remote_keys"] if isinstance(k, dict)}
+            after = {k.get("keyId") for k in keys if isinstance(k, dict)}
+            await repos.set_remote_keys(self.pool, connection_id, keys)
+            if before != after:
+                await repos.audit(
+                    self.pool,
+                    actor=f"peer:{connection['remote_instance_id']}",
+                    action="connection.keys_refreshed",
+                    connectionId=str(connection_id),
+                    added=sorted(str(k) for k in after - before),
+                    removed=sorted(str(k) for k in before - after),
+                )
+            return keys
 
 
 def verify_response(

@@ -143,17 +143,23 @@ async def incoming_connect(
     http: HttpDep,
     identity: IdentityDep,
     settings: SettingsDep,
+    refresher: KeyRefresherDep,
 ) -> dict[str, Any]:
     body = await _body(request)
     try:
-        return await _connect(body, pool, http, identity, settings)
+        return await _connect(body, pool, http, identity, settings, refresher)
     except FederationError as err:
         await _refused(pool, body, err, "connect")
         raise
 
 
 async def _connect(
-    body: Any, pool: asyncpg.Pool, http: Any, identity: Identity, settings: Settings
+    body: Any,
+    pool: asyncpg.Pool,
+    http: Any,
+    identity: Identity,
+    settings: Settings,
+    refresher: CardKeyRefresher,
 ) -> dict[str, Any]:
     window = settings.timestamp_window
     is_request = isinstance(body, dict) and body.get("commandType") == "connection.request"
@@ -175,7 +181,7 @@ async def _connect(
             instance_id=identity.instance_id,
             window_seconds=window,
             sender_keys=card["keys"] if card else None,
-            refresh_keys=CardKeyRefresher(pool, http, settings.key_refresh_interval),
+            refresh_keys=refresher,
         )
         envelope = verified.envelope
         if envelope.type is not MessageType.CONNECT:

@@ -22,6 +22,8 @@ from federation.envelope import (
     generate_signing_key,
     sign_envelope,
 )
+from federation.store import repos
+from federation.store.db import create_pool
 from tests.conftest import Instance
 from tests.e2e.helpers import spawn_body
 from tests.e2e.signing import (
@@ -449,3 +451,24 @@ async def test_a_suspension_the_peer_did_not_hear_can_still_be_lifted(
     resumed = await spoke.call("POST", f"/connections/{cid}/resume")
     assert resumed.status_code == 200, resumed.text
     assert await statuses(edge, spoke, cid) == ("ACTIVE", "ACTIVE")
+
+
+async def test_seen_message_ids_expire_only_after_their_time(spoke: Instance) -> None:
+    """What the API's background task runs every half window: drop ids past their expiry."""
+    sender = f"expiry-{uuid.uuid4()}"
+    conn = await spoke.db()
+    try:
+        await conn.execute(
+            "INSERT INTO seen_messages (sender_id, message_id, expires_at) VALUES"
+            " ($1, 'old', now() - interval '1 second'), ($1, 'young', now() + interval '1 hour')",
+            sender,
+        )
+    finally:
+        await conn.close()
+    pool = await create_pool(spoke.info["databaseUrl"], max_size=1)
+    try:
+        assert await repos.expire_message_ids(pool) >= 1
+    finally:
+        await pool.close()
+    rows = await spoke.fetch("SELECT message_id FROM seen_messages WHERE sender_id = $1", sender)
+    assert [r["message_id"] for r in rows] == ["young"]
