@@ -10,6 +10,7 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from federation import tracing
 from federation.envelope import MessageType, parse_timestamp
 from federation.errors import FederationError, PeerRefused, PeerUnreachable
 from federation.identity import Identity, load_identity
@@ -150,6 +151,10 @@ class FederationActivities:
 
     @activity.defn(name=SEND_SPAWN)
     async def send_spawn(self, inp: SpawnAgentInput) -> AgentEvent:
+        with tracing.trace(inp.traceparent):
+            return await self._send_spawn(inp)
+
+    async def _send_spawn(self, inp: SpawnAgentInput) -> AgentEvent:
         connection = await self._active_connection(inp.connection_id)
         payload = {
             "agentId": inp.agent_id,
@@ -184,6 +189,10 @@ class FederationActivities:
 
     @activity.defn(name=POLL_STATUS)
     async def poll_status(self, call: PeerCall) -> AgentEvent:
+        with tracing.trace(call.traceparent):
+            return await self._poll_status(call)
+
+    async def _poll_status(self, call: PeerCall) -> AgentEvent:
         connection = await self._requester_connection(call.agent_id)
         try:
             reply = await self.messenger.send(
@@ -210,6 +219,10 @@ class FederationActivities:
 
     @activity.defn(name=SEND_KILL)
     async def send_kill(self, call: PeerCall) -> KillResult:
+        with tracing.trace(call.traceparent):
+            return await self._send_kill(call)
+
+    async def _send_kill(self, call: PeerCall) -> KillResult:
         connection = await self._requester_connection(call.agent_id)
         try:
             reply = await self.messenger.send(
@@ -278,6 +291,7 @@ class FederationActivities:
             workflow_id=agent_run_workflow_id(envelope.senderId, str(payload["agentId"])),
             heartbeat_interval=self.settings.heartbeat_interval,
             agent_task_queue=self.settings.agent_task_queue,
+            traceparent=envelope.traceparent or "",
         )
 
     @activity.defn(name=FINISH_RUN)
@@ -296,6 +310,7 @@ class FederationActivities:
         if row is None:
             return
         try:
-            await self.messenger.notify_requester(row)
+            with tracing.trace(finish.traceparent):
+                await self.messenger.notify_requester(row)
         except FederationError as err:
             raise as_activity_error(err) from None

@@ -56,6 +56,7 @@ class SpawnStarter:
                     spawn_deadline_seconds=self.settings.spawn_deadline,
                     status_poll_seconds=self.settings.status_poll_interval,
                     peer_timeout_seconds=self.settings.peer_request_timeout,
+                    traceparent=row.get("traceparent") or "",
                 ),
                 id=row["workflow_id"],
                 task_queue=self.settings.task_queue,

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from federation import tracing
 from federation.errors import (
     MalformedEnvelope,
     SignatureInvalid,
@@ -58,13 +59,24 @@ class Envelope(BaseModel):
     commandType: str | None = Field(default=None, max_length=64)
     payload: dict[str, Any] = Field(default_factory=dict)
     correlationId: str | None = Field(default=None, max_length=128)
+    # W3C trace context of the run this message belongs to; signed like every other field.
+    traceparent: str | None = Field(
+        default=None, pattern=r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+    )
     signature: str = Field(default="", max_length=1024)
 
     def signed_fields(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"signature"})
+        return self._without_empty_trace(self.model_dump(mode="json", exclude={"signature"}))
 
     def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self._without_empty_trace(self.model_dump(mode="json"))
+
+    @staticmethod
+    def _without_empty_trace(fields: dict[str, Any]) -> dict[str, Any]:
+        # An absent and a null traceparent are the same message, with the same signature.
+        if fields.get("traceparent") is None:
+            fields.pop("traceparent", None)
+        return fields
 
 
 def canonical_bytes(obj: Any) -> bytes:
@@ -183,7 +195,9 @@ def sign_envelope(
     correlation_id: str | None = None,
     message_id: str | None = None,
     now: datetime | None = None,
+    traceparent: str | None = None,
 ) -> Envelope:
+    """Sign a new message; it joins the current trace (federation.tracing) unless told which."""
     unsigned = Envelope(
         protocol=PROTOCOL,
         messageId=message_id or str(uuid.uuid4()),
@@ -195,6 +209,7 @@ def sign_envelope(
         commandType=command_type,
         payload=payload,
         correlationId=correlation_id,
+        traceparent=traceparent or tracing.outgoing(),
     )
     signature = key.sign(canonical_bytes(unsigned.signed_fields()))
     return unsigned.model_copy(update={"signature": b64url(signature)})

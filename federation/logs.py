@@ -22,7 +22,9 @@ from typing import Any, Literal
 
 from temporalio import activity
 
-CONTEXT_FIELDS = ("instance", "agentId", "workflowId", "messageId", "requestId")
+from federation import tracing
+
+CONTEXT_FIELDS = ("instance", "agentId", "workflowId", "messageId", "requestId", "traceId")
 _log_context: ContextVar[dict[str, Any] | None] = ContextVar("fedagent_log_context", default=None)
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -92,6 +94,8 @@ class ContextFilter(logging.Filter):
         fields: dict[str, Any] = {"instance": self.instance} if self.instance else {}
         fields.update(_temporal_fields(record))
         fields.update(_log_context.get() or {})
+        if trace := tracing.trace_id(tracing.current()):
+            fields.setdefault("traceId", trace)
         for key, value in fields.items():
             if not hasattr(record, key):
                 setattr(record, key, value)

@@ -80,6 +80,7 @@ class AgentRunWorkflow:
                     self._result,
                     self._error,
                     self._attempt or None,
+                    task.traceparent if task else str(inp.envelope.get("traceparent") or ""),
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=timedelta(hours=1),

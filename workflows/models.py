@@ -78,6 +78,7 @@ class SpawnAgentInput:
     spawn_deadline_seconds: int = 600
     status_poll_seconds: int = 15
     peer_timeout_seconds: float = 15.0
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class PeerCall:
     agent_id: str
     connection_id: str
     peer_timeout_seconds: float = 15.0
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class RunTask:
     # same try (a lost worker) keep the number and resume from the last heartbeat.
     attempt: int = 1
     agent_task_queue: str = ""
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,3 +176,4 @@ class FinishRun:
     result: dict[str, Any] | None = None
     error: str | None = None
     attempt: int | None = None
+    traceparent: str = ""

@@ -53,6 +53,7 @@ def _reason(err: ActivityError) -> str:
 class RemoteAgentWorkflow:
     def __init__(self) -> None:
         self._agent_id = ""
+        self._traceparent = ""
         self._state = "spawning"
         self._seq = 0
         self._result: dict | None = None  # type: ignore[type-arg]
@@ -64,7 +65,8 @@ class RemoteAgentWorkflow:
     @workflow.run
     async def run(self, inp: SpawnAgentInput) -> AgentStatus:
         self._agent_id = inp.agent_id
-        call = PeerCall(inp.agent_id, inp.connection_id, inp.peer_timeout_seconds)
+        self._traceparent = inp.traceparent
+        call = PeerCall(inp.agent_id, inp.connection_id, inp.peer_timeout_seconds, inp.traceparent)
         try:
             ack = await workflow.execute_activity(
                 SEND_SPAWN,
@@ -127,7 +129,7 @@ class RemoteAgentWorkflow:
         if self._state not in TERMINAL_STATES:
             answer = await workflow.execute_activity(
                 SEND_KILL,
-                PeerCall(self._agent_id, "", 15.0),
+                PeerCall(self._agent_id, "", 15.0, self._traceparent),
                 result_type=KillResult,
                 start_to_close_timeout=timedelta(seconds=60),
                 retry_policy=PEER_RETRY,

@@ -15,6 +15,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentUser, PoolDep, TemporalDep, User
 from api.spawner import SpawnStarter
+from federation import tracing
 from federation.errors import (
     AgentIdConflict,
     AgentNotFound,
@@ -63,6 +64,13 @@ async def spawn_agent(
     """Spawn an agent on the peer of an ACTIVE connection; the same agentId runs once."""
     agent_id = body.agentId or uuid.uuid4()
     workflow_id = remote_agent_workflow_id(str(agent_id))
+    # The run's trace: the caller's if it sent a valid `traceparent`, else a new one.
+    incoming_trace = request.headers.get("traceparent", "")
+    if tracing.valid(incoming_trace):
+        traceparent = tracing.child(incoming_trace)
+    else:
+        traceparent = tracing.new_traceparent()
+    tracing.bind(traceparent)
     connection = await repos.get_connection(pool, body.connectionId)
     if connection is None:
         raise ConnectionNotFound(f"no connection {body.connectionId}")
@@ -87,6 +95,7 @@ async def spawn_agent(
             workflow_id=workflow_id,
             state="spawning",
             workflow_started=False,
+            traceparent=traceparent,
         )
         if inserted:
             await repos.add_agent_event(conn, agent_id, seq=0, state="spawning")

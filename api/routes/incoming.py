@@ -23,10 +23,12 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import HttpDep, IdentityDep, KeyRefresherDep, PoolDep, SettingsDep, TemporalDep
+from federation import tracing
 from federation.connections import apply_peer_change
 from federation.envelope import Envelope, MessageType, format_timestamp, sign_envelope
 from federation.errors import (
     AgentNotFound,
+    CapacityExceeded,
     ConnectionStateConflict,
     FederationError,
     InvalidPayload,
@@ -184,6 +186,7 @@ async def _connect(
             refresh_keys=refresher,
         )
         envelope = verified.envelope
+        tracing.bind(envelope.traceparent)
         if envelope.type is not MessageType.CONNECT:
             raise MalformedEnvelope("this endpoint takes CONNECT messages")
         if card is not None:
@@ -249,6 +252,7 @@ async def incoming_command(
                 refresh_keys=refresher,
             )
             envelope = verified.envelope
+            tracing.bind(envelope.traceparent)
             if envelope.type is not MessageType.COMMAND:
                 raise MalformedEnvelope("this endpoint takes COMMAND messages")
             connection = require_active(verified.connection)
@@ -264,9 +268,7 @@ async def incoming_command(
             )
             if command == "agent.spawn":
                 await check_peer_concurrency(conn, connection, envelope.payload)
-                payload = await _spawn(
-                    conn, temporal, settings.task_queue, envelope, connection, received_at
-                )
+                payload = await _spawn(conn, temporal, settings, envelope, connection, received_at)
                 await _audit_accepted(conn, envelope, payload["agentId"])
                 await repos.record_message(
                     conn, envelope.to_wire(), direction="in", agent_id=uuid.UUID(payload["agentId"])
@@ -291,7 +293,7 @@ async def incoming_command(
 async def _spawn(
     conn: asyncpg.Connection,
     temporal: Client,
-    task_queue: str,
+    settings: Settings,
     envelope: Envelope,
     connection: dict[str, Any],
     received_at: datetime,
@@ -299,6 +301,18 @@ async def _spawn(
     spawn = _payload(SpawnPayload, envelope)
     agent_id = str(spawn.agentId)
     workflow_id = agent_run_workflow_id(envelope.senderId, agent_id)
+    known = await repos.get_executed_agent(conn, envelope.senderId, spawn.agentId)
+    if known is None and not spawn.options.queue:
+        # Serialise capacity checks so concurrent spawns cannot overshoot together.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('fedagent:capacity'))")
+        running = await repos.count_running_executed(conn)
+        if running >= settings.max_running_agents:
+            raise CapacityExceeded(
+                f"{running} agents are running here (limit {settings.max_running_agents});"
+                " retry later or spawn with options.queue=true",
+                running=running,
+                limit=settings.max_running_agents,
+            )
     await repos.insert_agent(
         conn,
         agent_id=spawn.agentId,
@@ -317,7 +331,7 @@ async def _spawn(
             "AgentRunWorkflow",
             AgentRunInput(envelope=envelope.to_wire(), received_at=format_timestamp(received_at)),
             id=workflow_id,
-            task_queue=task_queue,
+            task_queue=settings.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             static_summary=(
@@ -381,6 +395,7 @@ async def incoming_event(
                 refresh_keys=refresher,
             )
             envelope = verified.envelope
+            tracing.bind(envelope.traceparent)
             if envelope.type is not MessageType.EVENT:
                 raise MalformedEnvelope("this endpoint takes EVENT messages")
             require_active(verified.connection)

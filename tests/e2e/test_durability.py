@@ -350,3 +350,34 @@ async def test_sigterm_lets_a_running_agent_finish_then_the_worker_exits(
     ws = workspace(stack, spoke, hub, body["agentId"])
     assert (ws / "runs.txt").read_text() == "ran\n"
     stack.instances["spoke"].workers.remove(old)
+
+
+async def test_the_callers_trace_travels_in_the_signed_envelope_to_the_executor(
+    hub: Instance, spoke: Instance, hub_spoke: str, stack: DevStack
+) -> None:
+    trace_id = uuid.uuid4().hex
+    body = spawn_body(hub_spoke, "$ echo traced", task_id="trace-1")
+    response = await hub.call(
+        "POST",
+        "/agents/spawn",
+        json=body,
+        headers={"traceparent": f"00-{trace_id}-{'1' * 16}-01"},
+    )
+    assert response.status_code == 202
+    assert (await hub.wait_agent(body["agentId"]))["state"] == "completed"
+
+    rows = await hub.fetch(
+        "SELECT traceparent FROM agents WHERE agent_id = $1", uuid.UUID(body["agentId"])
+    )
+    assert rows[0]["traceparent"].split("-")[1] == trace_id
+    # The executor's workflow input is the signed spawn as received: the trace is inside it.
+    client = await spoke.temporal()
+    handle = client.get_workflow_handle(f"agent-run/{hub.id}/{body['agentId']}")
+    history = await handle.fetch_history()
+    started = history.events[0].workflow_execution_started_event_attributes
+    envelope = json.loads(started.input.payloads[0].data)["envelope"]
+    assert envelope["traceparent"].split("-")[1] == trace_id
+    assert envelope["traceparent"] != f"00-{trace_id}-{'1' * 16}-01"  # a span of its own
+    # And the executor's worker logs the run under the same trace id.
+    worker_logs = "".join(p.read_text() for p in stack.logs.glob("spoke-worker*.log"))
+    assert f"traceId={trace_id}" in worker_logs
