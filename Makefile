@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv lint clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) system-deps
 	$(VENV)/bin/fedagent demo $(ARGS)
 
-test: $(STAMP)
+# bubblewrap, docker.io and busybox-static for the sandboxes and their tests (apt-get, if missing)
+system-deps:
+	./scripts/install-system-deps.sh
+
+test: $(STAMP) system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -14,12 +14,19 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.federation import PeerMessenger
-from agents.loop import AgentLoop
+from agents.errors import AgentSetupError
 from agents.models import ScriptedProvider
-from agents.sandbox.process import ProcessSandbox
+from agents.runtime import RuntimeConfig, run_agent_task
 from federation.settings import Settings
 from federation.store import repos
-from workflows.models import RUN_AGENT, AgentOutcome, RunTask
+from workflows.models import (
+    AGENT_FAILED,
+    AGENT_TIMED_OUT,
+    RUN_AGENT,
+    TASK_INVALID,
+    AgentOutcome,
+    RunTask,
+)
 
 log = logging.getLogger(__name__)
 EVENT_MIN_INTERVAL = 1.0  # seconds between progress events sent to the requester
@@ -84,34 +91,41 @@ class AgentActivities:
                 activity.heartbeat(state["progress"])
                 await asyncio.sleep(task.heartbeat_interval)
 
-        sandbox = ProcessSandbox(self.workspace(task))
-        await sandbox.start()
         instructions = skip_commands(str(task.context.get("instructions") or ""), resume_after)
-        provider = ScriptedProvider(instructions)
-        loop = AgentLoop(provider, sandbox, on_progress=on_progress)
+        config = RuntimeConfig.from_settings(self.settings)
+        # The scripted provider resumes after the commands a lost worker already finished.
+        provider = ScriptedProvider(instructions) if config.provider == "scripted" else None
         helpers = [asyncio.create_task(keep_heartbeating()), asyncio.create_task(pump_events())]
         try:
             async with asyncio.timeout(task.timeout_seconds):
-                report = await loop.run(task.agent_type, task.context)
+                # Kills its sandbox on any way out (cancelled by a kill, timed out, failed).
+                report = await run_agent_task(
+                    workspace=self.workspace(task),
+                    agent_type=task.agent_type,
+                    context=task.context,
+                    config=config,
+                    on_progress=on_progress,
+                    # later tries and retries of a try keep the workspace as it was left
+                    resume=info.attempt > 1 or task.attempt > 1,
+                    provider=provider,
+                )
         except TimeoutError:
-            await sandbox.kill()
             raise ApplicationError(
                 f"the run exceeded its timeout of {task.timeout_seconds} s",
-                type="AgentTimedOut",
+                type=AGENT_TIMED_OUT,
                 non_retryable=True,
             ) from None
-        except BaseException:
-            # Cancelled (kill), or the worker's own trouble: nothing of the sandbox survives.
-            await asyncio.shield(sandbox.kill())
-            raise
+        except AgentSetupError as exc:
+            raise ApplicationError(
+                str(exc), type=TASK_INVALID if exc.invalid else AGENT_FAILED, non_retryable=True
+            ) from None
         finally:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-        await sandbox.stop()
         result = report.as_result()
         if not report.success:
-            raise ApplicationError(report.summary, result, type="AgentFailed")
+            raise ApplicationError(report.summary, result, type=AGENT_FAILED)
         return AgentOutcome(summary=report.summary, result=result)
 
     async def _notify(self, row: dict[str, Any]) -> None:

@@ -193,7 +193,8 @@ class BwrapSandbox(Sandbox):
         self.bwrap = bwrap
         self.use_cgroups = use_cgroups
         self.ro_paths = ro_paths
-        self.name = f"sbx-{uuid.uuid4().hex[:12]}"
+        # The worker's pid in the name lets a later sandbox remove what a killed worker left.
+        self.name = f"sbx-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._run_as: tuple[int, int] | None = None
         if os.geteuid() == 0:
             self._run_as = (run_as_uid, run_as_uid)
@@ -384,6 +385,8 @@ class BwrapSandbox(Sandbox):
             os.close(info_write)
         running = _Running(proc)
         self._running.add(running)
+        if self._killed:  # kill() ran while this command was being spawned
+            running.kill()
         info_task = asyncio.ensure_future(asyncio.to_thread(_read_info, info_read))
 
         def remember(task: asyncio.Future[dict[str, Any]]) -> None:

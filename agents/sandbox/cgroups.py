@@ -171,6 +171,7 @@ def _create_v2(point: str, root: str, own: str, name: str, limits: Limits) -> Cg
     enable = " ".join(f"+{c}" for c in wanted if c in available)
     for base in (mine, Path(point)):
         parent = base / "fedagent"
+        _sweep(parent)
         try:
             _write(base / "cgroup.subtree_control", enable)
             parent.mkdir(exist_ok=True)
@@ -186,6 +187,18 @@ def _create_v2(point: str, root: str, own: str, name: str, limits: Limits) -> Cg
                 group.enforced[controller] = "cgroup v2"
         return group
     return None
+
+
+def _sweep(parent: Path) -> None:
+    """Remove the empty cgroups of sandboxes whose worker died (names are sbx-PID-...)."""
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            parts = entry.name.split("-")
+            if len(parts) < 3 or parts[0] != "sbx" or not parts[1].isdigit():
+                continue
+            if not Path(f"/proc/{parts[1]}").exists():
+                with contextlib.suppress(OSError):  # not empty: leave it
+                    entry.rmdir()
 
 
 def create_cgroups(name: str, limits: Limits) -> CgroupSet | None:
@@ -210,6 +223,7 @@ def create_cgroups(name: str, limits: Limits) -> CgroupSet | None:
             if mine is None:
                 continue
             directory = mine / "fedagent" / name
+            _sweep(directory.parent)
             try:
                 directory.mkdir(parents=True)
             except OSError as exc:

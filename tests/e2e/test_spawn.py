@@ -89,7 +89,9 @@ async def test_kill_stops_the_agent_and_leaves_no_process(
     assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
     workspace = stack.data_dir / "workspaces" / "spoke" / hub.id / body["agentId"]
     for _ in range(300):
-        if processes_in(workspace):
+        # The sandbox's short-lived processes (workspace setup, `echo`) come and go first.
+        agent = (await hub.call("GET", f"/agents/{body['agentId']}")).json()
+        if (agent.get("progress") or {}).get("command") == "sleep 300" and processes_in(workspace):
             break
         await asyncio.sleep(0.1)
     assert processes_in(workspace), "the agent's sleep never started"
