@@ -17,6 +17,7 @@ from activities.federation import PeerMessenger
 from agents.errors import AgentSetupError
 from agents.models import ScriptedProvider
 from agents.runtime import RuntimeConfig, run_agent_task
+from federation import tracing
 from federation.settings import Settings
 from federation.store import repos
 from workflows.models import (
@@ -44,7 +45,19 @@ class AgentActivities:
 
     @activity.defn(name=RUN_AGENT)
     async def run_agent(self, task: RunTask) -> AgentOutcome:
+        # Progress events sent from here join the run's trace (and its log lines carry it).
+        with tracing.trace(task.traceparent):
+            return await self._run_agent(task)
+
+    async def _run_agent(self, task: RunTask) -> AgentOutcome:
         info = activity.info()
+        log.info(
+            "running %s agent for task %s (try %d, activity attempt %d)",
+            task.agent_type,
+            task.task_id,
+            task.attempt,
+            info.attempt,
+        )
         agent_id = uuid.UUID(task.agent_id)
         # A retry of the same try (the worker was lost) resumes after the commands it finished.
         resume_after = completed_commands(info.heartbeat_details) if info.attempt > 1 else 0

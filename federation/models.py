@@ -63,11 +63,15 @@ class AgentContext(Strict):
     branch: str | None = Field(default=None, max_length=255)
     workItems: list[str] = Field(default_factory=list, max_length=200)
     instructions: str = Field(default="", max_length=100_000)
+    # A model to run the agent with; the executor accepts only those it allows.
+    model: str | None = Field(default=None, max_length=200)
 
 
 class AgentOptions(Strict):
     timeout: int = Field(default=3600, ge=1, le=7 * 24 * 3600, description="seconds")
     maxRetries: int = Field(default=0, ge=0, le=20)
+    # Past the executor's capacity: wait for a free slot instead of a 429.
+    queue: bool = False
 
 
 class AgentSpawnCreate(Strict):

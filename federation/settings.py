@@ -38,8 +38,15 @@ class Settings(BaseSettings):
     spawn_deadline: int = Field(default=600, ge=5)
     # Requester falls back to polling agent.status when no event came for this long.
     status_poll_interval: int = Field(default=15, ge=1)
-    # Maximum agents one worker process runs at once.
+    # --- orchestration ---
+    # Maximum agents one worker process runs at once (more wait in the agents task queue).
     max_concurrent_agents: int = Field(default=8, ge=1)
+    # Maximum agents this instance runs at once for all peers; past it a spawn is refused with
+    # 429 unless it asked to queue (options.queue).
+    max_running_agents: int = Field(default=64, ge=1)
+    # On SIGTERM a worker stops polling and gives running agents this long to finish before
+    # they are cancelled (and retried by another worker).
+    worker_shutdown_grace: float = Field(default=30.0, ge=0)
     # How often a running agent heartbeats (progress) to Temporal.
     heartbeat_interval: float = Field(default=1.0, gt=0)
 
@@ -135,6 +142,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @property
+    def agent_task_queue(self) -> str:
+        """Agents run on their own queue so each worker can cap how many it runs."""
+        return f"{self.task_queue}-agents"
 
     @property
     def workspaces_dir(self) -> Path:
