@@ -104,6 +104,13 @@ async def run_demo(args: argparse.Namespace) -> int:
             if result:
                 say("result summary:\n  " + str(result.get("summary", "")).replace("\n", "\n  "))
                 say("log tail:\n  " + str(result.get("logTail", "")).strip().replace("\n", "\n  "))
+                if result.get("changedFiles") is not None:
+                    sandbox = (result.get("sandbox") or {}).get("kind", "?")
+                    say(
+                        f"changed files: {', '.join(result['changedFiles']) or '(none)'}"
+                        f" (diff sha256 {str(result.get('diffSha256', ''))[:12]}...,"
+                        f" sandbox {sandbox})"
+                    )
             say("where to look in the Temporal Web UI:")
             say(
                 f"  requester: {stack.ui_url}/namespaces/{names[0]}/workflows/"
