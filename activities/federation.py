@@ -149,6 +149,21 @@ class FederationActivities:
 
     # --- requester side ----------------------------------------------------------------
 
+    async def _apply_reply(self, agent_id: str, reply: dict[str, Any]) -> AgentEvent:
+        """The executor's answer is a report like an event: apply it to the projection."""
+        event = event_from_payload(reply)
+        await repos.apply_requester_update(
+            self.pool,
+            uuid.UUID(agent_id),
+            seq=event.seq,
+            state=event.state,
+            progress=event.progress,
+            result=event.result,
+            error=event.error,
+            attempt=event.attempt,
+        )
+        return event
+
     @activity.defn(name=SEND_SPAWN)
     async def send_spawn(self, inp: SpawnAgentInput) -> AgentEvent:
         with tracing.trace(inp.traceparent):
@@ -174,18 +189,7 @@ class FederationActivities:
             )
         except FederationError as err:
             raise as_activity_error(err) from None
-        event = event_from_payload(reply)
-        await repos.apply_requester_update(
-            self.pool,
-            uuid.UUID(inp.agent_id),
-            seq=event.seq,
-            state=event.state,
-            progress=event.progress,
-            result=event.result,
-            error=event.error,
-            attempt=event.attempt,
-        )
-        return event
+        return await self._apply_reply(inp.agent_id, reply)
 
     @activity.defn(name=POLL_STATUS)
     async def poll_status(self, call: PeerCall) -> AgentEvent:
@@ -204,18 +208,7 @@ class FederationActivities:
             )
         except FederationError as err:
             raise as_activity_error(err) from None
-        event = event_from_payload(reply)
-        await repos.apply_requester_update(
-            self.pool,
-            uuid.UUID(call.agent_id),
-            seq=event.seq,
-            state=event.state,
-            progress=event.progress,
-            result=event.result,
-            error=event.error,
-            attempt=event.attempt,
-        )
-        return event
+        return await self._apply_reply(call.agent_id, reply)
 
     @activity.defn(name=SEND_KILL)
     async def send_kill(self, call: PeerCall) -> KillResult:
@@ -235,16 +228,7 @@ class FederationActivities:
             )
         except FederationError as err:
             raise as_activity_error(err) from None
-        event = event_from_payload(reply)
-        await repos.apply_requester_update(
-            self.pool,
-            uuid.UUID(call.agent_id),
-            seq=event.seq,
-            state=event.state,
-            progress=event.progress,
-            result=event.result,
-            error=event.error,
-        )
+        event = await self._apply_reply(call.agent_id, reply)
         return KillResult(call.agent_id, event.state, event.seq)
 
     @activity.defn(name=RECORD_REQUESTER_FINAL)
