@@ -66,6 +66,7 @@ class RuntimeConfig:
                 pids=settings.sandbox_pids,
                 cpus=settings.sandbox_cpus,
                 command_timeout=settings.command_timeout,
+                file_bytes=settings.sandbox_file_mb * 1024 * 1024,
             ),
             provider=settings.model_provider,
             model=settings.anthropic_model,

@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     sandbox_memory_mb: int = Field(default=2048, ge=16)
     sandbox_pids: int = Field(default=256, ge=8)
     sandbox_cpus: float = Field(default=2.0, gt=0)
+    # Largest file an agent's command may write (bwrap: RLIMIT_FSIZE).
+    sandbox_file_mb: int = Field(default=1024, ge=1)
     # Seconds one command may run before everything it started is killed.
     command_timeout: float = Field(default=600.0, gt=0)
     # Host uid (and gid) sandboxes run as when the worker runs as root; used by nothing else.

@@ -118,7 +118,12 @@ async def stack(
         temporal_port=temporal,
         ui_port=temporal + 1,
         # Fall back to polling quickly so tests of lost events stay short.
-        extra_env={"FEDAGENT_STATUS_POLL_INTERVAL": "3", "FEDAGENT_LOG_LEVEL": "info"},
+        extra_env={
+            "FEDAGENT_STATUS_POLL_INTERVAL": "3",
+            "FEDAGENT_LOG_LEVEL": "info",
+            # Small enough that a test can hit it quickly.
+            "FEDAGENT_SANDBOX_FILE_MB": "16",
+        },
         instance_env={"far": FAR_ENV},
         public_urls={"far": far_proxy.url},
     )

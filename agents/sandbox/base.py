@@ -42,6 +42,8 @@ class Limits:
     pids: int | None = 256
     cpus: float | None = 2.0
     command_timeout: float = 600.0
+    # Largest file a command may write (RLIMIT_FSIZE): filling the disk stops there per file.
+    file_bytes: int | None = 1024**3
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +51,7 @@ class Limits:
             "pids": self.pids,
             "cpus": self.cpus,
             "commandTimeout": self.command_timeout,
+            "fileBytes": self.file_bytes,
         }
 
 

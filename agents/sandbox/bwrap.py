@@ -249,6 +249,9 @@ class BwrapSandbox(Sandbox):
             seconds = max(1, int(limits.command_timeout * limits.cpus))
             self._rlimits.append((resource.RLIMIT_CPU, seconds))
             self.enforced["cpu"] = f"rlimit ({seconds} CPU seconds per process)"
+        if limits.file_bytes:
+            self._rlimits.append((resource.RLIMIT_FSIZE, limits.file_bytes))
+            self.enforced["fileSize"] = f"rlimit ({limits.file_bytes} bytes per file written)"
         self.enforced["network"] = "none (own network namespace)"
         self.enforced["commandTimeout"] = "killed after the timeout"
 

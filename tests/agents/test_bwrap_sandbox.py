@@ -120,3 +120,16 @@ async def test_a_missing_bwrap_says_how_to_install_it(tmp_path: Path) -> None:
     sandbox = BwrapSandbox(tmp_path / "ws", bwrap="/nonexistent/bwrap")
     with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
         await sandbox.start()
+
+
+async def test_a_command_cannot_write_a_file_past_the_size_limit(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    limits = Limits(memory_bytes=SMALL.memory_bytes, pids=SMALL.pids, file_bytes=1024 * 1024)
+    sandbox = await make_sandbox(tmp_path / "ws", limits)
+    assert sandbox.enforced["fileSize"].startswith("rlimit")
+    fill = await sandbox.run("dd if=/dev/zero of=big bs=64k count=64", timeout=20)
+    assert fill.exit_code != 0
+    assert "too large" in fill.output.lower() or fill.exit_code == 128 + 25  # SIGXFSZ
+    assert (tmp_path / "ws" / "big").stat().st_size <= 1024 * 1024
+    assert sandbox.alive_pids() == []
