@@ -50,18 +50,6 @@ def as_activity_error(err: FederationError) -> Exception:
     return ApplicationError(err.detail, type=code, non_retryable=True)
 
 
-def event_payload(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "agentId": str(row["agent_id"]),
-        "seq": row["seq"],
-        "state": row["state"],
-        "progress": row["progress"],
-        "result": row["result"],
-        "error": row["error"],
-        "attempt": row["attempt"],
-    }
-
-
 def event_from_payload(payload: dict[str, Any]) -> AgentEvent:
     return AgentEvent(
         seq=int(payload.get("seq") or 0),
@@ -120,7 +108,7 @@ class PeerMessenger:
             connection,
             type=MessageType.EVENT,
             command_type="agent.state",
-            payload=event_payload(row),
+            payload=repos.agent_report(row),
             agent_id=row["agent_id"],
             timeout=timeout,
         )

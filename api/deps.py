@@ -28,6 +28,12 @@ class User:
     def is_admin(self) -> bool:
         return self.role == "admin"
 
+    def visible(self, row: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The row if this user may see it: admins see all, members their workspace's."""
+        if row is None or (not self.is_admin and row["workspace"] != self.workspace):
+            return None
+        return row
+
 
 def _pool(request: Request) -> asyncpg.Pool:
     pool: asyncpg.Pool = request.app.state.pool

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from temporalio.api.enums.v1 import EventType  # noqa: E402
 from temporalio.client import Client  # noqa: E402
 from temporalio.worker import Worker  # noqa: E402
 
-from cli.devstack import DevStack  # noqa: E402
+from cli.devstack import DevStack, free_port_block  # noqa: E402
 
 TERMINAL = {"completed", "failed", "killed", "timed_out"}
 API = "/api/v1/federation"
@@ -117,22 +116,6 @@ def fmt_ms(value: float | None) -> str:
 
 
 # --- stack ---------------------------------------------------------------------------------------
-
-
-def free_port_block(size: int) -> int:
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-        return True
-
-    for _ in range(200):
-        base = random.randint(20000, 50000)
-        if all(free(base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no free block of loopback ports")
 
 
 class Peer:

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +30,24 @@ from federation.identity import ensure_identity
 from federation.store import repos
 from federation.store.db import create_pool, migrate
 from workflows.models import SEARCH_ATTRIBUTES
+
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive free loopback ports, picked at random."""
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    for _ in range(200):
+        base = random.randint(20000, 50000)
+        if all(free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no free block of loopback ports")
 
 
 def temporal_binary() -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from cli.devstack import DevStack
+from cli.devstack import DevStack, free_port_block
 from tests.e2e.proxy import ControlledProxy
 
 TERMINAL = {"completed", "failed", "killed", "timed_out"}
@@ -25,23 +23,6 @@ INSTANCES = ["hub", "spoke", "edge", "far"]
 # `far` is reached by its peers only through a proxy the tests control (lost events, outages),
 # and runs at most one agent at a time for everyone (capacity tests).
 FAR_ENV = {"FEDAGENT_MAX_RUNNING_AGENTS": "1", "FEDAGENT_MAX_CONCURRENT_AGENTS": "1"}
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_block(size: int) -> int:
-    for _ in range(200):
-        base = random.randint(20000, 50000)
-        if all(_free(base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no free port block on loopback")
 
 
 class Instance:

@@ -48,12 +48,6 @@ def spawner(request: Request) -> SpawnStarter:
     return starter
 
 
-def _visible(user: User, row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None or (not user.is_admin and row["workspace"] != user.workspace):
-        return None
-    return row
-
-
 @router.post("/spawn", status_code=status.HTTP_202_ACCEPTED)
 async def spawn_agent(
     body: AgentSpawnCreate,
@@ -108,7 +102,7 @@ async def spawn_agent(
                 and existing["context"] == context
                 and existing["options"] == options
             )
-            if not same or _visible(user, existing) is None:
+            if not same or user.visible(existing) is None:
                 raise AgentIdConflict(f"agentId {agent_id} is already used by another spawn")
             assert existing is not None
             return AgentSpawnAccepted(
@@ -156,7 +150,7 @@ async def list_agents(
 
 
 async def _get(pool: Any, user: User, agent_id: uuid.UUID) -> dict[str, Any]:
-    row = _visible(user, await repos.get_requested_agent(pool, agent_id))
+    row = user.visible(await repos.get_requested_agent(pool, agent_id))
     if row is None:
         raise AgentNotFound(f"no agent {agent_id}")
     return row

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, status
 
-from api.deps import CurrentUser, HttpDep, IdentityDep, PoolDep, SettingsDep, User
+from api.deps import CurrentUser, HttpDep, IdentityDep, PoolDep, SettingsDep
 from federation.envelope import MessageType
 from federation.errors import (
     AgentNotFound,
@@ -27,12 +27,6 @@ from federation.peer import send_signed
 from federation.store import repos
 
 router = APIRouter(prefix="/api/v1/federation", tags=["commands"])
-
-
-def _visible(user: User, row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None or (not user.is_admin and row["workspace"] != user.workspace):
-        return None
-    return row
 
 
 @router.post("/command", status_code=status.HTTP_201_CREATED)
@@ -50,7 +44,7 @@ async def send_command(
     connection = await repos.get_connection(pool, body.connectionId)
     if connection is None:
         raise ConnectionNotFound(f"no connection {body.connectionId}")
-    agent = _visible(user, await repos.get_requested_agent(pool, body.payload.agentId))
+    agent = user.visible(await repos.get_requested_agent(pool, body.payload.agentId))
     if agent is None or agent["connection_id"] != body.connectionId:
         raise AgentNotFound(f"no agent {body.payload.agentId} on this connection")
     if connection["status"] != "ACTIVE":
@@ -128,7 +122,7 @@ async def list_commands(
 
 @router.get("/commands/{command_id}")
 async def get_command(command_id: uuid.UUID, user: CurrentUser, pool: PoolDep) -> CommandPublic:
-    row = _visible(user, await repos.get_command(pool, command_id))
+    row = user.visible(await repos.get_command(pool, command_id))
     if row is None:
         raise CommandNotFound(f"no command {command_id}")
     return CommandPublic.from_row(row)

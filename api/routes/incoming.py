@@ -123,16 +123,7 @@ async def _audit_accepted(db: Any, envelope: Envelope, agent_id: str, **details:
 
 
 def _event_payload(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "agentId": str(row["agent_id"]),
-        "workflowId": row["workflow_id"],
-        "seq": row["seq"],
-        "state": row["state"],
-        "progress": row["progress"],
-        "result": row["result"],
-        "error": row["error"],
-        "attempt": row["attempt"],
-    }
+    return {**repos.agent_report(row), "workflowId": row["workflow_id"]}
 
 
 # --- CONNECT -------------------------------------------------------------------------------

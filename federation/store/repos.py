@@ -177,6 +177,19 @@ async def insert_agent(db: Executor, **fields: Any) -> bool:
     return bool(status.endswith(" 1"))
 
 
+def agent_report(row: dict[str, Any]) -> dict[str, Any]:
+    """What the executor tells the requester about a run (events, status and kill answers)."""
+    return {
+        "agentId": str(row["agent_id"]),
+        "seq": row["seq"],
+        "state": row["state"],
+        "progress": row["progress"],
+        "result": row["result"],
+        "error": row["error"],
+        "attempt": row["attempt"],
+    }
+
+
 async def get_requested_agent(db: Executor, agent_id: uuid.UUID) -> dict[str, Any] | None:
     return row_dict(
         await db.fetchrow(
