@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import asyncpg
@@ -16,23 +15,8 @@ from federation.keystore import KeyCipher
 from federation.peer import CardKeyRefresher
 from federation.settings import Settings
 from federation.store import repos
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    role: str
-    workspace: str
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-    def visible(self, row: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The row if this user may see it: admins see all, members their workspace's."""
-        if row is None or (not self.is_admin and row["workspace"] != self.workspace):
-            return None
-        return row
+from federation.users import User
+from operations import Services
 
 
 def _pool(request: Request) -> asyncpg.Pool:
@@ -58,6 +42,18 @@ def _settings(request: Request) -> Settings:
 def _cipher(request: Request) -> KeyCipher:
     cipher: KeyCipher = request.app.state.cipher
     return cipher
+
+
+def _services(request: Request) -> Services:
+    state = request.app.state
+    return Services(
+        pool=state.pool,
+        http=state.http,
+        temporal=state.temporal,
+        settings=state.settings,
+        starter=state.spawner,
+        cipher=state.cipher,
+    )
 
 
 async def _identity(request: Request) -> Identity:
@@ -98,3 +94,4 @@ CipherDep = Annotated[KeyCipher, Depends(_cipher)]
 KeyRefresherDep = Annotated[CardKeyRefresher, Depends(_key_refresher)]
 CurrentUser = Annotated[User, Depends(_current_user)]
 AdminUser = Annotated[User, Depends(_admin_user)]
+ServicesDep = Annotated[Services, Depends(_services)]
