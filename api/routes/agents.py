@@ -49,7 +49,7 @@ async def list_agents(
     agent_type: Annotated[AgentType | None, Query(alias="agentType")] = None,
     task_id: Annotated[str | None, Query(alias="taskId", max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> list[AgentPublic]:
     """Agents this instance spawned on peers, newest first; members see their workspace only."""
     rows = await agents.list_(
