@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from federation.settings import Settings
 
 SANDBOXES = ("bwrap", "docker", "process")
+READ_ONLY_AGENT = "reviewer"  # its sandbox mounts the workspace read-only
 PROVIDERS = ("scripted", "anthropic")
 
 
@@ -53,6 +54,12 @@ class RuntimeConfig:
     docker_host: str | None = None
     repo_roots: tuple[Path, ...] = ()
     clone_timeout: float = 600.0
+    # The clone's address policy: hosts allowed although loopback/private, and dev (all).
+    outbound_allowlist: tuple[str, ...] = ()
+    allow_private_hosts: bool = False
+    # Host paths a sandbox must never mount (the data dir, the worker's home): a
+    # FEDAGENT_SANDBOX_RO_PATHS entry that overlaps one is refused.
+    private_paths: tuple[Path, ...] = ()
     diff_limit: int = 1024 * 1024
     log_tail: int = 8 * 1024
 
@@ -67,6 +74,7 @@ class RuntimeConfig:
                 cpus=settings.sandbox_cpus,
                 command_timeout=settings.command_timeout,
                 file_bytes=settings.sandbox_file_mb * 1024 * 1024,
+                disk_bytes=settings.sandbox_disk_mb * 1024 * 1024,
             ),
             provider=settings.model_provider,
             model=settings.anthropic_model,
@@ -86,6 +94,9 @@ class RuntimeConfig:
             docker_host=settings.docker_host,
             repo_roots=tuple(settings.agent_repo_roots),
             clone_timeout=settings.clone_timeout,
+            outbound_allowlist=tuple(settings.outbound_allowlist),
+            allow_private_hosts=settings.environment == "dev",
+            private_paths=(settings.data_dir, Path.home()),
             diff_limit=settings.diff_limit,
         )
 
@@ -103,7 +114,9 @@ def choose_model(config: RuntimeConfig, context: Mapping[str, Any]) -> str:
     )
 
 
-def make_sandbox(config: RuntimeConfig, workspace: Path) -> Sandbox:
+def make_sandbox(config: RuntimeConfig, workspace: Path, *, read_only: bool = False) -> Sandbox:
+    """The configured sandbox over the workspace; `read_only` (a reviewer's) mounts it
+    read-only, and a backend that cannot do that refuses to start."""
     if config.sandbox == "bwrap":
         return BwrapSandbox(
             workspace,
@@ -111,7 +124,8 @@ def make_sandbox(config: RuntimeConfig, workspace: Path) -> Sandbox:
             bwrap=config.bwrap_path,
             run_as_uid=config.sandbox_uid,
             use_cgroups=config.sandbox_cgroups,
-            ro_paths=config.sandbox_ro_paths,
+            ro_paths=safe_ro_paths(config),
+            read_only=read_only,
         )
     if config.sandbox == "docker":
         from agents.sandbox.docker_sandbox import DockerSandbox
@@ -122,10 +136,27 @@ def make_sandbox(config: RuntimeConfig, workspace: Path) -> Sandbox:
             image=config.docker_image,
             docker_host=config.docker_host,
             run_as_uid=config.sandbox_uid,
+            read_only=read_only,
         )
     if config.sandbox == "process":
-        return ProcessSandbox(workspace, config.limits)
+        return ProcessSandbox(workspace, config.limits, read_only=read_only)
     raise AgentSetupError(f"unknown sandbox {config.sandbox!r} (one of {', '.join(SANDBOXES)})")
+
+
+def safe_ro_paths(config: RuntimeConfig) -> tuple[str, ...]:
+    """FEDAGENT_SANDBOX_RO_PATHS, refused when one of them holds or lies inside what only the
+    worker may read (the data dir with its keys and workspaces, the worker's home)."""
+    for entry in config.sandbox_ro_paths:
+        path = Path(entry).expanduser().resolve()
+        for private in config.private_paths:
+            private = private.expanduser().resolve()
+            if path == Path("/") or path.is_relative_to(private) or private.is_relative_to(path):
+                raise AgentSetupError(
+                    f"FEDAGENT_SANDBOX_RO_PATHS entry {entry} would show sandboxed commands "
+                    f"{private} (the instance's data or the worker's home); mount a toolchain "
+                    "directory that holds nothing else"
+                )
+    return config.sandbox_ro_paths
 
 
 def make_provider(config: RuntimeConfig, model: str, context: Mapping[str, Any]) -> ModelProvider:
@@ -170,7 +201,7 @@ async def run_agent_task(
         reuse=resume,
         timeout=config.clone_timeout,
     )
-    sandbox = make_sandbox(config, workspace)
+    sandbox = make_sandbox(config, workspace, read_only=agent_type == READ_ONLY_AGENT)
     provider = provider or make_provider(config, model, context)
     try:
         try:

@@ -7,6 +7,7 @@ the executor's side through `agents.sandbox.files`, which never lets a path leav
 from __future__ import annotations
 
 import asyncio
+import errno
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ class Limits:
     command_timeout: float = 600.0
     # Largest file a command may write (RLIMIT_FSIZE): filling the disk stops there per file.
     file_bytes: int | None = 1024**3
+    # What the workspace and the run's /tmp may hold together; past it the run ends
+    # `disk_quota` (checked while commands run and after each tool call).
+    disk_bytes: int | None = 4 * 1024**3
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +56,7 @@ class Limits:
             "cpus": self.cpus,
             "commandTimeout": self.command_timeout,
             "fileBytes": self.file_bytes,
+            "diskBytes": self.disk_bytes,
         }
 
 
@@ -62,9 +67,15 @@ class Sandbox(ABC):
     # Where commands see the workspace (the process sandbox sees the host path itself).
     workspace_mount: str = "/workspace"
 
-    def __init__(self, workspace: Path, limits: Limits | None = None) -> None:
+    def __init__(
+        self, workspace: Path, limits: Limits | None = None, *, read_only: bool = False
+    ) -> None:
         self.workspace = workspace
         self.limits = limits or Limits()
+        # A reviewer's sandbox: commands see the workspace read-only, the file tools refuse.
+        self.read_only = read_only
+        # The run's private /tmp on the host, when the backend has one (counts for the quota).
+        self.tmp_dir: Path | None = None
         # limit name -> how it is enforced ("cgroup v1", "rlimit (per process)", ...)
         self.enforced: dict[str, str] = {}
         # (uid, gid) that files written by the file tools must belong to, so that the sandbox
@@ -104,6 +115,8 @@ class Sandbox(ABC):
         )
 
     async def write_file(self, path: str, data: bytes) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "the workspace is read-only in this sandbox")
         await asyncio.to_thread(
             files.write_file,
             self.workspace,
@@ -124,6 +137,11 @@ class Sandbox(ABC):
             limit,
             self.workspace_mount,
         )
+
+    async def disk_usage(self) -> int:
+        """Bytes the workspace and the run's /tmp take on disk now."""
+        roots = [self.workspace] + ([self.tmp_dir] if self.tmp_dir is not None else [])
+        return await asyncio.to_thread(files.disk_usage, roots)
 
     def _relative(self, path: str) -> str:
         """A tool's path relative to the workspace; absolute paths must be inside its mount."""
