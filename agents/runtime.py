@@ -19,7 +19,7 @@ from agents.models import DEFAULT_MODEL, AnthropicProvider, ModelProvider, Scrip
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.process import ProcessSandbox
-from agents.workspace import collect_diff, prepare_workspace
+from agents.workspace import CloneSettings, collect_diff, prepare_workspace
 
 if TYPE_CHECKING:
     from federation.settings import Settings
@@ -200,6 +200,15 @@ async def run_agent_task(
         roots=config.repo_roots,
         reuse=resume,
         timeout=config.clone_timeout,
+        clone=CloneSettings(
+            bwrap=config.bwrap_path,
+            sandbox_uid=config.sandbox_uid,
+            use_cgroups=config.sandbox_cgroups,
+            limits=config.limits,
+            timeout=config.clone_timeout,
+            outbound_allowlist=config.outbound_allowlist,
+            allow_private_hosts=config.allow_private_hosts,
+        ),
     )
     sandbox = make_sandbox(config, workspace, read_only=agent_type == READ_ONLY_AGENT)
     provider = provider or make_provider(config, model, context)

@@ -6,13 +6,11 @@ operations, so no path given by the model reaches outside the workspace.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 from agents.models import ToolCall, ToolOutcome
-from agents.sandbox.base import CommandResult, Sandbox
+from agents.sandbox.base import CommandResult, Sandbox, run_within_quota
 from agents.sandbox.files import PathRefused
 
 READ_LIMIT = 256 * 1024  # bytes read from a file
@@ -180,23 +178,10 @@ class ToolRunner:
         )
 
     async def _run_watched(self, command: str, timeout: float) -> CommandResult:
-        """The command, with the disk quota checked while it runs: a command that fills the
-        disk past it takes the sandbox down with it (the run then ends `disk_quota`)."""
-        running = asyncio.ensure_future(self.sandbox.run(command, timeout=timeout))
-        try:
-            while self.sandbox.limits.disk_bytes:
-                done, _ = await asyncio.wait({running}, timeout=QUOTA_POLL)
-                if done:
-                    break
-                if await self.check_disk() is not None:
-                    await self.sandbox.kill()
-                    break
-            return await running
-        finally:
-            if not running.done():
-                running.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await running
+        result, over = await run_within_quota(self.sandbox, command, timeout, QUOTA_POLL)
+        if over is not None and self.over_quota is None:
+            self.over_quota = over
+        return result
 
     async def _read_file(self, args: dict[str, Any]) -> str:
         path = str(args["path"])

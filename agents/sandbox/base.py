@@ -7,6 +7,7 @@ the executor's side through `agents.sandbox.files`, which never lets a path leav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -146,6 +147,33 @@ class Sandbox(ABC):
     def _relative(self, path: str) -> str:
         """A tool's path relative to the workspace; absolute paths must be inside its mount."""
         return files.relative_to_mount(path, self.workspace_mount)
+
+
+async def run_within_quota(
+    sandbox: Sandbox, command: str, timeout: float, poll: float = 1.0
+) -> tuple[CommandResult, int | None]:
+    """Run a command with the disk quota checked while it runs: a command that fills the
+    workspace and /tmp past `limits.disk_bytes` takes the sandbox down with it. Returns the
+    result and, when the quota was passed, the usage found."""
+    quota = sandbox.limits.disk_bytes
+    running = asyncio.ensure_future(sandbox.run(command, timeout=timeout))
+    over: int | None = None
+    try:
+        while quota:
+            done, _ = await asyncio.wait({running}, timeout=poll)
+            if done:
+                break
+            used = await sandbox.disk_usage()
+            if used > quota:
+                over = used
+                await sandbox.kill()
+                break
+        return await running, over
+    finally:
+        if not running.done():
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
 
 
 def bound_output(data: bytes, limit: int = OUTPUT_LIMIT) -> str:
