@@ -438,6 +438,9 @@ async def clone_in_sandbox(
         except SandboxUnavailable as exc:
             raise AgentSetupError(f"the clone's sandbox did not start: {exc}") from exc
         result, over = await run_within_quota(sandbox, shlex.join(argv), clone.timeout)
+        quota = clone.limits.disk_bytes
+        if over is None and quota and (used := await sandbox.disk_usage()) > quota:
+            over = used  # a clone faster than the checks while it ran
     finally:
         await sandbox.kill()
     if over is not None:
