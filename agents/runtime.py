@@ -58,8 +58,9 @@ class RuntimeConfig:
     outbound_allowlist: tuple[str, ...] = ()
     allow_private_hosts: bool = False
     # Host paths a sandbox must never mount (the data dir, the worker's home): a
-    # FEDAGENT_SANDBOX_RO_PATHS entry that overlaps one is refused.
+    # FEDAGENT_SANDBOX_RO_PATHS entry that holds one (or lies in the data dir) is refused.
     private_paths: tuple[Path, ...] = ()
+    data_dir: Path | None = None
     diff_limit: int = 1024 * 1024
     log_tail: int = 8 * 1024
 
@@ -97,6 +98,7 @@ class RuntimeConfig:
             outbound_allowlist=tuple(settings.outbound_allowlist),
             allow_private_hosts=settings.environment == "dev",
             private_paths=(settings.data_dir, Path.home()),
+            data_dir=settings.data_dir,
             diff_limit=settings.diff_limit,
         )
 
@@ -144,13 +146,17 @@ def make_sandbox(config: RuntimeConfig, workspace: Path, *, read_only: bool = Fa
 
 
 def safe_ro_paths(config: RuntimeConfig) -> tuple[str, ...]:
-    """FEDAGENT_SANDBOX_RO_PATHS, refused when one of them holds or lies inside what only the
-    worker may read (the data dir with its keys and workspaces, the worker's home)."""
+    """FEDAGENT_SANDBOX_RO_PATHS, refused when one of them would show sandboxed commands what
+    only the worker may read: it holds the data dir (keys, workspaces) or the worker's home,
+    or lies inside the data dir. (A toolchain inside the home, ~/.pyenv/versions/3.11, is
+    the operator's choice.)"""
     for entry in config.sandbox_ro_paths:
         path = Path(entry).expanduser().resolve()
+        data_dir = config.data_dir.expanduser().resolve() if config.data_dir else None
         for private in config.private_paths:
             private = private.expanduser().resolve()
-            if path == Path("/") or path.is_relative_to(private) or private.is_relative_to(path):
+            inside = private == data_dir and path.is_relative_to(private)
+            if inside or private.is_relative_to(path):
                 raise AgentSetupError(
                     f"FEDAGENT_SANDBOX_RO_PATHS entry {entry} would show sandboxed commands "
                     f"{private} (the instance's data or the worker's home); mount a toolchain "

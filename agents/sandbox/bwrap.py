@@ -367,8 +367,10 @@ class BwrapSandbox(Sandbox):
             self.workspace_mount,
             "--clearenv",
         ]
+        # a toolchain mounted with FEDAGENT_SANDBOX_RO_PATHS is found by name (its bin first)
+        tools = [f"{p.rstrip('/')}/bin" for p in self.ro_paths if os.path.isdir(f"{p}/bin")]
         env = {
-            "PATH": PATH,
+            "PATH": ":".join([*tools, PATH]),
             "HOME": "/tmp/home",
             "TMPDIR": "/tmp",
             "LANG": "C.UTF-8",

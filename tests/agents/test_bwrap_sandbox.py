@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -195,3 +196,33 @@ async def test_kernel_interfaces_docker_denies_are_denied_in_the_sandbox(
     assert work.exit_code == 0, work.output
     assert work.output.split() == ["1", "thread", "child"]
     assert sandbox.enforced["seccomp"].startswith("Docker's default")
+
+
+async def test_the_toolchain_lists_what_commands_in_the_sandbox_see(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    from agents.sandbox.toolchain import sandbox_toolchain
+
+    # A toolchain directory an operator mounts with FEDAGENT_SANDBOX_RO_PATHS (reachable by the
+    # sandbox's uid: not below pytest's private tmp directory).
+    tools = Path(tempfile.mkdtemp(prefix="fedagent-tools-", dir="/var/tmp"))
+    try:
+        tools.chmod(0o755)
+        (tools / "bin").mkdir(mode=0o755)
+        script = tools / "bin" / "pytest"
+        script.write_text("#!/bin/sh\necho 'pytest 9.9.9'\n")
+        script.chmod(0o755)
+        plain = await make_sandbox(tmp_path / "plain", SMALL)
+        found = {tool.name: tool for tool in await sandbox_toolchain(plain)}
+        assert found["git"].path is not None and found["git"].version.startswith("git version")
+        assert found["python3"].path is not None
+        assert found["python3"].version.startswith("Python 3")
+        if shutil.which("pytest", path="/usr/local/bin:/usr/bin:/bin") is None:
+            assert found["pytest"].path is None
+            assert found["pytest"].describe() == "pytest: not found"
+        mounted = await make_sandbox(tmp_path / "mounted", SMALL, ro_paths=(str(tools),))
+        found = {tool.name: tool for tool in await sandbox_toolchain(mounted)}
+        assert found["pytest"].path == str(script)
+        assert found["pytest"].version == "pytest 9.9.9"
+    finally:
+        shutil.rmtree(tools, ignore_errors=True)

@@ -137,3 +137,29 @@ async def test_replace_all_refuses_an_edit_that_would_outgrow_its_limit(tmp_path
         assert (workspace / "big.txt").stat().st_size == 2 * len(original)
     finally:
         await sandbox.kill()
+
+
+@needs_bwrap
+async def test_a_read_only_path_that_would_show_the_data_dir_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / "secrets").mkdir(parents=True)
+    (data_dir / "secrets" / "hub.key").write_text("the master key\n")
+    for entry in (str(tmp_path), str(data_dir / "secrets"), "/"):
+        with pytest.raises(AgentSetupError, match="FEDAGENT_SANDBOX_RO_PATHS") as refused:
+            await scripted(
+                tmp_path / "runs" / "p1",
+                "$ cat " + str(data_dir / "secrets" / "hub.key"),
+                sandbox_ro_paths=(entry,),
+                private_paths=(data_dir, Path.home()),
+                data_dir=data_dir,
+            )
+        assert str(data_dir) in str(refused.value) or str(Path.home()) in str(refused.value)
+    # A toolchain directory next to it is fine.
+    report = await scripted(
+        tmp_path / "runs" / "p2",
+        "$ true",
+        sandbox_ro_paths=("/usr/share",),
+        private_paths=(data_dir, Path.home()),
+        data_dir=data_dir,
+    )
+    assert report.success, report.summary
