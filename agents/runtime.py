@@ -214,6 +214,7 @@ async def run_agent_task(
             timeout=config.clone_timeout,
             outbound_allowlist=config.outbound_allowlist,
             allow_private_hosts=config.allow_private_hosts,
+            host_fallback=config.sandbox != "bwrap",
         ),
     )
     sandbox = make_sandbox(config, workspace, read_only=agent_type == READ_ONLY_AGENT)

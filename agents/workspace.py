@@ -34,6 +34,7 @@ import shlex
 import shutil
 import stat
 import sys
+import tempfile
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -42,7 +43,7 @@ from typing import Any
 
 from agents.addresses import resolve_allowed
 from agents.errors import AgentSetupError
-from agents.sandbox.base import Limits, SandboxUnavailable, run_within_quota
+from agents.sandbox.base import CommandResult, Limits, SandboxUnavailable, run_within_quota
 
 log = logging.getLogger(__name__)
 URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
@@ -94,6 +95,9 @@ class CloneSettings:
     timeout: float = 600.0
     outbound_allowlist: tuple[str, ...] = ()
     allow_private_hosts: bool = False
+    # Clone as the executor's uid (same environment and address policy) where bwrap cannot
+    # start; only for the docker and process sandboxes (bwrap must work for the bwrap one).
+    host_fallback: bool = False
 
 
 def normalise_repository_url(repository: str) -> str:
@@ -432,13 +436,18 @@ async def clone_in_sandbox(
         ro_binds=((where, "/repository"),) if kind == "local" else (),
         environment=CLONE_ENV,
     )
+    quota = clone.limits.disk_bytes
     try:
         try:
             await sandbox.start()
         except SandboxUnavailable as exc:
-            raise AgentSetupError(f"the clone's sandbox did not start: {exc}") from exc
-        result, over = await run_within_quota(sandbox, shlex.join(argv), clone.timeout)
-        quota = clone.limits.disk_bytes
+            if not clone.host_fallback:
+                raise AgentSetupError(f"the clone's sandbox did not start: {exc}") from exc
+            log.warning("cloning %s without a sandbox (bwrap cannot start: %s)", what, exc)
+            result = await _clone_on_host(argv, kind, where, workspace, clone.timeout)
+            over = None
+        else:
+            result, over = await run_within_quota(sandbox, shlex.join(argv), clone.timeout)
         if over is None and quota and (used := await sandbox.disk_usage()) > quota:
             over = used  # a clone faster than the checks while it ran
     finally:
@@ -460,6 +469,32 @@ async def clone_in_sandbox(
             "could not be fetched "
             "(the executor's log has git's own words)"
         )
+
+
+async def _clone_on_host(
+    argv: list[str], kind: str, where: str, workspace: Path, timeout: float
+) -> CommandResult:
+    """The same clone as the executor's uid, where no bwrap can run (the docker or process
+    sandbox on such a machine): the same minimal environment, options and address pinning."""
+    argv = [a for a in argv if a != LOCAL_UPLOAD_PACK]
+    argv[-2:] = [where, str(workspace)]
+    if kind == "local":
+        upload = f"git -c safe.directory={where} -c safe.directory={where}/.git upload-pack"
+        argv[argv.index("--upload-pack") + 1 : argv.index("--upload-pack") + 1] = [upload]
+    with tempfile.TemporaryDirectory(prefix="fedagent-clone-") as home:
+        env = {
+            **CLONE_ENV,
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": home,
+        }
+        try:
+            await _git(*argv[1:], env=env, timeout=timeout)
+        except TimeoutError:
+            return CommandResult(shlex.join(argv), -9, "", timed_out=True)
+        except GitError as exc:
+            return CommandResult(shlex.join(argv), 128, str(exc))
+    return CommandResult(shlex.join(argv), 0, "")
 
 
 async def collect_diff(prepared: PreparedWorkspace, limit: int, timeout: float = 300.0) -> Diff:

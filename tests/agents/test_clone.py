@@ -232,3 +232,24 @@ def test_repository_urls_are_normalised_before_grants_match_them(
 def test_what_cannot_name_a_repository_is_refused_by_the_normaliser(bad: str) -> None:
     with pytest.raises(ValueError):
         normalise_repository_url(bad)
+
+
+async def test_where_bwrap_cannot_run_the_clone_keeps_its_minimal_environment(
+    git_server: GitServer, tmp_path: Path, worker_with_credentials: None
+) -> None:
+    # The process (or docker) sandbox on a machine without bwrap: git runs on the host, with
+    # the same environment, options and address policy.
+    no_bwrap = {"sandbox": "process", "bwrap_path": "/nonexistent/bwrap"}
+    report = await run(
+        tmp_path, f"{git_server.url}/calc.git", outbound_allowlist=("127.0.0.1",), **no_bwrap
+    )
+    assert report.success, report.summary
+    assert "return a + b" in report.log_tail
+    git_server.require_auth = True
+    with pytest.raises(AgentSetupError, match="could not be fetched") as failed:
+        await run(tmp_path, f"{git_server.url}/calc.git", allow_private_hosts=True, **no_bwrap)
+    assert "401" not in str(failed.value)
+    for headers in git_server.requests:
+        assert "authorization" not in headers and "x-worker-secret" not in headers
+    with pytest.raises(AgentSetupError, match="not one this executor may reach"):
+        await run(tmp_path, f"{git_server.url}/calc.git", **no_bwrap)
