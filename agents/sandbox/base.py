@@ -75,8 +75,6 @@ class Sandbox(ABC):
         self.limits = limits or Limits()
         # A reviewer's sandbox: commands see the workspace read-only, the file tools refuse.
         self.read_only = read_only
-        # The run's private /tmp on the host, when the backend has one (counts for the quota).
-        self.tmp_dir: Path | None = None
         # limit name -> how it is enforced ("cgroup v1", "rlimit (per process)", ...)
         self.enforced: dict[str, str] = {}
         # (uid, gid) that files written by the file tools must belong to, so that the sandbox
@@ -141,8 +139,11 @@ class Sandbox(ABC):
 
     async def disk_usage(self) -> int:
         """Bytes the workspace and the run's /tmp take on disk now."""
-        roots = [self.workspace] + ([self.tmp_dir] if self.tmp_dir is not None else [])
-        return await asyncio.to_thread(files.disk_usage, roots)
+        return await asyncio.to_thread(files.disk_usage, [self.workspace, *self.scratch_dirs()])
+
+    def scratch_dirs(self) -> list[Path]:
+        """Host directories of the run besides the workspace (its /tmp), for the quota."""
+        return []
 
     def _relative(self, path: str) -> str:
         """A tool's path relative to the workspace; absolute paths must be inside its mount."""

@@ -226,6 +226,9 @@ class BwrapSandbox(Sandbox):
 
     # --- lifecycle ------------------------------------------------------------------------
 
+    def scratch_dirs(self) -> list[Path]:
+        return [self.tmp_dir]
+
     async def start(self) -> None:
         self._bwrap_path = shutil.which(self.bwrap)
         if self._bwrap_path is None:

@@ -151,6 +151,9 @@ class DockerSandbox(Sandbox):
         self._create()
         self._base = self._top()
 
+    def scratch_dirs(self) -> list[Path]:
+        return [self.tmp_dir]
+
     async def start(self) -> None:
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
