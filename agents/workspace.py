@@ -418,7 +418,7 @@ async def clone_in_sandbox(
             options += ["-c", f"http.curloptResolve={host}:{port}:{pinned}"]
     else:
         source = "/repository"
-    argv = ["git", *options, "clone", "-q", "--no-tags"]
+    argv = ["git", *options, "clone", "-q"]
     if branch:
         argv += ["--branch", branch]
     if kind == "local":
@@ -476,11 +476,12 @@ async def _clone_on_host(
 ) -> CommandResult:
     """The same clone as the executor's uid, where no bwrap can run (the docker or process
     sandbox on such a machine): the same minimal environment, options and address pinning."""
-    argv = [a for a in argv if a != LOCAL_UPLOAD_PACK]
-    argv[-2:] = [where, str(workspace)]
+    argv = list(argv)
+    argv[-1] = str(workspace)
     if kind == "local":
+        argv[-2] = where
         upload = f"git -c safe.directory={where} -c safe.directory={where}/.git upload-pack"
-        argv[argv.index("--upload-pack") + 1 : argv.index("--upload-pack") + 1] = [upload]
+        argv[argv.index(LOCAL_UPLOAD_PACK)] = upload
     with tempfile.TemporaryDirectory(prefix="fedagent-clone-") as home:
         env = {
             **CLONE_ENV,
