@@ -245,6 +245,8 @@ async def test_where_bwrap_cannot_run_the_clone_keeps_its_minimal_environment(
     )
     assert report.success, report.summary
     assert "return a + b" in report.log_tail
+    local = await run(tmp_path, str(tmp_path / "served-work"), repo_roots=(tmp_path,), **no_bwrap)
+    assert local.success and "return a + b" in local.log_tail, local.summary
     git_server.require_auth = True
     with pytest.raises(AgentSetupError, match="could not be fetched") as failed:
         await run(tmp_path, f"{git_server.url}/calc.git", allow_private_hosts=True, **no_bwrap)
