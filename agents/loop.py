@@ -32,7 +32,7 @@ class AgentRunReport:
     turns: int = 0
     usage: dict[str, dict[str, int]] = field(default_factory=dict)
     log_tail: str = ""
-    # finished | no_tool_call | max_turns | token_budget | model_error
+    # finished | no_tool_call | max_turns | token_budget | model_error | disk_quota
     stop_reason: str = ""
     error: str | None = None
     api_retries: int = 0
@@ -188,6 +188,16 @@ class AgentLoop:
                     status = "error" if outcome.is_error else "ok"
                     self._log.append(f"[{call.name} {call.input.get('path', '')}] {status}\n")
                 outcomes.append(outcome)
+                used = await tools.check_disk()
+                if used is not None:
+                    quota = self.sandbox.limits.disk_bytes or 0
+                    self._stop(
+                        report,
+                        "disk_quota",
+                        f"disk_quota: the workspace and /tmp hold {used} bytes, above this "
+                        f"executor's quota of {quota} bytes; the run was stopped",
+                    )
+                    return
             conversation.turns.append((turn, outcomes))
         self._stop(report, "max_turns", f"stopped after the maximum of {self.max_turns} turns")
 
