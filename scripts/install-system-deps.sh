@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the agent sandboxes need: bubblewrap (the default sandbox), docker.io (the
-# docker sandbox and its tests) and busybox-static (the rootfs of the docker test image).
+# docker sandbox and its tests) and busybox-static (the rootfs of the docker test image); and
+# chromium, the browser the console tests drive through Playwright (never `playwright install`).
 # Installs only what is missing, with apt-get; does nothing when everything is there.
 set -euo pipefail
 
@@ -8,6 +9,7 @@ missing=()
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
