@@ -359,8 +359,8 @@ async def instance_page(request: Request) -> Response:
 
 @router.post("/instance")
 async def instance_update(request: Request) -> Response:
-    services, user = await _admin(request)
     form = await checked_form(request)
+    services, user = await _admin(request)
     try:
         metadata = json.loads(_first(form, "metadata") or "{}")
     except json.JSONDecodeError as exc:
@@ -383,8 +383,8 @@ async def instance_update(request: Request) -> Response:
 
 @router.post("/instance/keys/rotate")
 async def instance_rotate(request: Request) -> Response:
-    services, user = await _admin(request)
     await checked_form(request)
+    services, user = await _admin(request)
     await instance.rotate_keys(services, user, KeyRotate())
     return _back("/console/instance", "rotated")
 
@@ -410,8 +410,8 @@ async def connections_page(request: Request) -> Response:
 
 @router.post("/connections")
 async def connection_create(request: Request) -> Response:
-    services, user = await _admin(request)
     form = await checked_form(request)
+    services, user = await _admin(request)
     body = ConnectionCreate.model_validate({"remoteUrl": _first(form, "remoteUrl")})
     await connections.create(services, user, str(body.remoteUrl))
     return _back("/console/connections", "requested")
@@ -419,8 +419,8 @@ async def connection_create(request: Request) -> Response:
 
 @router.post("/connections/{connection_id}/{action}")
 async def connection_action(request: Request, connection_id: uuid.UUID, action: str) -> Response:
-    services, user = await _admin(request)
     form = await checked_form(request)
+    services, user = await _admin(request)
     if action == "accept":
         await connections.accept(services, user, connection_id, _grants_from_form(form))
         note = "accepted"
@@ -503,8 +503,8 @@ async def agents_page(request: Request) -> Response:
 
 @router.post("/agents/spawn")
 async def agent_spawn(request: Request) -> Response:
-    services, user = await _signed_in(request)
     form = await checked_form(request)
+    services, user = await _signed_in(request)
     body = AgentSpawnCreate.model_validate(
         {
             "connectionId": _first(form, "connectionId"),
@@ -577,8 +577,8 @@ async def agent_events(request: Request, agent_id: uuid.UUID) -> Response:
 
 @router.post("/agents/{agent_id}/kill")
 async def agent_kill(request: Request, agent_id: uuid.UUID) -> Response:
-    services, user = await _signed_in(request)
     await checked_form(request)
+    services, user = await _signed_in(request)
     await agents.kill(services, user, agent_id)
     return _back(f"/console/agents/{agent_id}", "killed")
 
