@@ -74,8 +74,10 @@ async def checked_form(request: Request, *, signed_in: bool = True) -> dict[str,
             fields.setdefault(key, []).append(value)
     if signed_in:
         token = session_token(request)
+        if token is None:
+            raise NotSignedIn("sign in first")
         sent = (fields.get(CSRF_FIELD) or [""])[0]
-        if token is None or not hmac.compare_digest(sent, csrf_token(token)):
+        if not hmac.compare_digest(sent, csrf_token(token)):
             raise CrossSiteRefused("the form's session token is missing or does not match")
     return fields
 

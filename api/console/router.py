@@ -8,7 +8,7 @@ import json
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,7 @@ class _PageError(FederationError):
 class ConsoleRoute(APIRoute):
     """Errors become a page with the problem's title and code, never a stack trace."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def page(request: Request) -> Response:

@@ -276,3 +276,71 @@ async def test_cross_site_form_post_is_refused_and_changes_nothing(
 
     keys_after = [k["keyId"] for k in (await hub.call("GET", "/instance")).json()["keys"]]
     assert keys_after == keys_before
+
+
+async def test_admin_edits_metadata_and_capabilities_and_a_bad_form_says_what_is_wrong(
+    context: BrowserContext, hub: Instance
+) -> None:
+    page = await sign_in(context, hub)
+    await page.goto(f"{hub.url}/console/instance")
+    form = page.locator("form[action='/console/instance']")
+    await form.get_by_label("Metadata (JSON object)").fill('{"team": "platform"}')
+    await form.get_by_label("Model providers").fill("scripted, anthropic")
+    await form.get_by_role("button", name="Save").click()
+    await expect(page.get_by_role("status")).to_have_text("The instance is updated.")
+    card = (await hub.call("GET", "/instance")).json()
+    assert card["metadata"] == {"team": "platform"}
+    assert card["capabilities"]["modelProviders"] == ["scripted", "anthropic"]
+
+    await form.get_by_label("Metadata (JSON object)").fill("{not json")
+    await form.get_by_role("button", name="Save").click()
+    alert = page.get_by_role("alert")
+    await expect(alert).to_contain_text("Invalid request")
+    await expect(alert).to_contain_text("request_invalid")
+    await expect(alert).to_contain_text("metadata is not valid JSON")
+    await shot(page, "error")
+    assert (await hub.call("GET", "/instance")).json()["metadata"] == {"team": "platform"}
+
+
+async def test_suspend_resume_edit_grants_and_disconnect_after_confirming(
+    context: BrowserContext, hub: Instance, spoke: Instance
+) -> None:
+    connection_id = await ensure_connection(hub, spoke)
+    page = await sign_in(context, hub)
+    await page.goto(f"{hub.url}/console/connections")
+    conn = page.locator(f"article.conn[data-connection='{connection_id}']")
+
+    await conn.get_by_role("button", name="Suspend…").click()
+    await expect(page.locator(f"dialog#suspend-{connection_id}")).to_contain_text(
+        "No messages pass either way"
+    )
+    await (
+        page.locator(f"dialog#suspend-{connection_id}")
+        .get_by_role("button", name="Suspend")
+        .click()
+    )
+    await expect(conn).to_have_attribute("data-status", "SUSPENDED")
+    spoke_side = (await spoke.call("GET", f"/connections/{connection_id}")).json()
+    assert spoke_side["status"] == "SUSPENDED"
+
+    await conn.get_by_role("button", name="Resume…").click()
+    await (
+        page.locator(f"dialog#resume-{connection_id}").get_by_role("button", name="Resume").click()
+    )
+    await expect(conn).to_have_attribute("data-status", "ACTIVE")
+
+    await conn.locator("summary").click()
+    await conn.get_by_label("Agents at once").fill("2")
+    await conn.get_by_role("button", name="Save grants").click()
+    await expect(page.get_by_role("status")).to_have_text("The grants are saved.")
+    await expect(conn.locator("summary")).to_contain_text("≤ 2 at once")
+    hub_side = (await hub.call("GET", f"/connections/{connection_id}")).json()
+    assert hub_side["grants"]["maxConcurrentAgents"] == 2
+
+    await conn.get_by_role("button", name="Disconnect…").click()
+    dialog = page.locator(f"dialog#disconnect-{connection_id}")
+    await expect(dialog).to_contain_text("needs a new request and acceptance")
+    await dialog.get_by_role("button", name="Disconnect").click()
+    await expect(conn).to_have_attribute("data-status", "DISCONNECTED")
+    spoke_side = (await spoke.call("GET", f"/connections/{connection_id}")).json()
+    assert spoke_side["status"] == "DISCONNECTED"
