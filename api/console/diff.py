@@ -42,16 +42,20 @@ def parse_diff(text: str) -> tuple[list[DiffFile], bool]:
     shown = 0
     cut = False
     current: DiffFile | None = None
+    in_hunk = False  # file headers (---/+++) come before a file's first hunk only
     for line in text.splitlines():
         if line.startswith("diff --git "):
             parts = line.split(" b/", 1)
             current = DiffFile(path=parts[1] if len(parts) == 2 else line[11:])
             files.append(current)
+            in_hunk = False
             continue
         if current is None:
             current = DiffFile(path="(diff)")
             files.append(current)
-        if line.startswith(("+++ ", "--- ")):
+        if line.startswith("@@"):
+            in_hunk = True
+        if not in_hunk and line.startswith(("+++ ", "--- ")):
             kind = "meta"
         elif line.startswith("+"):
             kind = "add"

@@ -22,8 +22,6 @@ CHROMIUM = os.environ.get("FEDAGENT_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).parent / "screenshots"
 NAMES = ["hub", "spoke"]
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture(scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevStack]:

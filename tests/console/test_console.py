@@ -46,7 +46,7 @@ async def test_sign_in_on_both_consoles_connect_and_accept_with_grants_shows_act
 
     hub_page = await sign_in(context, hub)
     await expect(hub_page.locator("main")).to_contain_text(hub.id)
-    await shot(hub_page, "overview")
+    await shot(hub_page, "overview-start")
     await hub_page.goto(f"{hub.url}/console/connections")
     await hub_page.get_by_label("Peer URL").fill(spoke.url)
     await hub_page.get_by_role("button", name="Ask to connect").click()
@@ -142,6 +142,11 @@ async def test_kill_from_the_agent_page_after_confirming_leaves_no_sandbox(
             break
         await asyncio.sleep(0.1)
     assert processes_in(workspace), "the agent's sleep never started"
+    overview = await context.new_page()
+    await overview.goto(f"{hub.url}/console/overview")
+    await expect(overview.locator("#running-rows")).to_contain_text("console-kill")
+    await shot(overview, "overview")
+    await overview.close()
 
     await page.get_by_role("button", name="Kill…").click()
     dialog = page.locator("dialog#kill-dialog")
