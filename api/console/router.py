@@ -315,8 +315,9 @@ async def sign_out(request: Request) -> Response:
 async def overview(request: Request) -> Response:
     services, user = await _signed_in(request)
     by_state: dict[str, int] = {}
+    listed = await connections.list_(services)
     if user.is_admin:
-        counts = Counter(c.status for c in await connections.list_(services))
+        counts = Counter(c.status for c in listed)
         by_state = {s: counts.get(s, 0) for s in ("ACTIVE", "PENDING", "SUSPENDED", "DISCONNECTED")}
     running = [
         *await agents.list_(services, user, state="running", limit=PAGE_SIZE),
@@ -334,6 +335,7 @@ async def overview(request: Request) -> Response:
         connections_by_state=by_state,
         running=running,
         recent=recent,
+        peer_names={str(c.connectionId): c.remoteName for c in listed},
     )
 
 
