@@ -129,6 +129,21 @@ async def test_spawn_in_console_turns_completed_without_reload_and_shows_and_dow
     await shot(page, "agents")
 
 
+async def test_agents_list_shows_a_state_change_without_reloading(
+    context: BrowserContext, hub: Instance, spoke: Instance
+) -> None:
+    connection_id = await ensure_connection(hub, spoke)
+    body = spawn_body(connection_id, "$ sleep 15", task_id=f"live-{uuid.uuid4().hex[:6]}")
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    page = await sign_in(context, hub)
+    await page.goto(f"{hub.url}/console/agents?taskId={body['taskId']}")
+    row = page.locator(f"tr[data-agent='{body['agentId']}'] .state")
+    await expect(row).to_have_attribute("data-state", re.compile("spawning|running"))
+    await page.evaluate("window.__sameDocument = true")
+    await expect(row).to_have_text("completed", timeout=90_000)
+    assert await page.evaluate("window.__sameDocument === true")
+
+
 async def test_kill_from_the_agent_page_after_confirming_leaves_no_sandbox(
     context: BrowserContext, hub: Instance, spoke: Instance, stack: DevStack
 ) -> None:
@@ -223,6 +238,12 @@ async def test_member_sees_only_its_workspace_agents_and_no_admin_page(
     assert response is not None and response.status == 404
     await expect(page.get_by_role("alert")).to_contain_text("agent_not_found")
     await expect(page.locator("body")).not_to_contain_text("Traceback")
+
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_role("status")).to_have_text("You are signed out.")
+    assert await context.cookies() == []
+    await page.goto(f"{hub.url}/console/agents")
+    await expect(page.get_by_role("heading", name="Sign in to hub")).to_be_visible()
 
 
 async def test_wrong_token_is_refused_with_a_clear_message(
