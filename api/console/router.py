@@ -56,6 +56,10 @@ STATES = ["spawning", "running", "completed", "failed", "killed", "timed_out"]
 AGENT_TYPES = ["worker", "reviewer", "tester"]
 COMMAND_TYPES = ["agent.spawn", "agent.status", "agent.kill"]
 PAGE_SIZE = 20
+CSP = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none';"
+    " form-action 'self'; frame-ancestors 'none'"
+)
 NOTES = {
     "signed-out": "You are signed out.",
     "updated": "The instance is updated.",
@@ -102,6 +106,15 @@ class ConsoleRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def page(request: Request) -> Response:
+            response = await guarded(request)
+            # Only our own files run or load; no other site may frame a page (clickjacking of
+            # the confirmation dialogs); links to the Temporal UI leak no console path.
+            response.headers.setdefault("Content-Security-Policy", CSP)
+            response.headers.setdefault("X-Frame-Options", "DENY")
+            response.headers.setdefault("Referrer-Policy", "same-origin")
+            return response
+
+        async def guarded(request: Request) -> Response:
             try:
                 return await handler(request)
             except NotSignedIn:

@@ -250,7 +250,10 @@ async def test_wrong_token_is_refused_with_a_clear_message(
     context: BrowserContext, hub: Instance
 ) -> None:
     page = await context.new_page()
-    await page.goto(f"{hub.url}/console/sign-in")
+    response = await page.goto(f"{hub.url}/console/sign-in")
+    # No other site may frame the console (its confirmation dialogs are one click away).
+    assert response is not None
+    assert "frame-ancestors 'none'" in (await response.all_headers())["content-security-policy"]
     await page.get_by_label("API token").fill("fa_not-a-real-token")
     await page.get_by_role("button", name="Sign in").click()
     alert = page.get_by_role("alert")
