@@ -373,3 +373,26 @@ async def test_suspend_resume_edit_grants_and_disconnect_after_confirming(
     await expect(conn).to_have_attribute("data-status", "DISCONNECTED")
     spoke_side = (await spoke.call("GET", f"/connections/{connection_id}")).json()
     assert spoke_side["status"] == "DISCONNECTED"
+
+
+async def test_pages_read_without_javascript_and_the_dialog_opens_without_it(
+    browser: Browser, hub: Instance, spoke: Instance
+) -> None:
+    connection_id = await ensure_connection(hub, spoke)
+    body = spawn_body(connection_id, "$ echo plain > plain.txt", task_id="no-js")
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    await hub.wait_agent(body["agentId"])
+    context = await browser.new_context(java_script_enabled=False)
+    try:
+        page = await sign_in(context, hub)
+        await page.goto(f"{hub.url}/console/agents?taskId=no-js")
+        await page.get_by_role("link", name="no-js").first.click()
+        await expect(page.locator("h1 .state")).to_have_text("completed")
+        await expect(page.locator("#diff")).to_contain_text("plain.txt")
+        await expect(page.get_by_role("link", name="Download the diff")).to_be_visible()
+        # Confirmations are HTML invoker buttons: no script needed to open one.
+        await page.goto(f"{hub.url}/console/instance")
+        await page.get_by_role("button", name="Rotate the key…").click()
+        await expect(page.locator("dialog#rotate-dialog")).to_be_visible()
+    finally:
+        await context.close()
