@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "fedagent"
     temporal_ui_url: str = "http://127.0.0.1:8233"
+    # Where the console links a peer's (the executor's) workflows: a URL of a Temporal Web UI
+    # namespace with {peerName} / {peerInstanceId} placeholders, e.g.
+    # "http://127.0.0.1:8233/namespaces/{peerName}" (unset: the console shows the workflow id).
+    temporal_ui_peer_url: str | None = None
 
     data_dir: Path = Path(".fedagent")
     # Accepted clock skew for signed messages, in seconds.
