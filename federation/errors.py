@@ -267,5 +267,5 @@ class ArtifactMismatch(FederationError):
 
 class ArtifactTooLarge(FederationError):
     code = "artifact_too_large"
-    status = 413
+    status = 502
     title = "Artifact larger than this instance keeps"

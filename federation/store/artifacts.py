@@ -218,4 +218,3 @@ async def of_agent(
         sha256,
     )
     return Artifact(row["sha256"], row["bytes"], row["chunk_bytes"]) if row else None
-

@@ -3,9 +3,8 @@ it reports, and what cancelling or timing out leaves on the machine (nothing).""
 
 from __future__ import annotations
 
-import hashlib
-
 import asyncio
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
