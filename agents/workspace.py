@@ -377,7 +377,9 @@ async def collect_diff(
     await _git(*safe, "read-tree", start, env=env, timeout=timeout)
     await _git(*safe, "add", "-A", env=env, timeout=timeout)
     changed = await _changed(safe, start, env, timeout)
-    omitted = [{"path": name, "bytes": size} for name, size in changed if size > file_max_bytes]
+    omitted: list[dict[str, Any]] = [
+        {"path": name, "bytes": size} for name, size in changed if size > file_max_bytes
+    ]
     if omitted:
         # Back to the starting version in our index: the patch leaves them out.
         await _git(

@@ -275,9 +275,10 @@ async def incoming_command(
                 return _reply(identity, envelope, answer)
             else:
                 ref = _payload(AgentRefPayload, envelope)
-                row = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
-                if row is None:
+                found = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
+                if found is None:
                     raise AgentNotFound(f"no agent {ref.agentId} of this requester")
+                row = found
                 await repos.record_message(
                     conn, envelope.to_wire(), direction="in", agent_id=ref.agentId
                 )
