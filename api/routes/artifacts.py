@@ -73,29 +73,47 @@ async def ensure_artifact(
         )
     sha256, size = ref
     key = (row["agent_id"], kind)
-    async with _fetching.setdefault(key, asyncio.Lock()):
-        local = await artifacts.of_agent(
-            pool,
-            role="requester",
-            peer_instance_id=row["peer_instance_id"],
-            agent_id=row["agent_id"],
-            kind=kind,
-            sha256=sha256,
-        )
-        if local is not None:
-            return local
-        stored = await artifacts.get(pool, sha256)  # the same bytes, fetched for another run
-        if stored is None:
-            stored = await _fetch(pool, http, identity, settings, row, kind, sha256, size)
-        await artifacts.link(
-            pool,
-            role="requester",
-            peer_instance_id=row["peer_instance_id"],
-            agent_id=row["agent_id"],
-            kind=kind,
-            artifact=stored,
-        )
-        return stored
+    lock = _fetching.setdefault(key, asyncio.Lock())
+    try:
+        async with lock:
+            return await _local_or_fetched(pool, http, identity, settings, row, kind, sha256, size)
+    finally:
+        if not lock.locked():
+            _fetching.pop(key, None)
+
+
+async def _local_or_fetched(
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    identity: Identity,
+    settings: Settings,
+    row: dict[str, Any],
+    kind: str,
+    sha256: str,
+    size: int,
+) -> artifacts.Artifact:
+    local = await artifacts.of_agent(
+        pool,
+        role="requester",
+        peer_instance_id=row["peer_instance_id"],
+        agent_id=row["agent_id"],
+        kind=kind,
+        sha256=sha256,
+    )
+    if local is not None:
+        return local
+    # Fetched even when the same bytes are stored for another run: the executor must prove it
+    # has them (a hash alone must not let one run's user read another run's artifact).
+    stored = await _fetch(pool, http, identity, settings, row, kind, sha256, size)
+    await artifacts.link(
+        pool,
+        role="requester",
+        peer_instance_id=row["peer_instance_id"],
+        agent_id=row["agent_id"],
+        kind=kind,
+        artifact=stored,
+    )
+    return stored
 
 
 async def _fetch(
