@@ -88,7 +88,7 @@ class RuntimeConfig:
             docker_host=settings.docker_host,
             repo_roots=tuple(settings.agent_repo_roots),
             clone_timeout=settings.clone_timeout,
-            diff_max_bytes=settings.diff_max_bytes,
+            diff_max_bytes=min(settings.diff_max_bytes, settings.artifact_max_bytes),
             diff_file_max_bytes=settings.diff_file_max_bytes,
             preview_bytes=settings.artifact_preview_bytes,
             log_tail=min(8 * 1024, settings.artifact_preview_bytes),
