@@ -13,7 +13,16 @@ from fastapi import FastAPI
 from api import console, problems
 from api.limits import BodySizeLimit
 from api.metrics import ObservabilityMiddleware
-from api.routes import agents, audit, commands, connections, incoming, instance, ops
+from api.routes import (
+    agents,
+    artifacts,
+    audit,
+    commands,
+    connections,
+    incoming,
+    instance,
+    ops,
+)
 from api.spawner import SpawnStarter
 from federation import keystore
 from federation.identity import ensure_identity
@@ -75,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (instance, connections, agents, commands, incoming, audit, ops):
+    for module in (instance, connections, agents, artifacts, commands, incoming, audit, ops):
         app.include_router(module.router)
     console.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
