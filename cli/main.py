@@ -4,10 +4,8 @@ doctor)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 import uuid
@@ -22,13 +20,12 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.client import (
-    DEFAULT_DATA_DIR,
     Api,
     CliError,
     instance_info,
     resolve_peer_url,
-    resolve_target,
 )
+from cli.options import Remote, StackOptions, uses_instance, uses_stack
 from federation.settings import Settings
 
 app = typer.Typer(
@@ -49,41 +46,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 # --- shared options ---------------------------------------------------------------------------
-
-Instance = Annotated[
-    str | None,
-    typer.Option(
-        "--instance",
-        "-i",
-        help="Instance name in DATA_DIR/instances.json (written by `fedagent dev`).",
-        rich_help_panel="Instance",
-    ),
-]
-DataDir = Annotated[
-    Path,
-    typer.Option("--data-dir", help="Where instances.json lives.", rich_help_panel="Instance"),
-]
-Url = Annotated[
-    str | None,
-    typer.Option(
-        "--url", envvar="FEDAGENT_URL", help="The instance's API URL.", rich_help_panel="Instance"
-    ),
-]
-Token = Annotated[
-    str | None,
-    typer.Option(
-        "--token",
-        envvar="FEDAGENT_TOKEN",
-        help="API token (bearer).",
-        rich_help_panel="Instance",
-        show_default=False,
-    ),
-]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def _api(instance: str | None, data_dir: Path, url: str | None, token: str | None) -> Api:
-    return Api(resolve_target(instance, data_dir, url, token))
 
 
 def _print_json(value: Any) -> None:
@@ -116,65 +78,38 @@ def _configure_logging(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, instance=settings.instance_name)
 
 
-async def _until_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-Instances = Annotated[str, typer.Option("--instances", help="Comma-separated instance names.")]
-BasePort = Annotated[int, typer.Option("--base-port", help="API of instance n: base+n.")]
-TemporalPort = Annotated[int, typer.Option("--temporal-port")]
-UiPort = Annotated[
-    int | None, typer.Option("--ui-port", help="Default: temporal port + 1000.", show_default=False)
-]
-Workers = Annotated[int, typer.Option("--workers", help="Worker processes per instance.")]
-
-
 @app.command(rich_help_panel="Run")
-def dev(
-    instances: Instances = "hub,spoke",
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    base_port: BasePort = 8100,
-    temporal_port: TemporalPort = 7233,
-    ui_port: UiPort = None,
-    workers: Workers = 1,
-) -> None:
+@uses_stack
+def dev(stack: StackOptions) -> None:
     """Run the embedded stack (Temporal dev server, PostgreSQL, instances) until Ctrl-C."""
-    from cli.devstack import DevStack
+    from cli.devstack import DevStack, until_signal
 
     async def run() -> None:
-        stack = DevStack(
-            [n.strip() for n in instances.split(",") if n.strip()],
-            data_dir,
-            base_port=base_port,
-            temporal_port=temporal_port,
-            ui_port=ui_port,
-            workers_per_instance=workers,
+        dev_stack = DevStack(
+            stack.names,
+            stack.data_dir,
+            base_port=stack.base_port,
+            temporal_port=stack.temporal_port,
+            ui_port=stack.ui_port,
+            workers_per_instance=stack.workers,
         )
         try:
-            doc = await stack.start()
-            print(f"Temporal UI: {stack.ui_url}", flush=True)
+            doc = await dev_stack.start()
+            print(f"Temporal UI: {dev_stack.ui_url}", flush=True)
             for name, info in doc["instances"].items():
                 print(f"{name}: {info['apiUrl']} (namespace {info['namespace']})", flush=True)
-            print(f"wrote {stack.data_dir / 'instances.json'}; Ctrl-C stops", flush=True)
-            await _until_signal()
+            print(f"wrote {dev_stack.data_dir / 'instances.json'}; Ctrl-C stops", flush=True)
+            await until_signal()
         finally:
-            stack.stop()
+            dev_stack.stop()
 
     asyncio.run(run())
 
 
 @app.command(rich_help_panel="Run")
+@uses_stack
 def demo(
-    instances: Instances = "hub,spoke",
-    data_dir: DataDir = Path(".fedagent/demo"),
-    base_port: BasePort = 8100,
-    temporal_port: TemporalPort = 7233,
-    ui_port: UiPort = None,
-    workers: Workers = 1,
+    stack: StackOptions,
     exit_at_end: Annotated[
         bool, typer.Option("--exit", help="Stop everything at the end.")
     ] = False,
@@ -182,16 +117,7 @@ def demo(
     """Start the stack, connect hub to spoke, spawn one agent and follow it."""
     from cli.demo import run_demo
 
-    args = argparse.Namespace(
-        instances=instances,
-        data_dir=str(data_dir),
-        base_port=base_port,
-        temporal_port=temporal_port,
-        ui_port=ui_port,
-        workers=workers,
-        exit=exit_at_end,
-    )
-    raise typer.Exit(asyncio.run(run_demo(args)))
+    raise typer.Exit(asyncio.run(run_demo(stack, exit_at_end=exit_at_end)))
 
 
 @app.command(rich_help_panel="Run")
@@ -229,12 +155,12 @@ class Role(StrEnum):
 
 
 @token_app.command("create")
+@uses_instance(remote=False, as_json=False)
 def token_create(
+    target: Remote,
     name: Annotated[str, typer.Option("--name", help="Who the token is for.")] = "cli",
     role: Annotated[Role, typer.Option("--role")] = Role.member,
     workspace: Annotated[str, typer.Option("--workspace")] = "default",
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Print a new API token (stored hashed, shown once). Writes to the instance's database:
     FEDAGENT_DATABASE_URL, or the one of --instance NAME in instances.json."""
@@ -242,7 +168,9 @@ def token_create(
     from federation.store.db import create_pool, migrate
 
     database_url = (
-        str(instance_info(data_dir, instance)["databaseUrl"]) if instance else None
+        str(instance_info(target.data_dir, target.instance)["databaseUrl"])
+        if target.instance
+        else None
     ) or Settings().database_url
 
     async def run() -> str:
@@ -305,7 +233,9 @@ def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> 
 
 
 @app.command(rich_help_panel="Connections")
+@uses_instance()
 def connect(
+    target: Remote,
     peer: Annotated[
         str, typer.Argument(help="The peer's URL, or its name in the same instances.json.")
     ],
@@ -316,15 +246,10 @@ def connect(
             help="Also accept on the peer (needs its admin token: a peer in instances.json).",
         ),
     ] = False,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Ask a peer for a connection; it stays PENDING until the peer accepts."""
-    remote_url, peer_info = resolve_peer_url(peer, data_dir)
-    with _api(instance, data_dir, url, token) as api:
+    remote_url, peer_info = resolve_peer_url(peer, target.data_dir)
+    with target.api() as api:
         connection = api.call("POST", "/connections", json={"remoteUrl": remote_url})
     if accept:
         if peer_info is None:
@@ -332,9 +257,9 @@ def connect(
                 "--accept needs the peer's admin token: name the peer as it appears in "
                 "instances.json, or accept on the peer with `fedagent accept`"
             )
-        with Api(resolve_target(str(peer_info["name"]), data_dir, None, None)) as peer_api:
+        with Remote(str(peer_info["name"]), target.data_dir).api() as peer_api:
             connection = peer_api.call("POST", f"/connections/{connection['connectionId']}/accept")
-    if as_json:
+    if target.as_json:
         _print_json(connection)
         return
     console.print(_connections_table([connection]))
@@ -346,17 +271,14 @@ def connect(
 
 
 @app.command(rich_help_panel="Connections")
+@uses_instance()
 def connections(
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
+    target: Remote,
 ) -> None:
     """List this instance's connections with peers."""
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         rows = api.call("GET", "/connections")
-    if as_json:
+    if target.as_json:
         _print_json(rows)
     elif not rows:
         console.print("no connections yet: [bold]fedagent connect PEER_URL[/]")
@@ -369,7 +291,9 @@ def _csv(value: str | None) -> list[str] | None:
 
 
 @app.command(rich_help_panel="Connections")
+@uses_instance()
 def accept(
+    target: Remote,
     connection_id: Annotated[str, typer.Argument(help="The PENDING connection to accept.")],
     agent_types: Annotated[
         str | None, typer.Option("--agent-types", help="Granted agent types, comma-separated.")
@@ -387,11 +311,6 @@ def accept(
     repositories: Annotated[
         str | None, typer.Option("--repositories", help="Allowed repository globs.")
     ] = None,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Accept a peer's connection request (optionally with grants): ACTIVE on both sides."""
     grants: dict[str, Any] = {
@@ -406,9 +325,9 @@ def accept(
         if value is not None
     }
     body = {"grants": grants} if grants else None
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         connection = api.call("POST", f"/connections/{connection_id}/accept", json=body)
-    if as_json:
+    if target.as_json:
         _print_json(connection)
     else:
         console.print(_connections_table([connection]))
@@ -455,7 +374,9 @@ def _pick_connection(api: Api, peer: str | None) -> dict[str, Any]:
 
 
 @app.command(rich_help_panel="Agents")
+@uses_instance()
 def spawn(
+    target: Remote,
     instructions: Annotated[
         list[str] | None,
         typer.Option(
@@ -494,11 +415,6 @@ def spawn(
     follow: Annotated[
         bool, typer.Option("--follow", "-F", help="Show state and progress live until the end.")
     ] = False,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Spawn an agent on a peer; with --follow, watch it to the end and print its result."""
     from cli.follow import follow_agent, print_agent
@@ -509,7 +425,7 @@ def spawn(
             sys.stdin.read() if str(instructions_file) == "-" else instructions_file.read_text()
         )
         text = f"{text}\n{file_text}" if text else file_text
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         connection = (
             api.call("GET", f"/connections/{connection_id}")
             if connection_id
@@ -532,7 +448,7 @@ def spawn(
         accepted = api.call("POST", "/agents/spawn", json=body)
         ack_ms = (time.perf_counter() - started) * 1000
         if not follow:
-            if as_json:
+            if target.as_json:
                 _print_json(accepted)
             else:
                 console.print(
@@ -542,10 +458,10 @@ def spawn(
                 )
                 console.print(
                     f"[dim]follow it:[/] fedagent status {accepted['agentId']} --follow"
-                    + (f" -i {instance}" if instance else "")
+                    + target.instance_flag
                 )
             return
-        if not as_json:
+        if not target.as_json:
             console.print(
                 f"spawned agent [bold]{accepted['agentId']}[/] on "
                 f"[bold]{connection['remoteName']}[/] [dim]({ack_ms:.0f} ms)[/]"
@@ -554,7 +470,7 @@ def spawn(
             agent = follow_agent(
                 api,
                 str(accepted["agentId"]),
-                err_console if as_json else console,
+                err_console if target.as_json else console,
                 peer=str(connection["remoteName"]),
             )
         except KeyboardInterrupt:
@@ -563,7 +479,7 @@ def spawn(
                 f"{accepted['agentId']}   (fedagent kill {accepted['agentId']} stops it)"
             )
             raise typer.Exit(130) from None
-    if as_json:
+    if target.as_json:
         _print_json(agent)
     else:
         print_agent(agent, console)
@@ -571,17 +487,14 @@ def spawn(
 
 
 @app.command(rich_help_panel="Agents")
+@uses_instance()
 def agents(
+    target: Remote,
     state: Annotated[StateChoice | None, typer.Option("--state")] = None,
     connection_id: Annotated[str | None, typer.Option("--connection", "-c")] = None,
     agent_type: Annotated[AgentTypeChoice | None, typer.Option("--type")] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", "-t")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n")] = 50,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Agents this instance spawned on peers, newest first."""
     from cli.follow import describe_progress, state_text
@@ -595,17 +508,17 @@ def agents(
         params["agentType"] = agent_type.value
     if task_id:
         params["taskId"] = task_id
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         rows = api.call("GET", "/agents", params=params)
         peers: dict[str, str] = {}
-        if rows and not as_json:
+        if rows and not target.as_json:
             try:
                 peers = {
                     c["remoteInstanceId"]: c["remoteName"] for c in api.call("GET", "/connections")
                 }
             except CliError:
                 pass  # a member token cannot list connections: show ids
-    if as_json:
+    if target.as_json:
         _print_json(rows)
         return
     if not rows:
@@ -640,48 +553,42 @@ def agents(
 
 
 @app.command(rich_help_panel="Agents")
+@uses_instance()
 def status(
+    target: Remote,
     agent_id: Annotated[str, typer.Argument(help="The agent's id.")],
     follow: Annotated[bool, typer.Option("--follow", "-F", help="Watch it to the end.")] = False,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """One agent: state, progress, result."""
     from cli.follow import follow_agent, print_agent
 
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         agent = api.call("GET", f"/agents/{agent_id}")
         if follow:
             try:
-                agent = follow_agent(api, agent_id, err_console if as_json else console)
+                agent = follow_agent(api, agent_id, err_console if target.as_json else console)
             except KeyboardInterrupt:
                 raise typer.Exit(130) from None
-    if as_json:
+    if target.as_json:
         _print_json(agent)
     else:
         print_agent(agent, console)
 
 
 @app.command(rich_help_panel="Agents")
+@uses_instance()
 def kill(
+    target: Remote,
     agent_id: Annotated[str, typer.Argument(help="The agent to stop.")],
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Stop an agent; answers once its sandbox on the peer is gone."""
     from cli.follow import state_text
 
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         started = time.perf_counter()
         answer = api.call("POST", f"/agents/{agent_id}/kill")
         elapsed = (time.perf_counter() - started) * 1000
-    if as_json:
+    if target.as_json:
         _print_json(answer)
         return
     line = Text(f"agent {answer['agentId']}: ")
@@ -699,7 +606,9 @@ class Algorithm(StrEnum):
 
 
 @keys_app.command("rotate")
+@uses_instance()
 def keys_rotate(
+    target: Remote,
     algorithm: Annotated[Algorithm, typer.Option("--algorithm")] = Algorithm.ed25519,
     grace: Annotated[
         int | None,
@@ -707,19 +616,14 @@ def keys_rotate(
             "--grace", help="Seconds the current key still verifies (default: the setting)."
         ),
     ] = None,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Sign with a new key from now on; peers are told; the old key verifies for a grace period."""
     body: dict[str, Any] = {"algorithm": algorithm.value}
     if grace is not None:
         body["graceSeconds"] = grace
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         rotated = api.call("POST", "/instance/keys/rotate", json=body)
-    if as_json:
+    if target.as_json:
         _print_json(rotated)
         return
     console.print(f"new signing key [bold]{rotated['keyId']}[/] ({rotated['algorithm']})")
@@ -732,10 +636,9 @@ def keys_rotate(
 
 
 @app.command(rich_help_panel="Operate")
+@uses_instance(remote=False)
 def doctor(
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    as_json: AsJson = False,
+    target: Remote,
 ) -> None:
     """Check Temporal, PostgreSQL, the sandbox and secret files; say how to fix what fails.
 
@@ -743,10 +646,10 @@ def doctor(
     """
     from cli.doctor import run_checks
 
-    info = instance_info(data_dir, instance) if instance else None
-    _, checks = asyncio.run(run_checks(info, data_dir if instance else None))
+    info = instance_info(target.data_dir, target.instance) if target.instance else None
+    _, checks = asyncio.run(run_checks(info, target.data_dir if target.instance else None))
     failed = any(c.status == "fail" for c in checks)
-    if as_json:
+    if target.as_json:
         _print_json([c.__dict__ for c in checks])
         raise typer.Exit(1 if failed else 0)
     marks = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗", "bold red")}
