@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from api import problems
 from api.limits import BodySizeLimit
 from api.metrics import ObservabilityMiddleware
-from api.routes import agents, audit, commands, connections, incoming, instance, ops
+from api.routes import agents, audit, commands, connections, hosted, incoming, instance, ops, peers
 from api.spawner import SpawnStarter
 from federation import keystore
 from federation.identity import ensure_identity
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (instance, connections, agents, commands, incoming, audit, ops):
+    for module in (instance, connections, peers, agents, hosted, commands, incoming, audit, ops):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: request ids in the logs, latency and refusal metrics (413s included).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -23,7 +24,9 @@ from cli.client import (
     Api,
     CliError,
     instance_info,
+    load_instances,
     resolve_peer_url,
+    resolve_target,
 )
 from cli.options import Remote, StackOptions, uses_instance, uses_stack
 from federation.settings import Settings
@@ -164,6 +167,9 @@ def token_create(
 ) -> None:
     """Print a new API token (stored hashed, shown once). Writes to the instance's database:
     FEDAGENT_DATABASE_URL, or the one of --instance NAME in instances.json."""
+    import asyncpg
+
+    from cli.doctor import _redact
     from federation.store import repos
     from federation.store.db import create_pool, migrate
 
@@ -174,7 +180,15 @@ def token_create(
     ) or Settings().database_url
 
     async def run() -> str:
-        pool = await create_pool(database_url, max_size=1)
+        try:
+            pool = await create_pool(database_url, max_size=1)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise CliError(
+                f"cannot reach the database at {_redact(database_url)}: "
+                f"{exc.__class__.__name__} {exc}".strip(),
+                hint="name a dev stack's instance with -i NAME (see `fedagent dev`), or set "
+                "FEDAGENT_DATABASE_URL to the instance's database",
+            ) from None
         try:
             await migrate(pool)
             return await repos.create_token(pool, name=name, role=role.value, workspace=workspace)
@@ -212,7 +226,7 @@ STATUS_STYLE = {
 def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
     wide = console.width >= 120
     table = Table(title=title, header_style="bold")
-    columns = ["connection", "peer", "direction", "status", "grants"]
+    columns = ["connection", "peer", "direction", "status", "grants", "peer allows"]
     if wide:
         columns[2:2] = ["url"]
         columns.append("updated")
@@ -226,6 +240,9 @@ def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> 
             "direction": str(row["direction"]),
             "status": Text(str(row["status"]), style=STATUS_STYLE.get(str(row["status"]), "")),
             "grants": _grants_summary(row.get("grants") or {}),
+            "peer allows": _grants_summary(row["peerGrants"])
+            if row.get("peerGrants") is not None
+            else "",
             "updated": _ago(row.get("updatedAt")),
         }
         table.add_row(*(cells[c] for c in columns))
@@ -284,6 +301,32 @@ def connections(
         console.print("no connections yet: [bold]fedagent connect PEER_URL[/]")
     else:
         console.print(_connections_table(rows))
+
+
+@app.command(rich_help_panel="Connections")
+@uses_instance()
+def peers(target: Remote) -> None:
+    """The peers you can spawn on (members too), and what each one allows this instance."""
+    with target.api() as api:
+        rows = api.call("GET", "/peers")
+    if target.as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        console.print("no peers to spawn on yet: an admin connects with [bold]fedagent connect[/]")
+        return
+    table = Table(header_style="bold")
+    for column in ("peer", "connection", "status", "the peer allows"):
+        table.add_column(column, no_wrap=column in ("connection", "status"))
+    for row in rows:
+        allows = row.get("peerGrants")
+        table.add_row(
+            str(row["peerName"]),
+            str(row["connectionId"]),
+            Text(str(row["status"]), style=STATUS_STYLE.get(str(row["status"]), "")),
+            _grants_summary(allows) if allows is not None else Text("not told yet", style="dim"),
+        )
+    console.print(table)
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -352,25 +395,49 @@ class StateChoice(StrEnum):
 
 
 def _pick_connection(api: Api, peer: str | None) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = api.call("GET", "/connections")
+    """The ACTIVE connection to spawn over, from the peers any user may list (GET /peers)."""
+    rows: list[dict[str, Any]] = api.call("GET", "/peers")
     active = [r for r in rows if r["status"] == "ACTIVE"]
     if peer:
         matches = [
             r
             for r in active
-            if peer in (r["remoteName"], r["remoteInstanceId"], str(r["connectionId"]))
+            if peer in (r["peerName"], r["peerInstanceId"], str(r["connectionId"]))
         ]
     else:
         matches = active
     if len(matches) == 1:
         return matches[0]
-    names = ", ".join(sorted({r["remoteName"] for r in active})) or "none"
+    names = ", ".join(sorted({r["peerName"] for r in active})) or "none"
     if not matches:
         raise CliError(
             f"no ACTIVE connection{' to ' + repr(peer) if peer else ''} (active peers: {names})",
             hint="`fedagent connect PEER` then `fedagent accept ID` on the peer",
         )
     raise CliError(f"several ACTIVE connections ({names}): say which with --peer NAME")
+
+
+def _read_instructions(path: Path) -> str:
+    if str(path) == "-":
+        return sys.stdin.read()
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise CliError(f"no file {path}", hint="-f takes a text file, or '-' for stdin") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CliError(f"cannot read {path}: {reason}") from None
+
+
+def uuid_arg(value: str, name: str) -> str:
+    """An id argument as the API wants it; says which argument is wrong if it is not one."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise CliError(
+            f"{name} {value!r} is not an id (ids look like 3f2b9c1e-7a4d-4c1b-9e2f-0a1b2c3d4e5f)",
+            hint="`fedagent agents` lists agents, `fedagent peers` connections",
+        ) from None
 
 
 @app.command(rich_help_panel="Agents")
@@ -419,18 +486,27 @@ def spawn(
     """Spawn an agent on a peer; with --follow, watch it to the end and print its result."""
     from cli.follow import follow_agent, print_agent
 
+    if not instructions and instructions_file is None:
+        raise CliError(
+            "spawn needs the agent's instructions: -m TEXT (repeatable) or -f FILE",
+            hint="e.g. fedagent spawn -m 'Count the files.' -m '$ ls | wc -l' "
+            "(the scripted provider runs the lines that start with '$ ')",
+        )
     text = "\n".join(instructions or [])
     if instructions_file is not None:
-        file_text = (
-            sys.stdin.read() if str(instructions_file) == "-" else instructions_file.read_text()
-        )
+        file_text = _read_instructions(instructions_file)
         text = f"{text}\n{file_text}" if text else file_text
     with target.api() as api:
         connection = (
-            api.call("GET", f"/connections/{connection_id}")
+            api.call("GET", f"/peers/{uuid_arg(connection_id, '--connection')}")
             if connection_id
             else _pick_connection(api, peer)
         )
+        if connection["status"] != "ACTIVE":
+            raise CliError(
+                f"the connection to {connection['peerName']} is {connection['status']}",
+                hint="`fedagent peers` shows the connections you can spawn over",
+            )
         body = {
             "agentId": agent_id or str(uuid.uuid4()),
             "connectionId": str(connection["connectionId"]),
@@ -453,7 +529,7 @@ def spawn(
             else:
                 console.print(
                     f"spawned agent [bold]{accepted['agentId']}[/] on "
-                    f"[bold]{connection['remoteName']}[/]: {accepted['state']} "
+                    f"[bold]{connection['peerName']}[/]: {accepted['state']} "
                     f"[dim]({ack_ms:.0f} ms)[/]"
                 )
                 console.print(
@@ -464,14 +540,14 @@ def spawn(
         if not target.as_json:
             console.print(
                 f"spawned agent [bold]{accepted['agentId']}[/] on "
-                f"[bold]{connection['remoteName']}[/] [dim]({ack_ms:.0f} ms)[/]"
+                f"[bold]{connection['peerName']}[/] [dim]({ack_ms:.0f} ms)[/]"
             )
         try:
             agent = follow_agent(
                 api,
                 str(accepted["agentId"]),
                 err_console if target.as_json else console,
-                peer=str(connection["remoteName"]),
+                peer=str(connection["peerName"]),
             )
         except KeyboardInterrupt:
             err_console.print(
@@ -486,6 +562,23 @@ def spawn(
     raise typer.Exit(0 if agent["state"] == "completed" else 1)
 
 
+def _peer_names(api: Api) -> dict[str, str]:
+    """Peer instance id -> name: every connection for an admin, the live ones for a member."""
+    try:
+        return {c["remoteInstanceId"]: c["remoteName"] for c in api.call("GET", "/connections")}
+    except CliError:
+        pass
+    try:
+        return {p["peerInstanceId"]: p["peerName"] for p in api.call("GET", "/peers")}
+    except CliError:
+        return {}
+
+
+Hosted = Annotated[
+    bool, typer.Option("--hosted", help="A run a peer started on this instance (admin).")
+]
+
+
 @app.command(rich_help_panel="Agents")
 @uses_instance()
 def agents(
@@ -495,41 +588,57 @@ def agents(
     agent_type: Annotated[AgentTypeChoice | None, typer.Option("--type")] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", "-t")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n")] = 50,
+    hosted: Annotated[
+        bool,
+        typer.Option("--hosted", help="Runs peers started on this instance (admin) instead."),
+    ] = False,
+    peer: Annotated[
+        str | None, typer.Option("--peer", "-p", help="With --hosted: the requester's name or id.")
+    ] = None,
 ) -> None:
-    """Agents this instance spawned on peers, newest first."""
+    """Agents this instance spawned on peers, newest first; --hosted: those peers run here."""
     from cli.follow import describe_progress, state_text
 
     params: dict[str, Any] = {"limit": limit}
     if state:
         params["state"] = state.value
+    if hosted:
+        if connection_id or agent_type or task_id:
+            raise CliError("with --hosted, filter by --peer and --state")
+        if peer:
+            params["peer"] = peer
+    elif peer:
+        raise CliError("--peer filters --hosted runs; for your own agents use --connection")
     if connection_id:
-        params["connectionId"] = connection_id
+        params["connectionId"] = uuid_arg(connection_id, "--connection")
     if agent_type:
         params["agentType"] = agent_type.value
     if task_id:
         params["taskId"] = task_id
     with target.api() as api:
-        rows = api.call("GET", "/agents", params=params)
-        peers: dict[str, str] = {}
-        if rows and not target.as_json:
-            try:
-                peers = {
-                    c["remoteInstanceId"]: c["remoteName"] for c in api.call("GET", "/connections")
-                }
-            except CliError:
-                pass  # a member token cannot list connections: show ids
+        rows = api.call("GET", "/hosted" if hosted else "/agents", params=params)
+        peers = _peer_names(api) if rows and not target.as_json else {}
     if target.as_json:
         _print_json(rows)
         return
     if not rows:
-        console.print("no agents" + (" match" if len(params) > 1 else " yet"))
+        what = "runs hosted for peers" if hosted else "agents"
+        console.print(f"no {what}" + (" match" if len(params) > 1 else " yet"))
+        if not hosted and not params.get("state"):
+            console.print(
+                "[dim]runs that peers started here:[/] fedagent agents --hosted"
+                + target.instance_flag
+            )
         return
     wide = console.width >= 120
+    who = "requester" if hosted else "peer"
     columns = ["agent", "state", "task", "progress / error"]
     if wide:
         columns[2:2] = ["type"]
-        columns[4:4] = ["peer"]
+        columns[4:4] = [who]
         columns.append("created")
+    elif hosted:
+        columns[2:2] = [who]
     table = Table(header_style="bold")
     for column in columns:
         table.add_column(column, no_wrap=column in ("agent", "state"))
@@ -545,6 +654,7 @@ def agents(
             "type": str(row["agentType"]),
             "task": str(row["taskId"]),
             "peer": peers.get(row["peerInstanceId"], str(row["peerInstanceId"])[:12]),
+            "requester": peers.get(row["peerInstanceId"], str(row["peerInstanceId"])[:12]),
             "progress / error": detail,
             "created": _ago(row.get("createdAt")),
         }
@@ -558,21 +668,59 @@ def status(
     target: Remote,
     agent_id: Annotated[str, typer.Argument(help="The agent's id.")],
     follow: Annotated[bool, typer.Option("--follow", "-F", help="Watch it to the end.")] = False,
+    hosted: Hosted = False,
 ) -> None:
-    """One agent: state, progress, result."""
+    """One agent: state, progress, changed files, result, where to see it in Temporal."""
     from cli.follow import follow_agent, print_agent
 
+    agent_id = uuid_arg(agent_id, "AGENT_ID")
     with target.api() as api:
-        agent = api.call("GET", f"/agents/{agent_id}")
-        if follow:
+        agent = api.call("GET", f"/{'hosted' if hosted else 'agents'}/{agent_id}")
+        if follow and not hosted:
             try:
                 agent = follow_agent(api, agent_id, err_console if target.as_json else console)
             except KeyboardInterrupt:
                 raise typer.Exit(130) from None
+        peer_name = None if target.as_json else _peer_names(api).get(agent["peerInstanceId"])
     if target.as_json:
         _print_json(agent)
     else:
-        print_agent(agent, console)
+        print_agent(
+            agent,
+            console,
+            peer=peer_name,
+            links=_temporal_links(target, agent, hosted=hosted),
+        )
+
+
+def _temporal_links(target: Remote, agent: dict[str, Any], *, hosted: bool) -> list[str]:
+    """Both sides' workflows in the Temporal Web UI, when instances.json says where it is."""
+    from urllib.parse import quote
+
+    try:
+        here = resolve_target(target.instance, target.data_dir, target.url, target.token).info
+        doc = load_instances(target.data_dir) if here is not None else None
+    except CliError:
+        return []
+    if here is None or doc is None:
+        return []
+    other = next(
+        (
+            i
+            for i in doc.get("instances", {}).values()
+            if i["instanceId"] == agent["peerInstanceId"]
+        ),
+        None,
+    )
+    requester, executor = (other, here) if hosted else (here, other)
+    links = []
+    if requester is not None:
+        workflow = quote(f"remote-agent/{agent['agentId']}", safe="")
+        links.append(f"requester ({requester['name']}): {requester['temporalUiUrl']}/{workflow}")
+    if executor is not None and requester is not None:
+        workflow = quote(f"agent-run/{requester['instanceId']}/{agent['agentId']}", safe="")
+        links.append(f"executor ({executor['name']}): {executor['temporalUiUrl']}/{workflow}")
+    return links
 
 
 @app.command(rich_help_panel="Agents")
@@ -580,13 +728,16 @@ def status(
 def kill(
     target: Remote,
     agent_id: Annotated[str, typer.Argument(help="The agent to stop.")],
+    hosted: Hosted = False,
 ) -> None:
-    """Stop an agent; answers once its sandbox on the peer is gone."""
+    """Stop an agent; answers once its sandbox on the peer is gone. With --hosted, an executor's
+    admin stops a run a peer started here (the peer sees it killed)."""
     from cli.follow import state_text
 
+    agent_id = uuid_arg(agent_id, "AGENT_ID")
     with target.api() as api:
         started = time.perf_counter()
-        answer = api.call("POST", f"/agents/{agent_id}/kill")
+        answer = api.call("POST", f"/{'hosted' if hosted else 'agents'}/{agent_id}/kill")
         elapsed = (time.perf_counter() - started) * 1000
     if target.as_json:
         _print_json(answer)
@@ -690,6 +841,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback with secrets in locals
+        if os.environ.get("FEDAGENT_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        err_console.print(
+            Text("error: ", style="bold red") + Text(f"{exc.__class__.__name__}: {first}")
+        )
+        err_console.print(
+            Text("hint: ", style="yellow")
+            + Text("`fedagent doctor` checks the pieces; FEDAGENT_DEBUG=1 shows the traceback")
+        )
+        return 1
     return 0
 
 
