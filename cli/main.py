@@ -85,7 +85,10 @@ def _configure_logging(settings: Settings) -> None:
 @uses_stack
 def dev(stack: StackOptions) -> None:
     """Run the embedded stack (Temporal dev server, PostgreSQL, instances) until Ctrl-C."""
-    from cli.devstack import DevStack, until_signal
+    from cli.devstack import DevStack, StackError, until_signal
+
+    def say(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     async def run() -> None:
         dev_stack = DevStack(
@@ -102,11 +105,32 @@ def dev(stack: StackOptions) -> None:
             for name, info in doc["instances"].items():
                 print(f"{name}: {info['apiUrl']} (namespace {info['namespace']})", flush=True)
             print(f"wrote {dev_stack.data_dir / 'instances.json'}; Ctrl-C stops", flush=True)
-            await until_signal()
+            # Until Ctrl-C: a process that dies is reported and started again.
+            watch = asyncio.create_task(dev_stack.supervise(say))
+            stop = asyncio.create_task(until_signal())
+            await asyncio.wait({watch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (watch, stop):
+                task.cancel()
+            if watch.done() and not watch.cancelled() and watch.exception() is not None:
+                raise watch.exception()  # type: ignore[misc]
         finally:
+            say("stopping ...")
             dev_stack.stop()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except StackError as exc:
+        raise _stack_failed(exc) from None
+
+
+def _stack_failed(exc: Exception) -> CliError:
+    from cli.devstack import StackError
+
+    assert isinstance(exc, StackError)
+    message = exc.message
+    if exc.tail:
+        message += f"\n--- last lines of {exc.log} ---\n{exc.tail}"
+    return CliError(message, hint=exc.hint or (f"the whole log: {exc.log}" if exc.log else None))
 
 
 @app.command(rich_help_panel="Run")
@@ -119,8 +143,13 @@ def demo(
 ) -> None:
     """Start the stack, connect hub to spoke, spawn one agent and follow it."""
     from cli.demo import run_demo
+    from cli.devstack import StackError
 
-    raise typer.Exit(asyncio.run(run_demo(stack, exit_at_end=exit_at_end)))
+    try:
+        code = asyncio.run(run_demo(stack, exit_at_end=exit_at_end))
+    except StackError as exc:
+        raise _stack_failed(exc) from None
+    raise typer.Exit(code)
 
 
 @app.command(rich_help_panel="Run")
