@@ -159,7 +159,7 @@ def serve() -> None:
 
     from api.main import create_app
 
-    settings = Settings()
+    settings = _settings()
     _configure_logging(settings)
     uvicorn.run(
         create_app(settings),
@@ -176,9 +176,26 @@ def worker() -> None:
     """Run a worker of this instance (FEDAGENT_* settings)."""
     from worker.main import main as worker_main
 
-    settings = Settings()
+    settings = _settings()
     _configure_logging(settings)
     worker_main(settings)
+
+
+def _settings() -> Settings:
+    """This instance's settings, or one line per wrong FEDAGENT_* variable."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        wrong = "; ".join(
+            f"FEDAGENT_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            f" ({e['loc'][0] if e['loc'] else 'settings'})"
+            for e in exc.errors()
+        )
+        raise CliError(
+            f"invalid settings: {wrong}", hint="fix the FEDAGENT_* variables named above"
+        ) from None
 
 
 class Role(StrEnum):
