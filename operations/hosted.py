@@ -71,18 +71,22 @@ async def kill(
 ) -> AgentKillPublic:
     """Stop a hosted run; answers once its sandbox is gone. A finished run keeps its state."""
     row = await get(services, agent_id, peer)
-    if row["state"] not in repos.TERMINAL_STATES:
+    state = str(row["state"])
+    if state not in repos.TERMINAL_STATES:
         handle = services.temporal.get_workflow_handle(row["workflow_id"])
         try:
-            await handle.execute_update(
+            # The workflow answers once the sandbox is gone, with the final state (its record
+            # in the store follows right after).
+            answer = await handle.execute_update(
                 "kill",
                 KillRequest(reason=f"killed by {user.actor} on this executor"),
                 result_type=dict,
             )
+            state = str(answer["state"])
         except (WorkflowUpdateFailedError, RPCError) as exc:
-            row = await get(services, agent_id, peer)
-            if row["state"] not in repos.TERMINAL_STATES:
-                raise KillNotDelivered(f"the run did not stop: {exc}", state=row["state"]) from None
+            state = str((await get(services, agent_id, peer))["state"])
+            if state not in repos.TERMINAL_STATES:
+                raise KillNotDelivered(f"the run did not stop: {exc}", state=state) from None
         await repos.audit(
             services.pool,
             actor=user.actor,
@@ -90,5 +94,4 @@ async def kill(
             agentId=str(agent_id),
             peerInstanceId=row["peer_instance_id"],
         )
-        row = await get(services, agent_id, peer)
-    return AgentKillPublic(agentId=agent_id, state=row["state"])
+    return AgentKillPublic(agentId=agent_id, state=state)
