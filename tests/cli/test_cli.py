@@ -43,7 +43,12 @@ async def fedagent(*args: str, env: dict[str, str] | None = None, stdin: str = "
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout=180)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout=180)
+    except TimeoutError:
+        proc.kill()  # a command that hangs (e.g. a stack that never stops) ends with the test
+        await proc.wait()
+        raise
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode())
 
