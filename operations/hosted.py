@@ -28,7 +28,7 @@ async def peer_instance_id(services: Services, peer: str | None) -> str | None:
         r["remote_instance_id"] for r in rows if peer in (r["remote_instance_id"], r["remote_name"])
     }
     if len(ids) == 1:
-        return ids.pop()
+        return str(ids.pop())
     if not ids:
         known = ", ".join(sorted({r["remote_name"] for r in rows})) or "none"
         raise ConnectionNotFound(f"no peer {peer!r} (known peers: {known})")
@@ -94,4 +94,4 @@ async def kill(
             agentId=str(agent_id),
             peerInstanceId=row["peer_instance_id"],
         )
-    return AgentKillPublic(agentId=agent_id, state=state)
+    return AgentKillPublic.model_validate({"agentId": agent_id, "state": state})
