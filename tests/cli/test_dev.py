@@ -116,3 +116,11 @@ async def test_dev_locks_its_data_dir_and_restarts_a_worker_that_dies(tmp_path: 
             proc.send_signal(signal.SIGINT)
             await asyncio.wait_for(proc.wait(), timeout=120)
     assert proc.returncode == 0
+
+
+async def test_demo_and_dev_write_where_the_other_commands_look() -> None:
+    for command in ("dev", "demo", "agents"):
+        shown = await fedagent(command, "--help")
+        assert shown.code == 0, shown.err
+        assert "FEDAGENT_DATA_DIR" in shown.out, command
+        assert "[default: .fedagent/dev]" in shown.out, command
