@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from agents.errors import AgentSetupError
 from agents.loop import AgentLoop, AgentRunReport, ProgressCallback
-from agents.models import DEFAULT_MODEL, AnthropicProvider, ModelProvider, ScriptedProvider
+from agents.models import (
+    DEFAULT_MODEL,
+    AnthropicProvider,
+    ModelProvider,
+    ScriptedProvider,
+    script_commands,
+)
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.process import ProcessSandbox
@@ -203,6 +209,14 @@ async def run_agent_task(
 ) -> AgentRunReport:
     """Run one agent on one task and report. Raises AgentSetupError when it cannot start;
     cancelling it kills the sandbox before the cancellation propagates."""
+    if config.provider == "scripted" and not script_commands(
+        str(context.get("instructions") or "")
+    ):
+        raise AgentSetupError(
+            "the scripted provider runs the instruction lines that start with '$ ' (a dollar "
+            "sign and a space, at the start of the line); these instructions have none",
+            invalid=True,
+        )
     model = choose_model(config, context)
     prepared = await prepare_workspace(
         workspace,

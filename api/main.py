@@ -19,9 +19,11 @@ from api.routes import (
     audit,
     commands,
     connections,
+    hosted,
     incoming,
     instance,
     ops,
+    peers,
 )
 from api.spawner import SpawnStarter
 from federation import keystore
@@ -84,7 +86,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (instance, connections, agents, artifacts, commands, incoming, audit, ops):
+    for module in (
+        instance,
+        connections,
+        peers,
+        agents,
+        artifacts,
+        hosted,
+        commands,
+        incoming,
+        audit,
+        ops,
+    ):
         app.include_router(module.router)
     console.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

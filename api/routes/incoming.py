@@ -204,7 +204,7 @@ async def _connect(
             assert connection is not None
             if connection["connection_id"] != change.connectionId:
                 raise ConnectionStateConflict("connectionId does not match the live connection")
-            row = await apply_peer_change(conn, connection, envelope.commandType)
+            row = await apply_peer_change(conn, connection, envelope.commandType, change.grants)
         await repos.record_message(conn, envelope.to_wire(), direction="in")
         await repos.audit(
             conn,
