@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import quote, urlencode
 
 import pydantic
@@ -39,6 +39,7 @@ from api.routes.agents import event_stream
 from federation.errors import FederationError, InvalidRequest, Unauthenticated
 from federation.models import (
     AgentSpawnCreate,
+    CommandType,
     ConnectionCreate,
     GrantsUpdate,
     InstanceUpdate,
@@ -55,7 +56,7 @@ templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 STATES = ["spawning", "running", "completed", "failed", "killed", "timed_out"]
 AGENT_TYPES = ["worker", "reviewer", "tester"]
-COMMAND_TYPES = ["agent.spawn", "agent.status", "agent.kill"]
+COMMAND_TYPES = list(get_args(CommandType))  # what a grant can allow, as the REST model says
 PAGE_SIZE = 20
 CSP = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none';"
@@ -387,8 +388,6 @@ async def instance_update(request: Request) -> Response:
             "capabilities": {
                 "agentTypes": form.get("agentTypes", []),
                 "commandTypes": form.get("commandTypes", []),
-                "sandboxes": _lines(_first(form, "sandboxes")),
-                "modelProviders": _lines(_first(form, "modelProviders")),
             },
             "metadata": metadata,
         }

@@ -314,12 +314,14 @@ async def test_admin_edits_metadata_and_capabilities_and_a_bad_form_says_what_is
     await page.goto(f"{hub.url}/console/instance")
     form = page.locator("form[action='/console/instance']")
     await form.get_by_label("Metadata (JSON object)").fill('{"team": "platform"}')
-    await form.get_by_label("Model providers").fill("scripted, anthropic")
+    await form.get_by_label("reviewer").uncheck()
+    # what runs agents is configuration, shown as it is
+    await expect(page.locator("#configured")).to_contain_text("bwrap sandbox")
     await form.get_by_role("button", name="Save").click()
     await expect(page.get_by_role("status")).to_have_text("The instance is updated.")
     card = (await hub.call("GET", "/instance")).json()
     assert card["metadata"] == {"team": "platform"}
-    assert card["capabilities"]["modelProviders"] == ["scripted", "anthropic"]
+    assert "reviewer" not in card["capabilities"]["agentTypes"]
 
     await form.get_by_label("Metadata (JSON object)").fill("{not json")
     await form.get_by_role("button", name="Save").click()
