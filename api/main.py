@@ -7,16 +7,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
 from fastapi import FastAPI
 
 from api import problems
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, RefusalLimiter
 from api.metrics import ObservabilityMiddleware
 from api.routes import agents, audit, commands, connections, incoming, instance, ops
 from api.spawner import SpawnStarter
 from federation import keystore
 from federation.identity import ensure_identity
+from federation.netpolicy import peer_client
 from federation.settings import Settings, get_settings
 from federation.store import repos
 from federation.store.db import create_pool, migrate
@@ -54,7 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cipher=app.state.cipher,
         )
         app.state.temporal = await connect_temporal(settings)
-        app.state.http = httpx.AsyncClient(timeout=settings.peer_request_timeout)
+        # Every URL a peer named is fetched through the outbound address policy.
+        app.state.http = peer_client(settings, timeout=settings.peer_request_timeout)
         expiry = asyncio.create_task(_expire_seen_messages(app, settings.timestamp_window / 2))
         app.state.spawner = SpawnStarter(app.state.pool, app.state.temporal, settings)
         app.state.spawner.run()
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.refusal_limiter = RefusalLimiter(settings.refusal_burst, settings.refusal_rate)
     problems.install(app)
     for module in (instance, connections, agents, commands, incoming, audit, ops):
         app.include_router(module.router)

@@ -79,13 +79,24 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RPCError)
     async def temporal_error(request: Request, exc: RPCError) -> JSONResponse:
+        # The engine's own words (addresses, namespaces, internals) stay in our logs.
         log.warning("temporal call failed: %s", exc)
         return problem(
             request,
             status=503,
             code="temporal_unavailable",
             title="The durable engine is unavailable",
-            detail=str(exc),
+            detail="the durable engine could not be reached; try again later",
+        )
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return problem(
+            request,
+            status=422,
+            code="body_too_deep",
+            title="Request body is nested too deeply",
+            detail="the JSON body is nested too deeply to be read",
         )
 
     @app.exception_handler(asyncpg.PostgresConnectionError)

@@ -196,6 +196,8 @@ class DevStack:
             "FEDAGENT_TASK_QUEUE": f"fedagent-{name}",
             "FEDAGENT_TEMPORAL_UI_URL": self.ui_url,
             "FEDAGENT_DATA_DIR": str(self.data_dir),
+            # Instances on one machine's loopback: dev rules for peer addresses.
+            "FEDAGENT_ENVIRONMENT": "dev",
             **self.extra_env,
             **self.instance_env.get(name, {}),
         }

@@ -238,3 +238,15 @@ class KillNotDelivered(FederationError):
 class CommandNotFound(NotFound):
     code = "command_not_found"
     title = "Command not found"
+
+
+class RateLimited(FederationError):
+    code = "rate_limited"
+    status = 429
+    title = "Too many refused messages from this address"
+
+
+class QueueFull(FederationError):
+    code = "queue_full"
+    status = 429
+    title = "This peer has as many spawns waiting here as it may"

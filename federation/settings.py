@@ -86,6 +86,25 @@ class Settings(BaseSettings):
     # The longest agent timeout (seconds) this instance accepts from any peer.
     max_agent_timeout: int = Field(default=24 * 3600, ge=1)
 
+    # --- hostile peers ---
+    # Addresses (CIDRs) or host names a peer may name although they are not public (loopback,
+    # private, link-local), comma-separated; plain http is accepted to them outside dev too.
+    outbound_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Largest answer read from a peer (a RESPONSE to a signed message), in bytes.
+    peer_reply_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Refused messages per source address: a burst of this many, refilled at this rate per
+    # second; past it a refusal is a 429 rate_limited, counted in a metric, not audited.
+    refusal_burst: int = Field(default=60, ge=1)
+    refusal_rate: float = Field(default=1.0, gt=0)
+    # Audit rows older than this many days are dropped (whole daily partitions); 0: kept.
+    audit_retention_days: int = Field(default=365, ge=0)
+    # Default limit of one peer's agents running here at once when its grants set none, and
+    # how many more of its spawns may wait queued (options.queue).
+    peer_max_running_agents: int = Field(default=8, ge=1)
+    peer_max_queued_agents: int = Field(default=16, ge=0)
+    # What suspending or disconnecting a connection does to the peer's runs here.
+    on_connection_end: Literal["kill", "finish"] = "kill"
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
         if self.environment != "dev" and self.secret_key is not None:
@@ -138,7 +157,13 @@ class Settings(BaseSettings):
     # Bytes of the diff kept in the result (its sha256 always covers all of it).
     diff_limit: int = Field(default=1024 * 1024, ge=1024)
 
-    @field_validator("sandbox_ro_paths", "allowed_models", "agent_repo_roots", mode="before")
+    @field_validator(
+        "sandbox_ro_paths",
+        "allowed_models",
+        "agent_repo_roots",
+        "outbound_allowlist",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

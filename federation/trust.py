@@ -8,6 +8,7 @@ expects. Every refusal is a `FederationError` with its own code.
 from __future__ import annotations
 
 import fnmatch
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from federation.envelope import (
+    INSTANCE_ID_PATTERN,
     Algorithm,
     Envelope,
     PublicKey,
@@ -28,6 +30,7 @@ from federation.envelope import (
 )
 from federation.errors import (
     ConnectionNotActive,
+    FederationError,
     GrantAgentType,
     GrantCommandType,
     GrantConcurrency,
@@ -39,12 +42,16 @@ from federation.errors import (
     UnknownKey,
     UnknownSender,
 )
-from federation.models import Grants, SpawnPayload
+from federation.models import ConnectRequestPayload, Grants, SpawnPayload
 from federation.store import repos
 
-# Given a connection whose stored keys lack a keyId, fetch the peer's current keys from its
-# identity card (or None when that is not possible now).
-KeyRefresher = Callable[[dict[str, Any]], Awaitable[list[dict[str, Any]] | None]]
+# Given a connection whose stored keys lack a message's keyId, the peer's current keys from its
+# identity card (or None when that is not possible now). With fetch=False only an answer
+# already fetched within the interval is used: the caller holds a database transaction.
+KeyRefresher = Callable[..., Awaitable[list[dict[str, Any]] | None]]
+
+
+SAFE_INSTANCE_ID = re.compile(INSTANCE_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ async def verify_incoming(
         sender_keys = connection["remote_keys"]
         key, expired = lookup_key(sender_keys, envelope.keyId, now)
         if key is None and not expired and refresh_keys is not None:
-            fresh = await refresh_keys(connection)
+            fresh = await refresh_keys(connection, envelope, fetch=False)
             if fresh is not None:
                 sender_keys = fresh
                 connection = {**connection, "remote_keys": fresh}
@@ -146,6 +153,73 @@ async def verify_incoming(
         if not fresh_id:
             raise ReplayedMessage(f"messageId {envelope.messageId!r} was seen before")
     return Verified(envelope, connection)
+
+
+async def refresh_keys_first(
+    pool: Any,
+    raw: Any,
+    refresh_keys: KeyRefresher,
+    *,
+    instance_id: str,
+    window_seconds: int,
+) -> None:
+    """Before a transaction is opened: read a known sender's card if it signed with a keyId we
+    do not know. No pool connection is held while the card is fetched; a message that fails
+    any cheap check (shape, recipient, time) fetches nothing, and the refresher writes the
+    new keys only once the message's signature verifies with one of them."""
+    try:
+        envelope = parse_envelope(raw)
+        check_recipient(envelope, instance_id)
+        check_timestamp(envelope, window_seconds)
+    except FederationError:
+        return  # verify_incoming refuses it with the right code
+    connection = await repos.connection_for_peer(pool, envelope.senderId)
+    if connection is None:
+        return
+    key, expired = lookup_key(connection["remote_keys"], envelope.keyId)
+    if key is None and not expired:
+        await refresh_keys(connection, envelope, fetch=True)
+
+
+def verify_connection_request(
+    raw: Any, *, instance_id: str, window_seconds: int
+) -> ConnectRequestPayload:
+    """A stranger's connection.request, verified with the keys it carries; nothing fetched."""
+    envelope = parse_envelope(raw)
+    check_recipient(envelope, instance_id)
+    check_timestamp(envelope, window_seconds)
+    try:
+        request = ConnectRequestPayload.model_validate(envelope.payload)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+        raise InvalidPayload(
+            "connection.request needs connectionId, url, name and the sender's keys",
+            fields=fields,
+        ) from exc
+    url = request.url
+    if url.query is not None or url.fragment is not None or url.username or url.password:
+        raise InvalidPayload("payload.url must be the instance's base URL", fields=["url"])
+    key = key_of([k.model_dump() for k in request.keys], envelope)
+    check_signature(envelope, key)
+    return request
+
+
+def check_card_matches(
+    card: dict[str, Any], raw: dict[str, Any], request: ConnectRequestPayload
+) -> None:
+    """The card read from the sender's URL must be the sender's: same id, URL and key."""
+    instance_id = card.get("instanceId")
+    if not isinstance(instance_id, str) or not SAFE_INSTANCE_ID.fullmatch(instance_id):
+        raise UnknownSender("the identity card at the sender's URL has no valid instanceId")
+    if instance_id != raw.get("senderId"):
+        raise UnknownSender("the identity card at the sender's URL names another instance")
+    if str(card.get("url") or "").rstrip("/") != str(request.url).rstrip("/"):
+        raise UnknownSender("the identity card at the sender's URL names another URL")
+    sent = {k.keyId: k.publicKey.strip() for k in request.keys}
+    key_id = raw.get("keyId")
+    listed = [k for k in card.get("keys") or [] if isinstance(k, dict) and k.get("keyId") == key_id]
+    if not listed or str(listed[0].get("publicKey", "")).strip() != sent.get(str(key_id)):
+        raise UnknownKey("the identity card at the sender's URL does not list the signing key")
 
 
 def require_active(connection: dict[str, Any] | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from federation.errors import (
 from federation.models import ConnectionPublic, GrantsUpdate
 from federation.peer import fetch_card, send_signed
 from federation.store import repos
+from federation.trust import SAFE_INSTANCE_ID
 from federation.users import User
 from operations import Services
 
@@ -44,12 +45,26 @@ def _grants_or_422(update: GrantsUpdate, current: dict[str, Any] | None) -> dict
         raise InvalidRequest(str(exc).splitlines()[0]) from None
 
 
-async def create(services: Services, user: User, remote_url: str) -> ConnectionPublic:
-    """Ask the instance at `remote_url` for a connection: PENDING until the peer accepts."""
+# What a peer may ask of this instance over a connection this instance asked for, until its
+# admin grants more (PATCH /connections/{id} or the grants of the request).
+NOTHING_GRANTED: dict[str, Any] = {"commandTypes": [], "agentTypes": [], "repositories": []}
+
+
+async def create(
+    services: Services, user: User, remote_url: str, grants: GrantsUpdate | None = None
+) -> ConnectionPublic:
+    """Ask the instance at `remote_url` for a connection: PENDING until the peer accepts.
+
+    The peer may ask nothing of this instance over it unless `grants` say so."""
     pool, settings = services.pool, services.settings
     identity = await services.identity()
     remote_url = remote_url.rstrip("/")
-    card = await fetch_card(services.http, remote_url)
+    granted = (
+        _grants_or_422(grants, NOTHING_GRANTED) if grants is not None else dict(NOTHING_GRANTED)
+    )
+    card = await fetch_card(services.http, remote_url, timeout=settings.peer_request_timeout)
+    if not SAFE_INSTANCE_ID.fullmatch(str(card["instanceId"])):
+        raise InvalidRequest("the peer's identity card has no valid instanceId")
     if card["instanceId"] == identity.instance_id:
         raise InvalidRequest("remoteUrl is this instance itself")
     existing = await repos.connection_for_peer(pool, card["instanceId"])
@@ -71,6 +86,7 @@ async def create(services: Services, user: User, remote_url: str) -> ConnectionP
             "connectionId": str(connection_id),
             "url": identity.public_url,
             "name": identity.name,
+            "keys": identity.card()["keys"],
         },
         window_seconds=settings.timestamp_window,
         timeout=settings.peer_request_timeout,
@@ -83,9 +99,14 @@ async def create(services: Services, user: User, remote_url: str) -> ConnectionP
         remote_url=remote_url,
         remote_keys=card["keys"],
         direction="outbound",
+        grants=granted,
     )
     await repos.audit(
-        pool, actor=user.actor, action="connection.request", connectionId=str(connection_id)
+        pool,
+        actor=user.actor,
+        action="connection.request",
+        connectionId=str(connection_id),
+        grants=granted,
     )
     return ConnectionPublic.from_row(row)
 
