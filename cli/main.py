@@ -233,27 +233,105 @@ def token_create(
     name: Annotated[str, typer.Option("--name", help="Who the token is for.")] = "cli",
     role: Annotated[Role, typer.Option("--role")] = Role.member,
     workspace: Annotated[str, typer.Option("--workspace")] = "default",
+    expires_in_days: Annotated[
+        float | None,
+        typer.Option("--expires-in-days", help="Stops working after this many days."),
+    ] = None,
     instance: Instance = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Print a new API token (stored hashed, shown once). Writes to the instance's database:
     FEDAGENT_DATABASE_URL, or the one of --instance NAME in instances.json."""
-    from federation.store import repos
+    from datetime import timedelta
+
+    from federation.store import tokens
+
+    expires = timedelta(days=expires_in_days) if expires_in_days else None
+
+    async def run(pool: Any) -> str:
+        _, token = await tokens.create_token(
+            pool, name=name, role=role.value, workspace=workspace, expires_in=expires
+        )
+        return token
+
+    print(_with_database(instance, data_dir, run))
+
+
+def _with_database(instance: str | None, data_dir: Path, work: Any) -> Any:
     from federation.store.db import create_pool, migrate
 
     database_url = (
         str(instance_info(data_dir, instance)["databaseUrl"]) if instance else None
     ) or Settings().database_url
 
-    async def run() -> str:
+    async def run() -> Any:
         pool = await create_pool(database_url, max_size=1)
         try:
             await migrate(pool)
-            return await repos.create_token(pool, name=name, role=role.value, workspace=workspace)
+            return await work(pool)
         finally:
             await pool.close()
 
-    print(asyncio.run(run()))
+    return asyncio.run(run())
+
+
+@token_app.command("list")
+def token_list(
+    instance: Instance = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    as_json: AsJson = False,
+) -> None:
+    """The instance's API tokens with their state (never the tokens themselves)."""
+    from datetime import UTC, datetime
+
+    from federation.store import tokens
+
+    async def run(pool: Any) -> list[dict[str, Any]]:
+        now = datetime.now(UTC)
+        return [tokens.token_public(r, now) for r in await tokens.list_tokens(pool)]
+
+    rows = _with_database(instance, data_dir, run)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "name", "role", "workspace", "state", "expires")
+    for row in rows:
+        table.add_row(
+            row["id"],
+            row["name"],
+            row["role"],
+            row["workspace"],
+            row["state"],
+            row["expiresAt"] or "never",
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (see `fedagent token list`).")],
+    instance: Instance = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Revoke an API token: every request with it is refused from now on."""
+    import uuid as _uuid
+
+    from federation.store import repos, tokens
+
+    try:
+        key = _uuid.UUID(token_id)
+    except ValueError:
+        raise CliError(f"{token_id!r} is not a token id (see `fedagent token list`)") from None
+
+    async def run(pool: Any) -> dict[str, Any] | None:
+        row = await tokens.revoke_token(pool, key)
+        if row is not None:
+            await repos.audit(pool, actor="cli", action="token.revoke", tokenId=str(key))
+        return row
+
+    if _with_database(instance, data_dir, run) is None:
+        raise CliError(f"no token {token_id}")
+    print(f"revoked {token_id}")
 
 
 # --- connections ------------------------------------------------------------------------------
@@ -304,6 +382,45 @@ def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> 
     return table
 
 
+# The grants a peer gets, as `fedagent accept` and `fedagent connect` take them.
+AgentTypesOption = Annotated[
+    str | None, typer.Option("--agent-types", help="Granted agent types, comma-separated.")
+]
+CommandTypesOption = Annotated[
+    str | None,
+    typer.Option("--command-types", help="Granted commands (agent.spawn,agent.status,...)."),
+]
+MaxConcurrentOption = Annotated[
+    int | None, typer.Option("--max-concurrent", help="Agents the peer may run at once.")
+]
+MaxTimeoutOption = Annotated[
+    int | None, typer.Option("--max-timeout", help="Longest agent timeout, seconds.")
+]
+RepositoriesOption = Annotated[
+    str | None, typer.Option("--repositories", help="Allowed repository globs.")
+]
+
+
+def _grants_from_options(
+    agent_types: str | None,
+    command_types: str | None,
+    max_concurrent: int | None,
+    max_timeout: int | None,
+    repositories: str | None,
+) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in {
+            "agentTypes": _csv(agent_types),
+            "commandTypes": _csv(command_types),
+            "maxConcurrentAgents": max_concurrent,
+            "maxTimeout": max_timeout,
+            "repositories": _csv(repositories),
+        }.items()
+        if value is not None
+    }
+
+
 @app.command(rich_help_panel="Connections")
 def connect(
     peer: Annotated[
@@ -316,16 +433,30 @@ def connect(
             help="Also accept on the peer (needs its admin token: a peer in instances.json).",
         ),
     ] = False,
+    agent_types: AgentTypesOption = None,
+    command_types: CommandTypesOption = None,
+    max_concurrent: MaxConcurrentOption = None,
+    max_timeout: MaxTimeoutOption = None,
+    repositories: RepositoriesOption = None,
     instance: Instance = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     url: Url = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Ask a peer for a connection; it stays PENDING until the peer accepts."""
+    """Ask a peer for a connection; it stays PENDING until the peer accepts.
+
+    The peer may ask nothing of this instance over it unless the grant options say so (the
+    same as `fedagent accept` takes), or until this instance's admin grants it later."""
     remote_url, peer_info = resolve_peer_url(peer, data_dir)
+    body: dict[str, Any] = {"remoteUrl": remote_url}
+    grants = _grants_from_options(
+        agent_types, command_types, max_concurrent, max_timeout, repositories
+    )
+    if grants:
+        body["grants"] = grants
     with _api(instance, data_dir, url, token) as api:
-        connection = api.call("POST", "/connections", json={"remoteUrl": remote_url})
+        connection = api.call("POST", "/connections", json=body)
     if accept:
         if peer_info is None:
             raise CliError(
@@ -371,22 +502,11 @@ def _csv(value: str | None) -> list[str] | None:
 @app.command(rich_help_panel="Connections")
 def accept(
     connection_id: Annotated[str, typer.Argument(help="The PENDING connection to accept.")],
-    agent_types: Annotated[
-        str | None, typer.Option("--agent-types", help="Granted agent types, comma-separated.")
-    ] = None,
-    command_types: Annotated[
-        str | None,
-        typer.Option("--command-types", help="Granted commands (agent.spawn,agent.status,...)."),
-    ] = None,
-    max_concurrent: Annotated[
-        int | None, typer.Option("--max-concurrent", help="Agents the peer may run at once.")
-    ] = None,
-    max_timeout: Annotated[
-        int | None, typer.Option("--max-timeout", help="Longest agent timeout, seconds.")
-    ] = None,
-    repositories: Annotated[
-        str | None, typer.Option("--repositories", help="Allowed repository globs.")
-    ] = None,
+    agent_types: AgentTypesOption = None,
+    command_types: CommandTypesOption = None,
+    max_concurrent: MaxConcurrentOption = None,
+    max_timeout: MaxTimeoutOption = None,
+    repositories: RepositoriesOption = None,
     instance: Instance = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     url: Url = None,
@@ -394,17 +514,9 @@ def accept(
     as_json: AsJson = False,
 ) -> None:
     """Accept a peer's connection request (optionally with grants): ACTIVE on both sides."""
-    grants: dict[str, Any] = {
-        key: value
-        for key, value in {
-            "agentTypes": _csv(agent_types),
-            "commandTypes": _csv(command_types),
-            "maxConcurrentAgents": max_concurrent,
-            "maxTimeout": max_timeout,
-            "repositories": _csv(repositories),
-        }.items()
-        if value is not None
-    }
+    grants = _grants_from_options(
+        agent_types, command_types, max_concurrent, max_timeout, repositories
+    )
     body = {"grants": grants} if grants else None
     with _api(instance, data_dir, url, token) as api:
         connection = api.call("POST", f"/connections/{connection_id}/accept", json=body)
