@@ -245,7 +245,7 @@ class DevStack:
         inst.workers.append(proc)
         return proc
 
-    async def wait_ready(self, name: str, timeout: float = 60.0) -> None:
+    async def wait_ready(self, name: str, timeout: float = 180.0) -> None:
         inst = self.instances[name]
         deadline = time.monotonic() + timeout
         async with httpx.AsyncClient(timeout=2.0) as http:
@@ -263,7 +263,7 @@ class DevStack:
                     raise TimeoutError(f"API of {name} not ready after {timeout} s")
                 await asyncio.sleep(0.2)
 
-    async def wait_polling(self, name: str, timeout: float = 60.0) -> None:
+    async def wait_polling(self, name: str, timeout: float = 180.0) -> None:
         """Wait until a worker of the instance polls both of its task queues."""
         inst = self.instances[name]
         client = await Client.connect(self.temporal_address, namespace=name)

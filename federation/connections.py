@@ -9,6 +9,7 @@ it: each side lifts only its own, and the connection is ACTIVE again once neithe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from federation.errors import ConnectionStateConflict, UnsupportedCommand
@@ -78,10 +79,29 @@ async def change_suspension(
     return updated
 
 
+# Told when the peer suspended or ended a connection (e.g. to stop its runs here).
+ConnectionEnded = Callable[[dict[str, Any]], None]
+
+
 async def apply_peer_change(
+    db: repos.Executor,
+    connection: dict[str, Any],
+    command_type: str | None,
+    on_end: ConnectionEnded | None = None,
+) -> dict[str, Any]:
+    """Apply a verified CONNECT command from the peer to our copy; returns the new row.
+
+    `on_end` gets the new row when the change suspends or disconnects the connection."""
+    updated = await _apply_peer_change(db, connection, command_type)
+    if on_end is not None and updated["status"] in ("SUSPENDED", "DISCONNECTED"):
+        if connection["status"] == "ACTIVE" or updated["status"] == "DISCONNECTED":
+            on_end(updated)
+    return updated
+
+
+async def _apply_peer_change(
     db: repos.Executor, connection: dict[str, Any], command_type: str | None
 ) -> dict[str, Any]:
-    """Apply a verified CONNECT command from the peer to our copy; returns the new row."""
     if command_type in NOTICES:
         return connection
     if command_type in SUSPENSIONS:

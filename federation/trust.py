@@ -29,6 +29,7 @@ from federation.envelope import (
     parse_envelope,
 )
 from federation.errors import (
+    AgentIdConflict,
     ConnectionNotActive,
     FederationError,
     GrantAgentType,
@@ -38,6 +39,7 @@ from federation.errors import (
     GrantTimeout,
     InvalidPayload,
     KeyExpired,
+    QueueFull,
     ReplayedMessage,
     UnknownKey,
     UnknownSender,
@@ -285,29 +287,54 @@ def check_grants(
 
 
 async def check_peer_concurrency(
-    db: repos.Executor, connection: dict[str, Any], payload: Any
+    db: repos.Executor,
+    connection: dict[str, Any],
+    payload: Any,
+    *,
+    default_limit: int | None = None,
+    queue_cap: int = 0,
 ) -> None:
-    """429 when this peer already runs as many agents here as its grant allows.
+    """429 when this peer already has as many runs here as it may.
 
-    A spawn of an agentId that already exists is a retry and passes. Call it inside the
-    transaction that inserts the run: the lock serialises concurrent spawns of one peer.
+    Its grant's maxConcurrentAgents, else `default_limit` (the instance's per-peer default),
+    bounds its unfinished runs; a spawn with options.queue may go past it by at most
+    `queue_cap` more (queue_full past that), so queueing cannot let one peer hold every slot.
+    A spawn of an agentId that already exists is a retry and passes, if it came over this very
+    connection: a new connection that reuses a disconnected peer's id inherits nothing.
+    Call it inside the transaction that inserts the run: the lock serialises concurrent spawns
+    of one peer.
     """
-    limit = grants_of(connection).maxConcurrentAgents
-    if limit is None:
-        return
     peer = connection["remote_instance_id"]
     try:
         agent_id = uuid.UUID(str(payload.get("agentId")))
     except (ValueError, AttributeError):
         return  # the payload check refuses it
-    if await repos.get_executed_agent(db, peer, agent_id) is not None:
+    known = await repos.get_executed_agent(db, peer, agent_id)
+    if known is not None:
+        if known["connection_id"] != connection["connection_id"]:
+            raise AgentIdConflict("this agentId belongs to a run of an earlier connection")
+        return
+    grant_limit = grants_of(connection).maxConcurrentAgents
+    limit = grant_limit if grant_limit is not None else default_limit
+    if limit is None:
         return
     await db.execute("SELECT pg_advisory_xact_lock(hashtext('fedagent:peer:' || $1))", peer)
     running = await repos.count_running_for_peer(db, peer)
-    if running >= limit:
-        raise GrantConcurrency(
-            f"this peer runs {running} agents here; its grant allows {limit}",
-            grant="maxConcurrentAgents",
+    options = payload.get("options") if isinstance(payload.get("options"), dict) else {}
+    if running < limit:
+        return
+    if options.get("queue") is True and running < limit + queue_cap:
+        return
+    if options.get("queue") is True:
+        raise QueueFull(
+            f"this peer has {running} runs here; {limit} may run and {queue_cap} wait",
             running=running,
             limit=limit,
+            queueCap=queue_cap,
         )
+    raise GrantConcurrency(
+        f"this peer runs {running} agents here; it may run {limit}",
+        grant="maxConcurrentAgents",
+        running=running,
+        limit=limit,
+    )

@@ -57,6 +57,7 @@ from federation.trust import (
     verify_connection_request,
     verify_incoming,
 )
+from operations.connections import end_peer_runs_soon
 from workflows.models import (
     AgentEvent,
     AgentRunInput,
@@ -163,10 +164,11 @@ async def incoming_connect(
     identity: IdentityDep,
     settings: SettingsDep,
     refresher: KeyRefresherDep,
+    temporal: TemporalDep,
 ) -> dict[str, Any]:
     body = await _body(request)
     try:
-        return await _connect(body, pool, http, identity, settings, refresher)
+        return await _connect(body, pool, http, identity, settings, refresher, temporal)
     except FederationError as err:
         await _refused(request, body, err, "connect")
         raise
@@ -179,6 +181,7 @@ async def _connect(
     identity: Identity,
     settings: Settings,
     refresher: CardKeyRefresher,
+    temporal: Client,
 ) -> dict[str, Any]:
     window = settings.timestamp_window
     is_request = isinstance(body, dict) and body.get("commandType") == "connection.request"
@@ -231,7 +234,12 @@ async def _connect(
             assert connection is not None
             if connection["connection_id"] != change.connectionId:
                 raise ConnectionStateConflict("connectionId does not match the live connection")
-            row = await apply_peer_change(conn, connection, envelope.commandType)
+            row = await apply_peer_change(
+                conn,
+                connection,
+                envelope.commandType,
+                on_end=lambda ended: end_peer_runs_soon(pool, temporal, settings, ended),
+            )
         await repos.record_message(conn, envelope.to_wire(), direction="in")
         await repos.audit(
             conn,
@@ -295,7 +303,13 @@ async def incoming_command(
                 offered_agent_types=identity.capabilities.get("agentTypes"),
             )
             if command == "agent.spawn":
-                await check_peer_concurrency(conn, connection, envelope.payload)
+                await check_peer_concurrency(
+                    conn,
+                    connection,
+                    envelope.payload,
+                    default_limit=settings.peer_max_running_agents,
+                    queue_cap=settings.peer_max_queued_agents,
+                )
                 payload = await _spawn(conn, temporal, settings, envelope, connection, received_at)
                 await _audit_accepted(conn, envelope, payload["agentId"])
                 await repos.record_message(
@@ -304,7 +318,7 @@ async def incoming_command(
                 return _reply(identity, envelope, payload)
             ref = _payload(AgentRefPayload, envelope)
             row = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
-            if row is None:
+            if row is None or row["connection_id"] != connection["connection_id"]:
                 raise AgentNotFound(f"no agent {ref.agentId} of this requester")
             await repos.record_message(
                 conn, envelope.to_wire(), direction="in", agent_id=ref.agentId
