@@ -25,6 +25,13 @@ INSTANCES = ["hub", "spoke", "edge", "far"]
 # `far` is reached by its peers only through a proxy the tests control (lost events, outages),
 # and runs at most one agent at a time for everyone (capacity tests).
 FAR_ENV = {"FEDAGENT_MAX_RUNNING_AGENTS": "1", "FEDAGENT_MAX_CONCURRENT_AGENTS": "1"}
+# `edge` keeps small per-peer defaults (hostile tests of fairness) and the default refusal
+# limit (the other instances get many refusals from 127.0.0.1 in a whole run of the suite).
+EDGE_ENV = {
+    "FEDAGENT_PEER_MAX_RUNNING_AGENTS": "1",
+    "FEDAGENT_PEER_MAX_QUEUED_AGENTS": "1",
+    "FEDAGENT_REFUSAL_BURST": "60",
+}
 
 
 class Instance:
@@ -110,8 +117,12 @@ async def stack(
             # allowed (the hostile tests use other loopback addresses to be refused).
             "FEDAGENT_ENVIRONMENT": "production",
             "FEDAGENT_OUTBOUND_ALLOWLIST": "127.0.0.1",
+            # As many per peer as the instance runs at all: the load tests use one peer.
+            "FEDAGENT_PEER_MAX_RUNNING_AGENTS": "64",
+            "FEDAGENT_PEER_MAX_QUEUED_AGENTS": "64",
+            "FEDAGENT_REFUSAL_BURST": "100000",
         },
-        instance_env={"far": FAR_ENV},
+        instance_env={"far": FAR_ENV, "edge": EDGE_ENV},
         public_urls={"far": far_proxy.url},
     )
     try:

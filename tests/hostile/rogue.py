@@ -69,12 +69,16 @@ class Rogue:
         self.key = RogueKey()
         self.card_overrides: dict[str, Any] = {}
         self.requests: list[Recorded] = []
-        self.answer_commands = True
+        # While set and not yet released, a request for the card waits (a slow peer).
+        self.card_gate: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def card_fetches(self) -> int:
+        return sum(1 for r in self.requests if r.method == "GET")
 
     def card(self) -> dict[str, Any]:
         return {
@@ -155,6 +159,8 @@ class Rogue:
                     length = int(line.split(":", 1)[1])
             body = await reader.readexactly(length) if length else b""
             self.requests.append(Recorded(method, target, body))
+            if self.card_gate is not None and method == "GET":
+                await self.card_gate.wait()
             status, answer = self._route(method, target, body)
             data = json.dumps(answer).encode()
             writer.write(

@@ -15,11 +15,13 @@ async def test_badly_signed_connection_request_makes_the_spoke_fetch_nothing(
 ) -> None:
     target = await make_rogue()  # what an SSRF would reach: it records every request
     forged = RogueKey()
-    request = rogue.connection_request(
-        spoke.id, url=f"http://127.0.0.1:{target.port}/x?", sign_with=forged
-    )
-    response = await rogue.post(spoke.url, "connect", request)
-    assert response.status_code == 401, response.text
+    # The request of the report, then the same with a URL of a proper shape.
+    for url in (f"http://127.0.0.1:{target.port}/x?", f"http://127.0.0.1:{target.port}"):
+        request = rogue.connection_request(spoke.id, url=url, sign_with=forged)
+        response = await rogue.post(spoke.url, "connect", request)
+        assert response.status_code in (401, 422), response.text
+        assert str(target.port) not in response.json()["detail"]
+    assert response.status_code == 401
     assert response.json()["code"] == "signature_invalid"
     assert target.requests == []
     assert rogue.requests == []

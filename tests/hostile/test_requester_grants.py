@@ -42,7 +42,7 @@ async def test_peer_this_instance_asked_cannot_run_commands_here(
         command = rogue.envelope("COMMAND", hub.id, spawn(), command_type="agent.spawn")
         response = await rogue.post(hub.url, "command", command)
         assert response.status_code == 403, response.text
-        assert response.json()["code"] == "grant_denied"
+        assert response.json()["code"] == "grant_command_type"
         agent_id = uuid.UUID(command["payload"]["agentId"])
         assert await hub.fetch("SELECT 1 FROM agents WHERE agent_id = $1", agent_id) == []
         status = rogue.envelope(
