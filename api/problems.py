@@ -66,6 +66,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and str(exc.detail) == "There was an error parsing the body":
+            # FastAPI's answer to a JSON body it cannot read (e.g. nested too deeply).
+            return problem(
+                request,
+                status=422,
+                code="body_invalid",
+                title="Request body is not readable JSON",
+                detail="the JSON body could not be read (malformed or nested too deeply)",
+            )
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status_code, f"http_{exc.status_code}"
         )

@@ -183,6 +183,12 @@ class CardKeyRefresher:
         peer = str(connection["remote_instance_id"])
         lock = _refresh_locks.setdefault(peer, asyncio.Lock())
         async with lock:
+            stored_now = await self.pool.fetchval(
+                "SELECT remote_keys FROM connections WHERE connection_id = $1",
+                connection["connection_id"],
+            )
+            if stored_now is not None and lookup_key(stored_now, envelope.keyId)[0] is not None:
+                return list(stored_now)  # stored while this message waited for the lock
             last = _last_fetch.get(peer)
             if last is not None and time.monotonic() - last[0] < self.min_interval:
                 keys = last[1]
