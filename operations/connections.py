@@ -102,6 +102,7 @@ async def _notify(services: Services, connection: dict[str, Any], command_type: 
         payload={"connectionId": str(connection["connection_id"])},
         window_seconds=services.settings.timestamp_window,
         timeout=services.settings.peer_request_timeout,
+        max_reply_bytes=services.settings.peer_reply_max_bytes,
     )
 
 
@@ -157,6 +158,7 @@ async def create(
         },
         window_seconds=settings.timestamp_window,
         timeout=settings.peer_request_timeout,
+        max_reply_bytes=settings.peer_reply_max_bytes,
     )
     row = await repos.insert_connection(
         pool,
