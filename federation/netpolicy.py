@@ -116,7 +116,7 @@ class AddressPolicy:
                 )
             except OSError as exc:
                 raise PeerUnreachable("the peer's host name does not resolve") from exc
-            addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+            addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         if not addresses:
             raise PeerUnreachable("the peer's host name does not resolve")
         # Every address must pass: a name that also resolves to an internal one is refused.
