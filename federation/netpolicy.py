@@ -220,7 +220,7 @@ async def request_bounded(
                         )
                 return response.status_code, bytes(body)
     except TimeoutError as exc:
-        raise PeerUnreachable(f"no complete answer within {deadline:g} s") from exc
+        raise PeerUnreachable(f"timeout: no complete answer within {deadline:g} s") from exc
     except AddressNotAllowed:
         raise
     except httpx.HTTPError as exc:
