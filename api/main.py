@@ -9,17 +9,20 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from api import problems
+from api import console, problems
 from api.limits import BodySizeLimit, RefusalLimiter
 from api.metrics import ObservabilityMiddleware
 from api.routes import (
     agents,
+    artifacts,
     audit,
     commands,
     connections,
+    hosted,
     incoming,
     instance,
     ops,
+    peers,
     tokens,
 )
 from api.spawner import SpawnStarter
@@ -103,8 +106,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.refusal_limiter = RefusalLimiter(settings.refusal_burst, settings.refusal_rate)
     problems.install(app)
-    for module in (instance, connections, agents, commands, incoming, audit, ops, tokens):
+    for module in (
+        instance,
+        connections,
+        peers,
+        agents,
+        artifacts,
+        hosted,
+        commands,
+        incoming,
+        audit,
+        ops,
+        tokens,
+    ):
         app.include_router(module.router)
+    console.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: request ids in the logs, latency and refusal metrics (413s included).
     app.add_middleware(ObservabilityMiddleware)

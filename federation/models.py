@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
 
 AgentType = Literal["worker", "reviewer", "tester"]
 AgentState = Literal["spawning", "running", "completed", "failed", "killed", "timed_out"]
@@ -40,11 +40,14 @@ class ConnectionPublic(BaseModel):
     peerNotified: bool | None = None
     # Which side holds the connection SUSPENDED: "local" (this instance), "remote" or "both".
     suspendedBy: str | None = None
+    # What the peer allows this instance, as it last told us (None: it has not said).
+    peerGrants: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any], **extra: Any) -> ConnectionPublic:
         return cls(
             suspendedBy=row.get("suspended_by"),
+            peerGrants=row.get("peer_grants"),
             connectionId=row["connection_id"],
             remoteInstanceId=row["remote_instance_id"],
             remoteName=row["remote_name"],
@@ -55,6 +58,27 @@ class ConnectionPublic(BaseModel):
             createdAt=row["created_at"],
             updatedAt=row["updated_at"],
             **extra,
+        )
+
+
+class PeerPublic(BaseModel):
+    """A connection as any local user sees it: whom a spawn can go to and what the peer allows
+    this instance (`peerGrants`, as the peer last told us; None while it has not said)."""
+
+    connectionId: uuid.UUID
+    peerInstanceId: str
+    peerName: str
+    status: ConnectionStatus
+    peerGrants: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PeerPublic:
+        return cls(
+            connectionId=row["connection_id"],
+            peerInstanceId=row["remote_instance_id"],
+            peerName=row["remote_name"],
+            status=row["status"],
+            peerGrants=row.get("peer_grants"),
         )
 
 
@@ -173,6 +197,8 @@ class ConnectRequestPayload(Strict):
 
 class ConnectChangePayload(Strict):
     connectionId: uuid.UUID
+    # connection.accept and connection.grants_changed: what the sender now allows the recipient.
+    grants: dict[str, Any] | None = None
 
 
 class SpawnPayload(Strict):
@@ -187,6 +213,26 @@ class AgentRefPayload(Strict):
     agentId: CanonicalUUID
 
 
+ArtifactKind = Literal["diff", "log", "transcript"]
+
+
+class AgentArtifactPayload(Strict):
+    """agent.artifact: bytes [offset, offset + length) of one artifact of the sender's run,
+    named by its kind or its sha256 (the answer is bounded; a reader asks chunk by chunk)."""
+
+    agentId: uuid.UUID
+    kind: ArtifactKind | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    offset: int = Field(default=0, ge=0)
+    length: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _named(self) -> AgentArtifactPayload:
+        if self.kind is None and self.sha256 is None:
+            raise ValueError("agent.artifact needs kind or sha256")
+        return self
+
+
 class AgentEventPayload(Strict):
     agentId: CanonicalUUID
     seq: int = Field(ge=1)
@@ -199,12 +245,12 @@ class AgentEventPayload(Strict):
 
 # --- trust: grants, instance configuration, keys, audit -----------------------------------------
 
-CommandType = Literal["agent.spawn", "agent.status", "agent.kill"]
+CommandType = Literal["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 GlobPattern = Annotated[str, Field(min_length=1, max_length=500)]
 
 
 def _all_command_types() -> list[CommandType]:
-    return ["agent.spawn", "agent.status", "agent.kill"]
+    return ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 
 
 def _all_agent_types() -> list[AgentType]:

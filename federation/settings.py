@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "fedagent"
     temporal_ui_url: str = "http://127.0.0.1:8233"
+    # Where the console links a peer's (the executor's) workflows: a URL of a Temporal Web UI
+    # namespace with {peerName} / {peerInstanceId} placeholders, e.g.
+    # "http://127.0.0.1:8233/namespaces/{peerName}" (unset: the console shows the workflow id).
+    temporal_ui_peer_url: str | None = None
 
     data_dir: Path = Path(".fedagent")
     # Accepted clock skew for signed messages, in seconds.
@@ -87,8 +91,9 @@ class Settings(BaseSettings):
     max_agent_timeout: int = Field(default=24 * 3600, ge=1)
 
     # --- hostile peers ---
-    # Addresses (CIDRs) or host names a peer may name although they are not public (loopback,
-    # private, link-local), comma-separated; plain http is accepted to them outside dev too.
+    # Hosts (names, addresses or CIDR networks) a peer may name although they are loopback,
+    # private or link-local (refused outside environment=dev otherwise), comma-separated: for
+    # peer URLs (plain http is accepted to them outside dev too) and for clones.
     outbound_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Largest answer read from a peer (a RESPONSE to a signed message), in bytes.
     peer_reply_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
@@ -124,6 +129,8 @@ class Settings(BaseSettings):
     sandbox_cpus: float = Field(default=2.0, gt=0)
     # Largest file an agent's command may write (bwrap: RLIMIT_FSIZE).
     sandbox_file_mb: int = Field(default=1024, ge=1)
+    # What a run's workspace and /tmp may hold together; past it the run ends `disk_quota`.
+    sandbox_disk_mb: int = Field(default=4096, ge=1)
     # Seconds one command may run before everything it started is killed.
     command_timeout: float = Field(default=600.0, gt=0)
     # Host uid (and gid) sandboxes run as when the worker runs as root; used by nothing else.
@@ -154,8 +161,19 @@ class Settings(BaseSettings):
     # Local repository paths a spawn may clone from (comma-separated); none: only git URLs.
     agent_repo_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     clone_timeout: float = Field(default=600.0, gt=0)
-    # Bytes of the diff kept in the result (its sha256 always covers all of it).
-    diff_limit: int = Field(default=1024 * 1024, ge=1024)
+    # --- artifacts (results by reference) ---
+    # The whole diff is written, streaming, up to this many bytes (past it: diffTruncated, and
+    # the stored diff is its first diff_max_bytes bytes).
+    diff_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # A changed file bigger than this is listed in diffOmittedFiles, not inlined in the diff.
+    diff_file_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Bytes of the diff and of the log that results and events carry inline (diffPreview,
+    # logTail); the whole of each is an artifact, fetched by reference.
+    artifact_preview_bytes: int = Field(default=16 * 1024, ge=256, le=64 * 1024)
+    # Largest artifact this instance stores (its own runs' and those it fetches from peers).
+    artifact_max_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    # Chunk size in the store and of one signed agent.artifact answer (base64 in JSON).
+    artifact_chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=512 * 1024)
 
     @field_validator(
         "sandbox_ro_paths",
