@@ -303,6 +303,8 @@ class DevStack:
             # One dev server for all instances, a namespace per instance: the console's links.
             "FEDAGENT_TEMPORAL_UI_PEER_URL": self.ui_url + "/namespaces/{peerName}",
             "FEDAGENT_DATA_DIR": str(self.data_dir),
+            # Instances on one machine's loopback: dev rules for peer addresses.
+            "FEDAGENT_ENVIRONMENT": "dev",
             **self.extra_env,
             **self.instance_env.get(name, {}),
         }
@@ -472,8 +474,14 @@ class DevStack:
             },
         }
         path = self.data_dir / "instances.json"
-        path.write_text(json.dumps(doc, indent=2))
-        path.chmod(0o600)  # it holds admin tokens
+        # It holds admin tokens: created 0600 under a temporary name, then renamed into place,
+        # so no reader ever sees it with wider permissions or half written.
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(doc, indent=2))
+        os.chmod(temp, 0o600)  # O_CREAT's mode does not apply to a file left by a crash
+        os.replace(temp, path)
         return doc
 
     # --- restarts (operators and fault tests) -------------------------------------------

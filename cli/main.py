@@ -204,29 +204,24 @@ class Role(StrEnum):
     member = "member"
 
 
-@token_app.command("create")
-@uses_instance(remote=False, as_json=False)
-def token_create(
-    target: Remote,
-    name: Annotated[str, typer.Option("--name", help="Who the token is for.")] = "cli",
-    role: Annotated[Role, typer.Option("--role")] = Role.member,
-    workspace: Annotated[str, typer.Option("--workspace")] = "default",
-) -> None:
-    """Print a new API token (stored hashed, shown once). Writes to the instance's database:
-    FEDAGENT_DATABASE_URL, or the one of --instance NAME in instances.json."""
-    import asyncpg
-
-    from cli.doctor import _redact
-    from federation.store import repos
-    from federation.store.db import create_pool, migrate
-
-    database_url = (
+def _database_url(target: Remote) -> str:
+    return (
         str(instance_info(target.data_dir, target.instance)["databaseUrl"])
         if target.instance
         else None
     ) or Settings().database_url
 
-    async def run() -> str:
+
+def _with_database(target: Remote, work: Any) -> Any:
+    """Run `work(pool)` against the instance's database (migrated first)."""
+    import asyncpg
+
+    from cli.doctor import _redact
+    from federation.store.db import create_pool, migrate
+
+    database_url = _database_url(target)
+
+    async def run() -> Any:
         try:
             pool = await create_pool(database_url, max_size=1)
         except (OSError, asyncpg.PostgresError) as exc:
@@ -238,11 +233,96 @@ def token_create(
             ) from None
         try:
             await migrate(pool)
-            return await repos.create_token(pool, name=name, role=role.value, workspace=workspace)
+            return await work(pool)
         finally:
             await pool.close()
 
-    print(asyncio.run(run()))
+    return asyncio.run(run())
+
+
+@token_app.command("create")
+@uses_instance(remote=False, as_json=False)
+def token_create(
+    target: Remote,
+    name: Annotated[str, typer.Option("--name", help="Who the token is for.")] = "cli",
+    role: Annotated[Role, typer.Option("--role")] = Role.member,
+    workspace: Annotated[str, typer.Option("--workspace")] = "default",
+    expires_in_days: Annotated[
+        float | None,
+        typer.Option("--expires-in-days", help="Stops working after this many days."),
+    ] = None,
+) -> None:
+    """Print a new API token (stored hashed, shown once). Writes to the instance's database:
+    FEDAGENT_DATABASE_URL, or the one of --instance NAME in instances.json."""
+    from datetime import timedelta
+
+    from federation.store import tokens
+
+    expires = timedelta(days=expires_in_days) if expires_in_days else None
+
+    async def run(pool: Any) -> str:
+        _, token = await tokens.create_token(
+            pool, name=name, role=role.value, workspace=workspace, expires_in=expires
+        )
+        return token
+
+    print(_with_database(target, run))
+
+
+@token_app.command("list")
+@uses_instance(remote=False)
+def token_list(target: Remote) -> None:
+    """The instance's API tokens with their state (never the tokens themselves)."""
+    from datetime import UTC, datetime
+
+    from federation.store import tokens
+
+    async def run(pool: Any) -> list[dict[str, Any]]:
+        now = datetime.now(UTC)
+        return [tokens.token_public(r, now) for r in await tokens.list_tokens(pool)]
+
+    rows = _with_database(target, run)
+    if target.as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "name", "role", "workspace", "state", "expires")
+    for row in rows:
+        table.add_row(
+            row["id"],
+            row["name"],
+            row["role"],
+            row["workspace"],
+            row["state"],
+            row["expiresAt"] or "never",
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+@uses_instance(remote=False, as_json=False)
+def token_revoke(
+    target: Remote,
+    token_id: Annotated[str, typer.Argument(help="The token's id (see `fedagent token list`).")],
+) -> None:
+    """Revoke an API token: every request with it is refused from now on."""
+    import uuid as _uuid
+
+    from federation.store import repos, tokens
+
+    try:
+        key = _uuid.UUID(token_id)
+    except ValueError:
+        raise CliError(f"{token_id!r} is not a token id (see `fedagent token list`)") from None
+
+    async def run(pool: Any) -> dict[str, Any] | None:
+        row = await tokens.revoke_token(pool, key)
+        if row is not None:
+            await repos.audit(pool, actor="cli", action="token.revoke", tokenId=str(key))
+        return row
+
+    if _with_database(target, run) is None:
+        raise CliError(f"no token {token_id}")
+    print(f"revoked {token_id}")
 
 
 # --- connections ------------------------------------------------------------------------------
@@ -296,6 +376,45 @@ def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> 
     return table
 
 
+# The grants a peer gets, as `fedagent accept` and `fedagent connect` take them.
+AgentTypesOption = Annotated[
+    str | None, typer.Option("--agent-types", help="Granted agent types, comma-separated.")
+]
+CommandTypesOption = Annotated[
+    str | None,
+    typer.Option("--command-types", help="Granted commands (agent.spawn,agent.status,...)."),
+]
+MaxConcurrentOption = Annotated[
+    int | None, typer.Option("--max-concurrent", help="Agents the peer may run at once.")
+]
+MaxTimeoutOption = Annotated[
+    int | None, typer.Option("--max-timeout", help="Longest agent timeout, seconds.")
+]
+RepositoriesOption = Annotated[
+    str | None, typer.Option("--repositories", help="Allowed repository globs.")
+]
+
+
+def _grants_from_options(
+    agent_types: str | None,
+    command_types: str | None,
+    max_concurrent: int | None,
+    max_timeout: int | None,
+    repositories: str | None,
+) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in {
+            "agentTypes": _csv(agent_types),
+            "commandTypes": _csv(command_types),
+            "maxConcurrentAgents": max_concurrent,
+            "maxTimeout": max_timeout,
+            "repositories": _csv(repositories),
+        }.items()
+        if value is not None
+    }
+
+
 @app.command(rich_help_panel="Connections")
 @uses_instance()
 def connect(
@@ -310,11 +429,25 @@ def connect(
             help="Also accept on the peer (needs its admin token: a peer in instances.json).",
         ),
     ] = False,
+    agent_types: AgentTypesOption = None,
+    command_types: CommandTypesOption = None,
+    max_concurrent: MaxConcurrentOption = None,
+    max_timeout: MaxTimeoutOption = None,
+    repositories: RepositoriesOption = None,
 ) -> None:
-    """Ask a peer for a connection; it stays PENDING until the peer accepts."""
+    """Ask a peer for a connection; it stays PENDING until the peer accepts.
+
+    The peer may ask nothing of this instance over it unless the grant options say so (the
+    same as `fedagent accept` takes), or until this instance's admin grants it later."""
     remote_url, peer_info = resolve_peer_url(peer, target.data_dir)
+    body: dict[str, Any] = {"remoteUrl": remote_url}
+    grants = _grants_from_options(
+        agent_types, command_types, max_concurrent, max_timeout, repositories
+    )
+    if grants:
+        body["grants"] = grants
     with target.api() as api:
-        connection = api.call("POST", "/connections", json={"remoteUrl": remote_url})
+        connection = api.call("POST", "/connections", json=body)
     if accept:
         if peer_info is None:
             raise CliError(

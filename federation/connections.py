@@ -9,6 +9,7 @@ it: each side lifts only its own, and the connection is ACTIVE again once neithe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -85,15 +86,34 @@ async def change_suspension(
     return updated
 
 
+# Told when the peer suspended or ended a connection (e.g. to stop its runs here).
+ConnectionEnded = Callable[[dict[str, Any]], None]
+
+
 async def apply_peer_change(
     db: repos.Executor,
     connection: dict[str, Any],
     command_type: str | None,
     peer_grants: dict[str, Any] | None = None,
+    on_end: ConnectionEnded | None = None,
 ) -> dict[str, Any]:
     """Apply a verified CONNECT command from the peer to our copy; returns the new row.
 
-    `peer_grants`: what the peer says it now allows us (connection.accept, .grants_changed)."""
+    `peer_grants`: what the peer says it now allows us (connection.accept, .grants_changed).
+    `on_end` gets the new row when the change suspends or disconnects the connection."""
+    updated = await _apply_peer_change(db, connection, command_type, peer_grants)
+    if on_end is not None and updated["status"] in ("SUSPENDED", "DISCONNECTED"):
+        if connection["status"] == "ACTIVE" or updated["status"] == "DISCONNECTED":
+            on_end(updated)
+    return updated
+
+
+async def _apply_peer_change(
+    db: repos.Executor,
+    connection: dict[str, Any],
+    command_type: str | None,
+    peer_grants: dict[str, Any] | None,
+) -> dict[str, Any]:
     if command_type in NOTICES:
         return connection
     if command_type in GRANT_NOTICES:

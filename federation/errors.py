@@ -240,6 +240,18 @@ class CommandNotFound(NotFound):
     title = "Command not found"
 
 
+class RateLimited(FederationError):
+    code = "rate_limited"
+    status = 429
+    title = "Too many refused messages from this address"
+
+
+class QueueFull(FederationError):
+    code = "queue_full"
+    status = 429
+    title = "This peer has as many spawns waiting here as it may"
+
+
 # --- artifacts (a run's whole diff, log, transcript by reference) ---------------------------
 
 

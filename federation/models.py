@@ -6,11 +6,12 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
 
 AgentType = Literal["worker", "reviewer", "tester"]
 AgentState = Literal["spawning", "running", "completed", "failed", "killed", "timed_out"]
 ConnectionStatus = Literal["PENDING", "ACTIVE", "SUSPENDED", "DISCONNECTED"]
+KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
 
 
 class Strict(BaseModel):
@@ -22,6 +23,8 @@ class Strict(BaseModel):
 
 class ConnectionCreate(Strict):
     remoteUrl: HttpUrl
+    # What the peer may ask of this instance over it; default: nothing until granted.
+    grants: GrantsUpdate | None = None
 
 
 class ConnectionPublic(BaseModel):
@@ -163,10 +166,33 @@ class AgentKillPublic(BaseModel):
 # --- wire payloads (inside signed envelopes) ----------------------------------------------------
 
 
+def _canonical_uuid(value: Any) -> Any:
+    """A peer's agentId: the canonical lower-case hyphenated form, nothing else."""
+    if not isinstance(value, str) and not isinstance(value, uuid.UUID):
+        raise ValueError("must be a UUID string")
+    if isinstance(value, str) and str(uuid.UUID(value)) != value:
+        raise ValueError("must be a canonical UUID (lower case, hyphenated)")
+    return value
+
+
+CanonicalUUID = Annotated[uuid.UUID, BeforeValidator(_canonical_uuid)]
+
+
+class PeerKey(Strict):
+    keyId: str = Field(min_length=1, max_length=128)
+    algorithm: KeyAlgorithm
+    publicKey: str = Field(min_length=1, max_length=8192)
+    validFrom: str | None = Field(default=None, max_length=64)
+    validUntil: str | None = Field(default=None, max_length=64)
+    status: str | None = Field(default=None, max_length=32)
+
+
 class ConnectRequestPayload(Strict):
     connectionId: uuid.UUID
     url: HttpUrl
     name: str = Field(min_length=1, max_length=200)
+    # The sender's public keys: its signature is verified with them before its card is read.
+    keys: list[PeerKey] = Field(min_length=1, max_length=8)
 
 
 class ConnectChangePayload(Strict):
@@ -176,7 +202,7 @@ class ConnectChangePayload(Strict):
 
 
 class SpawnPayload(Strict):
-    agentId: uuid.UUID
+    agentId: CanonicalUUID
     taskId: str = Field(min_length=1, max_length=200)
     agentType: AgentType
     context: AgentContext
@@ -184,7 +210,7 @@ class SpawnPayload(Strict):
 
 
 class AgentRefPayload(Strict):
-    agentId: uuid.UUID
+    agentId: CanonicalUUID
 
 
 ArtifactKind = Literal["diff", "log", "transcript"]
@@ -208,7 +234,7 @@ class AgentArtifactPayload(Strict):
 
 
 class AgentEventPayload(Strict):
-    agentId: uuid.UUID
+    agentId: CanonicalUUID
     seq: int = Field(ge=1)
     state: AgentState
     progress: dict[str, Any] | None = None
@@ -220,7 +246,6 @@ class AgentEventPayload(Strict):
 # --- trust: grants, instance configuration, keys, audit -----------------------------------------
 
 CommandType = Literal["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
-KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
 GlobPattern = Annotated[str, Field(min_length=1, max_length=500)]
 
 

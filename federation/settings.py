@@ -90,6 +90,26 @@ class Settings(BaseSettings):
     # The longest agent timeout (seconds) this instance accepts from any peer.
     max_agent_timeout: int = Field(default=24 * 3600, ge=1)
 
+    # --- hostile peers ---
+    # Hosts (names, addresses or CIDR networks) a peer may name although they are loopback,
+    # private or link-local (refused outside environment=dev otherwise), comma-separated: for
+    # peer URLs (plain http is accepted to them outside dev too) and for clones.
+    outbound_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Largest answer read from a peer (a RESPONSE to a signed message), in bytes.
+    peer_reply_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Refused messages per source address: a burst of this many, refilled at this rate per
+    # second; past it a refusal is a 429 rate_limited, counted in a metric, not audited.
+    refusal_burst: int = Field(default=60, ge=1)
+    refusal_rate: float = Field(default=1.0, gt=0)
+    # Audit rows older than this many days are dropped (whole daily partitions); 0: kept.
+    audit_retention_days: int = Field(default=365, ge=0)
+    # Default limit of one peer's agents running here at once when its grants set none, and
+    # how many more of its spawns may wait queued (options.queue).
+    peer_max_running_agents: int = Field(default=8, ge=1)
+    peer_max_queued_agents: int = Field(default=16, ge=0)
+    # What suspending or disconnecting a connection does to the peer's runs here.
+    on_connection_end: Literal["kill", "finish"] = "kill"
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
         if self.environment != "dev" and self.secret_key is not None:
@@ -141,9 +161,6 @@ class Settings(BaseSettings):
     # Local repository paths a spawn may clone from (comma-separated); none: only git URLs.
     agent_repo_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     clone_timeout: float = Field(default=600.0, gt=0)
-    # Hosts (names, addresses or CIDR networks) a clone may reach although they are loopback,
-    # private or link-local (refused outside environment=dev otherwise), comma-separated.
-    outbound_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # --- artifacts (results by reference) ---
     # The whole diff is written, streaming, up to this many bytes (past it: diffTruncated, and
     # the stored diff is its first diff_max_bytes bytes).

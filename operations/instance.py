@@ -26,6 +26,11 @@ def limits(settings: Settings) -> dict[str, Any]:
         "maxRunningAgents": getattr(settings, "max_running_agents", None),
         "maxBodyBytes": settings.max_body_bytes,
         "timestampWindow": settings.timestamp_window,
+        "peerMaxRunningAgents": settings.peer_max_running_agents,
+        "peerMaxQueuedAgents": settings.peer_max_queued_agents,
+        # A connection this instance asked for allows the peer nothing until this instance's
+        # admin grants it.
+        "requesterGrants": {"commandTypes": [], "agentTypes": [], "repositories": []},
     }
 
 

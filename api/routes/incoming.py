@@ -23,6 +23,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api import metrics
 from api.deps import HttpDep, IdentityDep, KeyRefresherDep, PoolDep, SettingsDep, TemporalDep
 from federation import tracing
 from federation.connections import apply_peer_change
@@ -35,7 +36,7 @@ from federation.errors import (
     FederationError,
     InvalidPayload,
     MalformedEnvelope,
-    UnknownSender,
+    RateLimited,
     UnsupportedCommand,
 )
 from federation.identity import Identity
@@ -44,18 +45,22 @@ from federation.models import (
     AgentEventPayload,
     AgentRefPayload,
     ConnectChangePayload,
-    ConnectRequestPayload,
     SpawnPayload,
 )
 from federation.peer import CardKeyRefresher, fetch_card
 from federation.settings import Settings
 from federation.store import artifacts, repos
 from federation.trust import (
+    SAFE_INSTANCE_ID,
+    check_card_matches,
     check_grants,
     check_peer_concurrency,
+    refresh_keys_first,
     require_active,
+    verify_connection_request,
     verify_incoming,
 )
+from operations.connections import end_peer_runs_soon
 from workflows.models import (
     AgentEvent,
     AgentRunInput,
@@ -72,9 +77,9 @@ async def _body(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         err = MalformedEnvelope("body is not JSON")
-        await _refused(request.app.state.pool, None, err, request.url.path.rsplit("/", 1)[-1])
+        await _refused(request, None, err, request.url.path.rsplit("/", 1)[-1])
         raise err from exc
 
 
@@ -100,17 +105,39 @@ def _reply(identity: Identity, request: Envelope, payload: dict[str, Any]) -> di
     ).to_wire()
 
 
-async def _refused(pool: asyncpg.Pool, body: Any, err: FederationError, endpoint: str) -> None:
-    sender = body.get("senderId") if isinstance(body, dict) else None
+def _scalar(value: Any, limit: int = 256) -> str | None:
+    """A field of a refused message worth keeping: a short string, or nothing at all."""
+    if isinstance(value, str) and len(value) <= limit:
+        return value
+    return None
+
+
+async def _refused(request: Request, body: Any, err: FederationError, endpoint: str) -> None:
+    """Audit a refusal with only validated scalars (each <= 256 chars, <= 2 KiB in all).
+
+    Past the per-address limit the refusal becomes a 429 `rate_limited`, counted, not audited.
+    """
+    address = request.client.host if request.client else "unknown"
+    if not request.app.state.refusal_limiter.take(address):
+        metrics.REFUSALS_RATE_LIMITED.inc()
+        raise RateLimited("too many refused messages from this address; slow down") from err
+    fields = body if isinstance(body, dict) else {}
+    sender = _scalar(fields.get("senderId"), 64)
+    if sender is not None and not SAFE_INSTANCE_ID.fullmatch(sender):
+        sender = None
+    details = {
+        "code": err.code,
+        "reason": err.detail[:256],
+        "messageId": _scalar(fields.get("messageId"), 128),
+        "commandType": _scalar(fields.get("commandType"), 64),
+        "source": address[:64],
+    }
     await repos.audit(
-        pool,
-        actor=f"peer:{sender}" if isinstance(sender, str) else "peer:unknown",
+        request.app.state.pool,
+        actor=f"peer:{sender}" if sender else "peer:unknown",
         action=f"incoming.{endpoint}",
         outcome="refused",
-        code=err.code,
-        reason=err.detail,
-        messageId=body.get("messageId") if isinstance(body, dict) else None,
-        commandType=body.get("commandType") if isinstance(body, dict) else None,
+        **{k: v for k, v in details.items() if v is not None},
     )
 
 
@@ -140,12 +167,13 @@ async def incoming_connect(
     identity: IdentityDep,
     settings: SettingsDep,
     refresher: KeyRefresherDep,
+    temporal: TemporalDep,
 ) -> dict[str, Any]:
     body = await _body(request)
     try:
-        return await _connect(body, pool, http, identity, settings, refresher)
+        return await _connect(body, pool, http, identity, settings, refresher, temporal)
     except FederationError as err:
-        await _refused(pool, body, err, "connect")
+        await _refused(request, body, err, "connect")
         raise
 
 
@@ -156,20 +184,25 @@ async def _connect(
     identity: Identity,
     settings: Settings,
     refresher: CardKeyRefresher,
+    temporal: Client,
 ) -> dict[str, Any]:
     window = settings.timestamp_window
     is_request = isinstance(body, dict) and body.get("commandType") == "connection.request"
     card: dict[str, Any] | None = None
     if is_request:
-        # A stranger: trust the key only if the card at its own URL lists it.
-        payload = body.get("payload") if isinstance(body.get("payload"), dict) else {}
-        try:
-            request_payload = ConnectRequestPayload.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidPayload("connection.request needs connectionId, url and name") from exc
-        card = await fetch_card(http, str(request_payload.url))
-        if card.get("instanceId") != body.get("senderId"):
-            raise UnknownSender("the identity card at the sender's URL names another instance")
+        # A stranger: its signature is checked with the keys it sent before anything is
+        # fetched; then the card at its own URL must list the same key and the same URL.
+        request_payload = verify_connection_request(
+            body, instance_id=identity.instance_id, window_seconds=window
+        )
+        card = await fetch_card(
+            http, str(request_payload.url), timeout=settings.peer_request_timeout
+        )
+        check_card_matches(card, body, request_payload)
+    else:
+        await refresh_keys_first(
+            pool, body, refresher, instance_id=identity.instance_id, window_seconds=window
+        )
     async with pool.acquire() as conn, conn.transaction():
         verified = await verify_incoming(
             conn,
@@ -204,7 +237,13 @@ async def _connect(
             assert connection is not None
             if connection["connection_id"] != change.connectionId:
                 raise ConnectionStateConflict("connectionId does not match the live connection")
-            row = await apply_peer_change(conn, connection, envelope.commandType, change.grants)
+            row = await apply_peer_change(
+                conn,
+                connection,
+                envelope.commandType,
+                change.grants,
+                on_end=lambda ended: end_peer_runs_soon(pool, temporal, settings, ended),
+            )
         await repos.record_message(conn, envelope.to_wire(), direction="in")
         await repos.audit(
             conn,
@@ -236,6 +275,13 @@ async def incoming_command(
     body = await _body(request)
     received_at = datetime.now(UTC)
     try:
+        await refresh_keys_first(
+            pool,
+            body,
+            refresher,
+            instance_id=identity.instance_id,
+            window_seconds=settings.timestamp_window,
+        )
         async with pool.acquire() as conn, conn.transaction():
             verified = await verify_incoming(
                 conn,
@@ -261,7 +307,13 @@ async def incoming_command(
                 offered_agent_types=identity.capabilities.get("agentTypes"),
             )
             if command == "agent.spawn":
-                await check_peer_concurrency(conn, connection, envelope.payload)
+                await check_peer_concurrency(
+                    conn,
+                    connection,
+                    envelope.payload,
+                    default_limit=settings.peer_max_running_agents,
+                    queue_cap=settings.peer_max_queued_agents,
+                )
                 spawn = await _reserve_spawn(conn, settings, envelope, connection)
                 await _audit_accepted(conn, envelope, str(spawn.agentId))
                 await repos.record_message(
@@ -276,14 +328,15 @@ async def incoming_command(
             else:
                 ref = _payload(AgentRefPayload, envelope)
                 found = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
-                if found is None:
+                # Runs belong to the connection they came over, not to a reused instanceId.
+                if found is None or found["connection_id"] != connection["connection_id"]:
                     raise AgentNotFound(f"no agent {ref.agentId} of this requester")
                 row = found
                 await repos.record_message(
                     conn, envelope.to_wire(), direction="in", agent_id=ref.agentId
                 )
     except FederationError as err:
-        await _refused(pool, body, err, "command")
+        await _refused(request, body, err, "command")
         raise
     if command == "agent.spawn":
         # The slot is reserved and committed before Temporal is asked (no lock or transaction
@@ -436,6 +489,13 @@ async def incoming_event(
 ) -> dict[str, Any]:
     body = await _body(request)
     try:
+        await refresh_keys_first(
+            pool,
+            body,
+            refresher,
+            instance_id=identity.instance_id,
+            window_seconds=settings.timestamp_window,
+        )
         async with pool.acquire() as conn, conn.transaction():
             verified = await verify_incoming(
                 conn,
@@ -464,7 +524,7 @@ async def incoming_event(
                 attempt=event.attempt,
             )
     except FederationError as err:
-        await _refused(pool, body, err, "event")
+        await _refused(request, body, err, "event")
         raise
     if applied and event.state != row["state"]:
         # Only state changes wake the workflow; progress lives in the projection.
