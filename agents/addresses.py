@@ -42,28 +42,75 @@ def _plain(address: Address) -> Address:
     return address
 
 
-def allowed_address(
-    address: Address, host: str, allowlist: Sequence[str], allow_private: bool
-) -> bool:
-    """Whether a clone may connect to `address` (which `host` resolved to)."""
-    address = _plain(address)
-    if address.is_global and not address.is_multicast:
-        return True
-    if allow_private:
-        return not address.is_unspecified and not address.is_multicast
-    for entry in allowlist:
-        entry = entry.strip().lower().rstrip(".")
-        if not entry:
-            continue
-        if entry == host:
+class AddressRule:
+    """The one rule for addresses a peer made this instance reach (cards, events, clones):
+    global unicast addresses, plus what `allowlist` names (host names, addresses, CIDRs);
+    `allow_private` (environment=dev) lets anything but unspecified or multicast through."""
+
+    def __init__(self, allowlist: Sequence[str] = (), *, allow_private: bool = False) -> None:
+        self.allow_private = allow_private
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.hosts: set[str] = set()
+        for entry in allowlist:
+            entry = entry.strip().lower().rstrip(".")
+            if not entry:
+                continue
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.hosts.add(entry)
+
+    def listed(self, host: str) -> bool:
+        """Whether the allowlist names this host (by name, or an address in a listed network)."""
+        host = host.lower().rstrip(".").strip("[]")
+        if host in self.hosts:
             return True
         try:
-            network = ipaddress.ip_network(entry, strict=False)
+            return self._in_networks(ipaddress.ip_address(host))
         except ValueError:
-            continue
-        if address.version == network.version and address in network:
+            return False
+
+    def _in_networks(self, address: Address) -> bool:
+        address = _plain(address)
+        return any(address in n for n in self.networks if n.version == address.version)
+
+    def allows(self, host: str, address: Address) -> bool:
+        """Whether a connection to `address` (which `host` resolved to) may be made."""
+        address = _plain(address)
+        if address.is_unspecified or address.is_multicast:
+            return False
+        if self.allow_private or address.is_global:
             return True
-    return False
+        return self.listed(host) or self._in_networks(address)
+
+    async def addresses(self, host: str, port: int, timeout: float = 10.0) -> list[Address]:
+        """What `host` resolves to (itself, for an address); OSError when it does not."""
+        host = host.lower().rstrip(".")
+        try:
+            return [ipaddress.ip_address(host.strip("[]"))]
+        except ValueError:
+            pass
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                ),
+                timeout,
+            )
+        except (TimeoutError, UnicodeError) as exc:
+            raise OSError(f"{host} does not resolve") from exc
+        found = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+        if not found:
+            raise OSError(f"{host} does not resolve")
+        return found
+
+    async def resolve(self, host: str, port: int) -> list[str] | None:
+        """The addresses of `host` to connect to, None if any of them is not allowed (a name
+        that also resolves to an internal address is refused); OSError if it does not resolve."""
+        found = await self.addresses(host, port)
+        if not all(self.allows(host, a) for a in found):
+            return None
+        return list(dict.fromkeys(str(_plain(a)) for a in found))
 
 
 async def resolve_allowed(
@@ -71,26 +118,10 @@ async def resolve_allowed(
 ) -> list[str]:
     """The addresses of `host` a clone may be pinned to; HostRefused if any of them (or the
     name itself) is not allowed."""
-    host = host.lower().rstrip(".")
     try:
-        literal: Address | None = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        literal = None
-    if literal is not None:
-        addresses = [literal]
-    else:
-        try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-                ),
-                10.0,
-            )
-        except (OSError, TimeoutError, UnicodeError):
-            raise HostRefused(host) from None
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    if not addresses or not all(
-        allowed_address(a, host, allowlist, allow_private) for a in addresses
-    ):
+        allowed = await AddressRule(allowlist, allow_private=allow_private).resolve(host, port)
+    except OSError:
+        raise HostRefused(host) from None
+    if allowed is None:
         raise HostRefused(host)
-    return list(dict.fromkeys(str(_plain(a)) for a in addresses))
+    return allowed

@@ -18,8 +18,6 @@ such fetch goes through one policy:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import socket
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,17 +25,11 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from agents.addresses import AddressRule
 from federation.errors import FederationError, PeerResponseInvalid, PeerUnreachable
 from federation.settings import Settings
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 CARD_MAX_BYTES = 64 * 1024
-
-# Not covered by `is_global` in every Python version, or worth naming: cloud metadata.
-_ALWAYS_REFUSED = [
-    ipaddress.ip_network("169.254.169.254/32"),
-    ipaddress.ip_network("fd00:ec2::254/128"),
-]
 
 
 class AddressNotAllowed(FederationError):
@@ -46,45 +38,17 @@ class AddressNotAllowed(FederationError):
     title = "The address is not one this instance connects to"
 
 
-class AddressPolicy:
+class AddressPolicy(AddressRule):
+    """The address rule of agents/addresses.py (the same for clones) with this instance's
+    settings, and what fetching a peer's URL adds: http(s) only, https outside dev."""
+
     def __init__(self, *, dev: bool, allowlist: Iterable[str] = ()) -> None:
+        super().__init__(tuple(allowlist), allow_private=dev)
         self.dev = dev
-        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        self.hosts: set[str] = set()
-        for entry in allowlist:
-            entry = entry.strip()
-            if not entry:
-                continue
-            try:
-                self.networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                self.hosts.add(entry.lower().rstrip("."))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AddressPolicy:
         return cls(dev=settings.environment == "dev", allowlist=settings.outbound_allowlist)
-
-    def host_listed(self, host: str) -> bool:
-        host = host.lower().rstrip(".").strip("[]")
-        if host in self.hosts:
-            return True
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return self.address_listed(ip)
-
-    def address_listed(self, ip: IPAddress) -> bool:
-        return any(ip in net for net in self.networks if net.version == ip.version)
-
-    def address_allowed(self, host: str, ip: IPAddress) -> bool:
-        if self.dev or self.host_listed(host) or self.address_listed(ip):
-            return True
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            return self.address_allowed(host, ip.ipv4_mapped)
-        if any(ip in net for net in _ALWAYS_REFUSED if net.version == ip.version):
-            return False
-        return ip.is_global and not ip.is_multicast
 
     def check_url(self, url: str) -> tuple[str, int]:
         """(host, port) of a URL a peer named, or AddressNotAllowed."""
@@ -93,7 +57,7 @@ class AddressPolicy:
             raise AddressNotAllowed("only http(s) URLs with a host are fetched")
         if parts.username is not None or parts.password is not None:
             raise AddressNotAllowed("URLs with credentials are not fetched")
-        if parts.scheme == "http" and not (self.dev or self.host_listed(parts.hostname)):
+        if parts.scheme == "http" and not (self.dev or self.listed(parts.hostname)):
             raise AddressNotAllowed("peer URLs must be https outside environment=dev")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -104,28 +68,15 @@ class AddressPolicy:
     async def resolve(self, host: str, port: int) -> list[str]:
         """The addresses of `host` this policy allows; AddressNotAllowed if any is refused."""
         try:
-            literal: IPAddress | None = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            literal = None
-        if literal is not None:
-            addresses = [literal]
-        else:
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM
-                )
-            except OSError as exc:
-                raise PeerUnreachable("the peer's host name does not resolve") from exc
-            addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-        if not addresses:
-            raise PeerUnreachable("the peer's host name does not resolve")
-        # Every address must pass: a name that also resolves to an internal one is refused.
-        if not all(self.address_allowed(host, ip) for ip in addresses):
+            allowed = await super().resolve(host, port)
+        except OSError as exc:
+            raise PeerUnreachable("the peer's host name does not resolve") from exc
+        if allowed is None:
             raise AddressNotAllowed(
                 "the peer's address is not public (loopback, private, link-local or reserved);"
                 " FEDAGENT_OUTBOUND_ALLOWLIST can allow it"
             )
-        return list(dict.fromkeys(str(ip) for ip in addresses))
+        return allowed
 
 
 async def check_host(host: str, port: int, settings: Settings) -> list[str]:
