@@ -52,6 +52,7 @@ class ScriptedPeer:
         self.notified: list[m.FinishRun] = []
         self.notify_error: ApplicationError | None = None
         self.calls: list[str] = []
+        self.status_waits = 0
 
     def set_status(self, event: m.AgentEvent) -> None:
         self.status_answer = event
@@ -73,6 +74,26 @@ class ScriptedPeer:
         if isinstance(self.status_answer, ApplicationError):
             raise self.status_answer
         return self.status_answer
+
+    @activity.defn(name=m.WAIT_STATUS)
+    async def wait_status(self, wait: m.StatusWait) -> m.AgentEvent:
+        """agent.status as a long-poll: answers once the peer reports another state."""
+        self.calls.append(m.WAIT_STATUS)
+        self.status_waits += 1
+        while True:
+            answer = self.status_answer
+            if isinstance(answer, ApplicationError):
+                raise answer
+            if answer.seq > wait.after_seq and (
+                answer.state != wait.known_state or answer.state in m.TERMINAL_STATES
+            ):
+                return answer
+            self.status_changed.clear()
+            activity.heartbeat()
+            try:
+                await asyncio.wait_for(self.status_changed.wait(), 0.2)
+            except TimeoutError:
+                pass
 
     @activity.defn(name=m.SEND_KILL)
     async def send_kill(self, call: m.PeerCall) -> m.KillResult:
@@ -137,6 +158,19 @@ class ScriptedPeer:
     async def finish_run(self, finish: m.FinishRun) -> None:
         self.calls.append(m.FINISH_RUN)
         self.executor_finals.append(finish)
+        if self.notify_error is not None:
+            raise self.notify_error
+        self.notified.append(finish)
+
+    @activity.defn(name=m.RECORD_RUN_FINAL)
+    async def record_run_final(self, finish: m.FinishRun) -> int:
+        self.calls.append(m.RECORD_RUN_FINAL)
+        self.executor_finals.append(finish)
+        return 10 + len(self.executor_finals)
+
+    @activity.defn(name=m.NOTIFY_REQUESTER)
+    async def notify_requester(self, finish: m.FinishRun) -> None:
+        self.calls.append(m.NOTIFY_REQUESTER)
         if self.notify_error is not None:
             raise self.notify_error
         self.notified.append(finish)
