@@ -95,11 +95,15 @@ class RemoteAgentWorkflow:
     async def _run(self, inp: SpawnAgentInput) -> AgentStatus:
         self._agent_id = inp.agent_id
         self._traceparent = inp.traceparent
-        if inp.carried is not None:  # continued as new: pick up where the last run was
+        if inp.carried is not None:
+            # Continued as new: pick up what the last run knew. Signals of this run's first
+            # task ran before this line and may know more: an older report changes nothing.
             carried = inp.carried
-            self._state, self._seq = carried.state, carried.seq
-            self._result, self._error = carried.result, carried.error
-            self._attempt = carried.attempt
+            self._apply(
+                AgentEvent(
+                    carried.seq, carried.state, None, carried.result, carried.error, carried.attempt
+                )
+            )
         deadline = (
             datetime.fromisoformat(inp.deadline) if inp.deadline else workflow.now() + _budget(inp)
         )

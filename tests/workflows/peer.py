@@ -51,6 +51,8 @@ class ScriptedPeer:
         self.executor_finals: list[m.FinishRun] = []
         self.notified: list[m.FinishRun] = []
         self.notify_error: ApplicationError | None = None
+        self.notify_gate = asyncio.Event()
+        self.notify_gate.set()
         self.calls: list[str] = []
         self.status_waits = 0
 
@@ -171,6 +173,7 @@ class ScriptedPeer:
     @activity.defn(name=m.NOTIFY_REQUESTER)
     async def notify_requester(self, finish: m.FinishRun) -> None:
         self.calls.append(m.NOTIFY_REQUESTER)
+        await self.notify_gate.wait()
         if self.notify_error is not None:
             raise self.notify_error
         self.notified.append(finish)
@@ -222,7 +225,7 @@ async def save_history(client: Client, handle: WorkflowHandle[Any, Any], name: s
     prefix = os.environ.get("FEDAGENT_RECORD_HISTORIES")
     if not prefix:
         return
-    history = await client.get_workflow_handle(handle.id).fetch_history()
+    history = await client.get_workflow_handle(handle.id, run_id=handle.run_id).fetch_history()
     HISTORIES.mkdir(exist_ok=True)
     path = HISTORIES / f"{prefix}-{name}.json"
     path.write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
