@@ -25,6 +25,10 @@ async def history_length(client: Client, handle) -> int:  # type: ignore[no-unty
     return len((await client.get_workflow_handle(handle.id).fetch_history()).events)
 
 
+async def kill(handle) -> m.KillResult:  # type: ignore[no-untyped-def]
+    return await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+
+
 async def wait_for(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -101,7 +105,7 @@ async def test_kill_racing_completion_keeps_the_result(
     peer.run_outcome = m.AgentOutcome("ok", {"summary": "ok"})
     handle = await start_executor(client, task_queue)
     await wait_for(lambda: bool(peer.executor_finals))
-    answer = await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+    answer = await kill(handle)
     peer.notify_gate.set()
     assert (answer.state, answer.result) == ("completed", {"summary": "ok"})
     status = await final_status(handle)
@@ -119,7 +123,7 @@ async def test_requester_kill_racing_completion_keeps_the_result(
     peer.kill_answer = already_completed
     handle = await start_requester(client, task_queue)
     await wait_for(lambda: peer.status_waits >= 1)
-    answer = await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+    answer = await kill(handle)
     status = await final_status(handle)
     await save_history(client, handle, "requester-kill-racing-completion")
     assert (answer.state, answer.result) == ("completed", {"summary": "done first"})
@@ -136,7 +140,7 @@ async def test_kill_racing_failure_keeps_the_failure_reason(
     peer.kill_answer = already_failed
     handle = await start_requester(client, task_queue)
     await wait_for(lambda: peer.status_waits >= 1)
-    answer = await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+    answer = await kill(handle)
     status = await final_status(handle)
     assert (answer.state, answer.error) == ("failed", "tests failed")
     assert (status.state, status.error) == ("failed", "tests failed")
@@ -185,7 +189,7 @@ async def test_kill_with_the_peer_gone_answers_at_once_unconfirmed(
     )
     handle = await start_requester(client, task_queue)
     await wait_for(lambda: peer.status_waits >= 1)
-    answer = await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+    answer = await kill(handle)
     status = await final_status(handle)
     await save_history(client, handle, "requester-killed-peer-gone")
     assert (answer.state, answer.confirmed) == ("killed", False)
@@ -333,13 +337,11 @@ async def test_kill_during_spawn_waits_for_the_spawn_then_kills_remotely(
     peer.spawn_gate.clear()
     handle = await start_requester(client, task_queue)
     await wait_for(lambda: m.SEND_SPAWN in peer.calls)
-    kill = asyncio.create_task(
-        handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
-    )
+    pending = asyncio.create_task(kill(handle))
     await asyncio.sleep(0.3)
-    assert not kill.done()
+    assert not pending.done()
     peer.spawn_gate.set()
-    answer = await kill
+    answer = await pending
     assert (answer.state, answer.confirmed) == ("killed", True)
     assert peer.calls.count(m.SEND_KILL) == 1
 
@@ -349,7 +351,7 @@ async def test_kill_of_a_waiting_executor_run_is_answered_after_the_sandbox_is_g
 ) -> None:
     handle = await start_executor(client, task_queue)
     await peer.sandbox_started.wait()
-    answer = await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+    answer = await kill(handle)
     assert answer.state == "killed"
     assert peer.sandboxes_gone == 1
     assert [f.state for f in peer.executor_finals] == ["killed"]
