@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from cli.devstack import temporal_binary
+from federation.store.db import create_pool, migrate
 from tests.workflows.peer import ScriptedPeer
 from workflows.agent_run import AgentRunWorkflow
 from workflows.models import (
@@ -68,3 +74,30 @@ async def task_queue(client: Client, peer: ScriptedPeer) -> AsyncIterator[str]:
         default_heartbeat_throttle_interval=timedelta(seconds=0.1),
     ):
         yield queue
+
+
+@pytest.fixture(scope="session")
+async def database(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        server: Any = await asyncio.to_thread(
+            pgserver.get_server,  # type: ignore[attr-defined]
+            Path(tmp_path_factory.mktemp("pg")),
+            cleanup_mode="stop",
+        )
+    try:
+        yield server.get_uri()
+    finally:
+        await asyncio.to_thread(server.cleanup)
+
+
+@pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(database)
+    await migrate(pool)
+    try:
+        yield pool
+    finally:
+        await pool.close()

@@ -5,48 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-import warnings
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import asyncpg
-import pytest
 from temporalio.client import Client
 
 import workflows.models as m
 from federation.store import notifications, repos
-from federation.store.db import create_pool, migrate
 from tests.workflows.peer import ScriptedPeer, run_input, spawn_input
 from tests.workflows.test_paths import start_requester
 from worker.reconciler import Reconciler
-
-
-@pytest.fixture(scope="module")
-async def database(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
-        server: Any = await asyncio.to_thread(
-            pgserver.get_server,  # type: ignore[attr-defined]
-            Path(tmp_path_factory.mktemp("pg")),
-            cleanup_mode="stop",
-        )
-    try:
-        yield server.get_uri()
-    finally:
-        await asyncio.to_thread(server.cleanup)
-
-
-@pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(database)
-    await migrate(pool)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def insert_run(pool: asyncpg.Pool, role: str, workflow_id: str, agent_id: str) -> None:
