@@ -679,10 +679,6 @@ async def bench_federated(
         f"  throughput: {args.total / seconds:,.1f}/s "
         f"({args.total} with {args.in_flight} in flight)"
     )
-    for ms in await requester_lag(hub, spoke, "bench-seq-"):
-        results.add("requesterLag", ms)
-    for ms in await requester_lag(hub, spoke, "bench-tput-"):
-        results.add("requesterLagLoaded", ms)
 
 
 async def bench_kill(
