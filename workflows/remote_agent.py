@@ -304,8 +304,10 @@ class RemoteAgentWorkflow:
                         f"{inp.peer_name} answered the kill with state {answer.state}",
                         type="kill_not_confirmed",
                     )
-        # Answer once the final state is in the projection, so the caller reads it there.
-        await workflow.wait_condition(lambda: self._recorded or self._continuing)
+        if not confirmed:
+            # Answer once the final state is in the projection, so the caller reads it there
+            # (a confirmed answer was written there by send_kill already).
+            await workflow.wait_condition(lambda: self._recorded or self._continuing)
         return KillResult(
             self._agent_id, self._state, self._seq, self._result, self._error, confirmed
         )
