@@ -97,7 +97,9 @@ class SpawnStarter:
         workflow starts already killed and never sends the spawn (or, started meanwhile, is
         killed like any other). The update id is fixed: a retried kill is the same kill."""
         inp, options = await self._start_arguments(row, self.pool)
-        start = WithStartWorkflowOperation("RemoteAgentWorkflow", inp, **options)
+        start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
+            "RemoteAgentWorkflow", inp, **options
+        )
         result: dict[str, Any] = await self.temporal.execute_update_with_start_workflow(
             "kill", request, start_workflow_operation=start, id="kill", result_type=dict
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -39,6 +40,12 @@ MAX_POLL_BACKOFF = 16  # the poll interval grows up to this many times the base
 STORE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5)
 )
+
+
+def _changed_or_done(
+    run: RemoteAgentWorkflow, poll: workflow.ActivityHandle[AgentEvent]
+) -> Callable[[], bool]:
+    return lambda: run._changed or poll.done()
 
 
 def _budget(inp: SpawnAgentInput) -> timedelta:
@@ -168,7 +175,7 @@ class RemoteAgentWorkflow:
                 cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
                 summary=f"wait for {inp.peer_name} to report a change",
             )
-            await workflow.wait_condition(lambda p=poll: self._changed or p.done())
+            await workflow.wait_condition(_changed_or_done(self, poll))
             if not poll.done():
                 poll.cancel()
                 continue
