@@ -85,6 +85,9 @@ class RemoteAgentWorkflow:
         self._kill_requested = False
         self._recorded = False
         self._continuing = False
+        # send_kill wrote the executor's final answer into the projection: a local activity
+        # to write it again would hold the kill's answer until it is done.
+        self._final_written = False
         self._input: SpawnAgentInput | None = None
 
     def _durable_core(self) -> bool:
@@ -193,13 +196,14 @@ class RemoteAgentWorkflow:
                 except TimeoutError:
                     pass
 
-        await workflow.execute_local_activity(
-            RECORD_REQUESTER_FINAL,
-            RequesterFinal(inp.agent_id, self._state, self._result, self._error),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=STORE_RETRY,
-            summary=f"record final state {self._state}",
-        )
+        if not self._final_written:
+            await workflow.execute_local_activity(
+                RECORD_REQUESTER_FINAL,
+                RequesterFinal(inp.agent_id, self._state, self._result, self._error),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=STORE_RETRY,
+                summary=f"record final state {self._state}",
+            )
         self._recorded = True
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._state in ("failed", "timed_out"):
@@ -306,6 +310,7 @@ class RemoteAgentWorkflow:
                 )
             else:
                 self._apply(AgentEvent(answer.seq, answer.state, None, answer.result, answer.error))
+                self._final_written = answer.state in TERMINAL_STATES
                 if self._state not in TERMINAL_STATES:
                     raise ApplicationError(
                         f"{inp.peer_name} answered the kill with state {answer.state}",
