@@ -15,11 +15,14 @@ from temporalio.exceptions import ApplicationError
 
 from activities.federation import PeerMessenger
 from agents.errors import AgentSetupError
+from agents.loop import AgentRunReport
 from agents.models import ScriptedProvider
 from agents.runtime import RuntimeConfig, run_agent_task
 from federation import tracing
+from federation.errors import FederationError, GrantAgentType, GrantCommandType
 from federation.settings import Settings
-from federation.store import repos
+from federation.store import artifacts, repos
+from federation.trust import SAFE_INSTANCE_ID, grants_of, require_active
 from workflows.models import (
     AGENT_FAILED,
     AGENT_TIMED_OUT,
@@ -41,7 +44,33 @@ class AgentActivities:
         self._background: set[asyncio.Task[None]] = set()
 
     def workspace(self, task: RunTask) -> Path:
-        return (self.settings.workspaces_dir / task.requester_id / task.agent_id).resolve()
+        # Ids come from a peer: the path must stay two levels below the workspaces directory.
+        root = self.settings.workspaces_dir.resolve()
+        path = (root / task.requester_id / task.agent_id).resolve()
+        if path.parent.parent != root or not SAFE_INSTANCE_ID.fullmatch(task.requester_id):
+            raise ApplicationError(
+                "the run's workspace would leave the workspaces directory",
+                type=TASK_INVALID,
+                non_retryable=True,
+            )
+        for directory in (root, path.parent):  # no other local user may look inside
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.chmod(0o700)
+        return path
+
+    async def _check_still_granted(self, task: RunTask) -> None:
+        """Each try starts only if the run's connection is ACTIVE and still grants it."""
+        row = await repos.get_executed_agent(self.pool, task.requester_id, uuid.UUID(task.agent_id))
+        connection = await repos.get_connection(self.pool, row["connection_id"]) if row else None
+        try:
+            connection = require_active(connection)
+            grants = grants_of(connection)
+            if "agent.spawn" not in grants.commandTypes:
+                raise GrantCommandType("agent.spawn is no longer granted to this peer")
+            if task.agent_type not in grants.agentTypes:
+                raise GrantAgentType(f"agent type {task.agent_type!r} is no longer granted")
+        except FederationError as err:
+            raise ApplicationError(err.detail, type=err.code, non_retryable=True) from None
 
     @activity.defn(name=RUN_AGENT)
     async def run_agent(self, task: RunTask) -> AgentOutcome:
@@ -59,6 +88,7 @@ class AgentActivities:
             info.attempt,
         )
         agent_id = uuid.UUID(task.agent_id)
+        await self._check_still_granted(task)
         # A retry of the same try (the worker was lost) resumes after the commands it finished.
         resume_after = completed_commands(info.heartbeat_details) if info.attempt > 1 else 0
         row = await repos.update_executed_agent(
@@ -136,10 +166,50 @@ class AgentActivities:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-        result = report.as_result()
+        activity.heartbeat(state["progress"])
+        result = {**report.as_result(), **await self._store_artifacts(task, report)}
         if not report.success:
             raise ApplicationError(report.summary, result, type=AGENT_FAILED)
         return AgentOutcome(summary=report.summary, result=result)
+
+    async def _store_artifacts(self, task: RunTask, report: AgentRunReport) -> dict[str, Any]:
+        """Keep the whole diff and the whole log in the store; the result names them by hash.
+
+        What goes back into the workflow (and from there into events) is only their sha256,
+        size and the bounded previews already in the result (diffPreview, logTail).
+        """
+        agent_id = uuid.UUID(task.agent_id)
+        limit = self.settings.artifact_max_bytes
+        chunk = self.settings.artifact_chunk_bytes
+        stored: dict[str, artifacts.Artifact] = {}
+        if report.diff_path and Path(report.diff_path).is_file():
+            stored["diff"] = await artifacts.put_path(
+                self.pool, Path(report.diff_path), max_bytes=limit, chunk_bytes=chunk
+            )
+        log_bytes = report.log.encode()
+        if len(log_bytes) > limit:  # the end of a log says most about how the run ended
+            log_bytes = log_bytes[-limit:]
+        stored["log"] = await artifacts.put_bytes(
+            self.pool, log_bytes, max_bytes=limit, chunk_bytes=chunk
+        )
+        for kind, artifact in stored.items():
+            await artifacts.link(
+                self.pool,
+                role="executor",
+                peer_instance_id=task.requester_id,
+                agent_id=agent_id,
+                kind=kind,
+                artifact=artifact,
+            )
+        fields: dict[str, Any] = {
+            "artifacts": {kind: artifact.reference() for kind, artifact in stored.items()},
+            "logSha256": stored["log"].sha256,
+            "logBytes": stored["log"].bytes,
+        }
+        if "diff" in stored:
+            fields["diffSha256"] = stored["diff"].sha256
+            fields["diffBytes"] = stored["diff"].bytes
+        return fields
 
     async def _notify(self, row: dict[str, Any]) -> None:
         """Best-effort event to the requester; it polls when an event is lost."""

@@ -32,19 +32,32 @@ class AgentRunReport:
     turns: int = 0
     usage: dict[str, dict[str, int]] = field(default_factory=dict)
     log_tail: str = ""
-    # finished | no_tool_call | max_turns | token_budget | model_error
+    # finished | no_tool_call | max_turns | token_budget | model_error | disk_quota
     stop_reason: str = ""
     error: str | None = None
     api_retries: int = 0
     model: str = ""
-    # Filled by the runtime once the sandbox is gone.
-    diff: str = ""
+    # The whole log (logTail is its end); kept as an artifact, never sent inline.
+    log: str = ""
+    # Filled by the runtime once the sandbox is gone: the whole diff is in the file
+    # `diff_path` (an artifact); results carry its sha256, size and a bounded preview.
+    diff_path: str = ""
+    diff_preview: str = ""
     diff_sha256: str = ""
     diff_bytes: int = 0
     diff_truncated: bool = False
+    diff_omitted_files: list[dict[str, Any]] = field(default_factory=list)
     changed_files: list[str] = field(default_factory=list)
     sandbox: dict[str, Any] = field(default_factory=dict)
     workspace: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def diff(self) -> str:
+        """The whole diff (read from its file)."""
+        if not self.diff_path:
+            return ""
+        with open(self.diff_path, "rb") as handle:
+            return handle.read().decode(errors="replace")
 
     @property
     def tokens(self) -> int:
@@ -63,10 +76,11 @@ class AgentRunReport:
             "error": self.error,
             "apiRetries": self.api_retries,
             "model": self.model,
-            "diff": self.diff,
+            "diffPreview": self.diff_preview,
             "diffSha256": self.diff_sha256,
             "diffBytes": self.diff_bytes,
             "diffTruncated": self.diff_truncated,
+            "diffOmittedFiles": self.diff_omitted_files,
             "changedFiles": self.changed_files,
             "sandbox": self.sandbox,
             "workspace": self.workspace,
@@ -124,6 +138,7 @@ class AgentLoop:
             await self._run(conversation, tools, report)
         finally:
             report.log_tail = self._tail()
+            report.log = "".join(self._log)
         return report
 
     async def _run(
@@ -188,6 +203,16 @@ class AgentLoop:
                     status = "error" if outcome.is_error else "ok"
                     self._log.append(f"[{call.name} {call.input.get('path', '')}] {status}\n")
                 outcomes.append(outcome)
+                used = await tools.check_disk()
+                if used is not None:
+                    quota = self.sandbox.limits.disk_bytes or 0
+                    self._stop(
+                        report,
+                        "disk_quota",
+                        f"disk_quota: the workspace and /tmp hold {used} bytes, above this "
+                        f"executor's quota of {quota} bytes; the run was stopped",
+                    )
+                    return
             conversation.turns.append((turn, outcomes))
         self._stop(report, "max_turns", f"stopped after the maximum of {self.max_turns} turns")
 

@@ -15,16 +15,23 @@ from typing import TYPE_CHECKING, Any
 
 from agents.errors import AgentSetupError
 from agents.loop import AgentLoop, AgentRunReport, ProgressCallback
-from agents.models import DEFAULT_MODEL, AnthropicProvider, ModelProvider, ScriptedProvider
+from agents.models import (
+    DEFAULT_MODEL,
+    AnthropicProvider,
+    ModelProvider,
+    ScriptedProvider,
+    script_commands,
+)
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.process import ProcessSandbox
-from agents.workspace import collect_diff, prepare_workspace
+from agents.workspace import CloneSettings, collect_diff, prepare_workspace
 
 if TYPE_CHECKING:
     from federation.settings import Settings
 
 SANDBOXES = ("bwrap", "docker", "process")
+READ_ONLY_AGENT = "reviewer"  # its sandbox mounts the workspace read-only
 PROVIDERS = ("scripted", "anthropic")
 
 
@@ -53,7 +60,16 @@ class RuntimeConfig:
     docker_host: str | None = None
     repo_roots: tuple[Path, ...] = ()
     clone_timeout: float = 600.0
-    diff_limit: int = 1024 * 1024
+    # The clone's address policy: hosts allowed although loopback/private, and dev (all).
+    outbound_allowlist: tuple[str, ...] = ()
+    allow_private_hosts: bool = False
+    # Host paths a sandbox must never mount (the data dir, the worker's home): a
+    # FEDAGENT_SANDBOX_RO_PATHS entry that holds one (or lies in the data dir) is refused.
+    private_paths: tuple[Path, ...] = ()
+    data_dir: Path | None = None
+    diff_max_bytes: int = 64 * 1024 * 1024
+    diff_file_max_bytes: int = 16 * 1024 * 1024
+    preview_bytes: int = 16 * 1024
     log_tail: int = 8 * 1024
 
     @classmethod
@@ -67,6 +83,7 @@ class RuntimeConfig:
                 cpus=settings.sandbox_cpus,
                 command_timeout=settings.command_timeout,
                 file_bytes=settings.sandbox_file_mb * 1024 * 1024,
+                disk_bytes=settings.sandbox_disk_mb * 1024 * 1024,
             ),
             provider=settings.model_provider,
             model=settings.anthropic_model,
@@ -86,7 +103,14 @@ class RuntimeConfig:
             docker_host=settings.docker_host,
             repo_roots=tuple(settings.agent_repo_roots),
             clone_timeout=settings.clone_timeout,
-            diff_limit=settings.diff_limit,
+            outbound_allowlist=tuple(settings.outbound_allowlist),
+            allow_private_hosts=settings.environment == "dev",
+            private_paths=(settings.data_dir, Path.home()),
+            data_dir=settings.data_dir,
+            diff_max_bytes=min(settings.diff_max_bytes, settings.artifact_max_bytes),
+            diff_file_max_bytes=settings.diff_file_max_bytes,
+            preview_bytes=settings.artifact_preview_bytes,
+            log_tail=min(8 * 1024, settings.artifact_preview_bytes),
         )
 
 
@@ -103,7 +127,9 @@ def choose_model(config: RuntimeConfig, context: Mapping[str, Any]) -> str:
     )
 
 
-def make_sandbox(config: RuntimeConfig, workspace: Path) -> Sandbox:
+def make_sandbox(config: RuntimeConfig, workspace: Path, *, read_only: bool = False) -> Sandbox:
+    """The configured sandbox over the workspace; `read_only` (a reviewer's) mounts it
+    read-only, and a backend that cannot do that refuses to start."""
     if config.sandbox == "bwrap":
         return BwrapSandbox(
             workspace,
@@ -111,7 +137,8 @@ def make_sandbox(config: RuntimeConfig, workspace: Path) -> Sandbox:
             bwrap=config.bwrap_path,
             run_as_uid=config.sandbox_uid,
             use_cgroups=config.sandbox_cgroups,
-            ro_paths=config.sandbox_ro_paths,
+            ro_paths=safe_ro_paths(config),
+            read_only=read_only,
         )
     if config.sandbox == "docker":
         from agents.sandbox.docker_sandbox import DockerSandbox
@@ -122,10 +149,31 @@ def make_sandbox(config: RuntimeConfig, workspace: Path) -> Sandbox:
             image=config.docker_image,
             docker_host=config.docker_host,
             run_as_uid=config.sandbox_uid,
+            read_only=read_only,
         )
     if config.sandbox == "process":
-        return ProcessSandbox(workspace, config.limits)
+        return ProcessSandbox(workspace, config.limits, read_only=read_only)
     raise AgentSetupError(f"unknown sandbox {config.sandbox!r} (one of {', '.join(SANDBOXES)})")
+
+
+def safe_ro_paths(config: RuntimeConfig) -> tuple[str, ...]:
+    """FEDAGENT_SANDBOX_RO_PATHS, refused when one of them would show sandboxed commands what
+    only the worker may read: it holds the data dir (keys, workspaces) or the worker's home,
+    or lies inside the data dir. (A toolchain inside the home, ~/.pyenv/versions/3.11, is
+    the operator's choice.)"""
+    for entry in config.sandbox_ro_paths:
+        path = Path(entry).expanduser().resolve()
+        data_dir = config.data_dir.expanduser().resolve() if config.data_dir else None
+        for private in config.private_paths:
+            private = private.expanduser().resolve()
+            inside = private == data_dir and path.is_relative_to(private)
+            if inside or private.is_relative_to(path):
+                raise AgentSetupError(
+                    f"FEDAGENT_SANDBOX_RO_PATHS entry {entry} would show sandboxed commands "
+                    f"{private} (the instance's data or the worker's home); mount a toolchain "
+                    "directory that holds nothing else"
+                )
+    return config.sandbox_ro_paths
 
 
 def make_provider(config: RuntimeConfig, model: str, context: Mapping[str, Any]) -> ModelProvider:
@@ -161,6 +209,14 @@ async def run_agent_task(
 ) -> AgentRunReport:
     """Run one agent on one task and report. Raises AgentSetupError when it cannot start;
     cancelling it kills the sandbox before the cancellation propagates."""
+    if config.provider == "scripted" and not script_commands(
+        str(context.get("instructions") or "")
+    ):
+        raise AgentSetupError(
+            "the scripted provider runs the instruction lines that start with '$ ' (a dollar "
+            "sign and a space, at the start of the line); these instructions have none",
+            invalid=True,
+        )
     model = choose_model(config, context)
     prepared = await prepare_workspace(
         workspace,
@@ -169,8 +225,18 @@ async def run_agent_task(
         roots=config.repo_roots,
         reuse=resume,
         timeout=config.clone_timeout,
+        clone=CloneSettings(
+            bwrap=config.bwrap_path,
+            sandbox_uid=config.sandbox_uid,
+            use_cgroups=config.sandbox_cgroups,
+            limits=config.limits,
+            timeout=config.clone_timeout,
+            outbound_allowlist=config.outbound_allowlist,
+            allow_private_hosts=config.allow_private_hosts,
+            host_fallback=config.sandbox != "bwrap",
+        ),
     )
-    sandbox = make_sandbox(config, workspace)
+    sandbox = make_sandbox(config, workspace, read_only=agent_type == READ_ONLY_AGENT)
     provider = provider or make_provider(config, model, context)
     try:
         try:
@@ -195,13 +261,20 @@ async def run_agent_task(
     report.sandbox = sandbox.describe()
     report.workspace = prepared.describe()
     try:
-        diff = await collect_diff(prepared, config.diff_limit)
+        diff = await collect_diff(
+            prepared,
+            max_bytes=config.diff_max_bytes,
+            file_max_bytes=config.diff_file_max_bytes,
+            preview_bytes=config.preview_bytes,
+        )
     except Exception as exc:  # noqa: BLE001 - the run's outcome stands without its diff
         report.workspace["diffError"] = str(exc)
     else:
-        report.diff = diff.text
+        report.diff_path = str(diff.path)
+        report.diff_preview = diff.preview
         report.diff_sha256 = diff.sha256
         report.diff_bytes = diff.size
         report.diff_truncated = diff.truncated
+        report.diff_omitted_files = diff.omitted_files
         report.changed_files = diff.changed_files
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -130,3 +131,33 @@ class BodySizeLimit:
             )
         except Exception as exc:  # noqa: BLE001 - the refusal stands without its audit entry
             log.warning("could not audit a refused body: %r", exc)
+
+
+class RefusalLimiter:
+    """A token bucket per source address for refused peer messages.
+
+    Each refusal takes a token; past the burst a refusal is answered 429 `rate_limited` and
+    only counted (a metric), so unauthenticated senders cannot fill the audit log. Addresses
+    whose bucket is full again are forgotten, so the table stays as small as the abuse."""
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self.burst = float(burst)
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, address: str) -> bool:
+        now = time.monotonic()
+        tokens, at = self._buckets.get(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if len(self._buckets) > 10_000:
+            self._forget_full(now)
+        if tokens < 1.0:
+            self._buckets[address] = (tokens, now)
+            return False
+        self._buckets[address] = (tokens - 1.0, now)
+        return True
+
+    def _forget_full(self, now: float) -> None:
+        for address, (tokens, at) in list(self._buckets.items()):
+            if tokens + (now - at) * self.rate >= self.burst:
+                del self._buckets[address]

@@ -7,18 +7,30 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
 from fastapi import FastAPI
 
-from api import problems
-from api.limits import BodySizeLimit
+from api import console, problems
+from api.limits import BodySizeLimit, RefusalLimiter
 from api.metrics import ObservabilityMiddleware
-from api.routes import agents, audit, commands, connections, incoming, instance, ops
+from api.routes import (
+    agents,
+    artifacts,
+    audit,
+    commands,
+    connections,
+    hosted,
+    incoming,
+    instance,
+    ops,
+    peers,
+    tokens,
+)
 from api.spawner import SpawnStarter
 from federation import keystore
 from federation.identity import ensure_identity
+from federation.netpolicy import peer_client
 from federation.settings import Settings, get_settings
-from federation.store import repos
+from federation.store import audit_retention, repos
 from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal
 
@@ -32,6 +44,19 @@ async def _expire_seen_messages(app: FastAPI, every: float) -> None:
             await repos.expire_message_ids(app.state.pool)
         except Exception as exc:  # noqa: BLE001 - try again next round
             log.warning("expiring seen message ids failed: %r", exc)
+
+
+async def _keep_audit_partitions(app: FastAPI, retention_days: int, every: float) -> None:
+    """Day partitions of the audit log made ahead; days past the retention period dropped."""
+    while True:
+        try:
+            await audit_retention.prepare_days(app.state.pool)
+            dropped = await audit_retention.drop_expired(app.state.pool, retention_days)
+            if dropped:
+                log.info("audit retention dropped %s", ", ".join(dropped))
+        except Exception as exc:  # noqa: BLE001 - try again next round
+            log.warning("audit retention failed: %r", exc)
+        await asyncio.sleep(every)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,16 +79,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cipher=app.state.cipher,
         )
         app.state.temporal = await connect_temporal(settings)
-        app.state.http = httpx.AsyncClient(timeout=settings.peer_request_timeout)
+        # Every URL a peer named is fetched through the outbound address policy.
+        app.state.http = peer_client(settings, timeout=settings.peer_request_timeout)
         expiry = asyncio.create_task(_expire_seen_messages(app, settings.timestamp_window / 2))
+        retention = asyncio.create_task(
+            _keep_audit_partitions(app, settings.audit_retention_days, 3600.0)
+        )
         app.state.spawner = SpawnStarter(app.state.pool, app.state.temporal, settings)
         app.state.spawner.run()
         try:
             yield
         finally:
-            expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expiry
+            for task in (expiry, retention):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await app.state.spawner.close()
             await app.state.http.aclose()
             await app.state.key_pool.close()
@@ -74,9 +104,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.refusal_limiter = RefusalLimiter(settings.refusal_burst, settings.refusal_rate)
     problems.install(app)
-    for module in (instance, connections, agents, commands, incoming, audit, ops):
+    for module in (
+        instance,
+        connections,
+        peers,
+        agents,
+        artifacts,
+        hosted,
+        commands,
+        incoming,
+        audit,
+        ops,
+        tokens,
+    ):
         app.include_router(module.router)
+    console.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: request ids in the logs, latency and refusal metrics (413s included).
     app.add_middleware(ObservabilityMiddleware)

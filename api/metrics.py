@@ -67,6 +67,11 @@ REFUSED = Counter(
     ["code"],
     registry=REGISTRY,
 )
+REFUSALS_RATE_LIMITED = Counter(
+    "fedagent_refusals_rate_limited",
+    "Refused peer messages past the per-address limit: answered 429, counted, not audited",
+    registry=REGISTRY,
+)
 SPAWN_REQUESTS = Counter(
     "fedagent_spawn_requests",
     "Spawn requests by answer: accepted, or the error code",

@@ -66,6 +66,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and str(exc.detail) == "There was an error parsing the body":
+            # FastAPI's answer to a JSON body it cannot read (e.g. nested too deeply).
+            return problem(
+                request,
+                status=422,
+                code="body_invalid",
+                title="Request body is not readable JSON",
+                detail="the JSON body could not be read (malformed or nested too deeply)",
+            )
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status_code, f"http_{exc.status_code}"
         )
@@ -79,13 +88,24 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RPCError)
     async def temporal_error(request: Request, exc: RPCError) -> JSONResponse:
+        # The engine's own words (addresses, namespaces, internals) stay in our logs.
         log.warning("temporal call failed: %s", exc)
         return problem(
             request,
             status=503,
             code="temporal_unavailable",
             title="The durable engine is unavailable",
-            detail=str(exc),
+            detail="the durable engine could not be reached; try again later",
+        )
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return problem(
+            request,
+            status=422,
+            code="body_too_deep",
+            title="Request body is nested too deeply",
+            detail="the JSON body is nested too deeply to be read",
         )
 
     @app.exception_handler(asyncpg.PostgresConnectionError)

@@ -4,11 +4,12 @@ problem+json answers and unreachable servers into messages a person can act on."
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -105,6 +106,19 @@ def resolve_peer_url(peer: str, data_dir: Path) -> tuple[str, dict[str, Any] | N
     return str(info.get("publicUrl") or info["apiUrl"]).rstrip("/"), info
 
 
+def write_diff(api: Api, agent_id: str, out: BinaryIO) -> None:
+    """Write an agent's whole diff to `out`, checked against its result's diffSha256/diffBytes."""
+    agent = api.call("GET", f"/agents/{agent_id}")
+    result = agent.get("result") or {}
+    sha256, size = api.download(f"/agents/{agent_id}/diff", out)
+    if (sha256, size) != (result.get("diffSha256"), result.get("diffBytes")):
+        raise CliError(
+            f"the diff received ({size} bytes, sha256 {sha256}) is not the one the result names"
+            f" ({result.get('diffBytes')} bytes, sha256 {result.get('diffSha256')})",
+            code="artifact_mismatch",
+        )
+
+
 def describe_problem(response: httpx.Response) -> CliError:
     try:
         body = response.json()
@@ -115,19 +129,35 @@ def describe_problem(response: httpx.Response) -> CliError:
         detail = str(body.get("detail") or body.get("title") or "")
         errors = body.get("errors")
         if isinstance(errors, list) and errors:
-            detail += (
-                " (" + "; ".join(f"{e.get('field')}: {e.get('message')}" for e in errors) + ")"
-            )
+            # The API names fields by where they travel (path.agent_id, query.limit, body...);
+            # the user typed neither: say the field alone, once, with its message.
+            detail = "; ".join(f"{_field(str(e.get('field')))}: {e.get('message')}" for e in errors)
         hint = HINTS.get(code)
         return CliError(f"{response.status_code} {code}: {detail}", hint=hint, code=code)
     text = response.text.strip()[:300] or response.reason_phrase
-    return CliError(f"{response.status_code} from {response.request.url}: {text}")
+    return CliError(
+        f"{response.request.url} answered {response.status_code}: {text}",
+        hint="is this a fedagent API? `fedagent doctor -i NAME` checks an instance",
+    )
 
 
+def _field(field: str) -> str:
+    for prefix in ("path.", "query.", "body."):
+        if field.startswith(prefix):
+            return field[len(prefix) :]
+    return field
+
+
+GRANT_HINT = "the peer does not allow it; `fedagent peers` shows what each peer allows"
 HINTS = {
+    "grant_agent_type": GRANT_HINT,
+    "grant_timeout": GRANT_HINT + " (pass a smaller --timeout)",
+    "grant_repository": GRANT_HINT,
+    "grant_command_type": GRANT_HINT,
     "unauthenticated": "check the token: --token, FEDAGENT_TOKEN, or the adminToken in "
     "instances.json (`fedagent token create` makes one)",
-    "forbidden": "this needs an admin token (`fedagent token create --role admin`)",
+    "forbidden": "this needs an admin token (`fedagent token create --role admin`); "
+    "members spawn with --peer NAME or --connection ID (`fedagent peers` lists them)",
     "connection_not_active": "the peer must accept first: `fedagent accept CONNECTION_ID` "
     "on the peer; `fedagent connections` shows the state",
     "connection_not_found": "`fedagent connections` lists the connections",
@@ -164,12 +194,35 @@ class Api:
         return response.json()
 
     def unreachable(self, exc: Exception) -> CliError:
+        where = (
+            self.target.url
+            if self.target.label == self.target.url
+            else f"{self.target.label} at {self.target.url}"
+        )
+        reason = str(exc).strip() or exc.__class__.__name__
         return CliError(
-            f"cannot reach {self.target.label} at {self.target.url}: {exc.__class__.__name__} "
-            f"{exc}".strip(),
+            f"cannot reach {where}: {reason}",
             hint="is the instance running? `fedagent dev` starts a local stack; "
             "`fedagent doctor` checks the pieces",
         )
+
+    def download(self, path: str, out: BinaryIO) -> tuple[str, int]:
+        """Stream a GET's body into `out`; returns its sha256 and length."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self.http.stream("GET", f"{API}{path}") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise describe_problem(response)
+                for block in response.iter_bytes():
+                    digest.update(block)
+                    size += len(block)
+                    out.write(block)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from None
+        out.flush()
+        return digest.hexdigest(), size
 
     def stream_events(self, agent_id: str, last_event_id: str | None) -> Iterator[dict[str, Any]]:
         """Server-Sent Events of one agent: dicts with id, event and the decoded data."""

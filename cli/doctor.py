@@ -237,6 +237,35 @@ def check_sandboxes(settings: Settings, bwrap: Check, docker: Check) -> list[Che
     return results
 
 
+async def check_toolchain(settings: Settings) -> Check:
+    """What an agent's commands find in the configured sandbox (python3, git, pytest)."""
+    from agents.runtime import RuntimeConfig, make_sandbox
+    from agents.sandbox.toolchain import sandbox_toolchain
+
+    workspace = Path(tempfile.mkdtemp(prefix="fedagent-doctor-"))
+    try:
+        sandbox = make_sandbox(RuntimeConfig.from_settings(settings), workspace / "ws")
+        try:
+            await asyncio.wait_for(sandbox.start(), timeout=60)
+            tools = await sandbox_toolchain(sandbox)
+        finally:
+            await sandbox.kill()
+    except Exception as exc:  # noqa: BLE001 - the sandbox check above says why
+        return Check("sandbox toolchain", "warn", f"not probed: {exc.__class__.__name__}: {exc}")
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    detail = "; ".join(tool.describe() for tool in tools)
+    if all(tool.path for tool in tools):
+        return Check("sandbox toolchain", "ok", detail)
+    return Check(
+        "sandbox toolchain",
+        "warn",
+        detail,
+        "agents see only the sandbox's tools: mount a toolchain with FEDAGENT_SANDBOX_RO_PATHS "
+        "(bwrap) or use an image that has it (FEDAGENT_DOCKER_IMAGE)",
+    )
+
+
 def check_secret_files(settings: Settings, extra: list[Path]) -> list[Check]:
     from federation import keystore
 
@@ -293,6 +322,67 @@ def _secret_file(name: str, path: Path, *, created_on_start: bool = False) -> Ch
     return Check(name, "ok", f"{path} (mode {mode:o})")
 
 
+async def check_live(
+    settings: Settings, instance_info: dict[str, Any] | None, temporal_ok: bool
+) -> list[Check]:
+    """The running instance itself: its API answers /readyz, workers poll both task queues.
+    For a dev stack's instance (-i NAME) these must hold; for FEDAGENT_* settings alone the
+    instance may simply not be started yet, so they only warn."""
+    from api.liveness import queue_pollers, unpolled
+    from federation.temporal import connect_temporal
+
+    must: Status = "fail" if instance_info is not None else "warn"
+    checks: list[Check] = []
+    if instance_info is not None:
+        import httpx
+
+        url = str(instance_info["apiUrl"]).rstrip("/")
+        try:
+            async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+                response = await http.get(f"{url}/readyz")
+            if response.status_code == 200:
+                checks.append(Check("api", "ok", f"{url} is ready"))
+            else:
+                detail = response.json().get("detail") if response.content else ""
+                checks.append(
+                    Check("api", "fail", f"{url}/readyz answered {response.status_code}: {detail}")
+                )
+        except (httpx.HTTPError, ValueError) as exc:
+            checks.append(
+                Check(
+                    "api",
+                    "fail",
+                    f"{url} does not answer: {exc.__class__.__name__}",
+                    "start the stack (`fedagent dev`); its logs are in DATA_DIR/logs",
+                )
+            )
+    if not temporal_ok:
+        return checks
+    try:
+        client = await asyncio.wait_for(connect_temporal(settings), timeout=TIMEOUT)
+        found = await queue_pollers(
+            client, settings.temporal_namespace, settings.task_queue, timeout=TIMEOUT
+        )
+    except Exception as exc:  # noqa: BLE001
+        checks.append(Check("workers", must, f"cannot ask Temporal: {exc.__class__.__name__}"))
+        return checks
+    missing = unpolled(found)
+    if missing:
+        checks.append(
+            Check(
+                "workers",
+                must,
+                f"no worker polls {', '.join(missing)}",
+                "start one: `fedagent worker` with this instance's FEDAGENT_* settings "
+                "(`fedagent dev` restarts its own)",
+            )
+        )
+    else:
+        polled = ", ".join(f"{q.task_queue}: {q.pollers}" for q in found)
+        checks.append(Check("workers", "ok", f"pollers {polled}"))
+    return checks
+
+
 async def run_checks(
     instance_info: dict[str, Any] | None, data_dir: Path | None
 ) -> tuple[Settings | None, list[Check]]:
@@ -303,15 +393,19 @@ async def run_checks(
             Check("settings", "fail", str(exc).splitlines()[0], "fix the FEDAGENT_* variables")
         ]
     checks = [Check("settings", "ok", f"instance {settings.instance_name!r}")]
-    temporal, postgres, bwrap, docker = await asyncio.gather(
+    temporal, postgres, bwrap, docker, toolchain = await asyncio.gather(
         check_temporal(settings),
         check_postgres(settings),
         check_bwrap(settings),
         check_docker(settings),
+        check_toolchain(settings),
     )
     checks += temporal
     checks.append(postgres)
+    temporal_ok = all(c.status != "fail" for c in temporal)
+    checks += await check_live(settings, instance_info, temporal_ok)
     checks += check_sandboxes(settings, bwrap, docker)
+    checks.append(toolchain)
     extra = [data_dir / "instances.json"] if instance_info is not None and data_dir else []
     checks += check_secret_files(settings, extra)
     return settings, checks

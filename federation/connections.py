@@ -9,10 +9,15 @@ it: each side lifts only its own, and the connection is ACTIVE again once neithe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from federation.errors import ConnectionStateConflict, UnsupportedCommand
+from pydantic import ValidationError
+
+from federation.errors import ConnectionStateConflict, InvalidPayload, UnsupportedCommand
+from federation.models import Grants
 from federation.store import repos
+from federation.store.first_hour import set_peer_grants
 
 # CONNECT commands a peer sends about an existing connection: target, allowed from, and which
 # of our directions the connection must have (the side that was asked answers a request).
@@ -24,7 +29,10 @@ ANSWERS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
 SUSPENSIONS = ("connection.suspend", "connection.resume")
 # A signed nudge after the peer rotated its key: verifying it refreshed the peer's keys.
 NOTICES = ("connection.keys_changed",)
-PEER_COMMANDS = (*ANSWERS, *SUSPENSIONS, *NOTICES)
+# The peer changed what it allows us: the payload carries its grants, which we keep to show
+# them and to refuse at once a spawn they would refuse.
+GRANT_NOTICES = ("connection.grants_changed",)
+PEER_COMMANDS = (*ANSWERS, *SUSPENSIONS, *NOTICES, *GRANT_NOTICES)
 
 
 def _holders(suspended_by: str | None) -> set[str]:
@@ -78,12 +86,42 @@ async def change_suspension(
     return updated
 
 
+# Told when the peer suspended or ended a connection (e.g. to stop its runs here).
+ConnectionEnded = Callable[[dict[str, Any]], None]
+
+
 async def apply_peer_change(
-    db: repos.Executor, connection: dict[str, Any], command_type: str | None
+    db: repos.Executor,
+    connection: dict[str, Any],
+    command_type: str | None,
+    peer_grants: dict[str, Any] | None = None,
+    on_end: ConnectionEnded | None = None,
 ) -> dict[str, Any]:
-    """Apply a verified CONNECT command from the peer to our copy; returns the new row."""
+    """Apply a verified CONNECT command from the peer to our copy; returns the new row.
+
+    `peer_grants`: what the peer says it now allows us (connection.accept, .grants_changed).
+    `on_end` gets the new row when the change suspends or disconnects the connection."""
+    updated = await _apply_peer_change(db, connection, command_type, peer_grants)
+    if on_end is not None and updated["status"] in ("SUSPENDED", "DISCONNECTED"):
+        if connection["status"] == "ACTIVE" or updated["status"] == "DISCONNECTED":
+            on_end(updated)
+    return updated
+
+
+async def _apply_peer_change(
+    db: repos.Executor,
+    connection: dict[str, Any],
+    command_type: str | None,
+    peer_grants: dict[str, Any] | None,
+) -> dict[str, Any]:
     if command_type in NOTICES:
         return connection
+    if command_type in GRANT_NOTICES:
+        if peer_grants is None:
+            raise InvalidPayload("connection.grants_changed needs grants")
+        if connection["status"] == "DISCONNECTED":
+            raise ConnectionStateConflict("a DISCONNECTED connection has no grants")
+        return await _store_peer_grants(db, connection, peer_grants)
     if command_type in SUSPENSIONS:
         action = "suspend" if command_type == "connection.suspend" else "resume"
         if action == "resume" and connection["status"] == "ACTIVE":
@@ -99,4 +137,19 @@ async def apply_peer_change(
     )
     if updated is None:
         raise ConnectionStateConflict(f"cannot {command_type} a {connection['status']} connection")
+    if command_type == "connection.accept" and peer_grants is not None:
+        updated = await _store_peer_grants(db, updated, peer_grants)
+    return updated
+
+
+async def _store_peer_grants(
+    db: repos.Executor, connection: dict[str, Any], peer_grants: dict[str, Any]
+) -> dict[str, Any]:
+    try:
+        grants = Grants.model_validate(peer_grants).model_dump()
+    except ValidationError as exc:
+        raise InvalidPayload("the grants in the message are invalid") from exc
+    updated = await set_peer_grants(db, connection["connection_id"], grants)
+    if updated is None:
+        raise ConnectionStateConflict("the connection is gone")
     return updated

@@ -30,6 +30,8 @@ from federation.errors import (
 )
 
 PROTOCOL: Literal["fedagent/1"] = "fedagent/1"
+# Identifiers a peer sends end up in paths, workflow ids and logs: safe tokens only.
+INSTANCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class MessageType(StrEnum):
@@ -52,8 +54,8 @@ class Envelope(BaseModel):
     protocol: Literal["fedagent/1"]
     messageId: str = Field(min_length=1, max_length=128)
     type: MessageType
-    senderId: str = Field(min_length=1, max_length=128)
-    recipientId: str = Field(min_length=1, max_length=128)
+    senderId: str = Field(pattern=INSTANCE_ID_PATTERN)
+    recipientId: str = Field(pattern=INSTANCE_ID_PATTERN)
     keyId: str = Field(min_length=1, max_length=128)
     timestamp: str = Field(min_length=1, max_length=64)
     commandType: str | None = Field(default=None, max_length=64)

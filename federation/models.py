@@ -6,11 +6,12 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
 
 AgentType = Literal["worker", "reviewer", "tester"]
 AgentState = Literal["spawning", "running", "completed", "failed", "killed", "timed_out"]
 ConnectionStatus = Literal["PENDING", "ACTIVE", "SUSPENDED", "DISCONNECTED"]
+KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
 
 
 class Strict(BaseModel):
@@ -22,6 +23,8 @@ class Strict(BaseModel):
 
 class ConnectionCreate(Strict):
     remoteUrl: HttpUrl
+    # What the peer may ask of this instance over it; default: nothing until granted.
+    grants: GrantsUpdate | None = None
 
 
 class ConnectionPublic(BaseModel):
@@ -37,11 +40,14 @@ class ConnectionPublic(BaseModel):
     peerNotified: bool | None = None
     # Which side holds the connection SUSPENDED: "local" (this instance), "remote" or "both".
     suspendedBy: str | None = None
+    # What the peer allows this instance, as it last told us (None: it has not said).
+    peerGrants: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any], **extra: Any) -> ConnectionPublic:
         return cls(
             suspendedBy=row.get("suspended_by"),
+            peerGrants=row.get("peer_grants"),
             connectionId=row["connection_id"],
             remoteInstanceId=row["remote_instance_id"],
             remoteName=row["remote_name"],
@@ -52,6 +58,27 @@ class ConnectionPublic(BaseModel):
             createdAt=row["created_at"],
             updatedAt=row["updated_at"],
             **extra,
+        )
+
+
+class PeerPublic(BaseModel):
+    """A connection as any local user sees it: whom a spawn can go to and what the peer allows
+    this instance (`peerGrants`, as the peer last told us; None while it has not said)."""
+
+    connectionId: uuid.UUID
+    peerInstanceId: str
+    peerName: str
+    status: ConnectionStatus
+    peerGrants: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PeerPublic:
+        return cls(
+            connectionId=row["connection_id"],
+            peerInstanceId=row["remote_instance_id"],
+            peerName=row["remote_name"],
+            status=row["status"],
+            peerGrants=row.get("peer_grants"),
         )
 
 
@@ -139,18 +166,43 @@ class AgentKillPublic(BaseModel):
 # --- wire payloads (inside signed envelopes) ----------------------------------------------------
 
 
+def _canonical_uuid(value: Any) -> Any:
+    """A peer's agentId: the canonical lower-case hyphenated form, nothing else."""
+    if not isinstance(value, str) and not isinstance(value, uuid.UUID):
+        raise ValueError("must be a UUID string")
+    if isinstance(value, str) and str(uuid.UUID(value)) != value:
+        raise ValueError("must be a canonical UUID (lower case, hyphenated)")
+    return value
+
+
+CanonicalUUID = Annotated[uuid.UUID, BeforeValidator(_canonical_uuid)]
+
+
+class PeerKey(Strict):
+    keyId: str = Field(min_length=1, max_length=128)
+    algorithm: KeyAlgorithm
+    publicKey: str = Field(min_length=1, max_length=8192)
+    validFrom: str | None = Field(default=None, max_length=64)
+    validUntil: str | None = Field(default=None, max_length=64)
+    status: str | None = Field(default=None, max_length=32)
+
+
 class ConnectRequestPayload(Strict):
     connectionId: uuid.UUID
     url: HttpUrl
     name: str = Field(min_length=1, max_length=200)
+    # The sender's public keys: its signature is verified with them before its card is read.
+    keys: list[PeerKey] = Field(min_length=1, max_length=8)
 
 
 class ConnectChangePayload(Strict):
     connectionId: uuid.UUID
+    # connection.accept and connection.grants_changed: what the sender now allows the recipient.
+    grants: dict[str, Any] | None = None
 
 
 class SpawnPayload(Strict):
-    agentId: uuid.UUID
+    agentId: CanonicalUUID
     taskId: str = Field(min_length=1, max_length=200)
     agentType: AgentType
     context: AgentContext
@@ -158,7 +210,7 @@ class SpawnPayload(Strict):
 
 
 class AgentRefPayload(Strict):
-    agentId: uuid.UUID
+    agentId: CanonicalUUID
     # agent.status as a long-poll: hold the answer until the record's seq is past afterSeq and
     # its state is not knownState, or waitSeconds pass.
     afterSeq: int | None = Field(default=None, ge=0)
@@ -166,8 +218,28 @@ class AgentRefPayload(Strict):
     waitSeconds: float | None = Field(default=None, gt=0, le=60)
 
 
-class AgentEventPayload(Strict):
+ArtifactKind = Literal["diff", "log", "transcript"]
+
+
+class AgentArtifactPayload(Strict):
+    """agent.artifact: bytes [offset, offset + length) of one artifact of the sender's run,
+    named by its kind or its sha256 (the answer is bounded; a reader asks chunk by chunk)."""
+
     agentId: uuid.UUID
+    kind: ArtifactKind | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    offset: int = Field(default=0, ge=0)
+    length: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _named(self) -> AgentArtifactPayload:
+        if self.kind is None and self.sha256 is None:
+            raise ValueError("agent.artifact needs kind or sha256")
+        return self
+
+
+class AgentEventPayload(Strict):
+    agentId: CanonicalUUID
     seq: int = Field(ge=1)
     state: AgentState
     progress: dict[str, Any] | None = None
@@ -178,13 +250,12 @@ class AgentEventPayload(Strict):
 
 # --- trust: grants, instance configuration, keys, audit -----------------------------------------
 
-CommandType = Literal["agent.spawn", "agent.status", "agent.kill"]
-KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
+CommandType = Literal["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 GlobPattern = Annotated[str, Field(min_length=1, max_length=500)]
 
 
 def _all_command_types() -> list[CommandType]:
-    return ["agent.spawn", "agent.status", "agent.kill"]
+    return ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 
 
 def _all_agent_types() -> list[AgentType]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +29,7 @@ from federation.errors import (
     PeerUnreachable,
 )
 from federation.identity import Identity
+from federation.netpolicy import CARD_MAX_BYTES, request_bounded
 from federation.store import repos
 from federation.trust import lookup_key, public_keys
 
@@ -43,20 +46,29 @@ INCOMING_PATH = {
 async def fetch_card(
     http: httpx.AsyncClient, url: str, *, timeout: float | None = None
 ) -> dict[str, Any]:
-    """GET a peer's identity card; the URL must be the instance's base URL."""
+    """GET a peer's identity card; the URL must be the instance's base URL.
+
+    Read through the outbound address policy with a 64 KiB cap and one total deadline. The
+    errors never say what answered (status, body): the URL may be a stranger's probe.
+    """
+    base = url.rstrip("/")
+    status, raw = await request_bounded(
+        http, "GET", f"{base}{API}/instance", max_bytes=CARD_MAX_BYTES, deadline=timeout or 10.0
+    )
+    if status != 200:
+        log.warning("identity card at %s: status %s", base, status)
+        raise PeerUnreachable("no identity card could be read from the peer's URL")
     try:
-        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-        response = await http.get(f"{url.rstrip('/')}{API}/instance", **kwargs)
-    except httpx.HTTPError as exc:
-        raise PeerUnreachable(f"could not reach {url}: {exc.__class__.__name__}") from exc
-    if response.status_code != 200:
-        raise PeerUnreachable(f"{url} answered {response.status_code} for its identity card")
-    try:
-        card = response.json()
-        if not (isinstance(card, dict) and card["instanceId"] and isinstance(card["keys"], list)):
+        card = json.loads(raw)
+        if not (
+            isinstance(card, dict)
+            and isinstance(card["instanceId"], str)
+            and card["instanceId"]
+            and isinstance(card["keys"], list)
+        ):
             raise ValueError("not an identity card")
     except (ValueError, KeyError) as exc:
-        raise PeerResponseInvalid(f"{url} did not answer with an identity card") from exc
+        raise PeerResponseInvalid("the peer's URL did not answer with an identity card") from exc
     return card
 
 
@@ -74,6 +86,7 @@ async def send_signed(
     timeout: float | None = None,
     refresh_keys: Callable[[], Awaitable[list[dict[str, Any]] | None]] | None = None,
     message_id: str | None = None,
+    max_reply_bytes: int = 4 * 1024 * 1024,
 ) -> tuple[Envelope, dict[str, Any]]:
     """Sign and POST one message; return it and the verified payload of the signed RESPONSE.
 
@@ -94,23 +107,27 @@ async def send_signed(
         message_id=message_id,
     )
     target = f"{url.rstrip('/')}{INCOMING_PATH[type]}"
+    status, raw = await request_bounded(
+        http,
+        "POST",
+        target,
+        max_bytes=max_reply_bytes,
+        deadline=timeout or 30.0,
+        json=envelope.to_wire(),
+    )
+    if status >= 500:
+        raise PeerUnreachable(f"{url} answered {status}")
     try:
-        response = await http.post(target, json=envelope.to_wire(), timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise PeerUnreachable(f"could not reach {url}: {exc.__class__.__name__}") from exc
-    if response.status_code >= 500:
-        raise PeerUnreachable(f"{url} answered {response.status_code}")
-    try:
-        body = response.json()
+        body = json.loads(raw)
     except ValueError as exc:
-        raise PeerResponseInvalid(f"{url} answered {response.status_code} with no JSON") from exc
-    if response.status_code >= 400:
+        raise PeerResponseInvalid(f"{url} answered {status} with no JSON") from exc
+    if status >= 400:
         code = body.get("code", "unknown") if isinstance(body, dict) else "unknown"
         detail = body.get("detail", "") if isinstance(body, dict) else ""
         raise PeerRefused(
             f"{url} refused {command_type or type.value}: {code}: {detail}",
             peer_code=str(code),
-            peer_status=response.status_code,
+            peer_status=status,
         )
     key_id = body.get("keyId") if isinstance(body, dict) else None
     if isinstance(key_id, str) and lookup_key(recipient_keys, key_id) == (None, False):
@@ -138,18 +155,19 @@ async def _card_keys(
     return keys
 
 
-# One refresh per connection at a time in this process: the others wait and reuse its result.
+# One card fetch per sender at a time in this process, at most once per interval: the others
+# wait for that answer and reuse it.
 _refresh_locks: dict[str, asyncio.Lock] = {}
+_last_fetch: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
 
 
 class CardKeyRefresher:
     """Reads a connected peer's keys from its identity card, at most once per interval.
 
-    The keys the card lists replace the stored ones (so a key the card no longer lists is
-    dropped too); the change is committed at once, whatever becomes of the message that
-    triggered it, and recorded in the audit log. `pool` must not be the pool whose connection
-    the caller holds while it waits here (the API gives it a small pool of its own), or a burst
-    of messages signed with a new key could take every connection and wait forever.
+    Nothing is written before the message that asked for it verifies with a key the card lists:
+    then the card's keys replace the stored ones (a key the card no longer lists is dropped
+    too), committed at once and recorded in the audit log. The card is fetched with no database
+    connection held; `pool` is the API's small pool of its own for these writes.
     """
 
     def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient, min_interval: float) -> None:
@@ -157,33 +175,52 @@ class CardKeyRefresher:
         self.http = http
         self.min_interval = min_interval
 
-    async def __call__(self, connection: dict[str, Any]) -> list[dict[str, Any]] | None:
+    async def __call__(
+        self, connection: dict[str, Any], envelope: Envelope, *, fetch: bool = True
+    ) -> list[dict[str, Any]] | None:
         if connection["status"] == "DISCONNECTED":
             return None
-        connection_id = connection["connection_id"]
-        lock = _refresh_locks.setdefault(str(connection_id), asyncio.Lock())
+        peer = str(connection["remote_instance_id"])
+        lock = _refresh_locks.setdefault(peer, asyncio.Lock())
         async with lock:
-            stored: list[dict[str, Any]] | None = await self.pool.fetchval(
-                "SELECT remote_keys FROM connections WHERE connection_id = $1", connection_id
+            stored_now = await self.pool.fetchval(
+                "SELECT remote_keys FROM connections WHERE connection_id = $1",
+                connection["connection_id"],
             )
-            if stored is not None and stored != connection["remote_keys"]:
-                return stored  # refreshed while this message waited
-            if not await repos.claim_key_refresh(self.pool, connection_id, self.min_interval):
-                return stored
-            keys = await _card_keys(
-                self.http, connection["remote_url"], connection["remote_instance_id"]
-            )
+            if stored_now is not None and lookup_key(stored_now, envelope.keyId)[0] is not None:
+                return list(stored_now)  # stored while this message waited for the lock
+            last = _last_fetch.get(peer)
+            if last is not None and time.monotonic() - last[0] < self.min_interval:
+                keys = last[1]
+            elif not fetch:
+                return None
+            else:
+                keys = await _card_keys(self.http, connection["remote_url"], peer)
+                _last_fetch[peer] = (time.monotonic(), keys)
             if keys is None:
-                return stored
+                return None
+            key, _ = lookup_key(keys, envelope.keyId)
+            if key is None:
+                return None
+            try:
+                check_signature(envelope, key)
+            except EnvelopeError:
+                return None  # a forged message must not make us write anything
+            stored = await self.pool.fetchval(
+                "SELECT remote_keys FROM connections WHERE connection_id = $1",
+                connection["connection_id"],
+            )
+            if stored == keys:
+                return keys  # another message stored this very answer already
             before = {k.get("keyId") for k in connection["remote_keys"] if isinstance(k, dict)}
             after = {k.get("keyId") for k in keys if isinstance(k, dict)}
-            await repos.set_remote_keys(self.pool, connection_id, keys)
+            await repos.set_remote_keys(self.pool, connection["connection_id"], keys)
             if before != after:
                 await repos.audit(
                     self.pool,
-                    actor=f"peer:{connection['remote_instance_id']}",
+                    actor=f"peer:{peer}",
                     action="connection.keys_refreshed",
-                    connectionId=str(connection_id),
+                    connectionId=str(connection["connection_id"]),
                     added=sorted(str(k) for k in after - before),
                     removed=sorted(str(k) for k in before - after),
                 )

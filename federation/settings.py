@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "fedagent"
     temporal_ui_url: str = "http://127.0.0.1:8233"
+    # Where the console links a peer's (the executor's) workflows: a URL of a Temporal Web UI
+    # namespace with {peerName} / {peerInstanceId} placeholders, e.g.
+    # "http://127.0.0.1:8233/namespaces/{peerName}" (unset: the console shows the workflow id).
+    temporal_ui_peer_url: str | None = None
 
     data_dir: Path = Path(".fedagent")
     # Accepted clock skew for signed messages, in seconds.
@@ -96,6 +100,26 @@ class Settings(BaseSettings):
     # The longest agent timeout (seconds) this instance accepts from any peer.
     max_agent_timeout: int = Field(default=24 * 3600, ge=1)
 
+    # --- hostile peers ---
+    # Hosts (names, addresses or CIDR networks) a peer may name although they are loopback,
+    # private or link-local (refused outside environment=dev otherwise), comma-separated: for
+    # peer URLs (plain http is accepted to them outside dev too) and for clones.
+    outbound_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Largest answer read from a peer (a RESPONSE to a signed message), in bytes.
+    peer_reply_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Refused messages per source address: a burst of this many, refilled at this rate per
+    # second; past it a refusal is a 429 rate_limited, counted in a metric, not audited.
+    refusal_burst: int = Field(default=60, ge=1)
+    refusal_rate: float = Field(default=1.0, gt=0)
+    # Audit rows older than this many days are dropped (whole daily partitions); 0: kept.
+    audit_retention_days: int = Field(default=365, ge=0)
+    # Default limit of one peer's agents running here at once when its grants set none, and
+    # how many more of its spawns may wait queued (options.queue).
+    peer_max_running_agents: int = Field(default=8, ge=1)
+    peer_max_queued_agents: int = Field(default=16, ge=0)
+    # What suspending or disconnecting a connection does to the peer's runs here.
+    on_connection_end: Literal["kill", "finish"] = "kill"
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
         if self.environment != "dev" and self.secret_key is not None:
@@ -115,6 +139,8 @@ class Settings(BaseSettings):
     sandbox_cpus: float = Field(default=2.0, gt=0)
     # Largest file an agent's command may write (bwrap: RLIMIT_FSIZE).
     sandbox_file_mb: int = Field(default=1024, ge=1)
+    # What a run's workspace and /tmp may hold together; past it the run ends `disk_quota`.
+    sandbox_disk_mb: int = Field(default=4096, ge=1)
     # Seconds one command may run before everything it started is killed.
     command_timeout: float = Field(default=600.0, gt=0)
     # Host uid (and gid) sandboxes run as when the worker runs as root; used by nothing else.
@@ -145,10 +171,27 @@ class Settings(BaseSettings):
     # Local repository paths a spawn may clone from (comma-separated); none: only git URLs.
     agent_repo_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     clone_timeout: float = Field(default=600.0, gt=0)
-    # Bytes of the diff kept in the result (its sha256 always covers all of it).
-    diff_limit: int = Field(default=1024 * 1024, ge=1024)
+    # --- artifacts (results by reference) ---
+    # The whole diff is written, streaming, up to this many bytes (past it: diffTruncated, and
+    # the stored diff is its first diff_max_bytes bytes).
+    diff_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # A changed file bigger than this is listed in diffOmittedFiles, not inlined in the diff.
+    diff_file_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Bytes of the diff and of the log that results and events carry inline (diffPreview,
+    # logTail); the whole of each is an artifact, fetched by reference.
+    artifact_preview_bytes: int = Field(default=16 * 1024, ge=256, le=64 * 1024)
+    # Largest artifact this instance stores (its own runs' and those it fetches from peers).
+    artifact_max_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    # Chunk size in the store and of one signed agent.artifact answer (base64 in JSON).
+    artifact_chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=512 * 1024)
 
-    @field_validator("sandbox_ro_paths", "allowed_models", "agent_repo_roots", mode="before")
+    @field_validator(
+        "sandbox_ro_paths",
+        "allowed_models",
+        "agent_repo_roots",
+        "outbound_allowlist",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -8,6 +8,7 @@ expects. Every refusal is a `FederationError` with its own code.
 from __future__ import annotations
 
 import fnmatch
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agents.workspace import normalise_repository_url
 from federation.envelope import (
+    INSTANCE_ID_PATTERN,
     Algorithm,
     Envelope,
     PublicKey,
@@ -27,7 +30,9 @@ from federation.envelope import (
     parse_envelope,
 )
 from federation.errors import (
+    AgentIdConflict,
     ConnectionNotActive,
+    FederationError,
     GrantAgentType,
     GrantCommandType,
     GrantConcurrency,
@@ -35,16 +40,21 @@ from federation.errors import (
     GrantTimeout,
     InvalidPayload,
     KeyExpired,
+    QueueFull,
     ReplayedMessage,
     UnknownKey,
     UnknownSender,
 )
-from federation.models import Grants, SpawnPayload
+from federation.models import ConnectRequestPayload, Grants, SpawnPayload
 from federation.store import repos
 
-# Given a connection whose stored keys lack a keyId, fetch the peer's current keys from its
-# identity card (or None when that is not possible now).
-KeyRefresher = Callable[[dict[str, Any]], Awaitable[list[dict[str, Any]] | None]]
+# Given a connection whose stored keys lack a message's keyId, the peer's current keys from its
+# identity card (or None when that is not possible now). With fetch=False only an answer
+# already fetched within the interval is used: the caller holds a database transaction.
+KeyRefresher = Callable[..., Awaitable[list[dict[str, Any]] | None]]
+
+
+SAFE_INSTANCE_ID = re.compile(INSTANCE_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -133,7 +143,7 @@ async def verify_incoming(
         sender_keys = connection["remote_keys"]
         key, expired = lookup_key(sender_keys, envelope.keyId, now)
         if key is None and not expired and refresh_keys is not None:
-            fresh = await refresh_keys(connection)
+            fresh = await refresh_keys(connection, envelope, fetch=False)
             if fresh is not None:
                 sender_keys = fresh
                 connection = {**connection, "remote_keys": fresh}
@@ -146,6 +156,73 @@ async def verify_incoming(
         if not fresh_id:
             raise ReplayedMessage(f"messageId {envelope.messageId!r} was seen before")
     return Verified(envelope, connection)
+
+
+async def refresh_keys_first(
+    pool: Any,
+    raw: Any,
+    refresh_keys: KeyRefresher,
+    *,
+    instance_id: str,
+    window_seconds: int,
+) -> None:
+    """Before a transaction is opened: read a known sender's card if it signed with a keyId we
+    do not know. No pool connection is held while the card is fetched; a message that fails
+    any cheap check (shape, recipient, time) fetches nothing, and the refresher writes the
+    new keys only once the message's signature verifies with one of them."""
+    try:
+        envelope = parse_envelope(raw)
+        check_recipient(envelope, instance_id)
+        check_timestamp(envelope, window_seconds)
+    except FederationError:
+        return  # verify_incoming refuses it with the right code
+    connection = await repos.connection_for_peer(pool, envelope.senderId)
+    if connection is None:
+        return
+    key, expired = lookup_key(connection["remote_keys"], envelope.keyId)
+    if key is None and not expired:
+        await refresh_keys(connection, envelope, fetch=True)
+
+
+def verify_connection_request(
+    raw: Any, *, instance_id: str, window_seconds: int
+) -> ConnectRequestPayload:
+    """A stranger's connection.request, verified with the keys it carries; nothing fetched."""
+    envelope = parse_envelope(raw)
+    check_recipient(envelope, instance_id)
+    check_timestamp(envelope, window_seconds)
+    try:
+        request = ConnectRequestPayload.model_validate(envelope.payload)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+        raise InvalidPayload(
+            "connection.request needs connectionId, url, name and the sender's keys",
+            fields=fields,
+        ) from exc
+    url = request.url
+    if url.query is not None or url.fragment is not None or url.username or url.password:
+        raise InvalidPayload("payload.url must be the instance's base URL", fields=["url"])
+    key = key_of([k.model_dump() for k in request.keys], envelope)
+    check_signature(envelope, key)
+    return request
+
+
+def check_card_matches(
+    card: dict[str, Any], raw: dict[str, Any], request: ConnectRequestPayload
+) -> None:
+    """The card read from the sender's URL must be the sender's: same id, URL and key."""
+    instance_id = card.get("instanceId")
+    if not isinstance(instance_id, str) or not SAFE_INSTANCE_ID.fullmatch(instance_id):
+        raise UnknownSender("the identity card at the sender's URL has no valid instanceId")
+    if instance_id != raw.get("senderId"):
+        raise UnknownSender("the identity card at the sender's URL names another instance")
+    if str(card.get("url") or "").rstrip("/") != str(request.url).rstrip("/"):
+        raise UnknownSender("the identity card at the sender's URL names another URL")
+    sent = {k.keyId: k.publicKey.strip() for k in request.keys}
+    key_id = raw.get("keyId")
+    listed = [k for k in card.get("keys") or [] if isinstance(k, dict) and k.get("keyId") == key_id]
+    if not listed or str(listed[0].get("publicKey", "")).strip() != sent.get(str(key_id)):
+        raise UnknownKey("the identity card at the sender's URL does not list the signing key")
 
 
 def require_active(connection: dict[str, Any] | None) -> dict[str, Any]:
@@ -194,8 +271,10 @@ def check_grants(
             f"agent type {spawn.agentType!r} is not offered by this instance", grant="offered"
         )
     repository = spawn.context.repository
+    # Globs match the form that is cloned (host lowercased, dot segments resolved), so that
+    # `https://host/allowed/../other` cannot pass for `https://host/allowed/*`.
     if repository is not None and not any(
-        fnmatch.fnmatchcase(repository, pattern) for pattern in grants.repositories
+        fnmatch.fnmatchcase(_normalised(repository), pattern) for pattern in grants.repositories
     ):
         raise GrantRepository(
             f"repository {repository!r} matches none of this peer's allowed patterns",
@@ -211,29 +290,61 @@ def check_grants(
 
 
 async def check_peer_concurrency(
-    db: repos.Executor, connection: dict[str, Any], payload: Any
+    db: repos.Executor,
+    connection: dict[str, Any],
+    payload: Any,
+    *,
+    default_limit: int | None = None,
+    queue_cap: int = 0,
 ) -> None:
-    """429 when this peer already runs as many agents here as its grant allows.
+    """429 when this peer already has as many runs here as it may.
 
-    A spawn of an agentId that already exists is a retry and passes. Call it inside the
-    transaction that inserts the run: the lock serialises concurrent spawns of one peer.
+    Its grant's maxConcurrentAgents, else `default_limit` (the instance's per-peer default),
+    bounds its unfinished runs; a spawn with options.queue may go past it by at most
+    `queue_cap` more (queue_full past that), so queueing cannot let one peer hold every slot.
+    A spawn of an agentId that already exists is a retry and passes, if it came over this very
+    connection: a new connection that reuses a disconnected peer's id inherits nothing.
+    Call it inside the transaction that inserts the run: the lock serialises concurrent spawns
+    of one peer.
     """
-    limit = grants_of(connection).maxConcurrentAgents
-    if limit is None:
-        return
     peer = connection["remote_instance_id"]
     try:
         agent_id = uuid.UUID(str(payload.get("agentId")))
     except (ValueError, AttributeError):
         return  # the payload check refuses it
-    if await repos.get_executed_agent(db, peer, agent_id) is not None:
+    known = await repos.get_executed_agent(db, peer, agent_id)
+    if known is not None:
+        if known["connection_id"] != connection["connection_id"]:
+            raise AgentIdConflict("this agentId belongs to a run of an earlier connection")
+        return
+    grant_limit = grants_of(connection).maxConcurrentAgents
+    limit = grant_limit if grant_limit is not None else default_limit
+    if limit is None:
         return
     await db.execute("SELECT pg_advisory_xact_lock(hashtext('fedagent:peer:' || $1))", peer)
     running = await repos.count_running_for_peer(db, peer)
-    if running >= limit:
-        raise GrantConcurrency(
-            f"this peer runs {running} agents here; its grant allows {limit}",
-            grant="maxConcurrentAgents",
+    options = payload.get("options") if isinstance(payload.get("options"), dict) else {}
+    if running < limit:
+        return
+    if options.get("queue") is True and running < limit + queue_cap:
+        return
+    if options.get("queue") is True:
+        raise QueueFull(
+            f"this peer has {running} runs here; {limit} may run and {queue_cap} wait",
             running=running,
             limit=limit,
+            queueCap=queue_cap,
         )
+    raise GrantConcurrency(
+        f"this peer runs {running} agents here; it may run {limit}",
+        grant="maxConcurrentAgents",
+        running=running,
+        limit=limit,
+    )
+
+
+def _normalised(repository: str) -> str:
+    try:
+        return normalise_repository_url(repository)
+    except ValueError:
+        return "\0"  # matches no glob: refused as outside the grants

@@ -4,8 +4,13 @@ and written to the audit log."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from typing import Any
+
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from federation.connections import change_suspension, suspension_change
 from federation.envelope import MessageType
@@ -15,14 +20,86 @@ from federation.errors import (
     FederationError,
     InvalidRequest,
 )
-from federation.models import ConnectionPublic, GrantsUpdate
+from federation.models import ConnectionPublic, GrantsUpdate, PeerPublic
 from federation.peer import fetch_card, send_signed
+from federation.settings import Settings
 from federation.store import repos
+from federation.store.first_hour import spawnable_connections
+from federation.trust import SAFE_INSTANCE_ID
 from federation.users import User
 from operations import Services
+from workflows.models import KillRequest
+
+log = logging.getLogger(__name__)
 
 
-async def _notify(services: Services, connection: dict[str, Any], command_type: str) -> None:
+# Kills of a peer's runs started because its connection ended; held so they are not collected.
+_ending: set[asyncio.Task[int]] = set()
+
+
+async def end_peer_runs(
+    pool: Any, temporal: Client, settings: Settings, connection: dict[str, Any]
+) -> int:
+    """Kill the runs this instance executes for the peer of `connection` (running and queued),
+    unless FEDAGENT_ON_CONNECTION_END=finish. Returns how many were told to stop."""
+    if settings.on_connection_end != "kill":
+        return 0
+    rows = await pool.fetch(
+        "SELECT agent_id, peer_instance_id, workflow_id FROM agents WHERE role = 'executor'"
+        " AND connection_id = $1 AND NOT (state = ANY($2::text[]))",
+        connection["connection_id"],
+        list(repos.TERMINAL_STATES),
+    )
+    gate = asyncio.Semaphore(8)
+
+    async def kill(row: Any) -> None:
+        async with gate:
+            handle = temporal.get_workflow_handle(row["workflow_id"])
+            reason = f"connection {connection['status'].lower()}"
+            try:
+                await handle.execute_update("kill", KillRequest(reason=reason), result_type=dict)
+                return
+            except WorkflowUpdateFailedError:
+                pass
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    log.warning("could not kill %s: %s", row["workflow_id"], exc)
+                    return
+            # No workflow left to run it: nothing runs, so say so.
+            await repos.update_executed_agent(
+                pool, row["peer_instance_id"], row["agent_id"], state="killed", error=reason
+            )
+
+    await asyncio.gather(*(kill(r) for r in rows))
+    if rows:
+        await repos.audit(
+            pool,
+            actor="system",
+            action="connection.runs_killed",
+            connectionId=str(connection["connection_id"]),
+            count=len(rows),
+        )
+    return len(rows)
+
+
+def end_peer_runs_soon(
+    pool: Any, temporal: Client, settings: Settings, connection: dict[str, Any]
+) -> None:
+    """end_peer_runs in the background (the caller may hold a transaction)."""
+    task = asyncio.create_task(end_peer_runs(pool, temporal, settings, connection))
+    _ending.add(task)
+    task.add_done_callback(_ending.discard)
+
+
+async def _notify(
+    services: Services,
+    connection: dict[str, Any],
+    command_type: str,
+    grants: dict[str, Any] | None = None,
+) -> None:
+    payload: dict[str, Any] = {"connectionId": str(connection["connection_id"])}
+    if grants is not None:
+        payload["grants"] = grants  # what we now allow the peer: it shows them, refuses early
     await send_signed(
         services.http,
         await services.identity(),
@@ -31,9 +108,10 @@ async def _notify(services: Services, connection: dict[str, Any], command_type: 
         recipient_keys=connection["remote_keys"],
         type=MessageType.CONNECT,
         command_type=command_type,
-        payload={"connectionId": str(connection["connection_id"])},
+        payload=payload,
         window_seconds=services.settings.timestamp_window,
         timeout=services.settings.peer_request_timeout,
+        max_reply_bytes=services.settings.peer_reply_max_bytes,
     )
 
 
@@ -44,12 +122,26 @@ def _grants_or_422(update: GrantsUpdate, current: dict[str, Any] | None) -> dict
         raise InvalidRequest(str(exc).splitlines()[0]) from None
 
 
-async def create(services: Services, user: User, remote_url: str) -> ConnectionPublic:
-    """Ask the instance at `remote_url` for a connection: PENDING until the peer accepts."""
+# What a peer may ask of this instance over a connection this instance asked for, until its
+# admin grants more (PATCH /connections/{id} or the grants of the request).
+NOTHING_GRANTED: dict[str, Any] = {"commandTypes": [], "agentTypes": [], "repositories": []}
+
+
+async def create(
+    services: Services, user: User, remote_url: str, grants: GrantsUpdate | None = None
+) -> ConnectionPublic:
+    """Ask the instance at `remote_url` for a connection: PENDING until the peer accepts.
+
+    The peer may ask nothing of this instance over it unless `grants` say so."""
     pool, settings = services.pool, services.settings
     identity = await services.identity()
     remote_url = remote_url.rstrip("/")
-    card = await fetch_card(services.http, remote_url)
+    granted = (
+        _grants_or_422(grants, NOTHING_GRANTED) if grants is not None else dict(NOTHING_GRANTED)
+    )
+    card = await fetch_card(services.http, remote_url, timeout=settings.peer_request_timeout)
+    if not SAFE_INSTANCE_ID.fullmatch(str(card["instanceId"])):
+        raise InvalidRequest("the peer's identity card has no valid instanceId")
     if card["instanceId"] == identity.instance_id:
         raise InvalidRequest("remoteUrl is this instance itself")
     existing = await repos.connection_for_peer(pool, card["instanceId"])
@@ -71,9 +163,11 @@ async def create(services: Services, user: User, remote_url: str) -> ConnectionP
             "connectionId": str(connection_id),
             "url": identity.public_url,
             "name": identity.name,
+            "keys": identity.card()["keys"],
         },
         window_seconds=settings.timestamp_window,
         timeout=settings.peer_request_timeout,
+        max_reply_bytes=settings.peer_reply_max_bytes,
     )
     row = await repos.insert_connection(
         pool,
@@ -83,15 +177,32 @@ async def create(services: Services, user: User, remote_url: str) -> ConnectionP
         remote_url=remote_url,
         remote_keys=card["keys"],
         direction="outbound",
+        grants=granted,
     )
     await repos.audit(
-        pool, actor=user.actor, action="connection.request", connectionId=str(connection_id)
+        pool,
+        actor=user.actor,
+        action="connection.request",
+        connectionId=str(connection_id),
+        grants=granted,
     )
     return ConnectionPublic.from_row(row)
 
 
 async def list_(services: Services) -> list[ConnectionPublic]:
     return [ConnectionPublic.from_row(r) for r in await repos.list_connections(services.pool)]
+
+
+async def peers(services: Services) -> list[PeerPublic]:
+    """Connections any local user may spawn over, with what each peer allows this instance."""
+    return [PeerPublic.from_row(r) for r in await spawnable_connections(services.pool)]
+
+
+async def peer(services: Services, connection_id: uuid.UUID) -> PeerPublic:
+    row = await get_row(services, connection_id)
+    if row["status"] not in ("ACTIVE", "SUSPENDED"):
+        raise ConnectionNotFound(f"no ACTIVE connection {connection_id}")
+    return PeerPublic.from_row(row)
 
 
 async def get_row(services: Services, connection_id: uuid.UUID) -> dict[str, Any]:
@@ -121,7 +232,7 @@ async def _answer(
             f"{row['direction']} and {row['status']}"
         )
     # The peer hears it first: a peer that cannot be told keeps us PENDING, in step with it.
-    await _notify(services, row, command_type)
+    await _notify(services, row, command_type, new_grants if target == "ACTIVE" else None)
     async with services.pool.acquire() as conn, conn.transaction():
         updated = await repos.set_connection_status(
             conn, connection_id, target, expect=("PENDING",)
@@ -162,6 +273,7 @@ async def disconnect(services: Services, user: User, connection_id: uuid.UUID) -
         notified = False
     updated = await repos.set_connection_status(services.pool, connection_id, "DISCONNECTED")
     assert updated is not None
+    await end_peer_runs(services.pool, services.temporal, services.settings, updated)
     await repos.audit(
         services.pool,
         actor=user.actor,
@@ -196,7 +308,16 @@ async def update_grants(
             before=before,
             after=new_grants,
         )
-    return ConnectionPublic.from_row(updated)
+    if updated["status"] == "PENDING":
+        return ConnectionPublic.from_row(updated)  # the peer hears them when we accept
+    # The peer is told so it shows them and refuses at once what we would refuse; if it cannot
+    # be told now, these grants still hold here.
+    try:
+        await _notify(services, updated, "connection.grants_changed", new_grants)
+        notified = True
+    except FederationError:
+        notified = False
+    return ConnectionPublic.from_row(updated, peerNotified=notified)
 
 
 async def suspend(services: Services, user: User, connection_id: uuid.UUID) -> ConnectionPublic:
@@ -204,6 +325,7 @@ async def suspend(services: Services, user: User, connection_id: uuid.UUID) -> C
     row = await get_row(services, connection_id)
     # Our side stops at once, whether or not the peer can be told.
     updated = await change_suspension(services.pool, row, "local", "suspend")
+    await end_peer_runs(services.pool, services.temporal, services.settings, updated)
     try:
         await _notify(services, row, "connection.suspend")
         notified = True

@@ -18,11 +18,20 @@ from temporalio.client import Client
 from cli.devstack import DevStack, free_port_block
 from tests.e2e.proxy import ControlledProxy
 
+ALL_COMMANDS = ["agent.spawn", "agent.status", "agent.kill"]
+ALL_TYPES = ["worker", "reviewer", "tester"]
 TERMINAL = {"completed", "failed", "killed", "timed_out"}
 INSTANCES = ["hub", "spoke", "edge", "far"]
 # `far` is reached by its peers only through a proxy the tests control (lost events, outages),
 # and runs at most one agent at a time for everyone (capacity tests).
 FAR_ENV = {"FEDAGENT_MAX_RUNNING_AGENTS": "1", "FEDAGENT_MAX_CONCURRENT_AGENTS": "1"}
+# `edge` keeps small per-peer defaults (hostile tests of fairness) and the default refusal
+# limit (the other instances get many refusals from 127.0.0.1 in a whole run of the suite).
+EDGE_ENV = {
+    "FEDAGENT_PEER_MAX_RUNNING_AGENTS": "1",
+    "FEDAGENT_PEER_MAX_QUEUED_AGENTS": "1",
+    "FEDAGENT_REFUSAL_BURST": "60",
+}
 
 
 class Instance:
@@ -104,8 +113,16 @@ async def stack(
             "FEDAGENT_LOG_LEVEL": "info",
             # Small enough that a test can hit it quickly.
             "FEDAGENT_SANDBOX_FILE_MB": "16",
+            # Production rules for peer addresses, with the stack's own loopback address
+            # allowed (the hostile tests use other loopback addresses to be refused).
+            "FEDAGENT_ENVIRONMENT": "production",
+            "FEDAGENT_OUTBOUND_ALLOWLIST": "127.0.0.1",
+            # As many per peer as the instance runs at all: the load tests use one peer.
+            "FEDAGENT_PEER_MAX_RUNNING_AGENTS": "64",
+            "FEDAGENT_PEER_MAX_QUEUED_AGENTS": "64",
+            "FEDAGENT_REFUSAL_BURST": "100000",
         },
-        instance_env={"far": FAR_ENV},
+        instance_env={"far": FAR_ENV, "edge": EDGE_ENV},
         public_urls={"far": far_proxy.url},
     )
     try:
@@ -160,7 +177,16 @@ async def ensure_connection(one: Instance, other: Instance) -> str:
     listed = (await one.call("GET", "/connections")).json()
     for conn in listed:
         if conn["remoteInstanceId"] == other.id and conn["status"] == "ACTIVE":
-            return str(conn["connectionId"])
+            connection_id = str(conn["connectionId"])
+            if conn["direction"] == "inbound":
+                # `other` asked for it: it grants `one` nothing until its admin says so.
+                response = await other.call(
+                    "PATCH",
+                    f"/connections/{connection_id}",
+                    json={"grants": {"commandTypes": ALL_COMMANDS, "agentTypes": ALL_TYPES}},
+                )
+                assert response.status_code == 200, response.text
+            return connection_id
     return await connect(one, other)
 
 

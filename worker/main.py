@@ -8,7 +8,6 @@ import logging
 import signal
 from datetime import timedelta
 
-import httpx
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
@@ -22,6 +21,7 @@ from temporalio.worker import Worker, WorkerDeploymentConfig
 from activities.agents import AgentActivities
 from activities.federation import FederationActivities
 from federation.identity import ensure_identity
+from federation.netpolicy import peer_client
 from federation.settings import Settings
 from federation.store import notifications
 from federation.store.db import create_pool, migrate
@@ -56,7 +56,8 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     pool = await create_pool(settings.database_url)
     await migrate(pool)
     await ensure_identity(pool, name=settings.instance_name, public_url=settings.public_url)
-    http = httpx.AsyncClient(timeout=settings.peer_request_timeout)
+    # Peers named every URL this worker sends to: the outbound address policy applies.
+    http = peer_client(settings, timeout=settings.peer_request_timeout)
     # Temporal SDK metrics (Prometheus) are served when FEDAGENT_METRICS_PORT is set.
     client = await _connect_with_retry(settings, stop)
     federation = FederationActivities(pool, http, settings)

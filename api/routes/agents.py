@@ -22,7 +22,8 @@ from federation.models import (
     AgentType,
 )
 from federation.store import repos
-from operations import agents
+from federation.users import User
+from operations import Services, agents
 
 router = APIRouter(prefix="/api/v1/federation/agents", tags=["agents"])
 SSE_POLL_SECONDS = 0.25
@@ -49,7 +50,7 @@ async def list_agents(
     agent_type: Annotated[AgentType | None, Query(alias="agentType")] = None,
     task_id: Annotated[str | None, Query(alias="taskId", max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> list[AgentPublic]:
     """Agents this instance spawned on peers, newest first; members see their workspace only."""
     rows = await agents.list_(
@@ -108,6 +109,14 @@ async def agent_events(
     Each event's `id` is its place in this instance's log of the agent; reconnecting with
     `Last-Event-ID` resumes after it.
     """
+    return await event_stream(services, user, agent_id, last_event_id)
+
+
+async def event_stream(
+    services: Services, user: User, agent_id: uuid.UUID, last_event_id: str | None
+) -> StreamingResponse:
+    """The agent's event stream as this route serves it (the console's live pages use it too,
+    authenticated by their cookie)."""
     await agents.get(services, user, agent_id)
     pool = services.pool
     try:

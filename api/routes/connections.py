@@ -17,8 +17,10 @@ router = APIRouter(prefix="/api/v1/federation/connections", tags=["connections"]
 async def create_connection(
     body: ConnectionCreate, user: AdminUser, services: ServicesDep
 ) -> ConnectionPublic:
-    """Ask the instance at `remoteUrl` for a connection; it stays PENDING until the peer accepts."""
-    return await connections.create(services, user, str(body.remoteUrl))
+    """Ask the instance at `remoteUrl` for a connection; it stays PENDING until the peer accepts.
+
+    The peer may ask nothing of this instance over it until `grants` (here or later) allow it."""
+    return await connections.create(services, user, str(body.remoteUrl), body.grants)
 
 
 @router.get("")

@@ -7,6 +7,7 @@ leaves nothing else behind: the checks run in one transaction that a refusal rol
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from datetime import UTC, datetime
@@ -23,37 +24,44 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api import metrics
 from api.deps import HttpDep, IdentityDep, KeyRefresherDep, PoolDep, SettingsDep, TemporalDep
 from federation import tracing
 from federation.connections import apply_peer_change
 from federation.envelope import Envelope, MessageType, format_timestamp, sign_envelope
 from federation.errors import (
     AgentNotFound,
+    ArtifactNotFound,
     CapacityExceeded,
     ConnectionStateConflict,
     FederationError,
     InvalidPayload,
     MalformedEnvelope,
-    UnknownSender,
+    RateLimited,
     UnsupportedCommand,
 )
 from federation.identity import Identity
 from federation.models import (
+    AgentArtifactPayload,
     AgentEventPayload,
     AgentRefPayload,
     ConnectChangePayload,
-    ConnectRequestPayload,
     SpawnPayload,
 )
 from federation.peer import CardKeyRefresher, fetch_card
 from federation.settings import Settings
-from federation.store import notifications, repos
+from federation.store import artifacts, notifications, repos
 from federation.trust import (
+    SAFE_INSTANCE_ID,
+    check_card_matches,
     check_grants,
     check_peer_concurrency,
+    refresh_keys_first,
     require_active,
+    verify_connection_request,
     verify_incoming,
 )
+from operations.connections import end_peer_runs_soon
 from workflows.models import (
     AgentEvent,
     AgentRunInput,
@@ -70,9 +78,9 @@ async def _body(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         err = MalformedEnvelope("body is not JSON")
-        await _refused(request.app.state.pool, None, err, request.url.path.rsplit("/", 1)[-1])
+        await _refused(request, None, err, request.url.path.rsplit("/", 1)[-1])
         raise err from exc
 
 
@@ -98,17 +106,39 @@ def _reply(identity: Identity, request: Envelope, payload: dict[str, Any]) -> di
     ).to_wire()
 
 
-async def _refused(pool: asyncpg.Pool, body: Any, err: FederationError, endpoint: str) -> None:
-    sender = body.get("senderId") if isinstance(body, dict) else None
+def _scalar(value: Any, limit: int = 256) -> str | None:
+    """A field of a refused message worth keeping: a short string, or nothing at all."""
+    if isinstance(value, str) and len(value) <= limit:
+        return value
+    return None
+
+
+async def _refused(request: Request, body: Any, err: FederationError, endpoint: str) -> None:
+    """Audit a refusal with only validated scalars (each <= 256 chars, <= 2 KiB in all).
+
+    Past the per-address limit the refusal becomes a 429 `rate_limited`, counted, not audited.
+    """
+    address = request.client.host if request.client else "unknown"
+    if not request.app.state.refusal_limiter.take(address):
+        metrics.REFUSALS_RATE_LIMITED.inc()
+        raise RateLimited("too many refused messages from this address; slow down") from err
+    fields = body if isinstance(body, dict) else {}
+    sender = _scalar(fields.get("senderId"), 64)
+    if sender is not None and not SAFE_INSTANCE_ID.fullmatch(sender):
+        sender = None
+    details = {
+        "code": err.code,
+        "reason": err.detail[:256],
+        "messageId": _scalar(fields.get("messageId"), 128),
+        "commandType": _scalar(fields.get("commandType"), 64),
+        "source": address[:64],
+    }
     await repos.audit(
-        pool,
-        actor=f"peer:{sender}" if isinstance(sender, str) else "peer:unknown",
+        request.app.state.pool,
+        actor=f"peer:{sender}" if sender else "peer:unknown",
         action=f"incoming.{endpoint}",
         outcome="refused",
-        code=err.code,
-        reason=err.detail,
-        messageId=body.get("messageId") if isinstance(body, dict) else None,
-        commandType=body.get("commandType") if isinstance(body, dict) else None,
+        **{k: v for k, v in details.items() if v is not None},
     )
 
 
@@ -138,12 +168,13 @@ async def incoming_connect(
     identity: IdentityDep,
     settings: SettingsDep,
     refresher: KeyRefresherDep,
+    temporal: TemporalDep,
 ) -> dict[str, Any]:
     body = await _body(request)
     try:
-        return await _connect(body, pool, http, identity, settings, refresher)
+        return await _connect(body, pool, http, identity, settings, refresher, temporal)
     except FederationError as err:
-        await _refused(pool, body, err, "connect")
+        await _refused(request, body, err, "connect")
         raise
 
 
@@ -154,20 +185,25 @@ async def _connect(
     identity: Identity,
     settings: Settings,
     refresher: CardKeyRefresher,
+    temporal: Client,
 ) -> dict[str, Any]:
     window = settings.timestamp_window
     is_request = isinstance(body, dict) and body.get("commandType") == "connection.request"
     card: dict[str, Any] | None = None
     if is_request:
-        # A stranger: trust the key only if the card at its own URL lists it.
-        payload = body.get("payload") if isinstance(body.get("payload"), dict) else {}
-        try:
-            request_payload = ConnectRequestPayload.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidPayload("connection.request needs connectionId, url and name") from exc
-        card = await fetch_card(http, str(request_payload.url))
-        if card.get("instanceId") != body.get("senderId"):
-            raise UnknownSender("the identity card at the sender's URL names another instance")
+        # A stranger: its signature is checked with the keys it sent before anything is
+        # fetched; then the card at its own URL must list the same key and the same URL.
+        request_payload = verify_connection_request(
+            body, instance_id=identity.instance_id, window_seconds=window
+        )
+        card = await fetch_card(
+            http, str(request_payload.url), timeout=settings.peer_request_timeout
+        )
+        check_card_matches(card, body, request_payload)
+    else:
+        await refresh_keys_first(
+            pool, body, refresher, instance_id=identity.instance_id, window_seconds=window
+        )
     async with pool.acquire() as conn, conn.transaction():
         verified = await verify_incoming(
             conn,
@@ -202,7 +238,13 @@ async def _connect(
             assert connection is not None
             if connection["connection_id"] != change.connectionId:
                 raise ConnectionStateConflict("connectionId does not match the live connection")
-            row = await apply_peer_change(conn, connection, envelope.commandType)
+            row = await apply_peer_change(
+                conn,
+                connection,
+                envelope.commandType,
+                change.grants,
+                on_end=lambda ended: end_peer_runs_soon(pool, temporal, settings, ended),
+            )
         await repos.record_message(conn, envelope.to_wire(), direction="in")
         await repos.audit(
             conn,
@@ -234,6 +276,13 @@ async def incoming_command(
     body = await _body(request)
     received_at = datetime.now(UTC)
     try:
+        await refresh_keys_first(
+            pool,
+            body,
+            refresher,
+            instance_id=identity.instance_id,
+            window_seconds=settings.timestamp_window,
+        )
         async with pool.acquire() as conn, conn.transaction():
             verified = await verify_incoming(
                 conn,
@@ -249,7 +298,7 @@ async def incoming_command(
                 raise MalformedEnvelope("this endpoint takes COMMAND messages")
             connection = require_active(verified.connection)
             command = envelope.commandType or ""
-            if command not in ("agent.spawn", "agent.status", "agent.kill"):
+            if command not in ("agent.spawn", "agent.status", "agent.kill", "agent.artifact"):
                 raise UnsupportedCommand(f"unknown command {command!r}")
             check_grants(
                 connection,
@@ -259,42 +308,59 @@ async def incoming_command(
                 offered_agent_types=identity.capabilities.get("agentTypes"),
             )
             if command == "agent.spawn":
-                await check_peer_concurrency(conn, connection, envelope.payload)
-                payload = await _spawn(conn, temporal, settings, envelope, connection, received_at)
-                await _audit_accepted(conn, envelope, payload["agentId"])
-                await repos.record_message(
-                    conn, envelope.to_wire(), direction="in", agent_id=uuid.UUID(payload["agentId"])
+                await check_peer_concurrency(
+                    conn,
+                    connection,
+                    envelope.payload,
+                    default_limit=settings.peer_max_running_agents,
+                    queue_cap=settings.peer_max_queued_agents,
                 )
-                return _reply(identity, envelope, payload)
-            ref = _payload(AgentRefPayload, envelope)
-            row = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
-            if row is None:
-                raise AgentNotFound(f"no agent {ref.agentId} of this requester")
-            await repos.record_message(
-                conn, envelope.to_wire(), direction="in", agent_id=ref.agentId
-            )
+                spawn = await _reserve_spawn(conn, settings, envelope, connection)
+                await _audit_accepted(conn, envelope, str(spawn.agentId))
+                await repos.record_message(
+                    conn, envelope.to_wire(), direction="in", agent_id=spawn.agentId
+                )
+            elif command == "agent.artifact":
+                answer = await _artifact(conn, settings, envelope)
+                await repos.record_message(
+                    conn, envelope.to_wire(), direction="in", agent_id=uuid.UUID(answer["agentId"])
+                )
+                return _reply(identity, envelope, answer)
+            else:
+                ref = _payload(AgentRefPayload, envelope)
+                found = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
+                # Runs belong to the connection they came over, not to a reused instanceId.
+                if found is None or found["connection_id"] != connection["connection_id"]:
+                    raise AgentNotFound(f"no agent {ref.agentId} of this requester")
+                row = found
+                await repos.record_message(
+                    conn, envelope.to_wire(), direction="in", agent_id=ref.agentId
+                )
     except FederationError as err:
-        await _refused(pool, body, err, "command")
+        await _refused(request, body, err, "command")
         raise
-    if command == "agent.status" and ref.afterSeq is not None:
+    if command == "agent.spawn":
+        # The slot is reserved and committed before Temporal is asked (no lock or transaction
+        # is held across the RPC). The start is idempotent by workflow id: a failed start
+        # (Temporal away: 503) is repaired by the requester's retry of the same spawn.
+        row = await _start_run(pool, temporal, settings, envelope, connection, received_at)
+    elif command == "agent.status" and ref.afterSeq is not None:
         row = await _wait_for_change(request, pool, settings, row, ref)
-    if command == "agent.kill":
+    elif command == "agent.kill":
         row = await _kill(pool, temporal, row)
         await _audit_accepted(pool, envelope, str(row["agent_id"]), state=row["state"])
     return _reply(identity, envelope, _event_payload(row))
 
 
-async def _spawn(
+async def _reserve_spawn(
     conn: asyncpg.Connection,
-    temporal: Client,
     settings: Settings,
     envelope: Envelope,
     connection: dict[str, Any],
-    received_at: datetime,
-) -> dict[str, Any]:
-    spawn = _payload(SpawnPayload, envelope)
-    agent_id = str(spawn.agentId)
-    workflow_id = agent_run_workflow_id(envelope.senderId, agent_id)
+) -> SpawnPayload:
+    """Check capacity and insert the run's row, inside the caller's transaction (no RPC)."""
+    spawn: SpawnPayload = _payload(SpawnPayload, envelope)
+    workflow_id = agent_run_workflow_id(envelope.senderId, str(spawn.agentId))
     known = await repos.get_executed_agent(conn, envelope.senderId, spawn.agentId)
     if known is None and not spawn.options.queue:
         # Serialise capacity checks so concurrent spawns cannot overshoot together.
@@ -320,6 +386,21 @@ async def _spawn(
         workflow_id=workflow_id,
         state="spawning",
     )
+    return spawn
+
+
+async def _start_run(
+    pool: asyncpg.Pool,
+    temporal: Client,
+    settings: Settings,
+    envelope: Envelope,
+    connection: dict[str, Any],
+    received_at: datetime,
+) -> dict[str, Any]:
+    """Start the reserved run's workflow, holding no database connection while Temporal answers."""
+    spawn: SpawnPayload = _payload(SpawnPayload, envelope)
+    agent_id = str(spawn.agentId)
+    workflow_id = agent_run_workflow_id(envelope.senderId, agent_id)
     try:
         await temporal.start_workflow(
             "AgentRunWorkflow",
@@ -340,9 +421,40 @@ async def _spawn(
         )
     except WorkflowAlreadyStartedError:
         pass  # the run exists and is closed: the same agentId never runs twice
-    row = await repos.get_executed_agent(conn, envelope.senderId, spawn.agentId)
+    row = await repos.get_executed_agent(pool, envelope.senderId, spawn.agentId)
     assert row is not None
-    return _event_payload(row)
+    return row
+
+
+async def _artifact(
+    conn: asyncpg.Connection, settings: Settings, envelope: Envelope
+) -> dict[str, Any]:
+    """One bounded piece of an artifact of the sender's own run, with the whole one's hash."""
+    ask: AgentArtifactPayload = _payload(AgentArtifactPayload, envelope)
+    row = await repos.get_executed_agent(conn, envelope.senderId, ask.agentId)
+    if row is None:
+        raise AgentNotFound(f"no agent {ask.agentId} of this requester")
+    artifact = await artifacts.of_agent(
+        conn,
+        role="executor",
+        peer_instance_id=envelope.senderId,
+        agent_id=ask.agentId,
+        kind=ask.kind,
+        sha256=ask.sha256,
+    )
+    if artifact is None:
+        what = ask.kind or ask.sha256
+        raise ArtifactNotFound(f"agent {ask.agentId} has no artifact {what} here")
+    length = min(ask.length or settings.artifact_chunk_bytes, settings.artifact_chunk_bytes)
+    data = await artifacts.read_range(conn, artifact, ask.offset, length)
+    return {
+        "agentId": str(ask.agentId),
+        "kind": ask.kind,
+        "sha256": artifact.sha256,
+        "bytes": artifact.bytes,
+        "offset": ask.offset,
+        "data": base64.b64encode(data).decode(),
+    }
 
 
 LONG_POLL_MAX = 25.0  # seconds an agent.status long-poll is held at most
@@ -428,6 +540,13 @@ async def incoming_event(
 ) -> dict[str, Any]:
     body = await _body(request)
     try:
+        await refresh_keys_first(
+            pool,
+            body,
+            refresher,
+            instance_id=identity.instance_id,
+            window_seconds=settings.timestamp_window,
+        )
         async with pool.acquire() as conn, conn.transaction():
             verified = await verify_incoming(
                 conn,
@@ -456,7 +575,7 @@ async def incoming_event(
                 attempt=event.attempt,
             )
     except FederationError as err:
-        await _refused(pool, body, err, "event")
+        await _refused(request, body, err, "event")
         raise
     if applied and event.state != row["state"]:
         # Only state changes wake the workflow; progress lives in the projection.

@@ -16,7 +16,7 @@ Executor: TypeAlias = Any
 TERMINAL_STATES = frozenset({"completed", "failed", "killed", "timed_out"})
 
 DEFAULT_GRANTS: dict[str, Any] = {
-    "commandTypes": ["agent.spawn", "agent.status", "agent.kill"],
+    "commandTypes": ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"],
     "agentTypes": ["worker", "reviewer", "tester"],
 }
 
@@ -43,7 +43,9 @@ async def create_token(db: Executor, *, name: str, role: str, workspace: str = "
 async def find_token(db: Executor, token: str) -> dict[str, Any] | None:
     return row_dict(
         await db.fetchrow(
-            "SELECT name, role, workspace FROM api_tokens WHERE token_hash = $1", hash_token(token)
+            "SELECT name, role, workspace FROM api_tokens WHERE token_hash = $1"
+            " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
+            hash_token(token),
         )
     )
 

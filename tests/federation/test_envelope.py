@@ -76,6 +76,8 @@ SIGNED_FIELDS = [
 def test_any_change_to_a_signed_header_field_fails(field: str, text: str) -> None:
     wire = signed().to_wire()
     new_value: Any = "RESPONSE" if field == "type" else text
+    if field in ("senderId", "recipientId"):  # instance ids are safe tokens
+        new_value = "id-" + text.encode().hex()[:40]
     if wire[field] == new_value:
         new_value = new_value + "x"
     wire[field] = new_value

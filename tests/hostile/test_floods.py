@@ -1,0 +1,117 @@
+"""Refusal floods cannot fill the disk (issue 12, hole c, point 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+
+import asyncpg
+import pytest
+
+from tests.conftest import Instance
+from tests.hostile.rogue import Rogue, RogueKey
+
+
+async def test_refused_message_with_huge_fields_leaves_a_small_audit_row(
+    spoke: Instance, rogue: Rogue
+) -> None:
+    marker = f"flood-{uuid.uuid4().hex}"
+    since = (await spoke.fetch("SELECT now() AS at"))[0]["at"]
+    body = rogue.envelope("COMMAND", spoke.id, {"marker": marker}, command_type="agent.status")
+    body["messageId"] = [marker + "x" * 1950 for _ in range(200)]
+    body["commandType"] = {"nested": ["y" * 1999] * 50}
+    response = await rogue.post(spoke.url, "command", body, source="127.0.0.21")
+    assert response.status_code == 422, response.text
+    rows = await spoke.fetch(
+        "SELECT octet_length(details::text) AS size, details FROM audit_log"
+        " WHERE outcome = 'refused' AND action = 'incoming.command' AND at >= $1"
+        " ORDER BY size DESC LIMIT 1",
+        since,
+    )
+    assert rows, "the refusal is audited"
+    assert rows[0]["size"] <= 2048
+    assert marker not in str(rows[0]["details"])
+
+
+async def test_a_flood_of_refusals_is_answered_429_and_only_counted(
+    edge: Instance, rogue: Rogue
+) -> None:
+    source = "127.0.0.22"
+    forged = RogueKey()
+
+    async def audited() -> int:
+        rows = await edge.fetch(
+            "SELECT count(*) AS n FROM audit_log WHERE details->>'source' = $1", source
+        )
+        return int(rows[0]["n"])
+
+    async def limited_metric() -> float:
+        text = (await edge.http.get(f"{edge.url}/metrics")).text
+        found = re.search(r"^fedagent_refusals_rate_limited_total (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = await limited_metric()
+    codes: list[int] = []
+
+    async def one() -> int:
+        request = rogue.connection_request(edge.id, sign_with=forged)
+        return (await rogue.post(edge.url, "connect", request, source=source)).status_code
+
+    # In concurrent batches, so they arrive faster than the bucket refills even on a slow box.
+    while codes.count(429) < 5 and len(codes) < 2000:
+        codes += await asyncio.gather(*(one() for _ in range(40)))
+    assert set(codes) == {401, 429}, codes
+    assert codes.count(401) >= 60  # the burst (FEDAGENT_REFUSAL_BURST) is let through
+    response = await rogue.post(
+        edge.url, "connect", rogue.connection_request(edge.id, sign_with=forged), source=source
+    )
+    codes.append(response.status_code)
+    if response.status_code == 429:
+        assert response.json()["code"] == "rate_limited"
+    # Every 401 was audited, no 429 was: the audit log grows no faster than the refill rate.
+    assert await audited() == codes.count(401)
+    assert await limited_metric() >= before + codes.count(429)
+    # Another address is not held back by this one.
+    other = await rogue.post(
+        edge.url,
+        "connect",
+        rogue.connection_request(edge.id, sign_with=forged),
+        source="127.0.0.23",
+    )
+    assert other.status_code == 401
+
+
+async def test_audit_days_past_retention_are_dropped_and_recent_rows_stay_append_only(
+    spoke: Instance,
+) -> None:
+    conn = await spoke.db()
+    try:
+        old_day = await conn.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date - 400")
+        await conn.execute("SELECT audit_log_ensure_days($1, $1)", old_day)
+        await conn.execute(
+            "INSERT INTO audit_log (at, actor, action) VALUES ($1::date + time '12:00', 'old',"
+            " 'hostile.retention')",
+            old_day,
+        )
+        await conn.execute(
+            "INSERT INTO audit_log (actor, action) VALUES ('recent', 'hostile.retention')"
+        )
+        # What the API runs every hour, with the default FEDAGENT_AUDIT_RETENTION_DAYS=365.
+        dropped = [r[0] for r in await conn.fetch("SELECT audit_log_drop_expired(365)")]
+        assert f"audit_log_d{old_day:%Y%m%d}" in dropped
+        actors = await conn.fetch("SELECT actor FROM audit_log WHERE action = 'hostile.retention'")
+        assert [r["actor"] for r in actors] == ["recent"]
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("DELETE FROM audit_log WHERE action = 'hostile.retention'")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE audit_log SET actor = 'x' WHERE actor = 'recent'")
+        today = await conn.fetchval(
+            "SELECT 'audit_log_d' || to_char((now() AT TIME ZONE 'UTC')::date, 'YYYYMMDD')"
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(f'TRUNCATE "{today}"')
+        assert await conn.fetch("SELECT audit_log_drop_expired(1)") is not None
+        assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE actor = 'recent'") == 1
+    finally:
+        await conn.close()
