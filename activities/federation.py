@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -21,10 +23,14 @@ from federation.trust import check_grants, require_active, verify_incoming
 from workflows.models import (
     ADMIT_RUN,
     FINISH_RUN,
+    NOTIFY_REQUESTER,
     POLL_STATUS,
     RECORD_REQUESTER_FINAL,
+    RECORD_RUN_FINAL,
     SEND_KILL,
     SEND_SPAWN,
+    TERMINAL_STATES,
+    WAIT_STATUS,
     AgentEvent,
     AgentRunInput,
     FinishRun,
@@ -33,8 +39,16 @@ from workflows.models import (
     RequesterFinal,
     RunTask,
     SpawnAgentInput,
+    StatusWait,
     agent_run_workflow_id,
 )
+
+
+async def _heartbeat_every(seconds: float) -> None:
+    while True:
+        activity.heartbeat()
+        await asyncio.sleep(seconds)
+
 
 # Peer answers that a retry may fix.
 TRANSIENT_PEER_STATUSES = {408, 425, 429}
@@ -217,7 +231,66 @@ class FederationActivities:
         except FederationError as err:
             raise as_activity_error(err) from None
         event = await self._apply_reply(call.agent_id, reply)
-        return KillResult(call.agent_id, event.state, event.seq)
+        return KillResult(call.agent_id, event.state, event.seq, event.result, event.error)
+
+    @activity.defn(name=WAIT_STATUS)
+    async def wait_status(self, wait: StatusWait) -> AgentEvent:
+        """Long-poll agent.status until the executor reports a state other than the known one.
+
+        Progress on the way is applied to the projection but does not end the wait, so the
+        workflow's history grows with state changes only. Transient failures are retried here
+        (heartbeating), so silence costs the workflow nothing.
+        """
+        with tracing.trace(wait.traceparent):
+            ticker = asyncio.create_task(_heartbeat_every(2.0))
+            try:
+                return await self._wait_status(wait)
+            finally:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+
+    async def _wait_status(self, wait: StatusWait) -> AgentEvent:
+        after_seq, delay, legacy = wait.after_seq, 1.0, False
+        while True:
+            connection = await self._requester_connection(wait.agent_id)
+            payload: dict[str, Any] = {"agentId": wait.agent_id}
+            if not legacy:
+                payload |= {
+                    "afterSeq": after_seq,
+                    "knownState": wait.known_state,
+                    "waitSeconds": wait.wait_seconds,
+                }
+            try:
+                reply = await self.messenger.send(
+                    connection,
+                    type=MessageType.COMMAND,
+                    command_type="agent.status",
+                    payload=payload,
+                    timeout=wait.wait_seconds + wait.peer_timeout_seconds,
+                )
+            except PeerRefused as err:
+                if err.peer_code == "invalid_payload" and not legacy:
+                    legacy = True  # an executor from before long-polls: ask plainly
+                    continue
+                if err.peer_status not in TRANSIENT_PEER_STATUSES:
+                    raise as_activity_error(err) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            except FederationError:  # unreachable: try again, the heartbeat says we live
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 1.0
+            event = await self._apply_reply(wait.agent_id, reply)
+            if event.seq > wait.after_seq and (
+                event.state != wait.known_state or event.state in TERMINAL_STATES
+            ):
+                return event
+            after_seq = max(after_seq, event.seq)
+            if legacy:
+                await asyncio.sleep(min(wait.wait_seconds, 15.0))
 
     @activity.defn(name=RECORD_REQUESTER_FINAL)
     async def record_requester_final(self, final: RequesterFinal) -> None:
@@ -265,6 +338,41 @@ class FederationActivities:
             agent_task_queue=self.settings.agent_task_queue,
             traceparent=envelope.traceparent or "",
         )
+
+    @activity.defn(name=RECORD_RUN_FINAL)
+    async def record_run_final(self, finish: FinishRun) -> int:
+        """Record the run's final state on the executor; returns the record's sequence number.
+
+        Terminal states are final: a second record (a retry, a kill racing completion) keeps
+        the first.
+        """
+        agent_id = uuid.UUID(finish.agent_id)
+        row = await repos.update_executed_agent(
+            self.pool,
+            finish.requester_id,
+            agent_id,
+            state=finish.state,
+            result=finish.result,
+            error=finish.error,
+            attempt=finish.attempt,
+        )
+        if row is None:
+            row = await repos.get_executed_agent(self.pool, finish.requester_id, agent_id)
+        return int(row["seq"]) if row is not None else 0
+
+    @activity.defn(name=NOTIFY_REQUESTER)
+    async def notify_requester(self, finish: FinishRun) -> None:
+        """Tell the requester what was recorded (best effort: it also long-polls)."""
+        row = await repos.get_executed_agent(
+            self.pool, finish.requester_id, uuid.UUID(finish.agent_id)
+        )
+        if row is None:
+            return
+        try:
+            with tracing.trace(finish.traceparent):
+                await self.messenger.notify_requester(row)
+        except FederationError as err:
+            raise as_activity_error(err) from None
 
     @activity.defn(name=FINISH_RUN)
     async def finish_run(self, finish: FinishRun) -> None:

@@ -20,13 +20,13 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
-from temporalio.client import Client
+from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from federation.settings import Settings
 from federation.store import repos
-from workflows.models import SpawnAgentInput, agent_search_attributes
+from workflows.models import KillRequest, SpawnAgentInput, agent_search_attributes
 
 log = logging.getLogger(__name__)
 SWEEP_EVERY = 1.0
@@ -59,49 +59,76 @@ class SpawnStarter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start_workflow(self, row: dict[str, Any]) -> None:
-        """Start the row's workflow, then mark it started (no transaction around the RPC)."""
-        db = self.pool
+    async def _start_arguments(
+        self, row: dict[str, Any], db: Any
+    ) -> tuple[SpawnAgentInput, dict[str, Any]]:
         connection = await repos.get_connection(db, row["connection_id"])
         peer = connection["remote_name"] if connection else row["peer_instance_id"]
-        try:
-            await self.temporal.start_workflow(
-                "RemoteAgentWorkflow",
-                SpawnAgentInput(
-                    agent_id=str(row["agent_id"]),
-                    connection_id=str(row["connection_id"]),
-                    peer_instance_id=row["peer_instance_id"],
-                    peer_name=peer,
-                    task_id=row["task_id"],
-                    agent_type=row["agent_type"],
-                    context=row["context"],
-                    options=row["options"],
-                    spawn_deadline_seconds=self.settings.spawn_deadline,
-                    status_poll_seconds=self.settings.status_poll_interval,
-                    peer_timeout_seconds=self.settings.peer_request_timeout,
-                    traceparent=row.get("traceparent") or "",
-                ),
-                id=row["workflow_id"],
-                task_queue=self.settings.task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                # Bounded: while Temporal is away the sweeper retries, nobody waits forever.
-                rpc_timeout=timedelta(seconds=5),
-                static_summary=f"{row['agent_type']} agent for task {row['task_id']} on {peer}",
-                search_attributes=agent_search_attributes(
-                    agent_id=str(row["agent_id"]),
-                    task_id=row["task_id"],
-                    peer=peer,
-                    agent_type=row["agent_type"],
-                ),
-            )
-        except WorkflowAlreadyStartedError:
-            pass  # closed already: it started long ago
+        inp = SpawnAgentInput(
+            agent_id=str(row["agent_id"]),
+            connection_id=str(row["connection_id"]),
+            peer_instance_id=row["peer_instance_id"],
+            peer_name=peer,
+            task_id=row["task_id"],
+            agent_type=row["agent_type"],
+            context=row["context"],
+            options=row["options"],
+            spawn_deadline_seconds=self.settings.spawn_deadline,
+            status_poll_seconds=self.settings.status_poll_interval,
+            peer_timeout_seconds=self.settings.peer_request_timeout,
+            traceparent=row.get("traceparent") or "",
+        )
+        options: dict[str, Any] = {
+            "id": row["workflow_id"],
+            "task_queue": self.settings.task_queue,
+            "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+            "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            "static_summary": f"{row['agent_type']} agent for task {row['task_id']} on {peer}",
+            "search_attributes": agent_search_attributes(
+                agent_id=str(row["agent_id"]),
+                task_id=row["task_id"],
+                peer=peer,
+                agent_type=row["agent_type"],
+            ),
+        }
+        return inp, options
+
+    async def _mark_started(self, row: dict[str, Any], db: Any) -> None:
         await db.execute(
             "UPDATE agents SET workflow_started = true, start_error = NULL"
             " WHERE role = 'requester' AND agent_id = $1",
             row["agent_id"],
         )
+
+    async def start_workflow(self, row: dict[str, Any]) -> None:
+        """Start the row's workflow, then mark it started (no transaction around the RPC)."""
+        db = self.pool
+        inp, options = await self._start_arguments(row, db)
+        try:
+            await self.temporal.start_workflow(
+                "RemoteAgentWorkflow",
+                inp,
+                # Bounded: while Temporal is away the sweeper retries, nobody waits forever.
+                rpc_timeout=timedelta(seconds=5),
+                **options,
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # closed already: it started long ago
+        await self._mark_started(row, db)
+
+    async def kill_with_start(self, row: dict[str, Any], request: KillRequest) -> dict[str, Any]:
+        """Kill a spawn whose workflow may not have started: one update-with-start, so the
+        workflow starts already killed and never sends the spawn (or, started meanwhile, is
+        killed like any other). The update id is fixed: a retried kill is the same kill."""
+        inp, options = await self._start_arguments(row, self.pool)
+        start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
+            "RemoteAgentWorkflow", inp, **options
+        )
+        result: dict[str, Any] = await self.temporal.execute_update_with_start_workflow(
+            "kill", request, start_workflow_operation=start, id="kill", result_type=dict
+        )
+        await self._mark_started(row, self.pool)
+        return result
 
     def kick(self, row: dict[str, Any]) -> None:
         """Start the workflow of a just-committed spawn without making its caller wait."""

@@ -44,12 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 from bare import BenchBareWorkflow, bench_echo  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from temporalio.api.enums.v1 import EventType  # noqa: E402
-from temporalio.client import Client  # noqa: E402
+from temporalio.client import Client, WorkflowFailureError  # noqa: E402
+from temporalio.service import RPCError, RPCStatusCode  # noqa: E402
 from temporalio.worker import Worker  # noqa: E402
 
 from cli.devstack import DevStack, free_port_block  # noqa: E402
@@ -210,6 +212,45 @@ async def wait_running_command(hub: Peer, agent_id: str, timeout: float = 60) ->
         if agent["state"] in TERMINAL or time.monotonic() > deadline:
             raise RuntimeError(f"agent {agent_id} never ran its command: {agent}")
         await asyncio.sleep(0.02)
+
+
+async def wait_workflow_closed(client: Client, workflow_id: str, timeout: float = 300) -> None:
+    """Wait for a workflow to close; the spawn outbox may not have started it yet."""
+    deadline = time.monotonic() + timeout
+    handle = client.get_workflow_handle(workflow_id)
+    while True:
+        try:
+            await asyncio.wait_for(handle.result(), timeout=max(0.1, deadline - time.monotonic()))
+            return
+        except WorkflowFailureError:
+            return  # closed: a failed agent ends its workflow Failed
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
+async def requester_lag(hub: Peer, spoke: Peer, task_prefix: str) -> list[float]:
+    """ms from the executor recording a run's final state to the requester's projection
+    showing it (both clocks are this machine's)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for who, peer in (("requester", hub), ("executor", spoke)):
+        conn = await asyncpg.connect(peer.info["databaseUrl"])
+        try:
+            for r in await conn.fetch(
+                "SELECT agent_id, finished_at FROM agents WHERE role = $1 AND task_id LIKE $2"
+                " AND finished_at IS NOT NULL",
+                who,
+                f"{task_prefix}%",
+            ):
+                rows.setdefault(str(r["agent_id"]), {})[who] = r["finished_at"]
+        finally:
+            await conn.close()
+    return [
+        max(0.0, (r["requester"] - r["executor"]).total_seconds() * 1000)
+        for r in rows.values()
+        if "requester" in r and "executor" in r
+    ]
 
 
 def processes_with(marker: str) -> list[int]:
@@ -394,9 +435,10 @@ def _activity_names(events: list[Any]) -> dict[int, str]:
 async def history_report(client: Client, workflow_id: str) -> dict[str, Any]:
     handle = client.get_workflow_handle(workflow_id)
     with contextlib.suppress(Exception):  # the whole run, up to its last event
-        await asyncio.wait_for(handle.result(), timeout=60)
+        await wait_workflow_closed(client, workflow_id, timeout=60)
     history = await handle.fetch_history()
     events = list(history.events)
+    history_bytes = sum(e.ByteSize() for e in events)
     counts = Counter(_event_name(e) for e in events)
     start = events[0].event_time.ToDatetime()
     names = _activity_names(events)
@@ -423,6 +465,7 @@ async def history_report(client: Client, workflow_id: str) -> dict[str, Any]:
     return {
         "workflowId": workflow_id,
         "events": len(events),
+        "historyBytes": history_bytes,
         "workflowTasks": counts["WORKFLOW_TASK_COMPLETED"],
         "activities": counts["ACTIVITY_TASK_SCHEDULED"],
         "signals": counts["WORKFLOW_EXECUTION_SIGNALED"],
@@ -610,8 +653,7 @@ async def bench_federated(
             raise RuntimeError(f"spawn refused: {response.status_code} {response.text}")
         # Many in flight: wait on the requester's workflow (a long poll, no API load), which
         # ends right after it applied the final event; then read the state once.
-        handle = hub_client.get_workflow_handle(f"remote-agent/{body['agentId']}")
-        await asyncio.wait_for(handle.result(), timeout=300)
+        await wait_workflow_closed(hub_client, f"remote-agent/{body['agentId']}")
         agent = (await hub.call("GET", f"/agents/{body['agentId']}")).json()
         if agent["state"] != "completed":
             raise RuntimeError(f"agent ended {agent['state']}: {agent.get('error')}")
@@ -629,6 +671,10 @@ async def bench_federated(
                 requests[f"{who} {route.removeprefix('/api/v1/federation')}"] = per
     results.breakdown["peerRequestsPerSpawn"] = requests
     results.throughput["federated"] = Throughput("federated", args.total, args.in_flight, seconds)
+    for ms in await requester_lag(hub, spoke, "bench-seq-"):
+        results.add("requesterLag", ms)
+    for ms in await requester_lag(hub, spoke, "bench-tput-"):
+        results.add("requesterLagLoaded", ms)
     console.print(
         f"  throughput: {args.total / seconds:,.1f}/s "
         f"({args.total} with {args.in_flight} in flight)"
@@ -727,6 +773,8 @@ def report(results: Results) -> list[str]:
         "spawnAckLoaded": "REST spawn ack (in flight)",
         "temporalStart": "Temporal start_workflow RPC",
         "kill": "kill -> answer (sandbox gone)",
+        "requesterLag": "requester lag after the executor finished (seq.)",
+        "requesterLagLoaded": "requester lag after the executor finished (in flight)",
     }
     for name, label in labels.items():
         if name in s:
@@ -832,6 +880,10 @@ def where_time_goes(results: Results, missed: list[str]) -> None:
             "total", f"{sum(bare_cpu.values()):.1f} ms", f"{sum(fed_cpu.values()):.1f} ms"
         )
         console.print(table)
+    console.print(
+        f"history per run: requester {req['events']} events / {req['historyBytes']:,} bytes, "
+        f"executor {ex['events']} events / {ex['historyBytes']:,} bytes"
+    )
     print_timeline("requester", req)
     print_timeline("executor", ex)
     if any(m.startswith("kill") for m in missed) and "kill" in b:

@@ -211,6 +211,11 @@ class SpawnPayload(Strict):
 
 class AgentRefPayload(Strict):
     agentId: CanonicalUUID
+    # agent.status as a long-poll: hold the answer until the record's seq is past afterSeq and
+    # its state is not knownState, or waitSeconds pass.
+    afterSeq: int | None = Field(default=None, ge=0)
+    knownState: AgentState | None = None
+    waitSeconds: float | None = Field(default=None, gt=0, le=60)
 
 
 ArtifactKind = Literal["diff", "log", "transcript"]

@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     worker_shutdown_grace: float = Field(default=30.0, ge=0)
     # How often a running agent heartbeats (progress) to Temporal.
     heartbeat_interval: float = Field(default=1.0, gt=0)
+    # Worker versioning: workers declare a Worker Deployment version (deployment name + build
+    # id; the build id defaults to the package version and a hash of the workflow code). With
+    # worker_versioning on, Temporal routes each workflow to the version made current with
+    # `temporal worker deployment set-current-version` (workflows auto-upgrade: changes sit
+    # behind workflow.patched()).
+    worker_deployment: str = "fedagent"
+    worker_build_id: str = ""
+    worker_versioning: bool = False
+    # How often a worker repairs runs whose workflow closed without recording a final state.
+    reconcile_interval: float = Field(default=30.0, gt=0)
 
     model_provider: str = "scripted"
     log_level: str = "info"

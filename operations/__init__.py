@@ -26,6 +26,8 @@ class WorkflowStarter(Protocol):
 
     async def start_workflow(self, row: dict[str, Any], db: Any = None) -> None: ...
 
+    async def kill_with_start(self, row: dict[str, Any], request: Any) -> dict[str, Any]: ...
+
 
 @dataclass(frozen=True)
 class Services:

@@ -151,11 +151,14 @@ async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKill
     """Answers once the remote sandbox is gone; a finished agent keeps its final state."""
     row = await get(services, user, agent_id)
     if row["state"] not in repos.TERMINAL_STATES:
-        if not row["workflow_started"]:
-            await services.starter.start_workflow(row)
-        handle = services.temporal.get_workflow_handle(row["workflow_id"])
+        # Only the workflow writes the final state; this asks it and reads the answer.
         try:
-            await handle.execute_update("kill", KillRequest(), result_type=dict)
+            if not row["workflow_started"]:
+                await services.starter.kill_with_start(row, KillRequest())
+            else:
+                handle = services.temporal.get_workflow_handle(row["workflow_id"])
+                # A fixed update id: a retried kill is the same update, not a second one.
+                await handle.execute_update("kill", KillRequest(), id="kill", result_type=dict)
         except WorkflowUpdateFailedError as exc:
             row = await get(services, user, agent_id)
             if row["state"] not in repos.TERMINAL_STATES:

@@ -14,16 +14,20 @@ from temporalio.api.operatorservice.v1 import (
     ListSearchAttributesRequest,
 )
 from temporalio.client import Client
+from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.service import RPCError
-from temporalio.worker import Worker
+from temporalio.worker import Worker, WorkerDeploymentConfig
 
 from activities.agents import AgentActivities
 from activities.federation import FederationActivities
 from federation.identity import ensure_identity
 from federation.netpolicy import peer_client
 from federation.settings import Settings
+from federation.store import notifications
 from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal, metrics_runtime
+from worker.interceptor import AgentRunInterceptor
+from worker.reconciler import Reconciler
 from workflows.agent_run import AgentRunWorkflow
 from workflows.models import SEARCH_ATTRIBUTES
 from workflows.remote_agent import RemoteAgentWorkflow
@@ -60,6 +64,9 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     agents = AgentActivities(pool, http, settings)
     await ensure_search_attributes(client, settings.temporal_namespace)
     grace = timedelta(seconds=settings.worker_shutdown_grace)
+    deployment = deployment_config(settings)
+    kills = notifications.Listener(settings.database_url, (notifications.KILL,))
+    await kills.start()
     main_worker = Worker(
         client,
         task_queue=settings.task_queue,
@@ -67,17 +74,23 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         activities=[
             federation.send_spawn,
             federation.poll_status,
+            federation.wait_status,
             federation.send_kill,
             federation.record_requester_final,
             federation.admit_run,
             federation.finish_run,
+            federation.record_run_final,
+            federation.notify_requester,
         ],
         graceful_shutdown_timeout=grace,
+        deployment_config=deployment,
     )
     agent_worker = Worker(
         client,
         task_queue=settings.agent_task_queue,
         activities=[agents.run_agent],
+        interceptors=[AgentRunInterceptor(kills)],
+        deployment_config=deployment,
         max_concurrent_activities=settings.max_concurrent_agents,
         # Kill arrives through heartbeats: let them through often.
         max_heartbeat_throttle_interval=timedelta(seconds=0.5),
@@ -85,19 +98,59 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         graceful_shutdown_timeout=grace,
     )
     log.info(
-        "worker for %s polling %s and %s (at most %d agents)",
+        "worker for %s (%s %s) polling %s and %s (at most %d agents)",
         settings.instance_name,
+        deployment.version.deployment_name,
+        deployment.version.build_id,
         settings.task_queue,
         settings.agent_task_queue,
         settings.max_concurrent_agents,
     )
+    reconciler = Reconciler(pool, client, interval=settings.reconcile_interval)
     try:
         async with main_worker, agent_worker:
+            repairs = asyncio.create_task(reconciler.run_forever(stop))
             await stop.wait()
             log.info("stopping: no new tasks; running agents get %s to finish", grace)
+            await repairs
     finally:
+        await kills.close()
         await http.aclose()
         await pool.close()
+
+
+def build_id(settings: Settings) -> str:
+    """The setting, or the package version and a hash of the workflow code: a change to a
+    workflow makes a new build id."""
+    if settings.worker_build_id:
+        return settings.worker_build_id
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        package = version("fedagent")
+    except PackageNotFoundError:
+        package = "0"
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).parent.parent / "workflows").glob("*.py")):
+        digest.update(path.read_bytes())
+    return f"{package}+{digest.hexdigest()[:12]}"
+
+
+def deployment_config(settings: Settings) -> WorkerDeploymentConfig:
+    return WorkerDeploymentConfig(
+        version=WorkerDeploymentVersion(
+            deployment_name=settings.worker_deployment, build_id=build_id(settings)
+        ),
+        use_worker_versioning=settings.worker_versioning,
+        # Running workflows move to the new version: their changes sit behind patched().
+        default_versioning_behavior=(
+            VersioningBehavior.AUTO_UPGRADE
+            if settings.worker_versioning
+            else VersioningBehavior.UNSPECIFIED
+        ),
+    )
 
 
 async def ensure_search_attributes(client: Client, namespace: str) -> None:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutType
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
         ADMIT_RUN,
         AGENT_FAILED,
+        AGENT_KILLED,
         AGENT_TIMED_OUT,
         FINISH_RUN,
+        NOTIFY_REQUESTER,
+        PATCH_DURABLE_CORE,
+        RECORD_RUN_FINAL,
         RUN_AGENT,
         SA_AGENT_STATE,
         TASK_INVALID,
@@ -34,6 +39,25 @@ TIMEOUT_GRACE = timedelta(seconds=30)
 HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 # Retries of one try after a lost worker or a crash; agent failures are counted separately.
 INFRA_ATTEMPTS = 5
+# durable-core: a try is lost once this many heartbeats in a row are missing.
+MISSED_HEARTBEATS = 5
+STORE_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5)
+)
+
+
+def _cause_text(err: BaseException) -> str:
+    cause = err.cause if isinstance(err, ActivityError) and err.cause else err
+    return str(cause)
+
+
+def _is_heartbeat_timeout(err: BaseException | None) -> bool:
+    """A try whose workers stopped heartbeating (crashed, killed, cut off), however wrapped."""
+    while err is not None:
+        if isinstance(err, ActivityTimeout) and err.type == TimeoutType.HEARTBEAT:
+            return True
+        err = err.__cause__
+    return False
 
 
 @workflow.defn
@@ -45,10 +69,183 @@ class AgentRunWorkflow:
         self._error: str | None = None
         self._attempt = 0
         self._kill_requested = False
+        self._kill_reason = "killed on request"
         self._run: workflow.ActivityHandle[AgentOutcome] | None = None
+        self._seq = 0
+        self._recorded = False
+
+    def _durable_core(self) -> bool:
+        """The durable-core commands (record then notify, absolute deadline, cancel is a kill,
+        Failed when the agent failed); False replaying histories of earlier versions."""
+        return workflow.patched(PATCH_DURABLE_CORE)
 
     @workflow.run
     async def run(self, inp: AgentRunInput) -> AgentStatus:
+        if self._durable_core():
+            return await self._run_durable(inp)
+        return await self._run_before_durable_core(inp)
+
+    async def _run_durable(self, inp: AgentRunInput) -> AgentStatus:
+        self._agent_id = str(inp.envelope.get("payload", {}).get("agentId", ""))
+        requester_id = str(inp.envelope.get("senderId", ""))
+        task: RunTask | None = None
+        cancelled = False
+        try:
+            task = await workflow.execute_local_activity(
+                ADMIT_RUN,
+                inp,
+                result_type=RunTask,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(
+                    maximum_interval=timedelta(seconds=5), maximum_attempts=20
+                ),
+                summary="verify signed agent.spawn and check grants",
+            )
+        except asyncio.CancelledError:
+            cancelled = True
+            self._end("killed", error="workflow cancelled before the run started")
+        except (ActivityError, ApplicationError) as err:
+            self._end("failed", error=f"refused: {_cause_text(err)}")
+
+        if task is not None:
+            try:
+                await self._tries(task)
+            except asyncio.CancelledError:
+                # Cancelling the workflow (UI, CLI) is a kill; the activity was cancelled with
+                # it and confirmed (WAIT_CANCELLATION_COMPLETED), so the sandbox is gone.
+                cancelled = True
+                self._end("killed", error="killed: workflow cancelled")
+
+        traceparent = task.traceparent if task else str(inp.envelope.get("traceparent") or "")
+        if self._agent_id and requester_id:
+            final = FinishRun(
+                self._agent_id,
+                requester_id,
+                self._state,
+                self._result,
+                self._error,
+                self._attempt or None,
+                traceparent,
+            )
+            # Record first: the run's outcome is kept whatever happens to the notification.
+            self._seq = await workflow.execute_local_activity(
+                RECORD_RUN_FINAL,
+                final,
+                result_type=int,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=STORE_RETRY,
+                summary=f"record {self._state}",
+            )
+        self._recorded = True
+        if self._agent_id and requester_id:
+            try:  # best effort: the requester long-polls agent.status when this is lost
+                await workflow.execute_activity(
+                    NOTIFY_REQUESTER,
+                    final,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=timedelta(seconds=inp.notify_deadline_seconds),
+                    retry_policy=RetryPolicy(
+                        initial_interval=timedelta(seconds=1),
+                        maximum_interval=timedelta(seconds=30),
+                    ),
+                    summary=f"tell the requester it is {self._state}",
+                )
+            except ActivityError as err:
+                workflow.logger.warning("requester not told (it will ask): %s", _cause_text(err))
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if cancelled:
+            raise asyncio.CancelledError("killed: workflow cancelled")
+        if self._state in ("failed", "timed_out"):
+            # Recorded and told; the Temporal UI shows it Failed with the agent's reason.
+            raise ApplicationError(
+                self._error or self._state,
+                type=AGENT_TIMED_OUT if self._state == "timed_out" else AGENT_FAILED,
+                non_retryable=True,
+            )
+        return self.status()
+
+    async def _tries(self, task: RunTask) -> None:
+        """1 + options.maxRetries tries; each try's timeout is absolute across the
+        infrastructure retries of that try (lost workers), and a kill ends waits at once."""
+        heartbeat_timeout = timedelta(seconds=max(2.0, task.heartbeat_interval * MISSED_HEARTBEATS))
+        for attempt in range(1, task.max_retries + 2):
+            if self._kill_requested:
+                self._end("killed", error=self._kill_reason)
+                return
+            self._attempt = attempt
+            self._set_state("running")
+            budget = timedelta(seconds=task.timeout_seconds)
+            deadline = workflow.now() + budget
+            self._run = workflow.start_activity(
+                RUN_AGENT,
+                dataclasses.replace(task, attempt=attempt, deadline=deadline.isoformat()),
+                result_type=AgentOutcome,
+                task_queue=task.agent_task_queue or None,
+                start_to_close_timeout=budget + TIMEOUT_GRACE,
+                schedule_to_close_timeout=budget + TIMEOUT_GRACE,
+                heartbeat_timeout=heartbeat_timeout,
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(seconds=1),
+                    maximum_attempts=INFRA_ATTEMPTS,
+                    non_retryable_error_types=[
+                        AGENT_FAILED,
+                        AGENT_TIMED_OUT,
+                        TASK_INVALID,
+                        AGENT_KILLED,
+                    ],
+                ),
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                summary=f"run {task.agent_type} agent for task {task.task_id} (try {attempt})",
+            )
+            try:
+                outcome = await self._run
+                self._end("completed", result=outcome.result)
+                return
+            except ActivityError as err:
+                if isinstance(err.cause, CancelledError) and not self._kill_requested:
+                    raise asyncio.CancelledError() from err  # the workflow itself was cancelled
+                state, result, error = self._classify_durable(err, attempt)
+                retry = (
+                    state == "failed"
+                    and isinstance(err.cause, ApplicationError)
+                    and err.cause.type == AGENT_FAILED
+                    and attempt <= task.max_retries
+                    and not self._kill_requested
+                )
+                if not retry:
+                    self._end(state, result, error)
+                    return
+                self._result, self._error = result, error
+                workflow.set_current_details(f"try {attempt} failed: {error}; retrying")
+                try:
+                    await workflow.wait_condition(
+                        lambda: self._kill_requested, timeout=timedelta(seconds=min(2**attempt, 30))
+                    )
+                except TimeoutError:
+                    pass
+
+    def _classify_durable(
+        self, err: ActivityError, attempt: int
+    ) -> tuple[str, dict | None, str | None]:  # type: ignore[type-arg]
+        cause = err.cause
+        if self._kill_requested and (
+            isinstance(cause, CancelledError)
+            or (isinstance(cause, ApplicationError) and cause.type == AGENT_KILLED)
+        ):
+            return "killed", None, self._kill_reason
+        if isinstance(cause, ApplicationError) and cause.type == AGENT_KILLED:
+            return "killed", None, cause.message
+        if _is_heartbeat_timeout(cause):
+            return (
+                "failed",
+                None,
+                f"lost workers: try {attempt} stopped heartbeating on every worker that ran it",
+            )
+        if isinstance(cause, ActivityTimeout):
+            return "timed_out", None, "the run exceeded its timeout"
+        return self._classify(err)
+
+    async def _run_before_durable_core(self, inp: AgentRunInput) -> AgentStatus:
         self._agent_id = str(inp.envelope.get("payload", {}).get("agentId", ""))
         task: RunTask | None = None
         try:
@@ -156,6 +353,15 @@ class AgentRunWorkflow:
 
     @workflow.update
     async def kill(self, request: KillRequest) -> KillResult:
+        if self._durable_core():
+            if self._state not in TERMINAL_STATES:
+                self._kill_requested = True
+                self._kill_reason = request.reason or "killed on request"
+                if self._run is not None and not self._run.done():
+                    self._run.cancel()
+            # The answer waits for the final state to be recorded (sandbox gone).
+            await workflow.wait_condition(lambda: self._recorded)
+            return KillResult(self._agent_id, self._state, self._seq, self._result, self._error)
         if self._state not in TERMINAL_STATES:
             self._kill_requested = True
             if self._run is not None and not self._run.done():
@@ -167,7 +373,13 @@ class AgentRunWorkflow:
     @workflow.query
     def status(self) -> AgentStatus:
         return AgentStatus(
-            self._agent_id, self._state, 0, None, self._result, self._error, self._attempt or None
+            self._agent_id,
+            self._state,
+            self._seq,
+            None,
+            self._result,
+            self._error,
+            self._attempt or None,
         )
 
     def _set_state(self, state: str) -> None:

@@ -23,7 +23,14 @@ RUN_AGENT = "run_agent"
 AGENT_FAILED = "AgentFailed"
 AGENT_TIMED_OUT = "AgentTimedOut"
 TASK_INVALID = "TaskInvalid"
-FINISH_RUN = "finish_run"
+FINISH_RUN = "finish_run"  # before durable-core: record and notify in one activity
+# durable-core: record first, then tell the requester (best effort); the requester long-polls.
+RECORD_RUN_FINAL = "record_run_final"
+NOTIFY_REQUESTER = "notify_requester"
+WAIT_STATUS = "wait_status"
+AGENT_KILLED = "AgentKilled"
+# The patch every durable-core change of workflow commands sits behind.
+PATCH_DURABLE_CORE = "durable-core-1"
 
 # Custom search attributes operators filter by in the Temporal Web UI.
 SA_AGENT_ID = SearchAttributeKey.for_keyword("AgentId")
@@ -79,6 +86,31 @@ class SpawnAgentInput:
     status_poll_seconds: int = 15
     peer_timeout_seconds: float = 15.0
     traceparent: str = ""
+    # durable-core: the long-poll's bound (the executor holds agent.status up to this long),
+    # the grace after timeout x tries + spawn deadline before the run ends timed_out, how long
+    # a kill tries to reach the peer before it ends the run here unconfirmed.
+    long_poll_seconds: float = 20.0
+    deadline_grace_seconds: float = 120.0
+    kill_deadline_seconds: float = 15.0
+    # Set when continuing as new: the run's absolute deadline, that the spawn was sent, and
+    # what the run knew.
+    deadline: str = ""
+    spawned: bool = False
+    carried: AgentStatus | None = None
+    # Tests: continue as new once the history has this many events (0: when Temporal suggests).
+    continue_as_new_after_events: int = 0
+
+
+@dataclass(frozen=True)
+class StatusWait:
+    """Wait until the executor reports a state other than `known_state` (seq after `after_seq`)."""
+
+    agent_id: str
+    after_seq: int
+    known_state: str
+    wait_seconds: float = 20.0
+    peer_timeout_seconds: float = 15.0
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,6 +143,10 @@ class KillResult:
     agent_id: str
     state: str
     seq: int = 0
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    # False when the run was ended here without the executor confirming the sandbox is gone.
+    confirmed: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,6 +177,8 @@ class AgentRunInput:
 
     envelope: dict[str, Any]
     received_at: str
+    # durable-core: how long telling the requester the final state is retried (best effort).
+    notify_deadline_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +198,8 @@ class RunTask:
     attempt: int = 1
     agent_task_queue: str = ""
     traceparent: str = ""
+    # durable-core: the try's absolute end (RFC 3339), the same across infrastructure retries.
+    deadline: str = ""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -10,12 +13,14 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
+        PATCH_DURABLE_CORE,
         POLL_STATUS,
         RECORD_REQUESTER_FINAL,
         SA_AGENT_STATE,
         SEND_KILL,
         SEND_SPAWN,
         TERMINAL_STATES,
+        WAIT_STATUS,
         AgentEvent,
         AgentStatus,
         KillRequest,
@@ -23,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         PeerCall,
         RequesterFinal,
         SpawnAgentInput,
+        StatusWait,
     )
 
 PEER_RETRY = RetryPolicy(
@@ -34,6 +40,21 @@ MAX_POLL_BACKOFF = 16  # the poll interval grows up to this many times the base
 STORE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5)
 )
+
+
+def _changed_or_done(
+    run: RemoteAgentWorkflow, poll: workflow.ActivityHandle[AgentEvent]
+) -> Callable[[], bool]:
+    return lambda: run._changed or poll.done()
+
+
+def _budget(inp: SpawnAgentInput) -> timedelta:
+    """How long the run may take in all: timeout x tries + spawn deadline + grace."""
+    timeout = float(inp.options.get("timeout") or 3600)
+    tries = 1 + int(inp.options.get("maxRetries") or 0)
+    return timedelta(
+        seconds=timeout * tries + inp.spawn_deadline_seconds + inp.deadline_grace_seconds
+    )
 
 
 def _reason(err: ActivityError) -> str:
@@ -61,9 +82,147 @@ class RemoteAgentWorkflow:
         self._attempt: int | None = None
         self._spawn_settled = False
         self._changed = False
+        self._kill_requested = False
+        self._recorded = False
+        self._continuing = False
+        # send_kill wrote the executor's final answer into the projection: a local activity
+        # to write it again would hold the kill's answer until it is done.
+        self._final_written = False
+        self._input: SpawnAgentInput | None = None
+
+    def _durable_core(self) -> bool:
+        """The durable-core commands (long-poll, deadline, continue-as-new); False replaying
+        histories of earlier versions, which keep their own path below."""
+        return workflow.patched(PATCH_DURABLE_CORE)
 
     @workflow.run
     async def run(self, inp: SpawnAgentInput) -> AgentStatus:
+        self._input = inp
+        if self._durable_core():
+            return await self._run(inp)
+        return await self._run_before_durable_core(inp)
+
+    async def _run(self, inp: SpawnAgentInput) -> AgentStatus:
+        self._agent_id = inp.agent_id
+        self._traceparent = inp.traceparent
+        if inp.carried is not None:
+            # Continued as new: pick up what the last run knew. Signals of this run's first
+            # task ran before this line and may know more: an older report changes nothing.
+            carried = inp.carried
+            self._apply(
+                AgentEvent(
+                    carried.seq, carried.state, None, carried.result, carried.error, carried.attempt
+                )
+            )
+        deadline = (
+            datetime.fromisoformat(inp.deadline) if inp.deadline else workflow.now() + _budget(inp)
+        )
+        if not inp.spawned:
+            await asyncio.sleep(0)  # a kill delivered with the start runs first
+            if self._kill_requested:
+                self._finish("killed", error="killed before the spawn was sent")
+            else:
+                try:
+                    ack = await workflow.execute_activity(
+                        SEND_SPAWN,
+                        inp,
+                        result_type=AgentEvent,
+                        schedule_to_close_timeout=timedelta(seconds=inp.spawn_deadline_seconds),
+                        start_to_close_timeout=timedelta(seconds=inp.peer_timeout_seconds + 5),
+                        retry_policy=PEER_RETRY,
+                        summary=f"send agent.spawn to {inp.peer_name}",
+                    )
+                    self._apply(ack)
+                except ActivityError as err:
+                    self._finish("failed", error=f"spawn not delivered: {_reason(err)}")
+        self._spawn_settled = True
+
+        backoff = 1.0
+        while self._state not in TERMINAL_STATES:
+            if self._continue_as_new_due(inp):
+                self._continuing = True
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if self._state not in TERMINAL_STATES:
+                    workflow.continue_as_new(
+                        dataclasses.replace(
+                            inp, deadline=deadline.isoformat(), spawned=True, carried=self.status()
+                        )
+                    )
+                break
+            remaining = (deadline - workflow.now()).total_seconds()
+            if remaining <= 0:
+                self._finish(
+                    "timed_out",
+                    error=f"no final state from {inp.peer_name} within"
+                    f" {_budget(inp).total_seconds():.0f} s (timeout x tries + spawn deadline"
+                    " + grace)",
+                )
+                break
+            # One long-poll activity waits for the executor's next state change; silence and
+            # progress cost no history. An event (signal) that brings the change first wins.
+            self._changed = False
+            poll = workflow.start_activity(
+                WAIT_STATUS,
+                StatusWait(
+                    inp.agent_id,
+                    self._seq,
+                    self._state,
+                    inp.long_poll_seconds,
+                    inp.peer_timeout_seconds,
+                    inp.traceparent,
+                ),
+                result_type=AgentEvent,
+                schedule_to_close_timeout=timedelta(seconds=remaining),
+                heartbeat_timeout=timedelta(seconds=inp.peer_timeout_seconds + 10),
+                retry_policy=PEER_RETRY,
+                cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
+                summary=f"wait for {inp.peer_name} to report a change",
+            )
+            await workflow.wait_condition(_changed_or_done(self, poll))
+            if not poll.done():
+                poll.cancel()
+                continue
+            try:
+                self._apply(poll.result())
+                backoff = 1.0
+            except ActivityError as err:
+                # The executor refused (not ACTIVE, unknown agent): wait for news or the
+                # deadline, less often each time.
+                self._error = f"status unavailable: {_reason(err)}"
+                wait = min(backoff, max(0.0, (deadline - workflow.now()).total_seconds()))
+                backoff = min(backoff * 2, 60.0)
+                try:
+                    await workflow.wait_condition(lambda: self._changed, timeout=wait)
+                except TimeoutError:
+                    pass
+
+        if not self._final_written:
+            await workflow.execute_local_activity(
+                RECORD_REQUESTER_FINAL,
+                RequesterFinal(inp.agent_id, self._state, self._result, self._error),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=STORE_RETRY,
+                summary=f"record final state {self._state}",
+            )
+        self._recorded = True
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if self._state in ("failed", "timed_out"):
+            # Recorded; now let the Temporal UI show it as the failure it is.
+            raise ApplicationError(
+                self._error or self._state,
+                type="AgentTimedOut" if self._state == "timed_out" else "AgentFailed",
+                non_retryable=True,
+            )
+        return self.status()
+
+    def _continue_as_new_due(self, inp: SpawnAgentInput) -> bool:
+        info = workflow.info()
+        forced = inp.continue_as_new_after_events
+        return info.is_continue_as_new_suggested() or (
+            forced > 0 and info.get_current_history_length() >= forced
+        )
+
+    async def _run_before_durable_core(self, inp: SpawnAgentInput) -> AgentStatus:
         self._agent_id = inp.agent_id
         self._traceparent = inp.traceparent
         call = PeerCall(inp.agent_id, inp.connection_id, inp.peer_timeout_seconds, inp.traceparent)
@@ -125,6 +284,47 @@ class RemoteAgentWorkflow:
 
     @workflow.update
     async def kill(self, request: KillRequest) -> KillResult:
+        if not self._durable_core():
+            return await self._kill_before_durable_core(request)
+        self._kill_requested = True  # a spawn not sent yet is never sent
+        await workflow.wait_condition(lambda: self._spawn_settled)
+        confirmed = True
+        if self._state not in TERMINAL_STATES:
+            inp = self._input
+            assert inp is not None
+            try:
+                answer = await workflow.execute_activity(
+                    SEND_KILL,
+                    PeerCall(self._agent_id, "", inp.peer_timeout_seconds, self._traceparent),
+                    result_type=KillResult,
+                    start_to_close_timeout=timedelta(seconds=60),
+                    schedule_to_close_timeout=timedelta(seconds=inp.kill_deadline_seconds),
+                    retry_policy=PEER_RETRY,
+                    summary="send agent.kill",
+                )
+            except ActivityError as err:
+                # The connection is not ACTIVE, the peer is gone or silent: end the run here.
+                confirmed = False
+                self._finish(
+                    "killed", error=f"killed here, not confirmed by {inp.peer_name}: {_reason(err)}"
+                )
+            else:
+                self._apply(AgentEvent(answer.seq, answer.state, None, answer.result, answer.error))
+                self._final_written = answer.state in TERMINAL_STATES
+                if self._state not in TERMINAL_STATES:
+                    raise ApplicationError(
+                        f"{inp.peer_name} answered the kill with state {answer.state}",
+                        type="kill_not_confirmed",
+                    )
+        if not confirmed:
+            # Answer once the final state is in the projection, so the caller reads it there
+            # (a confirmed answer was written there by send_kill already).
+            await workflow.wait_condition(lambda: self._recorded or self._continuing)
+        return KillResult(
+            self._agent_id, self._state, self._seq, self._result, self._error, confirmed
+        )
+
+    async def _kill_before_durable_core(self, request: KillRequest) -> KillResult:
         await workflow.wait_condition(lambda: self._spawn_settled)
         if self._state not in TERMINAL_STATES:
             answer = await workflow.execute_activity(

@@ -6,6 +6,7 @@ leaves nothing else behind: the checks run in one transaction that a refusal rol
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
@@ -49,7 +50,7 @@ from federation.models import (
 )
 from federation.peer import CardKeyRefresher, fetch_card
 from federation.settings import Settings
-from federation.store import artifacts, repos
+from federation.store import artifacts, notifications, repos
 from federation.trust import (
     SAFE_INSTANCE_ID,
     check_card_matches,
@@ -343,6 +344,8 @@ async def incoming_command(
         # is held across the RPC). The start is idempotent by workflow id: a failed start
         # (Temporal away: 503) is repaired by the requester's retry of the same spawn.
         row = await _start_run(pool, temporal, settings, envelope, connection, received_at)
+    elif command == "agent.status" and ref.afterSeq is not None:
+        row = await _wait_for_change(request, pool, settings, row, ref)
     elif command == "agent.kill":
         row = await _kill(pool, temporal, row)
         await _audit_accepted(pool, envelope, str(row["agent_id"]), state=row["state"])
@@ -454,22 +457,70 @@ async def _artifact(
     }
 
 
+LONG_POLL_MAX = 25.0  # seconds an agent.status long-poll is held at most
+
+
+def _state_listener(request: Request, settings: Settings) -> notifications.Listener:
+    listener = getattr(request.app.state, "agent_state_listener", None)
+    if listener is None:
+        listener = notifications.Listener(settings.database_url, (notifications.AGENT_STATE,))
+        request.app.state.agent_state_listener = listener
+    return listener
+
+
+async def _wait_for_change(
+    request: Request, pool: asyncpg.Pool, settings: Settings, row: dict[str, Any], ref: Any
+) -> dict[str, Any]:
+    """Hold agent.status until the record moves past what the requester knows, or a bound."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(ref.waitSeconds or 20.0, LONG_POLL_MAX)
+    key = notifications.agent_key("executor", row["peer_instance_id"], row["agent_id"])
+    listener = _state_listener(request, settings)
+    while True:
+        if row["seq"] > ref.afterSeq and (
+            ref.knownState is None
+            or row["state"] != ref.knownState
+            or row["state"] in repos.TERMINAL_STATES
+        ):
+            return row
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return row
+        # Woken by the state trigger's NOTIFY; re-read on a bound in case one is lost.
+        await listener.wait(notifications.AGENT_STATE, key, min(remaining, 2.0))
+        fresh = await repos.get_executed_agent(pool, row["peer_instance_id"], row["agent_id"])
+        if fresh is None:
+            return row
+        row = fresh
+
+
 async def _kill(pool: asyncpg.Pool, temporal: Client, row: dict[str, Any]) -> dict[str, Any]:
-    """Kill the run and answer once its sandbox is gone; a finished run is left as it is."""
+    """Ask the run's workflow to kill it; answer once its final state is recorded.
+
+    Only the workflow writes the final state: a kill racing completion answers `completed`
+    (with the result), one racing a failure keeps the failure's reason.
+    """
     if row["state"] not in repos.TERMINAL_STATES:
+        # The worker running the agent stops its sandbox now, not at the next heartbeat.
+        key = notifications.agent_key("executor", row["peer_instance_id"], row["agent_id"])
+        await notifications.send(pool, notifications.KILL, key)
         handle = temporal.get_workflow_handle(row["workflow_id"])
         try:
-            result = await handle.execute_update("kill", KillRequest(), result_type=dict)
-            state = str(result.get("state", "killed"))
+            # A fixed update id: a retried kill is the same update, not a second one.
+            await handle.execute_update("kill", KillRequest(), id="kill", result_type=dict)
         except WorkflowUpdateFailedError:
-            state = "killed"
+            pass  # the workflow closed meanwhile: its final state is recorded
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
-            state = "killed"  # no workflow left to run it: nothing runs
-        await repos.update_executed_agent(
-            pool, row["peer_instance_id"], row["agent_id"], state=state, error="killed on request"
-        )
+            # No workflow to ask (it never started or is long gone): nothing runs.
+            await repos.update_executed_agent(
+                pool,
+                row["peer_instance_id"],
+                row["agent_id"],
+                state="killed",
+                error="killed: its workflow does not exist",
+            )
     fresh = await repos.get_executed_agent(pool, row["peer_instance_id"], row["agent_id"])
     assert fresh is not None
     return fresh

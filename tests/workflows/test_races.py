@@ -1,0 +1,361 @@
+"""Races and hard cases of both workflows, each driven step by step against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
+
+import workflows.models as m
+from tests.workflows.peer import ScriptedPeer, save_history, spawn_input
+from tests.workflows.test_paths import final_status, start_executor, start_requester
+from workflows.remote_agent import RemoteAgentWorkflow
+
+
+async def closed_status(client: Client, handle) -> WorkflowExecutionStatus:  # type: ignore[no-untyped-def]
+    described = await client.get_workflow_handle(handle.id).describe()
+    assert described.status is not None
+    return described.status
+
+
+async def history_length(client: Client, handle) -> int:  # type: ignore[no-untyped-def]
+    return len((await client.get_workflow_handle(handle.id).fetch_history()).events)
+
+
+async def kill(handle) -> m.KillResult:  # type: ignore[no-untyped-def]
+    return await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+
+
+async def wait_for(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+# --- point 2: telling the requester never fails a run ------------------------------------
+
+
+async def test_requester_refusing_the_final_event_leaves_the_run_completed(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.release_run.set()
+    peer.notify_error = ApplicationError("413", type="payload_too_large", non_retryable=True)
+    handle = await start_executor(client, task_queue)
+    status = await final_status(handle)
+    await save_history(client, handle, "executor-notify-refused")
+    assert status.state == "completed"
+    assert [f.state for f in peer.executor_finals] == ["completed"]
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_unreachable_requester_is_retried_then_given_up_without_failing(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.release_run.set()
+    peer.notify_error = ApplicationError("connect refused", type="peer_unreachable")
+    agent_id = str(uuid.uuid4())
+    from tests.workflows.peer import run_input
+
+    inp = run_input(agent_id)
+    handle = await client.start_workflow(
+        "AgentRunWorkflow",
+        m.AgentRunInput(inp.envelope, inp.received_at, notify_deadline_seconds=3),
+        id=m.agent_run_workflow_id("hub", agent_id),
+        task_queue=task_queue,
+    )
+    status = await final_status(handle)
+    assert status.state == "completed"
+    assert peer.calls.count(m.NOTIFY_REQUESTER) >= 2  # retried
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_silence_and_chatty_progress_cost_the_requester_no_history(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    await asyncio.sleep(0.5)
+    before = await history_length(client, handle)
+    for seq in range(2, 40):  # progress: new seq, same state
+        peer.set_status(m.AgentEvent(seq, "running", progress={"turn": seq}))
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(2.0)  # and a long silence
+    assert await history_length(client, handle) == before
+    peer.set_status(m.AgentEvent(50, "completed", result={"summary": "ok"}))
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-long-run-chatty-progress")
+    assert (status.state, status.seq) == ("completed", 50)
+
+
+# --- point 3: one writer of a final state --------------------------------------------------
+
+
+async def test_kill_racing_completion_keeps_the_result(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """Executor: the agent finished, the workflow is still telling the requester; a kill now
+    answers completed, with the result."""
+    peer.notify_gate.clear()  # the workflow is still telling the requester
+    peer.release_run.set()
+    peer.run_outcome = m.AgentOutcome("ok", {"summary": "ok"})
+    handle = await start_executor(client, task_queue)
+    await wait_for(lambda: bool(peer.executor_finals))
+    answer = await kill(handle)
+    peer.notify_gate.set()
+    assert (answer.state, answer.result) == ("completed", {"summary": "ok"})
+    status = await final_status(handle)
+    assert status.state == "completed"
+    assert [f.state for f in peer.executor_finals] == ["completed"]
+    await save_history(client, handle, "executor-kill-racing-completion")
+
+
+async def test_requester_kill_racing_completion_keeps_the_result(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    async def already_completed() -> m.KillResult:
+        return m.KillResult("x", "completed", 7, {"summary": "done first"}, None)
+
+    peer.kill_answer = already_completed
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    answer = await kill(handle)
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-kill-racing-completion")
+    assert (answer.state, answer.result) == ("completed", {"summary": "done first"})
+    assert (status.state, status.result) == ("completed", {"summary": "done first"})
+    # send_kill wrote the executor's answer into the projection; nothing overwrites it.
+    assert peer.requester_finals == []
+
+
+async def test_kill_racing_failure_keeps_the_failure_reason(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    async def already_failed() -> m.KillResult:
+        return m.KillResult("x", "failed", 7, None, "tests failed")
+
+    peer.kill_answer = already_failed
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    answer = await kill(handle)
+    status = await final_status(handle)
+    assert (answer.state, answer.error) == ("failed", "tests failed")
+    assert (status.state, status.error) == ("failed", "tests failed")
+
+
+async def test_a_retried_kill_is_the_same_kill(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    first, second = await asyncio.gather(
+        handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult),
+        handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult),
+    )
+    assert first == second
+    assert first.state == "killed"
+    assert peer.calls.count(m.SEND_KILL) == 1
+
+
+# --- point 4: a requester run always ends ----------------------------------------------------
+
+
+async def test_requester_without_news_ends_timed_out_at_its_deadline(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.status_answer = ApplicationError("gone", type="agent_not_found", non_retryable=True)
+    handle = await start_requester(
+        client,
+        task_queue,
+        options={"timeout": 1, "maxRetries": 1},
+        spawn_deadline_seconds=1,
+        deadline_grace_seconds=1,
+    )
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-timed-out")
+    assert status.state == "timed_out"
+    assert "no final state from spoke within 4 s" in (status.error or "")
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.FAILED
+
+
+async def test_kill_with_the_peer_gone_answers_at_once_unconfirmed(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.kill_error = ApplicationError(
+        "connection is SUSPENDED", type="connection_not_active", non_retryable=True
+    )
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    answer = await kill(handle)
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-killed-peer-gone")
+    assert (answer.state, answer.confirmed) == ("killed", False)
+    assert "not confirmed by spoke" in (status.error or "")
+    assert peer.requester_finals[-1].state == "killed"
+
+
+async def test_long_run_continues_as_new_and_still_ends_once(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    handle = await start_requester(
+        client, task_queue, continue_as_new_after_events=12, options={"timeout": 30}
+    )
+    first_run = (await handle.describe()).run_id
+    latest = client.get_workflow_handle(handle.id)
+    for seq, state in ((2, "running"), (3, "spawning"), (4, "running"), (5, "spawning")):
+        await latest.signal("on_event", m.AgentEvent(seq, state))
+        await asyncio.sleep(0.2)
+    await latest.signal("on_event", m.AgentEvent(9, "completed", result={"summary": "ok"}))
+    status = await final_status(latest)
+    assert (status.state, status.result) == ("completed", {"summary": "ok"})
+    first = client.get_workflow_handle(handle.id, run_id=first_run)
+    assert (await first.describe()).status == WorkflowExecutionStatus.CONTINUED_AS_NEW
+    assert [f.state for f in peer.requester_finals] == ["completed"]
+    assert peer.calls.count(m.SEND_SPAWN) == 1
+    await save_history(client, first, "requester-continued-as-new")
+
+
+# --- events on the network -------------------------------------------------------------------
+
+
+async def test_duplicate_and_reordered_events_change_nothing_after_the_final_one(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    handle = await start_requester(client, task_queue)
+    for event in (
+        m.AgentEvent(3, "running"),
+        m.AgentEvent(3, "running"),
+        m.AgentEvent(2, "spawning"),
+        m.AgentEvent(5, "completed", result={"summary": "first final"}),
+        m.AgentEvent(4, "running"),
+        m.AgentEvent(6, "failed", error="late"),
+    ):
+        await handle.signal("on_event", event)
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-duplicate-reordered-events")
+    assert (status.state, status.seq, status.result) == ("completed", 5, {"summary": "first final"})
+    assert [f.state for f in peer.requester_finals] == ["completed"]
+
+
+# --- point 5 and 14.9: cancel is a kill, the UI shows failures -------------------------------
+
+
+async def test_cancelling_the_executor_workflow_kills_the_agent(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    handle = await start_executor(client, task_queue)
+    await peer.sandbox_started.wait()
+    await handle.cancel()
+    status = await final_status(handle)
+    await save_history(client, handle, "executor-workflow-cancelled")
+    assert status.state == "killed"
+    assert peer.sandboxes_gone == 1
+    assert [f.state for f in peer.executor_finals] == ["killed"]
+    assert [f.state for f in peer.notified] == ["killed"]
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
+
+
+async def test_failed_agent_workflow_ends_failed_with_the_reason_after_recording(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.release_run.set()
+    peer.run_outcome = ApplicationError("3 tests failed", type=m.AGENT_FAILED)
+    handle = await start_executor(client, task_queue)
+    status = await final_status(handle)
+    assert status.state == "failed"
+    assert [f.state for f in peer.executor_finals] == ["failed"]
+    described = await client.get_workflow_handle(handle.id).describe()
+    assert described.status == WorkflowExecutionStatus.FAILED
+    history = await client.get_workflow_handle(handle.id).fetch_history()
+    failed = history.events[-1].workflow_execution_failed_event_attributes
+    assert "3 tests failed" in failed.failure.message
+
+
+# --- point 6: timeouts mean what they say ----------------------------------------------------
+
+
+async def test_try_lost_to_crashing_workers_is_reported_as_lost_workers(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    deadlines: list[str] = []
+
+    async def never_heartbeats(task: m.RunTask) -> m.AgentOutcome:
+        deadlines.append(task.deadline)
+        await asyncio.sleep(60)  # its worker is gone: no heartbeat, no answer
+        raise AssertionError("unreachable")
+
+    peer.run_script = never_heartbeats
+    handle = await start_executor(client, task_queue, heartbeatInterval=0.2)
+    status = await final_status(handle)
+    await save_history(client, handle, "executor-lost-workers")
+    assert status.state == "failed"
+    assert (status.error or "").startswith("lost workers")
+    # One deadline for the try, whichever worker runs it.
+    assert len(deadlines) >= 2 and len(set(deadlines)) == 1
+    history = await client.get_workflow_handle(handle.id).fetch_history()
+    scheduled = next(
+        e.activity_task_scheduled_event_attributes
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == m.RUN_AGENT
+    )
+    assert scheduled.heartbeat_timeout.ToTimedelta().total_seconds() == 2.0  # follows 0.2 s
+    assert scheduled.schedule_to_close_timeout.ToTimedelta().total_seconds() == 90.0
+
+
+# --- point 8: kill of a spawn not started yet -------------------------------------------------
+
+
+async def test_kill_before_the_workflow_started_never_sends_the_spawn(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    agent_id = str(uuid.uuid4())
+    start = WithStartWorkflowOperation(
+        RemoteAgentWorkflow.run,
+        spawn_input(agent_id),
+        id=m.remote_agent_workflow_id(agent_id),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+    answer = await client.execute_update_with_start_workflow(
+        RemoteAgentWorkflow.kill, m.KillRequest(), start_workflow_operation=start, id="kill"
+    )
+    handle = await start.workflow_handle()
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-killed-before-start")
+    assert answer.state == "killed"
+    assert status.error == "killed before the spawn was sent"
+    assert m.SEND_SPAWN not in peer.calls
+
+
+async def test_kill_during_spawn_waits_for_the_spawn_then_kills_remotely(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.spawn_gate.clear()
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: m.SEND_SPAWN in peer.calls)
+    pending = asyncio.create_task(kill(handle))
+    await asyncio.sleep(0.3)
+    assert not pending.done()
+    peer.spawn_gate.set()
+    answer = await pending
+    assert (answer.state, answer.confirmed) == ("killed", True)
+    assert peer.calls.count(m.SEND_KILL) == 1
+
+
+async def test_kill_of_a_waiting_executor_run_is_answered_after_the_sandbox_is_gone(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    handle = await start_executor(client, task_queue)
+    await peer.sandbox_started.wait()
+    answer = await kill(handle)
+    assert answer.state == "killed"
+    assert peer.sandboxes_gone == 1
+    assert [f.state for f in peer.executor_finals] == ["killed"]
+    status = await final_status(handle)
+    assert status.state == "killed"
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.COMPLETED

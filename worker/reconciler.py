@@ -1,0 +1,84 @@
+"""Repairs runs whose workflow closed without recording a final state.
+
+Workflows record their final state before they close; one that was terminated, reset past its
+recording, or cut off by a history limit leaves its row `running` for ever, and on an executor
+that row keeps a slot of its capacity. Every worker looks now and then at open rows nobody
+touched lately, asks Temporal (`describe()`) and records what the closed workflow says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import asyncpg
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from federation.store import reconcile, repos
+
+log = logging.getLogger(__name__)
+
+CLOSED = {
+    WorkflowExecutionStatus.TERMINATED: ("killed", "its workflow was terminated"),
+    WorkflowExecutionStatus.CANCELED: ("killed", "its workflow was cancelled"),
+    WorkflowExecutionStatus.TIMED_OUT: ("timed_out", "its workflow timed out"),
+    WorkflowExecutionStatus.FAILED: ("failed", "its workflow failed"),
+    WorkflowExecutionStatus.COMPLETED: ("failed", "its workflow closed"),
+}
+
+
+class Reconciler:
+    def __init__(self, pool: asyncpg.Pool, client: Client, *, interval: float) -> None:
+        self.pool = pool
+        self.client = client
+        self.interval = interval
+
+    async def reconcile_once(self) -> int:
+        """Repair what can be repaired now; returns how many rows were repaired."""
+        rows = await reconcile.unfinished_runs(self.pool, quiet_seconds=self.interval)
+        repaired = 0
+        for row in rows:
+            verdict = await self._verdict(row)
+            if verdict is None:
+                continue
+            state, why = verdict
+            await reconcile.repair(
+                self.pool, row, state=state, error=f"{why} without recording a final state"
+            )
+            log.warning("agent %s (%s): %s; recorded %s", row["agent_id"], row["role"], why, state)
+            repaired += 1
+        return repaired
+
+    async def _verdict(self, row: dict[str, Any]) -> tuple[str, str] | None:
+        handle = self.client.get_workflow_handle(row["workflow_id"])
+        try:
+            described = await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return "failed", "its workflow does not exist"
+            raise
+        if described.status is None or described.status not in CLOSED:
+            return None  # running (or continued as new: describe shows the newest run)
+        if described.status == WorkflowExecutionStatus.COMPLETED:
+            # It answered: take its own word if it has one.
+            try:
+                status = await handle.query("status", result_type=dict)
+                if status.get("state") in repos.TERMINAL_STATES:
+                    return str(status["state"]), "its workflow closed"
+            except Exception:  # noqa: BLE001 - fall back to the closed status
+                pass
+        return CLOSED[described.status]
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.reconcile_once()
+            except Exception as exc:  # noqa: BLE001 - Temporal or the database is away
+                log.warning("reconcile failed: %r", exc)
