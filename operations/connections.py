@@ -9,8 +9,8 @@ import logging
 import uuid
 from typing import Any
 
-from temporalio.client import Client, WorkflowUpdateFailedError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import Client
+from temporalio.service import RPCError
 
 from federation.connections import change_suspension, suspension_change
 from federation.envelope import MessageType
@@ -28,7 +28,7 @@ from federation.store.first_hour import spawnable_connections
 from federation.trust import SAFE_INSTANCE_ID
 from federation.users import User
 from operations import Services
-from workflows.models import KillRequest
+from operations.hosted import stop_run
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +45,20 @@ async def end_peer_runs(
     if settings.on_connection_end != "kill":
         return 0
     rows = await pool.fetch(
-        "SELECT agent_id, peer_instance_id, workflow_id FROM agents WHERE role = 'executor'"
+        "SELECT * FROM agents WHERE role = 'executor'"
         " AND connection_id = $1 AND NOT (state = ANY($2::text[]))",
         connection["connection_id"],
         list(repos.TERMINAL_STATES),
     )
     gate = asyncio.Semaphore(8)
+    reason = f"connection {connection['status'].lower()}"
 
     async def kill(row: Any) -> None:
         async with gate:
-            handle = temporal.get_workflow_handle(row["workflow_id"])
-            reason = f"connection {connection['status'].lower()}"
             try:
-                await handle.execute_update("kill", KillRequest(reason=reason), result_type=dict)
-                return
-            except WorkflowUpdateFailedError:
-                pass
+                await stop_run(pool, temporal, dict(row), reason)
             except RPCError as exc:
-                if exc.status != RPCStatusCode.NOT_FOUND:
-                    log.warning("could not kill %s: %s", row["workflow_id"], exc)
-                    return
-            # No workflow left to run it: nothing runs, so say so.
-            await repos.update_executed_agent(
-                pool, row["peer_instance_id"], row["agent_id"], state="killed", error=reason
-            )
+                log.warning("could not kill %s: %s", row["workflow_id"], exc)
 
     await asyncio.gather(*(kill(r) for r in rows))
     if rows:

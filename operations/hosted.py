@@ -7,16 +7,55 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from temporalio.client import WorkflowUpdateFailedError
-from temporalio.service import RPCError
+import asyncpg
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from federation.errors import AgentNotFound, ConnectionNotFound, InvalidRequest, KillNotDelivered
 from federation.models import AgentKillPublic
-from federation.store import repos
+from federation.store import notifications, repos
 from federation.store.first_hour import list_hosted
 from federation.users import User
 from operations import Services
 from workflows.models import KillRequest
+
+
+async def stop_run(
+    pool: asyncpg.Pool, temporal: Client, row: dict[str, Any], reason: str
+) -> dict[str, Any]:
+    """Ask a hosted run's workflow to kill it; answer its row once the final state is recorded.
+
+    The one way this executor stops a run, whoever asks (the peer's agent.kill, this
+    instance's admin, a connection that ends). Only the workflow writes the final state: a
+    kill racing completion answers `completed` (with the result), one racing a failure keeps
+    the failure's reason.
+    """
+    if row["state"] not in repos.TERMINAL_STATES:
+        # The worker running the agent stops its sandbox now, not at the next heartbeat.
+        key = notifications.agent_key("executor", row["peer_instance_id"], row["agent_id"])
+        await notifications.send(pool, notifications.KILL, key)
+        handle = temporal.get_workflow_handle(row["workflow_id"])
+        try:
+            # A fixed update id: a retried kill is the same update, not a second one.
+            await handle.execute_update(
+                "kill", KillRequest(reason=reason), id="kill", result_type=dict
+            )
+        except WorkflowUpdateFailedError:
+            pass  # the workflow closed meanwhile: its final state is recorded
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            # No workflow to ask (it never started or is long gone): nothing runs.
+            await repos.update_executed_agent(
+                pool,
+                row["peer_instance_id"],
+                row["agent_id"],
+                state="killed",
+                error=f"{reason}: its workflow does not exist",
+            )
+    fresh = await repos.get_executed_agent(pool, row["peer_instance_id"], row["agent_id"])
+    assert fresh is not None
+    return fresh
 
 
 async def peer_instance_id(services: Services, peer: str | None) -> str | None:
@@ -73,20 +112,16 @@ async def kill(
     row = await get(services, agent_id, peer)
     state = str(row["state"])
     if state not in repos.TERMINAL_STATES:
-        handle = services.temporal.get_workflow_handle(row["workflow_id"])
         try:
-            # The workflow answers once the sandbox is gone, with the final state (its record
-            # in the store follows right after).
-            answer = await handle.execute_update(
-                "kill",
-                KillRequest(reason=f"killed by {user.actor} on this executor"),
-                result_type=dict,
+            row = await stop_run(
+                services.pool,
+                services.temporal,
+                row,
+                f"killed by {user.actor} on this executor",
             )
-            state = str(answer["state"])
-        except (WorkflowUpdateFailedError, RPCError) as exc:
-            state = str((await get(services, agent_id, peer))["state"])
-            if state not in repos.TERMINAL_STATES:
-                raise KillNotDelivered(f"the run did not stop: {exc}", state=state) from None
+        except RPCError as exc:
+            raise KillNotDelivered(f"the run did not stop: {exc.message}", state=state) from None
+        state = str(row["state"])
         await repos.audit(
             services.pool,
             actor=user.actor,

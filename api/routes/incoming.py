@@ -16,13 +16,12 @@ from typing import Any
 import asyncpg
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client
 from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
 
 from api import metrics
 from api.deps import HttpDep, IdentityDep, KeyRefresherDep, PoolDep, SettingsDep, TemporalDep
@@ -62,10 +61,10 @@ from federation.trust import (
     verify_incoming,
 )
 from operations.connections import end_peer_runs_soon
+from operations.hosted import stop_run
 from workflows.models import (
     AgentEvent,
     AgentRunInput,
-    KillRequest,
     agent_run_workflow_id,
     agent_search_attributes,
     remote_agent_workflow_id,
@@ -347,7 +346,7 @@ async def incoming_command(
     elif command == "agent.status" and ref.afterSeq is not None:
         row = await _wait_for_change(request, pool, settings, row, ref)
     elif command == "agent.kill":
-        row = await _kill(pool, temporal, row)
+        row = await stop_run(pool, temporal, row, "killed on request")
         await _audit_accepted(pool, envelope, str(row["agent_id"]), state=row["state"])
     return _reply(identity, envelope, _event_payload(row))
 
@@ -492,38 +491,6 @@ async def _wait_for_change(
         if fresh is None:
             return row
         row = fresh
-
-
-async def _kill(pool: asyncpg.Pool, temporal: Client, row: dict[str, Any]) -> dict[str, Any]:
-    """Ask the run's workflow to kill it; answer once its final state is recorded.
-
-    Only the workflow writes the final state: a kill racing completion answers `completed`
-    (with the result), one racing a failure keeps the failure's reason.
-    """
-    if row["state"] not in repos.TERMINAL_STATES:
-        # The worker running the agent stops its sandbox now, not at the next heartbeat.
-        key = notifications.agent_key("executor", row["peer_instance_id"], row["agent_id"])
-        await notifications.send(pool, notifications.KILL, key)
-        handle = temporal.get_workflow_handle(row["workflow_id"])
-        try:
-            # A fixed update id: a retried kill is the same update, not a second one.
-            await handle.execute_update("kill", KillRequest(), id="kill", result_type=dict)
-        except WorkflowUpdateFailedError:
-            pass  # the workflow closed meanwhile: its final state is recorded
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
-            # No workflow to ask (it never started or is long gone): nothing runs.
-            await repos.update_executed_agent(
-                pool,
-                row["peer_instance_id"],
-                row["agent_id"],
-                state="killed",
-                error="killed: its workflow does not exist",
-            )
-    fresh = await repos.get_executed_agent(pool, row["peer_instance_id"], row["agent_id"])
-    assert fresh is not None
-    return fresh
 
 
 # --- EVENT ---------------------------------------------------------------------------------
