@@ -11,8 +11,9 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from agents.conversation import ConversationSink, ConversationState
 from agents.errors import AgentSetupError
 from agents.loop import AgentLoop, AgentRunReport, ProgressCallback
 from agents.models import DEFAULT_MODEL, AnthropicProvider, ModelProvider, ScriptedProvider
@@ -21,15 +22,15 @@ from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.process import ProcessSandbox
 from agents.workspace import collect_diff, prepare_workspace
 
-if TYPE_CHECKING:
-    from federation.settings import Settings
-
 SANDBOXES = ("bwrap", "docker", "process")
 PROVIDERS = ("scripted", "anthropic")
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
+    """Everything the runtime needs, given by its caller (the activity builds it from the
+    instance's settings); the runtime reads no settings or environment of its own."""
+
     sandbox: str = "bwrap"
     limits: Limits = field(default_factory=Limits)
     provider: str = "scripted"
@@ -55,39 +56,6 @@ class RuntimeConfig:
     clone_timeout: float = 600.0
     diff_limit: int = 1024 * 1024
     log_tail: int = 8 * 1024
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RuntimeConfig:
-        key = settings.anthropic_api_key
-        return cls(
-            sandbox=settings.sandbox,
-            limits=Limits(
-                memory_bytes=settings.sandbox_memory_mb * 1024 * 1024,
-                pids=settings.sandbox_pids,
-                cpus=settings.sandbox_cpus,
-                command_timeout=settings.command_timeout,
-                file_bytes=settings.sandbox_file_mb * 1024 * 1024,
-            ),
-            provider=settings.model_provider,
-            model=settings.anthropic_model,
-            allowed_models=tuple(settings.allowed_models),
-            api_key=key.get_secret_value() if key is not None else None,
-            base_url=settings.anthropic_base_url,
-            max_turns=settings.agent_max_turns,
-            token_budget=settings.agent_token_budget or None,
-            max_output_tokens=settings.agent_max_output_tokens,
-            api_retries=settings.model_api_retries,
-            api_backoff=settings.model_api_backoff,
-            bwrap_path=settings.bwrap_path,
-            sandbox_uid=settings.sandbox_uid,
-            sandbox_cgroups=settings.sandbox_cgroups,
-            sandbox_ro_paths=tuple(settings.sandbox_ro_paths),
-            docker_image=settings.docker_image,
-            docker_host=settings.docker_host,
-            repo_roots=tuple(settings.agent_repo_roots),
-            clone_timeout=settings.clone_timeout,
-            diff_limit=settings.diff_limit,
-        )
 
 
 def choose_model(config: RuntimeConfig, context: Mapping[str, Any]) -> str:
@@ -158,9 +126,16 @@ async def run_agent_task(
     on_progress: ProgressCallback | None = None,
     resume: bool = False,
     provider: ModelProvider | None = None,
+    sink: ConversationSink | None = None,
+    resume_from: ConversationState | None = None,
+    previous_try: str = "",
 ) -> AgentRunReport:
     """Run one agent on one task and report. Raises AgentSetupError when it cannot start;
-    cancelling it kills the sandbox before the cancellation propagates."""
+    cancelling it kills the sandbox before the cancellation propagates.
+
+    `resume` keeps the workspace as it was left; `resume_from` continues a checkpointed
+    conversation (checkpoints go to `sink`); `previous_try` tells a new conversation what an
+    earlier try of the same task did."""
     model = choose_model(config, context)
     prepared = await prepare_workspace(
         workspace,
@@ -188,7 +163,14 @@ async def run_agent_task(
             backoff_max=config.api_backoff_max,
             log_tail=config.log_tail,
         )
-        report = await loop.run(agent_type, context, workspace_note=prepared.note)
+        report = await loop.run(
+            agent_type,
+            context,
+            workspace_note=prepared.note,
+            previous_try=previous_try,
+            resume_from=resume_from,
+            sink=sink,
+        )
     finally:
         # Shielded: a second cancellation must not leave the sandbox half-killed.
         await asyncio.shield(_shut_down(sandbox, provider))

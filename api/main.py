@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from api import problems
 from api.limits import BodySizeLimit
 from api.metrics import ObservabilityMiddleware
-from api.routes import agents, audit, commands, connections, incoming, instance, ops
+from api.routes import agents, audit, commands, connections, incoming, instance, ops, transcript
 from api.spawner import SpawnStarter
 from federation import keystore
 from federation.identity import ensure_identity
@@ -21,6 +21,7 @@ from federation.settings import Settings, get_settings
 from federation.store import repos
 from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal
+from federation.transcripts import TranscriptPuller
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expiry = asyncio.create_task(_expire_seen_messages(app, settings.timestamp_window / 2))
         app.state.spawner = SpawnStarter(app.state.pool, app.state.temporal, settings)
         app.state.spawner.run()
+        app.state.transcripts = TranscriptPuller(
+            app.state.pool, app.state.http, settings, app.state.cipher
+        )
         try:
             yield
         finally:
@@ -65,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
             await app.state.spawner.close()
+            await app.state.transcripts.close()
             await app.state.http.aclose()
             await app.state.key_pool.close()
             await app.state.pool.close()
@@ -75,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (instance, connections, agents, commands, incoming, audit, ops):
+    for module in (instance, connections, agents, transcript, commands, incoming, audit, ops):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: request ids in the logs, latency and refusal metrics (413s included).

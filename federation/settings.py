@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     clone_timeout: float = Field(default=600.0, gt=0)
     # Bytes of the diff kept in the result (its sha256 always covers all of it).
     diff_limit: int = Field(default=1024 * 1024, ge=1024)
+    # Bytes of transcript kept per run (executor and requester); past it a `truncated` entry.
+    transcript_limit: int = Field(default=2 * 1024 * 1024, ge=4096)
+    # Least seconds between two transcript events sent to the requester while a run goes on.
+    transcript_event_interval: float = Field(default=0.3, ge=0)
 
     @field_validator("sandbox_ro_paths", "allowed_models", "agent_repo_roots", mode="before")
     @classmethod
