@@ -272,9 +272,11 @@ class AgentLoop:
                 await self._progress(turn_no, "finish", report)
                 return True
             interrupted = state.running_call == call.id
+            await self._progress(turn_no, call.name, report, call)
+            # Saved before the call starts: if this worker is lost while it runs, the resumed
+            # run knows the call was under way and tells the model it was interrupted.
             state.running_call = call.id
             await self._save(report, [])
-            await self._progress(turn_no, call.name, report, call)
             outcome, record = await tools.run(call)
             if interrupted:
                 outcome = dataclasses.replace(

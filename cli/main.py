@@ -492,7 +492,11 @@ def spawn(
         str | None, typer.Option("--agent-id", help="Idempotency: the same id runs once.")
     ] = None,
     follow: Annotated[
-        bool, typer.Option("--follow", "-F", help="Show state and progress live until the end.")
+        bool,
+        typer.Option("--follow", "-F", help="Show the agent's conversation live until the end."),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="With --follow: one line per progress step.")
     ] = False,
     instance: Instance = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
@@ -556,6 +560,7 @@ def spawn(
                 str(accepted["agentId"]),
                 err_console if as_json else console,
                 peer=str(connection["remoteName"]),
+                quiet=quiet,
             )
         except KeyboardInterrupt:
             err_console.print(
@@ -643,6 +648,9 @@ def agents(
 def status(
     agent_id: Annotated[str, typer.Argument(help="The agent's id.")],
     follow: Annotated[bool, typer.Option("--follow", "-F", help="Watch it to the end.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="With --follow: one line per progress step.")
+    ] = False,
     instance: Instance = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     url: Url = None,
@@ -656,7 +664,9 @@ def status(
         agent = api.call("GET", f"/agents/{agent_id}")
         if follow:
             try:
-                agent = follow_agent(api, agent_id, err_console if as_json else console)
+                agent = follow_agent(
+                    api, agent_id, err_console if as_json else console, quiet=quiet
+                )
             except KeyboardInterrupt:
                 raise typer.Exit(130) from None
     if as_json:
