@@ -207,9 +207,9 @@ class AgentLoop:
         state = self._state
         if conversation.turns:
             # Resumed: finish the tool calls of the last checkpointed answer first.
-            turn, outcomes = conversation.turns[-1]
-            if turn.tool_calls and await self._handle_calls(
-                report.turns, turn, outcomes, tools, report
+            last, done = conversation.turns[-1]
+            if last.tool_calls and await self._handle_calls(
+                report.turns, last, done, tools, report
             ):
                 return
         for turn_no in range(report.turns + 1, self.max_turns + 1):

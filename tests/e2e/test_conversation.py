@@ -18,12 +18,15 @@ from typing import Any
 import pytest
 
 from cli.devstack import DevStack
+from federation.envelope import MessageType, sign_envelope
 from tests.conftest import Instance
 from tests.e2e.helpers import processes_in, spawn_body
+from tests.e2e.signing import assert_refused, craft, instance_key, post_command
 from tests.e2e.test_durability import wait_for, workspace
 
 pytestmark = pytest.mark.e2e
 STEPS = 5
+PULL = "agent.transcript"
 
 
 # --- a Messages API server whose answer depends only on the conversation so far -------------
@@ -39,6 +42,9 @@ class StepModel:
     steps: int = STEPS
     slow: dict[int, float] = field(default_factory=dict)
     finish: bool = True
+    # Set: a conversation whose task does not mention an earlier try finishes unsuccessfully
+    # with this summary (the first try fails, the next one, told about it, succeeds).
+    fail_first: str = ""
     hold: int | None = None
     release: threading.Event = field(default_factory=threading.Event)
     held: threading.Event = field(default_factory=threading.Event)
@@ -70,11 +76,16 @@ class StepModel:
             }
             text = f"Step {k}: appending to steps.txt."
         else:
+            task = json.dumps(body["messages"][0]["content"])
+            failing = bool(self.fail_first) and "Earlier try" not in task
             block = {
                 "type": "tool_use",
                 "id": "toolu_finish",
                 "name": "finish",
-                "input": {"summary": f"wrote {self.steps} steps", "success": True},
+                "input": {
+                    "summary": self.fail_first if failing else f"wrote {self.steps} steps",
+                    "success": not failing,
+                },
             }
             text = "All steps are written."
         return {
@@ -519,3 +530,87 @@ async def test_limits_end_a_resumed_run_where_an_uninterrupted_run_ends(
     assert plain["turns"] == resumed["turns"] == 4
     assert plain["usage"] == resumed["usage"] == {"claude-test-1": {"input": 400, "output": 40}}
     assert plain["summary"] == resumed["summary"]
+
+
+async def test_a_new_try_is_told_what_the_previous_try_did(
+    hub: Instance,
+    spoke: Instance,
+    hub_spoke: str,
+    stack: DevStack,
+    step_model: StepModel,
+    anthropic_spoke: dict[str, str],
+) -> None:
+    step_model.steps = 1
+    step_model.fail_first = "the build needs a config file that is not there"
+    body = spawn_body(hub_spoke, "write the steps", task_id="new-try", max_retries=1)
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    agent = await hub.wait_agent(body["agentId"], timeout=120)
+    assert (agent["state"], agent["attempt"]) == ("completed", 2), agent
+    ws = workspace(stack, spoke, hub, body["agentId"])
+    # Try 2 ran in the workspace try 1 left: both tries' steps are in the file.
+    assert steps_written(ws) == ["step-1", "step-1"]
+    firsts = [r for r in step_model.requests if not step_model.results_in(r)]
+    assert len(firsts) == 2
+    told = firsts[1]["messages"][0]["content"]
+    told = told if isinstance(told, str) else " ".join(b.get("text", "") for b in told)
+    assert "Try 1 failed (finished) after 2 turn(s)" in told
+    assert "the build needs a config file that is not there" in told
+    assert "Earlier try" not in str(firsts[0]["messages"][0]["content"])
+    transcript = await requester_transcript(hub, body["agentId"])
+    assert [e["attempt"] for e in transcript["entries"]][-1] == 2
+    assert any(e["kind"] == "try" for e in transcript["entries"])
+
+
+async def test_transcript_pull_is_granted_with_agent_status_and_refuses_bad_pages(
+    hub: Instance, spoke: Instance, edge: Instance, hub_spoke: str, edge_spoke_request: str
+) -> None:
+    body = spawn_body(hub_spoke, "$ echo pulled", task_id="transcript-grants")
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    assert (await hub.wait_agent(body["agentId"]))["state"] == "completed"
+    hub_key = await instance_key(hub)
+
+    page = await post_command(
+        spoke,
+        craft(hub_key, hub, spoke, {"agentId": body["agentId"], "after": 1}, command_type=PULL),
+    )
+    assert page.status_code == 200, page.text
+    payload = page.json()["payload"]
+    executor = await executor_transcript(spoke, body["agentId"])
+    assert payload["entries"] == executor[1:] and payload["total"] == len(executor)
+
+    bad = craft(hub_key, hub, spoke, {"agentId": body["agentId"], "limit": 0}, command_type=PULL)
+    await assert_refused(spoke, bad, 422, "payload_invalid")
+
+    # A peer without agent.status may not read transcripts either.
+    accepted = await spoke.call(
+        "POST",
+        f"/connections/{edge_spoke_request}/accept",
+        json={"grants": {"commandTypes": ["agent.spawn"]}},
+    )
+    assert accepted.status_code == 200, accepted.text
+    edge_key = await instance_key(edge)
+    refused = craft(edge_key, edge, spoke, {"agentId": body["agentId"]}, command_type=PULL)
+    await assert_refused(spoke, refused, 403, "grant_command_type")
+
+    # A transcript event that does not follow the contract is refused; nothing is kept.
+    spoke_key = await instance_key(spoke)
+    before = await hub.fetch(
+        "SELECT count(*) AS n FROM requested_transcript WHERE agent_id = $1",
+        uuid.UUID(body["agentId"]),
+    )
+    event = sign_envelope(
+        spoke_key,
+        type=MessageType.EVENT,
+        sender_id=spoke.id,
+        recipient_id=hub.id,
+        command_type=PULL,
+        payload={"agentId": body["agentId"], "entries": [{"seq": 0, "kind": "assistant"}]},
+    ).to_wire()
+    response = await hub.http.post(f"{hub.url}/api/v1/federation/incoming/event", json=event)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "payload_invalid"
+    after = await hub.fetch(
+        "SELECT count(*) AS n FROM requested_transcript WHERE agent_id = $1",
+        uuid.UUID(body["agentId"]),
+    )
+    assert after[0]["n"] == before[0]["n"]
