@@ -21,7 +21,7 @@ from cli.devstack import DevStack
 from federation.envelope import MessageType, sign_envelope
 from tests.conftest import Instance
 from tests.e2e.helpers import processes_in, spawn_body
-from tests.e2e.signing import assert_refused, craft, instance_key, post_command
+from tests.e2e.signing import craft, instance_key, post_command, refused_codes
 from tests.e2e.test_durability import wait_for, workspace
 
 pytestmark = pytest.mark.e2e
@@ -561,6 +561,19 @@ async def test_a_new_try_is_told_what_the_previous_try_did(
     assert any(e["kind"] == "try" for e in transcript["entries"])
 
 
+async def refused(executor: Instance, envelope: dict[str, Any], status: int, code: str) -> None:
+    """Refused with this problem, audited, and the message not kept (the agent itself exists)."""
+    response = await post_command(executor, envelope)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == code
+    assert await refused_codes(executor, envelope["messageId"]) == [code]
+    kept = await executor.fetch(
+        "SELECT 1 FROM messages WHERE message_id = $1", envelope["messageId"]
+    )
+    assert kept == []
+
+
 async def test_transcript_pull_is_granted_with_agent_status_and_refuses_bad_pages(
     hub: Instance, spoke: Instance, edge: Instance, hub_spoke: str, edge_spoke_request: str
 ) -> None:
@@ -579,7 +592,7 @@ async def test_transcript_pull_is_granted_with_agent_status_and_refuses_bad_page
     assert payload["entries"] == executor[1:] and payload["total"] == len(executor)
 
     bad = craft(hub_key, hub, spoke, {"agentId": body["agentId"], "limit": 0}, command_type=PULL)
-    await assert_refused(spoke, bad, 422, "payload_invalid")
+    await refused(spoke, bad, 422, "payload_invalid")
 
     # A peer without agent.status may not read transcripts either.
     accepted = await spoke.call(
@@ -589,8 +602,8 @@ async def test_transcript_pull_is_granted_with_agent_status_and_refuses_bad_page
     )
     assert accepted.status_code == 200, accepted.text
     edge_key = await instance_key(edge)
-    refused = craft(edge_key, edge, spoke, {"agentId": body["agentId"]}, command_type=PULL)
-    await assert_refused(spoke, refused, 403, "grant_command_type")
+    denied = craft(edge_key, edge, spoke, {"agentId": body["agentId"]}, command_type=PULL)
+    await refused(spoke, denied, 403, "grant_command_type")
 
     # A transcript event that does not follow the contract is refused; nothing is kept.
     spoke_key = await instance_key(spoke)
@@ -614,3 +627,22 @@ async def test_transcript_pull_is_granted_with_agent_status_and_refuses_bad_page
         uuid.UUID(body["agentId"]),
     )
     assert after[0]["n"] == before[0]["n"]
+
+
+async def test_the_transcript_survives_a_restart_of_both_instances(
+    hub: Instance, spoke: Instance, hub_spoke: str, stack: DevStack
+) -> None:
+    body = spawn_body(hub_spoke, "$ echo kept\n$ echo across restarts", task_id="transcript-keep")
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    assert (await hub.wait_agent(body["agentId"]))["state"] == "completed"
+    before = await requester_transcript(hub, body["agentId"])
+    for name in ("hub", "spoke"):
+        stack.stop_api(name)
+        stack.start_api(name)
+    await stack.wait_ready("hub")
+    await stack.wait_ready("spoke")
+    after = await requester_transcript(hub, body["agentId"])
+    assert after["complete"] and after["entries"] == before["entries"]
+    assert after["entries"] == await executor_transcript(spoke, body["agentId"])
+    outputs = [e["output"] for e in after["entries"] if e["kind"] == "tool_result"]
+    assert "kept" in outputs[0] and "across restarts" in outputs[1]
