@@ -7,13 +7,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# bubblewrap: the default agent sandbox; git: agents clone and diff repositories;
-# tini: PID 1 that forwards SIGTERM (graceful worker drain) and reaps sandbox leftovers.
+# bubblewrap: the default agent sandbox; libseccomp2: compiles the seccomp filter every
+# sandboxed command runs under (the pyseccomp dependency loads it); git: agents clone and diff
+# repositories; tini: PID 1 that forwards SIGTERM (graceful worker drain) and reaps sandbox
+# leftovers.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends bubblewrap git ca-certificates tini \
+    && apt-get install -y --no-install-recommends \
+       bubblewrap libseccomp2 git ca-certificates tini \
     && rm -rf /var/lib/apt/lists/*
 
-# Non-root: the API and workers never need root; bwrap then uses unprivileged user namespaces.
+# Non-root: the API and workers never need root; bwrap then uses unprivileged user namespaces,
+# and a sandboxed command runs as this same uid inside its own user, pid, network, ipc and uts
+# namespaces. What it can read is only what bwrap mounts: /usr, /bin, /sbin, /lib*, /etc (this
+# image keeps no secret there), FEDAGENT_SANDBOX_RO_PATHS (empty by default; an entry that
+# would hold the data dir or the home is refused), its own workspace and its own /tmp. Not
+# mounted: /var/lib/fedagent (master key, other runs' workspaces), /home/fedagent,
+# /opt/fedagent, /run (Docker secrets); its environment is cleared, and its /proc shows only its
+# own processes. Keep secrets out of /etc and /usr when deriving from this image.
 RUN groupadd --system --gid 10001 fedagent \
     && useradd --system --uid 10001 --gid fedagent --create-home --home-dir /home/fedagent \
        --shell /usr/sbin/nologin fedagent \

@@ -227,6 +227,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
             cpus=settings.sandbox_cpus,
             command_timeout=settings.command_timeout,
             file_bytes=settings.sandbox_file_mb * 1024 * 1024,
+            disk_bytes=settings.sandbox_disk_mb * 1024 * 1024,
         ),
         provider=settings.model_provider,
         model=settings.anthropic_model,
@@ -246,5 +247,9 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         docker_host=settings.docker_host,
         repo_roots=tuple(settings.agent_repo_roots),
         clone_timeout=settings.clone_timeout,
+        outbound_allowlist=tuple(settings.outbound_allowlist),
+        allow_private_hosts=settings.environment == "dev",
+        private_paths=(settings.data_dir, Path.home()),
+        data_dir=settings.data_dir,
         diff_limit=settings.diff_limit,
     )

@@ -48,7 +48,7 @@ class AgentRunReport:
     turns: int = 0
     usage: dict[str, dict[str, int]] = field(default_factory=dict)
     log_tail: str = ""
-    # finished | no_tool_call | max_turns | token_budget | model_error
+    # finished | no_tool_call | max_turns | token_budget | model_error | disk_quota
     stop_reason: str = ""
     error: str | None = None
     api_retries: int = 0
@@ -300,6 +300,16 @@ class AgentLoop:
             await self._save(
                 report, [result_entry(turn_no, call, outcome, interrupted=interrupted)]
             )
+            used = await tools.check_disk()
+            if used is not None:
+                quota = self.sandbox.limits.disk_bytes or 0
+                self._stop(
+                    report,
+                    "disk_quota",
+                    f"disk_quota: the workspace and /tmp hold {used} bytes, above this "
+                    f"executor's quota of {quota} bytes; the run was stopped",
+                )
+                return True
         return False
 
     async def _next_turn(

@@ -20,9 +20,10 @@ from agents.models import DEFAULT_MODEL, AnthropicProvider, ModelProvider, Scrip
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.process import ProcessSandbox
-from agents.workspace import collect_diff, prepare_workspace
+from agents.workspace import CloneSettings, collect_diff, prepare_workspace
 
 SANDBOXES = ("bwrap", "docker", "process")
+READ_ONLY_AGENT = "reviewer"  # its sandbox mounts the workspace read-only
 PROVIDERS = ("scripted", "anthropic")
 
 
@@ -54,6 +55,13 @@ class RuntimeConfig:
     docker_host: str | None = None
     repo_roots: tuple[Path, ...] = ()
     clone_timeout: float = 600.0
+    # The clone's address policy: hosts allowed although loopback/private, and dev (all).
+    outbound_allowlist: tuple[str, ...] = ()
+    allow_private_hosts: bool = False
+    # Host paths a sandbox must never mount (the data dir, the worker's home): a
+    # FEDAGENT_SANDBOX_RO_PATHS entry that holds one (or lies in the data dir) is refused.
+    private_paths: tuple[Path, ...] = ()
+    data_dir: Path | None = None
     diff_limit: int = 1024 * 1024
     log_tail: int = 8 * 1024
 
@@ -71,7 +79,9 @@ def choose_model(config: RuntimeConfig, context: Mapping[str, Any]) -> str:
     )
 
 
-def make_sandbox(config: RuntimeConfig, workspace: Path) -> Sandbox:
+def make_sandbox(config: RuntimeConfig, workspace: Path, *, read_only: bool = False) -> Sandbox:
+    """The configured sandbox over the workspace; `read_only` (a reviewer's) mounts it
+    read-only, and a backend that cannot do that refuses to start."""
     if config.sandbox == "bwrap":
         return BwrapSandbox(
             workspace,
@@ -79,7 +89,8 @@ def make_sandbox(config: RuntimeConfig, workspace: Path) -> Sandbox:
             bwrap=config.bwrap_path,
             run_as_uid=config.sandbox_uid,
             use_cgroups=config.sandbox_cgroups,
-            ro_paths=config.sandbox_ro_paths,
+            ro_paths=safe_ro_paths(config),
+            read_only=read_only,
         )
     if config.sandbox == "docker":
         from agents.sandbox.docker_sandbox import DockerSandbox
@@ -90,10 +101,31 @@ def make_sandbox(config: RuntimeConfig, workspace: Path) -> Sandbox:
             image=config.docker_image,
             docker_host=config.docker_host,
             run_as_uid=config.sandbox_uid,
+            read_only=read_only,
         )
     if config.sandbox == "process":
-        return ProcessSandbox(workspace, config.limits)
+        return ProcessSandbox(workspace, config.limits, read_only=read_only)
     raise AgentSetupError(f"unknown sandbox {config.sandbox!r} (one of {', '.join(SANDBOXES)})")
+
+
+def safe_ro_paths(config: RuntimeConfig) -> tuple[str, ...]:
+    """FEDAGENT_SANDBOX_RO_PATHS, refused when one of them would show sandboxed commands what
+    only the worker may read: it holds the data dir (keys, workspaces) or the worker's home,
+    or lies inside the data dir. (A toolchain inside the home, ~/.pyenv/versions/3.11, is
+    the operator's choice.)"""
+    for entry in config.sandbox_ro_paths:
+        path = Path(entry).expanduser().resolve()
+        data_dir = config.data_dir.expanduser().resolve() if config.data_dir else None
+        for private in config.private_paths:
+            private = private.expanduser().resolve()
+            inside = private == data_dir and path.is_relative_to(private)
+            if inside or private.is_relative_to(path):
+                raise AgentSetupError(
+                    f"FEDAGENT_SANDBOX_RO_PATHS entry {entry} would show sandboxed commands "
+                    f"{private} (the instance's data or the worker's home); mount a toolchain "
+                    "directory that holds nothing else"
+                )
+    return config.sandbox_ro_paths
 
 
 def make_provider(config: RuntimeConfig, model: str, context: Mapping[str, Any]) -> ModelProvider:
@@ -144,8 +176,18 @@ async def run_agent_task(
         roots=config.repo_roots,
         reuse=resume,
         timeout=config.clone_timeout,
+        clone=CloneSettings(
+            bwrap=config.bwrap_path,
+            sandbox_uid=config.sandbox_uid,
+            use_cgroups=config.sandbox_cgroups,
+            limits=config.limits,
+            timeout=config.clone_timeout,
+            outbound_allowlist=config.outbound_allowlist,
+            allow_private_hosts=config.allow_private_hosts,
+            host_fallback=config.sandbox != "bwrap",
+        ),
     )
-    sandbox = make_sandbox(config, workspace)
+    sandbox = make_sandbox(config, workspace, read_only=agent_type == READ_ONLY_AGENT)
     provider = provider or make_provider(config, model, context)
     try:
         try:

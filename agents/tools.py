@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.models import ToolCall, ToolOutcome
-from agents.sandbox.base import Sandbox
+from agents.sandbox.base import CommandResult, Sandbox, run_within_quota
 from agents.sandbox.files import PathRefused
 
 READ_LIMIT = 256 * 1024  # bytes read from a file
 SHOW_LIMIT = 64 * 1024  # characters of it shown to the model
 EDIT_LIMIT = 8 * 1024 * 1024  # largest file edit_file rewrites
 LIST_LIMIT = 1000
+QUOTA_POLL = 1.0  # seconds between disk usage checks while a command runs
 WRITE_TOOLS = ("write_file", "edit_file")
 
 TOOL_SPECS: dict[str, dict[str, Any]] = {
@@ -128,6 +129,17 @@ class ToolRunner:
     def __init__(self, sandbox: Sandbox, allowed: list[str]) -> None:
         self.sandbox = sandbox
         self.allowed = allowed
+        # Bytes the workspace and /tmp held when they were found above the disk quota.
+        self.over_quota: int | None = None
+
+    async def check_disk(self) -> int | None:
+        """The disk usage if it is above the run's quota (the run must end), else None."""
+        quota = self.sandbox.limits.disk_bytes
+        if quota and self.over_quota is None:
+            used = await self.sandbox.disk_usage()
+            if used > quota:
+                self.over_quota = used
+        return self.over_quota
 
     async def run(self, call: ToolCall) -> tuple[ToolOutcome, CommandRecord | None]:
         if call.name not in self.allowed:
@@ -154,7 +166,7 @@ class ToolRunner:
         timeout = (
             min(float(asked), limit) if isinstance(asked, int | float) and asked > 0 else limit
         )
-        result = await self.sandbox.run(command, timeout=timeout)
+        result = await self._run_watched(command, timeout)
         text = result.output
         if result.timed_out:
             text += f"\n[timed out after {timeout:g} s; every process of the command was killed]"
@@ -164,6 +176,12 @@ class ToolRunner:
             ToolOutcome(call.id, text, result.exit_code != 0, exit_code=result.exit_code),
             record,
         )
+
+    async def _run_watched(self, command: str, timeout: float) -> CommandResult:
+        result, over = await run_within_quota(self.sandbox, command, timeout, QUOTA_POLL)
+        if over is not None and self.over_quota is None:
+            self.over_quota = over
+        return result
 
     async def _read_file(self, args: dict[str, Any]) -> str:
         path = str(args["path"])
@@ -206,7 +224,16 @@ class ToolRunner:
             raise ValueError(
                 f"old_string occurs {found} times in {path}; add context or set replace_all"
             )
-        await self.sandbox.write_file(path, text.replace(old, new).encode())
+        count = found if args.get("replace_all") else 1
+        # The size of the result, known before it is built (a short old_string replaced
+        # everywhere by a long new_string multiplies the file).
+        size = len(data) + count * (len(new.encode()) - len(old.encode()))
+        if size > EDIT_LIMIT:
+            raise ValueError(
+                f"the edited {path} would be {size} bytes, above edit_file's limit of "
+                f"{EDIT_LIMIT} bytes; nothing was changed"
+            )
+        await self.sandbox.write_file(path, text.replace(old, new, count).encode())
         return f"edited {path}: replaced {found if args.get('replace_all') else 1} occurrence(s)"
 
     async def _list_files(self, args: dict[str, Any]) -> str:

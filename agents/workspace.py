@@ -1,10 +1,19 @@
 """The run's workspace: cloned (or created empty) before the sandbox starts, diffed after it ends.
 
-The executor clones the task's repository at its branch into the workspace; the sandbox has no
-network. A repository that is neither a git URL nor a local path (empty, or e.g. "owner/name")
-gives an empty git-initialised workspace, so the result still has a diff. Local paths are
-cloned only from below the directories the executor allows (`repo_roots`), so a peer cannot
-read arbitrary repositories of the executor's machine.
+The executor clones the task's repository at its branch into the workspace. The clone runs
+like an agent's command, inside a bwrap sandbox as the sandbox's uid (seccomp, limits, no
+capability), with a minimal environment (no user or system git config, no credential helper,
+no ssh agent, HOME in the clone's own /tmp) and nothing of the worker's files but the
+repository (a local one is mounted read-only). It shares the host's network only for an http(s)
+or git:// URL, whose host the address policy (`agents.addresses`) allowed and to whose checked
+addresses git is pinned (no redirects). The clone has the run's time (`clone_timeout`) and
+disk (`Limits.disk_bytes`, `file_bytes`) caps. What git said when it failed stays in the
+executor's log; the peer gets a reason that says nothing about the executor's network.
+
+A repository that is neither a git URL nor a local path (empty, or e.g. "owner/name") gives an
+empty git-initialised workspace, so the result still has a diff. Local paths are cloned only
+from below the directories the executor allows (`repo_roots`), so a peer cannot read arbitrary
+repositories of the executor's machine. ssh URLs are refused: a clone gets no credentials.
 
 The starting commit is copied to a baseline repository next to the workspace, outside the
 sandbox: the diff is taken with that repository's git directory and index and the workspace as
@@ -17,20 +26,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
+import posixpath
 import re
+import shlex
 import shutil
 import stat
 import sys
+import tempfile
+import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agents.addresses import resolve_allowed
 from agents.errors import AgentSetupError
+from agents.sandbox.base import CommandResult, Limits, SandboxUnavailable, run_within_quota
 
+log = logging.getLogger(__name__)
 URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
 SCP_LIKE = re.compile(r"^[\w.+-]+@[\w.-]+:(?!//)")
+CLONE_SCHEMES = ("https", "http", "git")
+DEFAULT_PORTS = {"https": 443, "http": 80, "git": 9418, "ssh": 22}
+UNRESERVED = re.compile(r"%(2[dDeE]|5[fF]|7[eE]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9])")
 START_REF = "refs/fedagent/start"
 IDENTITY = ["-c", "user.name=fedagent", "-c", "user.email=fedagent@localhost"]
 
@@ -64,6 +84,76 @@ class Diff:
     changed_files: list[str]
 
 
+@dataclass(frozen=True)
+class CloneSettings:
+    """How the executor clones: its sandbox (bwrap), caps and address policy."""
+
+    bwrap: str = "bwrap"
+    sandbox_uid: int = 61000
+    use_cgroups: bool = True
+    limits: Limits = field(default_factory=Limits)
+    timeout: float = 600.0
+    outbound_allowlist: tuple[str, ...] = ()
+    allow_private_hosts: bool = False
+    # Clone as the executor's uid (same environment and address policy) where bwrap cannot
+    # start; only for the docker and process sandboxes (bwrap must work for the bwrap one).
+    host_fallback: bool = False
+
+
+def normalise_repository_url(repository: str) -> str:
+    """The form of a repository that grants' globs are matched against and that is cloned.
+
+    URLs: scheme and host lowercased, default port, user info, duplicate slashes and the dot
+    segments of the path removed (percent-encoded unreserved characters decoded first, so
+    `%2e%2e` is `..`); `user@host:path` becomes `ssh://host/path`. Local paths are normalised
+    the same way (without touching the file system); anything else (`owner/name`) is returned
+    stripped. Raises ValueError for what cannot name a repository (control characters or
+    spaces, a query or fragment, an URL without a host).
+    """
+    text = repository.strip()
+    if not text or any(ord(c) < 0x21 or ord(c) == 0x7F for c in text) or "\\" in text:
+        raise ValueError("a repository is one word without control characters or backslashes")
+    if SCP_LIKE.match(text) and not text.startswith(URL_SCHEMES):
+        user_host, _, path = text.partition(":")
+        text = f"ssh://{user_host}/{path}"
+    if text.lower().startswith(URL_SCHEMES):
+        parts = urllib.parse.urlsplit(text)
+        scheme = parts.scheme.lower()
+        if parts.query or parts.fragment or "?" in text or "#" in text:
+            raise ValueError("a repository URL has no query or fragment")
+        path = _dot_segments(UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), parts.path))
+        if scheme == "file":
+            return "file://" + path
+        host = (parts.hostname or "").rstrip(".")
+        if not host:
+            raise ValueError("a repository URL needs a host")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("the port of the repository URL is not a number") from None
+        netloc = f"[{host}]" if ":" in host else host
+        if port is not None and port != DEFAULT_PORTS.get(scheme):
+            netloc += f":{port}"
+        return f"{scheme}://{netloc}{path if path != '/' else ''}"
+    if text.startswith(("/", "./", "../")):
+        return _dot_segments(text) if text.startswith("/") else posixpath.normpath(text)
+    return text
+
+
+def _dot_segments(path: str) -> str:
+    """An absolute path with `.`, `..` and empty segments resolved (never above the root)."""
+    kept: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if kept:
+                kept.pop()
+            continue
+        kept.append(segment)
+    return "/" + "/".join(kept)
+
+
 def baseline_dir(workspace: Path) -> Path:
     return workspace.parent / f".{workspace.name}.baseline.git"
 
@@ -73,9 +163,23 @@ def classify(repository: str | None, roots: Sequence[Path]) -> tuple[str, str]:
     repo = (repository or "").strip()
     if not repo:
         return "none", "no repository was given"
+    if repo.startswith(URL_SCHEMES) or SCP_LIKE.match(repo):
+        try:
+            repo = normalise_repository_url(repo)
+        except ValueError as exc:
+            raise AgentSetupError(
+                f"the repository {repository!r} is refused: {exc}", invalid=True
+            ) from None
     if repo.startswith("file://"):
         repo = repo[len("file://") :]
-    elif repo.startswith(URL_SCHEMES) or SCP_LIKE.match(repo):
+    elif repo.startswith(URL_SCHEMES):
+        scheme = repo.partition(":")[0]
+        if scheme not in CLONE_SCHEMES:
+            raise AgentSetupError(
+                f"cloning over {scheme} is not offered: a clone gets no credentials; use an "
+                "https:// URL",
+                invalid=True,
+            )
         return "url", repo
     if not repo.startswith(("/", "./", "../", "~")):
         return "none", f"{repo!r} is neither a git URL nor a local path"
@@ -124,15 +228,46 @@ class GitError(Exception):
     pass
 
 
-def _clone_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        GIT_TERMINAL_PROMPT="0",
-        GIT_ASKPASS="/bin/true",
-        # never ext:: or other transports that run commands
-        GIT_ALLOW_PROTOCOL="http:https:ssh:git:file",
-    )
-    return env
+# The whole environment of a clone (with the sandbox's PATH, LANG, TMPDIR): git reads no user
+# or system config, asks nobody for credentials, and knows no transport that runs commands.
+CLONE_ENV = {
+    "HOME": "/tmp/home",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_ASKPASS": "/bin/false",
+    "SSH_ASKPASS": "/bin/false",
+    "GIT_ALLOW_PROTOCOL": "http:https:git:file",
+    "GIT_LFS_SKIP_SMUDGE": "1",
+}
+
+
+def _local_env() -> dict[str, str]:
+    """git of the executor over a workspace it just made: no user or system config."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.devnull,
+        "LANG": "C.UTF-8",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_ALLOW_PROTOCOL": "file",
+    }
+
+
+# The clone ran as the sandbox uid: the executor's git reads that repository without running
+# anything from it (no hooks, no fsmonitor), whoever owns it.
+LOCAL_UPLOAD_PACK = (
+    "git -c safe.directory=/repository -c safe.directory=/repository/.git upload-pack"
+)
+SAFE_LOCAL = [
+    "-c",
+    "safe.directory=*",
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+]
 
 
 def _trusted_env(baseline: Path, workspace: Path) -> dict[str, str]:
@@ -174,11 +309,13 @@ async def prepare_workspace(
     roots: Sequence[Path] = (),
     reuse: bool = False,
     timeout: float = 600.0,
+    clone: CloneSettings | None = None,
 ) -> PreparedWorkspace:
     """Clone (or create) the workspace and record its starting commit outside it.
 
     With `reuse`, a workspace prepared before (a retry of the same try) is kept as it is.
     """
+    clone = clone or CloneSettings(timeout=timeout)
     baseline = baseline_dir(workspace)
     if reuse and workspace.is_dir() and (baseline / "HEAD").exists():
         with contextlib.suppress(GitError):
@@ -196,10 +333,12 @@ async def prepare_workspace(
     for old in (workspace, baseline):
         await asyncio.to_thread(_remove, old)
     workspace.parent.mkdir(parents=True, exist_ok=True)
+    what = f"{repository}" + (f" at branch {branch}" if branch else "")
     try:
         if kind == "none":
             workspace.mkdir()
-            await _git("init", "-q", "--initial-branch", branch or "main", cwd=workspace)
+            env = _local_env()
+            await _git("init", "-q", "--initial-branch", branch or "main", cwd=workspace, env=env)
             await _git(
                 *IDENTITY,
                 "commit",
@@ -208,40 +347,155 @@ async def prepare_workspace(
                 "-m",
                 "fedagent: empty workspace",
                 cwd=workspace,
+                env=env,
             )
             note = f"an empty git repository ({where})"
         else:
-            args = ["clone", "-q"]
-            if branch:
-                args += ["--branch", branch]
-            if kind == "local":
-                args += ["--no-local", "--no-hardlinks"]
-            try:
-                await _git(*args, "--", where, str(workspace), env=_clone_env(), timeout=timeout)
-            except TimeoutError:
-                raise AgentSetupError(
-                    f"cloning {repository} took longer than {timeout:g} s"
-                ) from None
+            workspace.mkdir()
+            await clone_in_sandbox(workspace, kind, where, branch, clone, what)
             note = f"a clone of {repository}" + (f" at {branch}" if branch else "")
-        start = (await _git("rev-parse", "HEAD", cwd=workspace)).decode().strip()
-        await _git("init", "-q", "--bare", str(baseline))
+        start = (
+            (await _git(*SAFE_LOCAL, "rev-parse", "HEAD", cwd=workspace, env=_local_env()))
+            .decode()
+            .strip()
+        )
+        await _git("init", "-q", "--bare", str(baseline), env=_local_env())
         await _git(
+            *SAFE_LOCAL,
             "--git-dir",
             str(baseline),
             "fetch",
             "-q",
             "--depth=1",
             "--no-tags",
+            "--upload-pack",
+            "git -c safe.directory=* -c core.hooksPath=/dev/null upload-pack",
             str(workspace),
             f"HEAD:{START_REF}",
-            env={**_clone_env(), "GIT_CONFIG_NOSYSTEM": "1"},
+            env=_local_env(),
         )
     except GitError as exc:
-        what = f"{repository}" + (f" at branch {branch}" if branch else "")
-        raise AgentSetupError(f"could not prepare the workspace from {what}: {exc}") from exc
+        log.warning("preparing the workspace from %s failed: %s", what, exc)
+        await asyncio.shield(_remove_both(workspace, baseline))
+        raise AgentSetupError(f"could not prepare the workspace from {what}") from None
+    except BaseException:
+        await asyncio.shield(_remove_both(workspace, baseline))
+        raise
     return PreparedWorkspace(
         workspace, baseline, start, "empty" if kind == "none" else "clone", repository, branch, note
     )
+
+
+async def _remove_both(workspace: Path, baseline: Path) -> None:
+    for path in (workspace, baseline):
+        await asyncio.to_thread(_remove, path)
+
+
+async def clone_in_sandbox(
+    workspace: Path, kind: str, where: str, branch: str | None, clone: CloneSettings, what: str
+) -> None:
+    """`git clone` of `where` into the (empty) workspace, inside a bwrap sandbox."""
+    from agents.sandbox.bwrap import BwrapSandbox  # the sandbox imports nothing from here
+
+    options = ["-c", "http.followRedirects=false", "-c", "transfer.fsckObjects=true"]
+    source = where
+    network = kind == "url"
+    if network:
+        parts = urllib.parse.urlsplit(where)
+        host = parts.hostname or ""
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+        addresses = await resolve_allowed(
+            host,
+            port,
+            allowlist=clone.outbound_allowlist,
+            allow_private=clone.allow_private_hosts,
+        )
+        if parts.scheme == "git":  # no name to keep for TLS: connect to the address checked
+            address = f"[{addresses[0]}]" if ":" in addresses[0] else addresses[0]
+            source = urllib.parse.urlunsplit(parts._replace(netloc=f"{address}:{port}"))
+        else:  # the checked addresses, for curl: no second DNS answer is asked for
+            pinned = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+            options += ["-c", f"http.curloptResolve={host}:{port}:{pinned}"]
+    else:
+        source = "/repository"
+    argv = ["git", *options, "clone", "-q"]
+    if branch:
+        argv += ["--branch", branch]
+    if kind == "local":
+        # The repository belongs to someone else than the sandbox's uid; upload-pack gets
+        # none of the clone's -c options, so it is told itself.
+        argv += ["--no-local", "--no-hardlinks", "--upload-pack", LOCAL_UPLOAD_PACK]
+    argv += ["--", source, "/workspace"]
+    sandbox = BwrapSandbox(
+        workspace,
+        replace(clone.limits, command_timeout=clone.timeout),
+        bwrap=clone.bwrap,
+        run_as_uid=clone.sandbox_uid,
+        use_cgroups=clone.use_cgroups,
+        network=network,
+        ro_binds=((where, "/repository"),) if kind == "local" else (),
+        environment=CLONE_ENV,
+    )
+    quota = clone.limits.disk_bytes
+    try:
+        try:
+            await sandbox.start()
+        except SandboxUnavailable as exc:
+            if not clone.host_fallback:
+                raise AgentSetupError(f"the clone's sandbox did not start: {exc}") from exc
+            log.warning("cloning %s without a sandbox (bwrap cannot start: %s)", what, exc)
+            result = await _clone_on_host(argv, kind, where, workspace, clone.timeout)
+            over = None
+        else:
+            result, over = await run_within_quota(sandbox, shlex.join(argv), clone.timeout)
+        if over is None and quota and (used := await sandbox.disk_usage()) > quota:
+            over = used  # a clone faster than the checks while it ran
+    finally:
+        await sandbox.kill()
+    if over is not None:
+        raise AgentSetupError(
+            f"cloning {what} was stopped: the repository needs more than this executor's "
+            f"disk quota of {clone.limits.disk_bytes} bytes",
+            invalid=True,
+        )
+    if result.timed_out:
+        raise AgentSetupError(f"cloning {what} took longer than {clone.timeout:g} s")
+    if result.exit_code != 0:
+        log.warning(
+            "clone of %s failed (exit %d): %s", what, result.exit_code, result.output[-4000:]
+        )
+        raise AgentSetupError(
+            f"could not prepare the workspace from {what}: the repository or the branch "
+            "could not be fetched "
+            "(the executor's log has git's own words)"
+        )
+
+
+async def _clone_on_host(
+    argv: list[str], kind: str, where: str, workspace: Path, timeout: float
+) -> CommandResult:
+    """The same clone as the executor's uid, where no bwrap can run (the docker or process
+    sandbox on such a machine): the same minimal environment, options and address pinning."""
+    argv = list(argv)
+    argv[-1] = str(workspace)
+    if kind == "local":
+        argv[-2] = where
+        upload = f"git -c safe.directory={where} -c safe.directory={where}/.git upload-pack"
+        argv[argv.index(LOCAL_UPLOAD_PACK)] = upload
+    with tempfile.TemporaryDirectory(prefix="fedagent-clone-") as home:
+        env = {
+            **CLONE_ENV,
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": home,
+        }
+        try:
+            await _git(*argv[1:], env=env, timeout=timeout)
+        except TimeoutError:
+            return CommandResult(shlex.join(argv), -9, "", timed_out=True)
+        except GitError as exc:
+            return CommandResult(shlex.join(argv), 128, str(exc))
+    return CommandResult(shlex.join(argv), 0, "")
 
 
 async def collect_diff(prepared: PreparedWorkspace, limit: int, timeout: float = 300.0) -> Diff:

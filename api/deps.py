@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import asyncpg
@@ -16,23 +15,8 @@ from federation.keystore import KeyCipher
 from federation.peer import CardKeyRefresher
 from federation.settings import Settings
 from federation.store import repos
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    role: str
-    workspace: str
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-    def visible(self, row: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The row if this user may see it: admins see all, members their workspace's."""
-        if row is None or (not self.is_admin and row["workspace"] != self.workspace):
-            return None
-        return row
+from federation.users import User
+from operations import Services
 
 
 def _pool(request: Request) -> asyncpg.Pool:
@@ -60,6 +44,19 @@ def _cipher(request: Request) -> KeyCipher:
     return cipher
 
 
+def services_for(request: Request) -> Services:
+    """The instance's `Services`, as every face (REST routes, console pages) hands them on."""
+    state = request.app.state
+    return Services(
+        pool=state.pool,
+        http=state.http,
+        temporal=state.temporal,
+        settings=state.settings,
+        starter=state.spawner,
+        cipher=state.cipher,
+    )
+
+
 async def _identity(request: Request) -> Identity:
     # Loaded per request: a rotated key signs from the next request on, in every process.
     return await load_identity(request.app.state.pool, request.app.state.cipher)
@@ -72,21 +69,30 @@ def _key_refresher(request: Request) -> CardKeyRefresher:
     )
 
 
-async def _current_user(request: Request) -> User:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthenticated("send 'Authorization: Bearer <token>'")
-    row: dict[str, Any] | None = await repos.find_token(request.app.state.pool, token.strip())
+async def user_for_token(pool: asyncpg.Pool, token: str) -> User:
+    """The local user an API token names (a bearer header or the console's cookie)."""
+    row: dict[str, Any] | None = await repos.find_token(pool, token.strip())
     if row is None:
         raise Unauthenticated("the API token is not valid")
     return User(row["name"], row["role"], row["workspace"])
 
 
-async def _admin_user(user: Annotated[User, Depends(_current_user)]) -> User:
+async def _current_user(request: Request) -> User:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("send 'Authorization: Bearer <token>'")
+    return await user_for_token(request.app.state.pool, token)
+
+
+def require_admin(user: User) -> User:
     if not user.is_admin:
         raise Forbidden("this needs an admin token")
     return user
+
+
+async def _admin_user(user: Annotated[User, Depends(_current_user)]) -> User:
+    return require_admin(user)
 
 
 PoolDep = Annotated[asyncpg.Pool, Depends(_pool)]
@@ -98,3 +104,4 @@ CipherDep = Annotated[KeyCipher, Depends(_cipher)]
 KeyRefresherDep = Annotated[CardKeyRefresher, Depends(_key_refresher)]
 CurrentUser = Annotated[User, Depends(_current_user)]
 AdminUser = Annotated[User, Depends(_admin_user)]
+ServicesDep = Annotated[Services, Depends(services_for)]

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 from fastapi import FastAPI
 
-from api import problems
+from api import console, problems
 from api.limits import BodySizeLimit
 from api.metrics import ObservabilityMiddleware
 from api.routes import agents, audit, commands, connections, incoming, instance, ops, transcript
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     for module in (instance, connections, agents, transcript, commands, incoming, audit, ops):
         app.include_router(module.router)
+    console.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: request ids in the logs, latency and refusal metrics (413s included).
     app.add_middleware(ObservabilityMiddleware)

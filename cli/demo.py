@@ -74,6 +74,9 @@ async def run_demo(args: argparse.Namespace) -> int:
         doc = await stack.start()
         hub, spoke = doc["instances"][names[0]], doc["instances"][names[1]]
         say(f"stack up in {time.monotonic() - started:.1f} s; Temporal UI at {stack.ui_url}")
+        for name in names:
+            info = doc["instances"][name]
+            say(f"console of {name}: {info['apiUrl']}/console (sign in with {info['adminToken']})")
         async with httpx.AsyncClient(timeout=120.0) as http:
             connection_id = await connect(http, hub, spoke)
             agent_id = str(uuid.uuid4())

@@ -195,6 +195,8 @@ class DevStack:
             "FEDAGENT_TEMPORAL_NAMESPACE": name,
             "FEDAGENT_TASK_QUEUE": f"fedagent-{name}",
             "FEDAGENT_TEMPORAL_UI_URL": self.ui_url,
+            # One dev server for all instances, a namespace per instance: the console's links.
+            "FEDAGENT_TEMPORAL_UI_PEER_URL": self.ui_url + "/namespaces/{peerName}",
             "FEDAGENT_DATA_DIR": str(self.data_dir),
             **self.extra_env,
             **self.instance_env.get(name, {}),

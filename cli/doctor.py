@@ -237,6 +237,36 @@ def check_sandboxes(settings: Settings, bwrap: Check, docker: Check) -> list[Che
     return results
 
 
+async def check_toolchain(settings: Settings) -> Check:
+    """What an agent's commands find in the configured sandbox (python3, git, pytest)."""
+    from activities.agents import runtime_config
+    from agents.runtime import make_sandbox
+    from agents.sandbox.toolchain import sandbox_toolchain
+
+    workspace = Path(tempfile.mkdtemp(prefix="fedagent-doctor-"))
+    try:
+        sandbox = make_sandbox(runtime_config(settings), workspace / "ws")
+        try:
+            await asyncio.wait_for(sandbox.start(), timeout=60)
+            tools = await sandbox_toolchain(sandbox)
+        finally:
+            await sandbox.kill()
+    except Exception as exc:  # noqa: BLE001 - the sandbox check above says why
+        return Check("sandbox toolchain", "warn", f"not probed: {exc.__class__.__name__}: {exc}")
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    detail = "; ".join(tool.describe() for tool in tools)
+    if all(tool.path for tool in tools):
+        return Check("sandbox toolchain", "ok", detail)
+    return Check(
+        "sandbox toolchain",
+        "warn",
+        detail,
+        "agents see only the sandbox's tools: mount a toolchain with FEDAGENT_SANDBOX_RO_PATHS "
+        "(bwrap) or use an image that has it (FEDAGENT_DOCKER_IMAGE)",
+    )
+
+
 def check_secret_files(settings: Settings, extra: list[Path]) -> list[Check]:
     from federation import keystore
 
@@ -303,15 +333,17 @@ async def run_checks(
             Check("settings", "fail", str(exc).splitlines()[0], "fix the FEDAGENT_* variables")
         ]
     checks = [Check("settings", "ok", f"instance {settings.instance_name!r}")]
-    temporal, postgres, bwrap, docker = await asyncio.gather(
+    temporal, postgres, bwrap, docker, toolchain = await asyncio.gather(
         check_temporal(settings),
         check_postgres(settings),
         check_bwrap(settings),
         check_docker(settings),
+        check_toolchain(settings),
     )
     checks += temporal
     checks.append(postgres)
     checks += check_sandboxes(settings, bwrap, docker)
+    checks.append(toolchain)
     extra = [data_dir / "instances.json"] if instance_info is not None and data_dir else []
     checks += check_secret_files(settings, extra)
     return settings, checks

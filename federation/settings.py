@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "fedagent"
     temporal_ui_url: str = "http://127.0.0.1:8233"
+    # Where the console links a peer's (the executor's) workflows: a URL of a Temporal Web UI
+    # namespace with {peerName} / {peerInstanceId} placeholders, e.g.
+    # "http://127.0.0.1:8233/namespaces/{peerName}" (unset: the console shows the workflow id).
+    temporal_ui_peer_url: str | None = None
 
     data_dir: Path = Path(".fedagent")
     # Accepted clock skew for signed messages, in seconds.
@@ -105,6 +109,8 @@ class Settings(BaseSettings):
     sandbox_cpus: float = Field(default=2.0, gt=0)
     # Largest file an agent's command may write (bwrap: RLIMIT_FSIZE).
     sandbox_file_mb: int = Field(default=1024, ge=1)
+    # What a run's workspace and /tmp may hold together; past it the run ends `disk_quota`.
+    sandbox_disk_mb: int = Field(default=4096, ge=1)
     # Seconds one command may run before everything it started is killed.
     command_timeout: float = Field(default=600.0, gt=0)
     # Host uid (and gid) sandboxes run as when the worker runs as root; used by nothing else.
@@ -135,6 +141,9 @@ class Settings(BaseSettings):
     # Local repository paths a spawn may clone from (comma-separated); none: only git URLs.
     agent_repo_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     clone_timeout: float = Field(default=600.0, gt=0)
+    # Hosts (names, addresses or CIDR networks) a clone may reach although they are loopback,
+    # private or link-local (refused outside environment=dev otherwise), comma-separated.
+    outbound_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Bytes of the diff kept in the result (its sha256 always covers all of it).
     diff_limit: int = Field(default=1024 * 1024, ge=1024)
     # Bytes of transcript kept per run (executor and requester); past it a `truncated` entry.
@@ -142,7 +151,13 @@ class Settings(BaseSettings):
     # Least seconds between two transcript events sent to the requester while a run goes on.
     transcript_event_interval: float = Field(default=0.3, ge=0)
 
-    @field_validator("sandbox_ro_paths", "allowed_models", "agent_repo_roots", mode="before")
+    @field_validator(
+        "sandbox_ro_paths",
+        "allowed_models",
+        "agent_repo_roots",
+        "outbound_allowlist",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

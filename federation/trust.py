@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agents.workspace import normalise_repository_url
 from federation.envelope import (
     Algorithm,
     Envelope,
@@ -194,8 +195,10 @@ def check_grants(
             f"agent type {spawn.agentType!r} is not offered by this instance", grant="offered"
         )
     repository = spawn.context.repository
+    # Globs match the form that is cloned (host lowercased, dot segments resolved), so that
+    # `https://host/allowed/../other` cannot pass for `https://host/allowed/*`.
     if repository is not None and not any(
-        fnmatch.fnmatchcase(repository, pattern) for pattern in grants.repositories
+        fnmatch.fnmatchcase(_normalised(repository), pattern) for pattern in grants.repositories
     ):
         raise GrantRepository(
             f"repository {repository!r} matches none of this peer's allowed patterns",
@@ -237,3 +240,10 @@ async def check_peer_concurrency(
             running=running,
             limit=limit,
         )
+
+
+def _normalised(repository: str) -> str:
+    try:
+        return normalise_repository_url(repository)
+    except ValueError:
+        return "\0"  # matches no glob: refused as outside the grants

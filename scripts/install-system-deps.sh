@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# System packages the agent sandboxes need: bubblewrap (the default sandbox), docker.io (the
-# docker sandbox and its tests) and busybox-static (the rootfs of the docker test image).
+# System packages the agent sandboxes need: bubblewrap (the default sandbox), libseccomp2 (the
+# seccomp filter of bwrap sandboxes, loaded by the pyseccomp dependency), docker.io (the docker
+# sandbox and its tests) and busybox-static (the rootfs of the docker test image); and chromium,
+# the browser the console tests drive through Playwright (never `playwright install`).
 # Installs only what is missing, with apt-get; does nothing when everything is there.
 set -euo pipefail
 
 missing=()
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+libraries=$(ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true)
+[[ $libraries == *libseccomp.so.2* ]] || missing+=(libseccomp2)
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

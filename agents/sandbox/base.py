@@ -7,6 +7,8 @@ the executor's side through `agents.sandbox.files`, which never lets a path leav
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,9 @@ class Limits:
     command_timeout: float = 600.0
     # Largest file a command may write (RLIMIT_FSIZE): filling the disk stops there per file.
     file_bytes: int | None = 1024**3
+    # What the workspace and the run's /tmp may hold together; past it the run ends
+    # `disk_quota` (checked while commands run and after each tool call).
+    disk_bytes: int | None = 4 * 1024**3
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +57,7 @@ class Limits:
             "cpus": self.cpus,
             "commandTimeout": self.command_timeout,
             "fileBytes": self.file_bytes,
+            "diskBytes": self.disk_bytes,
         }
 
 
@@ -62,9 +68,13 @@ class Sandbox(ABC):
     # Where commands see the workspace (the process sandbox sees the host path itself).
     workspace_mount: str = "/workspace"
 
-    def __init__(self, workspace: Path, limits: Limits | None = None) -> None:
+    def __init__(
+        self, workspace: Path, limits: Limits | None = None, *, read_only: bool = False
+    ) -> None:
         self.workspace = workspace
         self.limits = limits or Limits()
+        # A reviewer's sandbox: commands see the workspace read-only, the file tools refuse.
+        self.read_only = read_only
         # limit name -> how it is enforced ("cgroup v1", "rlimit (per process)", ...)
         self.enforced: dict[str, str] = {}
         # (uid, gid) that files written by the file tools must belong to, so that the sandbox
@@ -104,6 +114,8 @@ class Sandbox(ABC):
         )
 
     async def write_file(self, path: str, data: bytes) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "the workspace is read-only in this sandbox")
         await asyncio.to_thread(
             files.write_file,
             self.workspace,
@@ -125,9 +137,44 @@ class Sandbox(ABC):
             self.workspace_mount,
         )
 
+    async def disk_usage(self) -> int:
+        """Bytes the workspace and the run's /tmp take on disk now."""
+        return await asyncio.to_thread(files.disk_usage, [self.workspace, *self.scratch_dirs()])
+
+    def scratch_dirs(self) -> list[Path]:
+        """Host directories of the run besides the workspace (its /tmp), for the quota."""
+        return []
+
     def _relative(self, path: str) -> str:
         """A tool's path relative to the workspace; absolute paths must be inside its mount."""
         return files.relative_to_mount(path, self.workspace_mount)
+
+
+async def run_within_quota(
+    sandbox: Sandbox, command: str, timeout: float, poll: float = 1.0
+) -> tuple[CommandResult, int | None]:
+    """Run a command with the disk quota checked while it runs: a command that fills the
+    workspace and /tmp past `limits.disk_bytes` takes the sandbox down with it. Returns the
+    result and, when the quota was passed, the usage found."""
+    quota = sandbox.limits.disk_bytes
+    running = asyncio.ensure_future(sandbox.run(command, timeout=timeout))
+    over: int | None = None
+    try:
+        while quota:
+            done, _ = await asyncio.wait({running}, timeout=poll)
+            if done:
+                break
+            used = await sandbox.disk_usage()
+            if used > quota:
+                over = used
+                await sandbox.kill()
+                break
+        return await running, over
+    finally:
+        if not running.done():
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
 
 
 def bound_output(data: bytes, limit: int = OUTPUT_LIMIT) -> str:

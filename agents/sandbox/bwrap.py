@@ -2,9 +2,12 @@
 
 Every namespace is unshared (user, pid, network, ipc, uts, cgroup; no network at all), the
 command runs as an unprivileged uid with every capability dropped and no way to make further
-user namespaces, system directories and the root are mounted read-only, and only the
-workspace (at /workspace) and the run's private /tmp (a directory next to the workspace, kept
-from one command to the next and removed with the sandbox) are writable. When the executor
+user namespaces, under a seccomp filter that denies what Docker's default profile denies
+(`agents.sandbox.seccomp`); system directories and the root are mounted read-only, and only the
+workspace (at /workspace; read-only too for a reviewer) and the run's private /tmp (a directory
+next to the workspace, kept from one command to the next and removed with the sandbox) are
+writable. Nothing else of the host is mounted: not the data directory, not the worker's home,
+and `--clearenv` leaves none of the worker's environment (secrets) to the command. When the executor
 runs as root, bubblewrap itself is started as a dedicated unprivileged uid (`run_as_uid`,
 default 61000) that owns the workspace, so nothing in the sandbox ever holds a privileged uid,
 even outside its user namespace.
@@ -41,6 +44,7 @@ from agents.sandbox.base import (
     read_bounded,
 )
 from agents.sandbox.cgroups import CgroupSet, create_cgroups
+from agents.sandbox.seccomp import SeccompUnavailable, filter_program, program_fd
 
 PR_SET_PDEATHSIG = 1
 CLONE_NEWNS = 0x00020000
@@ -188,11 +192,21 @@ class BwrapSandbox(Sandbox):
         run_as_uid: int = DEFAULT_RUN_AS,
         use_cgroups: bool = True,
         ro_paths: tuple[str, ...] = (),
+        read_only: bool = False,
+        network: bool = False,
+        ro_binds: tuple[tuple[str, str], ...] = (),
+        environment: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(workspace, limits)
+        """`network` shares the host's network (only for the clone of the workspace, whose
+        address the caller has checked); `ro_binds` are (host path, path inside) pairs mounted
+        read-only; `environment` is added to the minimal one commands get."""
+        super().__init__(workspace, limits, read_only=read_only)
         self.bwrap = bwrap
         self.use_cgroups = use_cgroups
         self.ro_paths = ro_paths
+        self.network = network
+        self.ro_binds = ro_binds
+        self.environment = dict(environment or {})
         # The worker's pid in the name lets a later sandbox remove what a killed worker left.
         self.name = f"sbx-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._run_as: tuple[int, int] | None = None
@@ -212,10 +226,17 @@ class BwrapSandbox(Sandbox):
 
     # --- lifecycle ------------------------------------------------------------------------
 
+    def scratch_dirs(self) -> list[Path]:
+        return [self.tmp_dir]
+
     async def start(self) -> None:
         self._bwrap_path = shutil.which(self.bwrap)
         if self._bwrap_path is None:
             raise SandboxUnavailable(BWRAP_MISSING.format(path=self.bwrap))
+        try:
+            filter_program()
+        except SeccompUnavailable as exc:
+            raise SandboxUnavailable(str(exc)) from exc
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
         if self._run_as is not None:
@@ -252,7 +273,12 @@ class BwrapSandbox(Sandbox):
         if limits.file_bytes:
             self._rlimits.append((resource.RLIMIT_FSIZE, limits.file_bytes))
             self.enforced["fileSize"] = f"rlimit ({limits.file_bytes} bytes per file written)"
-        self.enforced["network"] = "none (own network namespace)"
+        self.enforced["network"] = (
+            "the host's (clone only)" if self.network else "none (own network namespace)"
+        )
+        self.enforced["seccomp"] = "Docker's default denials (mount, unshare, ptrace, bpf, ...)"
+        if self.read_only:
+            self.enforced["workspace"] = "read-only"
         self.enforced["commandTimeout"] = "killed after the timeout"
 
     async def kill(self) -> None:
@@ -285,13 +311,13 @@ class BwrapSandbox(Sandbox):
 
     # --- commands -------------------------------------------------------------------------
 
-    def _argv(self, command: str, info_fd: int) -> list[str]:
+    def _argv(self, command: str, info_fd: int, seccomp_fd: int) -> list[str]:
         assert self._bwrap_path is not None
         argv = [
             self._bwrap_path,
             "--unshare-user",
             "--unshare-pid",
-            "--unshare-net",
+            *([] if self.network else ["--unshare-net"]),
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
@@ -316,8 +342,14 @@ class BwrapSandbox(Sandbox):
             argv += ["--ro-bind-try", path, path]
         if self._stage:
             workspace, tmp = f"{self._stage}/workspace", f"{self._stage}/tmp"
+            binds = [
+                (f"{self._stage}/bind{i}", inside) for i, (_, inside) in enumerate(self.ro_binds)
+            ]
         else:
             workspace, tmp = str(self.workspace.resolve()), str(self.tmp_dir.resolve())
+            binds = list(self.ro_binds)
+        for source, inside in binds:
+            argv += ["--ro-bind", source, inside]
         argv += [
             "--proc",
             "/proc",
@@ -328,7 +360,7 @@ class BwrapSandbox(Sandbox):
             "/tmp",
             "--dir",
             "/tmp/home",
-            "--bind",
+            "--ro-bind" if self.read_only else "--bind",
             workspace,
             self.workspace_mount,
             # the root itself (bwrap's tmpfs) read-only too: only /workspace and /tmp take writes
@@ -338,8 +370,10 @@ class BwrapSandbox(Sandbox):
             self.workspace_mount,
             "--clearenv",
         ]
+        # a toolchain mounted with FEDAGENT_SANDBOX_RO_PATHS is found by name (its bin first)
+        tools = [f"{p.rstrip('/')}/bin" for p in self.ro_paths if os.path.isdir(f"{p}/bin")]
         env = {
-            "PATH": PATH,
+            "PATH": ":".join([*tools, PATH]),
             "HOME": "/tmp/home",
             "TMPDIR": "/tmp",
             "LANG": "C.UTF-8",
@@ -350,9 +384,11 @@ class BwrapSandbox(Sandbox):
             "GIT_COMMITTER_EMAIL": "agent@fedagent.invalid",
             # Also what lets an operator find this sandbox's processes (in bwrap's argv).
             HOST_WORKSPACE_VAR: str(self.workspace.resolve()),
+            **self.environment,
         }
         for key, value in env.items():
             argv += ["--setenv", key, value]
+        argv += ["--seccomp", str(seccomp_fd)]
         argv += ["--info-fd", str(info_fd), "--", "/bin/sh", "-c", command]
         return argv
 
@@ -362,18 +398,20 @@ class BwrapSandbox(Sandbox):
         if not self._started:
             raise RuntimeError("the sandbox is not started")
         oom_before = self._cgroup.oom_kills() if self._cgroup else 0
+        seccomp_fd = program_fd()
         info_read, info_write = os.pipe()
         stage = None
         if self._stage:
             binds = [(str(self.workspace.resolve()), "workspace"), (str(self.tmp_dir), "tmp")]
+            binds += [(host, f"bind{i}") for i, (host, _) in enumerate(self.ro_binds)]
             stage = (self._stage, binds)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(command, info_write),
+                *self._argv(command, info_write, seccomp_fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                pass_fds=(info_write,),
+                pass_fds=(info_write, seccomp_fd),
                 preexec_fn=_child_setup(
                     self._cgroup.procs_files if self._cgroup else [],
                     self._rlimits,
@@ -386,6 +424,7 @@ class BwrapSandbox(Sandbox):
             raise
         finally:
             os.close(info_write)
+            os.close(seccomp_fd)
         running = _Running(proc)
         self._running.add(running)
         if self._killed:  # kill() ran while this command was being spawned

@@ -3,9 +3,9 @@
 The container has no network (`network_mode="none"`), memory (without swap), pids and CPU
 limits, a read-only root filesystem, a private /tmp, no capabilities and no-new-privileges, and
 runs as an unprivileged uid that owns the workspace, which is bind-mounted at /workspace (and
-the run's /tmp, a host directory next to it). Commands are `docker exec`s in it. A command's
-timeout kills every process in the container at once (docker kill, then start again); kill
-removes the container.
+the run's /tmp, a host directory next to it); a reviewer's workspace is mounted read-only.
+Commands are `docker exec`s in it. A command's timeout kills every process in the container at
+once (docker kill, then start again); kill removes the container.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ class DockerSandbox(Sandbox):
         image: str,
         docker_host: str | None = None,
         run_as_uid: int = DEFAULT_RUN_AS,
+        read_only: bool = False,
     ) -> None:
-        super().__init__(workspace, limits)
+        super().__init__(workspace, limits, read_only=read_only)
         self.image = image
         self.docker_host = docker_host
         self.tmp_dir = workspace.parent / f".{workspace.name}.tmp"
@@ -113,7 +114,7 @@ class DockerSandbox(Sandbox):
             security_opt=["no-new-privileges"],
             read_only=True,
             volumes={
-                workspace: {"bind": self.workspace_mount, "mode": "rw"},
+                workspace: {"bind": self.workspace_mount, "mode": "ro" if self.read_only else "rw"},
                 str(self.tmp_dir.resolve()): {"bind": "/tmp", "mode": "rw"},
             },
             working_dir=self.workspace_mount,
@@ -129,6 +130,9 @@ class DockerSandbox(Sandbox):
         if limits.cpus:
             self.enforced["cpu"] = "docker (cgroup)"
         self.enforced["network"] = "none (network_mode=none)"
+        self.enforced["seccomp"] = "Docker's default profile"
+        if self.read_only:
+            self.enforced["workspace"] = "read-only"
         self.enforced["commandTimeout"] = "killed after the timeout"
 
     def _environment(self) -> dict[str, str]:
@@ -146,6 +150,9 @@ class DockerSandbox(Sandbox):
     def _start_container(self) -> None:
         self._create()
         self._base = self._top()
+
+    def scratch_dirs(self) -> list[Path]:
+        return [self.tmp_dir]
 
     async def start(self) -> None:
         self.workspace.mkdir(parents=True, exist_ok=True)

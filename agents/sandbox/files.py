@@ -195,3 +195,32 @@ def list_files(
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def disk_usage(roots: list[Path]) -> int:
+    """Bytes allocated on disk below these directories (symlinks not followed, each inode
+    counted once, whatever cannot be read skipped)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root in roots:
+        stack = [str(root)]
+        while stack:
+            top = stack.pop()
+            try:
+                entries = os.scandir(top)
+            except OSError:
+                continue
+            with entries:
+                for entry in entries:
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    key = (info.st_dev, info.st_ino)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    total += info.st_blocks * 512
+                    if stat.S_ISDIR(info.st_mode):
+                        stack.append(entry.path)
+    return total

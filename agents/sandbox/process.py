@@ -15,7 +15,7 @@ import os
 import signal
 from pathlib import Path
 
-from agents.sandbox.base import CommandResult, Limits, Sandbox, read_bounded
+from agents.sandbox.base import CommandResult, Limits, Sandbox, SandboxUnavailable, read_bounded
 
 PR_SET_PDEATHSIG = 1
 
@@ -28,14 +28,22 @@ def _die_with_parent() -> None:
 class ProcessSandbox(Sandbox):
     kind = "process"
 
-    def __init__(self, workspace: Path, limits: Limits | None = None) -> None:
-        super().__init__(workspace, limits)
+    def __init__(
+        self, workspace: Path, limits: Limits | None = None, *, read_only: bool = False
+    ) -> None:
+        super().__init__(workspace, limits, read_only=read_only)
         self.workspace_mount = str(workspace.resolve())
         self.enforced = {"commandTimeout": "killed after the timeout"}
         self._groups: set[int] = set()
         self._killed = False
 
     async def start(self) -> None:
+        if self.read_only:
+            # Commands run as the worker on the host path: nothing could keep them from writing.
+            raise SandboxUnavailable(
+                "the process sandbox cannot give a read-only workspace (a reviewer's); "
+                "use FEDAGENT_SANDBOX=bwrap or docker"
+            )
         self.workspace.mkdir(parents=True, exist_ok=True)
 
     async def run(self, command: str, *, timeout: float | None = None) -> CommandResult:

@@ -11,20 +11,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
-from temporalio.client import WorkflowUpdateFailedError
-from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentUser, PoolDep, TemporalDep, User
-from api.spawner import SpawnStarter
-from federation import tracing
-from federation.errors import (
-    AgentIdConflict,
-    AgentNotFound,
-    ConnectionNotFound,
-    InvalidRequest,
-    KillNotDelivered,
-    LocalConnectionNotActive,
-)
+from api.deps import CurrentUser, ServicesDep
+from federation.errors import InvalidRequest
 from federation.models import (
     AgentKillPublic,
     AgentPublic,
@@ -34,10 +23,9 @@ from federation.models import (
     AgentType,
 )
 from federation.store import conversations, repos
-from workflows.models import (
-    KillRequest,
-    remote_agent_workflow_id,
-)
+from federation.transcripts import TranscriptPuller
+from federation.users import User
+from operations import Services, agents
 
 router = APIRouter(prefix="/api/v1/federation/agents", tags=["agents"])
 SSE_POLL_SECONDS = 0.25
@@ -46,102 +34,32 @@ SSE_KEEPALIVE_SECONDS = 15.0
 CURSOR_BITS = 20
 
 
-def spawner(request: Request) -> SpawnStarter:
-    starter: SpawnStarter = request.app.state.spawner
-    return starter
-
-
 @router.post("/spawn", status_code=status.HTTP_202_ACCEPTED)
 async def spawn_agent(
-    body: AgentSpawnCreate,
-    request: Request,
-    user: CurrentUser,
-    pool: PoolDep,
+    body: AgentSpawnCreate, request: Request, user: CurrentUser, services: ServicesDep
 ) -> AgentSpawnAccepted:
     """Spawn an agent on the peer of an ACTIVE connection; the same agentId runs once."""
-    agent_id = body.agentId or uuid.uuid4()
-    workflow_id = remote_agent_workflow_id(str(agent_id))
     # The run's trace: the caller's if it sent a valid `traceparent`, else a new one.
-    incoming_trace = request.headers.get("traceparent", "")
-    if tracing.valid(incoming_trace):
-        traceparent = tracing.child(incoming_trace)
-    else:
-        traceparent = tracing.new_traceparent()
-    tracing.bind(traceparent)
-    connection = await repos.get_connection(pool, body.connectionId)
-    if connection is None:
-        raise ConnectionNotFound(f"no connection {body.connectionId}")
-    if connection["status"] != "ACTIVE":
-        raise LocalConnectionNotActive(
-            f"connection {body.connectionId} is {connection['status']}; spawn needs ACTIVE"
-        )
-    context = body.context.model_dump()
-    options = body.options.model_dump()
-    async with pool.acquire() as conn, conn.transaction():
-        inserted = await repos.insert_agent(
-            conn,
-            agent_id=agent_id,
-            role="requester",
-            connection_id=body.connectionId,
-            peer_instance_id=connection["remote_instance_id"],
-            workspace=user.workspace,
-            task_id=body.taskId,
-            agent_type=body.agentType,
-            context=context,
-            options=options,
-            workflow_id=workflow_id,
-            state="spawning",
-            workflow_started=False,
-            traceparent=traceparent,
-        )
-        if inserted:
-            await repos.add_agent_event(conn, agent_id, seq=0, state="spawning")
-        else:
-            existing = await repos.get_requested_agent(conn, agent_id)
-            same = existing is not None and (
-                existing["connection_id"] == body.connectionId
-                and existing["task_id"] == body.taskId
-                and existing["agent_type"] == body.agentType
-                and existing["context"] == context
-                and existing["options"] == options
-            )
-            if not same or user.visible(existing) is None:
-                raise AgentIdConflict(f"agentId {agent_id} is already used by another spawn")
-            assert existing is not None
-            return AgentSpawnAccepted(
-                agentId=agent_id, state=existing["state"], workflowId=workflow_id
-            )
-
-        await repos.audit(
-            conn,
-            actor=f"user:{user.name}",
-            action="agent.spawn",
-            agentId=str(agent_id),
-            connectionId=str(body.connectionId),
-        )
-        row = await repos.get_requested_agent(conn, agent_id)
-        assert row is not None
-    # Committed: the outbox makes sure the workflow starts; don't make the caller wait for it.
-    spawner(request).kick(row)
-    return AgentSpawnAccepted(agentId=agent_id, state="spawning", workflowId=workflow_id)
+    return await agents.spawn(
+        services, user, body, traceparent=request.headers.get("traceparent", "")
+    )
 
 
 @router.get("")
 async def list_agents(
     user: CurrentUser,
-    pool: PoolDep,
+    services: ServicesDep,
     state: AgentState | None = None,
     connection_id: Annotated[uuid.UUID | None, Query(alias="connectionId")] = None,
     agent_type: Annotated[AgentType | None, Query(alias="agentType")] = None,
     task_id: Annotated[str | None, Query(alias="taskId", max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> list[AgentPublic]:
     """Agents this instance spawned on peers, newest first; members see their workspace only."""
-    rows = await repos.list_agents(
-        pool,
-        role="requester",
-        workspace=None if user.is_admin else user.workspace,
+    rows = await agents.list_(
+        services,
+        user,
         state=state,
         connection_id=connection_id,
         agent_type=agent_type,
@@ -152,49 +70,17 @@ async def list_agents(
     return [AgentPublic.from_row(r) for r in rows]
 
 
-async def _get(pool: Any, user: User, agent_id: uuid.UUID) -> dict[str, Any]:
-    row = user.visible(await repos.get_requested_agent(pool, agent_id))
-    if row is None:
-        raise AgentNotFound(f"no agent {agent_id}")
-    return row
-
-
 @router.get("/{agent_id}")
-async def get_agent(agent_id: uuid.UUID, user: CurrentUser, pool: PoolDep) -> AgentPublic:
-    return AgentPublic.from_row(await _get(pool, user, agent_id))
+async def get_agent(agent_id: uuid.UUID, user: CurrentUser, services: ServicesDep) -> AgentPublic:
+    return AgentPublic.from_row(await agents.get(services, user, agent_id))
 
 
 @router.post("/{agent_id}/kill")
 async def kill_agent(
-    agent_id: uuid.UUID,
-    request: Request,
-    user: CurrentUser,
-    pool: PoolDep,
-    temporal: TemporalDep,
+    agent_id: uuid.UUID, user: CurrentUser, services: ServicesDep
 ) -> AgentKillPublic:
     """Answers once the remote sandbox is gone; a finished agent keeps its final state."""
-    row = await _get(pool, user, agent_id)
-    if row["state"] not in repos.TERMINAL_STATES:
-        if not row["workflow_started"]:
-            await spawner(request).start_workflow(row)
-        handle = temporal.get_workflow_handle(row["workflow_id"])
-        try:
-            await handle.execute_update("kill", KillRequest(), result_type=dict)
-        except WorkflowUpdateFailedError as exc:
-            row = await _get(pool, user, agent_id)
-            if row["state"] not in repos.TERMINAL_STATES:
-                cause = exc.cause.__cause__ or exc.cause
-                raise KillNotDelivered(
-                    f"the kill did not reach the executor: {cause}", state=row["state"]
-                ) from None
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
-        await repos.audit(
-            pool, actor=f"user:{user.name}", action="agent.kill", agentId=str(agent_id)
-        )
-        row = await _get(pool, user, agent_id)
-    return AgentKillPublic(agentId=agent_id, state=row["state"])
+    return await agents.kill(services, user, agent_id)
 
 
 def _sse(event: dict[str, Any], agent_id: uuid.UUID, event_id: int) -> str:
@@ -233,9 +119,8 @@ def _when(item: dict[str, Any]) -> datetime:
 )
 async def agent_events(
     agent_id: uuid.UUID,
-    request: Request,
     user: CurrentUser,
-    pool: PoolDep,
+    services: ServicesDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events of the agent's state, progress and transcript until it ends.
@@ -244,14 +129,24 @@ async def agent_events(
     (`log id << 20 | transcript entry number`), increasing along the stream; reconnecting with
     `Last-Event-ID` resumes after it, with no entry missed or repeated.
     """
-    await _get(pool, user, agent_id)
+    return await event_stream(services, user, agent_id, last_event_id)
+
+
+async def event_stream(
+    services: Services, user: User, agent_id: uuid.UUID, last_event_id: str | None
+) -> StreamingResponse:
+    """The agent's event stream as this route serves it (the console's live pages use it too,
+    authenticated by their cookie)."""
+    await agents.get(services, user, agent_id)
+    pool = services.pool
     try:
         after = int(last_event_id) if last_event_id else 0
         if after < 0:
             raise ValueError
     except ValueError:
         raise InvalidRequest("Last-Event-ID must be an event id from this stream") from None
-    transcripts = request.app.state.transcripts
+    # Pulls what events did not bring before the final state goes out.
+    transcripts = TranscriptPuller(services.pool, services.http, services.settings, services.cipher)
 
     async def stream() -> AsyncIterator[str]:
         cursor, entry_no = after >> CURSOR_BITS, after & ((1 << CURSOR_BITS) - 1)

@@ -8,9 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import AdminUser, PoolDep
-from federation.models import AuditEntryPublic, AuditPage
-from federation.store import repos
+from api.deps import AdminUser, ServicesDep
+from federation.models import AuditPage
+from operations import audit
 
 router = APIRouter(prefix="/api/v1/federation/audit", tags=["audit"])
 
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/v1/federation/audit", tags=["audit"])
 @router.get("")
 async def list_audit(
     user: AdminUser,
-    pool: PoolDep,
+    services: ServicesDep,
     action: Annotated[str | None, Query(max_length=200, description="exact, or prefix*")] = None,
     outcome: Annotated[str | None, Query(max_length=50, description="ok or refused")] = None,
     actor: Annotated[str | None, Query(max_length=300, description="user:N, peer:ID")] = None,
@@ -27,15 +27,14 @@ async def list_audit(
     before: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="nextBefore")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
-    rows = await repos.list_audit(
-        pool,
+    return await audit.list_(
+        services,
+        user,
         action=action,
         outcome=outcome,
         actor=actor,
         since=since,
         until=until,
         before=before,
-        limit=limit + 1,
+        limit=limit,
     )
-    items = [AuditEntryPublic.model_validate(r) for r in rows[:limit]]
-    return AuditPage(items=items, nextBefore=items[-1].id if len(rows) > limit else None)

@@ -12,10 +12,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from agents.sandbox.base import Limits, Sandbox
 from tests.agents.conftest import Listener, pid_alive
 
-MakeSandbox = Callable[[Path, Limits], Awaitable[Sandbox]]
+MakeSandbox = Callable[..., Awaitable[Sandbox]]
 SMALL = Limits(memory_bytes=96 * 1024 * 1024, pids=48, cpus=1.0, command_timeout=30)
 MEMORY_HOG = "awk 'BEGIN { s = \"x\"; while (1) s = s s }'"
 FORK_BOMB = "bomb() { bomb & bomb & sleep 20; }; bomb"
@@ -172,3 +174,26 @@ class SandboxContract:
         assert changed.output.split() == ["one", "two"], changed.output
         entries, cut = await sandbox.list_files(".", recursive=True)
         assert "new/deep/file.txt" in entries and "sub/" in entries and not cut
+
+    async def test_a_read_only_sandbox_cannot_change_the_workspace(
+        self, make_sandbox: MakeSandbox, tmp_path: Path
+    ) -> None:
+        # A reviewer's sandbox (issue 14): the workspace is there to read, not to change.
+        workspace = tmp_path / "ws"
+        workspace.mkdir()
+        (workspace / "calc.py").write_text("print(1 + 1)\n")
+        sandbox = await make_sandbox(workspace, SMALL, read_only=True)
+        appended = await sandbox.run('echo "# reviewed" >> calc.py')
+        assert appended.exit_code != 0
+        assert "read-only" in appended.output.lower()
+        created = await sandbox.run("touch new.txt || mkdir sub")
+        assert created.exit_code != 0
+        with pytest.raises(OSError, match="read-only"):
+            await sandbox.write_file("calc.py", b"gone\n")
+        assert (workspace / "calc.py").read_text() == "print(1 + 1)\n"
+        assert sorted(p.name for p in workspace.iterdir()) == ["calc.py"]
+        # reading works, and so does the run's own /tmp
+        read = await sandbox.run("cat calc.py && echo scratch > /tmp/notes && cat /tmp/notes")
+        assert read.exit_code == 0, read.output
+        assert read.output.split() == ["print(1", "+", "1)", "scratch"]
+        assert sandbox.enforced["workspace"] == "read-only"

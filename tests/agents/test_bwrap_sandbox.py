@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -133,3 +134,95 @@ async def test_a_command_cannot_write_a_file_past_the_size_limit(
     assert "too large" in fill.output.lower() or fill.exit_code == 128 + 25  # SIGXFSZ
     assert (tmp_path / "ws" / "big").stat().st_size <= 1024 * 1024
     assert sandbox.alive_pids() == []
+
+
+# What a sandboxed command tries against the kernel, and the errno it gets ("ok" when it works).
+SYSCALL_PROBE = r"""
+import ctypes, errno, json, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+numbers = {
+    "x86_64": {"keyctl": 250, "add_key": 248, "bpf": 321, "perf_event_open": 298,
+               "userfaultfd": 323, "io_uring_setup": 425, "unshare": 272, "setns": 308},
+    "aarch64": {"keyctl": 219, "add_key": 217, "bpf": 280, "perf_event_open": 241,
+                "userfaultfd": 282, "io_uring_setup": 425, "unshare": 97, "setns": 268},
+}[platform.machine()]
+def name(result):
+    return "ok" if result >= 0 else errno.errorcode[ctypes.get_errno()]
+attr = (ctypes.c_char * 128)()
+found = {
+    "keyctl": name(libc.syscall(numbers["keyctl"], 1, None)),  # join a new session keyring
+    "add_key": name(libc.syscall(numbers["add_key"], b"user", b"k", b"v", 1, -3)),
+    "bpf": name(libc.syscall(numbers["bpf"], 0, attr, 128)),
+    "perf_event_open": name(libc.syscall(numbers["perf_event_open"], attr, 0, -1, -1, 0)),
+    "userfaultfd": name(libc.syscall(numbers["userfaultfd"], 0)),
+    "io_uring_setup": name(libc.syscall(numbers["io_uring_setup"], 1, attr)),
+    "unshare(user)": name(libc.syscall(numbers["unshare"], 0x10000000)),
+    "unshare(mount)": name(libc.syscall(numbers["unshare"], 0x00020000)),
+    "setns": name(libc.syscall(numbers["setns"], os.open("/proc/self/ns/uts", os.O_RDONLY), 0)),
+    "ptrace(traceme)": name(libc.ptrace(0, 0, None, None)),
+    "mount": name(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
+    "umount2": name(libc.umount2(b"/tmp", 2)),
+    "pivot_root": name(libc.syscall(155 if platform.machine() == "x86_64" else 41, b"/", b"/")),
+}
+print(json.dumps(found))
+"""
+
+
+async def test_kernel_interfaces_docker_denies_are_denied_in_the_sandbox(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    import json
+    import platform
+
+    if platform.machine() not in ("x86_64", "aarch64") or not Path("/usr/bin/python3").exists():
+        pytest.skip("the probe knows the system call numbers of x86_64 and aarch64")
+    sandbox = await make_sandbox(tmp_path / "ws", SMALL)
+    (tmp_path / "ws" / "probe.py").write_text(SYSCALL_PROBE)
+    probe = await sandbox.run("/usr/bin/python3 probe.py")
+    assert probe.exit_code == 0, probe.output
+    found = json.loads(probe.output)
+    assert found == dict.fromkeys(found, "EPERM")
+    # the tools an agent runs with still work: user namespaces by unshare(1) do not
+    new_userns = await sandbox.run("unshare -U true")
+    assert new_userns.exit_code != 0
+    assert "Operation not permitted" in new_userns.output
+    work = await sandbox.run(
+        "git init -q r && cd r && echo x > f && git add f && git commit -qm m && "
+        "git log --oneline | wc -l && sh -c 'sleep 0.1 & wait' && "
+        "/usr/bin/python3 -c 'import threading, subprocess; "
+        't = threading.Thread(target=print, args=("thread",)); t.start(); t.join(); '
+        'print(subprocess.run(["echo", "child"], capture_output=True, text=True).stdout)\''
+    )
+    assert work.exit_code == 0, work.output
+    assert work.output.split() == ["1", "thread", "child"]
+    assert sandbox.enforced["seccomp"].startswith("Docker's default")
+
+
+async def test_the_toolchain_lists_what_commands_in_the_sandbox_see(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    from agents.sandbox.toolchain import sandbox_toolchain
+
+    # A toolchain directory an operator mounts with FEDAGENT_SANDBOX_RO_PATHS (reachable by the
+    # sandbox's uid: not below pytest's private tmp directory).
+    tools = Path(tempfile.mkdtemp(prefix="fedagent-tools-", dir="/var/tmp"))
+    try:
+        tools.chmod(0o755)
+        (tools / "bin").mkdir(mode=0o755)
+        script = tools / "bin" / "pytest"
+        script.write_text("#!/bin/sh\necho 'pytest 9.9.9'\n")
+        script.chmod(0o755)
+        plain = await make_sandbox(tmp_path / "plain", SMALL)
+        found = {tool.name: tool for tool in await sandbox_toolchain(plain)}
+        assert found["git"].path is not None and found["git"].version.startswith("git version")
+        assert found["python3"].path is not None
+        assert found["python3"].version.startswith("Python 3")
+        if shutil.which("pytest", path="/usr/local/bin:/usr/bin:/bin") is None:
+            assert found["pytest"].path is None
+            assert found["pytest"].describe() == "pytest: not found"
+        mounted = await make_sandbox(tmp_path / "mounted", SMALL, ro_paths=(str(tools),))
+        found = {tool.name: tool for tool in await sandbox_toolchain(mounted)}
+        assert found["pytest"].path == str(script)
+        assert found["pytest"].version == "pytest 9.9.9"
+    finally:
+        shutil.rmtree(tools, ignore_errors=True)

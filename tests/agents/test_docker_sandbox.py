@@ -146,8 +146,8 @@ def _write(path: Path, data: bytes) -> str:
 async def make_sandbox(dockerd: Daemon) -> AsyncIterator[MakeSandbox]:
     made: list[Sandbox] = []
 
-    async def make(workspace: Path, limits: Limits) -> Sandbox:
-        sandbox = DockerSandbox(workspace, limits, image=IMAGE, docker_host=dockerd.host)
+    async def make(workspace: Path, limits: Limits, **options: bool) -> Sandbox:
+        sandbox = DockerSandbox(workspace, limits, image=IMAGE, docker_host=dockerd.host, **options)
         made.append(sandbox)
         await sandbox.start()
         return sandbox

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +61,24 @@ def test_doctor_refuses_half_a_tls_configuration(tmp_path: Path) -> None:
     run = doctor({"FEDAGENT_TEMPORAL_TLS_CERT": str(cert), "FEDAGENT_DATA_DIR": str(tmp_path)})
     assert run.returncode == 1
     assert "FEDAGENT_TEMPORAL_TLS_KEY" in run.stdout
+
+
+def test_doctor_lists_the_tools_an_agent_finds_in_its_sandbox(tmp_path: Path) -> None:
+    closed = free_port_block(2)
+    run = doctor(
+        {
+            "FEDAGENT_TEMPORAL_ADDRESS": f"127.0.0.1:{closed}",
+            "FEDAGENT_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{closed + 1}/none",
+            "FEDAGENT_DATA_DIR": str(tmp_path),
+            "FEDAGENT_SANDBOX": "bwrap",
+        },
+        "--json",
+    )
+    checks = {c["name"]: c for c in json.loads(run.stdout)}
+    toolchain = checks["sandbox toolchain"]
+    assert "python3: /usr/bin/python3 (Python 3" in toolchain["detail"], toolchain
+    assert "git: /usr/bin/git (git version" in toolchain["detail"]
+    assert "pytest" in toolchain["detail"]
+    if "pytest: not found" in toolchain["detail"]:
+        assert toolchain["status"] == "warn"
+        assert "FEDAGENT_SANDBOX_RO_PATHS" in toolchain["fix"]

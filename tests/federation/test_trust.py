@@ -66,6 +66,12 @@ def test_an_old_grants_row_means_the_defaults() -> None:
         ),
         ({"repositories": []}, "agent.spawn", spawn(), GrantRepository),
         ({"repositories": ["github.com/ACME/*"]}, "agent.spawn", spawn(), GrantRepository),
+        (  # dot segments cannot lead a URL out of the allowed path
+            {"repositories": ["https://github.com/acme/*"]},
+            "agent.spawn",
+            spawn(repository="https://github.com/acme/%2e%2e/evil/x"),
+            GrantRepository,
+        ),
         ({"maxTimeout": 59}, "agent.spawn", spawn(timeout=60), GrantTimeout),
         ({}, "agent.spawn", spawn(agentType="wizard"), InvalidPayload),
     ],

@@ -1,0 +1,28 @@
+"""Who is asking: a local user (an API token's name, role and workspace) and what it may see."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+    workspace: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this user."""
+        return f"user:{self.name}"
+
+    def visible(self, row: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The row if this user may see it: admins see all, members their workspace's."""
+        if row is None or (not self.is_admin and row["workspace"] != self.workspace):
+            return None
+        return row

@@ -1,0 +1,153 @@
+"""Agents this instance spawns on peers: spawn, list, read and kill."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from federation import tracing
+from federation.errors import (
+    AgentIdConflict,
+    AgentNotFound,
+    ConnectionNotFound,
+    KillNotDelivered,
+    LocalConnectionNotActive,
+)
+from federation.models import AgentKillPublic, AgentSpawnAccepted, AgentSpawnCreate
+from federation.store import repos
+from federation.users import User
+from operations import Services
+from workflows.models import KillRequest, remote_agent_workflow_id
+
+
+async def spawn(
+    services: Services, user: User, body: AgentSpawnCreate, *, traceparent: str = ""
+) -> AgentSpawnAccepted:
+    """Spawn an agent on the peer of an ACTIVE connection; the same agentId runs once.
+
+    Answers once the spawn is committed: the outbox starts the workflow right after (or its
+    sweeper does, if Temporal is down now). `traceparent` is the caller's W3C trace, if any.
+    """
+    pool = services.pool
+    agent_id = body.agentId or uuid.uuid4()
+    workflow_id = remote_agent_workflow_id(str(agent_id))
+    trace = tracing.child(traceparent) if tracing.valid(traceparent) else tracing.new_traceparent()
+    tracing.bind(trace)
+    connection = await repos.get_connection(pool, body.connectionId)
+    if connection is None:
+        raise ConnectionNotFound(f"no connection {body.connectionId}")
+    if connection["status"] != "ACTIVE":
+        raise LocalConnectionNotActive(
+            f"connection {body.connectionId} is {connection['status']}; spawn needs ACTIVE"
+        )
+    context = body.context.model_dump()
+    options = body.options.model_dump()
+    async with pool.acquire() as conn, conn.transaction():
+        inserted = await repos.insert_agent(
+            conn,
+            agent_id=agent_id,
+            role="requester",
+            connection_id=body.connectionId,
+            peer_instance_id=connection["remote_instance_id"],
+            workspace=user.workspace,
+            task_id=body.taskId,
+            agent_type=body.agentType,
+            context=context,
+            options=options,
+            workflow_id=workflow_id,
+            state="spawning",
+            workflow_started=False,
+            traceparent=trace,
+        )
+        if inserted:
+            await repos.add_agent_event(conn, agent_id, seq=0, state="spawning")
+        else:
+            existing = await repos.get_requested_agent(conn, agent_id)
+            same = existing is not None and (
+                existing["connection_id"] == body.connectionId
+                and existing["task_id"] == body.taskId
+                and existing["agent_type"] == body.agentType
+                and existing["context"] == context
+                and existing["options"] == options
+            )
+            if not same or user.visible(existing) is None:
+                raise AgentIdConflict(f"agentId {agent_id} is already used by another spawn")
+            assert existing is not None
+            return AgentSpawnAccepted(
+                agentId=agent_id, state=existing["state"], workflowId=workflow_id
+            )
+
+        await repos.audit(
+            conn,
+            actor=user.actor,
+            action="agent.spawn",
+            agentId=str(agent_id),
+            connectionId=str(body.connectionId),
+        )
+        row = await repos.get_requested_agent(conn, agent_id)
+        assert row is not None
+    # Committed: the outbox makes sure the workflow starts; don't make the caller wait for it.
+    services.starter.kick(row)
+    return AgentSpawnAccepted(agentId=agent_id, state="spawning", workflowId=workflow_id)
+
+
+async def get(services: Services, user: User, agent_id: uuid.UUID) -> dict[str, Any]:
+    """The agent's row, if this user may see it (members: their workspace's only)."""
+    row = user.visible(await repos.get_requested_agent(services.pool, agent_id))
+    if row is None:
+        raise AgentNotFound(f"no agent {agent_id}")
+    return row
+
+
+async def list_(
+    services: Services,
+    user: User,
+    *,
+    state: str | None = None,
+    connection_id: uuid.UUID | None = None,
+    agent_type: str | None = None,
+    task_id: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Agents this instance spawned on peers, newest first; members see their workspace only."""
+    return await repos.list_agents(
+        services.pool,
+        role="requester",
+        workspace=None if user.is_admin else user.workspace,
+        state=state,
+        connection_id=connection_id,
+        agent_type=agent_type,
+        task_id=task_id,
+        limit=limit,
+        offset=offset,
+    )
+
+
+async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKillPublic:
+    """Answers once the remote sandbox is gone; a finished agent keeps its final state."""
+    row = await get(services, user, agent_id)
+    if row["state"] not in repos.TERMINAL_STATES:
+        if not row["workflow_started"]:
+            await services.starter.start_workflow(row)
+        handle = services.temporal.get_workflow_handle(row["workflow_id"])
+        try:
+            await handle.execute_update("kill", KillRequest(), result_type=dict)
+        except WorkflowUpdateFailedError as exc:
+            row = await get(services, user, agent_id)
+            if row["state"] not in repos.TERMINAL_STATES:
+                cause = exc.cause.__cause__ or exc.cause
+                raise KillNotDelivered(
+                    f"the kill did not reach the executor: {cause}", state=row["state"]
+                ) from None
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+        await repos.audit(
+            services.pool, actor=user.actor, action="agent.kill", agentId=str(agent_id)
+        )
+        row = await get(services, user, agent_id)
+    return AgentKillPublic(agentId=agent_id, state=row["state"])

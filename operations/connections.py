@@ -1,0 +1,238 @@
+"""Connections with peers (admin): ask, accept (with grants), reject, suspend, resume,
+disconnect, change grants, list and read. Every change is told to the peer by a signed message
+and written to the audit log."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from federation.connections import change_suspension, suspension_change
+from federation.envelope import MessageType
+from federation.errors import (
+    ConnectionNotFound,
+    ConnectionStateConflict,
+    FederationError,
+    InvalidRequest,
+)
+from federation.models import ConnectionPublic, GrantsUpdate
+from federation.peer import fetch_card, send_signed
+from federation.store import repos
+from federation.users import User
+from operations import Services
+
+
+async def _notify(services: Services, connection: dict[str, Any], command_type: str) -> None:
+    await send_signed(
+        services.http,
+        await services.identity(),
+        url=connection["remote_url"],
+        recipient_id=connection["remote_instance_id"],
+        recipient_keys=connection["remote_keys"],
+        type=MessageType.CONNECT,
+        command_type=command_type,
+        payload={"connectionId": str(connection["connection_id"])},
+        window_seconds=services.settings.timestamp_window,
+        timeout=services.settings.peer_request_timeout,
+    )
+
+
+def _grants_or_422(update: GrantsUpdate, current: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        return update.apply(current).model_dump()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc).splitlines()[0]) from None
+
+
+async def create(services: Services, user: User, remote_url: str) -> ConnectionPublic:
+    """Ask the instance at `remote_url` for a connection: PENDING until the peer accepts."""
+    pool, settings = services.pool, services.settings
+    identity = await services.identity()
+    remote_url = remote_url.rstrip("/")
+    card = await fetch_card(services.http, remote_url)
+    if card["instanceId"] == identity.instance_id:
+        raise InvalidRequest("remoteUrl is this instance itself")
+    existing = await repos.connection_for_peer(pool, card["instanceId"])
+    if existing is not None and existing["status"] != "DISCONNECTED":
+        raise ConnectionStateConflict(
+            f"a connection with {card.get('name')} is already {existing['status']}",
+            connectionId=str(existing["connection_id"]),
+        )
+    connection_id = uuid.uuid4()
+    await send_signed(
+        services.http,
+        identity,
+        url=remote_url,
+        recipient_id=card["instanceId"],
+        recipient_keys=card["keys"],
+        type=MessageType.CONNECT,
+        command_type="connection.request",
+        payload={
+            "connectionId": str(connection_id),
+            "url": identity.public_url,
+            "name": identity.name,
+        },
+        window_seconds=settings.timestamp_window,
+        timeout=settings.peer_request_timeout,
+    )
+    row = await repos.insert_connection(
+        pool,
+        connection_id=connection_id,
+        remote_instance_id=card["instanceId"],
+        remote_name=str(card.get("name", "")),
+        remote_url=remote_url,
+        remote_keys=card["keys"],
+        direction="outbound",
+    )
+    await repos.audit(
+        pool, actor=user.actor, action="connection.request", connectionId=str(connection_id)
+    )
+    return ConnectionPublic.from_row(row)
+
+
+async def list_(services: Services) -> list[ConnectionPublic]:
+    return [ConnectionPublic.from_row(r) for r in await repos.list_connections(services.pool)]
+
+
+async def get_row(services: Services, connection_id: uuid.UUID) -> dict[str, Any]:
+    row = await repos.get_connection(services.pool, connection_id)
+    if row is None:
+        raise ConnectionNotFound(f"no connection {connection_id}")
+    return row
+
+
+async def get(services: Services, connection_id: uuid.UUID) -> ConnectionPublic:
+    return ConnectionPublic.from_row(await get_row(services, connection_id))
+
+
+async def _answer(
+    services: Services,
+    user: User,
+    connection_id: uuid.UUID,
+    command_type: str,
+    target: str,
+    grants: GrantsUpdate | None = None,
+) -> ConnectionPublic:
+    row = await get_row(services, connection_id)
+    new_grants = _grants_or_422(grants or GrantsUpdate(), row["grants"])
+    if row["direction"] != "inbound" or row["status"] != "PENDING":
+        raise ConnectionStateConflict(
+            f"only a PENDING request from a peer can be answered; this one is "
+            f"{row['direction']} and {row['status']}"
+        )
+    # The peer hears it first: a peer that cannot be told keeps us PENDING, in step with it.
+    await _notify(services, row, command_type)
+    async with services.pool.acquire() as conn, conn.transaction():
+        updated = await repos.set_connection_status(
+            conn, connection_id, target, expect=("PENDING",)
+        )
+        if updated is None:
+            raise ConnectionStateConflict("the connection changed meanwhile")
+        details: dict[str, Any] = {}
+        if target == "ACTIVE":
+            updated = await repos.set_grants(conn, connection_id, new_grants)
+            assert updated is not None
+            details["grants"] = new_grants
+        await repos.audit(
+            conn, actor=user.actor, action=command_type, connectionId=str(connection_id), **details
+        )
+    return ConnectionPublic.from_row(updated)
+
+
+async def accept(
+    services: Services, user: User, connection_id: uuid.UUID, grants: GrantsUpdate | None = None
+) -> ConnectionPublic:
+    """Accept a peer's request; `grants` (optional) say what the peer may ask of us."""
+    return await _answer(services, user, connection_id, "connection.accept", "ACTIVE", grants)
+
+
+async def reject(services: Services, user: User, connection_id: uuid.UUID) -> ConnectionPublic:
+    return await _answer(services, user, connection_id, "connection.reject", "DISCONNECTED")
+
+
+async def disconnect(services: Services, user: User, connection_id: uuid.UUID) -> ConnectionPublic:
+    """End the connection here whatever happens; `peerNotified` says whether the peer heard it."""
+    row = await get_row(services, connection_id)
+    if row["status"] == "DISCONNECTED":
+        return ConnectionPublic.from_row(row, peerNotified=False)
+    try:
+        await _notify(services, row, "connection.disconnect")
+        notified = True
+    except FederationError:
+        notified = False
+    updated = await repos.set_connection_status(services.pool, connection_id, "DISCONNECTED")
+    assert updated is not None
+    await repos.audit(
+        services.pool,
+        actor=user.actor,
+        action="connection.disconnect",
+        connectionId=str(connection_id),
+        peerNotified=notified,
+    )
+    return ConnectionPublic.from_row(updated, peerNotified=notified)
+
+
+async def update_grants(
+    services: Services, user: User, connection_id: uuid.UUID, grants: GrantsUpdate
+) -> ConnectionPublic:
+    """Change what the peer may ask of this instance; fields left out stay as they are."""
+    async with services.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT * FROM connections WHERE connection_id = $1 FOR UPDATE", connection_id
+        )
+        if row is None:
+            raise ConnectionNotFound(f"no connection {connection_id}")
+        if row["status"] == "DISCONNECTED":
+            raise ConnectionStateConflict("a DISCONNECTED connection has no grants to change")
+        before = dict(row["grants"] or {})
+        new_grants = _grants_or_422(grants, before)
+        updated = await repos.set_grants(conn, connection_id, new_grants)
+        assert updated is not None
+        await repos.audit(
+            conn,
+            actor=user.actor,
+            action="connection.grants",
+            connectionId=str(connection_id),
+            before=before,
+            after=new_grants,
+        )
+    return ConnectionPublic.from_row(updated)
+
+
+async def suspend(services: Services, user: User, connection_id: uuid.UUID) -> ConnectionPublic:
+    """Stop all traffic with the peer now; `peerNotified` says whether the peer heard it."""
+    row = await get_row(services, connection_id)
+    # Our side stops at once, whether or not the peer can be told.
+    updated = await change_suspension(services.pool, row, "local", "suspend")
+    try:
+        await _notify(services, row, "connection.suspend")
+        notified = True
+    except FederationError:
+        notified = False
+    await repos.audit(
+        services.pool,
+        actor=user.actor,
+        action="connection.suspend",
+        connectionId=str(connection_id),
+        peerNotified=notified,
+        suspendedBy=updated["suspended_by"],
+    )
+    return ConnectionPublic.from_row(updated, peerNotified=notified)
+
+
+async def resume(services: Services, user: User, connection_id: uuid.UUID) -> ConnectionPublic:
+    """Lift this instance's suspension; the peer hears it first (a peer that cannot be told
+    keeps the connection SUSPENDED on both sides)."""
+    row = await get_row(services, connection_id)
+    suspension_change(row, "local", "resume")  # refuse before telling the peer anything
+    await _notify(services, row, "connection.resume")
+    updated = await change_suspension(services.pool, row, "local", "resume")
+    await repos.audit(
+        services.pool,
+        actor=user.actor,
+        action="connection.resume",
+        connectionId=str(connection_id),
+        status=updated["status"],
+        suspendedBy=updated["suspended_by"],
+    )
+    return ConnectionPublic.from_row(updated, peerNotified=True)
