@@ -17,11 +17,12 @@ from activities.conversation import StoreSink, TranscriptPump, previous_try_note
 from activities.federation import PeerMessenger
 from agents.conversation import ConversationState
 from agents.errors import AgentSetupError
+from agents.loop import AgentRunReport
 from agents.runtime import RuntimeConfig, run_agent_task
 from agents.sandbox.base import Limits
 from federation import tracing
 from federation.settings import Settings
-from federation.store import conversations, repos
+from federation.store import artifacts, conversations, repos
 from workflows.models import (
     AGENT_FAILED,
     AGENT_TIMED_OUT,
@@ -198,10 +199,50 @@ class AgentActivities:
             await pump.flush(timeout=3.0)
         except Exception as exc:  # noqa: BLE001 - the requester pulls it at the end
             log.info("last transcript entries of agent %s not delivered: %s", agent_id, exc)
-        result = report.as_result()
+        activity.heartbeat(state["progress"])
+        result = {**report.as_result(), **await self._store_artifacts(task, report)}
         if not report.success:
             raise ApplicationError(report.summary, result, type=AGENT_FAILED)
         return AgentOutcome(summary=report.summary, result=result)
+
+    async def _store_artifacts(self, task: RunTask, report: AgentRunReport) -> dict[str, Any]:
+        """Keep the whole diff and the whole log in the store; the result names them by hash.
+
+        What goes back into the workflow (and from there into events) is only their sha256,
+        size and the bounded previews already in the result (diffPreview, logTail).
+        """
+        agent_id = uuid.UUID(task.agent_id)
+        limit = self.settings.artifact_max_bytes
+        chunk = self.settings.artifact_chunk_bytes
+        stored: dict[str, artifacts.Artifact] = {}
+        if report.diff_path and Path(report.diff_path).is_file():
+            stored["diff"] = await artifacts.put_path(
+                self.pool, Path(report.diff_path), max_bytes=limit, chunk_bytes=chunk
+            )
+        log_bytes = report.log.encode()
+        if len(log_bytes) > limit:  # the end of a log says most about how the run ended
+            log_bytes = log_bytes[-limit:]
+        stored["log"] = await artifacts.put_bytes(
+            self.pool, log_bytes, max_bytes=limit, chunk_bytes=chunk
+        )
+        for kind, artifact in stored.items():
+            await artifacts.link(
+                self.pool,
+                role="executor",
+                peer_instance_id=task.requester_id,
+                agent_id=agent_id,
+                kind=kind,
+                artifact=artifact,
+            )
+        fields: dict[str, Any] = {
+            "artifacts": {kind: artifact.reference() for kind, artifact in stored.items()},
+            "logSha256": stored["log"].sha256,
+            "logBytes": stored["log"].bytes,
+        }
+        if "diff" in stored:
+            fields["diffSha256"] = stored["diff"].sha256
+            fields["diffBytes"] = stored["diff"].bytes
+        return fields
 
     async def _notify(self, row: dict[str, Any]) -> None:
         """Best-effort event to the requester; it polls when an event is lost."""
@@ -251,5 +292,8 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         allow_private_hosts=settings.environment == "dev",
         private_paths=(settings.data_dir, Path.home()),
         data_dir=settings.data_dir,
-        diff_limit=settings.diff_limit,
+        diff_max_bytes=min(settings.diff_max_bytes, settings.artifact_max_bytes),
+        diff_file_max_bytes=settings.diff_file_max_bytes,
+        preview_bytes=settings.artifact_preview_bytes,
+        log_tail=min(8 * 1024, settings.artifact_preview_bytes),
     )

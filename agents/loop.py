@@ -58,14 +58,27 @@ class AgentRunReport:
     resumes: int = 0
     # Filled by the activity: the transcript kept on the executor (by reference).
     transcript: dict[str, Any] = field(default_factory=dict)
-    # Filled by the runtime once the sandbox is gone.
-    diff: str = ""
+    # The whole log (logTail is its end); kept as an artifact, never sent inline.
+    log: str = ""
+    # Filled by the runtime once the sandbox is gone: the whole diff is in the file
+    # `diff_path` (an artifact); results carry its sha256, size and a bounded preview.
+    diff_path: str = ""
+    diff_preview: str = ""
     diff_sha256: str = ""
     diff_bytes: int = 0
     diff_truncated: bool = False
+    diff_omitted_files: list[dict[str, Any]] = field(default_factory=list)
     changed_files: list[str] = field(default_factory=list)
     sandbox: dict[str, Any] = field(default_factory=dict)
     workspace: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def diff(self) -> str:
+        """The whole diff (read from its file)."""
+        if not self.diff_path:
+            return ""
+        with open(self.diff_path, "rb") as handle:
+            return handle.read().decode(errors="replace")
 
     @property
     def tokens(self) -> int:
@@ -87,10 +100,11 @@ class AgentRunReport:
             "modelCalls": self.model_calls,
             "resumes": self.resumes,
             "transcript": self.transcript,
-            "diff": self.diff,
+            "diffPreview": self.diff_preview,
             "diffSha256": self.diff_sha256,
             "diffBytes": self.diff_bytes,
             "diffTruncated": self.diff_truncated,
+            "diffOmittedFiles": self.diff_omitted_files,
             "changedFiles": self.changed_files,
             "sandbox": self.sandbox,
             "workspace": self.workspace,
@@ -188,6 +202,7 @@ class AgentLoop:
             report.log_tail = self._tail()
             report.model_calls = state.model_calls
             report.resumes = state.resumes
+            report.log = "".join(self._log)
         return report
 
     async def _save(self, report: AgentRunReport, entries: list[dict[str, Any]]) -> None:

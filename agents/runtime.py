@@ -62,7 +62,9 @@ class RuntimeConfig:
     # FEDAGENT_SANDBOX_RO_PATHS entry that holds one (or lies in the data dir) is refused.
     private_paths: tuple[Path, ...] = ()
     data_dir: Path | None = None
-    diff_limit: int = 1024 * 1024
+    diff_max_bytes: int = 64 * 1024 * 1024
+    diff_file_max_bytes: int = 16 * 1024 * 1024
+    preview_bytes: int = 16 * 1024
     log_tail: int = 8 * 1024
 
 
@@ -219,13 +221,20 @@ async def run_agent_task(
     report.sandbox = sandbox.describe()
     report.workspace = prepared.describe()
     try:
-        diff = await collect_diff(prepared, config.diff_limit)
+        diff = await collect_diff(
+            prepared,
+            max_bytes=config.diff_max_bytes,
+            file_max_bytes=config.diff_file_max_bytes,
+            preview_bytes=config.preview_bytes,
+        )
     except Exception as exc:  # noqa: BLE001 - the run's outcome stands without its diff
         report.workspace["diffError"] = str(exc)
     else:
-        report.diff = diff.text
+        report.diff_path = str(diff.path)
+        report.diff_preview = diff.preview
         report.diff_sha256 = diff.sha256
         report.diff_bytes = diff.size
         report.diff_truncated = diff.truncated
+        report.diff_omitted_files = diff.omitted_files
         report.changed_files = diff.changed_files
     return report

@@ -77,11 +77,23 @@ class PreparedWorkspace:
 
 @dataclass
 class Diff:
-    text: str
+    """The diff as written to `path`: whole, or its first `max_bytes` bytes when `truncated`.
+
+    `sha256` and `size` are those of the file, so what is stored and served is what they say.
+    """
+
+    path: Path
     sha256: str
     size: int
     truncated: bool
     changed_files: list[str]
+    # Changed files over the per-file cap: listed ({"path", "bytes"}), not inlined.
+    omitted_files: list[dict[str, Any]] = field(default_factory=list)
+    preview: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.path.read_bytes().decode(errors="replace")
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,11 @@ def baseline_dir(workspace: Path) -> Path:
     return workspace.parent / f".{workspace.name}.baseline.git"
 
 
+def diff_file(workspace: Path) -> Path:
+    """Where the run's diff is written: next to the workspace, outside the sandbox."""
+    return workspace.parent / f".{workspace.name}.diff"
+
+
 def classify(repository: str | None, roots: Sequence[Path]) -> tuple[str, str]:
     """("url", url) | ("local", path) | ("none", why). Refuses local paths outside `roots`."""
     repo = (repository or "").strip()
@@ -200,19 +217,20 @@ async def _git(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120.0,
+    input: bytes | None = None,
 ) -> bytes:
     proc = await asyncio.create_subprocess_exec(
         "git",
         *args,
         cwd=cwd,
         env=env,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
     except (TimeoutError, asyncio.CancelledError):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
@@ -498,34 +516,160 @@ async def _clone_on_host(
     return CommandResult(shlex.join(argv), 0, "")
 
 
-async def collect_diff(prepared: PreparedWorkspace, limit: int, timeout: float = 300.0) -> Diff:
+async def _changed(
+    safe: list[str], start: str, env: dict[str, str], timeout: float
+) -> list[tuple[str, int]]:
+    """(path, size) of every changed path, the size being the larger of its old and new blob."""
+    raw = await _git(
+        *safe,
+        "diff",
+        "--cached",
+        "--raw",
+        "-z",
+        "--no-renames",
+        "--no-abbrev",
+        start,
+        env=env,
+        timeout=timeout,
+    )
+    tokens = raw.split(b"\0")
+    entries: list[tuple[str, list[str]]] = []
+    for meta, name in zip(tokens[0::2], tokens[1::2], strict=False):
+        fields = meta.decode(errors="replace").lstrip(":").split()
+        if len(fields) < 4 or not name:
+            continue
+        blobs = [sha for sha in fields[2:4] if sha.strip("0")]
+        entries.append((name.decode(errors="replace"), blobs))
+    wanted = sorted({sha for _, blobs in entries for sha in blobs})
+    sizes: dict[str, int] = {}
+    if wanted:
+        out = await _git(
+            "cat-file",
+            "--batch-check=%(objectname) %(objectsize)",
+            env=env,
+            timeout=timeout,
+            input="".join(f"{sha}\n" for sha in wanted).encode(),
+        )
+        for line in out.decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                sizes[parts[0]] = int(parts[1])  # "<sha> missing" (a submodule) stays 0
+    return [(name, max([sizes.get(sha, 0) for sha in blobs], default=0)) for name, blobs in entries]
+
+
+async def _stream_to_file(
+    args: list[str], env: dict[str, str], out: Path, max_bytes: int, timeout: float
+) -> tuple[str, int, bool]:
+    """Run git, writing its stdout to `out` up to `max_bytes`: (sha256, size, truncated)."""
+    digest = hashlib.sha256()
+    size = 0
+    truncated = False
+    proc = await asyncio.create_subprocess_exec(
+        "git",
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    errors = asyncio.create_task(proc.stderr.read(64 * 1024))
+    try:
+        async with asyncio.timeout(timeout):
+            with open(out, "wb") as handle:
+                while block := await proc.stdout.read(256 * 1024):
+                    keep = block[: max_bytes - size]
+                    handle.write(keep)
+                    digest.update(keep)
+                    size += len(keep)
+                    if len(keep) < len(block):
+                        truncated = True
+                        break
+            if truncated:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
+            code = await proc.wait()
+            err = await errors
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        await proc.wait()
+        errors.cancel()
+        raise
+    if code != 0 and not truncated:
+        message = err.decode(errors="replace").strip()[-2000:]
+        raise GitError(f"git diff failed (exit {code}): {message}")
+    return digest.hexdigest(), size, truncated
+
+
+def _preview(path: Path, limit: int) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(limit)
+    # never half a character at the cut
+    return head.decode("utf-8", errors="ignore" if len(head) == limit else "replace")
+
+
+async def collect_diff(
+    prepared: PreparedWorkspace,
+    *,
+    max_bytes: int,
+    file_max_bytes: int,
+    preview_bytes: int = 16 * 1024,
+    out: Path | None = None,
+    timeout: float = 300.0,
+) -> Diff:
     """The workspace against its starting commit: changes, new files (untracked included,
-    .gitignore honoured) and deletions, as a binary-safe patch `git apply` takes."""
+    .gitignore honoured) and deletions, as a binary-safe patch `git apply` takes.
+
+    The patch is streamed to a file (never held in memory) and cut at `max_bytes`; a changed
+    file larger than `file_max_bytes` is left out of the patch and listed in `omitted_files`.
+    """
     env = _trusted_env(prepared.baseline, prepared.path)
     safe = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
     start = prepared.start_commit
     await _git(*safe, "read-tree", start, env=env, timeout=timeout)
     await _git(*safe, "add", "-A", env=env, timeout=timeout)
-    patch = await _git(
-        *safe,
-        "diff",
-        "--cached",
-        "--binary",
-        "--no-renames",
-        "--no-color",
-        "--no-ext-diff",
-        start,
-        env=env,
-        timeout=timeout,
+    changed = await _changed(safe, start, env, timeout)
+    omitted: list[dict[str, Any]] = [
+        {"path": name, "bytes": size} for name, size in changed if size > file_max_bytes
+    ]
+    if omitted:
+        # Back to the starting version in our index: the patch leaves them out.
+        await _git(
+            *safe,
+            "reset",
+            "-q",
+            "--pathspec-from-file=-",
+            "--pathspec-file-nul",
+            start,
+            env={**env, "GIT_LITERAL_PATHSPECS": "1"},
+            timeout=timeout,
+            input=b"\0".join(entry["path"].encode() for entry in omitted),
+        )
+    target = out or diff_file(prepared.path)
+    sha256, size, truncated = await _stream_to_file(
+        [
+            *safe,
+            "diff",
+            "--cached",
+            "--binary",
+            "--no-renames",
+            "--no-color",
+            "--no-ext-diff",
+            start,
+        ],
+        env,
+        target,
+        max_bytes,
+        timeout,
     )
-    names = await _git(
-        *safe, "diff", "--cached", "--name-only", "-z", "--no-renames", start, env=env
-    )
-    text = patch[:limit].decode(errors="replace")
     return Diff(
-        text=text,
-        sha256=hashlib.sha256(patch).hexdigest(),
-        size=len(patch),
-        truncated=len(patch) > limit,
-        changed_files=sorted(n.decode(errors="replace") for n in names.split(b"\0") if n),
+        path=target,
+        sha256=sha256,
+        size=size,
+        truncated=truncated,
+        changed_files=sorted(name for name, _ in changed),
+        omitted_files=sorted(omitted, key=lambda entry: str(entry["path"])),
+        preview=_preview(target, preview_bytes),
     )

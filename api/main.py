@@ -13,7 +13,17 @@ from fastapi import FastAPI
 from api import console, problems
 from api.limits import BodySizeLimit
 from api.metrics import ObservabilityMiddleware
-from api.routes import agents, audit, commands, connections, incoming, instance, ops, transcript
+from api.routes import (
+    agents,
+    artifacts,
+    audit,
+    commands,
+    connections,
+    incoming,
+    instance,
+    ops,
+    transcript,
+)
 from api.spawner import SpawnStarter
 from federation import keystore
 from federation.identity import ensure_identity
@@ -80,7 +90,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (instance, connections, agents, transcript, commands, incoming, audit, ops):
+    for module in (
+        instance,
+        connections,
+        agents,
+        artifacts,
+        transcript,
+        commands,
+        incoming,
+        audit,
+        ops,
+    ):
         app.include_router(module.router)
     console.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

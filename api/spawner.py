@@ -4,6 +4,11 @@
 once; the starter then starts `RemoteAgentWorkflow` in the background. Because the start uses
 USE_EXISTING / REJECT_DUPLICATE, starting twice is harmless, and the sweeper (every API process)
 starts whatever an API crash or a Temporal outage left unstarted.
+
+No database lock or transaction is held while Temporal answers: the sweeper claims a few due
+rows in one short transaction (counting the attempt and setting when the next one is due), then
+starts each row on its own and marks it started, so a row Temporal keeps refusing backs off
+(`start_attempts`, `next_start_at`, `start_error`) and never holds up the others.
 """
 
 from __future__ import annotations
@@ -26,6 +31,24 @@ from workflows.models import SpawnAgentInput, agent_search_attributes
 log = logging.getLogger(__name__)
 SWEEP_EVERY = 1.0
 SWEEP_AFTER = "2 seconds"  # give the in-process start a head start before sweeping a row
+SWEEP_BATCH = 50
+BACKOFF_MAX_SECONDS = 300  # a row that keeps failing is tried again at most every 5 minutes
+
+# Claims the due unstarted rows: counts the attempt and pushes the next one out (2^n s, capped),
+# so another sweeper (or this one, after a crash mid-start) takes the row only once that is due.
+CLAIM_DUE_ROWS = f"""
+UPDATE agents SET start_attempts = start_attempts + 1,
+       next_start_at = now() + make_interval(secs => least({BACKOFF_MAX_SECONDS},
+                                                          power(2, start_attempts + 1)))
+ WHERE role = 'requester' AND agent_id IN (
+       SELECT agent_id FROM agents
+        WHERE role = 'requester' AND NOT workflow_started
+          AND created_at < now() - interval '{SWEEP_AFTER}'
+          AND (next_start_at IS NULL OR next_start_at <= now())
+        ORDER BY coalesce(next_start_at, created_at)
+        LIMIT {SWEEP_BATCH} FOR UPDATE SKIP LOCKED)
+RETURNING *
+"""
 
 
 class SpawnStarter:
@@ -36,9 +59,9 @@ class SpawnStarter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start_workflow(self, row: dict[str, Any], db: Any = None) -> None:
-        """Start the row's workflow and mark it started (through `db` when it holds the row)."""
-        db = db or self.pool
+    async def start_workflow(self, row: dict[str, Any]) -> None:
+        """Start the row's workflow, then mark it started (no transaction around the RPC)."""
+        db = self.pool
         connection = await repos.get_connection(db, row["connection_id"])
         peer = connection["remote_name"] if connection else row["peer_instance_id"]
         try:
@@ -75,7 +98,8 @@ class SpawnStarter:
         except WorkflowAlreadyStartedError:
             pass  # closed already: it started long ago
         await db.execute(
-            "UPDATE agents SET workflow_started = true WHERE role = 'requester' AND agent_id = $1",
+            "UPDATE agents SET workflow_started = true, start_error = NULL"
+            " WHERE role = 'requester' AND agent_id = $1",
             row["agent_id"],
         )
 
@@ -93,17 +117,26 @@ class SpawnStarter:
         task.add_done_callback(self._tasks.discard)
 
     async def sweep_once(self) -> int:
+        """Start the due unstarted rows, each on its own; returns how many started."""
+        rows = await self.pool.fetch(CLAIM_DUE_ROWS)  # one statement: its own transaction
         started = 0
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "SELECT * FROM agents WHERE role = 'requester' AND NOT workflow_started"
-                f" AND created_at < now() - interval '{SWEEP_AFTER}'"
-                " ORDER BY created_at LIMIT 50 FOR UPDATE SKIP LOCKED"
-            )
-            for row in rows:
-                # The same connection: it holds the row lock the update needs.
-                await self.start_workflow(dict(row), conn)
-                started += 1
+        for row in rows:
+            try:
+                await self.start_workflow(dict(row))
+            except Exception as exc:  # noqa: BLE001 - this row backs off, the others go on
+                log.warning(
+                    "starting workflow of agent %s failed (attempt %d): %r",
+                    row["agent_id"],
+                    row["start_attempts"],
+                    exc,
+                )
+                await self.pool.execute(
+                    "UPDATE agents SET start_error = $2 WHERE role = 'requester' AND agent_id = $1",
+                    row["agent_id"],
+                    f"{exc.__class__.__name__}: {exc}"[:500],
+                )
+                continue
+            started += 1
         return started
 
     async def _sweep_forever(self) -> None:

@@ -4,11 +4,12 @@ problem+json answers and unreachable servers into messages a person can act on."
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -105,6 +106,19 @@ def resolve_peer_url(peer: str, data_dir: Path) -> tuple[str, dict[str, Any] | N
     return str(info.get("publicUrl") or info["apiUrl"]).rstrip("/"), info
 
 
+def write_diff(api: Api, agent_id: str, out: BinaryIO) -> None:
+    """Write an agent's whole diff to `out`, checked against its result's diffSha256/diffBytes."""
+    agent = api.call("GET", f"/agents/{agent_id}")
+    result = agent.get("result") or {}
+    sha256, size = api.download(f"/agents/{agent_id}/diff", out)
+    if (sha256, size) != (result.get("diffSha256"), result.get("diffBytes")):
+        raise CliError(
+            f"the diff received ({size} bytes, sha256 {sha256}) is not the one the result names"
+            f" ({result.get('diffBytes')} bytes, sha256 {result.get('diffSha256')})",
+            code="artifact_mismatch",
+        )
+
+
 def describe_problem(response: httpx.Response) -> CliError:
     try:
         body = response.json()
@@ -170,6 +184,24 @@ class Api:
             hint="is the instance running? `fedagent dev` starts a local stack; "
             "`fedagent doctor` checks the pieces",
         )
+
+    def download(self, path: str, out: BinaryIO) -> tuple[str, int]:
+        """Stream a GET's body into `out`; returns its sha256 and length."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self.http.stream("GET", f"{API}{path}") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise describe_problem(response)
+                for block in response.iter_bytes():
+                    digest.update(block)
+                    size += len(block)
+                    out.write(block)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from None
+        out.flush()
+        return digest.hexdigest(), size
 
     def stream_events(self, agent_id: str, last_event_id: str | None) -> Iterator[dict[str, Any]]:
         """Server-Sent Events of one agent: dicts with id, event and the decoded data."""

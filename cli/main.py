@@ -28,6 +28,7 @@ from cli.client import (
     instance_info,
     resolve_peer_url,
     resolve_target,
+    write_diff,
 )
 from federation.settings import Settings
 
@@ -656,10 +657,17 @@ def status(
     url: Url = None,
     token: Token = None,
     as_json: AsJson = False,
+    diff: Annotated[
+        bool, typer.Option("--diff", help="Write the agent's whole diff to stdout instead.")
+    ] = False,
 ) -> None:
     """One agent: state, progress, result."""
     from cli.follow import follow_agent, print_agent
 
+    if diff:
+        with _api(instance, data_dir, url, token) as api:
+            write_diff(api, agent_id, sys.stdout.buffer)
+        return
     with _api(instance, data_dir, url, token) as api:
         agent = api.call("GET", f"/agents/{agent_id}")
         if follow:
@@ -673,6 +681,20 @@ def status(
         _print_json(agent)
     else:
         print_agent(agent, console)
+
+
+@app.command(name="diff", rich_help_panel="Agents")
+def diff_command(
+    agent_id: Annotated[str, typer.Argument(help="The agent's id.")],
+    instance: Instance = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    url: Url = None,
+    token: Token = None,
+) -> None:
+    """Write the agent's whole diff to stdout (`> x.patch`; `git apply x.patch` takes it),
+    checked against the result's diffSha256 and diffBytes."""
+    with _api(instance, data_dir, url, token) as api:
+        write_diff(api, agent_id, sys.stdout.buffer)
 
 
 @app.command(rich_help_panel="Agents")

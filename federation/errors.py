@@ -238,3 +238,34 @@ class KillNotDelivered(FederationError):
 class CommandNotFound(NotFound):
     code = "command_not_found"
     title = "Command not found"
+
+
+# --- artifacts (a run's whole diff, log, transcript by reference) ---------------------------
+
+
+class ArtifactNotFound(NotFound):
+    code = "artifact_not_found"
+    title = "This instance holds no such artifact of the run"
+
+
+class ArtifactNotReady(Conflict):
+    code = "artifact_not_ready"
+    title = "The run has no such artifact yet"
+
+
+class ArtifactUnavailable(FederationError):
+    code = "artifact_unavailable"
+    status = 502
+    title = "The executor could not give the artifact"
+
+
+class ArtifactMismatch(FederationError):
+    code = "artifact_mismatch"
+    status = 502
+    title = "The executor's artifact does not match its sha256 or size"
+
+
+class ArtifactTooLarge(FederationError):
+    code = "artifact_too_large"
+    status = 502
+    title = "Artifact larger than this instance keeps"

@@ -29,7 +29,7 @@ from federation.keystore import KeyCipher, KeystoreError
 # What an instance offers unless its admin says otherwise (PATCH /instance).
 DEFAULT_CAPABILITIES: dict[str, Any] = {
     "agentTypes": ["worker", "reviewer", "tester"],
-    "commandTypes": ["agent.spawn", "agent.status", "agent.kill"],
+    "commandTypes": ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"],
     "sandboxes": ["process"],
     "modelProviders": ["scripted"],
 }

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 AgentType = Literal["worker", "reviewer", "tester"]
 AgentState = Literal["spawning", "running", "completed", "failed", "killed", "timed_out"]
@@ -161,6 +161,26 @@ class AgentRefPayload(Strict):
     agentId: uuid.UUID
 
 
+ArtifactKind = Literal["diff", "log", "transcript"]
+
+
+class AgentArtifactPayload(Strict):
+    """agent.artifact: bytes [offset, offset + length) of one artifact of the sender's run,
+    named by its kind or its sha256 (the answer is bounded; a reader asks chunk by chunk)."""
+
+    agentId: uuid.UUID
+    kind: ArtifactKind | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    offset: int = Field(default=0, ge=0)
+    length: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _named(self) -> AgentArtifactPayload:
+        if self.kind is None and self.sha256 is None:
+            raise ValueError("agent.artifact needs kind or sha256")
+        return self
+
+
 class AgentEventPayload(Strict):
     agentId: uuid.UUID
     seq: int = Field(ge=1)
@@ -211,13 +231,13 @@ class TranscriptPage(BaseModel):
 
 # --- trust: grants, instance configuration, keys, audit -----------------------------------------
 
-CommandType = Literal["agent.spawn", "agent.status", "agent.kill"]
+CommandType = Literal["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
 GlobPattern = Annotated[str, Field(min_length=1, max_length=500)]
 
 
 def _all_command_types() -> list[CommandType]:
-    return ["agent.spawn", "agent.status", "agent.kill"]
+    return ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 
 
 def _all_agent_types() -> list[AgentType]:

@@ -144,8 +144,19 @@ class Settings(BaseSettings):
     # Hosts (names, addresses or CIDR networks) a clone may reach although they are loopback,
     # private or link-local (refused outside environment=dev otherwise), comma-separated.
     outbound_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Bytes of the diff kept in the result (its sha256 always covers all of it).
-    diff_limit: int = Field(default=1024 * 1024, ge=1024)
+    # --- artifacts (results by reference) ---
+    # The whole diff is written, streaming, up to this many bytes (past it: diffTruncated, and
+    # the stored diff is its first diff_max_bytes bytes).
+    diff_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # A changed file bigger than this is listed in diffOmittedFiles, not inlined in the diff.
+    diff_file_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Bytes of the diff and of the log that results and events carry inline (diffPreview,
+    # logTail); the whole of each is an artifact, fetched by reference.
+    artifact_preview_bytes: int = Field(default=16 * 1024, ge=256, le=64 * 1024)
+    # Largest artifact this instance stores (its own runs' and those it fetches from peers).
+    artifact_max_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    # Chunk size in the store and of one signed agent.artifact answer (base64 in JSON).
+    artifact_chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=512 * 1024)
     # Bytes of transcript kept per run (executor and requester); past it a `truncated` entry.
     transcript_limit: int = Field(default=2 * 1024 * 1024, ge=4096)
     # Least seconds between two transcript events sent to the requester while a run goes on.

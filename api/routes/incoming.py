@@ -6,6 +6,7 @@ leaves nothing else behind: the checks run in one transaction that a refusal rol
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from federation.connections import apply_peer_change
 from federation.envelope import Envelope, MessageType, format_timestamp, sign_envelope
 from federation.errors import (
     AgentNotFound,
+    ArtifactNotFound,
     CapacityExceeded,
     ConnectionStateConflict,
     FederationError,
@@ -38,6 +40,7 @@ from federation.errors import (
 )
 from federation.identity import Identity
 from federation.models import (
+    AgentArtifactPayload,
     AgentEventPayload,
     AgentRefPayload,
     ConnectChangePayload,
@@ -48,7 +51,7 @@ from federation.models import (
 )
 from federation.peer import CardKeyRefresher, fetch_card
 from federation.settings import Settings
-from federation.store import conversations, repos
+from federation.store import artifacts, conversations, repos
 from federation.transcripts import reported_total
 from federation.trust import (
     check_grants,
@@ -204,7 +207,7 @@ async def _connect(
             assert connection is not None
             if connection["connection_id"] != change.connectionId:
                 raise ConnectionStateConflict("connectionId does not match the live connection")
-            row = await apply_peer_change(conn, connection, envelope.commandType)
+            row = await apply_peer_change(conn, connection, envelope.commandType, change.grants)
         await repos.record_message(conn, envelope.to_wire(), direction="in")
         await repos.audit(
             conn,
@@ -251,7 +254,13 @@ async def incoming_command(
                 raise MalformedEnvelope("this endpoint takes COMMAND messages")
             connection = require_active(verified.connection)
             command = envelope.commandType or ""
-            if command not in ("agent.spawn", "agent.status", "agent.kill", "agent.transcript"):
+            if command not in (
+                "agent.spawn",
+                "agent.status",
+                "agent.kill",
+                "agent.artifact",
+                "agent.transcript",
+            ):
                 raise UnsupportedCommand(f"unknown command {command!r}")
             check_grants(
                 connection,
@@ -263,29 +272,41 @@ async def incoming_command(
             )
             if command == "agent.spawn":
                 await check_peer_concurrency(conn, connection, envelope.payload)
-                payload = await _spawn(conn, temporal, settings, envelope, connection, received_at)
-                await _audit_accepted(conn, envelope, payload["agentId"])
+                spawn = await _reserve_spawn(conn, settings, envelope, connection)
+                await _audit_accepted(conn, envelope, str(spawn.agentId))
                 await repos.record_message(
-                    conn, envelope.to_wire(), direction="in", agent_id=uuid.UUID(payload["agentId"])
+                    conn, envelope.to_wire(), direction="in", agent_id=spawn.agentId
                 )
-                return _reply(identity, envelope, payload)
-            if command == "agent.transcript":
-                ref = pull = _payload(TranscriptPullPayload, envelope)
+            elif command == "agent.artifact":
+                answer = await _artifact(conn, settings, envelope)
+                await repos.record_message(
+                    conn, envelope.to_wire(), direction="in", agent_id=uuid.UUID(answer["agentId"])
+                )
+                return _reply(identity, envelope, answer)
             else:
-                ref = _payload(AgentRefPayload, envelope)
-            row = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
-            if row is None:
-                raise AgentNotFound(f"no agent {ref.agentId} of this requester")
-            await repos.record_message(
-                conn, envelope.to_wire(), direction="in", agent_id=ref.agentId
-            )
+                if command == "agent.transcript":
+                    ref = pull = _payload(TranscriptPullPayload, envelope)
+                else:
+                    ref = _payload(AgentRefPayload, envelope)
+                found = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
+                if found is None:
+                    raise AgentNotFound(f"no agent {ref.agentId} of this requester")
+                row = found
+                await repos.record_message(
+                    conn, envelope.to_wire(), direction="in", agent_id=ref.agentId
+                )
     except FederationError as err:
         await _refused(pool, body, err, "command")
         raise
-    if command == "agent.kill":
+    if command == "agent.spawn":
+        # The slot is reserved and committed before Temporal is asked (no lock or transaction
+        # is held across the RPC). The start is idempotent by workflow id: a failed start
+        # (Temporal away: 503) is repaired by the requester's retry of the same spawn.
+        row = await _start_run(pool, temporal, settings, envelope, connection, received_at)
+    elif command == "agent.kill":
         row = await _kill(pool, temporal, row)
         await _audit_accepted(pool, envelope, str(row["agent_id"]), state=row["state"])
-    if command == "agent.transcript":
+    elif command == "agent.transcript":
         return _reply(identity, envelope, await _transcript_page(pool, envelope, pull))
     return _reply(identity, envelope, _event_payload(row))
 
@@ -305,17 +326,15 @@ async def _transcript_page(
     }
 
 
-async def _spawn(
+async def _reserve_spawn(
     conn: asyncpg.Connection,
-    temporal: Client,
     settings: Settings,
     envelope: Envelope,
     connection: dict[str, Any],
-    received_at: datetime,
-) -> dict[str, Any]:
-    spawn = _payload(SpawnPayload, envelope)
-    agent_id = str(spawn.agentId)
-    workflow_id = agent_run_workflow_id(envelope.senderId, agent_id)
+) -> SpawnPayload:
+    """Check capacity and insert the run's row, inside the caller's transaction (no RPC)."""
+    spawn: SpawnPayload = _payload(SpawnPayload, envelope)
+    workflow_id = agent_run_workflow_id(envelope.senderId, str(spawn.agentId))
     known = await repos.get_executed_agent(conn, envelope.senderId, spawn.agentId)
     if known is None and not spawn.options.queue:
         # Serialise capacity checks so concurrent spawns cannot overshoot together.
@@ -341,6 +360,21 @@ async def _spawn(
         workflow_id=workflow_id,
         state="spawning",
     )
+    return spawn
+
+
+async def _start_run(
+    pool: asyncpg.Pool,
+    temporal: Client,
+    settings: Settings,
+    envelope: Envelope,
+    connection: dict[str, Any],
+    received_at: datetime,
+) -> dict[str, Any]:
+    """Start the reserved run's workflow, holding no database connection while Temporal answers."""
+    spawn: SpawnPayload = _payload(SpawnPayload, envelope)
+    agent_id = str(spawn.agentId)
+    workflow_id = agent_run_workflow_id(envelope.senderId, agent_id)
     try:
         await temporal.start_workflow(
             "AgentRunWorkflow",
@@ -361,9 +395,40 @@ async def _spawn(
         )
     except WorkflowAlreadyStartedError:
         pass  # the run exists and is closed: the same agentId never runs twice
-    row = await repos.get_executed_agent(conn, envelope.senderId, spawn.agentId)
+    row = await repos.get_executed_agent(pool, envelope.senderId, spawn.agentId)
     assert row is not None
-    return _event_payload(row)
+    return row
+
+
+async def _artifact(
+    conn: asyncpg.Connection, settings: Settings, envelope: Envelope
+) -> dict[str, Any]:
+    """One bounded piece of an artifact of the sender's own run, with the whole one's hash."""
+    ask: AgentArtifactPayload = _payload(AgentArtifactPayload, envelope)
+    row = await repos.get_executed_agent(conn, envelope.senderId, ask.agentId)
+    if row is None:
+        raise AgentNotFound(f"no agent {ask.agentId} of this requester")
+    artifact = await artifacts.of_agent(
+        conn,
+        role="executor",
+        peer_instance_id=envelope.senderId,
+        agent_id=ask.agentId,
+        kind=ask.kind,
+        sha256=ask.sha256,
+    )
+    if artifact is None:
+        what = ask.kind or ask.sha256
+        raise ArtifactNotFound(f"agent {ask.agentId} has no artifact {what} here")
+    length = min(ask.length or settings.artifact_chunk_bytes, settings.artifact_chunk_bytes)
+    data = await artifacts.read_range(conn, artifact, ask.offset, length)
+    return {
+        "agentId": str(ask.agentId),
+        "kind": ask.kind,
+        "sha256": artifact.sha256,
+        "bytes": artifact.bytes,
+        "offset": ask.offset,
+        "data": base64.b64encode(data).decode(),
+    }
 
 
 async def _kill(pool: asyncpg.Pool, temporal: Client, row: dict[str, Any]) -> dict[str, Any]:

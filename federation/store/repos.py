@@ -16,7 +16,7 @@ Executor: TypeAlias = Any
 TERMINAL_STATES = frozenset({"completed", "failed", "killed", "timed_out"})
 
 DEFAULT_GRANTS: dict[str, Any] = {
-    "commandTypes": ["agent.spawn", "agent.status", "agent.kill"],
+    "commandTypes": ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"],
     "agentTypes": ["worker", "reviewer", "tester"],
 }
 

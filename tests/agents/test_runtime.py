@@ -4,6 +4,7 @@ it reports, and what cancelling or timing out leaves on the machine (nothing).""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -128,11 +129,36 @@ async def test_a_resumed_run_keeps_the_workspace_and_its_starting_point(tmp_path
     assert fresh.workspace["source"] == "empty"
 
 
-async def test_a_big_diff_is_cut_but_its_hash_and_size_cover_all_of_it(tmp_path: Path) -> None:
-    report = await scripted(tmp_path / "runs" / "a7", "$ seq 1 5000 > numbers.txt", diff_limit=2048)
+async def test_a_diff_over_its_cap_is_cut_and_its_hash_and_size_are_what_is_kept(
+    tmp_path: Path,
+) -> None:
+    report = await scripted(
+        tmp_path / "runs" / "a7", "$ seq 1 5000 > numbers.txt", diff_max_bytes=2048
+    )
     assert report.diff_truncated
-    assert len(report.diff.encode()) <= 2048 < report.diff_bytes
+    kept = Path(report.diff_path).read_bytes()
+    assert len(kept) == report.diff_bytes == 2048
+    assert hashlib.sha256(kept).hexdigest() == report.diff_sha256
     assert report.changed_files == ["numbers.txt"]
+    assert report.as_result()["diffPreview"] == kept[:16384].decode()
+
+
+async def test_a_file_over_the_size_cap_is_listed_not_inlined(tmp_path: Path) -> None:
+    workspace = tmp_path / "runs" / "a9"
+    report = await scripted(
+        workspace,
+        "$ head -c 300000 /dev/urandom | base64 > big.txt\n$ echo small > small.txt",
+        diff_file_max_bytes=100_000,
+        preview_bytes=1024,
+    )
+    assert report.success, report.summary
+    assert report.changed_files == ["big.txt", "small.txt"]
+    big = (workspace / "big.txt").stat().st_size
+    assert report.diff_omitted_files == [{"path": "big.txt", "bytes": big}]
+    assert "+small" in report.diff and "big.txt" not in report.diff
+    assert not report.diff_truncated
+    assert len(report.as_result()["diffPreview"].encode()) <= 1024
+    assert "diff" not in report.as_result()  # the whole diff travels by reference only
 
 
 async def test_progress_carries_turn_last_tool_and_tokens(tmp_path: Path) -> None:

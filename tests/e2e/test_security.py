@@ -288,7 +288,10 @@ async def test_commands_outside_the_grants_are_refused(
     accepted = await spoke.call("POST", f"/connections/{cid}/accept", json={"grants": GRANTS})
     assert accepted.status_code == 200, accepted.text
     grants = accepted.json()["grants"]
-    assert grants == {**GRANTS, "commandTypes": ["agent.spawn", "agent.status", "agent.kill"]}
+    assert grants == {
+        **GRANTS,
+        "commandTypes": ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"],
+    }
     key = await instance_key(edge)
 
     for case, (kw, code) in GRANT_CASES.items():

@@ -250,6 +250,7 @@ async def test_admin_changes_name_capabilities_and_metadata(
             "agent.spawn",
             "agent.status",
             "agent.kill",
+            "agent.artifact",
         ]
         assert card["metadata"] == {"region": "eu-west"}
 

@@ -57,6 +57,7 @@ def test_an_old_grants_row_means_the_defaults() -> None:
     ("grants", "command", "payload", "error"),
     [
         ({"commandTypes": ["agent.spawn"]}, "agent.kill", {"agentId": "x"}, GrantCommandType),
+        ({"commandTypes": ["agent.status"]}, "agent.artifact", {"agentId": "x"}, GrantCommandType),
         ({"agentTypes": ["worker"]}, "agent.spawn", spawn(agentType="tester"), GrantAgentType),
         (
             {"repositories": ["github.com/acme/*"]},
@@ -89,6 +90,7 @@ def test_grants_allow_what_they_say() -> None:
     check_grants(grants, "agent.spawn", spawn())
     check_grants(grants, "agent.spawn", spawn(repository=None))  # nothing to check
     check_grants(grants, "agent.status", {"agentId": "x"})
+    check_grants(grants, "agent.artifact", {"agentId": "x", "kind": "diff"})
 
 
 def test_the_instance_limits_apply_whatever_the_grants() -> None:

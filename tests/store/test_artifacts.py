@@ -1,0 +1,144 @@
+"""The artifact store on a real PostgreSQL: whole, by range, once per content, bounded."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from cli.devstack import DevStack
+from federation.errors import ArtifactTooLarge
+from federation.store import artifacts
+from federation.store.db import _migrations, create_pool, migrate
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+async def pool(stack: DevStack) -> AsyncIterator[asyncpg.Pool]:
+    server = stack._pg  # the stack's real PostgreSQL; this module gets a database of its own
+    assert server is not None
+    name = f"artifacts_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(server.get_uri())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    pool = await create_pool(server.get_uri(name))
+    await migrate(pool)
+    yield pool
+    await pool.close()
+
+
+async def test_stored_bytes_come_back_whole_and_by_range(pool: asyncpg.Pool) -> None:
+    data = os.urandom(5 * CHUNK + 123)
+    stored = await artifacts.put_bytes(pool, data, max_bytes=10 * CHUNK, chunk_bytes=CHUNK)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.bytes == len(data)
+    assert await artifacts.get(pool, stored.sha256) == stored
+    assert await artifacts.read_all(pool, stored) == data
+    # ranges across chunk borders, at the end and past it
+    for offset, length in [(0, 10), (CHUNK - 5, 10), (CHUNK, 3 * CHUNK), (len(data) - 7, 100)]:
+        assert (
+            await artifacts.read_range(pool, stored, offset, length)
+            == data[offset : offset + length]
+        )
+    assert await artifacts.read_range(pool, stored, len(data), 10) == b""
+
+
+async def test_the_same_bytes_are_kept_once(pool: asyncpg.Pool) -> None:
+    data = os.urandom(3 * CHUNK)
+    first = await artifacts.put_bytes(pool, data, max_bytes=10 * CHUNK, chunk_bytes=CHUNK)
+    again = await artifacts.put_bytes(pool, data, max_bytes=10 * CHUNK, chunk_bytes=CHUNK)
+    assert again == first
+    chunks = await pool.fetchval(
+        "SELECT count(*) FROM artifact_chunks WHERE sha256 = $1", first.sha256
+    )
+    assert chunks == 3
+
+
+async def test_an_artifact_over_the_limit_is_refused_and_nothing_is_kept(
+    pool: asyncpg.Pool,
+) -> None:
+    data = os.urandom(2 * CHUNK + 1)
+    with pytest.raises(ArtifactTooLarge) as refused:
+        await artifacts.put_bytes(pool, data, max_bytes=2 * CHUNK, chunk_bytes=CHUNK)
+    assert refused.value.code == "artifact_too_large"
+    assert await artifacts.get(pool, hashlib.sha256(data).hexdigest()) is None
+
+
+async def test_a_run_names_its_artifacts_by_kind_and_other_runs_do_not_see_them(
+    pool: asyncpg.Pool,
+) -> None:
+    agent = uuid.uuid4()
+    diff = await artifacts.put_bytes(pool, b"diff --git a/x b/x\n", max_bytes=CHUNK)
+    log = await artifacts.put_bytes(pool, b"$ echo hi\nhi\n", max_bytes=CHUNK)
+    for kind, artifact in (("diff", diff), ("log", log)):
+        await artifacts.link(
+            pool,
+            role="executor",
+            peer_instance_id="hub",
+            agent_id=agent,
+            kind=kind,
+            artifact=artifact,
+        )
+    mine = {"role": "executor", "peer_instance_id": "hub", "agent_id": agent}
+    assert await artifacts.of_agent(pool, **mine, kind="diff") == diff
+    assert await artifacts.of_agent(pool, **mine, kind="log") == log
+    assert await artifacts.of_agent(pool, **mine, sha256=log.sha256) == log
+    assert await artifacts.of_agent(pool, **mine, kind="transcript") is None
+    # Another requester naming the same agentId or sha256 gets nothing.
+    other = {**mine, "peer_instance_id": "edge"}
+    assert await artifacts.of_agent(pool, **other, sha256=diff.sha256) is None
+    assert await artifacts.of_agent(pool, **{**mine, "role": "requester"}, kind="diff") is None
+
+
+async def test_connections_that_may_ask_for_status_may_fetch_artifacts_after_the_upgrade(
+    stack: DevStack,
+) -> None:
+    server = stack._pg
+    name = f"upgrade_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(server.get_uri())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    pool = await create_pool(server.get_uri(name))
+    try:
+        async with pool.acquire() as conn:
+            # The schema as the release before artifacts left it, with two connections.
+            await conn.execute(
+                "CREATE TABLE schema_migrations (name text PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for file, sql in _migrations():
+                if file < "0007_artifacts.sql":
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", file)
+            for peer, commands in (
+                ("reader", ["agent.spawn", "agent.status"]),
+                ("spawner", ["agent.spawn"]),
+            ):
+                await conn.execute(
+                    "INSERT INTO connections (connection_id, remote_instance_id, remote_name,"
+                    " remote_url, remote_keys, direction, status, grants)"
+                    " VALUES ($1, $2, $2, 'http://x', '[]', 'inbound', 'ACTIVE', $3)",
+                    uuid.uuid4(),
+                    peer,
+                    {"commandTypes": commands, "agentTypes": ["worker"]},
+                )
+        assert "0007_artifacts.sql" in await migrate(pool)
+        grants = {
+            r["remote_instance_id"]: r["grants"]["commandTypes"]
+            for r in await pool.fetch("SELECT remote_instance_id, grants FROM connections")
+        }
+        assert grants == {
+            "reader": ["agent.spawn", "agent.status", "agent.artifact"],
+            "spawner": ["agent.spawn"],
+        }
+    finally:
+        await pool.close()
