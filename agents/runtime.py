@@ -16,7 +16,13 @@ from typing import Any
 from agents.conversation import ConversationSink, ConversationState
 from agents.errors import AgentSetupError
 from agents.loop import AgentLoop, AgentRunReport, ProgressCallback
-from agents.models import DEFAULT_MODEL, AnthropicProvider, ModelProvider, ScriptedProvider
+from agents.models import (
+    DEFAULT_MODEL,
+    AnthropicProvider,
+    ModelProvider,
+    ScriptedProvider,
+    script_commands,
+)
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.process import ProcessSandbox
@@ -170,6 +176,14 @@ async def run_agent_task(
     `resume` keeps the workspace as it was left; `resume_from` continues a checkpointed
     conversation (checkpoints go to `sink`); `previous_try` tells a new conversation what an
     earlier try of the same task did."""
+    if config.provider == "scripted" and not script_commands(
+        str(context.get("instructions") or "")
+    ):
+        raise AgentSetupError(
+            "the scripted provider runs the instruction lines that start with '$ ' (a dollar "
+            "sign and a space, at the start of the line); these instructions have none",
+            invalid=True,
+        )
     model = choose_model(config, context)
     prepared = await prepare_workspace(
         workspace,

@@ -19,9 +19,11 @@ from api.routes import (
     audit,
     commands,
     connections,
+    hosted,
     incoming,
     instance,
     ops,
+    peers,
     transcript,
 )
 from api.spawner import SpawnStarter
@@ -93,9 +95,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (
         instance,
         connections,
+        peers,
         agents,
         artifacts,
         transcript,
+        hosted,
         commands,
         incoming,
         audit,

@@ -129,19 +129,35 @@ def describe_problem(response: httpx.Response) -> CliError:
         detail = str(body.get("detail") or body.get("title") or "")
         errors = body.get("errors")
         if isinstance(errors, list) and errors:
-            detail += (
-                " (" + "; ".join(f"{e.get('field')}: {e.get('message')}" for e in errors) + ")"
-            )
+            # The API names fields by where they travel (path.agent_id, query.limit, body...);
+            # the user typed neither: say the field alone, once, with its message.
+            detail = "; ".join(f"{_field(str(e.get('field')))}: {e.get('message')}" for e in errors)
         hint = HINTS.get(code)
         return CliError(f"{response.status_code} {code}: {detail}", hint=hint, code=code)
     text = response.text.strip()[:300] or response.reason_phrase
-    return CliError(f"{response.status_code} from {response.request.url}: {text}")
+    return CliError(
+        f"{response.request.url} answered {response.status_code}: {text}",
+        hint="is this a fedagent API? `fedagent doctor -i NAME` checks an instance",
+    )
 
 
+def _field(field: str) -> str:
+    for prefix in ("path.", "query.", "body."):
+        if field.startswith(prefix):
+            return field[len(prefix) :]
+    return field
+
+
+GRANT_HINT = "the peer does not allow it; `fedagent peers` shows what each peer allows"
 HINTS = {
+    "grant_agent_type": GRANT_HINT,
+    "grant_timeout": GRANT_HINT + " (pass a smaller --timeout)",
+    "grant_repository": GRANT_HINT,
+    "grant_command_type": GRANT_HINT,
     "unauthenticated": "check the token: --token, FEDAGENT_TOKEN, or the adminToken in "
     "instances.json (`fedagent token create` makes one)",
-    "forbidden": "this needs an admin token (`fedagent token create --role admin`)",
+    "forbidden": "this needs an admin token (`fedagent token create --role admin`); "
+    "members spawn with --peer NAME or --connection ID (`fedagent peers` lists them)",
     "connection_not_active": "the peer must accept first: `fedagent accept CONNECTION_ID` "
     "on the peer; `fedagent connections` shows the state",
     "connection_not_found": "`fedagent connections` lists the connections",
@@ -178,9 +194,14 @@ class Api:
         return response.json()
 
     def unreachable(self, exc: Exception) -> CliError:
+        where = (
+            self.target.url
+            if self.target.label == self.target.url
+            else f"{self.target.label} at {self.target.url}"
+        )
+        reason = str(exc).strip() or exc.__class__.__name__
         return CliError(
-            f"cannot reach {self.target.label} at {self.target.url}: {exc.__class__.__name__} "
-            f"{exc}".strip(),
+            f"cannot reach {where}: {reason}",
             hint="is the instance running? `fedagent dev` starts a local stack; "
             "`fedagent doctor` checks the pieces",
         )

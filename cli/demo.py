@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import signal
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from cli.devstack import DevStack
+from cli.devstack import DevStack, until_signal
+from cli.options import StackOptions
 
 DEMO_INSTRUCTIONS = """Write a greeting into the workspace and show it.
 $ echo "hello from the spoke" > hello.txt
@@ -55,14 +53,14 @@ async def connect(http: httpx.AsyncClient, hub: dict[str, Any], spoke: dict[str,
     return str(connection_id)
 
 
-async def run_demo(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.instances.split(",") if n.strip()]
+async def run_demo(args: StackOptions, *, exit_at_end: bool = False) -> int:
+    names = args.names
     if len(names) < 2:
         say("the demo needs two instances, e.g. --instances hub,spoke")
         return 2
     stack = DevStack(
         names,
-        Path(args.data_dir),
+        args.data_dir,
         base_port=args.base_port,
         temporal_port=args.temporal_port,
         ui_port=args.ui_port,
@@ -125,9 +123,9 @@ async def run_demo(args: argparse.Namespace) -> int:
             )
             say(f"  (filter with: AgentId = '{agent_id}')")
         say(f"instances.json: {stack.data_dir / 'instances.json'}")
-        if not args.exit:
+        if not exit_at_end:
             say("the stack keeps running; Ctrl-C stops it")
-            await _until_signal()
+            await until_signal()
         return 0 if agent["state"] == "completed" else 1
     finally:
         say("stopping ...")
@@ -157,11 +155,3 @@ async def follow(
         if agent["state"] in TERMINAL:
             return agent
         await asyncio.sleep(0.2)
-
-
-async def _until_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()

@@ -4,7 +4,6 @@ and a worker process. Used by `fedagent dev`, `fedagent demo` and the end-to-end
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -15,39 +14,68 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
-from temporalio.api.enums.v1 import TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
+from api.liveness import queue_pollers, unpolled
 from federation.identity import ensure_identity
 from federation.store import repos
 from federation.store.db import create_pool, migrate
 from workflows.models import SEARCH_ATTRIBUTES
 
 
+class StackError(RuntimeError):
+    """A part of the stack cannot start or keeps dying: what, why, and its log's last lines."""
+
+    def __init__(self, message: str, *, hint: str | None = None, log: Path | None = None) -> None:
+        tail = log_tail(log) if log is not None else ""
+        super().__init__(message + (f"\n--- last lines of {log} ---\n{tail}" if tail else ""))
+        self.message = message
+        self.hint = hint
+        self.log = log
+        self.tail = tail
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port_block(size: int) -> int:
     """The first of `size` consecutive free loopback ports, picked at random."""
 
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-        return True
-
     for _ in range(200):
         base = random.randint(20000, 50000)
-        if all(free(base + i) for i in range(size)):
+        if all(port_is_free(base + i) for i in range(size)):
             return base
     raise RuntimeError("no free block of loopback ports")
+
+
+async def until_signal() -> None:
+    """Wait for Ctrl-C (SIGINT) or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def temporal_binary() -> str:
@@ -89,7 +117,9 @@ class DevStack:
         self.data_dir = data_dir.resolve()
         self.base_port = base_port
         self.temporal_port = temporal_port
-        self.ui_port = ui_port or temporal_port + 1000
+        self.api_ports = {name: base_port + i for i, name in enumerate(names)}
+        # Temporal's own default (gRPC port + 1000) unless that is one of ours or taken.
+        self.ui_port = ui_port or self._pick_ui_port()
         self.workers_per_instance = workers_per_instance
         self.extra_env = extra_env or {}
         # Per instance: settings of its own, and the URL peers should use (e.g. via a proxy).
@@ -99,6 +129,73 @@ class DevStack:
         self._pg: Any = None
         self._temporal: subprocess.Popen[bytes] | None = None
         self.logs = self.data_dir / "logs"
+        self._lock: Any = None
+        self.startup_timeout = 300.0  # generous: a loaded laptop or CI machine is slow
+
+    def _pick_ui_port(self) -> int:
+        ours = {self.temporal_port, *self.api_ports.values()}
+        port = self.temporal_port + 1000
+        for _ in range(200):
+            if port not in ours and 0 < port < 65536 and port_is_free(port):
+                return port
+            port += 1
+        return self.temporal_port + 1000  # check_ports says what is wrong with it
+
+    def planned_ports(self) -> list[tuple[int, str]]:
+        return [
+            (self.temporal_port, "Temporal gRPC (--temporal-port)"),
+            (self.ui_port, "Temporal Web UI (--ui-port)"),
+            *(
+                (port, f"API of {name} (--base-port + {i})")
+                for i, (name, port) in enumerate(self.api_ports.items())
+            ),
+        ]
+
+    def check_ports(self) -> None:
+        """Before anything starts: every port the stack needs is distinct and free."""
+        seen: dict[int, str] = {}
+        for port, what in self.planned_ports():
+            if port in seen:
+                raise StackError(
+                    f"port {port} would serve both the {seen[port]} and the {what}",
+                    hint="choose --base-port, --temporal-port and --ui-port so they do not overlap",
+                )
+            seen[port] = what
+        for port, what in self.planned_ports():
+            if not port_is_free(port):
+                raise StackError(
+                    f"port {port} for the {what} is already in use on 127.0.0.1",
+                    hint="stop what uses it (`ss -ltnp | grep :PORT` shows it), or pick other "
+                    "ports with --base-port / --temporal-port / --ui-port",
+                )
+
+    def lock_data_dir(self) -> None:
+        """One stack per data dir: a second one would rewrite instances.json and share workers."""
+        import fcntl
+
+        path = self.data_dir / "dev.lock"
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the stack's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise StackError(
+                f"another fedagent stack (pid {holder}) is running on {self.data_dir}",
+                hint="use that one (its instances.json is there), stop it with Ctrl-C, or "
+                "start this one with another --data-dir",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock_data_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
 
     @property
     def temporal_address(self) -> str:
@@ -111,7 +208,15 @@ class DevStack:
     # --- start -------------------------------------------------------------------------
 
     async def start(self) -> dict[str, Any]:
+        """Start every part; raises StackError (with the failing part's log tail) if one
+        cannot start. Nothing is started when the data dir is in use or a port is taken."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_data_dir()
+        try:
+            self.check_ports()
+        except StackError:
+            self.unlock_data_dir()
+            raise
         self.logs.mkdir(exist_ok=True)
         await self.start_postgres()
         self._start_temporal()
@@ -154,13 +259,13 @@ class DevStack:
                 args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
 
-    async def _wait_for_temporal(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def _wait_for_temporal(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
         while True:
             if self._temporal is not None and self._temporal.poll() is not None:
-                raise RuntimeError(
-                    f"temporal dev server exited ({self._temporal.returncode}); "
-                    f"see {self.logs / 'temporal.log'}"
+                raise StackError(
+                    f"the Temporal dev server exited at start ({self._temporal.returncode})",
+                    log=self.logs / "temporal.log",
                 )
             try:
                 client = await Client.connect(self.temporal_address, namespace=self.names[-1])
@@ -222,10 +327,15 @@ class DevStack:
         }
         return InstanceProcesses(name, index, env, info)
 
-    def _spawn(self, inst: InstanceProcesses, role: str) -> subprocess.Popen[bytes]:
+    def log_path(self, name: str, role: str) -> Path:
+        return self.logs / f"{name}-{role}.log"
+
+    def _spawn(
+        self, inst: InstanceProcesses, role: str, number: int | None = None
+    ) -> subprocess.Popen[bytes]:
         env = {**os.environ, **inst.env}
-        suffix = role if role == "api" else f"worker{len(inst.workers) + 1}"
-        with open(self.logs / f"{inst.name}-{suffix}.log", "ab") as log:
+        suffix = role if role == "api" else f"worker{number or len(inst.workers) + 1}"
+        with open(self.log_path(inst.name, suffix), "ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "cli.main", "serve" if role == "api" else "worker"],
                 env=env,
@@ -245,48 +355,109 @@ class DevStack:
         inst.workers.append(proc)
         return proc
 
-    async def wait_ready(self, name: str, timeout: float = 60.0) -> None:
+    async def wait_ready(self, name: str, timeout: float | None = None) -> None:
+        """Until the API answers /readyz with 200 (PostgreSQL, Temporal and workers fine)."""
         inst = self.instances[name]
+        timeout = timeout or self.startup_timeout
         deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(timeout=2.0) as http:
+        last = ""
+        async with httpx.AsyncClient(timeout=5.0) as http:
             while True:
                 if inst.api is not None and inst.api.poll() is not None:
-                    raise RuntimeError(
-                        f"API of {name} exited ({inst.api.returncode}); "
-                        f"see {self.logs / (name + '-api.log')}"
+                    raise StackError(
+                        f"the API of {name} exited at start ({inst.api.returncode})",
+                        log=self.log_path(name, "api"),
                     )
-                with contextlib.suppress(httpx.HTTPError):
+                self._raise_if_a_worker_died(inst)
+                try:
                     response = await http.get(f"{inst.info['apiUrl']}/readyz")
                     if response.status_code == 200:
                         return
+                    last = str(response.json().get("detail") or response.status_code)
+                except (httpx.HTTPError, ValueError) as exc:
+                    last = exc.__class__.__name__
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"API of {name} not ready after {timeout} s")
+                    raise StackError(
+                        f"the API of {name} is not ready after {timeout:.0f} s ({last})",
+                        log=self.log_path(name, "api"),
+                    )
                 await asyncio.sleep(0.2)
 
-    async def wait_polling(self, name: str, timeout: float = 60.0) -> None:
+    def _raise_if_a_worker_died(self, inst: InstanceProcesses) -> None:
+        for number, proc in enumerate(inst.workers, start=1):
+            if proc.poll() is not None:
+                raise StackError(
+                    f"a worker of {inst.name} exited at start ({proc.returncode})",
+                    log=self.log_path(inst.name, f"worker{number}"),
+                )
+
+    async def wait_polling(self, name: str, timeout: float | None = None) -> None:
         """Wait until a worker of the instance polls both of its task queues."""
         inst = self.instances[name]
         client = await Client.connect(self.temporal_address, namespace=name)
+        timeout = timeout or self.startup_timeout
         deadline = time.monotonic() + timeout
-        queues = [inst.info["taskQueue"], f"{inst.info['taskQueue']}-agents"]
-        kinds = [TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY]
         while True:
-            polled = 0
-            for queue, kind in zip(queues, kinds, strict=True):
-                response = await client.workflow_service.describe_task_queue(
-                    DescribeTaskQueueRequest(
-                        namespace=name, task_queue=TaskQueue(name=queue), task_queue_type=kind
-                    )
-                )
-                polled += bool(response.pollers)
-            if polled == len(queues):
+            missing = unpolled(await queue_pollers(client, name, inst.info["taskQueue"]))
+            if not missing:
                 return
-            for proc in inst.workers:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a worker of {name} exited ({proc.returncode})")
+            self._raise_if_a_worker_died(inst)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no worker of {name} polls its task queues")
+                raise StackError(
+                    f"no worker of {name} polls {', '.join(missing)} after {timeout:.0f} s",
+                    log=self.log_path(name, "worker1"),
+                )
             await asyncio.sleep(0.2)
+
+    # --- supervision (`fedagent dev`) ---------------------------------------------------
+
+    async def supervise(
+        self, say: Callable[[str], None], *, interval: float = 0.5, max_restarts: int = 5
+    ) -> None:
+        """Watch the children until cancelled: say when one dies and start it again (API and
+        workers); raise StackError when Temporal dies or a part keeps dying (more than
+        `max_restarts` times in a minute)."""
+        restarts: dict[str, list[float]] = {}
+
+        def again(part: str, log: Path) -> None:
+            now = time.monotonic()
+            recent = [t for t in restarts.get(part, []) if now - t < 60] + [now]
+            restarts[part] = recent
+            if len(recent) > max_restarts:
+                raise StackError(f"the {part} keeps exiting; giving up", log=log)
+
+        while True:
+            await asyncio.sleep(interval)
+            if self._temporal is not None and self._temporal.poll() is not None:
+                raise StackError(
+                    f"the Temporal dev server exited ({self._temporal.returncode})",
+                    log=self.logs / "temporal.log",
+                )
+            changed = False
+            for name, inst in self.instances.items():
+                if inst.api is not None and inst.api.poll() is not None:
+                    log = self.log_path(name, "api")
+                    say(
+                        f"{name} API (pid {inst.api.pid}) exited ({inst.api.returncode}); "
+                        f"restarting it. Last lines of {log}:\n{log_tail(log, 5)}"
+                    )
+                    again(f"API of {name}", log)
+                    self.start_api(name)
+                    changed = True
+                for number, proc in enumerate(list(inst.workers), start=1):
+                    if proc.poll() is None:
+                        continue
+                    log = self.log_path(name, f"worker{number}")
+                    say(
+                        f"{name} worker (pid {proc.pid}) exited ({proc.returncode}); "
+                        f"restarting it. Last lines of {log}:\n{log_tail(log, 5)}"
+                    )
+                    again(f"worker {number} of {name}", log)
+                    inst.workers[number - 1] = self._spawn(inst, "worker", number)
+                    changed = True
+                    say(f"{name} worker restarted (pid {inst.workers[number - 1].pid})")
+            if changed:
+                self.write_instances_file()
 
     def write_instances_file(self) -> dict[str, Any]:
         doc = {
@@ -376,3 +547,4 @@ class DevStack:
         if self._pg is not None:
             self._pg.cleanup()
             self._pg = None
+        self.unlock_data_dir()

@@ -323,6 +323,67 @@ def _secret_file(name: str, path: Path, *, created_on_start: bool = False) -> Ch
     return Check(name, "ok", f"{path} (mode {mode:o})")
 
 
+async def check_live(
+    settings: Settings, instance_info: dict[str, Any] | None, temporal_ok: bool
+) -> list[Check]:
+    """The running instance itself: its API answers /readyz, workers poll both task queues.
+    For a dev stack's instance (-i NAME) these must hold; for FEDAGENT_* settings alone the
+    instance may simply not be started yet, so they only warn."""
+    from api.liveness import queue_pollers, unpolled
+    from federation.temporal import connect_temporal
+
+    must: Status = "fail" if instance_info is not None else "warn"
+    checks: list[Check] = []
+    if instance_info is not None:
+        import httpx
+
+        url = str(instance_info["apiUrl"]).rstrip("/")
+        try:
+            async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+                response = await http.get(f"{url}/readyz")
+            if response.status_code == 200:
+                checks.append(Check("api", "ok", f"{url} is ready"))
+            else:
+                detail = response.json().get("detail") if response.content else ""
+                checks.append(
+                    Check("api", "fail", f"{url}/readyz answered {response.status_code}: {detail}")
+                )
+        except (httpx.HTTPError, ValueError) as exc:
+            checks.append(
+                Check(
+                    "api",
+                    "fail",
+                    f"{url} does not answer: {exc.__class__.__name__}",
+                    "start the stack (`fedagent dev`); its logs are in DATA_DIR/logs",
+                )
+            )
+    if not temporal_ok:
+        return checks
+    try:
+        client = await asyncio.wait_for(connect_temporal(settings), timeout=TIMEOUT)
+        found = await queue_pollers(
+            client, settings.temporal_namespace, settings.task_queue, timeout=TIMEOUT
+        )
+    except Exception as exc:  # noqa: BLE001
+        checks.append(Check("workers", must, f"cannot ask Temporal: {exc.__class__.__name__}"))
+        return checks
+    missing = unpolled(found)
+    if missing:
+        checks.append(
+            Check(
+                "workers",
+                must,
+                f"no worker polls {', '.join(missing)}",
+                "start one: `fedagent worker` with this instance's FEDAGENT_* settings "
+                "(`fedagent dev` restarts its own)",
+            )
+        )
+    else:
+        polled = ", ".join(f"{q.task_queue}: {q.pollers}" for q in found)
+        checks.append(Check("workers", "ok", f"pollers {polled}"))
+    return checks
+
+
 async def run_checks(
     instance_info: dict[str, Any] | None, data_dir: Path | None
 ) -> tuple[Settings | None, list[Check]]:
@@ -342,6 +403,8 @@ async def run_checks(
     )
     checks += temporal
     checks.append(postgres)
+    temporal_ok = all(c.status != "fail" for c in temporal)
+    checks += await check_live(settings, instance_info, temporal_ok)
     checks += check_sandboxes(settings, bwrap, docker)
     checks.append(toolchain)
     extra = [data_dir / "instances.json"] if instance_info is not None and data_dir else []

@@ -201,7 +201,14 @@ def follow_agent(
     return api.call("GET", f"/agents/{agent_id}")
 
 
-def print_agent(agent: dict[str, Any], console: Console, *, full: bool = True) -> None:
+def print_agent(
+    agent: dict[str, Any],
+    console: Console,
+    *,
+    full: bool = True,
+    peer: str | None = None,
+    links: list[str] | None = None,
+) -> None:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim")
     grid.add_column(overflow="fold")
@@ -209,7 +216,7 @@ def print_agent(agent: dict[str, Any], console: Console, *, full: bool = True) -
     grid.add_row("state", state_text(agent["state"]))
     grid.add_row("task", f"{agent['taskId']} ({agent['agentType']})")
     grid.add_row("connection", str(agent["connectionId"]))
-    grid.add_row("peer", str(agent["peerInstanceId"]))
+    grid.add_row("peer", f"{peer} ({agent['peerInstanceId']})" if peer else agent["peerInstanceId"])
     if agent.get("attempt"):
         grid.add_row("try", str(agent["attempt"]))
     if agent.get("progress") and agent["state"] not in TERMINAL:
@@ -220,8 +227,12 @@ def print_agent(agent: dict[str, Any], console: Console, *, full: bool = True) -
         grid.add_row("finished", str(agent["finishedAt"]))
     if agent.get("error"):
         grid.add_row("error", Text(str(agent["error"]), style="red"))
-    console.print(grid)
     result = agent.get("result") or {}
+    if result.get("changedFiles") is not None:
+        grid.add_row("changed", ", ".join(result["changedFiles"]) or "(no files)")
+    for link in links or []:
+        grid.add_row("temporal", link)
+    console.print(grid)
     if full and result:
         if result.get("summary"):
             console.print(Panel(str(result["summary"]).strip(), title="result", expand=False))

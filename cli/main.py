@@ -4,10 +4,9 @@ doctor)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import signal
+import os
 import sys
 import time
 import uuid
@@ -22,14 +21,15 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.client import (
-    DEFAULT_DATA_DIR,
     Api,
     CliError,
     instance_info,
+    load_instances,
     resolve_peer_url,
     resolve_target,
     write_diff,
 )
+from cli.options import Remote, StackOptions, uses_instance, uses_stack
 from federation.settings import Settings
 
 app = typer.Typer(
@@ -50,41 +50,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 # --- shared options ---------------------------------------------------------------------------
-
-Instance = Annotated[
-    str | None,
-    typer.Option(
-        "--instance",
-        "-i",
-        help="Instance name in DATA_DIR/instances.json (written by `fedagent dev`).",
-        rich_help_panel="Instance",
-    ),
-]
-DataDir = Annotated[
-    Path,
-    typer.Option("--data-dir", help="Where instances.json lives.", rich_help_panel="Instance"),
-]
-Url = Annotated[
-    str | None,
-    typer.Option(
-        "--url", envvar="FEDAGENT_URL", help="The instance's API URL.", rich_help_panel="Instance"
-    ),
-]
-Token = Annotated[
-    str | None,
-    typer.Option(
-        "--token",
-        envvar="FEDAGENT_TOKEN",
-        help="API token (bearer).",
-        rich_help_panel="Instance",
-        show_default=False,
-    ),
-]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def _api(instance: str | None, data_dir: Path, url: str | None, token: str | None) -> Api:
-    return Api(resolve_target(instance, data_dir, url, token))
 
 
 def _print_json(value: Any) -> None:
@@ -117,82 +82,75 @@ def _configure_logging(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, instance=settings.instance_name)
 
 
-async def _until_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-Instances = Annotated[str, typer.Option("--instances", help="Comma-separated instance names.")]
-BasePort = Annotated[int, typer.Option("--base-port", help="API of instance n: base+n.")]
-TemporalPort = Annotated[int, typer.Option("--temporal-port")]
-UiPort = Annotated[
-    int | None, typer.Option("--ui-port", help="Default: temporal port + 1000.", show_default=False)
-]
-Workers = Annotated[int, typer.Option("--workers", help="Worker processes per instance.")]
-
-
 @app.command(rich_help_panel="Run")
-def dev(
-    instances: Instances = "hub,spoke",
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    base_port: BasePort = 8100,
-    temporal_port: TemporalPort = 7233,
-    ui_port: UiPort = None,
-    workers: Workers = 1,
-) -> None:
+@uses_stack
+def dev(stack: StackOptions) -> None:
     """Run the embedded stack (Temporal dev server, PostgreSQL, instances) until Ctrl-C."""
-    from cli.devstack import DevStack
+    from cli.devstack import DevStack, StackError, until_signal
+
+    def say(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     async def run() -> None:
-        stack = DevStack(
-            [n.strip() for n in instances.split(",") if n.strip()],
-            data_dir,
-            base_port=base_port,
-            temporal_port=temporal_port,
-            ui_port=ui_port,
-            workers_per_instance=workers,
+        dev_stack = DevStack(
+            stack.names,
+            stack.data_dir,
+            base_port=stack.base_port,
+            temporal_port=stack.temporal_port,
+            ui_port=stack.ui_port,
+            workers_per_instance=stack.workers,
         )
         try:
-            doc = await stack.start()
-            print(f"Temporal UI: {stack.ui_url}", flush=True)
+            doc = await dev_stack.start()
+            print(f"Temporal UI: {dev_stack.ui_url}", flush=True)
             for name, info in doc["instances"].items():
                 print(f"{name}: {info['apiUrl']} (namespace {info['namespace']})", flush=True)
-            print(f"wrote {stack.data_dir / 'instances.json'}; Ctrl-C stops", flush=True)
-            await _until_signal()
+            print(f"wrote {dev_stack.data_dir / 'instances.json'}; Ctrl-C stops", flush=True)
+            # Until Ctrl-C: a process that dies is reported and started again.
+            watch = asyncio.create_task(dev_stack.supervise(say))
+            stop = asyncio.create_task(until_signal())
+            await asyncio.wait({watch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (watch, stop):
+                task.cancel()
+            if watch.done() and not watch.cancelled() and watch.exception() is not None:
+                raise watch.exception()  # type: ignore[misc]
         finally:
-            stack.stop()
+            say("stopping ...")
+            dev_stack.stop()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except StackError as exc:
+        raise _stack_failed(exc) from None
+
+
+def _stack_failed(exc: Exception) -> CliError:
+    from cli.devstack import StackError
+
+    assert isinstance(exc, StackError)
+    message = exc.message
+    if exc.tail:
+        message += f"\n--- last lines of {exc.log} ---\n{exc.tail}"
+    return CliError(message, hint=exc.hint or (f"the whole log: {exc.log}" if exc.log else None))
 
 
 @app.command(rich_help_panel="Run")
+@uses_stack
 def demo(
-    instances: Instances = "hub,spoke",
-    data_dir: DataDir = Path(".fedagent/demo"),
-    base_port: BasePort = 8100,
-    temporal_port: TemporalPort = 7233,
-    ui_port: UiPort = None,
-    workers: Workers = 1,
+    stack: StackOptions,
     exit_at_end: Annotated[
         bool, typer.Option("--exit", help="Stop everything at the end.")
     ] = False,
 ) -> None:
     """Start the stack, connect hub to spoke, spawn one agent and follow it."""
     from cli.demo import run_demo
+    from cli.devstack import StackError
 
-    args = argparse.Namespace(
-        instances=instances,
-        data_dir=str(data_dir),
-        base_port=base_port,
-        temporal_port=temporal_port,
-        ui_port=ui_port,
-        workers=workers,
-        exit=exit_at_end,
-    )
-    raise typer.Exit(asyncio.run(run_demo(args)))
+    try:
+        code = asyncio.run(run_demo(stack, exit_at_end=exit_at_end))
+    except StackError as exc:
+        raise _stack_failed(exc) from None
+    raise typer.Exit(code)
 
 
 @app.command(rich_help_panel="Run")
@@ -202,7 +160,7 @@ def serve() -> None:
 
     from api.main import create_app
 
-    settings = Settings()
+    settings = _settings()
     _configure_logging(settings)
     uvicorn.run(
         create_app(settings),
@@ -219,9 +177,26 @@ def worker() -> None:
     """Run a worker of this instance (FEDAGENT_* settings)."""
     from worker.main import main as worker_main
 
-    settings = Settings()
+    settings = _settings()
     _configure_logging(settings)
     worker_main(settings)
+
+
+def _settings() -> Settings:
+    """This instance's settings, or one line per wrong FEDAGENT_* variable."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        wrong = "; ".join(
+            f"FEDAGENT_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            f" ({e['loc'][0] if e['loc'] else 'settings'})"
+            for e in exc.errors()
+        )
+        raise CliError(
+            f"invalid settings: {wrong}", hint="fix the FEDAGENT_* variables named above"
+        ) from None
 
 
 class Role(StrEnum):
@@ -230,24 +205,37 @@ class Role(StrEnum):
 
 
 @token_app.command("create")
+@uses_instance(remote=False, as_json=False)
 def token_create(
+    target: Remote,
     name: Annotated[str, typer.Option("--name", help="Who the token is for.")] = "cli",
     role: Annotated[Role, typer.Option("--role")] = Role.member,
     workspace: Annotated[str, typer.Option("--workspace")] = "default",
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Print a new API token (stored hashed, shown once). Writes to the instance's database:
     FEDAGENT_DATABASE_URL, or the one of --instance NAME in instances.json."""
+    import asyncpg
+
+    from cli.doctor import _redact
     from federation.store import repos
     from federation.store.db import create_pool, migrate
 
     database_url = (
-        str(instance_info(data_dir, instance)["databaseUrl"]) if instance else None
+        str(instance_info(target.data_dir, target.instance)["databaseUrl"])
+        if target.instance
+        else None
     ) or Settings().database_url
 
     async def run() -> str:
-        pool = await create_pool(database_url, max_size=1)
+        try:
+            pool = await create_pool(database_url, max_size=1)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise CliError(
+                f"cannot reach the database at {_redact(database_url)}: "
+                f"{exc.__class__.__name__} {exc}".strip(),
+                hint="name a dev stack's instance with -i NAME (see `fedagent dev`), or set "
+                "FEDAGENT_DATABASE_URL to the instance's database",
+            ) from None
         try:
             await migrate(pool)
             return await repos.create_token(pool, name=name, role=role.value, workspace=workspace)
@@ -285,7 +273,7 @@ STATUS_STYLE = {
 def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
     wide = console.width >= 120
     table = Table(title=title, header_style="bold")
-    columns = ["connection", "peer", "direction", "status", "grants"]
+    columns = ["connection", "peer", "direction", "status", "grants", "peer allows"]
     if wide:
         columns[2:2] = ["url"]
         columns.append("updated")
@@ -299,6 +287,9 @@ def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> 
             "direction": str(row["direction"]),
             "status": Text(str(row["status"]), style=STATUS_STYLE.get(str(row["status"]), "")),
             "grants": _grants_summary(row.get("grants") or {}),
+            "peer allows": _grants_summary(row["peerGrants"])
+            if row.get("peerGrants") is not None
+            else "",
             "updated": _ago(row.get("updatedAt")),
         }
         table.add_row(*(cells[c] for c in columns))
@@ -306,7 +297,9 @@ def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> 
 
 
 @app.command(rich_help_panel="Connections")
+@uses_instance()
 def connect(
+    target: Remote,
     peer: Annotated[
         str, typer.Argument(help="The peer's URL, or its name in the same instances.json.")
     ],
@@ -317,15 +310,10 @@ def connect(
             help="Also accept on the peer (needs its admin token: a peer in instances.json).",
         ),
     ] = False,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Ask a peer for a connection; it stays PENDING until the peer accepts."""
-    remote_url, peer_info = resolve_peer_url(peer, data_dir)
-    with _api(instance, data_dir, url, token) as api:
+    remote_url, peer_info = resolve_peer_url(peer, target.data_dir)
+    with target.api() as api:
         connection = api.call("POST", "/connections", json={"remoteUrl": remote_url})
     if accept:
         if peer_info is None:
@@ -333,9 +321,9 @@ def connect(
                 "--accept needs the peer's admin token: name the peer as it appears in "
                 "instances.json, or accept on the peer with `fedagent accept`"
             )
-        with Api(resolve_target(str(peer_info["name"]), data_dir, None, None)) as peer_api:
+        with Remote(str(peer_info["name"]), target.data_dir).api() as peer_api:
             connection = peer_api.call("POST", f"/connections/{connection['connectionId']}/accept")
-    if as_json:
+    if target.as_json:
         _print_json(connection)
         return
     console.print(_connections_table([connection]))
@@ -347,17 +335,14 @@ def connect(
 
 
 @app.command(rich_help_panel="Connections")
+@uses_instance()
 def connections(
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
+    target: Remote,
 ) -> None:
     """List this instance's connections with peers."""
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         rows = api.call("GET", "/connections")
-    if as_json:
+    if target.as_json:
         _print_json(rows)
     elif not rows:
         console.print("no connections yet: [bold]fedagent connect PEER_URL[/]")
@@ -365,12 +350,40 @@ def connections(
         console.print(_connections_table(rows))
 
 
+@app.command(rich_help_panel="Connections")
+@uses_instance()
+def peers(target: Remote) -> None:
+    """The peers you can spawn on (members too), and what each one allows this instance."""
+    with target.api() as api:
+        rows = api.call("GET", "/peers")
+    if target.as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        console.print("no peers to spawn on yet: an admin connects with [bold]fedagent connect[/]")
+        return
+    table = Table(header_style="bold")
+    for column in ("peer", "connection", "status", "the peer allows"):
+        table.add_column(column, no_wrap=column in ("connection", "status"))
+    for row in rows:
+        allows = row.get("peerGrants")
+        table.add_row(
+            str(row["peerName"]),
+            str(row["connectionId"]),
+            Text(str(row["status"]), style=STATUS_STYLE.get(str(row["status"]), "")),
+            _grants_summary(allows) if allows is not None else Text("not told yet", style="dim"),
+        )
+    console.print(table)
+
+
 def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value is not None else None
 
 
 @app.command(rich_help_panel="Connections")
+@uses_instance()
 def accept(
+    target: Remote,
     connection_id: Annotated[str, typer.Argument(help="The PENDING connection to accept.")],
     agent_types: Annotated[
         str | None, typer.Option("--agent-types", help="Granted agent types, comma-separated.")
@@ -388,11 +401,6 @@ def accept(
     repositories: Annotated[
         str | None, typer.Option("--repositories", help="Allowed repository globs.")
     ] = None,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Accept a peer's connection request (optionally with grants): ACTIVE on both sides."""
     grants: dict[str, Any] = {
@@ -407,9 +415,9 @@ def accept(
         if value is not None
     }
     body = {"grants": grants} if grants else None
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         connection = api.call("POST", f"/connections/{connection_id}/accept", json=body)
-    if as_json:
+    if target.as_json:
         _print_json(connection)
     else:
         console.print(_connections_table([connection]))
@@ -434,19 +442,20 @@ class StateChoice(StrEnum):
 
 
 def _pick_connection(api: Api, peer: str | None) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = api.call("GET", "/connections")
+    """The ACTIVE connection to spawn over, from the peers any user may list (GET /peers)."""
+    rows: list[dict[str, Any]] = api.call("GET", "/peers")
     active = [r for r in rows if r["status"] == "ACTIVE"]
     if peer:
         matches = [
             r
             for r in active
-            if peer in (r["remoteName"], r["remoteInstanceId"], str(r["connectionId"]))
+            if peer in (r["peerName"], r["peerInstanceId"], str(r["connectionId"]))
         ]
     else:
         matches = active
     if len(matches) == 1:
         return matches[0]
-    names = ", ".join(sorted({r["remoteName"] for r in active})) or "none"
+    names = ", ".join(sorted({r["peerName"] for r in active})) or "none"
     if not matches:
         raise CliError(
             f"no ACTIVE connection{' to ' + repr(peer) if peer else ''} (active peers: {names})",
@@ -455,8 +464,33 @@ def _pick_connection(api: Api, peer: str | None) -> dict[str, Any]:
     raise CliError(f"several ACTIVE connections ({names}): say which with --peer NAME")
 
 
+def _read_instructions(path: Path) -> str:
+    if str(path) == "-":
+        return sys.stdin.read()
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise CliError(f"no file {path}", hint="-f takes a text file, or '-' for stdin") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CliError(f"cannot read {path}: {reason}") from None
+
+
+def uuid_arg(value: str, name: str) -> str:
+    """An id argument as the API wants it; says which argument is wrong if it is not one."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise CliError(
+            f"{name} {value!r} is not an id (ids look like 3f2b9c1e-7a4d-4c1b-9e2f-0a1b2c3d4e5f)",
+            hint="`fedagent agents` lists agents, `fedagent peers` connections",
+        ) from None
+
+
 @app.command(rich_help_panel="Agents")
+@uses_instance()
 def spawn(
+    target: Remote,
     instructions: Annotated[
         list[str] | None,
         typer.Option(
@@ -499,27 +533,31 @@ def spawn(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="With --follow: one line per progress step.")
     ] = False,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Spawn an agent on a peer; with --follow, watch it to the end and print its result."""
     from cli.follow import follow_agent, print_agent
 
+    if not instructions and instructions_file is None:
+        raise CliError(
+            "spawn needs the agent's instructions: -m TEXT (repeatable) or -f FILE",
+            hint="e.g. fedagent spawn -m 'Count the files.' -m '$ ls | wc -l' "
+            "(the scripted provider runs the lines that start with '$ ')",
+        )
     text = "\n".join(instructions or [])
     if instructions_file is not None:
-        file_text = (
-            sys.stdin.read() if str(instructions_file) == "-" else instructions_file.read_text()
-        )
+        file_text = _read_instructions(instructions_file)
         text = f"{text}\n{file_text}" if text else file_text
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         connection = (
-            api.call("GET", f"/connections/{connection_id}")
+            api.call("GET", f"/peers/{uuid_arg(connection_id, '--connection')}")
             if connection_id
             else _pick_connection(api, peer)
         )
+        if connection["status"] != "ACTIVE":
+            raise CliError(
+                f"the connection to {connection['peerName']} is {connection['status']}",
+                hint="`fedagent peers` shows the connections you can spawn over",
+            )
         body = {
             "agentId": agent_id or str(uuid.uuid4()),
             "connectionId": str(connection["connectionId"]),
@@ -537,30 +575,30 @@ def spawn(
         accepted = api.call("POST", "/agents/spawn", json=body)
         ack_ms = (time.perf_counter() - started) * 1000
         if not follow:
-            if as_json:
+            if target.as_json:
                 _print_json(accepted)
             else:
                 console.print(
                     f"spawned agent [bold]{accepted['agentId']}[/] on "
-                    f"[bold]{connection['remoteName']}[/]: {accepted['state']} "
+                    f"[bold]{connection['peerName']}[/]: {accepted['state']} "
                     f"[dim]({ack_ms:.0f} ms)[/]"
                 )
                 console.print(
                     f"[dim]follow it:[/] fedagent status {accepted['agentId']} --follow"
-                    + (f" -i {instance}" if instance else "")
+                    + target.instance_flag
                 )
             return
-        if not as_json:
+        if not target.as_json:
             console.print(
                 f"spawned agent [bold]{accepted['agentId']}[/] on "
-                f"[bold]{connection['remoteName']}[/] [dim]({ack_ms:.0f} ms)[/]"
+                f"[bold]{connection['peerName']}[/] [dim]({ack_ms:.0f} ms)[/]"
             )
         try:
             agent = follow_agent(
                 api,
                 str(accepted["agentId"]),
-                err_console if as_json else console,
-                peer=str(connection["remoteName"]),
+                err_console if target.as_json else console,
+                peer=str(connection["peerName"]),
                 quiet=quiet,
             )
         except KeyboardInterrupt:
@@ -569,60 +607,90 @@ def spawn(
                 f"{accepted['agentId']}   (fedagent kill {accepted['agentId']} stops it)"
             )
             raise typer.Exit(130) from None
-    if as_json:
+    if target.as_json:
         _print_json(agent)
     else:
         print_agent(agent, console)
     raise typer.Exit(0 if agent["state"] == "completed" else 1)
 
 
+def _peer_names(api: Api) -> dict[str, str]:
+    """Peer instance id -> name: every connection for an admin, the live ones for a member."""
+    try:
+        return {c["remoteInstanceId"]: c["remoteName"] for c in api.call("GET", "/connections")}
+    except CliError:
+        pass
+    try:
+        return {p["peerInstanceId"]: p["peerName"] for p in api.call("GET", "/peers")}
+    except CliError:
+        return {}
+
+
+Hosted = Annotated[
+    bool, typer.Option("--hosted", help="A run a peer started on this instance (admin).")
+]
+
+
 @app.command(rich_help_panel="Agents")
+@uses_instance()
 def agents(
+    target: Remote,
     state: Annotated[StateChoice | None, typer.Option("--state")] = None,
     connection_id: Annotated[str | None, typer.Option("--connection", "-c")] = None,
     agent_type: Annotated[AgentTypeChoice | None, typer.Option("--type")] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", "-t")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n")] = 50,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
+    hosted: Annotated[
+        bool,
+        typer.Option("--hosted", help="Runs peers started on this instance (admin) instead."),
+    ] = False,
+    peer: Annotated[
+        str | None, typer.Option("--peer", "-p", help="With --hosted: the requester's name or id.")
+    ] = None,
 ) -> None:
-    """Agents this instance spawned on peers, newest first."""
+    """Agents this instance spawned on peers, newest first; --hosted: those peers run here."""
     from cli.follow import describe_progress, state_text
 
     params: dict[str, Any] = {"limit": limit}
     if state:
         params["state"] = state.value
+    if hosted:
+        if connection_id or agent_type or task_id:
+            raise CliError("with --hosted, filter by --peer and --state")
+        if peer:
+            params["peer"] = peer
+    elif peer:
+        raise CliError("--peer filters --hosted runs; for your own agents use --connection")
     if connection_id:
-        params["connectionId"] = connection_id
+        params["connectionId"] = uuid_arg(connection_id, "--connection")
     if agent_type:
         params["agentType"] = agent_type.value
     if task_id:
         params["taskId"] = task_id
-    with _api(instance, data_dir, url, token) as api:
-        rows = api.call("GET", "/agents", params=params)
-        peers: dict[str, str] = {}
-        if rows and not as_json:
-            try:
-                peers = {
-                    c["remoteInstanceId"]: c["remoteName"] for c in api.call("GET", "/connections")
-                }
-            except CliError:
-                pass  # a member token cannot list connections: show ids
-    if as_json:
+    with target.api() as api:
+        rows = api.call("GET", "/hosted" if hosted else "/agents", params=params)
+        peers = _peer_names(api) if rows and not target.as_json else {}
+    if target.as_json:
         _print_json(rows)
         return
     if not rows:
-        console.print("no agents" + (" match" if len(params) > 1 else " yet"))
+        what = "runs hosted for peers" if hosted else "agents"
+        console.print(f"no {what}" + (" match" if len(params) > 1 else " yet"))
+        if not hosted and not params.get("state"):
+            console.print(
+                "[dim]runs that peers started here:[/] fedagent agents --hosted"
+                + target.instance_flag
+            )
         return
     wide = console.width >= 120
+    who = "requester" if hosted else "peer"
     columns = ["agent", "state", "task", "progress / error"]
     if wide:
         columns[2:2] = ["type"]
-        columns[4:4] = ["peer"]
+        columns[4:4] = [who]
         columns.append("created")
+    elif hosted:
+        columns[2:2] = [who]
     table = Table(header_style="bold")
     for column in columns:
         table.add_column(column, no_wrap=column in ("agent", "state"))
@@ -638,6 +706,7 @@ def agents(
             "type": str(row["agentType"]),
             "task": str(row["taskId"]),
             "peer": peers.get(row["peerInstanceId"], str(row["peerInstanceId"])[:12]),
+            "requester": peers.get(row["peerInstanceId"], str(row["peerInstanceId"])[:12]),
             "progress / error": detail,
             "created": _ago(row.get("createdAt")),
         }
@@ -646,74 +715,108 @@ def agents(
 
 
 @app.command(rich_help_panel="Agents")
+@uses_instance()
 def status(
+    target: Remote,
     agent_id: Annotated[str, typer.Argument(help="The agent's id.")],
     follow: Annotated[bool, typer.Option("--follow", "-F", help="Watch it to the end.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="With --follow: one line per progress step.")
     ] = False,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
+    hosted: Hosted = False,
     diff: Annotated[
         bool, typer.Option("--diff", help="Write the agent's whole diff to stdout instead.")
     ] = False,
 ) -> None:
-    """One agent: state, progress, result."""
+    """One agent: state, progress, changed files, result, where to see it in Temporal."""
     from cli.follow import follow_agent, print_agent
 
+    agent_id = uuid_arg(agent_id, "AGENT_ID")
     if diff:
-        with _api(instance, data_dir, url, token) as api:
+        with target.api() as api:
             write_diff(api, agent_id, sys.stdout.buffer)
         return
-    with _api(instance, data_dir, url, token) as api:
-        agent = api.call("GET", f"/agents/{agent_id}")
-        if follow:
+    with target.api() as api:
+        agent = api.call("GET", f"/{'hosted' if hosted else 'agents'}/{agent_id}")
+        if follow and not hosted:
             try:
                 agent = follow_agent(
-                    api, agent_id, err_console if as_json else console, quiet=quiet
+                    api, agent_id, err_console if target.as_json else console, quiet=quiet
                 )
             except KeyboardInterrupt:
                 raise typer.Exit(130) from None
-    if as_json:
+        peer_name = None if target.as_json else _peer_names(api).get(agent["peerInstanceId"])
+    if target.as_json:
         _print_json(agent)
     else:
-        print_agent(agent, console)
+        print_agent(
+            agent,
+            console,
+            peer=peer_name,
+            links=_temporal_links(target, agent, hosted=hosted),
+        )
+
+
+def _temporal_links(target: Remote, agent: dict[str, Any], *, hosted: bool) -> list[str]:
+    """Both sides' workflows in the Temporal Web UI, when instances.json says where it is."""
+    from urllib.parse import quote
+
+    try:
+        here = resolve_target(target.instance, target.data_dir, target.url, target.token).info
+        doc = load_instances(target.data_dir) if here is not None else None
+    except CliError:
+        return []
+    if here is None or doc is None:
+        return []
+    other = next(
+        (
+            i
+            for i in doc.get("instances", {}).values()
+            if i["instanceId"] == agent["peerInstanceId"]
+        ),
+        None,
+    )
+    requester, executor = (other, here) if hosted else (here, other)
+    links = []
+    if requester is not None:
+        workflow = quote(f"remote-agent/{agent['agentId']}", safe="")
+        links.append(f"requester ({requester['name']}): {requester['temporalUiUrl']}/{workflow}")
+    if executor is not None and requester is not None:
+        workflow = quote(f"agent-run/{requester['instanceId']}/{agent['agentId']}", safe="")
+        links.append(f"executor ({executor['name']}): {executor['temporalUiUrl']}/{workflow}")
+    return links
 
 
 @app.command(name="diff", rich_help_panel="Agents")
+@uses_instance()
 def diff_command(
+    target: Remote,
     agent_id: Annotated[str, typer.Argument(help="The agent's id.")],
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
 ) -> None:
     """Write the agent's whole diff to stdout (`> x.patch`; `git apply x.patch` takes it),
     checked against the result's diffSha256 and diffBytes."""
-    with _api(instance, data_dir, url, token) as api:
+    agent_id = uuid_arg(agent_id, "AGENT_ID")
+    with target.api() as api:
         write_diff(api, agent_id, sys.stdout.buffer)
 
 
 @app.command(rich_help_panel="Agents")
+@uses_instance()
 def kill(
+    target: Remote,
     agent_id: Annotated[str, typer.Argument(help="The agent to stop.")],
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
+    hosted: Hosted = False,
 ) -> None:
-    """Stop an agent; answers once its sandbox on the peer is gone."""
+    """Stop an agent; answers once its sandbox on the peer is gone. With --hosted, an executor's
+    admin stops a run a peer started here (the peer sees it killed)."""
     from cli.follow import state_text
 
-    with _api(instance, data_dir, url, token) as api:
+    agent_id = uuid_arg(agent_id, "AGENT_ID")
+    with target.api() as api:
         started = time.perf_counter()
-        answer = api.call("POST", f"/agents/{agent_id}/kill")
+        answer = api.call("POST", f"/{'hosted' if hosted else 'agents'}/{agent_id}/kill")
         elapsed = (time.perf_counter() - started) * 1000
-    if as_json:
+    if target.as_json:
         _print_json(answer)
         return
     line = Text(f"agent {answer['agentId']}: ")
@@ -731,7 +834,9 @@ class Algorithm(StrEnum):
 
 
 @keys_app.command("rotate")
+@uses_instance()
 def keys_rotate(
+    target: Remote,
     algorithm: Annotated[Algorithm, typer.Option("--algorithm")] = Algorithm.ed25519,
     grace: Annotated[
         int | None,
@@ -739,19 +844,14 @@ def keys_rotate(
             "--grace", help="Seconds the current key still verifies (default: the setting)."
         ),
     ] = None,
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    url: Url = None,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Sign with a new key from now on; peers are told; the old key verifies for a grace period."""
     body: dict[str, Any] = {"algorithm": algorithm.value}
     if grace is not None:
         body["graceSeconds"] = grace
-    with _api(instance, data_dir, url, token) as api:
+    with target.api() as api:
         rotated = api.call("POST", "/instance/keys/rotate", json=body)
-    if as_json:
+    if target.as_json:
         _print_json(rotated)
         return
     console.print(f"new signing key [bold]{rotated['keyId']}[/] ({rotated['algorithm']})")
@@ -764,10 +864,9 @@ def keys_rotate(
 
 
 @app.command(rich_help_panel="Operate")
+@uses_instance(remote=False)
 def doctor(
-    instance: Instance = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    as_json: AsJson = False,
+    target: Remote,
 ) -> None:
     """Check Temporal, PostgreSQL, the sandbox and secret files; say how to fix what fails.
 
@@ -775,10 +874,10 @@ def doctor(
     """
     from cli.doctor import run_checks
 
-    info = instance_info(data_dir, instance) if instance else None
-    _, checks = asyncio.run(run_checks(info, data_dir if instance else None))
+    info = instance_info(target.data_dir, target.instance) if target.instance else None
+    _, checks = asyncio.run(run_checks(info, target.data_dir if target.instance else None))
     failed = any(c.status == "fail" for c in checks)
-    if as_json:
+    if target.as_json:
         _print_json([c.__dict__ for c in checks])
         raise typer.Exit(1 if failed else 0)
     marks = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗", "bold red")}
@@ -819,6 +918,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback with secrets in locals
+        if os.environ.get("FEDAGENT_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        err_console.print(
+            Text("error: ", style="bold red") + Text(f"{exc.__class__.__name__}: {first}")
+        )
+        err_console.print(
+            Text("hint: ", style="yellow")
+            + Text("`fedagent doctor` checks the pieces; FEDAGENT_DEBUG=1 shows the traceback")
+        )
+        return 1
     return 0
 
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from federation.errors import ConnectionStateConflict, UnsupportedCommand
+from pydantic import ValidationError
+
+from federation.errors import ConnectionStateConflict, InvalidPayload, UnsupportedCommand
+from federation.models import Grants
 from federation.store import repos
+from federation.store.first_hour import set_peer_grants
 
 # CONNECT commands a peer sends about an existing connection: target, allowed from, and which
 # of our directions the connection must have (the side that was asked answers a request).
@@ -24,7 +28,10 @@ ANSWERS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
 SUSPENSIONS = ("connection.suspend", "connection.resume")
 # A signed nudge after the peer rotated its key: verifying it refreshed the peer's keys.
 NOTICES = ("connection.keys_changed",)
-PEER_COMMANDS = (*ANSWERS, *SUSPENSIONS, *NOTICES)
+# The peer changed what it allows us: the payload carries its grants, which we keep to show
+# them and to refuse at once a spawn they would refuse.
+GRANT_NOTICES = ("connection.grants_changed",)
+PEER_COMMANDS = (*ANSWERS, *SUSPENSIONS, *NOTICES, *GRANT_NOTICES)
 
 
 def _holders(suspended_by: str | None) -> set[str]:
@@ -79,11 +86,22 @@ async def change_suspension(
 
 
 async def apply_peer_change(
-    db: repos.Executor, connection: dict[str, Any], command_type: str | None
+    db: repos.Executor,
+    connection: dict[str, Any],
+    command_type: str | None,
+    peer_grants: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Apply a verified CONNECT command from the peer to our copy; returns the new row."""
+    """Apply a verified CONNECT command from the peer to our copy; returns the new row.
+
+    `peer_grants`: what the peer says it now allows us (connection.accept, .grants_changed)."""
     if command_type in NOTICES:
         return connection
+    if command_type in GRANT_NOTICES:
+        if peer_grants is None:
+            raise InvalidPayload("connection.grants_changed needs grants")
+        if connection["status"] == "DISCONNECTED":
+            raise ConnectionStateConflict("a DISCONNECTED connection has no grants")
+        return await _store_peer_grants(db, connection, peer_grants)
     if command_type in SUSPENSIONS:
         action = "suspend" if command_type == "connection.suspend" else "resume"
         if action == "resume" and connection["status"] == "ACTIVE":
@@ -99,4 +117,19 @@ async def apply_peer_change(
     )
     if updated is None:
         raise ConnectionStateConflict(f"cannot {command_type} a {connection['status']} connection")
+    if command_type == "connection.accept" and peer_grants is not None:
+        updated = await _store_peer_grants(db, updated, peer_grants)
+    return updated
+
+
+async def _store_peer_grants(
+    db: repos.Executor, connection: dict[str, Any], peer_grants: dict[str, Any]
+) -> dict[str, Any]:
+    try:
+        grants = Grants.model_validate(peer_grants).model_dump()
+    except ValidationError as exc:
+        raise InvalidPayload("the grants in the message are invalid") from exc
+    updated = await set_peer_grants(db, connection["connection_id"], grants)
+    if updated is None:
+        raise ConnectionStateConflict("the connection is gone")
     return updated

@@ -99,14 +99,18 @@ class Identity:
             pem = cipher.open(value, key_id=record.key_id).decode()
         return SigningKey(record.key_id, record.algorithm, pem)
 
-    def card(self, limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    def card(
+        self, limits: dict[str, Any] | None = None, configured: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """`configured`: capabilities the settings fix (sandbox, model provider); they win over
+        what is stored, so the card never offers what the instance does not run."""
         return {
             "instanceId": self.instance_id,
             "name": self.name,
             "url": self.public_url,
             "protocol": PROTOCOL,
             "keys": [k.card_entry() for k in self.keys],
-            "capabilities": {"protocol": PROTOCOL, **self.capabilities},
+            "capabilities": {"protocol": PROTOCOL, **self.capabilities, **(configured or {})},
             "limits": limits or {},
             "metadata": self.metadata,
         }

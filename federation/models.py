@@ -37,11 +37,14 @@ class ConnectionPublic(BaseModel):
     peerNotified: bool | None = None
     # Which side holds the connection SUSPENDED: "local" (this instance), "remote" or "both".
     suspendedBy: str | None = None
+    # What the peer allows this instance, as it last told us (None: it has not said).
+    peerGrants: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any], **extra: Any) -> ConnectionPublic:
         return cls(
             suspendedBy=row.get("suspended_by"),
+            peerGrants=row.get("peer_grants"),
             connectionId=row["connection_id"],
             remoteInstanceId=row["remote_instance_id"],
             remoteName=row["remote_name"],
@@ -52,6 +55,27 @@ class ConnectionPublic(BaseModel):
             createdAt=row["created_at"],
             updatedAt=row["updated_at"],
             **extra,
+        )
+
+
+class PeerPublic(BaseModel):
+    """A connection as any local user sees it: whom a spawn can go to and what the peer allows
+    this instance (`peerGrants`, as the peer last told us; None while it has not said)."""
+
+    connectionId: uuid.UUID
+    peerInstanceId: str
+    peerName: str
+    status: ConnectionStatus
+    peerGrants: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PeerPublic:
+        return cls(
+            connectionId=row["connection_id"],
+            peerInstanceId=row["remote_instance_id"],
+            peerName=row["remote_name"],
+            status=row["status"],
+            peerGrants=row.get("peer_grants"),
         )
 
 
@@ -147,6 +171,8 @@ class ConnectRequestPayload(Strict):
 
 class ConnectChangePayload(Strict):
     connectionId: uuid.UUID
+    # connection.accept and connection.grants_changed: what the sender now allows the recipient.
+    grants: dict[str, Any] | None = None
 
 
 class SpawnPayload(Strict):

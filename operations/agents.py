@@ -16,8 +16,14 @@ from federation.errors import (
     KillNotDelivered,
     LocalConnectionNotActive,
 )
-from federation.models import AgentKillPublic, AgentSpawnAccepted, AgentSpawnCreate
+from federation.models import (
+    AgentKillPublic,
+    AgentSpawnAccepted,
+    AgentSpawnCreate,
+    SpawnPayload,
+)
 from federation.store import repos
+from federation.trust import check_grants
 from federation.users import User
 from operations import Services
 from workflows.models import KillRequest, remote_agent_workflow_id
@@ -45,6 +51,20 @@ async def spawn(
         )
     context = body.context.model_dump()
     options = body.options.model_dump()
+    if connection.get("peer_grants") is not None:
+        # What the peer told us it allows: refuse now, with its code, what it would refuse later.
+        spawn_payload = SpawnPayload(
+            agentId=agent_id,
+            taskId=body.taskId,
+            agentType=body.agentType,
+            context=body.context,
+            options=body.options,
+        )
+        check_grants(
+            {"grants": connection["peer_grants"]},
+            "agent.spawn",
+            spawn_payload.model_dump(mode="json"),
+        )
     async with pool.acquire() as conn, conn.transaction():
         inserted = await repos.insert_agent(
             conn,

@@ -15,14 +15,23 @@ from federation.errors import (
     FederationError,
     InvalidRequest,
 )
-from federation.models import ConnectionPublic, GrantsUpdate
+from federation.models import ConnectionPublic, GrantsUpdate, PeerPublic
 from federation.peer import fetch_card, send_signed
 from federation.store import repos
+from federation.store.first_hour import spawnable_connections
 from federation.users import User
 from operations import Services
 
 
-async def _notify(services: Services, connection: dict[str, Any], command_type: str) -> None:
+async def _notify(
+    services: Services,
+    connection: dict[str, Any],
+    command_type: str,
+    grants: dict[str, Any] | None = None,
+) -> None:
+    payload: dict[str, Any] = {"connectionId": str(connection["connection_id"])}
+    if grants is not None:
+        payload["grants"] = grants  # what we now allow the peer: it shows them, refuses early
     await send_signed(
         services.http,
         await services.identity(),
@@ -31,7 +40,7 @@ async def _notify(services: Services, connection: dict[str, Any], command_type: 
         recipient_keys=connection["remote_keys"],
         type=MessageType.CONNECT,
         command_type=command_type,
-        payload={"connectionId": str(connection["connection_id"])},
+        payload=payload,
         window_seconds=services.settings.timestamp_window,
         timeout=services.settings.peer_request_timeout,
     )
@@ -94,6 +103,18 @@ async def list_(services: Services) -> list[ConnectionPublic]:
     return [ConnectionPublic.from_row(r) for r in await repos.list_connections(services.pool)]
 
 
+async def peers(services: Services) -> list[PeerPublic]:
+    """Connections any local user may spawn over, with what each peer allows this instance."""
+    return [PeerPublic.from_row(r) for r in await spawnable_connections(services.pool)]
+
+
+async def peer(services: Services, connection_id: uuid.UUID) -> PeerPublic:
+    row = await get_row(services, connection_id)
+    if row["status"] not in ("ACTIVE", "SUSPENDED"):
+        raise ConnectionNotFound(f"no ACTIVE connection {connection_id}")
+    return PeerPublic.from_row(row)
+
+
 async def get_row(services: Services, connection_id: uuid.UUID) -> dict[str, Any]:
     row = await repos.get_connection(services.pool, connection_id)
     if row is None:
@@ -121,7 +142,7 @@ async def _answer(
             f"{row['direction']} and {row['status']}"
         )
     # The peer hears it first: a peer that cannot be told keeps us PENDING, in step with it.
-    await _notify(services, row, command_type)
+    await _notify(services, row, command_type, new_grants if target == "ACTIVE" else None)
     async with services.pool.acquire() as conn, conn.transaction():
         updated = await repos.set_connection_status(
             conn, connection_id, target, expect=("PENDING",)
@@ -196,7 +217,16 @@ async def update_grants(
             before=before,
             after=new_grants,
         )
-    return ConnectionPublic.from_row(updated)
+    if updated["status"] == "PENDING":
+        return ConnectionPublic.from_row(updated)  # the peer hears them when we accept
+    # The peer is told so it shows them and refuses at once what we would refuse; if it cannot
+    # be told now, these grants still hold here.
+    try:
+        await _notify(services, updated, "connection.grants_changed", new_grants)
+        notified = True
+    except FederationError:
+        notified = False
+    return ConnectionPublic.from_row(updated, peerNotified=notified)
 
 
 async def suspend(services: Services, user: User, connection_id: uuid.UUID) -> ConnectionPublic:

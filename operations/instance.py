@@ -29,9 +29,15 @@ def limits(settings: Settings) -> dict[str, Any]:
     }
 
 
+def configured(settings: Settings) -> dict[str, Any]:
+    """What this instance runs agents with, from its settings: the card says it as it is."""
+    return {"sandboxes": [settings.sandbox], "modelProviders": [settings.model_provider]}
+
+
 async def card(services: Services) -> dict[str, Any]:
     """The public identity card: id, name, URL, keys with validity, what it offers."""
-    return (await services.identity()).card(limits(services.settings))
+    settings = services.settings
+    return (await services.identity()).card(limits(settings), configured=configured(settings))
 
 
 async def update(services: Services, user: User, body: InstanceUpdate) -> dict[str, Any]:
@@ -55,7 +61,7 @@ async def update(services: Services, user: User, body: InstanceUpdate) -> dict[s
         action="instance.update",
         changes={k: {"from": previous.get(k), "to": current.get(k)} for k in changes},
     )
-    return identity.card(limits(services.settings))
+    return identity.card(limits(services.settings), configured=configured(services.settings))
 
 
 async def _tell_peers(services: Services, identity: Identity) -> dict[str, bool]:

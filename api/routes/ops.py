@@ -12,10 +12,17 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 
-from api.deps import PoolDep, TemporalDep
+from api.deps import PoolDep, SettingsDep, TemporalDep
+from api.liveness import queue_pollers, unpolled
 from api.metrics import REGISTRY, STORE
 
 router = APIRouter(tags=["operations"])
+
+
+class NoWorker(Exception):
+    """No worker polls one of the instance's task queues."""
+
+
 CHECK_TIMEOUT = 3.0  # seconds each readiness check may take
 
 
@@ -31,9 +38,10 @@ async def healthz() -> dict[str, str]:
     responses={503: {"content": {"application/problem+json": {}}}},
 )
 async def readyz(
-    request: Request, pool: PoolDep, temporal: TemporalDep
+    request: Request, pool: PoolDep, temporal: TemporalDep, settings: SettingsDep
 ) -> dict[str, Any] | JSONResponse:
-    """Ready when PostgreSQL and Temporal both answer; otherwise 503 problem+json saying which."""
+    """Ready when PostgreSQL and Temporal answer and a worker polls each of the instance's task
+    queues (workflows, agent runs); otherwise 503 problem+json saying which."""
 
     async def postgres() -> None:
         await pool.fetchval("SELECT 1")
@@ -43,11 +51,27 @@ async def readyz(
             GetSystemInfoRequest(), timeout=timedelta(seconds=CHECK_TIMEOUT)
         )
 
+    async def workers() -> None:
+        found = await queue_pollers(
+            temporal, settings.temporal_namespace, settings.task_queue, timeout=CHECK_TIMEOUT
+        )
+        if missing := unpolled(found):
+            raise NoWorker(f"error: no worker polls {', '.join(missing)}")
+
     checks: dict[str, str] = {}
-    for name, check in (("postgres", postgres), ("temporal", temporal_server)):
+    for name, check in (
+        ("postgres", postgres),
+        ("temporal", temporal_server),
+        ("workers", workers),
+    ):
+        if name == "workers" and checks.get("temporal") != "ok":
+            checks[name] = "error: temporal is not reachable"
+            continue
         try:
             await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT)
             checks[name] = "ok"
+        except NoWorker as exc:
+            checks[name] = str(exc)
         except TimeoutError:
             checks[name] = f"error: no answer within {CHECK_TIMEOUT:g} s"
         except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
@@ -60,7 +84,7 @@ async def readyz(
             "type": "urn:fedagent:problem:not_ready",
             "title": "Not ready",
             "status": 503,
-            "detail": f"unreachable: {', '.join(failing)}",
+            "detail": f"not ready: {', '.join(f'{n} ({checks[n]})' for n in failing)}",
             "code": "not_ready",
             "instance": request.url.path,
             "checks": checks,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,8 +43,14 @@ async def fedagent(*args: str, env: dict[str, str] | None = None, stdin: str = "
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group: a hung command goes with its children
     )
-    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout=180)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout=180)
+    except TimeoutError:
+        os.killpg(proc.pid, signal.SIGKILL)  # e.g. a stack that never stops, and its children
+        await proc.wait()
+        raise
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode())
 

@@ -123,7 +123,10 @@ async def test_health_and_readiness(hub: Instance) -> None:
     assert health.json() == {"status": "ok"}
     ready = await hub.http.get(f"{hub.url}/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"postgres": "ok", "temporal": "ok"}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"postgres": "ok", "temporal": "ok", "workers": "ok"},
+    }
     assert ready.headers["x-request-id"]
 
 

@@ -1,0 +1,97 @@
+"""Runs peers started on this instance (the executor's side), for its admins: list them by peer
+and state, read one, and kill one through its AgentRunWorkflow (the requester hears `killed`
+as for a kill it asked for)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from federation.errors import AgentNotFound, ConnectionNotFound, InvalidRequest, KillNotDelivered
+from federation.models import AgentKillPublic
+from federation.store import repos
+from federation.store.first_hour import list_hosted
+from federation.users import User
+from operations import Services
+from workflows.models import KillRequest
+
+
+async def peer_instance_id(services: Services, peer: str | None) -> str | None:
+    """A peer named by its instance id or by its name (as our connections know it)."""
+    if peer is None:
+        return None
+    rows = await repos.list_connections(services.pool)
+    ids = {
+        r["remote_instance_id"] for r in rows if peer in (r["remote_instance_id"], r["remote_name"])
+    }
+    if len(ids) == 1:
+        return str(ids.pop())
+    if not ids:
+        known = ", ".join(sorted({r["remote_name"] for r in rows})) or "none"
+        raise ConnectionNotFound(f"no peer {peer!r} (known peers: {known})")
+    raise InvalidRequest(f"several peers are called {peer!r}: name it by its instance id")
+
+
+async def list_(
+    services: Services,
+    *,
+    peer: str | None = None,
+    state: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Runs peers started here, newest first (admins only: they span every peer)."""
+    return await list_hosted(
+        services.pool,
+        peer_instance_id=await peer_instance_id(services, peer),
+        state=state,
+        limit=limit,
+        offset=offset,
+    )
+
+
+async def get(services: Services, agent_id: uuid.UUID, peer: str | None = None) -> dict[str, Any]:
+    rows = await list_hosted(
+        services.pool, peer_instance_id=await peer_instance_id(services, peer), agent_id=agent_id
+    )
+    if not rows:
+        raise AgentNotFound(f"no run {agent_id} hosted here")
+    if len(rows) > 1:
+        raise InvalidRequest(
+            f"runs of several peers have the id {agent_id}: say which with peer=PEER"
+        )
+    return rows[0]
+
+
+async def kill(
+    services: Services, user: User, agent_id: uuid.UUID, peer: str | None = None
+) -> AgentKillPublic:
+    """Stop a hosted run; answers once its sandbox is gone. A finished run keeps its state."""
+    row = await get(services, agent_id, peer)
+    state = str(row["state"])
+    if state not in repos.TERMINAL_STATES:
+        handle = services.temporal.get_workflow_handle(row["workflow_id"])
+        try:
+            # The workflow answers once the sandbox is gone, with the final state (its record
+            # in the store follows right after).
+            answer = await handle.execute_update(
+                "kill",
+                KillRequest(reason=f"killed by {user.actor} on this executor"),
+                result_type=dict,
+            )
+            state = str(answer["state"])
+        except (WorkflowUpdateFailedError, RPCError) as exc:
+            state = str((await get(services, agent_id, peer))["state"])
+            if state not in repos.TERMINAL_STATES:
+                raise KillNotDelivered(f"the run did not stop: {exc}", state=state) from None
+        await repos.audit(
+            services.pool,
+            actor=user.actor,
+            action="hosted.kill",
+            agentId=str(agent_id),
+            peerInstanceId=row["peer_instance_id"],
+        )
+    return AgentKillPublic.model_validate({"agentId": agent_id, "state": state})
