@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
+from federation.errors import ArtifactNotReady
+from federation.store import artifacts
 from federation.users import User
-from operations import Services, agents
+from operations import Services
+from operations import artifacts as artifact_ops
 
 MAX_SHOWN_LINES = 4000
+SHOWN_BYTES = 2 * 1024 * 1024  # of the diff on the page; the download has all of it
 
 
 async def agent_diff(services: Services, user: User, agent_id: uuid.UUID) -> str:
-    """The whole diff of the agent's run as the user may see it ('' when there is none).
+    """The diff of the agent's run as the user may see it ('' while there is none), up to
+    SHOWN_BYTES for the page: the whole diff artifact, fetched once from the executor and
+    kept here (`operations.artifacts`, as `GET /agents/{id}/diff` does)."""
+    try:
+        artifact = await artifact_ops.of_agent(services, user, agent_id, "diff")
+    except ArtifactNotReady:
+        return ""
+    head = await artifacts.read_range(services.pool, artifact, 0, SHOWN_BYTES)
+    return head.decode(errors="replace")
 
-    Today it is the result's inline `diff` field; reading it from the diff artifact instead
-    changes this function only.
-    """
-    row = await agents.get(services, user, agent_id)
-    return str((row.get("result") or {}).get("diff") or "")
+
+def result_diff_bytes(row: dict[str, Any]) -> int:
+    """The size of the whole diff as the run's result names it."""
+    return int((row.get("result") or {}).get("diffBytes") or 0)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from urllib.parse import quote, urlencode
 import pydantic
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from temporalio.service import RPCError
@@ -32,7 +32,7 @@ from api.console.auth import (
     session_token,
     set_session,
 )
-from api.console.diff import agent_diff, parse_diff
+from api.console.diff import agent_diff, parse_diff, result_diff_bytes
 from api.console.transcript import agent_transcript
 from api.deps import require_admin, services_for, user_for_token
 from api.routes.agents import event_stream
@@ -44,9 +44,10 @@ from federation.models import (
     InstanceUpdate,
     KeyRotate,
 )
-from federation.store import repos
+from federation.store import artifacts, repos
 from federation.users import User
 from operations import Services, agents, audit, connections, instance
+from operations import artifacts as artifact_ops
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -553,7 +554,11 @@ async def agent_page(request: Request, agent_id: uuid.UUID) -> Response:
     connection = await repos.get_connection(services.pool, row["connection_id"])
     peer_name = connection["remote_name"] if connection else row["peer_instance_id"]
     identity = await services.identity()
-    diff_text = await agent_diff(services, user, agent_id)
+    diff_problem = None
+    try:
+        diff_text = await agent_diff(services, user, agent_id)
+    except FederationError as err:  # the executor may be away: the page shows the rest
+        diff_text, diff_problem = "", f"{err.title} ({err.code})"
     files, cut = parse_diff(diff_text)
     return await _render(
         request,
@@ -565,7 +570,8 @@ async def agent_page(request: Request, agent_id: uuid.UUID) -> Response:
         result=row.get("result") or {},
         diff_files=files,
         diff_cut=cut,
-        diff_bytes=len(diff_text.encode()),
+        diff_bytes=result_diff_bytes(row),
+        diff_problem=diff_problem,
         transcript=await agent_transcript(services, user, agent_id),
         links=_workflow_links(services, row, peer_name, identity.instance_id),
         terminal=row["state"] in repos.TERMINAL_STATES,
@@ -575,11 +581,14 @@ async def agent_page(request: Request, agent_id: uuid.UUID) -> Response:
 @router.get("/agents/{agent_id}/diff")
 async def agent_diff_download(request: Request, agent_id: uuid.UUID) -> Response:
     services, user = await _signed_in(request)
-    text = await agent_diff(services, user, agent_id)
-    return Response(
-        text,
+    artifact = await artifact_ops.of_agent(services, user, agent_id, "diff")
+    return StreamingResponse(
+        artifacts.iter_chunks(services.pool, artifact),
         media_type="text/x-diff; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="agent-{agent_id}.diff"'},
+        headers={
+            "Content-Disposition": f'attachment; filename="agent-{agent_id}.diff"',
+            "Content-Length": str(artifact.bytes),
+        },
     )
 
 

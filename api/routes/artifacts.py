@@ -1,216 +1,35 @@
 """A run's whole artifacts on the requester: `GET /agents/{agentId}/diff` (and `/log`).
 
-Results and events carry only an artifact's sha256, size and a bounded preview. The first read
-here fetches the artifact from the executor by signed `agent.artifact` commands, piece by
-piece (each answer is bounded), checks the whole against the sha256 and size the result named,
-and keeps it in this instance's artifact store; later reads stream it from there. Members see
-the artifacts of their own workspace's agents only.
+The REST face of `operations.artifacts`: the first read fetches the artifact from the executor
+and keeps it, later reads stream it from this instance's store.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import hashlib
-import tempfile
 import uuid
-from typing import Any
 
-import asyncpg
-import httpx
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from api.deps import CurrentUser, HttpDep, IdentityDep, PoolDep, SettingsDep
-from federation.envelope import MessageType
-from federation.errors import (
-    AgentNotFound,
-    ArtifactMismatch,
-    ArtifactNotReady,
-    ArtifactTooLarge,
-    ArtifactUnavailable,
-    LocalConnectionNotActive,
-    PeerRefused,
-)
-from federation.identity import Identity
-from federation.peer import send_signed
-from federation.settings import Settings
-from federation.store import artifacts, repos
+from api.deps import CurrentUser, ServicesDep
+from federation.store import artifacts
+from federation.users import User
+from operations import Services
+from operations import artifacts as artifact_ops
 
 router = APIRouter(prefix="/api/v1/federation/agents", tags=["agents"])
 
 MEDIA_TYPES = {"diff": "text/x-diff", "log": "text/plain; charset=utf-8"}
-# One fetch of an artifact at a time in this process; the others wait and read the store.
-_fetching: dict[tuple[uuid.UUID, str], asyncio.Lock] = {}
-
-
-def artifact_reference(result: dict[str, Any] | None, kind: str) -> tuple[str, int] | None:
-    """(sha256, bytes) of the run's artifact of this kind, as its result names it."""
-    result = result or {}
-    ref = (result.get("artifacts") or {}).get(kind)
-    if isinstance(ref, dict) and ref.get("sha256"):
-        return str(ref["sha256"]), int(ref.get("bytes") or 0)
-    if kind == "diff" and result.get("diffSha256"):
-        return str(result["diffSha256"]), int(result.get("diffBytes") or 0)
-    return None
-
-
-async def ensure_artifact(
-    pool: asyncpg.Pool,
-    http: httpx.AsyncClient,
-    identity: Identity,
-    settings: Settings,
-    row: dict[str, Any],
-    kind: str,
-) -> artifacts.Artifact:
-    """The run's artifact from this instance's store, fetched once from the executor."""
-    ref = artifact_reference(row.get("result"), kind)
-    if ref is None or not artifacts.SHA256.match(ref[0]):
-        raise ArtifactNotReady(
-            f"agent {row['agent_id']} ({row['state']}) has no {kind} yet",
-            kind=kind,
-            state=row["state"],
-        )
-    sha256, size = ref
-    key = (row["agent_id"], kind)
-    lock = _fetching.setdefault(key, asyncio.Lock())
-    try:
-        async with lock:
-            return await _local_or_fetched(pool, http, identity, settings, row, kind, sha256, size)
-    finally:
-        if not lock.locked():
-            _fetching.pop(key, None)
-
-
-async def _local_or_fetched(
-    pool: asyncpg.Pool,
-    http: httpx.AsyncClient,
-    identity: Identity,
-    settings: Settings,
-    row: dict[str, Any],
-    kind: str,
-    sha256: str,
-    size: int,
-) -> artifacts.Artifact:
-    local = await artifacts.of_agent(
-        pool,
-        role="requester",
-        peer_instance_id=row["peer_instance_id"],
-        agent_id=row["agent_id"],
-        kind=kind,
-        sha256=sha256,
-    )
-    if local is not None:
-        return local
-    # Fetched even when the same bytes are stored for another run: the executor must prove it
-    # has them (a hash alone must not let one run's user read another run's artifact).
-    stored = await _fetch(pool, http, identity, settings, row, kind, sha256, size)
-    await artifacts.link(
-        pool,
-        role="requester",
-        peer_instance_id=row["peer_instance_id"],
-        agent_id=row["agent_id"],
-        kind=kind,
-        artifact=stored,
-    )
-    return stored
-
-
-async def _fetch(
-    pool: asyncpg.Pool,
-    http: httpx.AsyncClient,
-    identity: Identity,
-    settings: Settings,
-    row: dict[str, Any],
-    kind: str,
-    sha256: str,
-    size: int,
-) -> artifacts.Artifact:
-    if size > settings.artifact_max_bytes:
-        raise ArtifactTooLarge(
-            f"the {kind} has {size} bytes; this instance keeps at most"
-            f" {settings.artifact_max_bytes}",
-            bytes=size,
-            limit=settings.artifact_max_bytes,
-        )
-    connection = await repos.get_connection(pool, row["connection_id"])
-    if connection is None or connection["status"] != "ACTIVE":
-        status = connection["status"] if connection else "gone"
-        raise LocalConnectionNotActive(
-            f"the connection with the executor is {status}; fetching the {kind} needs ACTIVE"
-        )
-    digest = hashlib.sha256()
-    offset = 0
-    with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
-        while offset < size:
-            try:
-                envelope, reply = await send_signed(
-                    http,
-                    identity,
-                    url=connection["remote_url"],
-                    recipient_id=connection["remote_instance_id"],
-                    recipient_keys=connection["remote_keys"],
-                    type=MessageType.COMMAND,
-                    command_type="agent.artifact",
-                    payload={
-                        "agentId": str(row["agent_id"]),
-                        "kind": kind,
-                        "sha256": sha256,
-                        "offset": offset,
-                        "length": settings.artifact_chunk_bytes,
-                    },
-                    window_seconds=settings.timestamp_window,
-                    timeout=settings.peer_request_timeout,
-                )
-            except PeerRefused as err:
-                raise ArtifactUnavailable(
-                    f"the executor did not give the {kind}: {err.peer_code}",
-                    peerCode=err.peer_code,
-                    peerStatus=err.peer_status,
-                ) from err
-            await repos.record_message(
-                pool, envelope.to_wire(), direction="out", agent_id=row["agent_id"]
-            )
-            if reply.get("sha256") != sha256 or reply.get("bytes") != size:
-                raise ArtifactMismatch(
-                    f"the executor's {kind} is not the one the result names"
-                    f" ({reply.get('sha256')!r}, {reply.get('bytes')!r} bytes)"
-                )
-            try:
-                data = base64.b64decode(str(reply.get("data") or ""), validate=True)
-            except ValueError as exc:
-                raise ArtifactMismatch(f"the executor's {kind} piece is not base64") from exc
-            if reply.get("offset") != offset or not data or offset + len(data) > size:
-                raise ArtifactMismatch(f"the executor's {kind} piece at {offset} is not in order")
-            digest.update(data)
-            spool.write(data)
-            offset += len(data)
-        if digest.hexdigest() != sha256:
-            raise ArtifactMismatch(f"the {kind} fetched does not hash to {sha256}")
-        return await artifacts.put_file(
-            pool,
-            spool,  # type: ignore[arg-type]
-            max_bytes=settings.artifact_max_bytes,
-            chunk_bytes=settings.artifact_chunk_bytes,
-        )
 
 
 async def _serve(
-    kind: str,
-    agent_id: uuid.UUID,
-    user: Any,
-    pool: asyncpg.Pool,
-    http: httpx.AsyncClient,
-    identity: Identity,
-    settings: Settings,
+    kind: str, agent_id: uuid.UUID, user: User, services: Services
 ) -> StreamingResponse:
-    row = user.visible(await repos.get_requested_agent(pool, agent_id))
-    if row is None:
-        raise AgentNotFound(f"no agent {agent_id}")
-    artifact = await ensure_artifact(pool, http, identity, settings, row, kind)
+    artifact = await artifact_ops.of_agent(services, user, agent_id, kind)
     digest = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
     return StreamingResponse(
-        artifacts.iter_chunks(pool, artifact),
+        artifacts.iter_chunks(services.pool, artifact),
         media_type=MEDIA_TYPES[kind],
         headers={
             "Content-Length": str(artifact.bytes),
@@ -227,16 +46,11 @@ async def _serve(
     responses={200: {"content": {"text/x-diff": {}}, "description": "the whole diff"}},
 )
 async def agent_diff(
-    agent_id: uuid.UUID,
-    user: CurrentUser,
-    pool: PoolDep,
-    http: HttpDep,
-    identity: IdentityDep,
-    settings: SettingsDep,
+    agent_id: uuid.UUID, user: CurrentUser, services: ServicesDep
 ) -> StreamingResponse:
     """The run's whole diff (`git apply` takes it); its sha256 and length are the result's
     `diffSha256` and `diffBytes`. 409 `artifact_not_ready` while the run has none."""
-    return await _serve("diff", agent_id, user, pool, http, identity, settings)
+    return await _serve("diff", agent_id, user, services)
 
 
 @router.get(
@@ -245,12 +59,7 @@ async def agent_diff(
     responses={200: {"content": {"text/plain": {}}, "description": "the whole log"}},
 )
 async def agent_log(
-    agent_id: uuid.UUID,
-    user: CurrentUser,
-    pool: PoolDep,
-    http: HttpDep,
-    identity: IdentityDep,
-    settings: SettingsDep,
+    agent_id: uuid.UUID, user: CurrentUser, services: ServicesDep
 ) -> StreamingResponse:
     """The run's whole log (`logTail` is its end); sha256 and length: `logSha256`, `logBytes`."""
-    return await _serve("log", agent_id, user, pool, http, identity, settings)
+    return await _serve("log", agent_id, user, services)

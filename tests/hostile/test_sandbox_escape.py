@@ -47,7 +47,7 @@ async def test_a_reviewer_that_writes_and_a_worker_that_reaches_for_the_kernel_a
     assert agent["state"] == "failed", agent
     assert "a command failed" in agent["error"]
     result = agent["result"] or {}
-    assert result.get("diff", "") == "" and result.get("changedFiles", []) == []
+    assert not result.get("diffBytes") and result.get("changedFiles", []) == []
     assert result["exitCodes"][-1] != 0
     workspace = stack.data_dir / "workspaces" / "spoke" / hub.id / reviewer["agentId"]
     assert not (workspace / "calc.py").exists()

@@ -1,0 +1,201 @@
+"""A run's whole artifacts on the requester (the diff, the log, later the transcript).
+
+Results and events carry only an artifact's sha256, size and a bounded preview. The first read
+fetches the artifact from the executor by signed `agent.artifact` commands, piece by piece
+(each answer is bounded), checks the whole against the sha256 and size the result named, and
+keeps it in this instance's artifact store; later reads come from there. Members get the
+artifacts of their own workspace's agents only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import tempfile
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+
+from federation.envelope import MessageType
+from federation.errors import (
+    ArtifactMismatch,
+    ArtifactNotReady,
+    ArtifactTooLarge,
+    ArtifactUnavailable,
+    LocalConnectionNotActive,
+    PeerRefused,
+)
+from federation.identity import Identity
+from federation.peer import send_signed
+from federation.settings import Settings
+from federation.store import artifacts, repos
+from federation.users import User
+from operations import Services
+from operations import agents as agent_ops
+
+# One fetch of an artifact at a time in this process; the others wait and read the store.
+_fetching: dict[tuple[uuid.UUID, str], asyncio.Lock] = {}
+
+
+def artifact_reference(result: dict[str, Any] | None, kind: str) -> tuple[str, int] | None:
+    """(sha256, bytes) of the run's artifact of this kind, as its result names it."""
+    result = result or {}
+    ref = (result.get("artifacts") or {}).get(kind)
+    if isinstance(ref, dict) and ref.get("sha256"):
+        return str(ref["sha256"]), int(ref.get("bytes") or 0)
+    if kind == "diff" and result.get("diffSha256"):
+        return str(result["diffSha256"]), int(result.get("diffBytes") or 0)
+    return None
+
+
+async def ensure_artifact(
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    identity: Identity,
+    settings: Settings,
+    row: dict[str, Any],
+    kind: str,
+) -> artifacts.Artifact:
+    """The run's artifact from this instance's store, fetched once from the executor."""
+    ref = artifact_reference(row.get("result"), kind)
+    if ref is None or not artifacts.SHA256.match(ref[0]):
+        raise ArtifactNotReady(
+            f"agent {row['agent_id']} ({row['state']}) has no {kind} yet",
+            kind=kind,
+            state=row["state"],
+        )
+    sha256, size = ref
+    key = (row["agent_id"], kind)
+    lock = _fetching.setdefault(key, asyncio.Lock())
+    try:
+        async with lock:
+            return await _local_or_fetched(pool, http, identity, settings, row, kind, sha256, size)
+    finally:
+        if not lock.locked():
+            _fetching.pop(key, None)
+
+
+async def _local_or_fetched(
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    identity: Identity,
+    settings: Settings,
+    row: dict[str, Any],
+    kind: str,
+    sha256: str,
+    size: int,
+) -> artifacts.Artifact:
+    local = await artifacts.of_agent(
+        pool,
+        role="requester",
+        peer_instance_id=row["peer_instance_id"],
+        agent_id=row["agent_id"],
+        kind=kind,
+        sha256=sha256,
+    )
+    if local is not None:
+        return local
+    # Fetched even when the same bytes are stored for another run: the executor must prove it
+    # has them (a hash alone must not let one run's user read another run's artifact).
+    stored = await _fetch(pool, http, identity, settings, row, kind, sha256, size)
+    await artifacts.link(
+        pool,
+        role="requester",
+        peer_instance_id=row["peer_instance_id"],
+        agent_id=row["agent_id"],
+        kind=kind,
+        artifact=stored,
+    )
+    return stored
+
+
+async def _fetch(
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    identity: Identity,
+    settings: Settings,
+    row: dict[str, Any],
+    kind: str,
+    sha256: str,
+    size: int,
+) -> artifacts.Artifact:
+    if size > settings.artifact_max_bytes:
+        raise ArtifactTooLarge(
+            f"the {kind} has {size} bytes; this instance keeps at most"
+            f" {settings.artifact_max_bytes}",
+            bytes=size,
+            limit=settings.artifact_max_bytes,
+        )
+    connection = await repos.get_connection(pool, row["connection_id"])
+    if connection is None or connection["status"] != "ACTIVE":
+        status = connection["status"] if connection else "gone"
+        raise LocalConnectionNotActive(
+            f"the connection with the executor is {status}; fetching the {kind} needs ACTIVE"
+        )
+    digest = hashlib.sha256()
+    offset = 0
+    with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
+        while offset < size:
+            try:
+                envelope, reply = await send_signed(
+                    http,
+                    identity,
+                    url=connection["remote_url"],
+                    recipient_id=connection["remote_instance_id"],
+                    recipient_keys=connection["remote_keys"],
+                    type=MessageType.COMMAND,
+                    command_type="agent.artifact",
+                    payload={
+                        "agentId": str(row["agent_id"]),
+                        "kind": kind,
+                        "sha256": sha256,
+                        "offset": offset,
+                        "length": settings.artifact_chunk_bytes,
+                    },
+                    window_seconds=settings.timestamp_window,
+                    timeout=settings.peer_request_timeout,
+                )
+            except PeerRefused as err:
+                raise ArtifactUnavailable(
+                    f"the executor did not give the {kind}: {err.peer_code}",
+                    peerCode=err.peer_code,
+                    peerStatus=err.peer_status,
+                ) from err
+            await repos.record_message(
+                pool, envelope.to_wire(), direction="out", agent_id=row["agent_id"]
+            )
+            if reply.get("sha256") != sha256 or reply.get("bytes") != size:
+                raise ArtifactMismatch(
+                    f"the executor's {kind} is not the one the result names"
+                    f" ({reply.get('sha256')!r}, {reply.get('bytes')!r} bytes)"
+                )
+            try:
+                data = base64.b64decode(str(reply.get("data") or ""), validate=True)
+            except ValueError as exc:
+                raise ArtifactMismatch(f"the executor's {kind} piece is not base64") from exc
+            if reply.get("offset") != offset or not data or offset + len(data) > size:
+                raise ArtifactMismatch(f"the executor's {kind} piece at {offset} is not in order")
+            digest.update(data)
+            spool.write(data)
+            offset += len(data)
+        if digest.hexdigest() != sha256:
+            raise ArtifactMismatch(f"the {kind} fetched does not hash to {sha256}")
+        return await artifacts.put_file(
+            pool,
+            spool,  # type: ignore[arg-type]
+            max_bytes=settings.artifact_max_bytes,
+            chunk_bytes=settings.artifact_chunk_bytes,
+        )
+
+
+async def of_agent(
+    services: Services, user: User, agent_id: uuid.UUID, kind: str
+) -> artifacts.Artifact:
+    """The artifact of this kind of an agent the user may see, fetched once from the executor."""
+    row = await agent_ops.get(services, user, agent_id)
+    return await ensure_artifact(
+        services.pool, services.http, await services.identity(), services.settings, row, kind
+    )
