@@ -68,19 +68,6 @@ class StoreSink:
         if entries:
             self.saved.set()
 
-    async def note(self, entries: list[dict[str, Any]]) -> None:
-        """Transcript entries outside any checkpoint (a try that could not start)."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            self.summary = await conversations.append_transcript(
-                conn,
-                self.requester_id,
-                self.agent_id,
-                self.attempt,
-                entries,
-                self.transcript_limit,
-            )
-        self.saved.set()
-
 
 class TranscriptPump:
     """Sends the transcript entries of a run that the requester has not been sent yet."""

@@ -182,6 +182,7 @@ class AgentLoop:
             report.usage = state.usage
             report.api_retries = state.api_retries
             report.commands = state.commands
+            # Checkpoints keep the log's tail only: the whole log of a resumed run starts there.
             self._log = [state.log_tail] if state.log_tail else []
             entries.append(
                 note_entry(
