@@ -13,15 +13,17 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.conversation import StoreSink, TranscriptPump, previous_try_note
 from activities.federation import PeerMessenger
+from agents.conversation import ConversationState
 from agents.errors import AgentSetupError
 from agents.loop import AgentRunReport
-from agents.models import ScriptedProvider
 from agents.runtime import RuntimeConfig, run_agent_task
+from agents.sandbox.base import Limits
 from federation import tracing
 from federation.errors import FederationError, GrantAgentType, GrantCommandType
 from federation.settings import Settings
-from federation.store import artifacts, repos
+from federation.store import artifacts, conversations, repos
 from federation.trust import SAFE_INSTANCE_ID, grants_of, require_active
 from workflows.models import (
     AGENT_FAILED,
@@ -89,8 +91,30 @@ class AgentActivities:
         )
         agent_id = uuid.UUID(task.agent_id)
         await self._check_still_granted(task)
-        # A retry of the same try (the worker was lost) resumes after the commands it finished.
-        resume_after = completed_commands(info.heartbeat_details) if info.attempt > 1 else 0
+        config = runtime_config(self.settings)
+        sink = StoreSink(
+            self.pool,
+            requester_id=task.requester_id,
+            agent_id=agent_id,
+            attempt=task.attempt,
+            transcript_limit=self.settings.transcript_limit,
+        )
+        await sink.load()
+        # A retry of the same try (its worker was lost) resumes the checkpointed conversation;
+        # a later try starts a new one, told how the one before it ended.
+        resume_from: ConversationState | None = None
+        previous_try = ""
+        if info.attempt > 1:
+            saved = await conversations.load_checkpoint(
+                self.pool, task.requester_id, agent_id, task.attempt
+            )
+            if saved is not None and saved["state"].get("messages") is not None:
+                resume_from = ConversationState.from_json(saved["state"])
+        if resume_from is None and task.attempt > 1:
+            earlier = await conversations.load_checkpoint(
+                self.pool, task.requester_id, agent_id, task.attempt - 1
+            )
+            previous_try = previous_try_note(task.attempt, earlier)
         row = await repos.update_executed_agent(
             self.pool, task.requester_id, agent_id, state="running", attempt=task.attempt
         )
@@ -98,14 +122,18 @@ class AgentActivities:
             self._notify_soon(row)
 
         state: dict[str, Any] = {
-            "progress": {"turn": 0, "attempt": task.attempt, "completedCommands": resume_after},
+            "progress": {"turn": 0, "attempt": task.attempt},
             "row": None,
         }
         dirty = asyncio.Event()
 
         async def on_progress(progress: dict[str, Any]) -> None:
-            done = resume_after + (progress["turn"] - 1 if progress.get("lastTool") else 0)
-            progress = {**progress, "attempt": task.attempt, "completedCommands": done}
+            # The transcript's length lets the requester see a lost transcript event.
+            progress = {
+                **progress,
+                "attempt": task.attempt,
+                "transcriptEntries": sink.summary["entries"],
+            }
             state["progress"] = progress
             activity.heartbeat(progress)
             try:
@@ -134,11 +162,18 @@ class AgentActivities:
                 activity.heartbeat(state["progress"])
                 await asyncio.sleep(task.heartbeat_interval)
 
-        instructions = skip_commands(str(task.context.get("instructions") or ""), resume_after)
-        config = RuntimeConfig.from_settings(self.settings)
-        # The scripted provider resumes after the commands a lost worker already finished.
-        provider = ScriptedProvider(instructions) if config.provider == "scripted" else None
-        helpers = [asyncio.create_task(keep_heartbeating()), asyncio.create_task(pump_events())]
+        # Entries of an earlier worker of this try that were saved but maybe not sent: resent.
+        pump = TranscriptPump(
+            self.messenger,
+            sink,
+            interval=self.settings.transcript_event_interval,
+            sent=0 if info.attempt > 1 else sink.summary["entries"],
+        )
+        helpers = [
+            asyncio.create_task(keep_heartbeating()),
+            asyncio.create_task(pump_events()),
+            asyncio.create_task(pump.run()),
+        ]
         try:
             async with asyncio.timeout(task.timeout_seconds):
                 # Kills its sandbox on any way out (cancelled by a kill, timed out, failed).
@@ -150,7 +185,9 @@ class AgentActivities:
                     on_progress=on_progress,
                     # later tries and retries of a try keep the workspace as it was left
                     resume=info.attempt > 1 or task.attempt > 1,
-                    provider=provider,
+                    sink=sink,
+                    resume_from=resume_from,
+                    previous_try=previous_try,
                 )
         except TimeoutError:
             raise ApplicationError(
@@ -159,6 +196,13 @@ class AgentActivities:
                 non_retryable=True,
             ) from None
         except AgentSetupError as exc:
+            await conversations.set_outcome(
+                self.pool,
+                task.requester_id,
+                agent_id,
+                task.attempt,
+                {"success": False, "stopReason": "setup_error", "summary": str(exc)},
+            )
             raise ApplicationError(
                 str(exc), type=TASK_INVALID if exc.invalid else AGENT_FAILED, non_retryable=True
             ) from None
@@ -166,6 +210,24 @@ class AgentActivities:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+        await conversations.set_outcome(
+            self.pool,
+            task.requester_id,
+            agent_id,
+            task.attempt,
+            {
+                "success": report.success,
+                "stopReason": report.stop_reason,
+                "summary": report.summary,
+                "turns": report.turns,
+            },
+        )
+        # The transcript by reference: the requester pulls whatever the events did not bring.
+        report.transcript = dict(sink.summary)
+        try:
+            await pump.flush(timeout=3.0)
+        except Exception as exc:  # noqa: BLE001 - the requester pulls it at the end
+            log.info("last transcript entries of agent %s not delivered: %s", agent_id, exc)
         activity.heartbeat(state["progress"])
         result = {**report.as_result(), **await self._store_artifacts(task, report)}
         if not report.success:
@@ -224,23 +286,43 @@ class AgentActivities:
         task.add_done_callback(self._background.discard)
 
 
-def completed_commands(details: Any) -> int:
-    """How many scripted commands the previous run of this try finished, from its heartbeat."""
-    try:
-        last = details[-1] if details else None
-        return max(0, int(last.get("completedCommands", 0))) if isinstance(last, dict) else 0
-    except (TypeError, ValueError, AttributeError):
-        return 0
-
-
-def skip_commands(instructions: str, count: int) -> str:
-    """The instructions without their first `count` `$ ` command lines."""
-    if count <= 0:
-        return instructions
-    kept: list[str] = []
-    for line in instructions.splitlines():
-        if line.startswith("$ ") and count > 0:
-            count -= 1
-            continue
-        kept.append(line)
-    return "\n".join(kept)
+def runtime_config(settings: Settings) -> RuntimeConfig:
+    """The agent runtime's configuration, from the instance's settings."""
+    key = settings.anthropic_api_key
+    return RuntimeConfig(
+        sandbox=settings.sandbox,
+        limits=Limits(
+            memory_bytes=settings.sandbox_memory_mb * 1024 * 1024,
+            pids=settings.sandbox_pids,
+            cpus=settings.sandbox_cpus,
+            command_timeout=settings.command_timeout,
+            file_bytes=settings.sandbox_file_mb * 1024 * 1024,
+            disk_bytes=settings.sandbox_disk_mb * 1024 * 1024,
+        ),
+        provider=settings.model_provider,
+        model=settings.anthropic_model,
+        allowed_models=tuple(settings.allowed_models),
+        api_key=key.get_secret_value() if key is not None else None,
+        base_url=settings.anthropic_base_url,
+        max_turns=settings.agent_max_turns,
+        token_budget=settings.agent_token_budget or None,
+        max_output_tokens=settings.agent_max_output_tokens,
+        api_retries=settings.model_api_retries,
+        api_backoff=settings.model_api_backoff,
+        bwrap_path=settings.bwrap_path,
+        sandbox_uid=settings.sandbox_uid,
+        sandbox_cgroups=settings.sandbox_cgroups,
+        sandbox_ro_paths=tuple(settings.sandbox_ro_paths),
+        docker_image=settings.docker_image,
+        docker_host=settings.docker_host,
+        repo_roots=tuple(settings.agent_repo_roots),
+        clone_timeout=settings.clone_timeout,
+        outbound_allowlist=tuple(settings.outbound_allowlist),
+        allow_private_hosts=settings.environment == "dev",
+        private_paths=(settings.data_dir, Path.home()),
+        data_dir=settings.data_dir,
+        diff_max_bytes=min(settings.diff_max_bytes, settings.artifact_max_bytes),
+        diff_file_max_bytes=settings.diff_file_max_bytes,
+        preview_bytes=settings.artifact_preview_bytes,
+        log_tail=min(8 * 1024, settings.artifact_preview_bytes),
+    )

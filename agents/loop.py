@@ -9,12 +9,28 @@ request, authentication) ends the run unsuccessfully with the API's reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.models import Conversation, ModelProvider, ModelTurn, ProviderError, ToolCall
+from agents.conversation import (
+    INTERRUPTED_NOTE,
+    ConversationSink,
+    ConversationState,
+    note_entry,
+    result_entry,
+    turn_entries,
+)
+from agents.models import (
+    Conversation,
+    ModelProvider,
+    ModelTurn,
+    ProviderError,
+    ToolCall,
+    ToolOutcome,
+)
 from agents.prompts import system_prompt, task_prompt
 from agents.sandbox.base import Sandbox
 from agents.tools import TOOL_SPECS, ToolRunner, tools_for
@@ -37,6 +53,11 @@ class AgentRunReport:
     error: str | None = None
     api_retries: int = 0
     model: str = ""
+    # Model answers in the conversation (across resumes) and how many times it was resumed.
+    model_calls: int = 0
+    resumes: int = 0
+    # Filled by the activity: the transcript kept on the executor (by reference).
+    transcript: dict[str, Any] = field(default_factory=dict)
     # The whole log (logTail is its end); kept as an artifact, never sent inline.
     log: str = ""
     # Filled by the runtime once the sandbox is gone: the whole diff is in the file
@@ -76,6 +97,9 @@ class AgentRunReport:
             "error": self.error,
             "apiRetries": self.api_retries,
             "model": self.model,
+            "modelCalls": self.model_calls,
+            "resumes": self.resumes,
+            "transcript": self.transcript,
             "diffPreview": self.diff_preview,
             "diffSha256": self.diff_sha256,
             "diffBytes": self.diff_bytes,
@@ -117,11 +141,25 @@ class AgentLoop:
         self.backoff_max = backoff_max
         self.log_limit = log_tail
         self._log: list[str] = []
+        self._sink: ConversationSink | None = None
+        self._state = ConversationState()
 
     async def run(
-        self, agent_type: str, context: Mapping[str, Any], *, workspace_note: str = ""
+        self,
+        agent_type: str,
+        context: Mapping[str, Any],
+        *,
+        workspace_note: str = "",
+        previous_try: str = "",
+        resume_from: ConversationState | None = None,
+        sink: ConversationSink | None = None,
     ) -> AgentRunReport:
+        """Run the conversation to its end. Given `resume_from` (a checkpoint of this same
+        conversation), continue it instead of starting over; `sink` gets every checkpoint."""
         allowed = tools_for(agent_type)
+        task = task_prompt(context, workspace_note)
+        if previous_try:
+            task += f"\n\nEarlier try: {previous_try}"
         conversation = Conversation(
             system=system_prompt(
                 agent_type,
@@ -129,23 +167,68 @@ class AgentLoop:
                 command_timeout=self.sandbox.limits.command_timeout,
                 max_turns=self.max_turns,
             ),
-            task=task_prompt(context, workspace_note),
+            task=task,
             tools=[TOOL_SPECS[name] for name in allowed],
         )
         tools = ToolRunner(self.sandbox, allowed)
         report = AgentRunReport(success=False, summary="", model=self.provider.model)
+        self._sink = sink
+        state = resume_from or ConversationState()
+        entries: list[dict[str, Any]] = []
+        conversation.turns = state.turns
+        if resume_from is not None:
+            state.resumes += 1
+            report.turns = state.turn_count
+            report.usage = state.usage
+            report.api_retries = state.api_retries
+            report.commands = state.commands
+            # Checkpoints keep the log's tail only: the whole log of a resumed run starts there.
+            self._log = [state.log_tail] if state.log_tail else []
+            entries.append(
+                note_entry(
+                    "resumed",
+                    f"the worker running this try was lost; resumed after turn "
+                    f"{state.turn_count} from its last checkpoint",
+                    turn=state.turn_count,
+                )
+            )
+        elif previous_try:
+            entries.append(note_entry("try", f"earlier try: {previous_try}"))
+        self._state = state
+        if entries:
+            await self._save(report, entries)
         try:
             await self._run(conversation, tools, report)
         finally:
             report.log_tail = self._tail()
+            report.model_calls = state.model_calls
+            report.resumes = state.resumes
             report.log = "".join(self._log)
         return report
+
+    async def _save(self, report: AgentRunReport, entries: list[dict[str, Any]]) -> None:
+        if self._sink is None:
+            return
+        state = self._state
+        state.turn_count = report.turns
+        state.usage = report.usage
+        state.api_retries = report.api_retries
+        state.commands = report.commands
+        state.log_tail = self._tail()
+        await self._sink.save(state, entries)
 
     async def _run(
         self, conversation: Conversation, tools: ToolRunner, report: AgentRunReport
     ) -> None:
-        nudged = False
-        for turn_no in range(1, self.max_turns + 1):
+        state = self._state
+        if conversation.turns:
+            # Resumed: finish the tool calls of the last checkpointed answer first.
+            last, done = conversation.turns[-1]
+            if last.tool_calls and await self._handle_calls(
+                report.turns, last, done, tools, report
+            ):
+                return
+        for turn_no in range(report.turns + 1, self.max_turns + 1):
             if self.token_budget is not None and report.tokens >= self.token_budget:
                 self._stop(
                     report,
@@ -159,6 +242,7 @@ class AgentLoop:
             except ProviderError as exc:
                 self._stop(report, "model_error", self._failure_summary(exc, report))
                 return
+            state.model_calls += 1
             report.turns = turn_no
             self._count_usage(report, turn)
             if turn.text:
@@ -167,54 +251,82 @@ class AgentLoop:
                 if turn.stop_reason == "refusal":
                     self._stop(report, "model_error", "the model declined the task")
                     return
-                if nudged or turn.stop_reason not in ("end_turn", "max_tokens", ""):
+                if state.nudged or turn.stop_reason not in ("end_turn", "max_tokens", ""):
                     # The model ended without calling finish twice: its text is the summary.
                     report.success = True
                     report.summary = turn.text.strip() or "(the model ended without a summary)"
                     report.stop_reason = "no_tool_call"
                     await self._progress(turn_no, "finish", report)
                     return
-                nudged = turn.stop_reason != "max_tokens"
+                state.nudged = turn.stop_reason != "max_tokens"
                 conversation.turns.append((turn, []))
+                await self._save(report, turn_entries(turn_no, turn))
                 continue
-            nudged = False
-            outcomes = []
-            for call in turn.tool_calls:
-                if call.name == "finish":
-                    report.success = bool(call.input.get("success", True))
-                    report.summary = str(call.input.get("summary", ""))
-                    report.stop_reason = "finished"
-                    await self._progress(turn_no, "finish", report)
-                    return
-                await self._progress(turn_no, call.name, report, call)
-                outcome, record = await tools.run(call)
-                if record is not None:
-                    report.commands.append(
-                        {
-                            "command": record.command,
-                            "exitCode": record.exit_code,
-                            "timedOut": record.timed_out,
-                        }
-                    )
-                    self._log.append(
-                        f"$ {record.command}\n{record.output}[exit {record.exit_code}]\n"
-                    )
-                else:
-                    status = "error" if outcome.is_error else "ok"
-                    self._log.append(f"[{call.name} {call.input.get('path', '')}] {status}\n")
-                outcomes.append(outcome)
-                used = await tools.check_disk()
-                if used is not None:
-                    quota = self.sandbox.limits.disk_bytes or 0
-                    self._stop(
-                        report,
-                        "disk_quota",
-                        f"disk_quota: the workspace and /tmp hold {used} bytes, above this "
-                        f"executor's quota of {quota} bytes; the run was stopped",
-                    )
-                    return
+            state.nudged = False
+            outcomes: list[ToolOutcome] = []
             conversation.turns.append((turn, outcomes))
+            await self._save(report, turn_entries(turn_no, turn))
+            if await self._handle_calls(turn_no, turn, outcomes, tools, report):
+                return
         self._stop(report, "max_turns", f"stopped after the maximum of {self.max_turns} turns")
+
+    async def _handle_calls(
+        self,
+        turn_no: int,
+        turn: ModelTurn,
+        outcomes: list[ToolOutcome],
+        tools: ToolRunner,
+        report: AgentRunReport,
+    ) -> bool:
+        """Run the calls of `turn` that have no outcome yet; True when one was finish."""
+        state = self._state
+        for call in turn.tool_calls[len(outcomes) :]:
+            if call.name == "finish":
+                report.success = bool(call.input.get("success", True))
+                report.summary = str(call.input.get("summary", ""))
+                report.stop_reason = "finished"
+                await self._progress(turn_no, "finish", report)
+                return True
+            interrupted = state.running_call == call.id
+            await self._progress(turn_no, call.name, report, call)
+            # Saved before the call starts: if this worker is lost while it runs, the resumed
+            # run knows the call was under way and tells the model it was interrupted.
+            state.running_call = call.id
+            await self._save(report, [])
+            outcome, record = await tools.run(call)
+            if interrupted:
+                outcome = dataclasses.replace(
+                    outcome, content=f"{INTERRUPTED_NOTE}\n{outcome.content}"
+                )
+            if record is not None:
+                report.commands.append(
+                    {
+                        "command": record.command,
+                        "exitCode": record.exit_code,
+                        "timedOut": record.timed_out,
+                        **({"interrupted": True} if interrupted else {}),
+                    }
+                )
+                self._log.append(f"$ {record.command}\n{record.output}[exit {record.exit_code}]\n")
+            else:
+                status = "error" if outcome.is_error else "ok"
+                self._log.append(f"[{call.name} {call.input.get('path', '')}] {status}\n")
+            outcomes.append(outcome)
+            state.running_call = None
+            await self._save(
+                report, [result_entry(turn_no, call, outcome, interrupted=interrupted)]
+            )
+            used = await tools.check_disk()
+            if used is not None:
+                quota = self.sandbox.limits.disk_bytes or 0
+                self._stop(
+                    report,
+                    "disk_quota",
+                    f"disk_quota: the workspace and /tmp hold {used} bytes, above this "
+                    f"executor's quota of {quota} bytes; the run was stopped",
+                )
+                return True
+        return False
 
     async def _next_turn(
         self, conversation: Conversation, report: AgentRunReport, turn_no: int

@@ -6,7 +6,8 @@ and visible in the result, and a provider only says whether an error is transien
 
 `scripted` is deterministic and offline: each instruction line starting with `$ ` becomes a
 shell tool call, in order; then it finishes with a summary of what ran and its exit codes.
-A failing command makes it finish unsuccessfully.
+A failing command makes it finish unsuccessfully. Its next step depends only on the tool results
+in the conversation, so it resumes from a checkpoint like any model.
 """
 
 from __future__ import annotations
@@ -98,8 +99,10 @@ class ScriptedProvider(ModelProvider):
         self.commands = script_commands(instructions)
 
     async def next_turn(self, conversation: Conversation) -> ModelTurn:
+        # Derived from the conversation alone (its tool results), so a conversation resumed
+        # from a checkpoint gets the same next step as one that never stopped.
         ran = [o for _, outcomes in conversation.turns for o in outcomes]
-        done = len(conversation.turns)
+        done = len(ran)
         failed = [o for o in ran if o.is_error]
         if failed or done >= len(self.commands):
             lines = [

@@ -11,8 +11,9 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from agents.conversation import ConversationSink, ConversationState
 from agents.errors import AgentSetupError
 from agents.loop import AgentLoop, AgentRunReport, ProgressCallback
 from agents.models import (
@@ -27,9 +28,6 @@ from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.process import ProcessSandbox
 from agents.workspace import CloneSettings, collect_diff, prepare_workspace
 
-if TYPE_CHECKING:
-    from federation.settings import Settings
-
 SANDBOXES = ("bwrap", "docker", "process")
 READ_ONLY_AGENT = "reviewer"  # its sandbox mounts the workspace read-only
 PROVIDERS = ("scripted", "anthropic")
@@ -37,6 +35,9 @@ PROVIDERS = ("scripted", "anthropic")
 
 @dataclass(frozen=True)
 class RuntimeConfig:
+    """Everything the runtime needs, given by its caller (the activity builds it from the
+    instance's settings); the runtime reads no settings or environment of its own."""
+
     sandbox: str = "bwrap"
     limits: Limits = field(default_factory=Limits)
     provider: str = "scripted"
@@ -71,47 +72,6 @@ class RuntimeConfig:
     diff_file_max_bytes: int = 16 * 1024 * 1024
     preview_bytes: int = 16 * 1024
     log_tail: int = 8 * 1024
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RuntimeConfig:
-        key = settings.anthropic_api_key
-        return cls(
-            sandbox=settings.sandbox,
-            limits=Limits(
-                memory_bytes=settings.sandbox_memory_mb * 1024 * 1024,
-                pids=settings.sandbox_pids,
-                cpus=settings.sandbox_cpus,
-                command_timeout=settings.command_timeout,
-                file_bytes=settings.sandbox_file_mb * 1024 * 1024,
-                disk_bytes=settings.sandbox_disk_mb * 1024 * 1024,
-            ),
-            provider=settings.model_provider,
-            model=settings.anthropic_model,
-            allowed_models=tuple(settings.allowed_models),
-            api_key=key.get_secret_value() if key is not None else None,
-            base_url=settings.anthropic_base_url,
-            max_turns=settings.agent_max_turns,
-            token_budget=settings.agent_token_budget or None,
-            max_output_tokens=settings.agent_max_output_tokens,
-            api_retries=settings.model_api_retries,
-            api_backoff=settings.model_api_backoff,
-            bwrap_path=settings.bwrap_path,
-            sandbox_uid=settings.sandbox_uid,
-            sandbox_cgroups=settings.sandbox_cgroups,
-            sandbox_ro_paths=tuple(settings.sandbox_ro_paths),
-            docker_image=settings.docker_image,
-            docker_host=settings.docker_host,
-            repo_roots=tuple(settings.agent_repo_roots),
-            clone_timeout=settings.clone_timeout,
-            outbound_allowlist=tuple(settings.outbound_allowlist),
-            allow_private_hosts=settings.environment == "dev",
-            private_paths=(settings.data_dir, Path.home()),
-            data_dir=settings.data_dir,
-            diff_max_bytes=min(settings.diff_max_bytes, settings.artifact_max_bytes),
-            diff_file_max_bytes=settings.diff_file_max_bytes,
-            preview_bytes=settings.artifact_preview_bytes,
-            log_tail=min(8 * 1024, settings.artifact_preview_bytes),
-        )
 
 
 def choose_model(config: RuntimeConfig, context: Mapping[str, Any]) -> str:
@@ -206,9 +166,16 @@ async def run_agent_task(
     on_progress: ProgressCallback | None = None,
     resume: bool = False,
     provider: ModelProvider | None = None,
+    sink: ConversationSink | None = None,
+    resume_from: ConversationState | None = None,
+    previous_try: str = "",
 ) -> AgentRunReport:
     """Run one agent on one task and report. Raises AgentSetupError when it cannot start;
-    cancelling it kills the sandbox before the cancellation propagates."""
+    cancelling it kills the sandbox before the cancellation propagates.
+
+    `resume` keeps the workspace as it was left; `resume_from` continues a checkpointed
+    conversation (checkpoints go to `sink`); `previous_try` tells a new conversation what an
+    earlier try of the same task did."""
     if config.provider == "scripted" and not script_commands(
         str(context.get("instructions") or "")
     ):
@@ -254,7 +221,14 @@ async def run_agent_task(
             backoff_max=config.api_backoff_max,
             log_tail=config.log_tail,
         )
-        report = await loop.run(agent_type, context, workspace_note=prepared.note)
+        report = await loop.run(
+            agent_type,
+            context,
+            workspace_note=prepared.note,
+            previous_try=previous_try,
+            resume_from=resume_from,
+            sink=sink,
+        )
     finally:
         # Shielded: a second cancellation must not leave the sandbox half-killed.
         await asyncio.shield(_shut_down(sandbox, provider))

@@ -24,6 +24,7 @@ from api.routes import (
     ops,
     peers,
     tokens,
+    transcript,
 )
 from api.spawner import SpawnStarter
 from federation import keystore
@@ -33,6 +34,7 @@ from federation.settings import Settings, get_settings
 from federation.store import audit_retention, repos
 from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal
+from federation.transcripts import TranscriptPuller
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.spawner = SpawnStarter(app.state.pool, app.state.temporal, settings)
         app.state.spawner.run()
+        app.state.transcripts = TranscriptPuller(
+            app.state.pool, app.state.http, settings, app.state.cipher
+        )
         try:
             yield
         finally:
@@ -95,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await app.state.spawner.close()
+            await app.state.transcripts.close()
             await app.state.http.aclose()
             await app.state.key_pool.close()
             await app.state.pool.close()
@@ -112,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         peers,
         agents,
         artifacts,
+        transcript,
         hosted,
         commands,
         incoming,

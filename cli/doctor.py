@@ -239,12 +239,13 @@ def check_sandboxes(settings: Settings, bwrap: Check, docker: Check) -> list[Che
 
 async def check_toolchain(settings: Settings) -> Check:
     """What an agent's commands find in the configured sandbox (python3, git, pytest)."""
-    from agents.runtime import RuntimeConfig, make_sandbox
+    from activities.agents import runtime_config
+    from agents.runtime import make_sandbox
     from agents.sandbox.toolchain import sandbox_toolchain
 
     workspace = Path(tempfile.mkdtemp(prefix="fedagent-doctor-"))
     try:
-        sandbox = make_sandbox(RuntimeConfig.from_settings(settings), workspace / "ws")
+        sandbox = make_sandbox(runtime_config(settings), workspace / "ws")
         try:
             await asyncio.wait_for(sandbox.start(), timeout=60)
             tools = await sandbox_toolchain(sandbox)

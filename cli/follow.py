@@ -1,6 +1,9 @@
-"""`fedagent spawn --follow` and `fedagent status --follow`: a live view of one agent's state
-and progress from the SSE stream (resumed with Last-Event-ID after a dropped connection), then
-its result."""
+"""`fedagent spawn --follow` and `fedagent status --follow`: a live view of one agent from the SSE
+stream (resumed with Last-Event-ID after a dropped connection), then its result.
+
+By default it shows the conversation as it happens (the agent's text, each command with the
+tail of its output and its exit code, file edits as paths); `--quiet` shows one line per
+progress step instead."""
 
 from __future__ import annotations
 
@@ -88,7 +91,57 @@ class AgentView:
         return Panel(body, title="fedagent", border_style=STATE_STYLE.get(self.state, "blue"))
 
 
-def follow_agent(api: Api, agent_id: str, console: Console, *, peer: str | None = None) -> Any:
+OUTPUT_LINES = 8
+FILE_TOOLS = {"write_file": "write", "edit_file": "edit", "read_file": "read", "list_files": "list"}
+
+
+def transcript_lines(entry: dict[str, Any]) -> list[Text]:
+    """How one transcript entry reads in the terminal."""
+    kind = entry.get("kind")
+    name = str(entry.get("name") or "")
+    if kind == "assistant":
+        lines = []
+        text = str(entry.get("text") or "").strip()
+        if text:
+            lines.append(Text(text))
+        usage = entry.get("usage") or {}
+        if usage:
+            tokens = ", ".join(f"{v} {k}" for k, v in usage.items())
+            lines.append(Text(f"  turn {entry.get('turn')}: {tokens} tokens", style="dim"))
+        return lines
+    if kind == "tool_call":
+        args = entry.get("input") or {}
+        if name == "run_command":
+            return [Text(f"$ {args.get('command', '')}", style="bold cyan")]
+        if name == "finish":
+            return [Text("finish", style="bold")]
+        return [Text(f"{FILE_TOOLS.get(name, name)} {args.get('path', '')}", style="cyan")]
+    if kind == "tool_result":
+        lines = []
+        if entry.get("interrupted"):
+            lines.append(
+                Text("  (the previous run of this call was interrupted; ran again)", style="yellow")
+            )
+        if name == "run_command":
+            output = str(entry.get("output") or "").rstrip("\n").splitlines()
+            shown = [ln for ln in output if not ln.startswith("[exit code")]
+            if entry.get("interrupted") and shown:
+                shown = shown[1:]
+            for line in shown[-OUTPUT_LINES:]:
+                lines.append(Text(f"  {line}", style="dim"))
+            code = entry.get("exitCode")
+            lines.append(Text(f"  [exit {code}]", style="green" if code == 0 else "red"))
+        elif entry.get("isError"):
+            lines.append(Text(f"  {str(entry.get('output') or '').strip()[:300]}", style="red"))
+        return lines
+    if kind in ("resumed", "try", "truncated"):
+        return [Text(f"({entry.get('text', kind)})", style="yellow")]
+    return []
+
+
+def follow_agent(
+    api: Api, agent_id: str, console: Console, *, peer: str | None = None, quiet: bool = False
+) -> Any:
     """Show the agent until it ends; return its final representation (GET /agents/{id})."""
     view = AgentView(agent_id, peer)
     last_event_id: str | None = None
@@ -98,7 +151,8 @@ def follow_agent(api: Api, agent_id: str, console: Console, *, peer: str | None 
 
     def log_line(data: dict[str, Any]) -> None:
         nonlocal last_line
-        key = (data.get("state"), describe_progress(data.get("progress")))
+        progress = describe_progress(data.get("progress")) if quiet else ""
+        key = (data.get("state"), progress)
         if key == last_line:
             return
         last_line = key
@@ -119,6 +173,11 @@ def follow_agent(api: Api, agent_id: str, console: Console, *, peer: str | None 
                 for event in api.stream_events(agent_id, last_event_id):
                     last_event_id = event.get("id", last_event_id)
                     data = event["data"]
+                    if event.get("event") == "transcript":
+                        if not quiet:
+                            for line in transcript_lines(data):
+                                console.print(line)
+                        continue
                     view.apply(data)
                     log_line(data)
                     backoff = 0.5

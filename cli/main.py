@@ -660,7 +660,11 @@ def spawn(
         str | None, typer.Option("--agent-id", help="Idempotency: the same id runs once.")
     ] = None,
     follow: Annotated[
-        bool, typer.Option("--follow", "-F", help="Show state and progress live until the end.")
+        bool,
+        typer.Option("--follow", "-F", help="Show the agent's conversation live until the end."),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="With --follow: one line per progress step.")
     ] = False,
 ) -> None:
     """Spawn an agent on a peer; with --follow, watch it to the end and print its result."""
@@ -728,6 +732,7 @@ def spawn(
                 str(accepted["agentId"]),
                 err_console if target.as_json else console,
                 peer=str(connection["peerName"]),
+                quiet=quiet,
             )
         except KeyboardInterrupt:
             err_console.print(
@@ -848,6 +853,9 @@ def status(
     target: Remote,
     agent_id: Annotated[str, typer.Argument(help="The agent's id.")],
     follow: Annotated[bool, typer.Option("--follow", "-F", help="Watch it to the end.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="With --follow: one line per progress step.")
+    ] = False,
     hosted: Hosted = False,
     diff: Annotated[
         bool, typer.Option("--diff", help="Write the agent's whole diff to stdout instead.")
@@ -865,7 +873,9 @@ def status(
         agent = api.call("GET", f"/{'hosted' if hosted else 'agents'}/{agent_id}")
         if follow and not hosted:
             try:
-                agent = follow_agent(api, agent_id, err_console if target.as_json else console)
+                agent = follow_agent(
+                    api, agent_id, err_console if target.as_json else console, quiet=quiet
+                )
             except KeyboardInterrupt:
                 raise typer.Exit(130) from None
         peer_name = None if target.as_json else _peer_names(api).get(agent["peerInstanceId"])

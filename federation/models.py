@@ -248,6 +248,44 @@ class AgentEventPayload(Strict):
     attempt: int | None = None
 
 
+class TranscriptEntry(BaseModel):
+    """One numbered entry of an agent's transcript (its other fields depend on `kind`)."""
+
+    model_config = ConfigDict(extra="allow")
+    seq: int = Field(ge=1, le=10_000_000)
+    kind: str = Field(min_length=1, max_length=50)
+
+
+class TranscriptEventPayload(Strict):
+    """EVENT agent.transcript: entries that continue the run's transcript, and its length."""
+
+    agentId: uuid.UUID
+    entries: list[TranscriptEntry] = Field(max_length=2000)
+    total: int = Field(default=0, ge=0)
+
+
+class TranscriptPullPayload(Strict):
+    """COMMAND agent.transcript: the entries numbered above `after` (a page of them)."""
+
+    agentId: uuid.UUID
+    after: int = Field(default=0, ge=0)
+    limit: int = Field(default=200, ge=1, le=1000)
+
+
+class TranscriptPage(BaseModel):
+    """GET agents/{id}/transcript: a page of entries, in order."""
+
+    agentId: uuid.UUID
+    entries: list[dict[str, Any]]
+    # The number of the last entry returned (pass it as `after` for the next page).
+    next: int
+    # Entries this instance holds so far, and how many the executor reported for the run.
+    stored: int
+    total: int | None = None
+    truncated: bool = False
+    complete: bool = False
+
+
 # --- trust: grants, instance configuration, keys, audit -----------------------------------------
 
 CommandType = Literal["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]

@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     artifact_max_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
     # Chunk size in the store and of one signed agent.artifact answer (base64 in JSON).
     artifact_chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=512 * 1024)
+    # Bytes of transcript kept per run (executor and requester); past it a `truncated` entry.
+    transcript_limit: int = Field(default=2 * 1024 * 1024, ge=4096)
+    # Least seconds between two transcript events sent to the requester while a run goes on.
+    transcript_event_interval: float = Field(default=0.3, ge=0)
 
     @field_validator(
         "sandbox_ro_paths",

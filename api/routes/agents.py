@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, status
@@ -21,13 +22,16 @@ from federation.models import (
     AgentState,
     AgentType,
 )
-from federation.store import repos
+from federation.store import conversations, repos
+from federation.transcripts import TranscriptPuller
 from federation.users import User
 from operations import Services, agents
 
 router = APIRouter(prefix="/api/v1/federation/agents", tags=["agents"])
 SSE_POLL_SECONDS = 0.25
 SSE_KEEPALIVE_SECONDS = 15.0
+# Bits of an SSE event id that number transcript entries (the rest is the agent's log id).
+CURSOR_BITS = 20
 
 
 @router.post("/spawn", status_code=status.HTTP_202_ACCEPTED)
@@ -79,7 +83,7 @@ async def kill_agent(
     return await agents.kill(services, user, agent_id)
 
 
-def _sse(event: dict[str, Any], agent_id: uuid.UUID) -> str:
+def _sse(event: dict[str, Any], agent_id: uuid.UUID, event_id: int) -> str:
     data = {
         "agentId": str(agent_id),
         "seq": event["seq"],
@@ -90,7 +94,22 @@ def _sse(event: dict[str, Any], agent_id: uuid.UUID) -> str:
         "at": event["at"].isoformat(),
     }
     kind = "state" if event["state"] in repos.TERMINAL_STATES else "progress"
-    return f"id: {event['id']}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+def _sse_transcript(entry: dict[str, Any], agent_id: uuid.UUID, event_id: int) -> str:
+    data = {"agentId": str(agent_id), **entry}
+    return f"id: {event_id}\nevent: transcript\ndata: {json.dumps(data)}\n\n"
+
+
+def _when(item: dict[str, Any]) -> datetime:
+    at = item.get("at")
+    if isinstance(at, datetime):
+        return at
+    try:
+        return datetime.fromisoformat(str(at))
+    except ValueError:
+        return datetime.max.replace(tzinfo=UTC)
 
 
 @router.get(
@@ -104,10 +123,11 @@ async def agent_events(
     services: ServicesDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    """Server-Sent Events of the agent's state and progress until it ends.
+    """Server-Sent Events of the agent's state, progress and transcript until it ends.
 
-    Each event's `id` is its place in this instance's log of the agent; reconnecting with
-    `Last-Event-ID` resumes after it.
+    Each event's `id` is one cursor over this instance's log of the agent and its transcript
+    (`log id << 20 | transcript entry number`), increasing along the stream; reconnecting with
+    `Last-Event-ID` resumes after it, with no entry missed or repeated.
     """
     return await event_stream(services, user, agent_id, last_event_id)
 
@@ -121,21 +141,43 @@ async def event_stream(
     pool = services.pool
     try:
         after = int(last_event_id) if last_event_id else 0
+        if after < 0:
+            raise ValueError
     except ValueError:
         raise InvalidRequest("Last-Event-ID must be an event id from this stream") from None
+    # Pulls what events did not bring before the final state goes out.
+    transcripts = TranscriptPuller(services.pool, services.http, services.settings, services.cipher)
 
     async def stream() -> AsyncIterator[str]:
-        cursor = after
+        cursor, entry_no = after >> CURSOR_BITS, after & ((1 << CURSOR_BITS) - 1)
         idle = 0.0
         yield "retry: 1000\n\n"
         while True:
+            entries = await conversations.received_after(pool, agent_id, entry_no)
             events = await repos.agent_events_after(pool, agent_id, cursor)
-            for event in events:
+            final = next((e for e in events if e["state"] in repos.TERMINAL_STATES), None)
+            if final is not None:
+                # Everything the run said comes before its final state.
+                events = events[: events.index(final) + 1]
+                row = await repos.get_requested_agent(pool, agent_id)
+                await transcripts.complete(agent_id, row)
+                entries = await conversations.received_after(pool, agent_id, entry_no, 100_000)
+            emitted = bool(entries or events)
+            while entries or events:
+                take_entry = bool(entries) and (
+                    not events or events[0] is final or _when(entries[0]) <= _when(events[0])
+                )
+                if take_entry:
+                    entry = entries.pop(0)
+                    entry_no = int(entry["seq"])
+                    yield _sse_transcript(entry, agent_id, cursor << CURSOR_BITS | entry_no)
+                    continue
+                event = events.pop(0)
                 cursor = event["id"]
-                yield _sse(event, agent_id)
-                if event["state"] in repos.TERMINAL_STATES:
+                yield _sse(event, agent_id, cursor << CURSOR_BITS | entry_no)
+                if event is final:
                     return
-            if not events:
+            if not emitted:
                 row = await repos.get_requested_agent(pool, agent_id)
                 if row is not None and row["state"] in repos.TERMINAL_STATES:
                     return  # resumed after the final event: nothing more will come

@@ -46,10 +46,13 @@ from federation.models import (
     AgentRefPayload,
     ConnectChangePayload,
     SpawnPayload,
+    TranscriptEventPayload,
+    TranscriptPullPayload,
 )
 from federation.peer import CardKeyRefresher, fetch_card
 from federation.settings import Settings
-from federation.store import artifacts, notifications, repos
+from federation.store import artifacts, conversations, notifications, repos
+from federation.transcripts import reported_total
 from federation.trust import (
     SAFE_INSTANCE_ID,
     check_card_matches,
@@ -297,11 +300,18 @@ async def incoming_command(
                 raise MalformedEnvelope("this endpoint takes COMMAND messages")
             connection = require_active(verified.connection)
             command = envelope.commandType or ""
-            if command not in ("agent.spawn", "agent.status", "agent.kill", "agent.artifact"):
+            if command not in (
+                "agent.spawn",
+                "agent.status",
+                "agent.kill",
+                "agent.artifact",
+                "agent.transcript",
+            ):
                 raise UnsupportedCommand(f"unknown command {command!r}")
             check_grants(
                 connection,
-                command,
+                # Reading a run's transcript is reading its status: the same grant.
+                "agent.status" if command == "agent.transcript" else command,
                 envelope.payload,
                 max_timeout=settings.max_agent_timeout,
                 offered_agent_types=identity.capabilities.get("agentTypes"),
@@ -326,7 +336,10 @@ async def incoming_command(
                 )
                 return _reply(identity, envelope, answer)
             else:
-                ref = _payload(AgentRefPayload, envelope)
+                if command == "agent.transcript":
+                    ref = pull = _payload(TranscriptPullPayload, envelope)
+                else:
+                    ref = _payload(AgentRefPayload, envelope)
                 found = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
                 # Runs belong to the connection they came over, not to a reused instanceId.
                 if found is None or found["connection_id"] != connection["connection_id"]:
@@ -348,7 +361,24 @@ async def incoming_command(
     elif command == "agent.kill":
         row = await stop_run(pool, temporal, row, "killed on request")
         await _audit_accepted(pool, envelope, str(row["agent_id"]), state=row["state"])
+    elif command == "agent.transcript":
+        return _reply(identity, envelope, await _transcript_page(pool, envelope, pull))
     return _reply(identity, envelope, _event_payload(row))
+
+
+async def _transcript_page(
+    pool: asyncpg.Pool, envelope: Envelope, pull: TranscriptPullPayload
+) -> dict[str, Any]:
+    entries = await conversations.transcript_after(
+        pool, envelope.senderId, pull.agentId, pull.after, limit=pull.limit
+    )
+    summary = await conversations.transcript_summary(pool, envelope.senderId, pull.agentId)
+    return {
+        "agentId": str(pull.agentId),
+        "entries": entries,
+        "total": summary["entries"],
+        "truncated": summary["truncated"],
+    }
 
 
 async def _reserve_spawn(
@@ -527,11 +557,16 @@ async def incoming_event(
             if envelope.type is not MessageType.EVENT:
                 raise MalformedEnvelope("this endpoint takes EVENT messages")
             require_active(verified.connection)
-            event = _payload(AgentEventPayload, envelope)
+            transcript = (
+                _payload(TranscriptEventPayload, envelope)
+                if envelope.commandType == "agent.transcript"
+                else None
+            )
+            event = transcript or _payload(AgentEventPayload, envelope)
             row = await repos.get_requested_agent(conn, event.agentId)
             if row is None or row["peer_instance_id"] != envelope.senderId:
                 raise AgentNotFound(f"no agent {event.agentId} was spawned on this peer")
-            applied = await repos.apply_requester_update(
+            applied = transcript is None and await repos.apply_requester_update(
                 conn,
                 event.agentId,
                 seq=event.seq,
@@ -544,6 +579,10 @@ async def incoming_event(
     except FederationError as err:
         await _refused(request, body, err, "event")
         raise
+    if transcript is not None:
+        return _reply(identity, envelope, await _received_transcript(request, transcript))
+    if applied:
+        _pull_if_behind(request, event.agentId, event.progress, event.result)
     if applied and event.state != row["state"]:
         # Only state changes wake the workflow; progress lives in the projection.
         handle = temporal.get_workflow_handle(remote_agent_workflow_id(str(event.agentId)))
@@ -557,3 +596,20 @@ async def incoming_event(
         except Exception:  # noqa: BLE001 - a closed workflow needs no more news
             pass
     return _reply(identity, envelope, {"agentId": str(event.agentId), "applied": applied})
+
+
+async def _received_transcript(request: Request, event: TranscriptEventPayload) -> dict[str, Any]:
+    """Keep the entries that continue the stored transcript; pull when some are missing."""
+    entries = [e.model_dump() for e in event.entries]
+    have, gap = await conversations.store_received(request.app.state.pool, event.agentId, entries)
+    if gap:
+        request.app.state.transcripts.kick(event.agentId)
+    return {"agentId": str(event.agentId), "stored": have}
+
+
+def _pull_if_behind(request: Request, agent_id: uuid.UUID, progress: Any, result: Any) -> None:
+    total = reported_total({"progress": progress, "result": result})
+    if total:
+        # While the run goes on the entries may simply not have arrived yet: look again later.
+        delay = 0.0 if result else 2.0
+        request.app.state.transcripts.kick_if_behind(agent_id, total, delay=delay)

@@ -1,0 +1,240 @@
+"""Agent conversations: the executor's checkpoints and transcript, the requester's copy of it.
+
+Checkpoints (`agent_conversations`) are one row per try of a run, rewritten after every model
+answer and tool result. The transcript (`agent_transcript`) is numbered from 1 per run across
+its tries; entries are appended under a per-run lock in the checkpoint's transaction, so a
+checkpoint and the entries of its step are saved together or not at all. Past the per-run byte
+limit one `truncated` entry is written and later entries are dropped.
+
+The requester keeps a gapless prefix of the executor's transcript (`requested_transcript`):
+entries that would leave a hole are refused, and the caller pulls the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from federation.store.repos import Executor
+
+
+def _size(entry: dict[str, Any]) -> int:
+    return len(json.dumps(entry, separators=(",", ":")).encode())
+
+
+async def save_checkpoint(
+    pool: asyncpg.Pool,
+    *,
+    requester_id: str,
+    agent_id: uuid.UUID,
+    attempt: int,
+    state: dict[str, Any],
+    turn_count: int,
+    usage: dict[str, Any],
+    tokens: int,
+    entries: list[dict[str, Any]],
+    transcript_limit: int,
+) -> dict[str, Any]:
+    """Save the try's conversation and append `entries` to the run's transcript, atomically.
+    Returns the transcript's summary (entries, bytes, truncated)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO agent_conversations"
+            " (requester_id, agent_id, attempt, state, turn_count, usage, tokens, checkpoints)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, 1)"
+            " ON CONFLICT (requester_id, agent_id, attempt) DO UPDATE SET"
+            " state = EXCLUDED.state, turn_count = EXCLUDED.turn_count,"
+            " usage = EXCLUDED.usage, tokens = EXCLUDED.tokens,"
+            " checkpoints = agent_conversations.checkpoints + 1, updated_at = now()",
+            requester_id,
+            agent_id,
+            attempt,
+            state,
+            turn_count,
+            usage,
+            tokens,
+        )
+        return await append_transcript(
+            conn, requester_id, agent_id, attempt, entries, transcript_limit
+        )
+
+
+async def append_transcript(
+    conn: asyncpg.Connection,
+    requester_id: str,
+    agent_id: uuid.UUID,
+    attempt: int,
+    entries: list[dict[str, Any]],
+    limit: int,
+) -> dict[str, Any]:
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('fedagent:transcript:' || $1 || ':' || $2))",
+        requester_id,
+        str(agent_id),
+    )
+    summary = await transcript_summary(conn, requester_id, agent_id)
+    if not entries or summary["truncated"]:
+        return summary
+    at = datetime.now(UTC).isoformat()
+    seq, total = summary["entries"], summary["bytes"]
+    rows: list[tuple[Any, ...]] = []
+    for entry in entries:
+        seq += 1
+        full = {"seq": seq, "attempt": attempt, "at": at, **entry}
+        size = _size(full)
+        if total + size > limit:
+            full = {
+                "seq": seq,
+                "attempt": attempt,
+                "at": at,
+                "kind": "truncated",
+                "text": f"the transcript reached its limit of {limit} bytes; later entries are"
+                " not kept (the run goes on)",
+            }
+            size = _size(full)
+            rows.append((requester_id, agent_id, seq, attempt, full, size))
+            total += size
+            summary["truncated"] = True
+            break
+        rows.append((requester_id, agent_id, seq, attempt, full, size))
+        total += size
+    await conn.executemany(
+        "INSERT INTO agent_transcript (requester_id, agent_id, seq, attempt, entry, bytes)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        rows,
+    )
+    summary["entries"], summary["bytes"] = seq, total
+    return summary
+
+
+async def load_checkpoint(
+    db: Executor, requester_id: str, agent_id: uuid.UUID, attempt: int
+) -> dict[str, Any] | None:
+    row = await db.fetchrow(
+        "SELECT state, turn_count, usage, tokens, checkpoints, outcome, updated_at"
+        " FROM agent_conversations WHERE requester_id = $1 AND agent_id = $2 AND attempt = $3",
+        requester_id,
+        agent_id,
+        attempt,
+    )
+    return dict(row) if row is not None else None
+
+
+async def set_outcome(
+    db: Executor, requester_id: str, agent_id: uuid.UUID, attempt: int, outcome: dict[str, Any]
+) -> None:
+    """How a try ended; a try that never reached a checkpoint gets a row of its own."""
+    await db.execute(
+        "INSERT INTO agent_conversations (requester_id, agent_id, attempt, state, outcome)"
+        " VALUES ($1, $2, $3, '{}'::jsonb, $4)"
+        " ON CONFLICT (requester_id, agent_id, attempt) DO UPDATE SET"
+        " outcome = EXCLUDED.outcome, updated_at = now()",
+        requester_id,
+        agent_id,
+        attempt,
+        outcome,
+    )
+
+
+async def transcript_summary(
+    db: Executor, requester_id: str, agent_id: uuid.UUID
+) -> dict[str, Any]:
+    row = await db.fetchrow(
+        "SELECT coalesce(max(seq), 0) AS entries, coalesce(sum(bytes), 0) AS bytes,"
+        " coalesce(bool_or(entry->>'kind' = 'truncated'), false) AS truncated"
+        " FROM agent_transcript WHERE requester_id = $1 AND agent_id = $2",
+        requester_id,
+        agent_id,
+    )
+    assert row is not None
+    return {
+        "entries": int(row["entries"]),
+        "bytes": int(row["bytes"]),
+        "truncated": bool(row["truncated"]),
+    }
+
+
+async def transcript_after(
+    db: Executor,
+    requester_id: str,
+    agent_id: uuid.UUID,
+    after: int,
+    *,
+    limit: int = 200,
+    max_bytes: int = 256 * 1024,
+) -> list[dict[str, Any]]:
+    """Entries numbered above `after`, in order, at most `limit` of them and about `max_bytes`
+    (always at least one, so a reader makes progress)."""
+    rows = await db.fetch(
+        "SELECT entry, bytes FROM agent_transcript WHERE requester_id = $1 AND agent_id = $2"
+        " AND seq > $3 ORDER BY seq LIMIT $4",
+        requester_id,
+        agent_id,
+        after,
+        limit,
+    )
+    out: list[dict[str, Any]] = []
+    total = 0
+    for row in rows:
+        if out and total + row["bytes"] > max_bytes:
+            break
+        out.append(row["entry"])
+        total += row["bytes"]
+    return out
+
+
+# --- the requester's copy ------------------------------------------------------------------
+
+
+async def store_received(
+    pool: asyncpg.Pool, agent_id: uuid.UUID, entries: list[dict[str, Any]]
+) -> tuple[int, bool]:
+    """Keep the entries that continue the stored prefix; return (entries stored now in all,
+    whether some could not be kept because earlier ones are missing)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('fedagent:received-transcript:' || $1))",
+            str(agent_id),
+        )
+        have = await received_count(conn, agent_id)
+        rows = []
+        gap = False
+        for entry in sorted(entries, key=lambda e: int(e["seq"])):
+            seq = int(entry["seq"])
+            if seq <= have:
+                continue
+            if seq != have + 1:
+                gap = True
+                break
+            rows.append((agent_id, seq, entry))
+            have = seq
+        if rows:
+            await conn.executemany(
+                "INSERT INTO requested_transcript (agent_id, seq, entry) VALUES ($1, $2, $3)",
+                rows,
+            )
+        return have, gap
+
+
+async def received_count(db: Executor, agent_id: uuid.UUID) -> int:
+    value = await db.fetchval(
+        "SELECT coalesce(max(seq), 0) FROM requested_transcript WHERE agent_id = $1", agent_id
+    )
+    return int(value or 0)
+
+
+async def received_after(
+    db: Executor, agent_id: uuid.UUID, after: int, limit: int = 500
+) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        "SELECT entry FROM requested_transcript WHERE agent_id = $1 AND seq > $2"
+        " ORDER BY seq LIMIT $3",
+        agent_id,
+        after,
+        limit,
+    )
+    return [r["entry"] for r in rows]

@@ -1,0 +1,145 @@
+"""The requester's copy of an agent's transcript: kept from events, pulled when events are lost.
+
+Entries arrive as signed `agent.transcript` EVENTs while the run goes on. They are numbered, so
+a lost event shows as a gap (or as a count in a progress event or the result that is above what
+is stored); then the requester pulls the missing entries with the signed `agent.transcript`
+COMMAND (`after` the last entry it holds), page by page. Pulls of one agent never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+
+from federation.envelope import MessageType
+from federation.errors import FederationError
+from federation.identity import load_identity
+from federation.keystore import KeyCipher
+from federation.peer import send_signed
+from federation.settings import Settings
+from federation.store import conversations, repos
+from federation.trust import require_active
+
+log = logging.getLogger(__name__)
+PAGE = 500
+MAX_PAGES = 200
+
+
+def reported_total(row: dict[str, Any] | None) -> int | None:
+    """How many entries the executor said the run's transcript has (result, else progress)."""
+    if row is None:
+        return None
+    result = row.get("result") or {}
+    transcript = result.get("transcript") if isinstance(result, dict) else None
+    if isinstance(transcript, dict) and isinstance(transcript.get("entries"), int):
+        return int(transcript["entries"])
+    progress = row.get("progress") or {}
+    value = progress.get("transcriptEntries") if isinstance(progress, dict) else None
+    return int(value) if isinstance(value, int) else None
+
+
+class TranscriptPuller:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        http: httpx.AsyncClient,
+        settings: Settings,
+        cipher: KeyCipher | None = None,
+    ) -> None:
+        self.pool = pool
+        self.http = http
+        self.settings = settings
+        self.cipher = cipher
+        self._locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._waiting: set[uuid.UUID] = set()
+
+    def kick(self, agent_id: uuid.UUID) -> None:
+        """Pull in the background (after an event showed a gap)."""
+        lock = self._locks.get(agent_id)
+        if lock is not None and lock.locked():
+            return  # a pull is under way; it reads up to the end
+        task = asyncio.create_task(self.pull(agent_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def kick_if_behind(self, agent_id: uuid.UUID, total: int, *, delay: float = 0.0) -> None:
+        """Pull if, after `delay` seconds, fewer than `total` entries are stored."""
+        if agent_id in self._waiting:
+            return
+        self._waiting.add(agent_id)
+
+        async def check() -> None:
+            try:
+                await asyncio.sleep(delay)
+                have = await conversations.received_count(self.pool, agent_id)
+            finally:
+                self._waiting.discard(agent_id)
+            if have < total:
+                await self.pull(agent_id)
+
+        task = asyncio.create_task(check())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def pull(self, agent_id: uuid.UUID, *, timeout: float | None = None) -> int:
+        """Pull what is missing; return the entries stored. Failures are logged, not raised."""
+        lock = self._locks.setdefault(agent_id, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._pull(agent_id, timeout)
+        except (FederationError, OSError, httpx.HTTPError, asyncpg.PostgresError) as exc:
+            log.info("transcript of agent %s not pulled: %s", agent_id, exc)
+            return await conversations.received_count(self.pool, agent_id)
+        finally:
+            if not lock.locked() and self._locks.get(agent_id) is lock:
+                self._locks.pop(agent_id, None)
+
+    async def _pull(self, agent_id: uuid.UUID, timeout: float | None) -> int:
+        row = await repos.get_requested_agent(self.pool, agent_id)
+        have = await conversations.received_count(self.pool, agent_id)
+        if row is None:
+            return have
+        connection = require_active(await repos.get_connection(self.pool, row["connection_id"]))
+        identity = await load_identity(self.pool, self.cipher)
+        for _ in range(MAX_PAGES):
+            _, reply = await send_signed(
+                self.http,
+                identity,
+                url=connection["remote_url"],
+                recipient_id=connection["remote_instance_id"],
+                recipient_keys=connection["remote_keys"],
+                type=MessageType.COMMAND,
+                command_type="agent.transcript",
+                payload={"agentId": str(agent_id), "after": have, "limit": PAGE},
+                window_seconds=self.settings.timestamp_window,
+                timeout=timeout or self.settings.peer_request_timeout,
+            )
+            entries = [e for e in reply.get("entries") or [] if isinstance(e, dict)]
+            if not entries:
+                return have
+            have, _gap = await conversations.store_received(self.pool, agent_id, entries)
+            if have >= int(reply.get("total") or 0):
+                return have
+        return have
+
+    async def complete(self, agent_id: uuid.UUID, row: dict[str, Any] | None) -> bool:
+        """Whether the stored transcript has every entry the executor reported; pulls once if
+        not (when the run has ended, so the count is final)."""
+        total = reported_total(row)
+        if total is None:
+            return row is not None and row["state"] in repos.TERMINAL_STATES
+        have = await conversations.received_count(self.pool, agent_id)
+        if have < total:
+            have = await self.pull(agent_id, timeout=10.0)
+        return have >= total
