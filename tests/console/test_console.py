@@ -110,6 +110,10 @@ async def test_spawn_in_console_turns_completed_without_reload_and_shows_and_dow
     await expect(diff.locator("summary", has_text="hello.txt")).to_contain_text("+1")
     await expect(diff.locator(".d-add", has_text="+hello from the console")).to_be_visible()
     await expect(page.locator("#changed-files")).to_contain_text("hello.txt")
+    # the conversation, as it happened: each command with what it printed
+    transcript = page.locator("#transcript")
+    await expect(transcript).to_contain_text("$ cat hello.txt")
+    await expect(transcript).to_contain_text("hello from the console")
     requester_link = page.get_by_role("link", name=f"remote-agent/{agent_id}")
     assert "/namespaces/hub/workflows/" in (await requester_link.get_attribute("href") or "")
     executor_link = page.get_by_role("link", name=f"agent-run/{hub.id}/{agent_id}")

@@ -84,15 +84,15 @@
     };
     source.addEventListener("state", onEvent);
     source.addEventListener("progress", onEvent);
-    source.addEventListener("transcript", function (ev) {
-      var entry = JSON.parse(ev.data);
-      var li = document.createElement("li");
-      var pre = document.createElement("pre");
-      li.className = "t-" + (entry.role || "note");
-      pre.textContent = entry.text || entry.content || ev.data;
-      li.appendChild(pre);
-      document.getElementById("transcript").appendChild(li);
-      document.getElementById("transcript-section").hidden = false;
+    // Transcript entries are rendered by the server (api/console/transcript.py): on news,
+    // fetch the section again, at most every half second.
+    var transcriptDue = null;
+    source.addEventListener("transcript", function () {
+      if (transcriptDue) return;
+      transcriptDue = setTimeout(function () {
+        transcriptDue = null;
+        swapFrom(window.location.pathname, ["transcript-section"]);
+      }, 500);
     });
   }
 
