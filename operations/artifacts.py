@@ -16,9 +16,6 @@ import tempfile
 import uuid
 from typing import Any
 
-import asyncpg
-import httpx
-
 from federation.envelope import MessageType
 from federation.errors import (
     ArtifactMismatch,
@@ -28,9 +25,7 @@ from federation.errors import (
     LocalConnectionNotActive,
     PeerRefused,
 )
-from federation.identity import Identity
 from federation.peer import send_signed
-from federation.settings import Settings
 from federation.store import artifacts, repos
 from federation.users import User
 from operations import Services
@@ -52,10 +47,7 @@ def artifact_reference(result: dict[str, Any] | None, kind: str) -> tuple[str, i
 
 
 async def ensure_artifact(
-    pool: asyncpg.Pool,
-    http: httpx.AsyncClient,
-    identity: Identity,
-    settings: Settings,
+    services: Services,
     row: dict[str, Any],
     kind: str,
 ) -> artifacts.Artifact:
@@ -72,22 +64,20 @@ async def ensure_artifact(
     lock = _fetching.setdefault(key, asyncio.Lock())
     try:
         async with lock:
-            return await _local_or_fetched(pool, http, identity, settings, row, kind, sha256, size)
+            return await _local_or_fetched(services, row, kind, sha256, size)
     finally:
         if not lock.locked():
             _fetching.pop(key, None)
 
 
 async def _local_or_fetched(
-    pool: asyncpg.Pool,
-    http: httpx.AsyncClient,
-    identity: Identity,
-    settings: Settings,
+    services: Services,
     row: dict[str, Any],
     kind: str,
     sha256: str,
     size: int,
 ) -> artifacts.Artifact:
+    pool = services.pool
     local = await artifacts.of_agent(
         pool,
         role="requester",
@@ -100,7 +90,7 @@ async def _local_or_fetched(
         return local
     # Fetched even when the same bytes are stored for another run: the executor must prove it
     # has them (a hash alone must not let one run's user read another run's artifact).
-    stored = await _fetch(pool, http, identity, settings, row, kind, sha256, size)
+    stored = await _fetch(services, row, kind, sha256, size)
     await artifacts.link(
         pool,
         role="requester",
@@ -113,15 +103,14 @@ async def _local_or_fetched(
 
 
 async def _fetch(
-    pool: asyncpg.Pool,
-    http: httpx.AsyncClient,
-    identity: Identity,
-    settings: Settings,
+    services: Services,
     row: dict[str, Any],
     kind: str,
     sha256: str,
     size: int,
 ) -> artifacts.Artifact:
+    pool, http, settings = services.pool, services.http, services.settings
+    identity = await services.identity()
     if size > settings.artifact_max_bytes:
         raise ArtifactTooLarge(
             f"the {kind} has {size} bytes; this instance keeps at most"
@@ -196,6 +185,4 @@ async def of_agent(
 ) -> artifacts.Artifact:
     """The artifact of this kind of an agent the user may see, fetched once from the executor."""
     row = await agent_ops.get(services, user, agent_id)
-    return await ensure_artifact(
-        services.pool, services.http, await services.identity(), services.settings, row, kind
-    )
+    return await ensure_artifact(services, row, kind)
