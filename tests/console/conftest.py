@@ -23,8 +23,11 @@ SCREENSHOTS = Path(__file__).parent / "screenshots"
 NAMES = ["hub", "spoke"]
 
 
+# Fixtures of their own names all the way up to hub and spoke: a console fixture named like one
+# of tests/conftest.py (`stack`, `instances`) would leak into that file's session-scoped `hub`,
+# which every later test module then shares.
 @pytest.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevStack]:
+async def console_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevStack]:
     base = free_port_block(len(NAMES))
     temporal = free_port_block(2)
     dev = DevStack(
@@ -43,11 +46,22 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevSt
 
 
 @pytest.fixture(scope="session")
-def instances(stack: DevStack, http: httpx.AsyncClient) -> dict[str, Instance]:
+def console_instances(console_stack: DevStack, http: httpx.AsyncClient) -> dict[str, Instance]:
+    stack = console_stack
     return {
         name: Instance({**stack.instances[name].info, "dataDir": str(stack.data_dir)}, http)
         for name in NAMES
     }
+
+
+@pytest.fixture(scope="session")
+def hub(console_instances: dict[str, Instance]) -> Instance:
+    return console_instances["hub"]
+
+
+@pytest.fixture(scope="session")
+def spoke(console_instances: dict[str, Instance]) -> Instance:
+    return console_instances["spoke"]
 
 
 @pytest.fixture(scope="session")

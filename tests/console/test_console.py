@@ -149,12 +149,12 @@ async def test_agents_list_shows_a_state_change_without_reloading(
 
 
 async def test_kill_from_the_agent_page_after_confirming_leaves_no_sandbox(
-    context: BrowserContext, hub: Instance, spoke: Instance, stack: DevStack
+    context: BrowserContext, hub: Instance, spoke: Instance, console_stack: DevStack
 ) -> None:
     await ensure_connection(hub, spoke)
     page = await sign_in(context, hub)
     agent_id = await _spawn_in_console(page, hub, "console-kill", "$ sleep 60")
-    workspace = stack.data_dir / "workspaces" / "spoke" / hub.id / agent_id
+    workspace = console_stack.data_dir / "workspaces" / "spoke" / hub.id / agent_id
     await expect(page.locator("#progress")).to_contain_text("sleep 60", timeout=60_000)
     for _ in range(300):
         if processes_in(workspace):
