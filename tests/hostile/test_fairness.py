@@ -177,3 +177,26 @@ async def test_workspaces_of_a_peer_are_private(edge: Instance, rogue: Rogue) ->
             assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
     finally:
         await edge.call("POST", f"/connections/{connection_id}/disconnect")
+
+
+async def test_a_new_connection_reusing_a_peer_id_cannot_read_the_old_runs_artifacts(
+    edge: Instance, make_rogue: RogueFactory
+) -> None:
+    rogue = await make_rogue()
+    first = await connected(rogue, edge)
+    run = spawn("$ echo what-the-first-peer-ran")
+    assert (await send(rogue, edge, "agent.spawn", run)).status_code == 200
+    await wait_state(edge, run["agentId"], {"completed", "failed"})
+    ask = {"agentId": run["agentId"], "kind": "log"}
+    own = await send(rogue, edge, "agent.artifact", ask)
+    assert own.status_code == 200, own.text
+    await edge.call("POST", f"/connections/{first}/disconnect")
+
+    heir = await make_rogue(instance_id=rogue.instance_id)
+    second = await connected(heir, edge)
+    try:
+        response = await send(heir, edge, "agent.artifact", ask)
+        assert response.status_code == 404, response.text
+        assert "data" not in response.json()
+    finally:
+        await edge.call("POST", f"/connections/{second}/disconnect")

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import Instance
+from tests.hostile.conftest import RogueFactory, connection_rows
 from tests.hostile.rogue import Rogue, RogueKey
 
 
@@ -115,3 +116,37 @@ async def test_audit_days_past_retention_are_dropped_and_recent_rows_stay_append
         assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE actor = 'recent'") == 1
     finally:
         await conn.close()
+
+
+async def test_strangers_cannot_fill_the_admins_list_with_connection_requests(
+    edge: Instance, make_rogue: RogueFactory
+) -> None:
+    # edge keeps at most 20 requests waiting; each stranger mints its own key, card and id.
+    waiting: list[str] = []
+    try:
+        for _ in range(21):
+            rogue = await make_rogue()
+            request = rogue.connection_request(edge.id)
+            response = await rogue.post(edge.url, "connect", request)
+            if response.status_code != 200:
+                break
+            waiting.append(request["payload"]["connectionId"])
+        assert response.status_code == 429, response.text
+        assert response.json()["code"] == "too_many_pending_requests"
+        assert await connection_rows(edge, rogue.instance_id) == []
+        pending = await edge.fetch(
+            "SELECT count(*) AS n FROM connections WHERE direction = 'inbound'"
+            " AND status = 'PENDING'"
+        )
+        assert pending[0]["n"] <= 20
+        # Once the admin deals with one, a stranger may ask again.
+        rejected = await edge.call("POST", f"/connections/{waiting.pop()}/reject")
+        assert rejected.status_code == 200, rejected.text
+        again = await rogue.post(edge.url, "connect", rogue.connection_request(edge.id))
+        assert again.status_code == 200, again.text
+    finally:
+        for row in await edge.fetch(
+            "SELECT connection_id FROM connections WHERE direction = 'inbound'"
+            " AND status = 'PENDING'"
+        ):
+            await edge.call("POST", f"/connections/{row['connection_id']}/reject")
