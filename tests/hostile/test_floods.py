@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
+from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from tests.conftest import Instance
@@ -150,3 +153,44 @@ async def test_strangers_cannot_fill_the_admins_list_with_connection_requests(
             " AND status = 'PENDING'"
         ):
             await edge.call("POST", f"/connections/{row['connection_id']}/reject")
+
+
+async def _declared_too_large(instance_url: str, path: str, source: str) -> int:
+    """One request that only says its body is huge (sent over a raw socket: no body follows)."""
+    url = httpx.URL(instance_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port, local_addr=(source, 0))
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 999999999\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        status_line = await reader.readline()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_bodies_refused_for_their_size_are_rate_limited_like_other_refusals(
+    edge: Instance,
+) -> None:
+    source = "127.0.0.24"
+    path = f"/api/v1/federation/incoming/{'p' * 4000}"
+
+    async def audited() -> list[Any]:
+        return await edge.fetch(
+            "SELECT action FROM audit_log WHERE details->>'remoteAddr' = $1", source
+        )
+
+    codes: list[int] = []
+    while codes.count(429) < 5 and len(codes) < 2000:
+        codes += await asyncio.gather(
+            *(_declared_too_large(edge.url, path, source) for _ in range(40))
+        )
+    assert set(codes) == {413, 429}, codes
+    rows = await audited()
+    # Only the refusals let through were audited; the sender's path is not kept as it is.
+    assert len(rows) == codes.count(413)
+    assert {row["action"] for row in rows} == {"incoming.other"}
