@@ -573,7 +573,7 @@ async def incoming_event(
             tracing.bind(envelope.traceparent)
             if envelope.type is not MessageType.EVENT:
                 raise MalformedEnvelope("this endpoint takes EVENT messages")
-            require_active(verified.connection)
+            connection = require_active(verified.connection)
             transcript = (
                 _payload(TranscriptEventPayload, envelope)
                 if envelope.commandType == "agent.transcript"
@@ -581,7 +581,12 @@ async def incoming_event(
             )
             event = transcript or _payload(AgentEventPayload, envelope)
             row = await repos.get_requested_agent(conn, event.agentId)
-            if row is None or row["peer_instance_id"] != envelope.senderId:
+            # Runs belong to the connection they were asked over, not to a reused instanceId.
+            if (
+                row is None
+                or row["peer_instance_id"] != envelope.senderId
+                or row["connection_id"] != connection["connection_id"]
+            ):
                 raise AgentNotFound(f"no agent {event.agentId} was spawned on this peer")
             applied = transcript is None and await repos.apply_requester_update(
                 conn,
