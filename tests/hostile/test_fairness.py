@@ -238,3 +238,23 @@ async def test_a_new_connection_reusing_a_peer_id_cannot_report_on_runs_asked_of
         assert rows[0]["state"] == "running" and rows[0]["result"] is None
     finally:
         await edge.call("POST", f"/connections/{second}/disconnect")
+
+
+async def test_artifact_and_transcript_asks_with_a_non_canonical_agent_id_are_refused(
+    edge: Instance, rogue: Rogue
+) -> None:
+    connection_id = await connected(rogue, edge)
+    try:
+        run = spawn("$ true")
+        assert (await send(rogue, edge, "agent.spawn", run)).status_code == 200
+        await wait_state(edge, run["agentId"], {"completed", "failed"})
+        shouting = run["agentId"].upper()
+        for command, payload in (
+            ("agent.artifact", {"agentId": shouting, "kind": "log"}),
+            ("agent.transcript", {"agentId": shouting}),
+        ):
+            response = await send(rogue, edge, command, payload)
+            assert response.status_code == 422, (command, response.text)
+            assert response.json()["code"] == "payload_invalid"
+    finally:
+        await edge.call("POST", f"/connections/{connection_id}/disconnect")
