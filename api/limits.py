@@ -14,10 +14,12 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import metrics
 from federation.store import repos
 
 log = logging.getLogger(__name__)
 INCOMING = "/api/v1/federation/incoming/"
+ENDPOINTS = ("connect", "command", "event")
 
 PROBLEM = "application/problem+json"
 # After refusing, read and drop at most this much more so the client can read the answer
@@ -83,8 +85,20 @@ class BodySizeLimit:
     async def _refuse(self, scope: Scope, send: Send, status: int, code: str, size: int) -> None:
         path = str(scope.get("path", ""))
         if path.startswith(INCOMING):
-            await self._audit(scope, path, code, size)
-        if status == 413:
+            # Refusals of unparsed bodies count against the sender's address like any other:
+            # past the burst they are answered 429 and counted, not audited.
+            state = getattr(scope.get("app"), "state", None)
+            limiter = getattr(state, "refusal_limiter", None)
+            client = scope.get("client")
+            if limiter is not None and not limiter.take(client[0] if client else "unknown"):
+                metrics.REFUSALS_RATE_LIMITED.inc()
+                status, code = 429, "rate_limited"
+            else:
+                await self._audit(scope, path, code, size)
+        if status == 429:
+            title = "Too many refused messages from this address"
+            detail = "too many refused messages from this address; slow down"
+        elif status == 413:
             title = "Request body too large"
             detail = f"the body is larger than the {self.max_bytes} bytes this API accepts"
         else:
@@ -119,11 +133,13 @@ class BodySizeLimit:
         if pool is None:
             return
         client = scope.get("client")
+        endpoint = path.removeprefix(INCOMING)
         try:
             await repos.audit(
                 pool,
                 actor="peer:unknown",
-                action=f"incoming.{path.removeprefix(INCOMING)}",
+                # The path is the sender's: only our endpoints' names are kept as they are.
+                action=f"incoming.{endpoint if endpoint in ENDPOINTS else 'other'}",
                 outcome="refused",
                 code=code,
                 reason=f"body of {size} bytes or more; the limit is {self.max_bytes}",

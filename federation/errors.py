@@ -240,6 +240,12 @@ class CommandNotFound(NotFound):
     title = "Command not found"
 
 
+class TooManyPendingRequests(FederationError):
+    code = "too_many_pending_requests"
+    status = 429
+    title = "Too many connection requests are waiting for this instance's admin"
+
+
 class RateLimited(FederationError):
     code = "rate_limited"
     status = 429

@@ -225,7 +225,7 @@ class AgentArtifactPayload(Strict):
     """agent.artifact: bytes [offset, offset + length) of one artifact of the sender's run,
     named by its kind or its sha256 (the answer is bounded; a reader asks chunk by chunk)."""
 
-    agentId: uuid.UUID
+    agentId: CanonicalUUID
     kind: ArtifactKind | None = None
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     offset: int = Field(default=0, ge=0)
@@ -259,7 +259,7 @@ class TranscriptEntry(BaseModel):
 class TranscriptEventPayload(Strict):
     """EVENT agent.transcript: entries that continue the run's transcript, and its length."""
 
-    agentId: uuid.UUID
+    agentId: CanonicalUUID
     entries: list[TranscriptEntry] = Field(max_length=2000)
     total: int = Field(default=0, ge=0)
 
@@ -267,7 +267,7 @@ class TranscriptEventPayload(Strict):
 class TranscriptPullPayload(Strict):
     """COMMAND agent.transcript: the entries numbered above `after` (a page of them)."""
 
-    agentId: uuid.UUID
+    agentId: CanonicalUUID
     after: int = Field(default=0, ge=0)
     limit: int = Field(default=200, ge=1, le=1000)
 

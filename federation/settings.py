@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # how many more of its spawns may wait queued (options.queue).
     peer_max_running_agents: int = Field(default=8, ge=1)
     peer_max_queued_agents: int = Field(default=16, ge=0)
+    # Connection requests from strangers waiting (PENDING) for the admin at once; past it a
+    # new request is a 429 too_many_pending_requests until the admin accepts or rejects some.
+    max_pending_requests: int = Field(default=50, ge=1)
     # What suspending or disconnecting a connection does to the peer's runs here.
     on_connection_end: Literal["kill", "finish"] = "kill"
 

@@ -26,11 +26,13 @@ INSTANCES = ["hub", "spoke", "edge", "far"]
 # and runs at most one agent at a time for everyone (capacity tests).
 FAR_ENV = {"FEDAGENT_MAX_RUNNING_AGENTS": "1", "FEDAGENT_MAX_CONCURRENT_AGENTS": "1"}
 # `edge` keeps small per-peer defaults (hostile tests of fairness) and the default refusal
-# limit (the other instances get many refusals from 127.0.0.1 in a whole run of the suite).
+# limit (the other instances get many refusals from 127.0.0.1 in a whole run of the suite), and
+# a small cap of connection requests waiting for its admin.
 EDGE_ENV = {
     "FEDAGENT_PEER_MAX_RUNNING_AGENTS": "1",
     "FEDAGENT_PEER_MAX_QUEUED_AGENTS": "1",
     "FEDAGENT_REFUSAL_BURST": "60",
+    "FEDAGENT_MAX_PENDING_REQUESTS": "20",
 }
 
 

@@ -37,6 +37,7 @@ from federation.errors import (
     InvalidPayload,
     MalformedEnvelope,
     RateLimited,
+    TooManyPendingRequests,
     UnsupportedCommand,
 )
 from federation.identity import Identity
@@ -51,7 +52,7 @@ from federation.models import (
 )
 from federation.peer import CardKeyRefresher, fetch_card
 from federation.settings import Settings
-from federation.store import artifacts, conversations, notifications, repos
+from federation.store import artifacts, conversations, notifications, pending, repos
 from federation.transcripts import reported_total
 from federation.trust import (
     SAFE_INSTANCE_ID,
@@ -198,6 +199,10 @@ async def _connect(
         request_payload = verify_connection_request(
             body, instance_id=identity.instance_id, window_seconds=window
         )
+        if await pending.count_pending_inbound(pool) >= settings.max_pending_requests:
+            raise TooManyPendingRequests(
+                "too many connection requests wait for this instance's admin; try again later"
+            )
         card = await fetch_card(
             http, str(request_payload.url), timeout=settings.peer_request_timeout
         )
@@ -224,6 +229,14 @@ async def _connect(
             if existing is not None and existing["status"] != "DISCONNECTED":
                 raise ConnectionStateConflict(
                     f"a connection with this peer is already {existing['status']}"
+                )
+            # Anyone can mint a key and a card: without a cap, strangers fill the admin's list.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('fedagent:pending'))")
+            waiting = await pending.count_pending_inbound(conn)
+            if waiting >= settings.max_pending_requests:
+                raise TooManyPendingRequests(
+                    f"{waiting} connection requests already wait for this instance's admin;"
+                    " try again later"
                 )
             row = await repos.insert_connection(
                 conn,
@@ -330,7 +343,7 @@ async def incoming_command(
                     conn, envelope.to_wire(), direction="in", agent_id=spawn.agentId
                 )
             elif command == "agent.artifact":
-                answer = await _artifact(conn, settings, envelope)
+                answer = await _artifact(conn, settings, envelope, connection)
                 await repos.record_message(
                     conn, envelope.to_wire(), direction="in", agent_id=uuid.UUID(answer["agentId"])
                 )
@@ -456,12 +469,16 @@ async def _start_run(
 
 
 async def _artifact(
-    conn: asyncpg.Connection, settings: Settings, envelope: Envelope
+    conn: asyncpg.Connection,
+    settings: Settings,
+    envelope: Envelope,
+    connection: dict[str, Any],
 ) -> dict[str, Any]:
     """One bounded piece of an artifact of the sender's own run, with the whole one's hash."""
     ask: AgentArtifactPayload = _payload(AgentArtifactPayload, envelope)
     row = await repos.get_executed_agent(conn, envelope.senderId, ask.agentId)
-    if row is None:
+    # Runs belong to the connection they came over, not to a reused instanceId.
+    if row is None or row["connection_id"] != connection["connection_id"]:
         raise AgentNotFound(f"no agent {ask.agentId} of this requester")
     artifact = await artifacts.of_agent(
         conn,
@@ -556,7 +573,7 @@ async def incoming_event(
             tracing.bind(envelope.traceparent)
             if envelope.type is not MessageType.EVENT:
                 raise MalformedEnvelope("this endpoint takes EVENT messages")
-            require_active(verified.connection)
+            connection = require_active(verified.connection)
             transcript = (
                 _payload(TranscriptEventPayload, envelope)
                 if envelope.commandType == "agent.transcript"
@@ -564,7 +581,12 @@ async def incoming_event(
             )
             event = transcript or _payload(AgentEventPayload, envelope)
             row = await repos.get_requested_agent(conn, event.agentId)
-            if row is None or row["peer_instance_id"] != envelope.senderId:
+            # Runs belong to the connection they were asked over, not to a reused instanceId.
+            if (
+                row is None
+                or row["peer_instance_id"] != envelope.senderId
+                or row["connection_id"] != connection["connection_id"]
+            ):
                 raise AgentNotFound(f"no agent {event.agentId} was spawned on this peer")
             applied = transcript is None and await repos.apply_requester_update(
                 conn,

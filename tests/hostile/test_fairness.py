@@ -177,3 +177,84 @@ async def test_workspaces_of_a_peer_are_private(edge: Instance, rogue: Rogue) ->
             assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
     finally:
         await edge.call("POST", f"/connections/{connection_id}/disconnect")
+
+
+async def test_a_new_connection_reusing_a_peer_id_cannot_read_the_old_runs_artifacts(
+    edge: Instance, make_rogue: RogueFactory
+) -> None:
+    rogue = await make_rogue()
+    first = await connected(rogue, edge)
+    run = spawn("$ echo what-the-first-peer-ran")
+    assert (await send(rogue, edge, "agent.spawn", run)).status_code == 200
+    await wait_state(edge, run["agentId"], {"completed", "failed"})
+    ask = {"agentId": run["agentId"], "kind": "log"}
+    own = await send(rogue, edge, "agent.artifact", ask)
+    assert own.status_code == 200, own.text
+    await edge.call("POST", f"/connections/{first}/disconnect")
+
+    heir = await make_rogue(instance_id=rogue.instance_id)
+    second = await connected(heir, edge)
+    try:
+        response = await send(heir, edge, "agent.artifact", ask)
+        assert response.status_code == 404, response.text
+        assert "data" not in response.json()
+    finally:
+        await edge.call("POST", f"/connections/{second}/disconnect")
+
+
+async def test_a_new_connection_reusing_a_peer_id_cannot_report_on_runs_asked_of_the_old_one(
+    edge: Instance, make_rogue: RogueFactory
+) -> None:
+    rogue = await make_rogue()
+    first = await connected(rogue, edge, grants={"commandTypes": ["agent.status"]})
+    # A run edge asked of the first peer, still running when that connection ended (written
+    # as the spawn writes it: the rogue cannot run edge's spawns).
+    agent_id = uuid.uuid4()
+    await edge.fetch(
+        "INSERT INTO agents (agent_id, role, connection_id, peer_instance_id, workspace,"
+        " task_id, agent_type, context, options, workflow_id, state)"
+        " VALUES ($1, 'requester', $2, $3, 'default', 't-hostile', 'worker', '{}', '{}', $4,"
+        " 'running')",
+        agent_id,
+        uuid.UUID(first),
+        rogue.instance_id,
+        f"remote-agent/{agent_id}",
+    )
+    await edge.call("POST", f"/connections/{first}/disconnect")
+
+    heir = await make_rogue(instance_id=rogue.instance_id)
+    second = await connected(heir, edge, grants={"commandTypes": ["agent.status"]})
+    try:
+        report = {
+            "agentId": str(agent_id),
+            "seq": 5,
+            "state": "completed",
+            "result": {"summary": "forged by the heir"},
+        }
+        event = heir.envelope("EVENT", edge.id, report, command_type="agent.state")
+        response = await heir.post(edge.url, "event", event)
+        assert response.status_code == 404, response.text
+        rows = await edge.fetch("SELECT state, result FROM agents WHERE agent_id = $1", agent_id)
+        assert rows[0]["state"] == "running" and rows[0]["result"] is None
+    finally:
+        await edge.call("POST", f"/connections/{second}/disconnect")
+
+
+async def test_artifact_and_transcript_asks_with_a_non_canonical_agent_id_are_refused(
+    edge: Instance, rogue: Rogue
+) -> None:
+    connection_id = await connected(rogue, edge)
+    try:
+        run = spawn("$ true")
+        assert (await send(rogue, edge, "agent.spawn", run)).status_code == 200
+        await wait_state(edge, run["agentId"], {"completed", "failed"})
+        shouting = run["agentId"].upper()
+        for command, payload in (
+            ("agent.artifact", {"agentId": shouting, "kind": "log"}),
+            ("agent.transcript", {"agentId": shouting}),
+        ):
+            response = await send(rogue, edge, command, payload)
+            assert response.status_code == 422, (command, response.text)
+            assert response.json()["code"] == "payload_invalid"
+    finally:
+        await edge.call("POST", f"/connections/{connection_id}/disconnect")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
+from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from tests.conftest import Instance
+from tests.hostile.conftest import RogueFactory, connection_rows
 from tests.hostile.rogue import Rogue, RogueKey
 
 
@@ -115,3 +119,78 @@ async def test_audit_days_past_retention_are_dropped_and_recent_rows_stay_append
         assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE actor = 'recent'") == 1
     finally:
         await conn.close()
+
+
+async def test_strangers_cannot_fill_the_admins_list_with_connection_requests(
+    edge: Instance, make_rogue: RogueFactory
+) -> None:
+    # edge keeps at most 20 requests waiting; each stranger mints its own key, card and id.
+    waiting: list[str] = []
+    try:
+        for _ in range(21):
+            rogue = await make_rogue()
+            request = rogue.connection_request(edge.id)
+            response = await rogue.post(edge.url, "connect", request)
+            if response.status_code != 200:
+                break
+            waiting.append(request["payload"]["connectionId"])
+        assert response.status_code == 429, response.text
+        assert response.json()["code"] == "too_many_pending_requests"
+        assert await connection_rows(edge, rogue.instance_id) == []
+        pending = await edge.fetch(
+            "SELECT count(*) AS n FROM connections WHERE direction = 'inbound'"
+            " AND status = 'PENDING'"
+        )
+        assert pending[0]["n"] <= 20
+        # Once the admin deals with one, a stranger may ask again.
+        rejected = await edge.call("POST", f"/connections/{waiting.pop()}/reject")
+        assert rejected.status_code == 200, rejected.text
+        again = await rogue.post(edge.url, "connect", rogue.connection_request(edge.id))
+        assert again.status_code == 200, again.text
+    finally:
+        for row in await edge.fetch(
+            "SELECT connection_id FROM connections WHERE direction = 'inbound'"
+            " AND status = 'PENDING'"
+        ):
+            await edge.call("POST", f"/connections/{row['connection_id']}/reject")
+
+
+async def _declared_too_large(instance_url: str, path: str, source: str) -> int:
+    """One request that only says its body is huge (sent over a raw socket: no body follows)."""
+    url = httpx.URL(instance_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port, local_addr=(source, 0))
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 999999999\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        status_line = await reader.readline()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_bodies_refused_for_their_size_are_rate_limited_like_other_refusals(
+    edge: Instance,
+) -> None:
+    source = "127.0.0.24"
+    path = f"/api/v1/federation/incoming/{'p' * 4000}"
+
+    async def audited() -> list[Any]:
+        return await edge.fetch(
+            "SELECT action FROM audit_log WHERE details->>'remoteAddr' = $1", source
+        )
+
+    codes: list[int] = []
+    while codes.count(429) < 5 and len(codes) < 2000:
+        codes += await asyncio.gather(
+            *(_declared_too_large(edge.url, path, source) for _ in range(40))
+        )
+    assert set(codes) == {413, 429}, codes
+    rows = await audited()
+    # Only the refusals let through were audited; the sender's path is not kept as it is.
+    assert len(rows) == codes.count(413)
+    assert {row["action"] for row in rows} == {"incoming.other"}
