@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
-from tests.workflows.peer import ScriptedPeer, save_history, spawn_input
+from tests.workflows.peer import ScriptedPeer, run_input, save_history, spawn_input
 from tests.workflows.test_paths import final_status, start_executor, start_requester
 from workflows.remote_agent import RemoteAgentWorkflow
 
@@ -257,6 +258,47 @@ async def test_cancelling_the_executor_workflow_kills_the_agent(
     assert [f.state for f in peer.executor_finals] == ["killed"]
     assert [f.state for f in peer.notified] == ["killed"]
     assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
+
+
+async def test_cancelling_the_executor_workflow_while_it_records_keeps_the_result(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The agent finished; the store is slow to record it when an operator cancels the
+    workflow: the result is recorded all the same (nothing left to kill), and the requester
+    is told."""
+    peer.record_gate.clear()
+    peer.release_run.set()
+    peer.run_outcome = m.AgentOutcome("ok", {"summary": "ok"})
+    agent_id = str(uuid.uuid4())
+    handle = await client.start_workflow(
+        "AgentRunWorkflow",
+        run_input(agent_id),
+        id=m.agent_run_workflow_id("hub", agent_id),
+        task_queue=task_queue,
+        # A long local activity keeps its workflow task open; the worker heartbeats it at 80%
+        # of this timeout, and that is when the cancel reaches the workflow.
+        task_timeout=timedelta(seconds=2),
+    )
+    await wait_for(lambda: m.RECORD_RUN_FINAL in peer.calls)
+    await handle.cancel()
+
+    async def cancel_delivered() -> bool:
+        history = await client.get_workflow_handle(handle.id).fetch_history()
+        return any(
+            e.HasField("workflow_execution_cancel_requested_event_attributes")
+            for e in history.events
+        )
+
+    for _ in range(200):
+        if await cancel_delivered():
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2.0)  # a workflow task more: the cancel has been handled
+    peer.record_gate.set()
+    status = await final_status(handle)
+    assert (status.state, status.result) == ("completed", {"summary": "ok"})
+    assert [f.state for f in peer.executor_finals] == ["completed"]
+    assert [f.state for f in peer.notified] == ["completed"]
 
 
 async def test_failed_agent_workflow_ends_failed_with_the_reason_after_recording(
