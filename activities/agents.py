@@ -63,6 +63,14 @@ class AgentActivities:
     async def _check_still_granted(self, task: RunTask) -> None:
         """Each try starts only if the run's connection is ACTIVE and still grants it."""
         row = await repos.get_executed_agent(self.pool, task.requester_id, uuid.UUID(task.agent_id))
+        if row is not None and row["state"] in repos.TERMINAL_STATES:
+            # Recorded as ended while its workflow did not exist (a kill that found none, the
+            # reconciler): a workflow started after that must not run the agent after all.
+            raise ApplicationError(
+                f"the run already ended {row['state']} here: {row['error'] or ''}".rstrip(": "),
+                type=TASK_INVALID,
+                non_retryable=True,
+            )
         connection = await repos.get_connection(self.pool, row["connection_id"]) if row else None
         try:
             connection = require_active(connection)
