@@ -260,6 +260,35 @@ async def test_cancelling_the_executor_workflow_kills_the_agent(
     assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
 
 
+async def test_cancelling_the_requester_workflow_kills_the_remote_agent(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """Cancelling RemoteAgentWorkflow (UI, CLI) is a kill too: the executor is told to stop the
+    run, and the requester records the executor's answer before the workflow closes."""
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    await handle.cancel()
+    status = await final_status(handle)
+    assert status.state == "killed"
+    assert m.SEND_KILL in peer.calls
+    assert peer.requester_finals == []  # send_kill wrote the executor's answer already
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
+
+
+async def test_cancelling_the_requester_workflow_with_the_peer_gone_still_records_killed(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.kill_error = ApplicationError("connect refused", type="peer_unreachable")
+    handle = await start_requester(client, task_queue, kill_deadline_seconds=2)
+    await wait_for(lambda: peer.status_waits >= 1)
+    await handle.cancel()
+    status = await final_status(handle)
+    assert status.state == "killed"
+    assert "not confirmed" in (status.error or "")
+    assert [f.state for f in peer.requester_finals] == ["killed"]
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
+
+
 async def test_cancelling_the_executor_workflow_while_it_records_keeps_the_result(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
