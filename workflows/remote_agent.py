@@ -382,6 +382,8 @@ class RemoteAgentWorkflow:
             return
         self._seq = event.seq
         self._attempt = event.attempt if event.attempt is not None else self._attempt
+        # The executor's word replaces what this side noted meanwhile ("status unavailable").
+        self._error = event.error
         if event.state in TERMINAL_STATES:
             self._finish(event.state, event.result, event.error)
         elif event.state != self._state:

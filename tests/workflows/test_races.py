@@ -260,6 +260,18 @@ async def test_cancelling_the_executor_workflow_kills_the_agent(
     assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
 
 
+async def test_a_run_that_completes_after_its_status_was_unavailable_reports_no_error(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.status_answer = ApplicationError("not ACTIVE", type="not_active", non_retryable=True)
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    await asyncio.sleep(0.3)
+    peer.set_status(m.AgentEvent(4, "completed", result={"summary": "ok"}))
+    status = await final_status(handle)
+    assert (status.state, status.result, status.error) == ("completed", {"summary": "ok"}, None)
+
+
 async def test_cancelling_the_requester_workflow_kills_the_remote_agent(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
