@@ -54,7 +54,7 @@ def _cause_text(err: BaseException) -> str:
     return str(cause)
 
 
-async def _past_cancel(handle: asyncio.Future[T]) -> T:
+async def past_cancel(handle: asyncio.Future[T]) -> T:
     """Await `handle` to its end even if the workflow is cancelled meanwhile (the cancel of a
     run that has already ended changes nothing)."""
     while True:
@@ -145,7 +145,7 @@ class AgentRunWorkflow:
             # Record first: the run's outcome is kept whatever happens to the notification.
             # The run has ended: a cancel arriving now has nothing left to kill and must not
             # stop the record (the result would be lost) nor the notification.
-            self._seq = await _past_cancel(
+            self._seq = await past_cancel(
                 workflow.start_local_activity(
                     RECORD_RUN_FINAL,
                     final,
@@ -158,7 +158,7 @@ class AgentRunWorkflow:
         self._recorded = True
         if self._agent_id and requester_id:
             try:  # best effort: the requester long-polls agent.status when this is lost
-                await _past_cancel(
+                await past_cancel(
                     workflow.start_activity(
                         NOTIFY_REQUESTER,
                         final,

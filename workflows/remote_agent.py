@@ -11,6 +11,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from workflows.agent_run import past_cancel
+
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
         PATCH_DURABLE_CORE,
@@ -154,12 +156,15 @@ class RemoteAgentWorkflow:
 
     async def _record_final(self, inp: SpawnAgentInput) -> None:
         if not self._final_written:
-            await workflow.execute_local_activity(
-                RECORD_REQUESTER_FINAL,
-                RequesterFinal(inp.agent_id, self._state, self._result, self._error),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=STORE_RETRY,
-                summary=f"record final state {self._state}",
+            # The run has ended: a cancel arriving now must not stop its record.
+            await past_cancel(
+                workflow.start_local_activity(
+                    RECORD_REQUESTER_FINAL,
+                    RequesterFinal(inp.agent_id, self._state, self._result, self._error),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=STORE_RETRY,
+                    summary=f"record final state {self._state}",
+                )
             )
         self._recorded = True
         await workflow.wait_condition(workflow.all_handlers_finished)

@@ -111,6 +111,7 @@ class ScriptedPeer:
     @activity.defn(name=m.RECORD_REQUESTER_FINAL)
     async def record_requester_final(self, final: m.RequesterFinal) -> None:
         self.calls.append(m.RECORD_REQUESTER_FINAL)
+        await self.record_gate.wait()
         self.requester_finals.append(final)
 
     # --- executor side -------------------------------------------------------------------

@@ -301,6 +301,45 @@ async def test_cancelling_the_requester_workflow_with_the_peer_gone_still_record
     assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
 
 
+async def cancel_while_recording(client: Client, handle, peer: ScriptedPeer) -> None:  # type: ignore[no-untyped-def]
+    """Cancel the workflow while its record (a local activity) waits, then let the record end."""
+    await handle.cancel()
+
+    async def cancel_delivered() -> bool:
+        history = await client.get_workflow_handle(handle.id).fetch_history()
+        return any(
+            e.HasField("workflow_execution_cancel_requested_event_attributes")
+            for e in history.events
+        )
+
+    for _ in range(200):
+        if await cancel_delivered():
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2.0)  # a workflow task more: the cancel has been handled
+    peer.record_gate.set()
+
+
+async def test_cancelling_the_requester_workflow_while_it_records_keeps_the_final_state(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.record_gate.clear()
+    peer.spawn_answer = ApplicationError("no", type="grant_agent_type", non_retryable=True)
+    agent_id = str(uuid.uuid4())
+    handle = await client.start_workflow(
+        RemoteAgentWorkflow.run,
+        spawn_input(agent_id),
+        id=m.remote_agent_workflow_id(agent_id),
+        task_queue=task_queue,
+        task_timeout=timedelta(seconds=2),  # see the executor's test below
+    )
+    await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
+    await cancel_while_recording(client, handle, peer)
+    status = await final_status(handle)
+    assert status.state == "failed"
+    assert [f.state for f in peer.requester_finals] == ["failed"]
+
+
 async def test_cancelling_the_executor_workflow_while_it_records_keeps_the_result(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
@@ -321,21 +360,7 @@ async def test_cancelling_the_executor_workflow_while_it_records_keeps_the_resul
         task_timeout=timedelta(seconds=2),
     )
     await wait_for(lambda: m.RECORD_RUN_FINAL in peer.calls)
-    await handle.cancel()
-
-    async def cancel_delivered() -> bool:
-        history = await client.get_workflow_handle(handle.id).fetch_history()
-        return any(
-            e.HasField("workflow_execution_cancel_requested_event_attributes")
-            for e in history.events
-        )
-
-    for _ in range(200):
-        if await cancel_delivered():
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(2.0)  # a workflow task more: the cancel has been handled
-    peer.record_gate.set()
+    await cancel_while_recording(client, handle, peer)
     status = await final_status(handle)
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
     assert [f.state for f in peer.executor_finals] == ["completed"]
