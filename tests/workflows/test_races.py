@@ -281,6 +281,7 @@ async def test_cancelling_the_requester_workflow_kills_the_remote_agent(
     await wait_for(lambda: peer.status_waits >= 1)
     await handle.cancel()
     status = await final_status(handle)
+    await save_history(client, handle, "requester-workflow-cancelled")
     assert status.state == "killed"
     assert m.SEND_KILL in peer.calls
     assert peer.requester_finals == []  # send_kill wrote the executor's answer already
@@ -336,6 +337,7 @@ async def test_cancelling_the_requester_workflow_while_it_records_keeps_the_fina
     await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
     await cancel_while_recording(client, handle, peer)
     status = await final_status(handle)
+    await save_history(client, handle, "requester-cancelled-while-recording")
     assert status.state == "failed"
     assert [f.state for f in peer.requester_finals] == ["failed"]
 
@@ -362,6 +364,7 @@ async def test_cancelling_the_executor_workflow_while_it_records_keeps_the_resul
     await wait_for(lambda: m.RECORD_RUN_FINAL in peer.calls)
     await cancel_while_recording(client, handle, peer)
     status = await final_status(handle)
+    await save_history(client, handle, "executor-cancelled-while-recording")
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
     assert [f.state for f in peer.executor_finals] == ["completed"]
     assert [f.state for f in peer.notified] == ["completed"]
