@@ -63,6 +63,14 @@ class AgentActivities:
     async def _check_still_granted(self, task: RunTask) -> None:
         """Each try starts only if the run's connection is ACTIVE and still grants it."""
         row = await repos.get_executed_agent(self.pool, task.requester_id, uuid.UUID(task.agent_id))
+        if row is not None and row["state"] in repos.TERMINAL_STATES:
+            # Recorded as ended while its workflow did not exist (a kill that found none, the
+            # reconciler): a workflow started after that must not run the agent after all.
+            raise ApplicationError(
+                f"the run already ended {row['state']} here: {row['error'] or ''}".rstrip(": "),
+                type=TASK_INVALID,
+                non_retryable=True,
+            )
         connection = await repos.get_connection(self.pool, row["connection_id"]) if row else None
         try:
             connection = require_active(connection)
@@ -98,6 +106,7 @@ class AgentActivities:
             agent_id=agent_id,
             attempt=task.attempt,
             transcript_limit=self.settings.transcript_limit,
+            writer=info.attempt,
         )
         await sink.load()
         # A retry of the same try (its worker was lost) resumes the checkpointed conversation;
@@ -105,10 +114,12 @@ class AgentActivities:
         resume_from: ConversationState | None = None
         previous_try = ""
         if info.attempt > 1:
-            saved = await conversations.load_checkpoint(
-                self.pool, task.requester_id, agent_id, task.attempt
+            # Claimed: the attempt Temporal gave up on may still run on a cut-off worker; from
+            # now on its saves are refused (and its loop stops) instead of overwriting ours.
+            saved = await conversations.claim_checkpoint(
+                self.pool, task.requester_id, agent_id, task.attempt, writer=info.attempt
             )
-            if saved is not None and saved["state"].get("messages") is not None:
+            if saved is not None:
                 resume_from = ConversationState.from_json(saved["state"])
         if resume_from is None and task.attempt > 1:
             earlier = await conversations.load_checkpoint(

@@ -38,8 +38,11 @@ class StoreSink:
         agent_id: uuid.UUID,
         attempt: int,
         transcript_limit: int,
+        writer: int = 1,
     ) -> None:
         self.pool = pool
+        # The activity attempt saving: a later attempt's checkpoints are never overwritten.
+        self.writer = writer
         self.requester_id = requester_id
         self.agent_id = agent_id
         self.attempt = attempt
@@ -58,7 +61,7 @@ class StoreSink:
             requester_id=self.requester_id,
             agent_id=self.agent_id,
             attempt=self.attempt,
-            state=state.to_json(),
+            state={**state.to_json(), "writer": self.writer},
             turn_count=state.turn_count,
             usage=state.usage,
             tokens=state.tokens,

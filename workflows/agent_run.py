@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from datetime import timedelta
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -34,6 +35,8 @@ with workflow.unsafe.imports_passed_through():
         RunTask,
     )
 
+T = TypeVar("T")
+
 # How long after the agent's own deadline Temporal steps in if the worker could not.
 TIMEOUT_GRACE = timedelta(seconds=30)
 HEARTBEAT_TIMEOUT = timedelta(seconds=10)
@@ -49,6 +52,18 @@ STORE_RETRY = RetryPolicy(
 def _cause_text(err: BaseException) -> str:
     cause = err.cause if isinstance(err, ActivityError) and err.cause else err
     return str(cause)
+
+
+async def past_cancel(handle: asyncio.Future[T]) -> T:
+    """Await `handle` to its end even if the workflow is cancelled meanwhile (the cancel of a
+    run that has already ended changes nothing)."""
+    while True:
+        try:
+            return await asyncio.shield(handle)
+        except asyncio.CancelledError:
+            if handle.cancelled():
+                raise
+            workflow.logger.info("cancel after the run ended: its final state is kept")
 
 
 def _is_heartbeat_timeout(err: BaseException | None) -> bool:
@@ -128,27 +143,33 @@ class AgentRunWorkflow:
                 traceparent,
             )
             # Record first: the run's outcome is kept whatever happens to the notification.
-            self._seq = await workflow.execute_local_activity(
-                RECORD_RUN_FINAL,
-                final,
-                result_type=int,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=STORE_RETRY,
-                summary=f"record {self._state}",
+            # The run has ended: a cancel arriving now has nothing left to kill and must not
+            # stop the record (the result would be lost) nor the notification.
+            self._seq = await past_cancel(
+                workflow.start_local_activity(
+                    RECORD_RUN_FINAL,
+                    final,
+                    result_type=int,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=STORE_RETRY,
+                    summary=f"record {self._state}",
+                )
             )
         self._recorded = True
         if self._agent_id and requester_id:
             try:  # best effort: the requester long-polls agent.status when this is lost
-                await workflow.execute_activity(
-                    NOTIFY_REQUESTER,
-                    final,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    schedule_to_close_timeout=timedelta(seconds=inp.notify_deadline_seconds),
-                    retry_policy=RetryPolicy(
-                        initial_interval=timedelta(seconds=1),
-                        maximum_interval=timedelta(seconds=30),
-                    ),
-                    summary=f"tell the requester it is {self._state}",
+                await past_cancel(
+                    workflow.start_activity(
+                        NOTIFY_REQUESTER,
+                        final,
+                        start_to_close_timeout=timedelta(seconds=30),
+                        schedule_to_close_timeout=timedelta(seconds=inp.notify_deadline_seconds),
+                        retry_policy=RetryPolicy(
+                            initial_interval=timedelta(seconds=1),
+                            maximum_interval=timedelta(seconds=30),
+                        ),
+                        summary=f"tell the requester it is {self._state}",
+                    )
                 )
             except ActivityError as err:
                 workflow.logger.warning("requester not told (it will ask): %s", _cause_text(err))

@@ -11,6 +11,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from workflows.agent_run import past_cancel
+
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
         PATCH_DURABLE_CORE,
@@ -89,6 +91,7 @@ class RemoteAgentWorkflow:
         # to write it again would hold the kill's answer until it is done.
         self._final_written = False
         self._input: SpawnAgentInput | None = None
+        self._poll: workflow.ActivityHandle[AgentEvent] | None = None
 
     def _durable_core(self) -> bool:
         """The durable-core commands (long-poll, deadline, continue-as-new); False replaying
@@ -117,6 +120,57 @@ class RemoteAgentWorkflow:
         deadline = (
             datetime.fromisoformat(inp.deadline) if inp.deadline else workflow.now() + _budget(inp)
         )
+        cancelled = False
+        try:
+            await self._follow(inp, deadline)
+        except asyncio.CancelledError:
+            # Cancelling the workflow (UI, CLI) is a kill: the executor is told to stop the
+            # run, and the answer is recorded before the workflow closes Cancelled.
+            cancelled = True
+            if self._poll is not None and not self._poll.done():
+                self._poll.cancel()
+            self._kill_requested = True
+            self._spawn_settled = True
+            if self._state not in TERMINAL_STATES:
+                try:
+                    await self._kill_peer(inp)
+                except ApplicationError as err:  # the executor answered a state not final
+                    self._finish("killed", error=f"killed here (workflow cancelled): {err}")
+        if self._continuing and self._state not in TERMINAL_STATES:
+            workflow.continue_as_new(
+                dataclasses.replace(
+                    inp, deadline=deadline.isoformat(), spawned=True, carried=self.status()
+                )
+            )
+        await self._record_final(inp)
+        if cancelled:
+            raise asyncio.CancelledError("killed: workflow cancelled")
+        if self._state in ("failed", "timed_out"):
+            # Recorded; now let the Temporal UI show it as the failure it is.
+            raise ApplicationError(
+                self._error or self._state,
+                type="AgentTimedOut" if self._state == "timed_out" else "AgentFailed",
+                non_retryable=True,
+            )
+        return self.status()
+
+    async def _record_final(self, inp: SpawnAgentInput) -> None:
+        if not self._final_written:
+            # The run has ended: a cancel arriving now must not stop its record.
+            await past_cancel(
+                workflow.start_local_activity(
+                    RECORD_REQUESTER_FINAL,
+                    RequesterFinal(inp.agent_id, self._state, self._result, self._error),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=STORE_RETRY,
+                    summary=f"record final state {self._state}",
+                )
+            )
+        self._recorded = True
+        await workflow.wait_condition(workflow.all_handlers_finished)
+
+    async def _follow(self, inp: SpawnAgentInput, deadline: datetime) -> None:
+        """Send the spawn, then follow the run to a final state (or to continuing as new)."""
         if not inp.spawned:
             await asyncio.sleep(0)  # a kill delivered with the start runs first
             if self._kill_requested:
@@ -142,13 +196,7 @@ class RemoteAgentWorkflow:
             if self._continue_as_new_due(inp):
                 self._continuing = True
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                if self._state not in TERMINAL_STATES:
-                    workflow.continue_as_new(
-                        dataclasses.replace(
-                            inp, deadline=deadline.isoformat(), spawned=True, carried=self.status()
-                        )
-                    )
-                break
+                return  # the caller continues as new unless a handler ended the run
             remaining = (deadline - workflow.now()).total_seconds()
             if remaining <= 0:
                 self._finish(
@@ -161,7 +209,7 @@ class RemoteAgentWorkflow:
             # One long-poll activity waits for the executor's next state change; silence and
             # progress cost no history. An event (signal) that brings the change first wins.
             self._changed = False
-            poll = workflow.start_activity(
+            poll = self._poll = workflow.start_activity(
                 WAIT_STATUS,
                 StatusWait(
                     inp.agent_id,
@@ -195,25 +243,6 @@ class RemoteAgentWorkflow:
                     await workflow.wait_condition(lambda: self._changed, timeout=wait)
                 except TimeoutError:
                     pass
-
-        if not self._final_written:
-            await workflow.execute_local_activity(
-                RECORD_REQUESTER_FINAL,
-                RequesterFinal(inp.agent_id, self._state, self._result, self._error),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=STORE_RETRY,
-                summary=f"record final state {self._state}",
-            )
-        self._recorded = True
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        if self._state in ("failed", "timed_out"):
-            # Recorded; now let the Temporal UI show it as the failure it is.
-            raise ApplicationError(
-                self._error or self._state,
-                type="AgentTimedOut" if self._state == "timed_out" else "AgentFailed",
-                non_retryable=True,
-            )
-        return self.status()
 
     def _continue_as_new_due(self, inp: SpawnAgentInput) -> bool:
         info = workflow.info()
@@ -292,30 +321,7 @@ class RemoteAgentWorkflow:
         if self._state not in TERMINAL_STATES:
             inp = self._input
             assert inp is not None
-            try:
-                answer = await workflow.execute_activity(
-                    SEND_KILL,
-                    PeerCall(self._agent_id, "", inp.peer_timeout_seconds, self._traceparent),
-                    result_type=KillResult,
-                    start_to_close_timeout=timedelta(seconds=60),
-                    schedule_to_close_timeout=timedelta(seconds=inp.kill_deadline_seconds),
-                    retry_policy=PEER_RETRY,
-                    summary="send agent.kill",
-                )
-            except ActivityError as err:
-                # The connection is not ACTIVE, the peer is gone or silent: end the run here.
-                confirmed = False
-                self._finish(
-                    "killed", error=f"killed here, not confirmed by {inp.peer_name}: {_reason(err)}"
-                )
-            else:
-                self._apply(AgentEvent(answer.seq, answer.state, None, answer.result, answer.error))
-                self._final_written = answer.state in TERMINAL_STATES
-                if self._state not in TERMINAL_STATES:
-                    raise ApplicationError(
-                        f"{inp.peer_name} answered the kill with state {answer.state}",
-                        type="kill_not_confirmed",
-                    )
+            confirmed = await self._kill_peer(inp)
         if not confirmed:
             # Answer once the final state is in the projection, so the caller reads it there
             # (a confirmed answer was written there by send_kill already).
@@ -323,6 +329,34 @@ class RemoteAgentWorkflow:
         return KillResult(
             self._agent_id, self._state, self._seq, self._result, self._error, confirmed
         )
+
+    async def _kill_peer(self, inp: SpawnAgentInput) -> bool:
+        """Ask the executor to kill the run; False when it could not be asked and the run was
+        ended here, unconfirmed."""
+        try:
+            answer = await workflow.execute_activity(
+                SEND_KILL,
+                PeerCall(self._agent_id, "", inp.peer_timeout_seconds, self._traceparent),
+                result_type=KillResult,
+                start_to_close_timeout=timedelta(seconds=60),
+                schedule_to_close_timeout=timedelta(seconds=inp.kill_deadline_seconds),
+                retry_policy=PEER_RETRY,
+                summary="send agent.kill",
+            )
+        except ActivityError as err:
+            # The connection is not ACTIVE, the peer is gone or silent: end the run here.
+            self._finish(
+                "killed", error=f"killed here, not confirmed by {inp.peer_name}: {_reason(err)}"
+            )
+            return False
+        self._apply(AgentEvent(answer.seq, answer.state, None, answer.result, answer.error))
+        self._final_written = answer.state in TERMINAL_STATES
+        if self._state not in TERMINAL_STATES:
+            raise ApplicationError(
+                f"{inp.peer_name} answered the kill with state {answer.state}",
+                type="kill_not_confirmed",
+            )
+        return True
 
     async def _kill_before_durable_core(self, request: KillRequest) -> KillResult:
         await workflow.wait_condition(lambda: self._spawn_settled)
@@ -353,6 +387,8 @@ class RemoteAgentWorkflow:
             return
         self._seq = event.seq
         self._attempt = event.attempt if event.attempt is not None else self._attempt
+        # The executor's word replaces what this side noted meanwhile ("status unavailable").
+        self._error = event.error
         if event.state in TERMINAL_STATES:
             self._finish(event.state, event.result, event.error)
         elif event.state != self._state:

@@ -443,6 +443,9 @@ async def _start_run(
     spawn: SpawnPayload = _payload(SpawnPayload, envelope)
     agent_id = str(spawn.agentId)
     workflow_id = agent_run_workflow_id(envelope.senderId, agent_id)
+    ended = await repos.get_executed_agent(pool, envelope.senderId, spawn.agentId)
+    if ended is not None and ended["state"] in repos.TERMINAL_STATES:
+        return ended  # killed or repaired while its workflow did not exist: it stays ended
     try:
         await temporal.start_workflow(
             "AgentRunWorkflow",

@@ -40,16 +40,23 @@ async def save_checkpoint(
     transcript_limit: int,
 ) -> dict[str, Any]:
     """Save the try's conversation and append `entries` to the run's transcript, atomically.
-    Returns the transcript's summary (entries, bytes, truncated)."""
+    Returns the transcript's summary (entries, bytes, truncated).
+
+    `state["writer"]` (the activity attempt saving it) fences the row: a worker whose attempt
+    Temporal already gave up on (it stopped heartbeating but still runs) cannot overwrite the
+    checkpoint of the attempt that took over; it gets `CheckpointSuperseded` instead."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(
+        saved = await conn.fetchval(
             "INSERT INTO agent_conversations"
             " (requester_id, agent_id, attempt, state, turn_count, usage, tokens, checkpoints)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, 1)"
             " ON CONFLICT (requester_id, agent_id, attempt) DO UPDATE SET"
             " state = EXCLUDED.state, turn_count = EXCLUDED.turn_count,"
             " usage = EXCLUDED.usage, tokens = EXCLUDED.tokens,"
-            " checkpoints = agent_conversations.checkpoints + 1, updated_at = now()",
+            " checkpoints = agent_conversations.checkpoints + 1, updated_at = now()"
+            " WHERE coalesce((agent_conversations.state->>'writer')::int, 0)"
+            "    <= coalesce((EXCLUDED.state->>'writer')::int, 0)"
+            " RETURNING 1",
             requester_id,
             agent_id,
             attempt,
@@ -58,6 +65,10 @@ async def save_checkpoint(
             usage,
             tokens,
         )
+        if saved is None:
+            raise CheckpointSuperseded(
+                f"checkpoint of try {attempt} of agent {agent_id} belongs to a later attempt"
+            )
         return await append_transcript(
             conn, requester_id, agent_id, attempt, entries, transcript_limit
         )
@@ -109,6 +120,35 @@ async def append_transcript(
     )
     summary["entries"], summary["bytes"] = seq, total
     return summary
+
+
+class CheckpointSuperseded(RuntimeError):
+    """A later activity attempt of the same try owns its checkpoint now."""
+
+
+async def claim_checkpoint(
+    db: Executor, requester_id: str, agent_id: uuid.UUID, attempt: int, *, writer: int
+) -> dict[str, Any] | None:
+    """Make activity attempt `writer` the only one that may save try `attempt`'s checkpoint
+    from now on, and return the checkpoint as it is (None: nothing saved yet)."""
+    row = await db.fetchrow(
+        "INSERT INTO agent_conversations (requester_id, agent_id, attempt, state)"
+        " VALUES ($1, $2, $3, jsonb_build_object('writer', $4::int))"
+        " ON CONFLICT (requester_id, agent_id, attempt) DO UPDATE SET"
+        " state = agent_conversations.state || jsonb_build_object('writer', $4::int),"
+        " updated_at = now()"
+        " WHERE coalesce((agent_conversations.state->>'writer')::int, 0) <= $4"
+        " RETURNING state, turn_count, usage, tokens, checkpoints, outcome, updated_at",
+        requester_id,
+        agent_id,
+        attempt,
+        writer,
+    )
+    if row is None:
+        raise CheckpointSuperseded(
+            f"checkpoint of try {attempt} of agent {agent_id} belongs to a later attempt"
+        )
+    return dict(row) if row["state"].get("messages") is not None else None
 
 
 async def load_checkpoint(

@@ -53,6 +53,8 @@ class ScriptedPeer:
         self.notify_error: ApplicationError | None = None
         self.notify_gate = asyncio.Event()
         self.notify_gate.set()
+        self.record_gate = asyncio.Event()
+        self.record_gate.set()
         self.calls: list[str] = []
         self.status_waits = 0
 
@@ -109,6 +111,7 @@ class ScriptedPeer:
     @activity.defn(name=m.RECORD_REQUESTER_FINAL)
     async def record_requester_final(self, final: m.RequesterFinal) -> None:
         self.calls.append(m.RECORD_REQUESTER_FINAL)
+        await self.record_gate.wait()
         self.requester_finals.append(final)
 
     # --- executor side -------------------------------------------------------------------
@@ -167,6 +170,7 @@ class ScriptedPeer:
     @activity.defn(name=m.RECORD_RUN_FINAL)
     async def record_run_final(self, finish: m.FinishRun) -> int:
         self.calls.append(m.RECORD_RUN_FINAL)
+        await self.record_gate.wait()  # the store is slow (or away) while it records
         self.executor_finals.append(finish)
         return 10 + len(self.executor_finals)
 

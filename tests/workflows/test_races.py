@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
-from tests.workflows.peer import ScriptedPeer, save_history, spawn_input
+from tests.workflows.peer import ScriptedPeer, run_input, save_history, spawn_input
 from tests.workflows.test_paths import final_status, start_executor, start_requester
 from workflows.remote_agent import RemoteAgentWorkflow
 
@@ -257,6 +258,116 @@ async def test_cancelling_the_executor_workflow_kills_the_agent(
     assert [f.state for f in peer.executor_finals] == ["killed"]
     assert [f.state for f in peer.notified] == ["killed"]
     assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
+
+
+async def test_a_run_that_completes_after_its_status_was_unavailable_reports_no_error(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.status_answer = ApplicationError("not ACTIVE", type="not_active", non_retryable=True)
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    await asyncio.sleep(0.3)
+    peer.set_status(m.AgentEvent(4, "completed", result={"summary": "ok"}))
+    status = await final_status(handle)
+    assert (status.state, status.result, status.error) == ("completed", {"summary": "ok"}, None)
+
+
+async def test_cancelling_the_requester_workflow_kills_the_remote_agent(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """Cancelling RemoteAgentWorkflow (UI, CLI) is a kill too: the executor is told to stop the
+    run, and the requester records the executor's answer before the workflow closes."""
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    await handle.cancel()
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-workflow-cancelled")
+    assert status.state == "killed"
+    assert m.SEND_KILL in peer.calls
+    assert peer.requester_finals == []  # send_kill wrote the executor's answer already
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
+
+
+async def test_cancelling_the_requester_workflow_with_the_peer_gone_still_records_killed(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.kill_error = ApplicationError("connect refused", type="peer_unreachable")
+    handle = await start_requester(client, task_queue, kill_deadline_seconds=2)
+    await wait_for(lambda: peer.status_waits >= 1)
+    await handle.cancel()
+    status = await final_status(handle)
+    assert status.state == "killed"
+    assert "not confirmed" in (status.error or "")
+    assert [f.state for f in peer.requester_finals] == ["killed"]
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
+
+
+async def cancel_while_recording(client: Client, handle, peer: ScriptedPeer) -> None:  # type: ignore[no-untyped-def]
+    """Cancel the workflow while its record (a local activity) waits, then let the record end."""
+    await handle.cancel()
+
+    async def cancel_delivered() -> bool:
+        history = await client.get_workflow_handle(handle.id).fetch_history()
+        return any(
+            e.HasField("workflow_execution_cancel_requested_event_attributes")
+            for e in history.events
+        )
+
+    for _ in range(200):
+        if await cancel_delivered():
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2.0)  # a workflow task more: the cancel has been handled
+    peer.record_gate.set()
+
+
+async def test_cancelling_the_requester_workflow_while_it_records_keeps_the_final_state(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    peer.record_gate.clear()
+    peer.spawn_answer = ApplicationError("no", type="grant_agent_type", non_retryable=True)
+    agent_id = str(uuid.uuid4())
+    handle = await client.start_workflow(
+        RemoteAgentWorkflow.run,
+        spawn_input(agent_id),
+        id=m.remote_agent_workflow_id(agent_id),
+        task_queue=task_queue,
+        task_timeout=timedelta(seconds=2),  # see the executor's test below
+    )
+    await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
+    await cancel_while_recording(client, handle, peer)
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-cancelled-while-recording")
+    assert status.state == "failed"
+    assert [f.state for f in peer.requester_finals] == ["failed"]
+
+
+async def test_cancelling_the_executor_workflow_while_it_records_keeps_the_result(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The agent finished; the store is slow to record it when an operator cancels the
+    workflow: the result is recorded all the same (nothing left to kill), and the requester
+    is told."""
+    peer.record_gate.clear()
+    peer.release_run.set()
+    peer.run_outcome = m.AgentOutcome("ok", {"summary": "ok"})
+    agent_id = str(uuid.uuid4())
+    handle = await client.start_workflow(
+        "AgentRunWorkflow",
+        run_input(agent_id),
+        id=m.agent_run_workflow_id("hub", agent_id),
+        task_queue=task_queue,
+        # A long local activity keeps its workflow task open; the worker heartbeats it at 80%
+        # of this timeout, and that is when the cancel reaches the workflow.
+        task_timeout=timedelta(seconds=2),
+    )
+    await wait_for(lambda: m.RECORD_RUN_FINAL in peer.calls)
+    await cancel_while_recording(client, handle, peer)
+    status = await final_status(handle)
+    await save_history(client, handle, "executor-cancelled-while-recording")
+    assert (status.state, status.result) == ("completed", {"summary": "ok"})
+    assert [f.state for f in peer.executor_finals] == ["completed"]
+    assert [f.state for f in peer.notified] == ["completed"]
 
 
 async def test_failed_agent_workflow_ends_failed_with_the_reason_after_recording(
