@@ -358,6 +358,7 @@ async def check_live(
                 )
             )
     if not temporal_ok:
+        checks.append(Check("workers", must, "not checked: Temporal does not answer (above)"))
         return checks
     try:
         client = await asyncio.wait_for(connect_temporal(settings), timeout=TIMEOUT)

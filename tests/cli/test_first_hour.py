@@ -302,5 +302,5 @@ async def test_doctor_checks_the_live_instance(hub: Instance, data_dir: str) -> 
     run = await fedagent("doctor", "-i", "hub", "--data-dir", data_dir, "--json")
     checks = {c["name"]: c for c in run.json()}
     assert checks["api"]["status"] == "ok", checks["api"]
-    assert checks["workers"]["status"] == "ok", checks["workers"]
+    assert checks["workers"]["status"] == "ok", checks
     assert "fedagent-hub-agents" in checks["workers"]["detail"]
