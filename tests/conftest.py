@@ -18,7 +18,7 @@ from temporalio.client import Client
 from cli.devstack import DevStack, free_port_block
 from tests.e2e.proxy import ControlledProxy
 
-ALL_COMMANDS = ["agent.spawn", "agent.status", "agent.kill"]
+ALL_COMMANDS = ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 ALL_TYPES = ["worker", "reviewer", "tester"]
 TERMINAL = {"completed", "failed", "killed", "timed_out"}
 INSTANCES = ["hub", "spoke", "edge", "far"]
@@ -185,7 +185,13 @@ async def ensure_connection(one: Instance, other: Instance) -> str:
                 response = await other.call(
                     "PATCH",
                     f"/connections/{connection_id}",
-                    json={"grants": {"commandTypes": ALL_COMMANDS, "agentTypes": ALL_TYPES}},
+                    json={
+                        "grants": {
+                            "commandTypes": ALL_COMMANDS,
+                            "agentTypes": ALL_TYPES,
+                            "repositories": ["*"],
+                        }
+                    },
                 )
                 assert response.status_code == 200, response.text
             return connection_id
