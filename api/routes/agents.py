@@ -83,7 +83,7 @@ async def kill_agent(
     return await agents.kill(services, user, agent_id)
 
 
-def _sse(event: dict[str, Any], agent_id: uuid.UUID, event_id: int) -> str:
+def _sse(event: dict[str, Any], agent_id: uuid.UUID, event_id: int, kind: str) -> str:
     data = {
         "agentId": str(agent_id),
         "seq": event["seq"],
@@ -93,7 +93,6 @@ def _sse(event: dict[str, Any], agent_id: uuid.UUID, event_id: int) -> str:
         "attempt": event["attempt"],
         "at": event["at"].isoformat(),
     }
-    kind = "state" if event["state"] in repos.TERMINAL_STATES else "progress"
     return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
@@ -150,6 +149,9 @@ async def event_stream(
 
     async def stream() -> AsyncIterator[str]:
         cursor, entry_no = after >> CURSOR_BITS, after & ((1 << CURSOR_BITS) - 1)
+        # `event: state` for each change of state, `progress` for news within one state.
+        seen = await repos.agent_events_after(pool, agent_id, cursor - 1) if cursor else []
+        last_state = seen[0]["state"] if seen and seen[0]["id"] == cursor else None
         idle = 0.0
         yield "retry: 1000\n\n"
         while True:
@@ -174,7 +176,9 @@ async def event_stream(
                     continue
                 event = events.pop(0)
                 cursor = event["id"]
-                yield _sse(event, agent_id, cursor << CURSOR_BITS | entry_no)
+                kind = "progress" if event["state"] == last_state else "state"
+                last_state = event["state"]
+                yield _sse(event, agent_id, cursor << CURSOR_BITS | entry_no, kind)
                 if event is final:
                     return
             if not emitted:

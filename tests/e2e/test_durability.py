@@ -323,6 +323,10 @@ async def test_events_stream_follows_the_agent_and_resumes(hub: Instance, hub_sp
     assert states[0] == "spawning" and states[-1] == "completed"
     assert "running" in states
     assert events[-1][1] == "state"
+    # every change of state is an `event: state`, news within a state `progress`
+    changes = [data["state"] for _, kind, data in events if kind == "state"]
+    assert changes[:2] == ["spawning", "running"] and changes[-1] == "completed"
+    assert len(changes) == len(set(changes))
     ids = [event_id for event_id, _, _ in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
