@@ -456,7 +456,7 @@ class DevStack:
                     )
                     again(f"worker {number} of {name}", log)
                     inst.workers[number - 1] = self._spawn(inst, "worker", number)
-                    changed = True
+                    self.write_instances_file()  # before saying so: readers look there next
                     say(f"{name} worker restarted (pid {inst.workers[number - 1].pid})")
             if changed:
                 self.write_instances_file()
