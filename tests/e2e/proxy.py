@@ -29,6 +29,8 @@ class ControlledProxy:
         self.refused: list[str] = []
         self.forwarded: list[str] = []
         self._server: asyncio.Server | None = None
+        # Requests being forwarded: a long-poll can hold one open when the proxy stops.
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -40,9 +42,16 @@ class ControlledProxy:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        upstream_writer: asyncio.StreamWriter | None = None
         try:
             while True:
                 try:
@@ -96,5 +105,9 @@ class ControlledProxy:
         except asyncio.CancelledError:
             return  # the proxy is stopping
         finally:
-            with contextlib.suppress(ConnectionError):
-                writer.close()
+            self._handlers.discard(task)
+            for stream in (upstream_writer, writer):
+                if stream is not None:
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        stream.close()
+                        await stream.wait_closed()
