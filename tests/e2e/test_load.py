@@ -39,7 +39,9 @@ async def test_300_agents_complete_exactly_once(
         for name in ("hub", "spoke")
     }
     before = {name: sum(rss_mb(p) for p in pids) for name, pids in workers.items()}
-    bodies = [spawn_body(hub_spoke, "$ true", task_id=task_id) for _ in range(AGENTS)]
+    # A try's timeout counts from when it is scheduled, the wait for a worker slot included
+    # (schedule-to-close): 300 at once wait their turn, so each gets time for the queue too.
+    bodies = [spawn_body(hub_spoke, "$ true", task_id=task_id, timeout=900) for _ in range(AGENTS)]
     gate = asyncio.Semaphore(IN_FLIGHT)
     ack_ms: list[float] = []
 
