@@ -59,11 +59,21 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def free_port_block(size: int) -> int:
-    """The first of `size` consecutive free loopback ports, picked at random."""
+def _ephemeral_low() -> int:
+    """Where the kernel starts picking local ports for outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive free loopback ports, picked at random below the
+    ephemeral range (an outgoing connection's local port could take one there before the
+    server that was promised it binds it)."""
+    top = max(10000 + size, _ephemeral_low() - size - 1)
     for _ in range(200):
-        base = random.randint(20000, 50000)
+        base = random.randint(10000, top)
         if all(port_is_free(base + i) for i in range(size)):
             return base
     raise RuntimeError("no free block of loopback ports")
@@ -232,6 +242,11 @@ class DevStack:
         return self.write_instances_file()
 
     def _start_temporal(self) -> None:
+        ours = {self.temporal_port, self.ui_port, *self.api_ports.values()}
+        while True:
+            self._temporal_extra_ports = free_port_block(2)
+            if not {self._temporal_extra_ports, self._temporal_extra_ports + 1} & ours:
+                break
         args = [
             temporal_binary(),
             "server",
@@ -244,6 +259,11 @@ class DevStack:
             str(self.temporal_port),
             "--ui-port",
             str(self.ui_port),
+            # Chosen here: left to it, the dev server picks random ports that may be ours.
+            "--http-port",
+            str(self._temporal_extra_ports),
+            "--metrics-port",
+            str(self._temporal_extra_ports + 1),
             "--ui-disable-news-fetch",
             "--log-level",
             "warn",
