@@ -76,15 +76,25 @@ class TranscriptPump:
     """Sends the transcript entries of a run that the requester has not been sent yet."""
 
     def __init__(
-        self, messenger: PeerMessenger, sink: StoreSink, *, interval: float, sent: int
+        self,
+        messenger: PeerMessenger,
+        sink: StoreSink,
+        *,
+        interval: float,
+        sent: int,
+        first_delay: float = 0.0,
     ) -> None:
         self.messenger = messenger
         self.sink = sink
         self.interval = interval
         self.sent = sent
+        # Nothing is sent before this: a run that ends sooner sends its transcript in one
+        # event at its end (`flush`).
+        self.first_delay = first_delay
 
     async def run(self) -> None:
         backoff = self.interval
+        await asyncio.sleep(self.first_delay)
         while True:
             await self.sink.saved.wait()
             self.sink.saved.clear()

@@ -75,6 +75,7 @@ class SpawnStarter:
             options=row["options"],
             spawn_deadline_seconds=self.settings.spawn_deadline,
             status_poll_seconds=self.settings.status_poll_interval,
+            poll_after_quiet_seconds=self.settings.poll_after_quiet,
             peer_timeout_seconds=self.settings.peer_request_timeout,
             traceparent=row.get("traceparent") or "",
         )

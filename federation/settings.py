@@ -40,8 +40,12 @@ class Settings(BaseSettings):
     peer_request_timeout: float = Field(default=15.0, gt=0)
     # How long a requester keeps trying to deliver a spawn before giving up.
     spawn_deadline: int = Field(default=600, ge=5)
-    # Requester falls back to polling agent.status when no event came for this long.
+    # Requester falls back to polling agent.status when no event came for this long
+    # (workflows started before quiet-poll; newer ones use poll_after_quiet).
     status_poll_interval: int = Field(default=15, ge=1)
+    # Requester long-polls agent.status once this many seconds passed without news from the
+    # executor (its events bring every state change at once; the poll finds a lost one).
+    poll_after_quiet: float = Field(default=2.0, ge=0, le=60)
     # --- orchestration ---
     # Maximum agents one worker process runs at once (more wait in the agents task queue).
     max_concurrent_agents: int = Field(default=8, ge=1)

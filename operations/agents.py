@@ -26,6 +26,7 @@ from federation.store import repos
 from federation.trust import check_grants
 from federation.users import User
 from operations import Services
+from operations.updates import execute_kill
 from workflows.models import KillRequest, remote_agent_workflow_id
 
 
@@ -157,8 +158,7 @@ async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKill
                 await services.starter.kill_with_start(row, KillRequest())
             else:
                 handle = services.temporal.get_workflow_handle(row["workflow_id"])
-                # A fixed update id: a retried kill is the same update, not a second one.
-                await handle.execute_update("kill", KillRequest(), id="kill", result_type=dict)
+                await execute_kill(handle, KillRequest())
         except WorkflowUpdateFailedError as exc:
             row = await get(services, user, agent_id)
             if row["state"] not in repos.TERMINAL_STATES:

@@ -17,18 +17,25 @@ from federation.store import notifications, repos
 from federation.store.first_hour import list_hosted
 from federation.users import User
 from operations import Services
+from operations.updates import execute_kill
 from workflows.models import KillRequest
 
 
 async def stop_run(
-    pool: asyncpg.Pool, temporal: Client, row: dict[str, Any], reason: str
+    pool: asyncpg.Pool,
+    temporal: Client,
+    row: dict[str, Any],
+    reason: str,
+    *,
+    answered: bool = False,
 ) -> dict[str, Any]:
     """Ask a hosted run's workflow to kill it; answer its row once the final state is recorded.
 
     The one way this executor stops a run, whoever asks (the peer's agent.kill, this
     instance's admin, a connection that ends). Only the workflow writes the final state: a
     kill racing completion answers `completed` (with the result), one racing a failure keeps
-    the failure's reason.
+    the failure's reason. `answered`: the caller gives the requester the final state in its
+    answer (the requester's own agent.kill), so the workflow sends no event of a kill.
     """
     if row["state"] not in repos.TERMINAL_STATES:
         # The worker running the agent stops its sandbox now, not at the next heartbeat.
@@ -36,10 +43,7 @@ async def stop_run(
         await notifications.send(pool, notifications.KILL, key)
         handle = temporal.get_workflow_handle(row["workflow_id"])
         try:
-            # A fixed update id: a retried kill is the same update, not a second one.
-            await handle.execute_update(
-                "kill", KillRequest(reason=reason), id="kill", result_type=dict
-            )
+            await execute_kill(handle, KillRequest(reason=reason, answered=answered))
         except WorkflowUpdateFailedError:
             pass  # the workflow closed meanwhile: its final state is recorded
         except RPCError as exc:

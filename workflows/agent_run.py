@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
         FINISH_RUN,
         NOTIFY_REQUESTER,
         PATCH_DURABLE_CORE,
+        PATCH_KILL_ANSWERED,
         RECORD_RUN_FINAL,
         RUN_AGENT,
         SA_AGENT_STATE,
@@ -85,6 +86,7 @@ class AgentRunWorkflow:
         self._attempt = 0
         self._kill_requested = False
         self._kill_reason = "killed on request"
+        self._kill_answered = False
         self._run: workflow.ActivityHandle[AgentOutcome] | None = None
         self._seq = 0
         self._recorded = False
@@ -156,7 +158,7 @@ class AgentRunWorkflow:
                 )
             )
         self._recorded = True
-        if self._agent_id and requester_id:
+        if self._agent_id and requester_id and not self._told_by_kill_answer():
             try:  # best effort: the requester long-polls agent.status when this is lost
                 await past_cancel(
                     workflow.start_activity(
@@ -184,6 +186,15 @@ class AgentRunWorkflow:
                 non_retryable=True,
             )
         return self.status()
+
+    def _told_by_kill_answer(self) -> bool:
+        """The requester's own kill ended the run: the kill's answer tells it the final state
+        (an event as well would race that answer)."""
+        return (
+            self._state == "killed"
+            and self._kill_answered
+            and workflow.patched(PATCH_KILL_ANSWERED)
+        )
 
     async def _tries(self, task: RunTask) -> None:
         """1 + options.maxRetries tries; each try's timeout is absolute across the
@@ -378,6 +389,7 @@ class AgentRunWorkflow:
             if self._state not in TERMINAL_STATES:
                 self._kill_requested = True
                 self._kill_reason = request.reason or "killed on request"
+                self._kill_answered = request.answered
                 if self._run is not None and not self._run.done():
                     self._run.cancel()
             # The answer waits for the final state to be recorded (sandbox gone).

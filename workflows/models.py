@@ -31,6 +31,12 @@ WAIT_STATUS = "wait_status"
 AGENT_KILLED = "AgentKilled"
 # The patch every durable-core change of workflow commands sits behind.
 PATCH_DURABLE_CORE = "durable-core-1"
+# The requester asks agent.status only after a quiet spell (events bring each change at once).
+PATCH_QUIET_POLL = "quiet-poll-1"
+# The requester's kill is a local activity: the update answers in the task that sent it.
+PATCH_LOCAL_KILL = "local-kill-1"
+# The executor sends no final event of a kill whose answer told the requester.
+PATCH_KILL_ANSWERED = "kill-answered-1"
 
 # Custom search attributes operators filter by in the Temporal Web UI.
 SA_AGENT_ID = SearchAttributeKey.for_keyword("AgentId")
@@ -92,6 +98,9 @@ class SpawnAgentInput:
     long_poll_seconds: float = 20.0
     deadline_grace_seconds: float = 120.0
     kill_deadline_seconds: float = 15.0
+    # quiet-poll: how long without news (a state change) before the requester long-polls
+    # agent.status; events bring each change at once, the poll is for the lost ones.
+    poll_after_quiet_seconds: float = 2.0
     # Set when continuing as new: the run's absolute deadline, that the spawn was sent, and
     # what the run knew.
     deadline: str = ""
@@ -136,6 +145,8 @@ class PeerCall:
 @dataclass(frozen=True)
 class KillRequest:
     reason: str = "killed by user"
+    # The requester asked and hears the final state in the kill's answer: no event of it.
+    answered: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,16 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import TimeoutError as FailureTimeout
 
 from workflows.agent_run import past_cancel
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
         PATCH_DURABLE_CORE,
+        PATCH_LOCAL_KILL,
+        PATCH_QUIET_POLL,
         POLL_STATUS,
         RECORD_REQUESTER_FINAL,
         SA_AGENT_STATE,
@@ -59,10 +62,12 @@ def _budget(inp: SpawnAgentInput) -> timedelta:
     )
 
 
-def _reason(err: ActivityError) -> str:
-    """The failure chain of an activity in one line: 'timeout: last try: peer_unreachable: ...'."""
+def _reason(err: FailureError) -> str:
+    """The failure chain of an activity in one line: 'timeout: last try: peer_unreachable: ...'.
+
+    A local activity's failure may come unwrapped (its ApplicationError itself)."""
     parts: list[str] = []
-    cause: BaseException | None = err.cause
+    cause: BaseException | None = err.cause if isinstance(err, ActivityError) else err
     while cause is not None and len(parts) < 4:
         if isinstance(cause, ApplicationError) and cause.type:
             parts.append(f"{cause.type}: {cause.message}")
@@ -70,6 +75,12 @@ def _reason(err: ActivityError) -> str:
             parts.append(str(cause))
         cause = cause.__cause__
     return " <- ".join(parts) or str(err)
+
+
+def _retryable(err: FailureError) -> bool:
+    """False when the failure says no retry can help (an ApplicationError marked so)."""
+    cause: BaseException | None = err.cause if isinstance(err, ActivityError) else err
+    return not (isinstance(cause, ApplicationError) and cause.non_retryable)
 
 
 @workflow.defn
@@ -192,6 +203,7 @@ class RemoteAgentWorkflow:
         self._spawn_settled = True
 
         backoff = 1.0
+        quiet_first = self._state not in TERMINAL_STATES and workflow.patched(PATCH_QUIET_POLL)
         while self._state not in TERMINAL_STATES:
             if self._continue_as_new_due(inp):
                 self._continuing = True
@@ -206,6 +218,18 @@ class RemoteAgentWorkflow:
                     " + grace)",
                 )
                 break
+            # Events (signals) bring each state change at once; only after a quiet spell does
+            # one long-poll activity ask the executor, for an event that was lost.
+            if quiet_first and inp.poll_after_quiet_seconds > 0:
+                self._changed = False
+                try:
+                    await workflow.wait_condition(
+                        lambda: self._changed,
+                        timeout=min(inp.poll_after_quiet_seconds, remaining),
+                    )
+                    continue  # news: look again at the state, the deadline, continue-as-new
+                except TimeoutError:
+                    pass
             # One long-poll activity waits for the executor's next state change; silence and
             # progress cost no history. An event (signal) that brings the change first wins.
             self._changed = False
@@ -333,17 +357,42 @@ class RemoteAgentWorkflow:
     async def _kill_peer(self, inp: SpawnAgentInput) -> bool:
         """Ask the executor to kill the run; False when it could not be asked and the run was
         ended here, unconfirmed."""
+        call = PeerCall(self._agent_id, "", inp.peer_timeout_seconds, self._traceparent)
+        deadline = workflow.now() + timedelta(seconds=inp.kill_deadline_seconds)
         try:
-            answer = await workflow.execute_activity(
-                SEND_KILL,
-                PeerCall(self._agent_id, "", inp.peer_timeout_seconds, self._traceparent),
-                result_type=KillResult,
-                start_to_close_timeout=timedelta(seconds=60),
-                schedule_to_close_timeout=timedelta(seconds=inp.kill_deadline_seconds),
-                retry_policy=PEER_RETRY,
-                summary="send agent.kill",
-            )
-        except ActivityError as err:
+            answer: KillResult | None = None
+            if workflow.patched(PATCH_LOCAL_KILL):
+                # One try as a local activity, answered in the workflow task that sent it: no
+                # round trip through the task queue, no second task before the answer.
+                try:
+                    answer = await workflow.execute_local_activity(
+                        SEND_KILL,
+                        call,
+                        result_type=KillResult,
+                        start_to_close_timeout=timedelta(seconds=inp.kill_deadline_seconds),
+                        retry_policy=RetryPolicy(maximum_attempts=1),
+                        summary="send agent.kill",
+                    )
+                except (ActivityError, ApplicationError, FailureTimeout) as err:
+                    if not _retryable(err):
+                        raise
+            if answer is None:
+                # Retried until the kill deadline (the peer may be restarting).
+                remaining = max(1.0, (deadline - workflow.now()).total_seconds())
+                answer = await workflow.execute_activity(
+                    SEND_KILL,
+                    call,
+                    result_type=KillResult,
+                    start_to_close_timeout=timedelta(seconds=60),
+                    schedule_to_close_timeout=timedelta(
+                        seconds=remaining
+                        if workflow.patched(PATCH_LOCAL_KILL)
+                        else inp.kill_deadline_seconds
+                    ),
+                    retry_policy=PEER_RETRY,
+                    summary="send agent.kill",
+                )
+        except (ActivityError, ApplicationError, FailureTimeout) as err:
             # The connection is not ACTIVE, the peer is gone or silent: end the run here.
             self._finish(
                 "killed", error=f"killed here, not confirmed by {inp.peer_name}: {_reason(err)}"

@@ -372,7 +372,8 @@ async def incoming_command(
     elif command == "agent.status" and ref.afterSeq is not None:
         row = await _wait_for_change(request, pool, settings, row, ref)
     elif command == "agent.kill":
-        row = await stop_run(pool, temporal, row, "killed on request")
+        # The answer carries the final state: the workflow need not send it as an event too.
+        row = await stop_run(pool, temporal, row, "killed on request", answered=True)
         await _audit_accepted(pool, envelope, str(row["agent_id"]), state=row["state"])
     elif command == "agent.transcript":
         return _reply(identity, envelope, await _transcript_page(pool, envelope, pull))

@@ -203,6 +203,8 @@ def spawn_input(agent_id: str, **overrides: Any) -> m.SpawnAgentInput:
         spawn_deadline_seconds=30,
         status_poll_seconds=1,
         peer_timeout_seconds=2.0,
+        # Short: most tests want the long-poll soon; tests/workflows/test_messages.py sets it.
+        poll_after_quiet_seconds=0.3,
     )
     return dataclasses.replace(base, **overrides)
 

@@ -1,0 +1,36 @@
+"""The kill update, asked the same way by every caller (the requester's kill, the executor's
+stop of a hosted run)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio.client import WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
+
+from workflows.models import KillRequest
+
+# Temporal drops an update whose workflow task failed (e.g. the task that answered it also
+# ended the workflow while an event came in: an unhandled command) and answers
+# FAILED_PRECONDITION ("workflow task failure"); the same update asked again is safe.
+ATTEMPTS = 4
+
+
+async def execute_kill(handle: WorkflowHandle, request: KillRequest) -> None:
+    """Ask the workflow's kill update and wait for its answer.
+
+    A fixed update id: a retried kill is the same update, not a second one. Raises what the
+    update raises: `WorkflowUpdateFailedError`, or `RPCError` (NOT_FOUND when there is no such
+    workflow, or it closed before the update was taken). Returns when the workflow closed
+    after Temporal dropped the update: the caller reads the final state where it is recorded.
+    """
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            await handle.execute_update("kill", request, id="kill", result_type=dict)
+            return
+        except RPCError as exc:
+            if attempt > 1 and exc.status == RPCStatusCode.NOT_FOUND:
+                return  # closed after the dropped update: its final state is recorded
+            if exc.status != RPCStatusCode.FAILED_PRECONDITION or attempt == ATTEMPTS:
+                raise
+            await asyncio.sleep(0.02 * attempt)
