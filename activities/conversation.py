@@ -129,6 +129,7 @@ class TranscriptPump:
                     "entries": entries,
                     "total": self.sink.summary["entries"],
                 },
+                agent_id=self.sink.agent_id,
                 timeout=timeout,
             )
             self.sent = int(entries[-1]["seq"])

@@ -166,71 +166,69 @@ class FederationActivities:
         )
         return event
 
-    @activity.defn(name=SEND_SPAWN)
-    async def send_spawn(self, inp: SpawnAgentInput) -> AgentEvent:
-        with tracing.trace(inp.traceparent):
-            return await self._send_spawn(inp)
-
-    async def _send_spawn(self, inp: SpawnAgentInput) -> AgentEvent:
-        connection = await self._active_connection(inp.connection_id)
-        payload = {
-            "agentId": inp.agent_id,
-            "taskId": inp.task_id,
-            "agentType": inp.agent_type,
-            "context": inp.context,
-            "options": inp.options,
-        }
+    async def _command(
+        self,
+        connection: dict[str, Any],
+        agent_id: str,
+        command_type: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float,
+    ) -> AgentEvent:
+        """Send one signed command about an agent; its answer is applied like an event."""
         try:
             reply = await self.messenger.send(
                 connection,
                 type=MessageType.COMMAND,
-                command_type="agent.spawn",
+                command_type=command_type,
                 payload=payload,
-                agent_id=uuid.UUID(inp.agent_id),
-                timeout=inp.peer_timeout_seconds,
+                agent_id=uuid.UUID(agent_id),
+                timeout=timeout,
             )
         except FederationError as err:
             raise as_activity_error(err) from None
-        return await self._apply_reply(inp.agent_id, reply)
+        return await self._apply_reply(agent_id, reply)
+
+    @activity.defn(name=SEND_SPAWN)
+    async def send_spawn(self, inp: SpawnAgentInput) -> AgentEvent:
+        with tracing.trace(inp.traceparent):
+            payload = {
+                "agentId": inp.agent_id,
+                "taskId": inp.task_id,
+                "agentType": inp.agent_type,
+                "context": inp.context,
+                "options": inp.options,
+            }
+            return await self._command(
+                await self._active_connection(inp.connection_id),
+                inp.agent_id,
+                "agent.spawn",
+                payload,
+                timeout=inp.peer_timeout_seconds,
+            )
 
     @activity.defn(name=POLL_STATUS)
     async def poll_status(self, call: PeerCall) -> AgentEvent:
         with tracing.trace(call.traceparent):
-            return await self._poll_status(call)
-
-    async def _poll_status(self, call: PeerCall) -> AgentEvent:
-        connection = await self._requester_connection(call.agent_id)
-        try:
-            reply = await self.messenger.send(
-                connection,
-                type=MessageType.COMMAND,
-                command_type="agent.status",
-                payload={"agentId": call.agent_id},
+            return await self._command(
+                await self._requester_connection(call.agent_id),
+                call.agent_id,
+                "agent.status",
+                {"agentId": call.agent_id},
                 timeout=call.peer_timeout_seconds,
             )
-        except FederationError as err:
-            raise as_activity_error(err) from None
-        return await self._apply_reply(call.agent_id, reply)
 
     @activity.defn(name=SEND_KILL)
     async def send_kill(self, call: PeerCall) -> KillResult:
         with tracing.trace(call.traceparent):
-            return await self._send_kill(call)
-
-    async def _send_kill(self, call: PeerCall) -> KillResult:
-        connection = await self._requester_connection(call.agent_id)
-        try:
-            reply = await self.messenger.send(
-                connection,
-                type=MessageType.COMMAND,
-                command_type="agent.kill",
-                payload={"agentId": call.agent_id},
-                agent_id=uuid.UUID(call.agent_id),
+            # The executor answers once the sandbox is gone and the final state recorded.
+            event = await self._command(
+                await self._requester_connection(call.agent_id),
+                call.agent_id,
+                "agent.kill",
+                {"agentId": call.agent_id},
                 timeout=60.0,
             )
-        except FederationError as err:
-            raise as_activity_error(err) from None
-        event = await self._apply_reply(call.agent_id, reply)
         return KillResult(call.agent_id, event.state, event.seq, event.result, event.error)
 
     @activity.defn(name=WAIT_STATUS)
@@ -267,6 +265,7 @@ class FederationActivities:
                     type=MessageType.COMMAND,
                     command_type="agent.status",
                     payload=payload,
+                    agent_id=uuid.UUID(wait.agent_id),
                     timeout=wait.wait_seconds + wait.peer_timeout_seconds,
                 )
             except PeerRefused as err:

@@ -60,7 +60,9 @@ async def test_a_kill_is_answered_in_the_workflow_task_that_sent_it(
     activity task and no second workflow task before the answer."""
     handle = await start_requester(client, task_queue)
     await asyncio.sleep(0.2)  # the spawn is settled
-    answer = await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+    answer = await handle.execute_update(
+        "kill", m.KillRequest(), id="kill", result_type=m.KillResult
+    )
     assert answer.state == "killed"
     assert (await final_status(handle)).state == "killed"
     await save_history(client, handle, "requester-killed-local")
