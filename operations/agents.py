@@ -26,7 +26,7 @@ from federation.store import repos
 from federation.trust import check_grants
 from federation.users import User
 from operations import Services
-from operations.updates import execute_kill
+from operations.updates import dropped_by_a_failed_task, execute_kill
 from workflows.models import KillRequest, remote_agent_workflow_id
 
 
@@ -154,10 +154,16 @@ async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKill
     if row["state"] not in repos.TERMINAL_STATES:
         # Only the workflow writes the final state; this asks it and reads the answer.
         try:
+            handle = services.temporal.get_workflow_handle(row["workflow_id"])
             if not row["workflow_started"]:
-                await services.starter.kill_with_start(row, KillRequest())
+                try:
+                    await services.starter.kill_with_start(row, KillRequest())
+                except RPCError as exc:
+                    if not dropped_by_a_failed_task(exc):
+                        raise
+                    # It had started meanwhile, and Temporal dropped the kill: ask again.
+                    await execute_kill(handle, KillRequest(), dropped_before=True)
             else:
-                handle = services.temporal.get_workflow_handle(row["workflow_id"])
                 await execute_kill(handle, KillRequest())
         except WorkflowUpdateFailedError as exc:
             row = await get(services, user, agent_id)

@@ -16,21 +16,29 @@ from workflows.models import KillRequest
 ATTEMPTS = 4
 
 
-async def execute_kill(handle: WorkflowHandle, request: KillRequest) -> None:
+async def execute_kill(
+    handle: WorkflowHandle, request: KillRequest, *, dropped_before: bool = False
+) -> None:
     """Ask the workflow's kill update and wait for its answer.
 
     A fixed update id: a retried kill is the same update, not a second one. Raises what the
     update raises: `WorkflowUpdateFailedError`, or `RPCError` (NOT_FOUND when there is no such
     workflow, or it closed before the update was taken). Returns when the workflow closed
-    after Temporal dropped the update: the caller reads the final state where it is recorded.
+    after Temporal dropped the update: the caller reads the final state where it is recorded
+    (`dropped_before`: an update-with-start of this kill was dropped already).
     """
     for attempt in range(1, ATTEMPTS + 1):
         try:
             await handle.execute_update("kill", request, id="kill", result_type=dict)
             return
         except RPCError as exc:
-            if attempt > 1 and exc.status == RPCStatusCode.NOT_FOUND:
+            dropped = dropped_before or attempt > 1
+            if dropped and exc.status == RPCStatusCode.NOT_FOUND:
                 return  # closed after the dropped update: its final state is recorded
-            if exc.status != RPCStatusCode.FAILED_PRECONDITION or attempt == ATTEMPTS:
+            if not dropped_by_a_failed_task(exc) or attempt == ATTEMPTS:
                 raise
-            await asyncio.sleep(0.02 * attempt)
+            await asyncio.sleep(0.1 * attempt)
+
+
+def dropped_by_a_failed_task(exc: RPCError) -> bool:
+    return exc.status == RPCStatusCode.FAILED_PRECONDITION

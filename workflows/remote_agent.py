@@ -101,6 +101,9 @@ class RemoteAgentWorkflow:
         # send_kill wrote the executor's final answer into the projection: a local activity
         # to write it again would hold the kill's answer until it is done.
         self._final_written = False
+        # local-kill: a kill answered by a local activity held the workflow task open for its
+        # round trip; the workflow closes in a later task (see _close_in_a_later_task).
+        self._answered_in_task = False
         self._input: SpawnAgentInput | None = None
         self._poll: workflow.ActivityHandle[AgentEvent] | None = None
 
@@ -147,6 +150,8 @@ class RemoteAgentWorkflow:
                     await self._kill_peer(inp)
                 except ApplicationError as err:  # the executor answered a state not final
                     self._finish("killed", error=f"killed here (workflow cancelled): {err}")
+        if self._answered_in_task:
+            await self._close_in_a_later_task()
         if self._continuing and self._state not in TERMINAL_STATES:
             workflow.continue_as_new(
                 dataclasses.replace(
@@ -164,6 +169,16 @@ class RemoteAgentWorkflow:
                 non_retryable=True,
             )
         return self.status()
+
+    async def _close_in_a_later_task(self) -> None:
+        """An event or a cancel that arrived while the kill's local activity ran would fail
+        a workflow task that also closes the workflow (an unhandled command), and Temporal
+        would drop the kill's answer with it. One short timer moves the close to the next
+        task; the kill is answered in this one."""
+        try:
+            await workflow.sleep(timedelta(milliseconds=1))
+        except asyncio.CancelledError:
+            pass  # the run has ended already: a cancel now changes nothing
 
     async def _record_final(self, inp: SpawnAgentInput) -> None:
         if not self._final_written:
@@ -363,18 +378,21 @@ class RemoteAgentWorkflow:
             answer: KillResult | None = None
             if workflow.patched(PATCH_LOCAL_KILL):
                 # One try as a local activity, answered in the workflow task that sent it: no
-                # round trip through the task queue, no second task before the answer.
+                # round trip through the task queue, no second task before the answer. At most
+                # half the kill deadline: the rest is for the retried activity.
+                first_try = max(1.0, min(inp.kill_deadline_seconds / 2, inp.peer_timeout_seconds))
                 try:
                     answer = await workflow.execute_local_activity(
                         SEND_KILL,
                         call,
                         result_type=KillResult,
-                        start_to_close_timeout=timedelta(seconds=inp.kill_deadline_seconds),
+                        start_to_close_timeout=timedelta(seconds=first_try),
                         retry_policy=RetryPolicy(maximum_attempts=1),
                         summary="send agent.kill",
                     )
+                    self._answered_in_task = True
                 except (ActivityError, ApplicationError, FailureTimeout) as err:
-                    if not _retryable(err):
+                    if not _retryable(err) or deadline - workflow.now() < timedelta(seconds=1):
                         raise
             if answer is None:
                 # Retried until the kill deadline (the peer may be restarting).

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client
+from temporalio.client import Client, WithStartWorkflowOperation
+from temporalio.common import WorkflowIDConflictPolicy
 
 import workflows.models as m
-from operations.updates import execute_kill
-from tests.workflows.peer import ScriptedPeer, save_history
+from tests.workflows.peer import ScriptedPeer, save_history, spawn_input
 from tests.workflows.test_paths import final_status, start_executor, start_requester
+from workflows.remote_agent import RemoteAgentWorkflow
 
 
 async def event_types(client: Client, handle) -> list[str]:  # type: ignore[no-untyped-def]
@@ -84,9 +85,9 @@ async def test_a_kill_is_answered_in_the_workflow_task_that_sent_it(
 async def test_an_event_ending_the_run_while_its_kill_is_answered_loses_no_kill(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
-    """The executor's event (completed) arrives while the kill's answer is on its way: the
-    workflow task that would answer the kill and close the workflow fails (an unhandled
-    command), and Temporal drops the update. The caller's kill asks again and is answered."""
+    """The executor's event (completed) arrives while the kill's local activity runs: the
+    workflow task that answers the kill does not also close the workflow (it would fail on the
+    new signal, an unhandled command, and Temporal would drop the kill's answer with it)."""
     handle = await start_requester(client, task_queue)
     await asyncio.sleep(0.2)
 
@@ -96,10 +97,108 @@ async def test_an_event_ending_the_run_while_its_kill_is_answered_loses_no_kill(
         return m.KillResult(handle.id, "completed", 7, {"summary": "first"}, None)
 
     peer.kill_answer = completed_meanwhile
-    await execute_kill(handle, m.KillRequest())  # neither raises nor hangs
+    answer = await handle.execute_update(
+        "kill", m.KillRequest(), id="kill", result_type=m.KillResult
+    )
+    assert (answer.state, answer.result) == ("completed", {"summary": "first"})
     status = await final_status(handle)
+    await save_history(client, handle, "requester-event-during-kill")
     assert (status.state, status.result) == ("completed", {"summary": "first"})
-    assert "WORKFLOW_TASK_FAILED" in await event_types(client, handle)  # the race happened
+    assert "WORKFLOW_TASK_FAILED" not in await event_types(client, handle)
+    assert peer.calls.count(m.SEND_KILL) == 1
+
+
+async def test_a_cancel_during_the_kill_loses_neither_the_kill_nor_its_answer(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The workflow is cancelled while the kill's local activity runs: the kill is answered,
+    sent once, and the run ends killed."""
+    handle = await start_requester(client, task_queue)
+    await asyncio.sleep(0.3)
+    gate = asyncio.Event()
+
+    async def slow() -> m.KillResult:
+        await gate.wait()
+        return m.KillResult(handle.id, "killed", 99)
+
+    peer.kill_answer = slow
+    kill = asyncio.create_task(
+        handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+    )
+    await asyncio.sleep(0.5)
+    await handle.cancel()
+    await asyncio.sleep(0.5)
+    gate.set()
+    answer = await asyncio.wait_for(kill, 20)
+    assert (answer.state, answer.confirmed) == ("killed", True)
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-cancel-during-kill")
+    assert status.state == "killed"
+    assert "WORKFLOW_TASK_FAILED" not in await event_types(client, handle)
+    assert peer.calls.count(m.SEND_KILL) == 1
+
+
+async def test_a_kill_with_start_of_a_running_workflow_is_answered(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The API saw the spawn unstarted and kills with update-with-start, but the workflow had
+    started meanwhile (USE_EXISTING): it is killed like any other, even with an event in the
+    window."""
+    handle = await start_requester(client, task_queue)
+    await asyncio.sleep(0.3)
+
+    async def killed_meanwhile() -> m.KillResult:
+        await handle.signal("on_event", m.AgentEvent(7, "killed"))
+        await asyncio.sleep(0.3)
+        return m.KillResult(handle.id, "killed", 7, None, None)
+
+    peer.kill_answer = killed_meanwhile
+    start = WithStartWorkflowOperation(
+        RemoteAgentWorkflow.run,
+        spawn_input(handle.id.split("/", 1)[1]),
+        id=handle.id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+    answer = await client.execute_update_with_start_workflow(
+        "kill", m.KillRequest(), start_workflow_operation=start, id="kill", result_type=dict
+    )
+    assert answer["state"] == "killed"
+    assert (await final_status(handle)).state == "killed"
+    assert "WORKFLOW_TASK_FAILED" not in await event_types(client, handle)
+
+
+async def test_a_slow_executor_kill_ends_at_the_kill_deadline(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The executor takes longer than the kill deadline to answer: the one local try gets half
+    the deadline, the retried activity the rest; the run ends killed, not confirmed, at the
+    deadline."""
+    handle = await start_requester(client, task_queue, kill_deadline_seconds=3.0)
+    await asyncio.sleep(0.3)
+
+    async def slow() -> m.KillResult:
+        await asyncio.sleep(6)
+        return m.KillResult(handle.id, "killed", 99)
+
+    peer.kill_answer = slow
+    answer = await handle.execute_update(
+        "kill", m.KillRequest(), id="kill", result_type=m.KillResult
+    )
+    assert (answer.state, answer.confirmed) == ("killed", False)
+    assert "not confirmed by spoke" in ((await final_status(handle)).error or "")
+    await save_history(client, handle, "requester-kill-local-try-then-retried")
+    history = await client.get_workflow_handle(handle.id).fetch_history()
+    retried = [
+        e.activity_task_scheduled_event_attributes
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == m.SEND_KILL
+    ]
+    # The retried activity gets what is left of the 3 s, after the 1.5 s local try.
+    assert len(retried) == 1
+    assert retried[0].schedule_to_close_timeout.ToTimedelta().total_seconds() <= 1.5
+    assert peer.calls.count(m.SEND_KILL) == 2
 
 
 async def test_a_kill_the_requester_asked_sends_it_no_event(
