@@ -36,9 +36,10 @@ from workflows.models import (
 
 log = logging.getLogger(__name__)
 EVENT_MIN_INTERVAL = 1.0  # seconds between progress events sent to the requester
-# A run's first second sends no progress or transcript event: a run that ends within it is
-# told by its `running` and final events alone (and one transcript event at its end).
-QUIET_START = 1.0
+# A run's first second sends no transcript event: a run that ends within it sends its whole
+# transcript in one event at its end. (Progress is sent at once: it is the requester's record
+# of each step.)
+TRANSCRIPT_QUIET_START = 1.0
 
 
 class AgentActivities:
@@ -164,7 +165,6 @@ class AgentActivities:
 
         async def pump_events() -> None:
             # At most one progress event a second, and always the latest one.
-            await asyncio.sleep(QUIET_START)
             while True:
                 await dirty.wait()
                 dirty.clear()
@@ -183,7 +183,7 @@ class AgentActivities:
             sink,
             interval=self.settings.transcript_event_interval,
             sent=0 if info.attempt > 1 else sink.summary["entries"],
-            first_delay=QUIET_START,
+            first_delay=TRANSCRIPT_QUIET_START,
         )
         helpers = [
             asyncio.create_task(keep_heartbeating()),

@@ -102,7 +102,8 @@ class SandboxContract:
         # it either runs into the timeout, or ends when its own first fork fails
         assert result.timed_out or result.exit_code != 0
         assert "fork" in result.output.lower(), result  # "Cannot fork" / "can't fork"
-        assert SMALL.pids is not None and 0 < most <= SMALL.pids
+        # (a bomb that fails at its first fork may be gone before the first sample)
+        assert SMALL.pids is not None and most <= SMALL.pids
         # nothing of the bomb is left: at most the idle sandbox (docker: a restarted init)
         assert await wait_until(lambda: len(sandbox.alive_pids()) <= len(idle))
         after = await sandbox.run("echo after")

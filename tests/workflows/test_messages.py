@@ -15,7 +15,13 @@ from temporalio.common import WorkflowIDConflictPolicy
 import workflows.models as m
 from tests.workflows.peer import ScriptedPeer, save_history, spawn_input
 from tests.workflows.test_paths import final_status, start_executor, start_requester
+from tests.workflows.test_races import wait_for
 from workflows.remote_agent import RemoteAgentWorkflow
+
+
+async def spawn_sent(peer: ScriptedPeer) -> None:
+    """The workflow's first task ran: a kill from now on is a kill of a sent spawn."""
+    await wait_for(lambda: m.SEND_SPAWN in peer.calls)
 
 
 async def event_types(client: Client, handle) -> list[str]:  # type: ignore[no-untyped-def]
@@ -31,7 +37,7 @@ async def test_events_that_bring_every_change_leave_the_requester_nothing_to_ask
     peer.spawn_answer = m.AgentEvent(1, "spawning")
     handle = await start_requester(client, task_queue, poll_after_quiet_seconds=30.0)
     await handle.signal("on_event", m.AgentEvent(2, "running"))
-    await asyncio.sleep(0.3)
+    await spawn_sent(peer)
     await handle.signal("on_event", m.AgentEvent(3, "completed", result={"summary": "ok"}))
     status = await final_status(handle)
     await save_history(client, handle, "requester-completed-by-events")
@@ -60,7 +66,7 @@ async def test_a_kill_is_answered_in_the_workflow_task_that_sent_it(
     """The kill is a local activity: accepted and answered by the same workflow task, no
     activity task and no second workflow task before the answer."""
     handle = await start_requester(client, task_queue)
-    await asyncio.sleep(0.2)  # the spawn is settled
+    await spawn_sent(peer)
     answer = await handle.execute_update(
         "kill", m.KillRequest(), id="kill", result_type=m.KillResult
     )
@@ -89,7 +95,7 @@ async def test_an_event_ending_the_run_while_its_kill_is_answered_loses_no_kill(
     workflow task that answers the kill does not also close the workflow (it would fail on the
     new signal, an unhandled command, and Temporal would drop the kill's answer with it)."""
     handle = await start_requester(client, task_queue)
-    await asyncio.sleep(0.2)
+    await spawn_sent(peer)
 
     async def completed_meanwhile() -> m.KillResult:
         await handle.signal("on_event", m.AgentEvent(7, "completed", result={"summary": "first"}))
@@ -114,7 +120,7 @@ async def test_a_cancel_during_the_kill_loses_neither_the_kill_nor_its_answer(
     """The workflow is cancelled while the kill's local activity runs: the kill is answered,
     sent once, and the run ends killed."""
     handle = await start_requester(client, task_queue)
-    await asyncio.sleep(0.3)
+    await spawn_sent(peer)
     gate = asyncio.Event()
 
     async def slow() -> m.KillResult:
@@ -125,9 +131,8 @@ async def test_a_cancel_during_the_kill_loses_neither_the_kill_nor_its_answer(
     kill = asyncio.create_task(
         handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
     )
-    await asyncio.sleep(0.5)
-    await handle.cancel()
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: m.SEND_KILL in peer.calls)  # the kill's local activity runs
+    await handle.cancel()  # recorded when this returns: it came during that workflow task
     gate.set()
     answer = await asyncio.wait_for(kill, 20)
     assert (answer.state, answer.confirmed) == ("killed", True)
@@ -145,11 +150,11 @@ async def test_a_kill_with_start_of_a_running_workflow_is_answered(
     started meanwhile (USE_EXISTING): it is killed like any other, even with an event in the
     window."""
     handle = await start_requester(client, task_queue)
-    await asyncio.sleep(0.3)
+    await spawn_sent(peer)
 
     async def killed_meanwhile() -> m.KillResult:
         await handle.signal("on_event", m.AgentEvent(7, "killed"))
-        await asyncio.sleep(0.3)
+        await spawn_sent(peer)
         return m.KillResult(handle.id, "killed", 7, None, None)
 
     peer.kill_answer = killed_meanwhile
@@ -175,7 +180,7 @@ async def test_a_slow_executor_kill_ends_at_the_kill_deadline(
     the deadline, the retried activity the rest; the run ends killed, not confirmed, at the
     deadline."""
     handle = await start_requester(client, task_queue, kill_deadline_seconds=3.0)
-    await asyncio.sleep(0.3)
+    await spawn_sent(peer)
 
     async def slow() -> m.KillResult:
         await asyncio.sleep(6)
