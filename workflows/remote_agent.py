@@ -219,6 +219,7 @@ class RemoteAgentWorkflow:
 
         backoff = 1.0
         quiet_first = self._state not in TERMINAL_STATES and workflow.patched(PATCH_QUIET_POLL)
+        backed_off = False
         while self._state not in TERMINAL_STATES:
             if self._continue_as_new_due(inp):
                 self._continuing = True
@@ -235,7 +236,8 @@ class RemoteAgentWorkflow:
                 break
             # Events (signals) bring each state change at once; only after a quiet spell does
             # one long-poll activity ask the executor, for an event that was lost.
-            if quiet_first and inp.poll_after_quiet_seconds > 0:
+            # (After a refused poll the backoff was the quiet spell.)
+            if quiet_first and inp.poll_after_quiet_seconds > 0 and not backed_off:
                 self._changed = False
                 try:
                     await workflow.wait_condition(
@@ -266,6 +268,7 @@ class RemoteAgentWorkflow:
                 summary=f"wait for {inp.peer_name} to report a change",
             )
             await workflow.wait_condition(_changed_or_done(self, poll))
+            backed_off = False
             if not poll.done():
                 poll.cancel()
                 continue
@@ -273,6 +276,7 @@ class RemoteAgentWorkflow:
                 self._apply(poll.result())
                 backoff = 1.0
             except ActivityError as err:
+                backed_off = True
                 # The executor refused (not ACTIVE, unknown agent): wait for news or the
                 # deadline, less often each time.
                 self._error = f"status unavailable: {_reason(err)}"

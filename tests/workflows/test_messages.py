@@ -11,6 +11,7 @@ import asyncio
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
 from tests.workflows.peer import ScriptedPeer, save_history, spawn_input
@@ -229,3 +230,18 @@ async def test_a_kill_the_requester_asked_sends_it_no_event(
     )
     assert (await final_status(by_admin)).state == "killed"
     assert [f.state for f in peer.notified] == ["killed"]
+
+
+async def test_a_refused_poll_waits_its_backoff_and_no_quiet_spell_besides(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The executor refuses agent.status (not ACTIVE): between polls the workflow waits the
+    growing backoff only, one timer each, not a quiet spell as well."""
+    peer.status_answer = ApplicationError("not ACTIVE", type="not_active", non_retryable=True)
+    handle = await start_requester(client, task_queue, poll_after_quiet_seconds=1.0)
+    await wait_for(lambda: peer.status_waits >= 3, timeout=30)
+    types = await event_types(client, handle)
+    # One quiet spell before the first poll, one backoff after each refused poll.
+    assert types.count("TIMER_STARTED") <= peer.status_waits + 1
+    await handle.signal("on_event", m.AgentEvent(9, "completed", result={"summary": "ok"}))
+    assert (await final_status(handle)).state == "completed"
