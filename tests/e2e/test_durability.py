@@ -331,7 +331,18 @@ async def test_events_stream_follows_the_agent_and_resumes(hub: Instance, hub_sp
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
     resumed = await read({"Last-Event-ID": str(ids[1])})
-    assert [e[0] for e in resumed] == ids[2:]
+
+    def key(event: tuple[int, str, dict[str, Any]]) -> tuple[str, int]:
+        event_id, kind, data = event
+        return ("entry", int(data["seq"])) if kind == "transcript" else ("log", event_id >> 20)
+
+    # Resumed after ids[1]: exactly what came after it, none twice, in increasing ids. (Where
+    # transcript entries fall among progress events may differ: live, an entry is sent when it
+    # arrives; resumed, by when it happened.)
+    resumed_ids = [event_id for event_id, _, _ in resumed]
+    assert resumed_ids == sorted(set(resumed_ids)) and resumed_ids[0] > ids[1]
+    assert sorted(map(key, resumed)) == sorted(map(key, events[2:]))
+    assert len({key(e) for e in resumed}) == len(resumed)
 
     listed = await hub.call("GET", "/agents", params={"taskId": "sse-1", "state": "completed"})
     assert [a["agentId"] for a in listed.json()] == [body["agentId"]]
