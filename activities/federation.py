@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from typing import Any
 
@@ -375,21 +376,8 @@ class FederationActivities:
 
     @activity.defn(name=FINISH_RUN)
     async def finish_run(self, finish: FinishRun) -> None:
-        """Record the final state, then tell the requester (retried until it hears it)."""
-        agent_id = uuid.UUID(finish.agent_id)
-        await repos.update_executed_agent(
-            self.pool,
-            finish.requester_id,
-            agent_id,
-            state=finish.state,
-            result=finish.result,
-            error=finish.error,
-        )
-        row = await repos.get_executed_agent(self.pool, finish.requester_id, agent_id)
-        if row is None:
-            return
-        try:
-            with tracing.trace(finish.traceparent):
-                await self.messenger.notify_requester(row)
-        except FederationError as err:
-            raise as_activity_error(err) from None
+        """Record the final state, then tell the requester (retried until it hears it): what
+        workflows from before durable-core ask; newer ones call the two steps apart."""
+        # (These workflows never recorded the attempt with the final state.)
+        await self.record_run_final(dataclasses.replace(finish, attempt=None))
+        await self.notify_requester(finish)

@@ -202,19 +202,7 @@ class RemoteAgentWorkflow:
             if self._kill_requested:
                 self._finish("killed", error="killed before the spawn was sent")
             else:
-                try:
-                    ack = await workflow.execute_activity(
-                        SEND_SPAWN,
-                        inp,
-                        result_type=AgentEvent,
-                        schedule_to_close_timeout=timedelta(seconds=inp.spawn_deadline_seconds),
-                        start_to_close_timeout=timedelta(seconds=inp.peer_timeout_seconds + 5),
-                        retry_policy=PEER_RETRY,
-                        summary=f"send agent.spawn to {inp.peer_name}",
-                    )
-                    self._apply(ack)
-                except ActivityError as err:
-                    self._finish("failed", error=f"spawn not delivered: {_reason(err)}")
+                await self._send_spawn(inp)
         self._spawn_settled = True
 
         backoff = 1.0
@@ -287,17 +275,8 @@ class RemoteAgentWorkflow:
                 except TimeoutError:
                     pass
 
-    def _continue_as_new_due(self, inp: SpawnAgentInput) -> bool:
-        info = workflow.info()
-        forced = inp.continue_as_new_after_events
-        return info.is_continue_as_new_suggested() or (
-            forced > 0 and info.get_current_history_length() >= forced
-        )
-
-    async def _run_before_durable_core(self, inp: SpawnAgentInput) -> AgentStatus:
-        self._agent_id = inp.agent_id
-        self._traceparent = inp.traceparent
-        call = PeerCall(inp.agent_id, inp.connection_id, inp.peer_timeout_seconds, inp.traceparent)
+    async def _send_spawn(self, inp: SpawnAgentInput) -> None:
+        """Deliver agent.spawn (retried until the spawn deadline); its ack is the first report."""
         try:
             ack = await workflow.execute_activity(
                 SEND_SPAWN,
@@ -311,6 +290,19 @@ class RemoteAgentWorkflow:
             self._apply(ack)
         except ActivityError as err:
             self._finish("failed", error=f"spawn not delivered: {_reason(err)}")
+
+    def _continue_as_new_due(self, inp: SpawnAgentInput) -> bool:
+        info = workflow.info()
+        forced = inp.continue_as_new_after_events
+        return info.is_continue_as_new_suggested() or (
+            forced > 0 and info.get_current_history_length() >= forced
+        )
+
+    async def _run_before_durable_core(self, inp: SpawnAgentInput) -> AgentStatus:
+        self._agent_id = inp.agent_id
+        self._traceparent = inp.traceparent
+        call = PeerCall(inp.agent_id, inp.connection_id, inp.peer_timeout_seconds, inp.traceparent)
+        await self._send_spawn(inp)
         self._spawn_settled = True
 
         base = timedelta(seconds=inp.status_poll_seconds)
@@ -378,9 +370,10 @@ class RemoteAgentWorkflow:
         ended here, unconfirmed."""
         call = PeerCall(self._agent_id, "", inp.peer_timeout_seconds, self._traceparent)
         deadline = workflow.now() + timedelta(seconds=inp.kill_deadline_seconds)
+        local_first = workflow.patched(PATCH_LOCAL_KILL)
         try:
             answer: KillResult | None = None
-            if workflow.patched(PATCH_LOCAL_KILL):
+            if local_first:
                 # One try as a local activity, answered in the workflow task that sent it: no
                 # round trip through the task queue, no second task before the answer. At most
                 # half the kill deadline: the rest is for the retried activity.
@@ -407,9 +400,7 @@ class RemoteAgentWorkflow:
                     result_type=KillResult,
                     start_to_close_timeout=timedelta(seconds=60),
                     schedule_to_close_timeout=timedelta(
-                        seconds=remaining
-                        if workflow.patched(PATCH_LOCAL_KILL)
-                        else inp.kill_deadline_seconds
+                        seconds=remaining if local_first else inp.kill_deadline_seconds
                     ),
                     retry_policy=PEER_RETRY,
                     summary="send agent.kill",
