@@ -56,7 +56,7 @@ class StoreSink:
         )
 
     async def save(self, state: ConversationState, entries: list[dict[str, Any]]) -> None:
-        self.summary = await conversations.save_checkpoint(
+        summary = await conversations.save_checkpoint(
             self.pool,
             requester_id=self.requester_id,
             agent_id=self.agent_id,
@@ -68,7 +68,8 @@ class StoreSink:
             entries=entries,
             transcript_limit=self.transcript_limit,
         )
-        if entries:
+        if summary is not None:  # entries were appended
+            self.summary = summary
             self.saved.set()
 
 

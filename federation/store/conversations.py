@@ -38,9 +38,10 @@ async def save_checkpoint(
     tokens: int,
     entries: list[dict[str, Any]],
     transcript_limit: int,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Save the try's conversation and append `entries` to the run's transcript, atomically.
-    Returns the transcript's summary (entries, bytes, truncated).
+    Returns the transcript's summary (entries, bytes, truncated), or None when there were no
+    entries (the transcript is as it was: nothing is locked or counted for it).
 
     `state["writer"]` (the activity attempt saving it) fences the row: a worker whose attempt
     Temporal already gave up on (it stopped heartbeating but still runs) cannot overwrite the
@@ -69,6 +70,8 @@ async def save_checkpoint(
             raise CheckpointSuperseded(
                 f"checkpoint of try {attempt} of agent {agent_id} belongs to a later attempt"
             )
+        if not entries:
+            return None
         return await append_transcript(
             conn, requester_id, agent_id, attempt, entries, transcript_limit
         )
