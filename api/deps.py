@@ -53,6 +53,7 @@ def services_for(request: Request) -> Services:
         temporal=state.temporal,
         settings=state.settings,
         starter=state.spawner,
+        transcripts=state.transcripts,
         cipher=state.cipher,
     )
 

@@ -31,7 +31,7 @@ from federation import keystore
 from federation.identity import ensure_identity
 from federation.netpolicy import peer_client
 from federation.settings import Settings, get_settings
-from federation.store import audit_retention, repos
+from federation.store import audit_retention, notifications, repos
 from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal
 from federation.transcripts import TranscriptPuller
@@ -92,6 +92,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.transcripts = TranscriptPuller(
             app.state.pool, app.state.http, settings, app.state.cipher
         )
+        # Wakes agent.status long-polls when a run's state changes (connects at first use).
+        app.state.agent_state_listener = notifications.Listener(
+            settings.database_url, (notifications.AGENT_STATE,)
+        )
         try:
             yield
         finally:
@@ -101,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await task
             await app.state.spawner.close()
             await app.state.transcripts.close()
+            await app.state.agent_state_listener.close()
             await app.state.http.aclose()
             await app.state.key_pool.close()
             await app.state.pool.close()

@@ -17,6 +17,7 @@ from temporalio.client import Client
 from federation.identity import Identity, load_identity
 from federation.keystore import KeyCipher
 from federation.settings import Settings
+from federation.transcripts import TranscriptPuller
 
 
 class WorkflowStarter(Protocol):
@@ -34,6 +35,9 @@ class Services:
     temporal: Client
     settings: Settings
     starter: WorkflowStarter
+    # Pulls the transcript entries events did not bring (one per instance: the pulls of one
+    # agent never overlap).
+    transcripts: TranscriptPuller
     cipher: KeyCipher | None = None
 
     async def identity(self) -> Identity:

@@ -23,7 +23,6 @@ from federation.models import (
     AgentType,
 )
 from federation.store import conversations, repos
-from federation.transcripts import TranscriptPuller
 from federation.users import User
 from operations import Services, agents
 
@@ -145,7 +144,7 @@ async def event_stream(
     except ValueError:
         raise InvalidRequest("Last-Event-ID must be an event id from this stream") from None
     # Pulls what events did not bring before the final state goes out.
-    transcripts = TranscriptPuller(services.pool, services.http, services.settings, services.cipher)
+    transcripts = services.transcripts
 
     async def stream() -> AsyncIterator[str]:
         cursor, entry_no = after >> CURSOR_BITS, after & ((1 << CURSOR_BITS) - 1)

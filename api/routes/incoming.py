@@ -370,7 +370,7 @@ async def incoming_command(
         # (Temporal away: 503) is repaired by the requester's retry of the same spawn.
         row = await _start_run(pool, temporal, settings, envelope, connection, received_at)
     elif command == "agent.status" and ref.afterSeq is not None:
-        row = await _wait_for_change(request, pool, settings, row, ref)
+        row = await _wait_for_change(request, pool, row, ref)
     elif command == "agent.kill":
         # The answer carries the final state: the workflow need not send it as an event too.
         row = await stop_run(pool, temporal, row, "killed on request", answered=True)
@@ -510,22 +510,14 @@ async def _artifact(
 LONG_POLL_MAX = 25.0  # seconds an agent.status long-poll is held at most
 
 
-def _state_listener(request: Request, settings: Settings) -> notifications.Listener:
-    listener = getattr(request.app.state, "agent_state_listener", None)
-    if listener is None:
-        listener = notifications.Listener(settings.database_url, (notifications.AGENT_STATE,))
-        request.app.state.agent_state_listener = listener
-    return listener
-
-
 async def _wait_for_change(
-    request: Request, pool: asyncpg.Pool, settings: Settings, row: dict[str, Any], ref: Any
+    request: Request, pool: asyncpg.Pool, row: dict[str, Any], ref: Any
 ) -> dict[str, Any]:
     """Hold agent.status until the record moves past what the requester knows, or a bound."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(ref.waitSeconds or 20.0, LONG_POLL_MAX)
     key = notifications.agent_key("executor", row["peer_instance_id"], row["agent_id"])
-    listener = _state_listener(request, settings)
+    listener: notifications.Listener = request.app.state.agent_state_listener
     while True:
         if row["seq"] > ref.afterSeq and (
             ref.knownState is None
