@@ -1,0 +1,41 @@
+"""The transcript of an agent spawned on a peer (the requester's copy), page by page."""
+
+from __future__ import annotations
+
+import uuid
+
+from federation.models import TranscriptPage
+from federation.store import conversations, repos
+from federation.transcripts import reported_total
+from federation.users import User
+from operations import Services, agents
+
+
+async def page(
+    services: Services, user: User, agent_id: uuid.UUID, *, after: int, limit: int
+) -> TranscriptPage:
+    """Entries numbered above `after`; `complete` once the run has ended and every entry the
+    executor reported is here (what is missing is pulled first)."""
+    row = await agents.get(services, user, agent_id)
+    terminal = row["state"] in repos.TERMINAL_STATES
+    total = reported_total(row)
+    complete = False
+    if terminal:
+        complete = await services.transcripts.complete(agent_id, row)
+    elif total:
+        services.transcripts.kick_if_behind(agent_id, total)
+    pool = services.pool
+    entries = await conversations.received_after(pool, agent_id, after, limit)
+    stored = await conversations.received_count(pool, agent_id)
+    result = row.get("result") or {}
+    summary = result.get("transcript") if isinstance(result, dict) else None
+    return TranscriptPage(
+        agentId=agent_id,
+        entries=entries,
+        next=int(entries[-1]["seq"]) if entries else after,
+        stored=stored,
+        total=total,
+        truncated=bool(isinstance(summary, dict) and summary.get("truncated"))
+        or any(e.get("kind") == "truncated" for e in entries),
+        complete=complete,
+    )
