@@ -353,11 +353,7 @@ async def incoming_command(
                     ref = pull = _payload(TranscriptPullPayload, envelope)
                 else:
                     ref = _payload(AgentRefPayload, envelope)
-                found = await repos.get_executed_agent(conn, envelope.senderId, ref.agentId)
-                # Runs belong to the connection they came over, not to a reused instanceId.
-                if found is None or found["connection_id"] != connection["connection_id"]:
-                    raise AgentNotFound(f"no agent {ref.agentId} of this requester")
-                row = found
+                row = await _own_run(conn, envelope, connection, ref.agentId)
                 await repos.record_message(
                     conn, envelope.to_wire(), direction="in", agent_id=ref.agentId
                 )
@@ -472,6 +468,20 @@ async def _start_run(
     return row
 
 
+async def _own_run(
+    conn: asyncpg.Connection,
+    envelope: Envelope,
+    connection: dict[str, Any],
+    agent_id: uuid.UUID,
+) -> dict[str, Any]:
+    """The sender's run `agent_id` on this executor. Runs belong to the connection they came
+    over, not to a reused instanceId: another connection's run is no run of this sender."""
+    row = await repos.get_executed_agent(conn, envelope.senderId, agent_id)
+    if row is None or row["connection_id"] != connection["connection_id"]:
+        raise AgentNotFound(f"no agent {agent_id} of this requester")
+    return row
+
+
 async def _artifact(
     conn: asyncpg.Connection,
     settings: Settings,
@@ -480,10 +490,7 @@ async def _artifact(
 ) -> dict[str, Any]:
     """One bounded piece of an artifact of the sender's own run, with the whole one's hash."""
     ask: AgentArtifactPayload = _payload(AgentArtifactPayload, envelope)
-    row = await repos.get_executed_agent(conn, envelope.senderId, ask.agentId)
-    # Runs belong to the connection they came over, not to a reused instanceId.
-    if row is None or row["connection_id"] != connection["connection_id"]:
-        raise AgentNotFound(f"no agent {ask.agentId} of this requester")
+    await _own_run(conn, envelope, connection, ask.agentId)
     artifact = await artifacts.of_agent(
         conn,
         role="executor",
