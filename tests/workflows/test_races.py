@@ -239,7 +239,67 @@ async def test_duplicate_and_reordered_events_change_nothing_after_the_final_one
     status = await final_status(handle)
     await save_history(client, handle, "requester-duplicate-reordered-events")
     assert (status.state, status.seq, status.result) == ("completed", 5, {"summary": "first final"})
-    assert [f.state for f in peer.requester_finals] == ["completed"]
+    # A late event may arrive while the record runs and make it run again (see the next test).
+    assert peer.requester_finals
+    assert {f.state for f in peer.requester_finals} == {"completed"}
+
+
+async def events_in_history(client: Client, handle, attribute: str) -> int:  # type: ignore[no-untyped-def]
+    history = await client.get_workflow_handle(handle.id).fetch_history()
+    return sum(1 for e in history.events if e.HasField(attribute))
+
+
+async def test_an_event_arriving_while_the_final_is_recorded_keeps_the_first_final(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The record is a local activity, run inside the workflow task that closes the workflow.
+    An event arriving meanwhile (the final event racing the long-poll's answer) fails that task
+    (an unhandled command) and Temporal drops its local activity's marker: the retried task
+    records again. Local activities are at least once (a worker crash does the same), so the
+    promise is that a repeat carries the first final, never the late event, and that the store
+    keeps one final (tests/workflows/test_records_repeat.py)."""
+    peer.record_gate.clear()
+    handle = await start_requester(client, task_queue)
+    await handle.signal("on_event", m.AgentEvent(5, "completed", result={"summary": "first"}))
+    await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
+    # Accepted by the server once signal() returns; buffered there while the task is open.
+    await handle.signal("on_event", m.AgentEvent(6, "failed", error="late"))
+    peer.record_gate.set()
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-event-while-recording")
+    assert (status.state, status.seq, status.result) == ("completed", 5, {"summary": "first"})
+    assert peer.requester_finals
+    first = m.RequesterFinal(status.agent_id, "completed", {"summary": "first"}, None)
+    assert all(final == first for final in peer.requester_finals)
+
+
+async def test_a_cancel_arriving_while_a_killed_run_is_recorded_keeps_the_kill_and_its_answer(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The requester's kill: the executor records `killed` (a local activity) and answers the
+    update in the task that closes the workflow. A cancel arriving meanwhile fails that task:
+    the answer is given again by the retried task, and any repeated record is a kill too."""
+    handle = await start_executor(client, task_queue)
+    await peer.sandbox_started.wait()
+    peer.record_gate.clear()
+    answer = asyncio.create_task(
+        handle.execute_update(
+            "kill", m.KillRequest(answered=True), id="kill", result_type=m.KillResult
+        )
+    )
+    await wait_for(lambda: m.RECORD_RUN_FINAL in peer.calls)
+    await handle.cancel()  # accepted by the server once cancel() returns
+    peer.record_gate.set()
+    assert (await answer).state == "killed"
+    status = await final_status(handle)
+    await save_history(client, handle, "executor-cancel-while-recording-kill")
+    assert status.state == "killed"
+    assert peer.executor_finals
+    # The retried task may see the cancel before the cancelled try and word the reason its
+    # way; the store keeps the first record (tests/workflows/test_records_repeat.py).
+    assert {f.state for f in peer.executor_finals} == {"killed"}
+    assert m.NOTIFY_REQUESTER not in peer.calls
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
 
 
 # --- point 5 and 14.9: cancel is a kill, the UI shows failures -------------------------------
