@@ -37,6 +37,7 @@ from workflows.models import (
     FinishRun,
     KillResult,
     PeerCall,
+    RecordedFinal,
     RequesterFinal,
     RunTask,
     SpawnAgentInput,
@@ -127,6 +128,12 @@ class PeerMessenger:
             agent_id=row["agent_id"],
             timeout=timeout,
         )
+
+
+def _recorded(row: dict[str, Any]) -> RecordedFinal:
+    return RecordedFinal(
+        str(row["state"]), row["result"], row["error"], int(row["seq"]), bool(row["written"])
+    )
 
 
 class FederationActivities:
@@ -293,14 +300,19 @@ class FederationActivities:
                 await asyncio.sleep(min(wait.wait_seconds, 15.0))
 
     @activity.defn(name=RECORD_REQUESTER_FINAL)
-    async def record_requester_final(self, final: RequesterFinal) -> None:
-        await repos.force_requester_final(
+    async def record_requester_final(self, final: RequesterFinal) -> RecordedFinal:
+        """Record the run's final state here; answers the final the store keeps (the first:
+        a record run again, or after an event the workflow had not heard yet, keeps it)."""
+        kept = await repos.force_requester_final(
             self.pool,
             uuid.UUID(final.agent_id),
             state=final.state,
             result=final.result,
             error=final.error,
         )
+        if kept is None:  # no row (removed meanwhile): nothing to keep but this final
+            return RecordedFinal(final.state, final.result, final.error)
+        return _recorded(kept)
 
     # --- executor side -----------------------------------------------------------------
 
@@ -340,11 +352,11 @@ class FederationActivities:
         )
 
     @activity.defn(name=RECORD_RUN_FINAL)
-    async def record_run_final(self, finish: FinishRun) -> int:
-        """Record the run's final state on the executor; returns the record's sequence number.
+    async def record_run_final(self, finish: FinishRun) -> RecordedFinal:
+        """Record the run's final state on the executor; answers the final the store keeps.
 
         Terminal states are final: a second record (a retry, a kill racing completion) keeps
-        the first.
+        the first, and answers it with its sequence number.
         """
         agent_id = uuid.UUID(finish.agent_id)
         row = await repos.update_executed_agent(
@@ -356,9 +368,12 @@ class FederationActivities:
             error=finish.error,
             attempt=finish.attempt,
         )
+        written = row is not None
         if row is None:
             row = await repos.get_executed_agent(self.pool, finish.requester_id, agent_id)
-        return int(row["seq"]) if row is not None else 0
+        if row is None:  # no row (removed meanwhile): nothing to keep but this final
+            return RecordedFinal(finish.state, finish.result, finish.error)
+        return _recorded({**row, "written": written})
 
     @activity.defn(name=NOTIFY_REQUESTER)
     async def notify_requester(self, finish: FinishRun) -> None:

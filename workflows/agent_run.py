@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
         AGENT_TIMED_OUT,
         FINISH_RUN,
         NOTIFY_REQUESTER,
+        PATCH_ADOPT_FINAL,
         PATCH_DURABLE_CORE,
         PATCH_KILL_ANSWERED,
         RECORD_RUN_FINAL,
@@ -33,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         FinishRun,
         KillRequest,
         KillResult,
+        RecordedFinal,
         RunTask,
     )
 
@@ -147,16 +149,28 @@ class AgentRunWorkflow:
             # Record first: the run's outcome is kept whatever happens to the notification.
             # The run has ended: a cancel arriving now has nothing left to kill and must not
             # stop the record (the result would be lost) nor the notification.
-            self._seq = await past_cancel(
+            adopt = workflow.patched(PATCH_ADOPT_FINAL)
+            kept = await past_cancel(
                 workflow.start_local_activity(
                     RECORD_RUN_FINAL,
                     final,
-                    result_type=int,
+                    result_type=RecordedFinal if adopt else int,
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=STORE_RETRY,
                     summary=f"record {self._state}",
                 )
             )
+            if isinstance(kept, RecordedFinal):
+                self._seq = kept.seq
+                if not self._adopt(kept):
+                    # The run had ended before the cancel (this task runs again after a
+                    # failure, or a worker crash): it closes as it ended, told as it ended.
+                    cancelled = False
+                    final = dataclasses.replace(
+                        final, state=kept.state, result=kept.result, error=kept.error
+                    )
+            else:
+                self._seq = int(kept)
         self._recorded = True
         if self._agent_id and requester_id and not self._told_by_kill_answer():
             try:  # best effort: the requester long-polls agent.status when this is lost
@@ -422,6 +436,14 @@ class AgentRunWorkflow:
         if self._attempt:
             details += f" (try {self._attempt})"
         workflow.set_current_details(details)
+
+    def _adopt(self, kept: RecordedFinal) -> bool:
+        """Take the store's final as this workflow's; True when it is the one just recorded."""
+        if kept.written or (kept.state, kept.error) == (self._state, self._error):
+            return True
+        self._result, self._error = kept.result, kept.error
+        self._set_state(kept.state)
+        return False
 
     def _end(self, state: str, result: dict | None = None, error: str | None = None) -> None:  # type: ignore[type-arg]
         if self._state in TERMINAL_STATES:

@@ -37,6 +37,10 @@ PATCH_QUIET_POLL = "quiet-poll-1"
 PATCH_LOCAL_KILL = "local-kill-1"
 # The executor sends no final event of a kill whose answer told the requester.
 PATCH_KILL_ANSWERED = "kill-answered-1"
+# A final record answers what the store kept, and the workflow takes that as its own final:
+# a record run again (local activities run at least once) after a cancel, a kill or a deadline
+# raced the first one never leaves the workflow saying another final than the store.
+PATCH_ADOPT_FINAL = "adopt-final-1"
 
 # Custom search attributes operators filter by in the Temporal Web UI.
 SA_AGENT_ID = SearchAttributeKey.for_keyword("AgentId")
@@ -166,6 +170,18 @@ class RequesterFinal:
     state: str
     result: dict[str, Any] | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordedFinal:
+    """The final state the store holds once a record ran: terminal states are final there, so
+    a record that came second finds the first one (`written` False) and answers that."""
+
+    state: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    seq: int = 0
+    written: bool = True
 
 
 @dataclass(frozen=True)

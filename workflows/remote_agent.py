@@ -16,6 +16,7 @@ from workflows.agent_run import past_cancel
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
+        PATCH_ADOPT_FINAL,
         PATCH_DURABLE_CORE,
         PATCH_LOCAL_KILL,
         PATCH_QUIET_POLL,
@@ -31,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         KillRequest,
         KillResult,
         PeerCall,
+        RecordedFinal,
         RequesterFinal,
         SpawnAgentInput,
         StatusWait,
@@ -140,9 +142,17 @@ class RemoteAgentWorkflow:
         except asyncio.CancelledError:
             # Cancelling the workflow (UI, CLI) is a kill: the executor is told to stop the
             # run, and the answer is recorded before the workflow closes Cancelled.
-            cancelled = True
+            adopt = workflow.patched(PATCH_ADOPT_FINAL)
             if self._poll is not None and not self._poll.done():
                 self._poll.cancel()
+            elif self._poll is not None and adopt:
+                # Its answer came in the same workflow task as the cancel (a task run again
+                # after a failure holds both): the executor's word comes first.
+                self._apply_finished_poll(self._poll)
+            if adopt and self._state not in TERMINAL_STATES and workflow.now() >= deadline:
+                self._time_out(inp)  # the deadline's timer came with the cancel
+            # A run that had ended when the cancel came closes as it ended.
+            cancelled = not (adopt and self._state in TERMINAL_STATES)
             self._kill_requested = True
             self._spawn_settled = True
             if self._state not in TERMINAL_STATES:
@@ -158,7 +168,8 @@ class RemoteAgentWorkflow:
                     inp, deadline=deadline.isoformat(), spawned=True, carried=self.status()
                 )
             )
-        await self._record_final(inp)
+        if not await self._record_final(inp):
+            cancelled = False  # the run had ended before the cancel: it closes as it ended
         if cancelled:
             raise asyncio.CancelledError("killed: workflow cancelled")
         if self._state in ("failed", "timed_out"):
@@ -180,20 +191,48 @@ class RemoteAgentWorkflow:
         except asyncio.CancelledError:
             pass  # the run has ended already: a cancel now changes nothing
 
-    async def _record_final(self, inp: SpawnAgentInput) -> None:
+    async def _record_final(self, inp: SpawnAgentInput) -> bool:
+        """Record the final state; False when the store kept another one, which this workflow
+        then takes as its own (see PATCH_ADOPT_FINAL)."""
+        ours = True
         if not self._final_written:
+            adopt = workflow.patched(PATCH_ADOPT_FINAL)
             # The run has ended: a cancel arriving now must not stop its record.
-            await past_cancel(
+            kept = await past_cancel(
                 workflow.start_local_activity(
                     RECORD_REQUESTER_FINAL,
                     RequesterFinal(inp.agent_id, self._state, self._result, self._error),
+                    result_type=RecordedFinal if adopt else None,
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=STORE_RETRY,
                     summary=f"record final state {self._state}",
                 )
             )
+            if adopt and isinstance(kept, RecordedFinal):
+                ours = self._adopt(kept)
         self._recorded = True
         await workflow.wait_condition(workflow.all_handlers_finished)
+        return ours
+
+    def _time_out(self, inp: SpawnAgentInput) -> None:
+        self._finish(
+            "timed_out",
+            error=f"no final state from {inp.peer_name} within"
+            f" {_budget(inp).total_seconds():.0f} s (timeout x tries + spawn deadline + grace)",
+        )
+
+    def _adopt(self, kept: RecordedFinal) -> bool:
+        """Take the store's final as this workflow's; True when it is the one just recorded."""
+        if (kept.state, kept.error) == (self._state, self._error) or kept.written:
+            return True
+        self._state, self._result, self._error = kept.state, kept.result, kept.error
+        self._set_state_attribute()
+        return False
+
+    def _apply_finished_poll(self, poll: workflow.ActivityHandle[AgentEvent]) -> None:
+        if poll.cancelled() or poll.exception() is not None:
+            return
+        self._apply(poll.result())
 
     async def _follow(self, inp: SpawnAgentInput, deadline: datetime) -> None:
         """Send the spawn, then follow the run to a final state (or to continuing as new)."""
@@ -215,12 +254,7 @@ class RemoteAgentWorkflow:
                 return  # the caller continues as new unless a handler ended the run
             remaining = (deadline - workflow.now()).total_seconds()
             if remaining <= 0:
-                self._finish(
-                    "timed_out",
-                    error=f"no final state from {inp.peer_name} within"
-                    f" {_budget(inp).total_seconds():.0f} s (timeout x tries + spawn deadline"
-                    " + grace)",
-                )
+                self._time_out(inp)
                 break
             # Events (signals) bring each state change at once; only after a quiet spell does
             # one long-poll activity ask the executor, for an event that was lost.
@@ -235,6 +269,11 @@ class RemoteAgentWorkflow:
                     continue  # news: look again at the state, the deadline, continue-as-new
                 except TimeoutError:
                     pass
+                if workflow.patched(PATCH_ADOPT_FINAL):
+                    # The quiet spell may have run into the deadline: the poll has what is left.
+                    remaining = (deadline - workflow.now()).total_seconds()
+                    if remaining <= 0:
+                        continue
             # One long-poll activity waits for the executor's next state change; silence and
             # progress cost no history. An event (signal) that brings the change first wins.
             self._changed = False

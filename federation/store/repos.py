@@ -291,23 +291,33 @@ async def force_requester_final(
     state: str,
     result: dict[str, Any] | None,
     error: str | None,
-) -> None:
-    """The requester's own final word (its workflow ended): terminal, whatever came before."""
-    await db.execute(
+) -> dict[str, Any] | None:
+    """The requester's own final word (its workflow ended): terminal, whatever came before,
+    unless a final is there already. Answers the final the row keeps (`written` False when it
+    was there before), or None when there is no such row."""
+    row = await db.fetchrow(
         "WITH updated AS ("
         " UPDATE agents SET state = $2, result = COALESCE($3, result),"
         " error = COALESCE($4, error), updated_at = now(),"
         " finished_at = COALESCE(finished_at, now())"
         " WHERE role = 'requester' AND agent_id = $1 AND NOT (state = ANY($5::text[]))"
-        " RETURNING agent_id, seq, state, progress, error, attempt)"
-        " INSERT INTO agent_events (agent_id, seq, state, progress, error, attempt)"
-        " SELECT agent_id, seq, state, progress, error, attempt FROM updated",
+        " RETURNING agent_id, seq, state, progress, result, error, attempt),"
+        " event AS (INSERT INTO agent_events (agent_id, seq, state, progress, error, attempt)"
+        " SELECT agent_id, seq, state, progress, error, attempt FROM updated)"
+        " SELECT state, result, error, seq, true AS written FROM updated",
         agent_id,
         state,
         result,
         error,
         list(TERMINAL_STATES),
     )
+    if row is None:
+        row = await db.fetchrow(
+            "SELECT state, result, error, seq, false AS written FROM agents"
+            " WHERE role = 'requester' AND agent_id = $1",
+            agent_id,
+        )
+    return row_dict(row)
 
 
 async def add_agent_event(db: Executor, agent_id: uuid.UUID, *, seq: int, state: str) -> None:

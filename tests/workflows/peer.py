@@ -109,10 +109,13 @@ class ScriptedPeer:
         return m.KillResult(call.agent_id, "killed", 99)
 
     @activity.defn(name=m.RECORD_REQUESTER_FINAL)
-    async def record_requester_final(self, final: m.RequesterFinal) -> None:
+    async def record_requester_final(self, final: m.RequesterFinal) -> m.RecordedFinal:
+        """Kept as the store keeps it: the first final stays (each call is still listed)."""
         self.calls.append(m.RECORD_REQUESTER_FINAL)
         await self.record_gate.wait()
         self.requester_finals.append(final)
+        first = next(f for f in self.requester_finals if f.agent_id == final.agent_id)
+        return m.RecordedFinal(first.state, first.result, first.error, written=first is final)
 
     # --- executor side -------------------------------------------------------------------
 
@@ -168,11 +171,13 @@ class ScriptedPeer:
         self.notified.append(finish)
 
     @activity.defn(name=m.RECORD_RUN_FINAL)
-    async def record_run_final(self, finish: m.FinishRun) -> int:
+    async def record_run_final(self, finish: m.FinishRun) -> m.RecordedFinal:
+        """Kept as the store keeps it: the first final stays, with its sequence number."""
         self.calls.append(m.RECORD_RUN_FINAL)
         await self.record_gate.wait()  # the store is slow (or away) while it records
         self.executor_finals.append(finish)
-        return 10 + len(self.executor_finals)
+        first = next(f for f in self.executor_finals if f.agent_id == finish.agent_id)
+        return m.RecordedFinal(first.state, first.result, first.error, 11, written=first is finish)
 
     @activity.defn(name=m.NOTIFY_REQUESTER)
     async def notify_requester(self, finish: m.FinishRun) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from datetime import timedelta
 
+from temporalio.api.enums.v1 import WorkflowTaskFailedCause
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
@@ -244,20 +245,24 @@ async def test_duplicate_and_reordered_events_change_nothing_after_the_final_one
     assert {f.state for f in peer.requester_finals} == {"completed"}
 
 
-async def events_in_history(client: Client, handle, attribute: str) -> int:  # type: ignore[no-untyped-def]
+async def failed_tasks(client: Client, handle) -> list[str]:  # type: ignore[no-untyped-def]
+    """Why each of the workflow's failed workflow tasks failed (the run's first execution)."""
     history = await client.get_workflow_handle(handle.id).fetch_history()
-    return sum(1 for e in history.events if e.HasField(attribute))
+    return [
+        WorkflowTaskFailedCause.Name(e.workflow_task_failed_event_attributes.cause)
+        for e in history.events
+        if e.HasField("workflow_task_failed_event_attributes")
+    ]
 
 
 async def test_an_event_arriving_while_the_final_is_recorded_keeps_the_first_final(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     """The record is a local activity, run inside the workflow task that closes the workflow.
-    An event arriving meanwhile (the final event racing the long-poll's answer) fails that task
-    (an unhandled command) and Temporal drops its local activity's marker: the retried task
-    records again. Local activities are at least once (a worker crash does the same), so the
-    promise is that a repeat carries the first final, never the late event, and that the store
-    keeps one final (tests/workflows/test_records_repeat.py)."""
+    An event arriving meanwhile fails that task (an unhandled command) and Temporal drops its
+    local activity's marker: the retried task records again. Local activities run at least
+    once (a worker crash does the same), so the promise is that the repeat carries the first
+    final, never the late event, and the store keeps one (test_records_repeat.py)."""
     peer.record_gate.clear()
     handle = await start_requester(client, task_queue)
     await handle.signal("on_event", m.AgentEvent(5, "completed", result={"summary": "first"}))
@@ -268,17 +273,59 @@ async def test_an_event_arriving_while_the_final_is_recorded_keeps_the_first_fin
     status = await final_status(handle)
     await save_history(client, handle, "requester-event-while-recording")
     assert (status.state, status.seq, status.result) == ("completed", 5, {"summary": "first"})
-    assert peer.requester_finals
     first = m.RequesterFinal(status.agent_id, "completed", {"summary": "first"}, None)
-    assert all(final == first for final in peer.requester_finals)
+    assert peer.requester_finals == [first, first]  # the race happened: recorded again
+    assert await failed_tasks(client, handle) == ["WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND"]
 
 
-async def test_a_cancel_arriving_while_a_killed_run_is_recorded_keeps_the_kill_and_its_answer(
+async def test_a_cancel_while_a_polled_completion_is_recorded_leaves_the_run_completed(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The long-poll brings `completed`; a cancel (UI, CLI) arrives while it is recorded. The
+    retried task holds both the poll's answer and the cancel: the run had ended, so no kill
+    is sent and the workflow closes Completed, saying what the store kept."""
+    peer.record_gate.clear()
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    peer.set_status(m.AgentEvent(4, "completed", result={"summary": "polled"}))
+    await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
+    await handle.cancel()  # accepted by the server once cancel() returns
+    peer.record_gate.set()
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-cancel-while-recording-polled")
+    assert (status.state, status.result) == ("completed", {"summary": "polled"})
+    assert m.SEND_KILL not in peer.calls
+    assert {f.state for f in peer.requester_finals} == {"completed"}
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_a_cancel_while_a_spawn_failure_is_recorded_keeps_the_failure(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The spawn is refused and `failed` is being recorded when a cancel arrives: the retried
+    task sees the cancel first and kills a run the executor never had (unconfirmed). The
+    store kept `failed`, and so does the workflow: it closes Failed with the refusal."""
+    peer.record_gate.clear()
+    peer.spawn_answer = ApplicationError("no", type="grant_agent_type", non_retryable=True)
+    peer.kill_error = ApplicationError("no such agent", type="agent_not_found", non_retryable=True)
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
+    await handle.cancel()
+    peer.record_gate.set()
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-cancel-while-recording-failed")
+    assert status.state == "failed" and "grant_agent_type" in (status.error or "")
+    assert peer.requester_finals[0].state == "failed"
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.FAILED
+
+
+async def test_a_cancel_while_a_killed_run_is_recorded_keeps_the_kill_as_recorded(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     """The requester's kill: the executor records `killed` (a local activity) and answers the
-    update in the task that closes the workflow. A cancel arriving meanwhile fails that task:
-    the answer is given again by the retried task, and any repeated record is a kill too."""
+    update in the task that closes the workflow. A cancel arriving meanwhile fails that task;
+    the retried task sees the cancel first and words the kill its own way. The workflow says
+    what the store kept and closes as the kill alone would have (Completed, state killed)."""
     handle = await start_executor(client, task_queue)
     await peer.sandbox_started.wait()
     peer.record_gate.clear()
@@ -293,13 +340,12 @@ async def test_a_cancel_arriving_while_a_killed_run_is_recorded_keeps_the_kill_a
     assert (await answer).state == "killed"
     status = await final_status(handle)
     await save_history(client, handle, "executor-cancel-while-recording-kill")
-    assert status.state == "killed"
-    assert peer.executor_finals
-    # The retried task may see the cancel before the cancelled try and word the reason its
-    # way; the store keeps the first record (tests/workflows/test_records_repeat.py).
-    assert {f.state for f in peer.executor_finals} == {"killed"}
+    first = peer.executor_finals[0]
+    assert (first.state, first.error) == ("killed", "killed by user")
+    assert (status.state, status.error) == (first.state, first.error)
+    assert len(peer.executor_finals) == 2  # the race happened: recorded again
     assert m.NOTIFY_REQUESTER not in peer.calls
-    assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.COMPLETED
 
 
 # --- point 5 and 14.9: cancel is a kill, the UI shows failures -------------------------------

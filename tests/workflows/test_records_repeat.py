@@ -1,10 +1,12 @@
 """The final records are local activities, so they run at least once: a workflow task that
 fails (an event arriving while it closes the workflow) or a worker that crashes before the task
-completes runs them again. A repeat must change nothing, and a later, different final neither
-(real PostgreSQL; the real activities run in Temporal's activity test environment)."""
+completes runs them again. A repeat must change nothing, and a later, different final neither;
+each answers the final the store keeps, which the workflow takes as its own (real PostgreSQL;
+the real activities run in Temporal's activity test environment)."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 
@@ -55,7 +57,7 @@ async def agent_row(pool: asyncpg.Pool, agent_id: uuid.UUID) -> dict[str, object
     return dict(row)
 
 
-async def test_a_requester_final_recorded_again_changes_nothing(
+async def test_a_requester_final_recorded_again_changes_nothing_and_answers_the_first(
     pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     agent_id = await add_agent(pool, "requester", f"spoke-{uuid.uuid4().hex[:8]}")
@@ -63,19 +65,21 @@ async def test_a_requester_final_recorded_again_changes_nothing(
     async with httpx.AsyncClient() as http:
         record = FederationActivities(pool, http, settings).record_requester_final
         final = m.RequesterFinal(str(agent_id), "completed", {"summary": "first"}, None)
-        await ActivityEnvironment().run(record, final)
+        kept = await ActivityEnvironment().run(record, final)
+        assert (kept.state, kept.result, kept.written) == ("completed", {"summary": "first"}, True)
         first = await agent_row(pool, agent_id)
-        await ActivityEnvironment().run(record, final)  # the retried workflow task
-        await ActivityEnvironment().run(
-            record, m.RequesterFinal(str(agent_id), "failed", None, "late")
-        )
+        again = await ActivityEnvironment().run(record, final)  # the retried workflow task
+        assert again == dataclasses.replace(kept, written=False)
+        late = m.RequesterFinal(str(agent_id), "killed", None, "killed here (workflow cancelled)")
+        # The workflow takes this answer as its final: the first one, not its own.
+        assert await ActivityEnvironment().run(record, late) == again
     assert await agent_row(pool, agent_id) == first
     assert first["state"] == "completed" and first["finished_at"] is not None
     events = await pool.fetch("SELECT state FROM agent_events WHERE agent_id = $1", agent_id)
     assert [e["state"] for e in events] == ["completed"]
 
 
-async def test_an_executor_final_recorded_again_keeps_its_sequence_number(
+async def test_an_executor_final_recorded_again_answers_the_first_with_its_sequence_number(
     pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     requester = f"hub-{uuid.uuid4().hex[:8]}"
@@ -84,11 +88,13 @@ async def test_an_executor_final_recorded_again_keeps_its_sequence_number(
     async with httpx.AsyncClient() as http:
         record = FederationActivities(pool, http, settings).record_run_final
         final = m.FinishRun(str(agent_id), requester, "killed", None, "killed by the requester")
-        seq = await ActivityEnvironment().run(record, final)
+        kept = await ActivityEnvironment().run(record, final)
+        assert (kept.state, kept.error, kept.written) == ("killed", "killed by the requester", True)
         first = await agent_row(pool, agent_id)
-        # The workflow takes the answer of the repeat as the final's sequence number.
-        assert await ActivityEnvironment().run(record, final) == seq
+        # The workflow takes the answer of a repeat as its final, sequence number included.
+        again = await ActivityEnvironment().run(record, final)
+        assert again == dataclasses.replace(kept, written=False)
         late = m.FinishRun(str(agent_id), requester, "completed", {"summary": "late"}, None)
-        assert await ActivityEnvironment().run(record, late) == seq
+        assert await ActivityEnvironment().run(record, late) == again
     assert await agent_row(pool, agent_id) == first
-    assert (first["state"], first["seq"]) == ("killed", seq)
+    assert (first["state"], first["seq"]) == ("killed", kept.seq)
