@@ -17,6 +17,7 @@ from tests.conftest import Instance, free_port_block
 from tests.e2e.helpers import processes_in, spawn_body
 from tests.e2e.proxy import ControlledProxy
 from tests.e2e.rogue_peer import RoguePeer
+from tests.e2e.signing import craft, instance_key, post_command, spawn_payload
 
 pytestmark = pytest.mark.e2e
 NAMES = ["alpha", "beta"]
@@ -55,13 +56,20 @@ async def world(
             "FEDAGENT_STATUS_POLL_INTERVAL": "2",
             "FEDAGENT_SPAWN_DEADLINE": "15",
             "FEDAGENT_PEER_REQUEST_TIMEOUT": "3",
+            # Runs left without a workflow while Temporal is away stay as the tests left them
+            # (the reconciler would record them failed after this quiet spell).
+            "FEDAGENT_RECONCILE_INTERVAL": "600",
         },
         # Every message between the two crosses a proxy the tests control.
         public_urls={name: proxy.url for name, proxy in proxies.items()},
     )
     try:
         await stack.start()
-        alpha, beta = (Instance(stack.instances[n].info, http) for n in NAMES)
+        # dataDir: where the master key files live (tests/e2e/signing.py opens the keys).
+        alpha, beta = (
+            Instance({**stack.instances[n].info, "dataDir": str(stack.data_dir)}, http)
+            for n in NAMES
+        )
         made = FaultWorld(stack, alpha, beta, proxies)
         response = await alpha.call("POST", "/connections", json={"remoteUrl": proxies["beta"].url})
         assert response.status_code == 201, response.text
@@ -234,3 +242,59 @@ async def test_a_spawn_accepted_while_temporal_is_down_runs_when_it_is_back(
     assert "from-the-outbox" in agent["result"]["logTail"]
     assert await alpha.count_workflows(f"AgentId = '{body['agentId']}'") == 1
     print("temporal down at spawn: 202 from the outbox, the sweeper started the run later")
+
+
+async def _all_executed(beta: Instance, payloads: list[dict[str, Any]], state: str) -> bool:
+    rows = await beta.fetch(
+        "SELECT state FROM agents WHERE role = 'executor' AND agent_id = ANY($1::uuid[])",
+        [uuid.UUID(p["agentId"]) for p in payloads],
+    )
+    return len(rows) == len(payloads) and all(r["state"] == state for r in rows)
+
+
+async def test_the_executor_commits_a_spawn_before_temporal_answers_and_holds_nothing_meanwhile(
+    world: FaultWorld,
+) -> None:
+    """Issue 10 point 7, the ingress half: the capacity check and the run's row commit before
+    Temporal is asked to start the run, so a start that hangs holds no lock nor transaction
+    and the next spawn is admitted meanwhile. A start that failed (503) keeps its reservation,
+    and the requester's retry of the same spawn starts the run, once."""
+    alpha, beta = world.alpha, world.beta
+    key = await instance_key(alpha)
+    payloads = [spawn_payload(instructions=f"$ echo {name}") for name in ("first", "meanwhile")]
+    world.stack.stop_temporal()
+    try:
+        # Temporal is away: the client retries its start for a while, then the ingress says 503.
+        posts = [
+            asyncio.create_task(post_command(beta, craft(key, alpha, beta, p))) for p in payloads
+        ]
+        await wait_until(
+            lambda: _all_executed(beta, payloads, "spawning"), 8, "both rows committed"
+        )
+        # Both rows are committed (visible here) while their starts still wait on Temporal;
+        # a second on, no lock nor transaction of this database is held meanwhile.
+        await asyncio.sleep(1.5)
+        assert not any(post.done() for post in posts)
+        held = await beta.fetch(
+            "SELECT count(*) FILTER (WHERE l.locktype = 'advisory') AS locks,"
+            " count(DISTINCT a.pid) FILTER (WHERE a.state LIKE 'idle in transaction%')"
+            "  AS open_transactions"
+            " FROM pg_stat_activity a LEFT JOIN pg_locks l ON l.pid = a.pid"
+            " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
+            " AND now() - a.xact_start > interval '1 second'"
+        )
+        assert (held[0]["locks"], held[0]["open_transactions"]) == (0, 0)
+        for answer in await asyncio.gather(*posts):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["code"] == "temporal_unavailable"
+        assert await _all_executed(beta, payloads, "spawning")  # the reservations are kept
+    finally:
+        await world.stack.start_temporal()
+    # The requester retries the same spawns (new messages): the reserved runs start, once each.
+    for payload in payloads:
+        retried = await post_command(beta, craft(key, alpha, beta, payload))
+        assert retried.status_code == 200, retried.text
+    await wait_until(lambda: _all_executed(beta, payloads, "completed"), 60, "both runs")
+    for payload in payloads:
+        assert await beta.count_workflows(f"AgentId = '{payload['agentId']}'") == 1
+    print("executor start refused: the run stayed reserved, the retry ran it once")
