@@ -150,27 +150,29 @@ class AgentRunWorkflow:
             # The run has ended: a cancel arriving now has nothing left to kill and must not
             # stop the record (the result would be lost) nor the notification.
             adopt = workflow.patched(PATCH_ADOPT_FINAL)
+            # Untyped unless patched: a record whose task was cut off (a heartbeat task, no
+            # marker) runs again here on today's activity, which answers a RecordedFinal.
             kept = await past_cancel(
                 workflow.start_local_activity(
                     RECORD_RUN_FINAL,
                     final,
-                    result_type=RecordedFinal if adopt else int,
+                    result_type=RecordedFinal if adopt else None,
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=STORE_RETRY,
                     summary=f"record {self._state}",
                 )
             )
             if isinstance(kept, RecordedFinal):
-                self._seq = kept.seq
-                if not self._adopt(kept):
-                    # The run had ended before the cancel (this task runs again after a
-                    # failure, or a worker crash): it closes as it ended, told as it ended.
-                    cancelled = False
-                    final = dataclasses.replace(
-                        final, state=kept.state, result=kept.result, error=kept.error
-                    )
+                # The store keeps the first final it was given (a record run again after
+                # this task failed, a worker crash): this workflow takes it as its own.
+                self._adopt(kept)
+                final = dataclasses.replace(
+                    final, state=self._state, result=self._result, error=self._error
+                )
             else:
-                self._seq = int(kept)
+                self._seq = int(kept["seq"] if isinstance(kept, dict) else kept)
+            if cancelled and self._state != "killed" and adopt:
+                cancelled = False  # the run had ended otherwise before the cancel: it closes so
         self._recorded = True
         if self._agent_id and requester_id and not self._told_by_kill_answer():
             try:  # best effort: the requester long-polls agent.status when this is lost
@@ -437,13 +439,13 @@ class AgentRunWorkflow:
             details += f" (try {self._attempt})"
         workflow.set_current_details(details)
 
-    def _adopt(self, kept: RecordedFinal) -> bool:
-        """Take the store's final as this workflow's; True when it is the one just recorded."""
-        if kept.written or (kept.state, kept.error) == (self._state, self._error):
-            return True
-        self._result, self._error = kept.result, kept.error
-        self._set_state(kept.state)
-        return False
+    def _adopt(self, kept: RecordedFinal) -> None:
+        """Take the final the store keeps as this workflow's."""
+        self._seq = kept.seq
+        self._error = kept.error
+        self._result = kept.result if kept.result is not None else self._result
+        if kept.state != self._state:
+            self._set_state(kept.state)
 
     def _end(self, state: str, result: dict | None = None, error: str | None = None) -> None:  # type: ignore[type-arg]
         if self._state in TERMINAL_STATES:

@@ -142,17 +142,13 @@ class RemoteAgentWorkflow:
         except asyncio.CancelledError:
             # Cancelling the workflow (UI, CLI) is a kill: the executor is told to stop the
             # run, and the answer is recorded before the workflow closes Cancelled.
-            adopt = workflow.patched(PATCH_ADOPT_FINAL)
+            cancelled = True
             if self._poll is not None and not self._poll.done():
                 self._poll.cancel()
-            elif self._poll is not None and adopt:
+            elif self._poll is not None and workflow.patched(PATCH_ADOPT_FINAL):
                 # Its answer came in the same workflow task as the cancel (a task run again
                 # after a failure holds both): the executor's word comes first.
                 self._apply_finished_poll(self._poll)
-            if adopt and self._state not in TERMINAL_STATES and workflow.now() >= deadline:
-                self._time_out(inp)  # the deadline's timer came with the cancel
-            # A run that had ended when the cancel came closes as it ended.
-            cancelled = not (adopt and self._state in TERMINAL_STATES)
             self._kill_requested = True
             self._spawn_settled = True
             if self._state not in TERMINAL_STATES:
@@ -168,8 +164,9 @@ class RemoteAgentWorkflow:
                     inp, deadline=deadline.isoformat(), spawned=True, carried=self.status()
                 )
             )
-        if not await self._record_final(inp):
-            cancelled = False  # the run had ended before the cancel: it closes as it ended
+        await self._record_final(inp)
+        if cancelled and self._state != "killed" and workflow.patched(PATCH_ADOPT_FINAL):
+            cancelled = False  # the run had ended otherwise before the cancel: it closes so
         if cancelled:
             raise asyncio.CancelledError("killed: workflow cancelled")
         if self._state in ("failed", "timed_out"):
@@ -191,12 +188,12 @@ class RemoteAgentWorkflow:
         except asyncio.CancelledError:
             pass  # the run has ended already: a cancel now changes nothing
 
-    async def _record_final(self, inp: SpawnAgentInput) -> bool:
-        """Record the final state; False when the store kept another one, which this workflow
-        then takes as its own (see PATCH_ADOPT_FINAL)."""
-        ours = True
-        if not self._final_written:
-            adopt = workflow.patched(PATCH_ADOPT_FINAL)
+    async def _record_final(self, inp: SpawnAgentInput) -> None:
+        """Record the final state. The store keeps the first final it was given (a record run
+        again, a final the ingress wrote from an event not heard here yet, a kill's answer)
+        and answers it: this workflow takes it as its own (PATCH_ADOPT_FINAL)."""
+        adopt = workflow.patched(PATCH_ADOPT_FINAL)
+        if adopt or not self._final_written:
             # The run has ended: a cancel arriving now must not stop its record.
             kept = await past_cancel(
                 workflow.start_local_activity(
@@ -208,11 +205,10 @@ class RemoteAgentWorkflow:
                     summary=f"record final state {self._state}",
                 )
             )
-            if adopt and isinstance(kept, RecordedFinal):
-                ours = self._adopt(kept)
+            if isinstance(kept, RecordedFinal):
+                self._adopt(kept)
         self._recorded = True
         await workflow.wait_condition(workflow.all_handlers_finished)
-        return ours
 
     def _time_out(self, inp: SpawnAgentInput) -> None:
         self._finish(
@@ -221,13 +217,14 @@ class RemoteAgentWorkflow:
             f" {_budget(inp).total_seconds():.0f} s (timeout x tries + spawn deadline + grace)",
         )
 
-    def _adopt(self, kept: RecordedFinal) -> bool:
-        """Take the store's final as this workflow's; True when it is the one just recorded."""
-        if (kept.state, kept.error) == (self._state, self._error) or kept.written:
-            return True
-        self._state, self._result, self._error = kept.state, kept.result, kept.error
-        self._set_state_attribute()
-        return False
+    def _adopt(self, kept: RecordedFinal) -> None:
+        """Take the final the store keeps as this workflow's."""
+        changed = kept.state != self._state
+        self._state, self._error = kept.state, kept.error
+        self._result = kept.result if kept.result is not None else self._result
+        self._seq = max(self._seq, kept.seq)
+        if changed:
+            self._set_state_attribute()
 
     def _apply_finished_poll(self, poll: workflow.ActivityHandle[AgentEvent]) -> None:
         if poll.cancelled() or poll.exception() is not None:

@@ -130,8 +130,31 @@ async def test_requester_kill_racing_completion_keeps_the_result(
     await save_history(client, handle, "requester-kill-racing-completion")
     assert (answer.state, answer.result) == ("completed", {"summary": "done first"})
     assert (status.state, status.result) == ("completed", {"summary": "done first"})
-    # send_kill wrote the executor's answer into the projection; nothing overwrites it.
-    assert peer.requester_finals == []
+    # send_kill wrote the executor's answer into the projection; the record (the store keeps
+    # the first final) repeats it and overwrites nothing.
+    assert [(f.state, f.result) for f in peer.requester_finals] == [
+        ("completed", {"summary": "done first"})
+    ]
+
+
+async def test_a_cancel_whose_kill_finds_the_run_completed_closes_completed(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """Cancelling the workflow is a kill; when the executor answers that the run completed
+    first, the run ended as it ended: the workflow keeps the result and closes Completed."""
+
+    async def already_completed() -> m.KillResult:
+        return m.KillResult("x", "completed", 7, {"summary": "done first"}, None)
+
+    peer.kill_answer = already_completed
+    handle = await start_requester(client, task_queue)
+    await wait_for(lambda: peer.status_waits >= 1)
+    await handle.cancel()
+    status = await final_status(handle)
+    await save_history(client, handle, "requester-cancel-finds-completed")
+    assert (status.state, status.result) == ("completed", {"summary": "done first"})
+    assert m.SEND_KILL in peer.calls
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.COMPLETED
 
 
 async def test_kill_racing_failure_keeps_the_failure_reason(
@@ -325,7 +348,7 @@ async def test_a_cancel_while_a_killed_run_is_recorded_keeps_the_kill_as_recorde
     """The requester's kill: the executor records `killed` (a local activity) and answers the
     update in the task that closes the workflow. A cancel arriving meanwhile fails that task;
     the retried task sees the cancel first and words the kill its own way. The workflow says
-    what the store kept and closes as the kill alone would have (Completed, state killed)."""
+    what the store kept; a kill it is, and the cancel closes it Canceled."""
     handle = await start_executor(client, task_queue)
     await peer.sandbox_started.wait()
     peer.record_gate.clear()
@@ -345,7 +368,7 @@ async def test_a_cancel_while_a_killed_run_is_recorded_keeps_the_kill_as_recorde
     assert (status.state, status.error) == (first.state, first.error)
     assert len(peer.executor_finals) == 2  # the race happened: recorded again
     assert m.NOTIFY_REQUESTER not in peer.calls
-    assert await closed_status(client, handle) == WorkflowExecutionStatus.COMPLETED
+    assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
 
 
 # --- point 5 and 14.9: cancel is a kill, the UI shows failures -------------------------------
@@ -390,7 +413,8 @@ async def test_cancelling_the_requester_workflow_kills_the_remote_agent(
     await save_history(client, handle, "requester-workflow-cancelled")
     assert status.state == "killed"
     assert m.SEND_KILL in peer.calls
-    assert peer.requester_finals == []  # send_kill wrote the executor's answer already
+    # send_kill wrote the executor's answer already; the record repeats it.
+    assert [f.state for f in peer.requester_finals] == ["killed"]
     assert await closed_status(client, handle) == WorkflowExecutionStatus.CANCELED
 
 
