@@ -38,7 +38,7 @@ PATCH_LOCAL_KILL = "local-kill-1"
 # The executor sends no final event of a kill whose answer told the requester.
 PATCH_KILL_ANSWERED = "kill-answered-1"
 # A final record answers what the store kept, and the workflow takes that as its own final:
-# a record run again (local activities run at least once) after a cancel, a kill or a deadline
+# a record run again (local activities run at least once) after a cancel, an event or an update
 # raced the first one never leaves the workflow saying another final than the store.
 PATCH_ADOPT_FINAL = "adopt-final-1"
 

@@ -210,13 +210,6 @@ class RemoteAgentWorkflow:
         self._recorded = True
         await workflow.wait_condition(workflow.all_handlers_finished)
 
-    def _time_out(self, inp: SpawnAgentInput) -> None:
-        self._finish(
-            "timed_out",
-            error=f"no final state from {inp.peer_name} within"
-            f" {_budget(inp).total_seconds():.0f} s (timeout x tries + spawn deadline + grace)",
-        )
-
     def _adopt(self, kept: RecordedFinal) -> None:
         """Take the final the store keeps as this workflow's."""
         changed = kept.state != self._state
@@ -251,7 +244,12 @@ class RemoteAgentWorkflow:
                 return  # the caller continues as new unless a handler ended the run
             remaining = (deadline - workflow.now()).total_seconds()
             if remaining <= 0:
-                self._time_out(inp)
+                self._finish(
+                    "timed_out",
+                    error=f"no final state from {inp.peer_name} within"
+                    f" {_budget(inp).total_seconds():.0f} s (timeout x tries + spawn deadline"
+                    " + grace)",
+                )
                 break
             # Events (signals) bring each state change at once; only after a quiet spell does
             # one long-poll activity ask the executor, for an event that was lost.
