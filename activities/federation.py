@@ -131,9 +131,11 @@ class PeerMessenger:
 
 
 def _recorded(row: dict[str, Any]) -> RecordedFinal:
-    return RecordedFinal(
-        str(row["state"]), row["result"], row["error"], int(row["seq"]), bool(row["written"])
-    )
+    """What a final record answers its workflow: the kept final (its result only when it is
+    not the workflow's own, which the workflow has: the result stays once in its history)."""
+    written = bool(row["written"])
+    result = None if written else row["result"]
+    return RecordedFinal(str(row["state"]), result, row["error"], int(row["seq"]), written)
 
 
 class FederationActivities:

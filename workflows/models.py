@@ -175,7 +175,8 @@ class RequesterFinal:
 @dataclass(frozen=True)
 class RecordedFinal:
     """The final state the store holds once a record ran: terminal states are final there, so
-    a record that came second finds the first one (`written` False) and answers that."""
+    a record that came second finds the first one (`written` False) and answers that. The
+    result is left out (None) when this record wrote it: the workflow has it."""
 
     state: str
     result: dict[str, Any] | None = None
