@@ -130,12 +130,17 @@ class PeerMessenger:
         )
 
 
-def _recorded(row: dict[str, Any]) -> RecordedFinal:
-    """What a final record answers its workflow: the kept final (its result only when it is
-    not the workflow's own, which the workflow has: the result stays once in its history)."""
-    written = bool(row["written"])
-    result = None if written else row["result"]
-    return RecordedFinal(str(row["state"]), result, row["error"], int(row["seq"]), written)
+def _recorded(row: dict[str, Any], state: str, result: Any, error: str | None) -> RecordedFinal:
+    """What a final record answers its workflow: the final the store keeps. When that is the
+    workflow's own (written now, or the same one before) the result is left out: the workflow
+    has it, and it stays once in its history."""
+    own = bool(row["written"]) or (row["state"], row["result"], row["error"]) == (
+        state,
+        result,
+        error,
+    )
+    kept = None if own else row["result"]
+    return RecordedFinal(str(row["state"]), kept, row["error"], int(row["seq"]), own)
 
 
 class FederationActivities:
@@ -313,8 +318,8 @@ class FederationActivities:
             error=final.error,
         )
         if kept is None:  # no row (removed meanwhile): nothing to keep but this final
-            return RecordedFinal(final.state, final.result, final.error)
-        return _recorded(kept)
+            return RecordedFinal(final.state, None, final.error)
+        return _recorded(kept, final.state, final.result, final.error)
 
     # --- executor side -----------------------------------------------------------------
 
@@ -374,8 +379,8 @@ class FederationActivities:
         if row is None:
             row = await repos.get_executed_agent(self.pool, finish.requester_id, agent_id)
         if row is None:  # no row (removed meanwhile): nothing to keep but this final
-            return RecordedFinal(finish.state, finish.result, finish.error)
-        return _recorded({**row, "written": written})
+            return RecordedFinal(finish.state, None, finish.error)
+        return _recorded({**row, "written": written}, finish.state, finish.result, finish.error)
 
     @activity.defn(name=NOTIFY_REQUESTER)
     async def notify_requester(self, finish: FinishRun) -> None:

@@ -175,8 +175,9 @@ class RequesterFinal:
 @dataclass(frozen=True)
 class RecordedFinal:
     """The final state the store holds once a record ran: terminal states are final there, so
-    a record that came second finds the first one (`written` False) and answers that. The
-    result is left out (None) when this record wrote it: the workflow has it."""
+    a record that came second finds the first one and answers that. `written`: it is the
+    workflow's own final (recorded now, or the same one before); then the result is left out
+    (None): the workflow has it."""
 
     state: str
     result: dict[str, Any] | None = None

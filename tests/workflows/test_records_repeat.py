@@ -68,13 +68,13 @@ async def test_a_requester_final_recorded_again_changes_nothing_and_answers_the_
         kept = await ActivityEnvironment().run(record, final)
         assert (kept.state, kept.result, kept.written) == ("completed", None, True)
         first = await agent_row(pool, agent_id)
-        again = await ActivityEnvironment().run(record, final)  # the retried workflow task
-        # The result comes back only when the store kept another record's (the first wrote
-        # it and its workflow has it).
-        assert again == dataclasses.replace(kept, result={"summary": "first"}, written=False)
+        # The retried workflow task: the same final, its own (the workflow has the result).
+        assert await ActivityEnvironment().run(record, final) == kept
         late = m.RequesterFinal(str(agent_id), "killed", None, "killed here (workflow cancelled)")
         # The workflow takes this answer as its final: the first one, not its own.
-        assert await ActivityEnvironment().run(record, late) == again
+        assert await ActivityEnvironment().run(record, late) == m.RecordedFinal(
+            "completed", {"summary": "first"}, None, kept.seq, written=False
+        )
     assert await agent_row(pool, agent_id) == first
     assert first["state"] == "completed" and first["finished_at"] is not None
     events = await pool.fetch("SELECT state FROM agent_events WHERE agent_id = $1", agent_id)
@@ -94,9 +94,10 @@ async def test_an_executor_final_recorded_again_answers_the_first_with_its_seque
         assert (kept.state, kept.error, kept.written) == ("killed", "killed by the requester", True)
         first = await agent_row(pool, agent_id)
         # The workflow takes the answer of a repeat as its final, sequence number included.
-        again = await ActivityEnvironment().run(record, final)
-        assert again == dataclasses.replace(kept, written=False)
+        assert await ActivityEnvironment().run(record, final) == kept
         late = m.FinishRun(str(agent_id), requester, "completed", {"summary": "late"}, None)
-        assert await ActivityEnvironment().run(record, late) == again
+        assert await ActivityEnvironment().run(record, late) == dataclasses.replace(
+            kept, written=False
+        )
     assert await agent_row(pool, agent_id) == first
     assert (first["state"], first["seq"]) == ("killed", kept.seq)
