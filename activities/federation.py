@@ -130,17 +130,17 @@ class PeerMessenger:
         )
 
 
-def _recorded(row: dict[str, Any], state: str, result: Any, error: str | None) -> RecordedFinal:
+def _recorded(
+    row: dict[str, Any], *, written: bool, final: RequesterFinal | FinishRun
+) -> RecordedFinal:
     """What a final record answers its workflow: the final the store keeps. When that is the
     workflow's own (written now, or the same one before) the result is left out: the workflow
     has it, and it stays once in its history."""
-    own = bool(row["written"]) or (row["state"], row["result"], row["error"]) == (
-        state,
-        result,
-        error,
+    kept = (row["state"], row["result"], row["error"])
+    own = written or kept == (final.state, final.result, final.error)
+    return RecordedFinal(
+        str(row["state"]), None if own else row["result"], row["error"], int(row["seq"]), own
     )
-    kept = None if own else row["result"]
-    return RecordedFinal(str(row["state"]), kept, row["error"], int(row["seq"]), own)
 
 
 class FederationActivities:
@@ -319,7 +319,7 @@ class FederationActivities:
         )
         if kept is None:  # no row (removed meanwhile): nothing to keep but this final
             return RecordedFinal(final.state, None, final.error)
-        return _recorded(kept, final.state, final.result, final.error)
+        return _recorded(kept, written=bool(kept["written"]), final=final)
 
     # --- executor side -----------------------------------------------------------------
 
@@ -380,7 +380,7 @@ class FederationActivities:
             row = await repos.get_executed_agent(self.pool, finish.requester_id, agent_id)
         if row is None:  # no row (removed meanwhile): nothing to keep but this final
             return RecordedFinal(finish.state, None, finish.error)
-        return _recorded({**row, "written": written}, finish.state, finish.result, finish.error)
+        return _recorded(row, written=written, final=finish)
 
     @activity.defn(name=NOTIFY_REQUESTER)
     async def notify_requester(self, finish: FinishRun) -> None:
