@@ -8,8 +8,9 @@ changed files and what the sandbox enforced to the report. Usable without Tempor
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,18 @@ from agents.models import (
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.process import ProcessSandbox
-from agents.workspace import CloneSettings, collect_diff, prepare_workspace
+from agents.workspace import (
+    BASELINE_MOUNT,
+    INPUT_MOUNT,
+    SCRATCH_MOUNT,
+    CloneSettings,
+    DiffSandbox,
+    PreparedWorkspace,
+    collect_diff,
+    diff_dirs,
+    prepare_workspace,
+    remove_tree,
+)
 
 SANDBOXES = ("bwrap", "docker", "process")
 READ_ONLY_AGENT = "reviewer"  # its sandbox mounts the workspace read-only
@@ -70,6 +82,7 @@ class RuntimeConfig:
     data_dir: Path | None = None
     diff_max_bytes: int = 64 * 1024 * 1024
     diff_file_max_bytes: int = 16 * 1024 * 1024
+    diff_timeout: float = 300.0
     preview_bytes: int = 16 * 1024
     log_tail: int = 8 * 1024
 
@@ -114,6 +127,85 @@ def make_sandbox(config: RuntimeConfig, workspace: Path, *, read_only: bool = Fa
     if config.sandbox == "process":
         return ProcessSandbox(workspace, config.limits, read_only=read_only)
     raise AgentSetupError(f"unknown sandbox {config.sandbox!r} (one of {', '.join(SANDBOXES)})")
+
+
+def _diff_sandboxes(
+    config: RuntimeConfig, prepared: PreparedWorkspace, inputs: Path
+) -> list[Sandbox]:
+    """The sandboxes to take the diff in, the first that starts: bwrap, then (for a docker
+    run where bwrap cannot start) a container of the run's image, which must have git."""
+    limits = replace(config.limits, command_timeout=config.diff_timeout)
+    binds = ((str(prepared.baseline), BASELINE_MOUNT), (str(inputs), INPUT_MOUNT))
+    choices: list[Sandbox] = [
+        BwrapSandbox(
+            prepared.path,
+            limits,
+            bwrap=config.bwrap_path,
+            run_as_uid=config.sandbox_uid,
+            use_cgroups=config.sandbox_cgroups,
+            read_only=True,
+            ro_binds=binds,
+        )
+    ]
+    if config.sandbox == "docker":
+        from agents.sandbox.docker_sandbox import DockerSandbox
+
+        choices.append(
+            DockerSandbox(
+                prepared.path,
+                limits,
+                image=config.docker_image,
+                docker_host=config.docker_host,
+                run_as_uid=config.sandbox_uid,
+                read_only=True,
+                ro_binds=binds,
+            )
+        )
+    return choices
+
+
+async def _start_first(choices: list[Sandbox], scratch: Path) -> Sandbox:
+    for number, sandbox in enumerate(choices, 1):
+        sandbox.tmp_dir = scratch  # type: ignore[attr-defined]  # the diff's /tmp
+        try:
+            await sandbox.start()
+        except SandboxUnavailable:
+            await sandbox.kill()
+            if number == len(choices):
+                raise
+        else:
+            return sandbox
+    raise SandboxUnavailable("no sandbox to take the diff in")
+
+
+@contextlib.asynccontextmanager
+async def diff_sandbox(
+    config: RuntimeConfig, prepared: PreparedWorkspace
+) -> AsyncIterator[DiffSandbox]:
+    """A fresh sandbox to take the run's diff in, taken down (with its scratch) afterwards:
+    no host process runs git in what the agent wrote. The process sandbox, which isolates
+    nothing, takes the diff as the worker, as it ran the agent's commands."""
+    scratch, inputs = diff_dirs(prepared.path)
+    for old in (scratch, inputs):
+        await asyncio.to_thread(remove_tree, old)
+    inputs.mkdir(mode=0o755)
+    sandbox: Sandbox | None = None
+    try:
+        if config.sandbox == "process":
+            scratch.mkdir(mode=0o700)
+            limits = replace(config.limits, command_timeout=config.diff_timeout)
+            sandbox = ProcessSandbox(prepared.path, limits)
+            await sandbox.start()
+            baseline, mounts = str(prepared.baseline), (str(inputs), str(scratch))
+        else:
+            sandbox = await _start_first(_diff_sandboxes(config, prepared, inputs), scratch)
+            baseline, mounts = BASELINE_MOUNT, (INPUT_MOUNT, SCRATCH_MOUNT)
+        yield DiffSandbox(sandbox, baseline, mounts[0], inputs, mounts[1], scratch)
+    finally:
+        if sandbox is not None:
+            await asyncio.shield(sandbox.kill())
+        for old in (scratch, inputs):
+            await asyncio.to_thread(remove_tree, old)
 
 
 def safe_ro_paths(config: RuntimeConfig) -> tuple[str, ...]:
@@ -235,12 +327,15 @@ async def run_agent_task(
     report.sandbox = sandbox.describe()
     report.workspace = prepared.describe()
     try:
-        diff = await collect_diff(
-            prepared,
-            max_bytes=config.diff_max_bytes,
-            file_max_bytes=config.diff_file_max_bytes,
-            preview_bytes=config.preview_bytes,
-        )
+        async with diff_sandbox(config, prepared) as where:
+            diff = await collect_diff(
+                prepared,
+                where,
+                max_bytes=config.diff_max_bytes,
+                file_max_bytes=config.diff_file_max_bytes,
+                preview_bytes=config.preview_bytes,
+                timeout=config.diff_timeout,
+            )
     except Exception as exc:  # noqa: BLE001 - the run's outcome stands without its diff
         report.workspace["diffError"] = str(exc)
     else:

@@ -43,7 +43,13 @@ from typing import Any
 
 from agents.addresses import resolve_allowed
 from agents.errors import AgentSetupError
-from agents.sandbox.base import CommandResult, Limits, SandboxUnavailable, run_within_quota
+from agents.sandbox.base import (
+    CommandResult,
+    Limits,
+    Sandbox,
+    SandboxUnavailable,
+    run_within_quota,
+)
 
 log = logging.getLogger(__name__)
 URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
@@ -288,22 +294,7 @@ SAFE_LOCAL = [
 ]
 
 
-def _trusted_env(baseline: Path, workspace: Path) -> dict[str, str]:
-    """git over the agent's work tree: our git dir and index, no user or system config."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(baseline),
-        "LANG": "C.UTF-8",
-        "GIT_DIR": str(baseline),
-        "GIT_WORK_TREE": str(workspace),
-        "GIT_INDEX_FILE": str(baseline / "fedagent-index"),
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_TERMINAL_PROMPT": "0",
-    }
-
-
-def _remove(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     def retry(function: Any, failed: str, *_: Any) -> None:
         # a directory the agent made unwritable: make it writable and try again
         with contextlib.suppress(OSError):
@@ -349,7 +340,7 @@ async def prepare_workspace(
             )
     kind, where = classify(repository, roots)
     for old in (workspace, baseline):
-        await asyncio.to_thread(_remove, old)
+        await asyncio.to_thread(remove_tree, old)
     workspace.parent.mkdir(parents=True, exist_ok=True)
     what = f"{repository}" + (f" at branch {branch}" if branch else "")
     try:
@@ -406,7 +397,7 @@ async def prepare_workspace(
 
 async def _remove_both(workspace: Path, baseline: Path) -> None:
     for path in (workspace, baseline):
-        await asyncio.to_thread(_remove, path)
+        await asyncio.to_thread(remove_tree, path)
 
 
 async def clone_in_sandbox(
@@ -516,102 +507,141 @@ async def _clone_on_host(
     return CommandResult(shlex.join(argv), 0, "")
 
 
-async def _changed(
-    safe: list[str], start: str, env: dict[str, str], timeout: float
-) -> list[tuple[str, int]]:
-    """(path, size) of every changed path, the size being the larger of its old and new blob."""
-    raw = await _git(
-        *safe,
-        "diff",
-        "--cached",
-        "--raw",
-        "-z",
-        "--no-renames",
-        "--no-abbrev",
-        start,
-        env=env,
-        timeout=timeout,
+# --- the diff: taken inside a sandbox, never by a host process in what the agent wrote -------
+
+BASELINE_MOUNT = "/fedagent/baseline"
+INPUT_MOUNT = "/fedagent/in"
+SCRATCH_MOUNT = "/tmp"
+# What git inside the diff sandbox runs with: our baseline as its git dir (read-only), the
+# agent's files as its work tree (read-only), index and new objects in the sandbox's scratch,
+# no user or system config. Whatever the agent planted (a submodule's .git with filters or
+# fsmonitor, attributes, includes, alternates) may run there: inside the sandbox, with no
+# network, no secret and nothing writable but the scratch directory.
+DIFF_PROLOGUE = """set -u
+export GIT_DIR={baseline} GIT_WORK_TREE={workspace} HOME={scratch}
+export GIT_INDEX_FILE={scratch}/git/index GIT_OBJECT_DIRECTORY={scratch}/git/objects
+export GIT_ALTERNATE_OBJECT_DIRECTORIES={baseline}/objects
+export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null GIT_TERMINAL_PROMPT=0 LANG=C.UTF-8
+g() {{ git -c safe.directory='*' -c core.hooksPath=/dev/null -c core.fsmonitor=false "$@"; }}
+"""
+# Stage everything (`--ignore-errors`: a path git cannot add keeps its starting version and
+# the rest is still staged). The submodules of the starting commit come last, one at a time:
+# git runs `git status` inside each, which a planted one can make fail, and that must cost no
+# more than its own line of the diff. Then list what changed and the sizes of its blobs.
+DIFF_STAGE = """mkdir -p {scratch}/git/objects || exit 10
+g read-tree {start} || exit 11
+g ls-tree -r -z --full-tree --format='%(objectmode) %(path)' {start} \\
+  | {{ grep -z '^160000 ' || true; }} | sed -z 's/^160000 //' >{scratch}/gitlinks || exit 12
+{{ printf ':/\\0'; sed -z 's/^/:(exclude,literal,top)/' {scratch}/gitlinks; }} >{scratch}/paths
+g add -A --ignore-errors --pathspec-from-file={scratch}/paths --pathspec-file-nul \\
+  2>{scratch}/add-errors; [ $? -le 1 ] || {{ tail -c 2000 {scratch}/add-errors; exit 12; }}
+GIT_LITERAL_PATHSPECS=1 xargs -0 -r -n1 git -c safe.directory='*' -c core.hooksPath=/dev/null \\
+  -c core.fsmonitor=false add -A --ignore-errors -- <{scratch}/gitlinks 2>/dev/null
+g diff --cached --raw -z --no-renames --no-abbrev {start} >{scratch}/changed || exit 13
+g diff --cached --raw --no-renames --no-abbrev {start} | cut -d' ' -f3,4 | tr ' ' '\\n' \\
+  | grep -v '^0*$' | sort -u \\
+  | g cat-file --batch-check='%(objectname) %(objectsize)' >{scratch}/sizes || exit 14
+"""
+# Files over the per-file cap back to their starting version, then the patch, cut one byte
+# past the cap so that the executor knows it was cut.
+DIFF_PATCH = """if [ -s {inputs}/omit ]; then
+  GIT_LITERAL_PATHSPECS=1 g reset -q --pathspec-from-file={inputs}/omit \\
+    --pathspec-file-nul {start} || exit 20
+fi
+{{ g diff --cached --binary --no-renames --no-color --no-ext-diff --no-textconv {start}; \\
+  echo $? >{scratch}/patch-status; }} | head -c {cut} >{scratch}/patch
+"""
+LIST_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DiffSandbox:
+    """Where the diff is taken: a started sandbox whose commands see the workspace read-only
+    at `sandbox.workspace_mount`, the baseline repository read-only at `baseline`, the
+    directory `inputs_host` read-only at `inputs`, and write `scratch` (`scratch_host` on the
+    executor's side, a directory the executor made and nothing else uses)."""
+
+    sandbox: Sandbox
+    baseline: str
+    inputs: str
+    inputs_host: Path
+    scratch: str
+    scratch_host: Path
+
+
+def diff_dirs(workspace: Path) -> tuple[Path, Path]:
+    """(scratch, inputs) of a run's diff sandbox on the executor's side."""
+    return (
+        workspace.parent / f".{workspace.name}.diff-scratch",
+        workspace.parent / f".{workspace.name}.diff-in",
     )
-    tokens = raw.split(b"\0")
-    entries: list[tuple[str, list[str]]] = []
-    for meta, name in zip(tokens[0::2], tokens[1::2], strict=False):
-        fields = meta.decode(errors="replace").lstrip(":").split()
-        if len(fields) < 4 or not name:
-            continue
-        blobs = [sha for sha in fields[2:4] if sha.strip("0")]
-        entries.append((name.decode(errors="replace"), blobs))
-    wanted = sorted({sha for _, blobs in entries for sha in blobs})
-    sizes: dict[str, int] = {}
-    if wanted:
-        out = await _git(
-            "cat-file",
-            "--batch-check=%(objectname) %(objectsize)",
-            env=env,
-            timeout=timeout,
-            input="".join(f"{sha}\n" for sha in wanted).encode(),
-        )
-        for line in out.decode(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                sizes[parts[0]] = int(parts[1])  # "<sha> missing" (a submodule) stays 0
-    return [(name, max([sizes.get(sha, 0) for sha in blobs], default=0)) for name, blobs in entries]
 
 
-async def _stream_to_file(
-    args: list[str], env: dict[str, str], out: Path, max_bytes: int, timeout: float
-) -> tuple[str, int, bool]:
-    """Run git, writing its stdout to `out` up to `max_bytes`: (sha256, size, truncated)."""
+def read_untrusted(path: Path, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file a sandbox wrote: never through a symlink,
+    never blocking on a FIFO or a device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise GitError(f"{path.name} is not a regular file")
+        return handle.read(limit)
+
+
+def _copy_untrusted(source: Path, target: Path, max_bytes: int) -> tuple[str, int, bool]:
+    """Copy up to `max_bytes` of `source` (a sandbox's file) to `target`: (sha256, size,
+    truncated)."""
     digest = hashlib.sha256()
     size = 0
-    truncated = False
-    proc = await asyncio.create_subprocess_exec(
-        "git",
-        *args,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    errors = asyncio.create_task(proc.stderr.read(64 * 1024))
-    try:
-        async with asyncio.timeout(timeout):
-            with open(out, "wb") as handle:
-                while block := await proc.stdout.read(256 * 1024):
-                    keep = block[: max_bytes - size]
-                    handle.write(keep)
-                    digest.update(keep)
-                    size += len(keep)
-                    if len(keep) < len(block):
-                        truncated = True
-                        break
-            if truncated:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-            code = await proc.wait()
-            err = await errors
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        await proc.wait()
-        errors.cancel()
-        raise
-    if code != 0 and not truncated:
-        message = err.decode(errors="replace").strip()[-2000:]
-        raise GitError(f"git diff failed (exit {code}): {message}")
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle, open(target, "wb") as out:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise GitError("the patch is not a regular file")
+        while size < max_bytes and (block := handle.read(min(1024 * 1024, max_bytes - size))):
+            out.write(block)
+            digest.update(block)
+            size += len(block)
+        truncated = bool(handle.read(1))
     return digest.hexdigest(), size, truncated
 
 
-def _preview(path: Path, limit: int) -> str:
-    with open(path, "rb") as handle:
-        head = handle.read(limit)
-    # never half a character at the cut
-    return head.decode("utf-8", errors="ignore" if len(head) == limit else "replace")
+def _read_changed(scratch: Path) -> list[tuple[bytes, int]]:
+    """(path, size) of every changed path from `git diff --raw -z` and `cat-file
+    --batch-check`, the size being the larger of its old and new blob (0 for a gitlink)."""
+    raw = read_untrusted(scratch / "changed", LIST_MAX_BYTES)
+    sizes = read_untrusted(scratch / "sizes", LIST_MAX_BYTES)
+    known: dict[str, int] = {}
+    for line in sizes.decode("ascii", errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            known[parts[0]] = int(parts[1])
+    tokens = raw.split(b"\0")
+    changed: list[tuple[bytes, int]] = []
+    for meta, name in zip(tokens[0::2], tokens[1::2], strict=False):
+        fields = meta.decode("ascii", errors="replace").lstrip(":").split()
+        if len(fields) < 4 or not name:
+            continue
+        changed.append((name, max((known.get(sha, 0) for sha in fields[2:4]), default=0)))
+    return changed
+
+
+def display_path(name: bytes) -> str:
+    """A file name as the result shows it (file names are bytes, not always UTF-8)."""
+    return name.decode("utf-8", errors="replace")
+
+
+async def _in_sandbox(where: DiffSandbox, script: str, timeout: float, what: str) -> None:
+    result, over = await run_within_quota(where.sandbox, script, timeout)
+    if over is not None:
+        raise GitError(f"{what}: the run's disk quota was passed")
+    if result.timed_out:
+        raise GitError(f"{what} took longer than {timeout:g} s")
+    if result.exit_code != 0:
+        raise GitError(f"{what} failed (exit {result.exit_code}): {result.output[-2000:]}")
 
 
 async def collect_diff(
     prepared: PreparedWorkspace,
+    where: DiffSandbox,
     *,
     max_bytes: int,
     file_max_bytes: int,
@@ -622,54 +652,48 @@ async def collect_diff(
     """The workspace against its starting commit: changes, new files (untracked included,
     .gitignore honoured) and deletions, as a binary-safe patch `git apply` takes.
 
-    The patch is streamed to a file (never held in memory) and cut at `max_bytes`; a changed
-    file larger than `file_max_bytes` is left out of the patch and listed in `omitted_files`.
+    git runs inside `where`'s sandbox; the executor only reads the bytes it wrote there. The
+    patch is cut at `max_bytes`; a changed file larger than `file_max_bytes` is left out of the
+    patch and listed in `omitted_files`.
     """
-    env = _trusted_env(prepared.baseline, prepared.path)
-    safe = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
-    start = prepared.start_commit
-    await _git(*safe, "read-tree", start, env=env, timeout=timeout)
-    await _git(*safe, "add", "-A", env=env, timeout=timeout)
-    changed = await _changed(safe, start, env, timeout)
-    omitted: list[dict[str, Any]] = [
-        {"path": name, "bytes": size} for name, size in changed if size > file_max_bytes
-    ]
-    if omitted:
-        # Back to the starting version in our index: the patch leaves them out.
-        await _git(
-            *safe,
-            "reset",
-            "-q",
-            "--pathspec-from-file=-",
-            "--pathspec-file-nul",
-            start,
-            env={**env, "GIT_LITERAL_PATHSPECS": "1"},
-            timeout=timeout,
-            input=b"\0".join(entry["path"].encode() for entry in omitted),
-        )
-    target = out or diff_file(prepared.path)
-    sha256, size, truncated = await _stream_to_file(
-        [
-            *safe,
-            "diff",
-            "--cached",
-            "--binary",
-            "--no-renames",
-            "--no-color",
-            "--no-ext-diff",
-            start,
-        ],
-        env,
-        target,
-        max_bytes,
-        timeout,
+    names = {
+        "baseline": shlex.quote(where.baseline),
+        "workspace": shlex.quote(where.sandbox.workspace_mount),
+        "scratch": shlex.quote(where.scratch),
+        "inputs": shlex.quote(where.inputs),
+        "start": shlex.quote(prepared.start_commit),
+        "cut": str(max_bytes + 1),
+    }
+    prologue = DIFF_PROLOGUE.format(**names)
+    await _in_sandbox(where, prologue + DIFF_STAGE.format(**names), timeout, "staging the diff")
+    changed = await asyncio.to_thread(_read_changed, where.scratch_host)
+    over = [(name, size) for name, size in changed if size > file_max_bytes]
+    await asyncio.to_thread(
+        (where.inputs_host / "omit").write_bytes, b"\0".join(name for name, _ in over)
     )
+    await _in_sandbox(where, prologue + DIFF_PATCH.format(**names), timeout, "taking the diff")
+    status = read_untrusted(where.scratch_host / "patch-status", 16).strip()
+    target = out or diff_file(prepared.path)
+    sha256, size, truncated = await asyncio.to_thread(
+        _copy_untrusted, where.scratch_host / "patch", target, max_bytes
+    )
+    if status != b"0" and not truncated:
+        raise GitError(f"git diff failed (exit {status.decode('ascii', errors='replace')})")
     return Diff(
         path=target,
         sha256=sha256,
         size=size,
         truncated=truncated,
-        changed_files=sorted(name for name, _ in changed),
-        omitted_files=sorted(omitted, key=lambda entry: str(entry["path"])),
+        changed_files=sorted(display_path(name) for name, _ in changed),
+        omitted_files=[
+            {"path": display_path(name), "bytes": size} for name, size in sorted(over)
+        ],
         preview=_preview(target, preview_bytes),
     )
+
+
+def _preview(path: Path, limit: int) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(limit)
+    # never half a character at the cut
+    return head.decode("utf-8", errors="ignore" if len(head) == limit else "replace")

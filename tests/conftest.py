@@ -123,6 +123,8 @@ async def stack(
             "FEDAGENT_PEER_MAX_RUNNING_AGENTS": "64",
             "FEDAGENT_PEER_MAX_QUEUED_AGENTS": "64",
             "FEDAGENT_REFUSAL_BURST": "100000",
+            # Local repositories the tests make (e.g. one with a submodule) may be cloned.
+            "FEDAGENT_AGENT_REPO_ROOTS": str(data_dir / "repos"),
         },
         instance_env={"far": FAR_ENV, "edge": EDGE_ENV},
         public_urls={"far": far_proxy.url},

@@ -42,8 +42,11 @@ class DockerSandbox(Sandbox):
         docker_host: str | None = None,
         run_as_uid: int = DEFAULT_RUN_AS,
         read_only: bool = False,
+        ro_binds: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        """`ro_binds` are (host path, path inside) pairs mounted read-only."""
         super().__init__(workspace, limits, read_only=read_only)
+        self.ro_binds = ro_binds
         self.image = image
         self.docker_host = docker_host
         self.tmp_dir = workspace.parent / f".{workspace.name}.tmp"
@@ -116,6 +119,7 @@ class DockerSandbox(Sandbox):
             volumes={
                 workspace: {"bind": self.workspace_mount, "mode": "ro" if self.read_only else "rw"},
                 str(self.tmp_dir.resolve()): {"bind": "/tmp", "mode": "rw"},
+                **{host: {"bind": inside, "mode": "ro"} for host, inside in self.ro_binds},
             },
             working_dir=self.workspace_mount,
             environment=self._environment(),

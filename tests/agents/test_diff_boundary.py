@@ -1,0 +1,145 @@
+"""What an agent writes is never interpreted by a host process: every vector a git expert would
+plant in the workspace, under a submodule of the starting commit, leaves nothing outside the
+sandbox when the executor takes the run's diff, and the diff is still right.
+
+Each planted command touches a marker at a host path the sandbox does not mount, so a marker
+that exists was written by a process outside the sandbox.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agents.runtime import RuntimeConfig, run_agent_task
+from agents.sandbox.base import Limits
+from tests.agents.conftest import git
+
+pytestmark = pytest.mark.skipif(not shutil.which("bwrap"), reason="needs bubblewrap")
+
+LIMITS = Limits(memory_bytes=512 * 1024 * 1024, pids=128, cpus=1.0, command_timeout=30)
+GITLINK = "vendor/lib"
+
+
+@pytest.fixture
+def repo_with_submodule(tmp_path: Path) -> Path:
+    """A repository whose starting commit holds a gitlink (the commit need not exist)."""
+    repo = tmp_path / "repos" / "with-submodule"
+    repo.mkdir(parents=True)
+    git("init", "-q", "--initial-branch", "main", cwd=repo)
+    (repo / "app.py").write_text("print('hi')\n")
+    (repo / ".gitmodules").write_text(
+        f'[submodule "lib"]\n\tpath = {GITLINK}\n\turl = https://example.invalid/lib.git\n'
+    )
+    git("add", "-A", cwd=repo)
+    git("update-index", "--add", "--cacheinfo", f"160000,{'1' * 40},{GITLINK}", cwd=repo)
+    git("commit", "-q", "-m", "with a submodule", cwd=repo)
+    return repo
+
+
+def planted_config(mark: Path) -> str:
+    """git config that runs `touch <mark>` through every key that can run a command."""
+    run = f"sh -c 'touch {mark}; cat'"
+    return (
+        f'[filter "x"]\n\tclean = {run}\n\tsmudge = {run}\n\tprocess = touch {mark}\n'
+        f'[diff "x"]\n\ttextconv = touch {mark}; cat\n\tcommand = touch {mark}\n'
+        f"[core]\n\tfsmonitor = touch {mark}; false\n\tpager = touch {mark}; cat\n"
+        f"\tsshCommand = touch {mark}\n\thooksPath = hooks\n"
+    )
+
+
+def in_submodule(gitdir: str, mark: Path, *, link: str = "dir") -> str:
+    """Agent commands: a repository at the gitlink's path whose git dir is `gitdir` (relative
+    to the workspace), reached by a `.git` directory, a `.git` file or a `.git` symlink, with
+    every command-running key set, a staged file whose stat no longer matches the index."""
+    config = planted_config(mark).replace("\n", "\\n").replace("'", "'\\''")
+    lines = [
+        f"$ mkdir -p {GITLINK} {gitdir} && git init -q --separate-git-dir /workspace/{gitdir} {GITLINK}",
+        f"$ cd {GITLINK} && echo staged > f && git add f",
+        f"$ printf '{config}' >> {gitdir}/config",
+        f"$ printf '* filter=x diff=x\\n' > {gitdir}/info/attributes",
+        f"$ printf '* filter=x diff=x\\n' > {GITLINK}/.gitattributes",
+        f"$ mkdir -p {gitdir}/hooks && printf '#!/bin/sh\\ntouch {mark}\\n' > {gitdir}/hooks/post-index-change",
+        f"$ chmod +x {gitdir}/hooks/post-index-change",
+        f"$ touch -d '2000-01-01' {GITLINK}/f",
+    ]
+    if link == "dir":
+        lines.append(f"$ rm {GITLINK}/.git && mv {gitdir} {GITLINK}/.git")
+    elif link == "file":
+        lines.append(f"$ printf 'gitdir: ../../{gitdir}\\n' > {GITLINK}/.git")
+    else:
+        lines.append(f"$ rm {GITLINK}/.git && ln -s ../../{gitdir} {GITLINK}/.git")
+    return "\n".join(lines)
+
+
+def vectors(mark: Path) -> dict[str, str]:
+    config = planted_config(mark).replace("\n", "\\n").replace("'", "'\\''")
+    top = f"$ printf '* filter=x diff=x\\n' > .gitattributes\n$ mkdir -p src && printf '* filter=x diff=x\\n' > src/.gitattributes\n$ echo code > src/code.py"
+    return {
+        "submodule .git directory with filter, fsmonitor, textconv, pager, hooks": in_submodule(
+            ".plant/git", mark
+        ),
+        "submodule .git file pointing elsewhere": in_submodule(".plant/git", mark, link="file"),
+        "submodule .git symlink": in_submodule(".plant/git", mark, link="symlink"),
+        "submodule config include.path and includeIf": "\n".join(
+            [
+                f"$ mkdir -p {GITLINK} && git -C {GITLINK} init -q",
+                f"$ cd {GITLINK} && echo staged > f && git add f",
+                f"$ printf '{config}' > evil.cfg",
+                f"$ printf '[include]\\n\\tpath = ../../../evil.cfg\\n[includeIf \"gitdir:**\"]\\n\\tpath = ../../../evil.cfg\\n' >> {GITLINK}/.git/config",
+                f"$ printf '* filter=x\\n' > {GITLINK}/.git/info/attributes",
+                f"$ touch -d '2000-01-01' {GITLINK}/f",
+            ]
+        ),
+        "submodule objects/info/alternates": "\n".join(
+            [
+                f"$ mkdir -p {GITLINK} && git -C {GITLINK} init -q",
+                f"$ cd {GITLINK} && echo x > f && git add f",
+                f"$ echo /etc > {GITLINK}/.git/objects/info/alternates",
+                f"$ printf '{config}' >> {GITLINK}/.git/config",
+                f"$ printf '* filter=x\\n' > {GITLINK}/.git/info/attributes",
+                f"$ touch -d '2000-01-01' {GITLINK}/f",
+            ]
+        ),
+        "workspace .git config and .gitattributes at the top and in a subdirectory": "\n".join(
+            [f"$ printf '{config}' >> .git/config", top]
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "vector",
+    [
+        "submodule .git directory with filter, fsmonitor, textconv, pager, hooks",
+        "submodule .git file pointing elsewhere",
+        "submodule .git symlink",
+        "submodule config include.path and includeIf",
+        "submodule objects/info/alternates",
+        "workspace .git config and .gitattributes at the top and in a subdirectory",
+    ],
+)
+async def test_nothing_an_agent_plants_runs_outside_the_sandbox_when_the_diff_is_taken(
+    vector: str, repo_with_submodule: Path, tmp_path: Path
+) -> None:
+    marks = tmp_path / "outside"
+    marks.mkdir()
+    mark = marks / "ran-on-the-host"
+    report = await run_agent_task(
+        workspace=tmp_path / "runs" / "planted",
+        agent_type="worker",
+        context={
+            "repository": str(repo_with_submodule),
+            "instructions": vectors(mark)[vector] + "\n$ echo changed >> app.py",
+        },
+        config=RuntimeConfig(
+            sandbox="bwrap", limits=LIMITS, repo_roots=(repo_with_submodule.parent,)
+        ),
+    )
+    assert report.success, report.log_tail
+    assert not mark.exists(), f"{vector}: a planted command ran on the host"
+    assert list(marks.iterdir()) == []
+    assert "diffError" not in report.workspace, report.workspace["diffError"]
+    assert "app.py" in report.changed_files
+    assert "+changed" in report.diff
