@@ -8,13 +8,15 @@ that exists was written by a process outside the sandbox.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from agents.runtime import RuntimeConfig, run_agent_task
+from agents.runtime import RuntimeConfig, diff_sandbox, run_agent_task
 from agents.sandbox.base import Limits
+from agents.workspace import PreparedWorkspace, collect_diff
 from tests.agents.conftest import git
 
 pytestmark = pytest.mark.skipif(not shutil.which("bwrap"), reason="needs bubblewrap")
@@ -143,3 +145,82 @@ async def test_nothing_an_agent_plants_runs_outside_the_sandbox_when_the_diff_is
     assert "diffError" not in report.workspace, report.workspace["diffError"]
     assert "app.py" in report.changed_files
     assert "+changed" in report.diff
+
+
+async def test_what_runs_while_the_diff_is_taken_cannot_change_the_baseline_or_the_workspace(
+    repo_with_submodule: Path, tmp_path: Path
+) -> None:
+    """The baseline is the executor's own repository (a later try resumes from it): a planted
+    filter that runs in the diff's sandbox finds it, and the workspace, read-only."""
+    workspace = tmp_path / "runs" / "writer"
+    write = (
+        "echo [core] >> /fedagent/baseline/config; echo planted > /workspace/planted; "
+        "echo planted > /fedagent/baseline/planted; cat"
+    )
+    instructions = "\n".join(
+        [
+            f"$ mkdir -p {GITLINK} && cd {GITLINK} && git init -q && echo x > f && git add f",
+            f"$ git -C {GITLINK} config filter.x.clean \"sh -c '{write}'\"",
+            f"$ echo '* filter=x' > {GITLINK}/.git/info/attributes",
+            f"$ touch -d 2000-01-01 {GITLINK}/f",
+            "$ echo changed >> app.py",
+        ]
+    )
+    report = await run_agent_task(
+        workspace=workspace,
+        agent_type="worker",
+        context={"repository": str(repo_with_submodule), "instructions": instructions},
+        config=RuntimeConfig(
+            sandbox="bwrap", limits=LIMITS, repo_roots=(repo_with_submodule.parent,)
+        ),
+    )
+    assert report.success, report.log_tail
+    baseline = workspace.parent / f".{workspace.name}.baseline.git"
+    config = (baseline / "config").read_text()
+    assert not (baseline / "planted").exists()
+    assert not (workspace / "planted").exists()
+    assert report.changed_files == ["app.py"]
+    # A worker that is not root runs its sandboxes as its own uid, the baseline's owner: the
+    # read-only mounts alone must hold.
+    for path in [baseline, *baseline.rglob("*")]:
+        os.chown(path, 61000, 61000, follow_symlinks=False)
+    prepared = PreparedWorkspace(workspace, baseline, report.workspace["startCommit"], "resumed")
+    config_used = RuntimeConfig(sandbox="bwrap", limits=LIMITS)
+    async with diff_sandbox(config_used, prepared) as where:
+        again = await collect_diff(prepared, where, max_bytes=1 << 20, file_max_bytes=1 << 20)
+    assert again.changed_files == ["app.py"]
+    assert (baseline / "config").read_text() == config
+    assert not (baseline / "planted").exists()
+    assert not (workspace / "planted").exists()
+
+
+def test_the_executor_reads_only_regular_files_from_the_diff_sandbox(tmp_path: Path) -> None:
+    """What the diff's sandbox wrote is read without following a symlink or waiting on a FIFO
+    (a planted one would otherwise hang the executor or show it another file)."""
+    import threading
+
+    from agents.workspace import GitError, read_untrusted
+
+    secret = tmp_path / "secret"
+    secret.write_text("master key")
+    (tmp_path / "link").symlink_to(secret)
+    with pytest.raises(OSError):
+        read_untrusted(tmp_path / "link", 1024)
+    os.mkfifo(tmp_path / "fifo")
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(read_untrusted(tmp_path / "fifo", 1024))
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # blocked on the FIFO: let it go before failing
+        with open(tmp_path / "fifo", "wb"):
+            pass
+        reader.join(5)
+        pytest.fail("reading a FIFO the sandbox planted blocked the executor")
+    assert isinstance(outcome[0], GitError)
