@@ -530,13 +530,10 @@ g() {{ git -c safe.directory='*' -c core.hooksPath=/dev/null -c core.fsmonitor=f
 # more than its own line of the diff. Then list what changed and the sizes of its blobs.
 DIFF_STAGE = """mkdir -p {scratch}/git/objects || exit 10
 g read-tree {start} || exit 11
-g ls-tree -r -z --full-tree --format='%(objectmode) %(path)' {start} \\
-  | {{ grep -z '^160000 ' || true; }} | sed -z 's/^160000 //' >{scratch}/gitlinks || exit 12
-{{ printf ':/\\0'; sed -z 's/^/:(exclude,literal,top)/' {scratch}/gitlinks; }} >{scratch}/paths
-g add -A --ignore-errors --pathspec-from-file={scratch}/paths --pathspec-file-nul \\
+g add -A --ignore-errors --pathspec-from-file={inputs}/paths --pathspec-file-nul \\
   2>{scratch}/add-errors; [ $? -le 1 ] || {{ tail -c 2000 {scratch}/add-errors; exit 12; }}
 GIT_LITERAL_PATHSPECS=1 xargs -0 -r -n1 git -c safe.directory='*' -c core.hooksPath=/dev/null \\
-  -c core.fsmonitor=false add -A --ignore-errors -- <{scratch}/gitlinks 2>/dev/null
+  -c core.fsmonitor=false add -A --ignore-errors -- <{inputs}/gitlinks 2>/dev/null
 g diff --cached --raw -z --no-renames --no-abbrev {start} >{scratch}/changed || exit 13
 g diff --cached --raw --no-renames --no-abbrev {start} | cut -d' ' -f3,4 | tr ' ' '\\n' \\
   | grep -v '^0*$' | sort -u \\
@@ -629,6 +626,28 @@ def display_path(name: bytes) -> str:
     return name.decode("utf-8", errors="replace")
 
 
+async def _write_pathspecs(prepared: PreparedWorkspace, inputs: Path, timeout: float) -> None:
+    """The diff sandbox's pathspecs, from the executor's own baseline (no work tree): `paths`
+    is everything but the submodules of the starting commit, `gitlinks` those submodules."""
+    tree = await _git(
+        "--git-dir",
+        str(prepared.baseline),
+        "ls-tree",
+        "-r",
+        "-z",
+        "--full-tree",
+        prepared.start_commit,
+        env=_local_env(),
+        timeout=timeout,
+    )
+    gitlinks = [
+        entry.partition(b"\t")[2] for entry in tree.split(b"\0") if entry.startswith(b"160000 ")
+    ]
+    paths = [b":/", *(b":(exclude,literal,top)" + path for path in gitlinks)]
+    (inputs / "paths").write_bytes(b"\0".join(paths))
+    (inputs / "gitlinks").write_bytes(b"".join(path + b"\0" for path in gitlinks))
+
+
 async def _in_sandbox(where: DiffSandbox, script: str, timeout: float, what: str) -> None:
     result, over = await run_within_quota(where.sandbox, script, timeout)
     if over is not None:
@@ -665,6 +684,7 @@ async def collect_diff(
         "cut": str(max_bytes + 1),
     }
     prologue = DIFF_PROLOGUE.format(**names)
+    await _write_pathspecs(prepared, where.inputs_host, timeout)
     await _in_sandbox(where, prologue + DIFF_STAGE.format(**names), timeout, "staging the diff")
     changed = await asyncio.to_thread(_read_changed, where.scratch_host)
     over = [(name, size) for name, size in changed if size > file_max_bytes]
@@ -685,9 +705,7 @@ async def collect_diff(
         size=size,
         truncated=truncated,
         changed_files=sorted(display_path(name) for name, _ in changed),
-        omitted_files=[
-            {"path": display_path(name), "bytes": size} for name, size in sorted(over)
-        ],
+        omitted_files=[{"path": display_path(name), "bytes": size} for name, size in sorted(over)],
         preview=_preview(target, preview_bytes),
     )
 

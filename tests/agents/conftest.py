@@ -142,6 +142,25 @@ def source_repo(tmp_path: Path) -> Path:
     return repo
 
 
+GITLINK = "vendor/lib"
+
+
+@pytest.fixture
+def repo_with_submodule(tmp_path: Path) -> Path:
+    """A repository whose starting commit holds a gitlink (the commit need not exist)."""
+    repo = tmp_path / "repos" / "with-submodule"
+    repo.mkdir(parents=True)
+    git("init", "-q", "--initial-branch", "main", cwd=repo)
+    (repo / "app.py").write_text("print('hi')\n")
+    (repo / ".gitmodules").write_text(
+        f'[submodule "lib"]\n\tpath = {GITLINK}\n\turl = https://example.invalid/lib.git\n'
+    )
+    git("add", "-A", cwd=repo)
+    git("update-index", "--add", "--cacheinfo", f"160000,{'1' * 40},{GITLINK}", cwd=repo)
+    git("commit", "-q", "-m", "with a submodule", cwd=repo)
+    return repo
+
+
 @dataclass
 class Listener:
     port: int

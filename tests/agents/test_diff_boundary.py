@@ -17,28 +17,11 @@ import pytest
 from agents.runtime import RuntimeConfig, diff_sandbox, run_agent_task
 from agents.sandbox.base import Limits
 from agents.workspace import PreparedWorkspace, collect_diff
-from tests.agents.conftest import git
+from tests.agents.conftest import GITLINK
 
 pytestmark = pytest.mark.skipif(not shutil.which("bwrap"), reason="needs bubblewrap")
 
 LIMITS = Limits(memory_bytes=512 * 1024 * 1024, pids=128, cpus=1.0, command_timeout=30)
-GITLINK = "vendor/lib"
-
-
-@pytest.fixture
-def repo_with_submodule(tmp_path: Path) -> Path:
-    """A repository whose starting commit holds a gitlink (the commit need not exist)."""
-    repo = tmp_path / "repos" / "with-submodule"
-    repo.mkdir(parents=True)
-    git("init", "-q", "--initial-branch", "main", cwd=repo)
-    (repo / "app.py").write_text("print('hi')\n")
-    (repo / ".gitmodules").write_text(
-        f'[submodule "lib"]\n\tpath = {GITLINK}\n\turl = https://example.invalid/lib.git\n'
-    )
-    git("add", "-A", cwd=repo)
-    git("update-index", "--add", "--cacheinfo", f"160000,{'1' * 40},{GITLINK}", cwd=repo)
-    git("commit", "-q", "-m", "with a submodule", cwd=repo)
-    return repo
 
 
 def planted_config(mark: Path) -> str:
@@ -57,14 +40,16 @@ def in_submodule(gitdir: str, mark: Path, *, link: str = "dir") -> str:
     to the workspace), reached by a `.git` directory, a `.git` file or a `.git` symlink, with
     every command-running key set, a staged file whose stat no longer matches the index."""
     config = planted_config(mark).replace("\n", "\\n").replace("'", "'\\''")
+    hook, script = "post-index-change", f"#!/bin/sh\\ntouch {mark}\\n"
     lines = [
-        f"$ mkdir -p {GITLINK} {gitdir} && git init -q --separate-git-dir /workspace/{gitdir} {GITLINK}",
+        f"$ mkdir -p {GITLINK} {gitdir}",
+        f"$ git init -q --separate-git-dir /workspace/{gitdir} {GITLINK}",
         f"$ cd {GITLINK} && echo staged > f && git add f",
         f"$ printf '{config}' >> {gitdir}/config",
         f"$ printf '* filter=x diff=x\\n' > {gitdir}/info/attributes",
         f"$ printf '* filter=x diff=x\\n' > {GITLINK}/.gitattributes",
-        f"$ mkdir -p {gitdir}/hooks && printf '#!/bin/sh\\ntouch {mark}\\n' > {gitdir}/hooks/post-index-change",
-        f"$ chmod +x {gitdir}/hooks/post-index-change",
+        f"$ mkdir -p {gitdir}/hooks && cd {gitdir}/hooks && printf '{script}' > {hook}",
+        f"$ chmod +x {gitdir}/hooks/{hook}",
         f"$ touch -d '2000-01-01' {GITLINK}/f",
     ]
     if link == "dir":
@@ -78,7 +63,15 @@ def in_submodule(gitdir: str, mark: Path, *, link: str = "dir") -> str:
 
 def vectors(mark: Path) -> dict[str, str]:
     config = planted_config(mark).replace("\n", "\\n").replace("'", "'\\''")
-    top = f"$ printf '* filter=x diff=x\\n' > .gitattributes\n$ mkdir -p src && printf '* filter=x diff=x\\n' > src/.gitattributes\n$ echo code > src/code.py"
+    evil = "path = ../../../evil.cfg"
+    includes = f'[include]\\n\\t{evil}\\n[includeIf "gitdir:**"]\\n\\t{evil}\\n'
+    top = "\n".join(
+        [
+            "$ printf '* filter=x diff=x\\n' > .gitattributes",
+            "$ mkdir -p src && printf '* filter=x diff=x\\n' > src/.gitattributes",
+            "$ echo code > src/code.py",
+        ]
+    )
     return {
         "submodule .git directory with filter, fsmonitor, textconv, pager, hooks": in_submodule(
             ".plant/git", mark
@@ -90,7 +83,7 @@ def vectors(mark: Path) -> dict[str, str]:
                 f"$ mkdir -p {GITLINK} && git -C {GITLINK} init -q",
                 f"$ cd {GITLINK} && echo staged > f && git add f",
                 f"$ printf '{config}' > evil.cfg",
-                f"$ printf '[include]\\n\\tpath = ../../../evil.cfg\\n[includeIf \"gitdir:**\"]\\n\\tpath = ../../../evil.cfg\\n' >> {GITLINK}/.git/config",
+                f"$ printf '{includes}' >> {GITLINK}/.git/config",
                 f"$ printf '* filter=x\\n' > {GITLINK}/.git/info/attributes",
                 f"$ touch -d '2000-01-01' {GITLINK}/f",
             ]

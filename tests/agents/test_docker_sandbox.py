@@ -24,9 +24,12 @@ import pytest
 
 from agents.sandbox.base import Limits, Sandbox
 from agents.sandbox.docker_sandbox import DockerSandbox
+from tests.agents.conftest import GITLINK
 from tests.agents.contract import SMALL, MakeSandbox, SandboxContract, wait_until
 
 IMAGE = "fedagent-test-busybox:1"
+GIT_IMAGE = "fedagent-test-git:1"
+GIT = "/usr/bin/git"
 BUSYBOX = Path("/bin/busybox")
 
 
@@ -36,8 +39,27 @@ class Daemon:
     pid: int
 
 
-def _rootfs_tarball() -> bytes:
-    """A root filesystem of busybox-static and its applet links, as `docker import` takes."""
+def _with_git(tar: tarfile.TarFile) -> None:
+    """The executor's own git and the libraries it loads, at the same paths (git's helpers
+    are found under /usr/lib/git-core)."""
+    libraries = subprocess.run(["ldd", GIT], check=True, capture_output=True, text=True).stdout
+    paths = {GIT, "/usr/lib/git-core/git"}
+    for line in libraries.splitlines():
+        for word in line.split():
+            if word.startswith("/"):
+                paths.add(word)
+    parents = {str(parent) for path in paths for parent in Path(path).parents if str(parent) != "/"}
+    for directory in sorted(parents - {"/bin"}):
+        entry = tarfile.TarInfo(directory.lstrip("/"))
+        entry.type, entry.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(entry)
+    for path in sorted(paths):
+        tar.add(os.path.realpath(path), arcname=path.lstrip("/"))
+
+
+def _rootfs_tarball(git: bool = False) -> bytes:
+    """A root filesystem of busybox-static and its applet links, as `docker import` takes;
+    with `git`, the executor's git too."""
     applets = subprocess.run(
         [str(BUSYBOX), "--list"], check=True, capture_output=True, text=True
     ).stdout.split()
@@ -53,6 +75,8 @@ def _rootfs_tarball() -> bytes:
                 link = tarfile.TarInfo(f"bin/{applet}")
                 link.type, link.linkname = tarfile.SYMTYPE, "busybox"
                 tar.addfile(link)
+        if git:
+            _with_git(tar)
     return buffer.getvalue()
 
 
@@ -121,6 +145,11 @@ def dockerd() -> Iterator[Daemon]:
         client.api.import_image_from_file(
             _write(root / "rootfs.tar", _rootfs_tarball()), repository=IMAGE.split(":")[0], tag="1"
         )
+        client.api.import_image_from_file(
+            _write(root / "git.tar", _rootfs_tarball(git=True)),
+            repository=GIT_IMAGE.split(":")[0],
+            tag="1",
+        )
         yield Daemon(host, proc.pid)
     finally:
         if client is not None:
@@ -187,3 +216,42 @@ def _gone(client: docker.DockerClient, name: str) -> bool:
     except docker.errors.NotFound:
         return True
     return False
+
+
+async def test_a_docker_run_where_bwrap_cannot_start_takes_its_diff_in_a_container(
+    dockerd: Daemon, tmp_path: Path, repo_with_submodule: Path
+) -> None:
+    """No host git in what the agent wrote with the docker sandbox either: without bwrap the
+    diff is taken in a container of the run's image, and what the agent planted runs there."""
+    from agents.runtime import RuntimeConfig, run_agent_task
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    mark = outside / "ran-on-the-host"
+    planted = "\n".join(
+        [
+            f"$ mkdir -p {GITLINK} && cd {GITLINK} && git init -q && echo x > f && git add f",
+            f"$ git -C {GITLINK} config filter.x.clean \"sh -c 'touch {mark}; cat'\"",
+            f"$ mkdir -p {GITLINK}/.git/info && echo '* filter=x' > {GITLINK}/.git/info/attributes",
+            f"$ touch -d '2000-01-01 00:00' {GITLINK}/f",
+            "$ echo changed > new.txt",
+        ]
+    )
+    report = await run_agent_task(
+        workspace=tmp_path / "runs" / "docker-diff",
+        agent_type="worker",
+        context={"repository": str(repo_with_submodule), "instructions": planted},
+        config=RuntimeConfig(
+            sandbox="docker",
+            limits=Limits(memory_bytes=256 * 1024**2, pids=64, cpus=1.0, command_timeout=30),
+            docker_image=GIT_IMAGE,
+            docker_host=dockerd.host,
+            bwrap_path="/nonexistent/bwrap",
+            repo_roots=(repo_with_submodule.parent,),
+        ),
+    )
+    assert report.success, report.log_tail
+    assert "diffError" not in report.workspace, report.workspace
+    assert report.changed_files == ["new.txt"]
+    assert "+changed" in report.diff
+    assert not mark.exists()
