@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import uuid
 from typing import Any
 
@@ -23,9 +22,7 @@ from federation.store import repos
 from federation.trust import check_grants, require_active, verify_incoming
 from workflows.models import (
     ADMIT_RUN,
-    FINISH_RUN,
     NOTIFY_REQUESTER,
-    POLL_STATUS,
     RECORD_REQUESTER_FINAL,
     RECORD_RUN_FINAL,
     SEND_KILL,
@@ -222,17 +219,6 @@ class FederationActivities:
                 timeout=inp.peer_timeout_seconds,
             )
 
-    @activity.defn(name=POLL_STATUS)
-    async def poll_status(self, call: PeerCall) -> AgentEvent:
-        with tracing.trace(call.traceparent):
-            return await self._command(
-                await self._requester_connection(call.agent_id),
-                call.agent_id,
-                "agent.status",
-                {"agentId": call.agent_id},
-                timeout=call.peer_timeout_seconds,
-            )
-
     @activity.defn(name=SEND_KILL)
     async def send_kill(self, call: PeerCall) -> KillResult:
         with tracing.trace(call.traceparent):
@@ -264,16 +250,15 @@ class FederationActivities:
                     await ticker
 
     async def _wait_status(self, wait: StatusWait) -> AgentEvent:
-        after_seq, delay, legacy = wait.after_seq, 1.0, False
+        after_seq, delay = wait.after_seq, 1.0
         while True:
             connection = await self._requester_connection(wait.agent_id)
-            payload: dict[str, Any] = {"agentId": wait.agent_id}
-            if not legacy:
-                payload |= {
-                    "afterSeq": after_seq,
-                    "knownState": wait.known_state,
-                    "waitSeconds": wait.wait_seconds,
-                }
+            payload: dict[str, Any] = {
+                "agentId": wait.agent_id,
+                "afterSeq": after_seq,
+                "knownState": wait.known_state,
+                "waitSeconds": wait.wait_seconds,
+            }
             try:
                 reply = await self.messenger.send(
                     connection,
@@ -284,9 +269,6 @@ class FederationActivities:
                     timeout=wait.wait_seconds + wait.peer_timeout_seconds,
                 )
             except PeerRefused as err:
-                if err.peer_code == "invalid_payload" and not legacy:
-                    legacy = True  # an executor from before long-polls: ask plainly
-                    continue
                 if err.peer_status not in TRANSIENT_PEER_STATUSES:
                     raise as_activity_error(err) from None
                 await asyncio.sleep(delay)
@@ -303,8 +285,6 @@ class FederationActivities:
             ):
                 return event
             after_seq = max(after_seq, event.seq)
-            if legacy:
-                await asyncio.sleep(min(wait.wait_seconds, 15.0))
 
     @activity.defn(name=RECORD_REQUESTER_FINAL)
     async def record_requester_final(self, final: RequesterFinal) -> RecordedFinal:
@@ -395,11 +375,3 @@ class FederationActivities:
                 await self.messenger.notify_requester(row)
         except FederationError as err:
             raise as_activity_error(err) from None
-
-    @activity.defn(name=FINISH_RUN)
-    async def finish_run(self, finish: FinishRun) -> None:
-        """Record the final state, then tell the requester (retried until it hears it): what
-        workflows from before durable-core ask; newer ones call the two steps apart."""
-        # (These workflows never recorded the attempt with the final state.)
-        await self.record_run_final(dataclasses.replace(finish, attempt=None))
-        await self.notify_requester(finish)

@@ -74,12 +74,10 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         workflows=[RemoteAgentWorkflow, AgentRunWorkflow],
         activities=[
             federation.send_spawn,
-            federation.poll_status,
             federation.wait_status,
             federation.send_kill,
             federation.record_requester_final,
             federation.admit_run,
-            federation.finish_run,
             federation.record_run_final,
             federation.notify_requester,
         ],
@@ -122,12 +120,11 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
-    """Temporal's sandbox, with fedagent's own `workflows` package passed through: it is
-    imported once per process instead of once per workflow run (a run's first workflow task
-    took 55-70 ms, 20 ms with this). Safe because those modules hold no mutable module state;
-    the sandbox still refuses non-deterministic calls from workflow code."""
+    """Temporal's sandbox over fedagent's workflow code, which it imports once per run and
+    checks for non-deterministic calls; only the frozen dataclasses the workflows exchange
+    (`workflows.models`) pass through."""
     return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows")
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows.models")
     )
 
 
@@ -156,7 +153,7 @@ def deployment_config(settings: Settings) -> WorkerDeploymentConfig:
             deployment_name=settings.worker_deployment, build_id=build_id(settings)
         ),
         use_worker_versioning=settings.worker_versioning,
-        # Running workflows move to the new version: their changes sit behind patched().
+        # Running workflows move to the new version: changes to their commands are patched.
         default_versioning_behavior=(
             VersioningBehavior.AUTO_UPGRADE
             if settings.worker_versioning

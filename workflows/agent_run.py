@@ -18,11 +18,7 @@ with workflow.unsafe.imports_passed_through():
         AGENT_FAILED,
         AGENT_KILLED,
         AGENT_TIMED_OUT,
-        FINISH_RUN,
         NOTIFY_REQUESTER,
-        PATCH_ADOPT_FINAL,
-        PATCH_DURABLE_CORE,
-        PATCH_KILL_ANSWERED,
         RECORD_RUN_FINAL,
         RUN_AGENT,
         SA_AGENT_STATE,
@@ -42,10 +38,9 @@ T = TypeVar("T")
 
 # How long after the agent's own deadline Temporal steps in if the worker could not.
 TIMEOUT_GRACE = timedelta(seconds=30)
-HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 # Retries of one try after a lost worker or a crash; agent failures are counted separately.
 INFRA_ATTEMPTS = 5
-# durable-core: a try is lost once this many heartbeats in a row are missing.
+# A try is lost once this many heartbeats in a row are missing.
 MISSED_HEARTBEATS = 5
 STORE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5)
@@ -93,18 +88,8 @@ class AgentRunWorkflow:
         self._seq = 0
         self._recorded = False
 
-    def _durable_core(self) -> bool:
-        """The durable-core commands (record then notify, absolute deadline, cancel is a kill,
-        Failed when the agent failed); False replaying histories of earlier versions."""
-        return workflow.patched(PATCH_DURABLE_CORE)
-
     @workflow.run
     async def run(self, inp: AgentRunInput) -> AgentStatus:
-        if self._durable_core():
-            return await self._run_durable(inp)
-        return await self._run_before_durable_core(inp)
-
-    async def _run_durable(self, inp: AgentRunInput) -> AgentStatus:
         self._agent_id = str(inp.envelope.get("payload", {}).get("agentId", ""))
         requester_id = str(inp.envelope.get("senderId", ""))
         task: RunTask | None = None
@@ -149,29 +134,23 @@ class AgentRunWorkflow:
             # Record first: the run's outcome is kept whatever happens to the notification.
             # The run has ended: a cancel arriving now has nothing left to kill and must not
             # stop the record (the result would be lost) nor the notification.
-            adopt = workflow.patched(PATCH_ADOPT_FINAL)
-            # Untyped unless patched: a record whose task was cut off (a heartbeat task, no
-            # marker) runs again here on today's activity, which answers a RecordedFinal.
             kept = await past_cancel(
                 workflow.start_local_activity(
                     RECORD_RUN_FINAL,
                     final,
-                    result_type=RecordedFinal if adopt else None,
+                    result_type=RecordedFinal,
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=STORE_RETRY,
                     summary=f"record {self._state}",
                 )
             )
-            if isinstance(kept, RecordedFinal):
-                # The store keeps the first final it was given (a record run again after
-                # this task failed, a worker crash): this workflow takes it as its own.
-                self._adopt(kept)
-                final = dataclasses.replace(
-                    final, state=self._state, result=self._result, error=self._error
-                )
-            else:
-                self._seq = int(kept["seq"] if isinstance(kept, dict) else kept)
-            if cancelled and self._state != "killed" and adopt:
+            # The store keeps the first final it was given (a record run again after this
+            # task failed, a worker crash): this workflow takes it as its own.
+            self._adopt(kept)
+            final = dataclasses.replace(
+                final, state=self._state, result=self._result, error=self._error
+            )
+            if cancelled and self._state != "killed":
                 cancelled = False  # the run had ended otherwise before the cancel: it closes so
         self._recorded = True
         if self._agent_id and requester_id and not self._told_by_kill_answer():
@@ -206,11 +185,7 @@ class AgentRunWorkflow:
     def _told_by_kill_answer(self) -> bool:
         """The requester's own kill ended the run: the kill's answer tells it the final state
         (an event as well would race that answer)."""
-        return (
-            self._state == "killed"
-            and self._kill_answered
-            and workflow.patched(PATCH_KILL_ANSWERED)
-        )
+        return self._state == "killed" and self._kill_answered
 
     async def _tries(self, task: RunTask) -> None:
         """1 + options.maxRetries tries; each try's timeout is absolute across the
@@ -252,7 +227,7 @@ class AgentRunWorkflow:
             except ActivityError as err:
                 if isinstance(err.cause, CancelledError) and not self._kill_requested:
                     raise asyncio.CancelledError() from err  # the workflow itself was cancelled
-                state, result, error = self._classify_durable(err, attempt)
+                state, result, error = self._classify(err, attempt)
                 retry = (
                     state == "failed"
                     and isinstance(err.cause, ApplicationError)
@@ -272,9 +247,7 @@ class AgentRunWorkflow:
                 except TimeoutError:
                     pass
 
-    def _classify_durable(
-        self, err: ActivityError, attempt: int
-    ) -> tuple[str, dict | None, str | None]:  # type: ignore[type-arg]
+    def _classify(self, err: ActivityError, attempt: int) -> tuple[str, dict | None, str | None]:  # type: ignore[type-arg]
         cause = err.cause
         if self._kill_requested and (
             isinstance(cause, CancelledError)
@@ -291,106 +264,6 @@ class AgentRunWorkflow:
             )
         if isinstance(cause, ActivityTimeout):
             return "timed_out", None, "the run exceeded its timeout"
-        return self._classify(err)
-
-    async def _run_before_durable_core(self, inp: AgentRunInput) -> AgentStatus:
-        self._agent_id = str(inp.envelope.get("payload", {}).get("agentId", ""))
-        task: RunTask | None = None
-        try:
-            # Local: it only reads the store and checks a signature, no round trip needed.
-            task = await workflow.execute_local_activity(
-                ADMIT_RUN,
-                inp,
-                result_type=RunTask,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(
-                    maximum_interval=timedelta(seconds=5), maximum_attempts=20
-                ),
-                summary="verify signed agent.spawn and check grants",
-            )
-        except ActivityError as err:
-            self._end("failed", error=f"refused: {err.cause or err}")
-
-        if task is not None:
-            await self._run_with_retries(task)
-
-        requester_id = str(inp.envelope.get("senderId", ""))
-        if self._agent_id and requester_id:
-            await workflow.execute_activity(
-                FINISH_RUN,
-                FinishRun(
-                    self._agent_id,
-                    requester_id,
-                    self._state,
-                    self._result,
-                    self._error,
-                    self._attempt or None,
-                    task.traceparent if task else str(inp.envelope.get("traceparent") or ""),
-                ),
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=timedelta(hours=1),
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
-                ),
-                summary=f"record {self._state} and notify the requester",
-            )
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        return self.status()
-
-    async def _run_with_retries(self, task: RunTask) -> None:
-        """One try per agent attempt: 1 + options.maxRetries tries, a backoff between them."""
-        for attempt in range(1, task.max_retries + 2):
-            if self._kill_requested:
-                self._end("killed", error="killed on request")
-                return
-            self._attempt = attempt
-            self._set_state("running")
-            self._run = workflow.start_activity(
-                RUN_AGENT,
-                dataclasses.replace(task, attempt=attempt),
-                result_type=AgentOutcome,
-                task_queue=task.agent_task_queue or None,
-                start_to_close_timeout=timedelta(seconds=task.timeout_seconds) + TIMEOUT_GRACE,
-                heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=1),
-                    maximum_attempts=INFRA_ATTEMPTS,
-                    non_retryable_error_types=[AGENT_FAILED, AGENT_TIMED_OUT, TASK_INVALID],
-                ),
-                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                summary=f"run {task.agent_type} agent for task {task.task_id} (try {attempt})",
-            )
-            try:
-                outcome = await self._run
-                self._end("completed", result=outcome.result)
-                return
-            except ActivityError as err:
-                state, result, error = self._classify(err)
-                retry = (
-                    state == "failed"
-                    and isinstance(err.cause, ApplicationError)
-                    and err.cause.type == AGENT_FAILED
-                    and attempt <= task.max_retries
-                    and not self._kill_requested
-                )
-                if not retry:
-                    self._end(state, result, error)
-                    return
-                self._result, self._error = result, error
-                workflow.set_current_details(f"try {attempt} failed: {error}; retrying")
-                try:  # back off, but a kill ends the wait at once
-                    await workflow.wait_condition(
-                        lambda: self._kill_requested, timeout=timedelta(seconds=min(2**attempt, 30))
-                    )
-                except TimeoutError:
-                    pass
-
-    def _classify(self, err: ActivityError) -> tuple[str, dict | None, str | None]:  # type: ignore[type-arg]
-        cause = err.cause
-        if isinstance(cause, CancelledError) and self._kill_requested:
-            return "killed", None, "killed on request"
-        if isinstance(cause, ActivityTimeout):
-            return "timed_out", None, "the run exceeded its timeout"
         if isinstance(cause, ApplicationError):
             details = cause.details[0] if cause.details else None
             result = details if isinstance(details, dict) else None
@@ -401,23 +274,15 @@ class AgentRunWorkflow:
 
     @workflow.update
     async def kill(self, request: KillRequest) -> KillResult:
-        if self._durable_core():
-            if self._state not in TERMINAL_STATES:
-                self._kill_requested = True
-                self._kill_reason = request.reason or "killed on request"
-                self._kill_answered = request.answered
-                if self._run is not None and not self._run.done():
-                    self._run.cancel()
-            # The answer waits for the final state to be recorded (sandbox gone).
-            await workflow.wait_condition(lambda: self._recorded)
-            return KillResult(self._agent_id, self._state, self._seq, self._result, self._error)
         if self._state not in TERMINAL_STATES:
             self._kill_requested = True
+            self._kill_reason = request.reason or "killed on request"
+            self._kill_answered = request.answered
             if self._run is not None and not self._run.done():
                 self._run.cancel()
-            # Answer only once the sandbox is confirmed gone (the activity acknowledged).
-            await workflow.wait_condition(lambda: self._state in TERMINAL_STATES)
-        return KillResult(self._agent_id, self._state)
+        # The answer waits for the final state to be recorded (sandbox gone).
+        await workflow.wait_condition(lambda: self._recorded)
+        return KillResult(self._agent_id, self._state, self._seq, self._result, self._error)
 
     @workflow.query
     def status(self) -> AgentStatus:

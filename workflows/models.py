@@ -14,7 +14,6 @@ TERMINAL_STATES = ("completed", "failed", "killed", "timed_out")
 
 # Activity names: workflows call activities by name so they never import I/O code.
 SEND_SPAWN = "send_spawn"
-POLL_STATUS = "poll_status"
 SEND_KILL = "send_kill"
 RECORD_REQUESTER_FINAL = "record_requester_final"
 ADMIT_RUN = "admit_run"
@@ -23,25 +22,11 @@ RUN_AGENT = "run_agent"
 AGENT_FAILED = "AgentFailed"
 AGENT_TIMED_OUT = "AgentTimedOut"
 TASK_INVALID = "TaskInvalid"
-FINISH_RUN = "finish_run"  # before durable-core: record and notify in one activity
-# durable-core: record first, then tell the requester (best effort); the requester long-polls.
+# The executor records first, then tells the requester (best effort); the requester long-polls.
 RECORD_RUN_FINAL = "record_run_final"
 NOTIFY_REQUESTER = "notify_requester"
 WAIT_STATUS = "wait_status"
 AGENT_KILLED = "AgentKilled"
-# The patch every durable-core change of workflow commands sits behind.
-PATCH_DURABLE_CORE = "durable-core-1"
-# The requester asks agent.status only after a quiet spell (events bring each change at once).
-PATCH_QUIET_POLL = "quiet-poll-1"
-# The requester's kill is a local activity: the update answers in the task that sent it.
-PATCH_LOCAL_KILL = "local-kill-1"
-# The executor sends no final event of a kill whose answer told the requester.
-PATCH_KILL_ANSWERED = "kill-answered-1"
-# A final record answers what the store kept, and the workflow takes that as its own final:
-# a record run again (local activities run at least once) after a cancel, an event or an update
-# raced the first one never leaves the workflow saying another final than the store.
-PATCH_ADOPT_FINAL = "adopt-final-1"
-
 # Custom search attributes operators filter by in the Temporal Web UI.
 SA_AGENT_ID = SearchAttributeKey.for_keyword("AgentId")
 SA_TASK_ID = SearchAttributeKey.for_keyword("TaskId")

@@ -16,11 +16,6 @@ from workflows.agent_run import past_cancel
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
-        PATCH_ADOPT_FINAL,
-        PATCH_DURABLE_CORE,
-        PATCH_LOCAL_KILL,
-        PATCH_QUIET_POLL,
-        POLL_STATUS,
         RECORD_REQUESTER_FINAL,
         SA_AGENT_STATE,
         SEND_KILL,
@@ -43,7 +38,6 @@ PEER_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=10),
 )
-MAX_POLL_BACKOFF = 16  # the poll interval grows up to this many times the base
 STORE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5)
 )
@@ -100,28 +94,15 @@ class RemoteAgentWorkflow:
         self._kill_requested = False
         self._recorded = False
         self._continuing = False
-        # send_kill wrote the executor's final answer into the projection: a local activity
-        # to write it again would hold the kill's answer until it is done.
-        self._final_written = False
-        # local-kill: a kill answered by a local activity held the workflow task open for its
-        # round trip; the workflow closes in a later task (see _close_in_a_later_task).
+        # A kill answered by a local activity held the workflow task open for its round
+        # trip; the workflow closes in a later task (see _close_in_a_later_task).
         self._answered_in_task = False
         self._input: SpawnAgentInput | None = None
         self._poll: workflow.ActivityHandle[AgentEvent] | None = None
 
-    def _durable_core(self) -> bool:
-        """The durable-core commands (long-poll, deadline, continue-as-new); False replaying
-        histories of earlier versions, which keep their own path below."""
-        return workflow.patched(PATCH_DURABLE_CORE)
-
     @workflow.run
     async def run(self, inp: SpawnAgentInput) -> AgentStatus:
         self._input = inp
-        if self._durable_core():
-            return await self._run(inp)
-        return await self._run_before_durable_core(inp)
-
-    async def _run(self, inp: SpawnAgentInput) -> AgentStatus:
         self._agent_id = inp.agent_id
         self._traceparent = inp.traceparent
         if inp.carried is not None:
@@ -145,7 +126,7 @@ class RemoteAgentWorkflow:
             cancelled = True
             if self._poll is not None and not self._poll.done():
                 self._poll.cancel()
-            elif self._poll is not None and workflow.patched(PATCH_ADOPT_FINAL):
+            elif self._poll is not None:
                 # Its answer came in the same workflow task as the cancel (a task run again
                 # after a failure holds both): the executor's word comes first.
                 self._apply_finished_poll(self._poll)
@@ -165,7 +146,7 @@ class RemoteAgentWorkflow:
                 )
             )
         await self._record_final(inp)
-        if cancelled and self._state != "killed" and workflow.patched(PATCH_ADOPT_FINAL):
+        if cancelled and self._state != "killed":
             cancelled = False  # the run had ended otherwise before the cancel: it closes so
         if cancelled:
             raise asyncio.CancelledError("killed: workflow cancelled")
@@ -191,22 +172,19 @@ class RemoteAgentWorkflow:
     async def _record_final(self, inp: SpawnAgentInput) -> None:
         """Record the final state. The store keeps the first final it was given (a record run
         again, a final the ingress wrote from an event not heard here yet, a kill's answer)
-        and answers it: this workflow takes it as its own (PATCH_ADOPT_FINAL)."""
-        adopt = workflow.patched(PATCH_ADOPT_FINAL)
-        if adopt or not self._final_written:
-            # The run has ended: a cancel arriving now must not stop its record.
-            kept = await past_cancel(
-                workflow.start_local_activity(
-                    RECORD_REQUESTER_FINAL,
-                    RequesterFinal(inp.agent_id, self._state, self._result, self._error),
-                    result_type=RecordedFinal if adopt else None,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=STORE_RETRY,
-                    summary=f"record final state {self._state}",
-                )
+        and answers it: this workflow takes it as its own."""
+        # The run has ended: a cancel arriving now must not stop its record.
+        kept = await past_cancel(
+            workflow.start_local_activity(
+                RECORD_REQUESTER_FINAL,
+                RequesterFinal(inp.agent_id, self._state, self._result, self._error),
+                result_type=RecordedFinal,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=STORE_RETRY,
+                summary=f"record final state {self._state}",
             )
-            if isinstance(kept, RecordedFinal):
-                self._adopt(kept)
+        )
+        self._adopt(kept)
         self._recorded = True
         await workflow.wait_condition(workflow.all_handlers_finished)
 
@@ -235,7 +213,6 @@ class RemoteAgentWorkflow:
         self._spawn_settled = True
 
         backoff = 1.0
-        quiet_first = self._state not in TERMINAL_STATES and workflow.patched(PATCH_QUIET_POLL)
         backed_off = False
         while self._state not in TERMINAL_STATES:
             if self._continue_as_new_due(inp):
@@ -254,7 +231,7 @@ class RemoteAgentWorkflow:
             # Events (signals) bring each state change at once; only after a quiet spell does
             # one long-poll activity ask the executor, for an event that was lost.
             # (After a refused poll the backoff was the quiet spell.)
-            if quiet_first and inp.poll_after_quiet_seconds > 0 and not backed_off:
+            if inp.poll_after_quiet_seconds > 0 and not backed_off:
                 self._changed = False
                 try:
                     await workflow.wait_condition(
@@ -264,11 +241,10 @@ class RemoteAgentWorkflow:
                     continue  # news: look again at the state, the deadline, continue-as-new
                 except TimeoutError:
                     pass
-                if workflow.patched(PATCH_ADOPT_FINAL):
-                    # The quiet spell may have run into the deadline: the poll has what is left.
-                    remaining = (deadline - workflow.now()).total_seconds()
-                    if remaining <= 0:
-                        continue
+                # The quiet spell may have run into the deadline: the poll has what is left.
+                remaining = (deadline - workflow.now()).total_seconds()
+                if remaining <= 0:
+                    continue
             # One long-poll activity waits for the executor's next state change; silence and
             # progress cost no history. An event (signal) that brings the change first wins.
             self._changed = False
@@ -332,58 +308,12 @@ class RemoteAgentWorkflow:
             forced > 0 and info.get_current_history_length() >= forced
         )
 
-    async def _run_before_durable_core(self, inp: SpawnAgentInput) -> AgentStatus:
-        self._agent_id = inp.agent_id
-        self._traceparent = inp.traceparent
-        call = PeerCall(inp.agent_id, inp.connection_id, inp.peer_timeout_seconds, inp.traceparent)
-        await self._send_spawn(inp)
-        self._spawn_settled = True
-
-        base = timedelta(seconds=inp.status_poll_seconds)
-        poll = base
-        while self._state not in TERMINAL_STATES:
-            self._changed = False
-            try:
-                await workflow.wait_condition(lambda: self._changed, timeout=poll)
-                poll = base  # events flow: the next silence is measured from here
-            except TimeoutError:
-                # Events may be lost or late: ask the executor directly. A poll that brings
-                # nothing new doubles the wait, so a long queue of quiet agents is no storm.
-                seq = self._seq
-                try:
-                    self._apply(
-                        await workflow.execute_activity(
-                            POLL_STATUS,
-                            call,
-                            result_type=AgentEvent,
-                            start_to_close_timeout=timedelta(seconds=inp.peer_timeout_seconds + 5),
-                            retry_policy=RetryPolicy(maximum_attempts=1),
-                            summary="poll agent.status",
-                        )
-                    )
-                except ActivityError as err:
-                    workflow.logger.warning("status poll failed: %s", _reason(err))
-                poll = base if self._seq != seq else min(poll * 2, base * MAX_POLL_BACKOFF)
-
-        # A local activity: one store write needs no round trip through the task queue.
-        await workflow.execute_local_activity(
-            RECORD_REQUESTER_FINAL,
-            RequesterFinal(inp.agent_id, self._state, self._result, self._error),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=STORE_RETRY,
-            summary=f"record final state {self._state}",
-        )
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        return self.status()
-
     @workflow.signal
     def on_event(self, event: AgentEvent) -> None:
         self._apply(event)
 
     @workflow.update
     async def kill(self, request: KillRequest) -> KillResult:
-        if not self._durable_core():
-            return await self._kill_before_durable_core(request)
         self._kill_requested = True  # a spawn not sent yet is never sent
         await workflow.wait_condition(lambda: self._spawn_settled)
         confirmed = True
@@ -404,27 +334,25 @@ class RemoteAgentWorkflow:
         ended here, unconfirmed."""
         call = PeerCall(self._agent_id, "", inp.peer_timeout_seconds, self._traceparent)
         deadline = workflow.now() + timedelta(seconds=inp.kill_deadline_seconds)
-        local_first = workflow.patched(PATCH_LOCAL_KILL)
         try:
             answer: KillResult | None = None
-            if local_first:
-                # One try as a local activity, answered in the workflow task that sent it: no
-                # round trip through the task queue, no second task before the answer. At most
-                # half the kill deadline: the rest is for the retried activity.
-                first_try = max(1.0, min(inp.kill_deadline_seconds / 2, inp.peer_timeout_seconds))
-                try:
-                    answer = await workflow.execute_local_activity(
-                        SEND_KILL,
-                        call,
-                        result_type=KillResult,
-                        start_to_close_timeout=timedelta(seconds=first_try),
-                        retry_policy=RetryPolicy(maximum_attempts=1),
-                        summary="send agent.kill",
-                    )
-                    self._answered_in_task = True
-                except (ActivityError, ApplicationError, FailureTimeout) as err:
-                    if not _retryable(err) or deadline - workflow.now() < timedelta(seconds=1):
-                        raise
+            # One try as a local activity, answered in the workflow task that sent it: no
+            # round trip through the task queue, no second task before the answer. At most
+            # half the kill deadline: the rest is for the retried activity.
+            first_try = max(1.0, min(inp.kill_deadline_seconds / 2, inp.peer_timeout_seconds))
+            try:
+                answer = await workflow.execute_local_activity(
+                    SEND_KILL,
+                    call,
+                    result_type=KillResult,
+                    start_to_close_timeout=timedelta(seconds=first_try),
+                    retry_policy=RetryPolicy(maximum_attempts=1),
+                    summary="send agent.kill",
+                )
+                self._answered_in_task = True
+            except (ActivityError, ApplicationError, FailureTimeout) as err:
+                if not _retryable(err) or deadline - workflow.now() < timedelta(seconds=1):
+                    raise
             if answer is None:
                 # Retried until the kill deadline (the peer may be restarting).
                 remaining = max(1.0, (deadline - workflow.now()).total_seconds())
@@ -433,9 +361,7 @@ class RemoteAgentWorkflow:
                     call,
                     result_type=KillResult,
                     start_to_close_timeout=timedelta(seconds=60),
-                    schedule_to_close_timeout=timedelta(
-                        seconds=remaining if local_first else inp.kill_deadline_seconds
-                    ),
+                    schedule_to_close_timeout=timedelta(seconds=remaining),
                     retry_policy=PEER_RETRY,
                     summary="send agent.kill",
                 )
@@ -446,30 +372,12 @@ class RemoteAgentWorkflow:
             )
             return False
         self._apply(AgentEvent(answer.seq, answer.state, None, answer.result, answer.error))
-        self._final_written = answer.state in TERMINAL_STATES
         if self._state not in TERMINAL_STATES:
             raise ApplicationError(
                 f"{inp.peer_name} answered the kill with state {answer.state}",
                 type="kill_not_confirmed",
             )
         return True
-
-    async def _kill_before_durable_core(self, request: KillRequest) -> KillResult:
-        await workflow.wait_condition(lambda: self._spawn_settled)
-        if self._state not in TERMINAL_STATES:
-            answer = await workflow.execute_activity(
-                SEND_KILL,
-                PeerCall(self._agent_id, "", 15.0, self._traceparent),
-                result_type=KillResult,
-                start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=PEER_RETRY,
-                schedule_to_close_timeout=timedelta(minutes=10),
-                summary="send agent.kill",
-            )
-            self._apply(AgentEvent(seq=answer.seq, state=answer.state))
-            if answer.state not in TERMINAL_STATES:
-                self._finish("killed")
-        return KillResult(self._agent_id, self._state, self._seq)
 
     @workflow.query
     def status(self) -> AgentStatus:

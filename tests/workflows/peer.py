@@ -72,13 +72,6 @@ class ScriptedPeer:
             raise self.spawn_answer
         return self.spawn_answer
 
-    @activity.defn(name=m.POLL_STATUS)
-    async def poll_status(self, call: m.PeerCall) -> m.AgentEvent:
-        self.calls.append(m.POLL_STATUS)
-        if isinstance(self.status_answer, ApplicationError):
-            raise self.status_answer
-        return self.status_answer
-
     @activity.defn(name=m.WAIT_STATUS)
     async def wait_status(self, wait: m.StatusWait) -> m.AgentEvent:
         """agent.status as a long-poll: answers once the peer reports another state."""
@@ -162,14 +155,6 @@ class ScriptedPeer:
             raise self.run_outcome
         return self.run_outcome
 
-    @activity.defn(name=m.FINISH_RUN)
-    async def finish_run(self, finish: m.FinishRun) -> None:
-        self.calls.append(m.FINISH_RUN)
-        self.executor_finals.append(finish)
-        if self.notify_error is not None:
-            raise self.notify_error
-        self.notified.append(finish)
-
     @activity.defn(name=m.RECORD_RUN_FINAL)
     async def record_run_final(self, finish: m.FinishRun) -> m.RecordedFinal:
         """Kept as the store keeps it: the first final stays, with its sequence number."""
@@ -206,7 +191,6 @@ def spawn_input(agent_id: str, **overrides: Any) -> m.SpawnAgentInput:
         context={"instructions": "$ true"},
         options={"timeout": 60, "maxRetries": 0},
         spawn_deadline_seconds=30,
-        status_poll_seconds=1,
         peer_timeout_seconds=2.0,
         # Short: most tests want the long-poll soon; tests/workflows/test_messages.py sets it.
         poll_after_quiet_seconds=0.3,
