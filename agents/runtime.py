@@ -188,7 +188,8 @@ async def diff_sandbox(
     scratch, inputs = diff_dirs(prepared.path)
     for old in (scratch, inputs):
         await asyncio.to_thread(remove_tree, old)
-    inputs.mkdir(mode=0o755)
+    inputs.mkdir()
+    inputs.chmod(0o755)  # the sandbox's uid reads it, whatever the worker's umask
     sandbox: Sandbox | None = None
     try:
         if config.sandbox == "process":
