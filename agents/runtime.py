@@ -145,6 +145,7 @@ def _diff_sandboxes(
             use_cgroups=config.sandbox_cgroups,
             read_only=True,
             ro_binds=binds,
+            chown_workspace=False,
         )
     ]
     if config.sandbox == "docker":
@@ -159,6 +160,7 @@ def _diff_sandboxes(
                 run_as_uid=config.sandbox_uid,
                 read_only=True,
                 ro_binds=binds,
+                chown_workspace=False,
             )
         )
     return choices
