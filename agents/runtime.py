@@ -145,6 +145,7 @@ def _diff_sandboxes(
             use_cgroups=config.sandbox_cgroups,
             read_only=True,
             ro_binds=binds,
+            chown_workspace=False,
         )
     ]
     if config.sandbox == "docker":
@@ -159,6 +160,7 @@ def _diff_sandboxes(
                 run_as_uid=config.sandbox_uid,
                 read_only=True,
                 ro_binds=binds,
+                chown_workspace=False,
             )
         )
     return choices
@@ -188,7 +190,8 @@ async def diff_sandbox(
     scratch, inputs = diff_dirs(prepared.path)
     for old in (scratch, inputs):
         await asyncio.to_thread(remove_tree, old)
-    inputs.mkdir(mode=0o755)
+    inputs.mkdir()
+    inputs.chmod(0o755)  # the sandbox's uid reads it, whatever the worker's umask
     sandbox: Sandbox | None = None
     try:
         if config.sandbox == "process":

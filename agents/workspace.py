@@ -368,7 +368,9 @@ async def prepare_workspace(
             .decode()
             .strip()
         )
-        await _git("init", "-q", "--bare", str(baseline), env=_local_env())
+        # Readable by the diff's sandbox uid whatever the worker's umask (0644 files, 0755
+        # directories); the sandbox mounts it read-only, so it cannot write it either way.
+        await _git("init", "-q", "--bare", "--shared=0644", str(baseline), env=_local_env())
         await _git(
             *SAFE_LOCAL,
             "--git-dir",
@@ -644,8 +646,14 @@ async def _write_pathspecs(prepared: PreparedWorkspace, inputs: Path, timeout: f
         entry.partition(b"\t")[2] for entry in tree.split(b"\0") if entry.startswith(b"160000 ")
     ]
     paths = [b":/", *(b":(exclude,literal,top)" + path for path in gitlinks)]
-    (inputs / "paths").write_bytes(b"\0".join(paths))
-    (inputs / "gitlinks").write_bytes(b"".join(path + b"\0" for path in gitlinks))
+    write_input(inputs / "paths", b"\0".join(paths))
+    write_input(inputs / "gitlinks", b"".join(path + b"\0" for path in gitlinks))
+
+
+def write_input(path: Path, data: bytes) -> None:
+    """A file of the diff sandbox's inputs, readable by its uid whatever the worker's umask."""
+    path.write_bytes(data)
+    path.chmod(0o644)
 
 
 async def _in_sandbox(where: DiffSandbox, script: str, timeout: float, what: str) -> None:
@@ -689,7 +697,7 @@ async def collect_diff(
     changed = await asyncio.to_thread(_read_changed, where.scratch_host)
     over = [(name, size) for name, size in changed if size > file_max_bytes]
     await asyncio.to_thread(
-        (where.inputs_host / "omit").write_bytes, b"\0".join(name for name, _ in over)
+        write_input, where.inputs_host / "omit", b"\0".join(name for name, _ in over)
     )
     await _in_sandbox(where, prologue + DIFF_PATCH.format(**names), timeout, "taking the diff")
     status = read_untrusted(where.scratch_host / "patch-status", 16).strip()

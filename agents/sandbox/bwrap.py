@@ -196,10 +196,13 @@ class BwrapSandbox(Sandbox):
         network: bool = False,
         ro_binds: tuple[tuple[str, str], ...] = (),
         environment: dict[str, str] | None = None,
+        chown_workspace: bool = True,
     ) -> None:
         """`network` shares the host's network (only for the clone of the workspace, whose
         address the caller has checked); `ro_binds` are (host path, path inside) pairs mounted
-        read-only; `environment` is added to the minimal one commands get."""
+        read-only; `environment` is added to the minimal one commands get. Without
+        `chown_workspace` (the diff's sandbox, after the agent's) the executor does not walk
+        the workspace to hand it to the sandbox's uid, which already owns what it wrote."""
         super().__init__(workspace, limits, read_only=read_only)
         self.bwrap = bwrap
         self.use_cgroups = use_cgroups
@@ -207,6 +210,7 @@ class BwrapSandbox(Sandbox):
         self.network = network
         self.ro_binds = ro_binds
         self.environment = dict(environment or {})
+        self.chown_workspace = chown_workspace
         # The worker's pid in the name lets a later sandbox remove what a killed worker left.
         self.name = f"sbx-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._run_as: tuple[int, int] | None = None
@@ -240,7 +244,8 @@ class BwrapSandbox(Sandbox):
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
         if self._run_as is not None:
-            await asyncio.to_thread(_chown_tree, self.workspace, self._run_as)
+            if self.chown_workspace:
+                await asyncio.to_thread(_chown_tree, self.workspace, self._run_as)
             os.chown(self.tmp_dir, *self._run_as)
             self._stage = _stage_dir()
         self._setup_limits()

@@ -43,10 +43,13 @@ class DockerSandbox(Sandbox):
         run_as_uid: int = DEFAULT_RUN_AS,
         read_only: bool = False,
         ro_binds: tuple[tuple[str, str], ...] = (),
+        chown_workspace: bool = True,
     ) -> None:
-        """`ro_binds` are (host path, path inside) pairs mounted read-only."""
+        """`ro_binds` are (host path, path inside) pairs mounted read-only; without
+        `chown_workspace` the workspace is not walked to hand it to the sandbox's uid."""
         super().__init__(workspace, limits, read_only=read_only)
         self.ro_binds = ro_binds
+        self.chown_workspace = chown_workspace
         self.image = image
         self.docker_host = docker_host
         self.tmp_dir = workspace.parent / f".{workspace.name}.tmp"
@@ -162,7 +165,8 @@ class DockerSandbox(Sandbox):
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
         if self.file_owner is not None:
-            await asyncio.to_thread(_chown_tree, self.workspace, self.file_owner)
+            if self.chown_workspace:
+                await asyncio.to_thread(_chown_tree, self.workspace, self.file_owner)
             os.chown(self.tmp_dir, *self.file_owner)
         await asyncio.to_thread(self._connect)
         try:

@@ -8,8 +8,10 @@ that exists was written by a process outside the sandbox.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import pytest
 from agents.runtime import RuntimeConfig, diff_sandbox, run_agent_task
 from agents.sandbox.base import Limits
 from agents.workspace import PreparedWorkspace, collect_diff
-from tests.agents.conftest import GITLINK
+from tests.agents.conftest import GITLINK, git
 
 pytestmark = pytest.mark.skipif(not shutil.which("bwrap"), reason="needs bubblewrap")
 
@@ -217,3 +219,127 @@ def test_the_executor_reads_only_regular_files_from_the_diff_sandbox(tmp_path: P
         reader.join(5)
         pytest.fail("reading a FIFO the sandbox planted blocked the executor")
     assert isinstance(outcome[0], GitError)
+
+
+def _write_in_workspace(path: str, content: str) -> str:
+    """An agent command that writes `content` to `path` (no shell quoting to get wrong)."""
+    return f"$ echo {base64.b64encode(content.encode()).decode()} | base64 -d > {path}"
+
+
+# Run by a clean filter planted in a submodule, inside the diff's sandbox: a loose object in
+# the diff's scratch object directory under the id of app.py's starting blob, which git looks
+# up before the baseline's own copy.
+SHADOW_START = """import os, subprocess, zlib
+env = {"GIT_DIR": "/fedagent/baseline", "PATH": "/usr/bin:/bin"}
+oid = subprocess.run(["git", "-c", "safe.directory=*", "rev-parse", "refs/fedagent/start:app.py"],
+                     env=env, capture_output=True, text=True).stdout.strip()
+data = b"FORGED STARTING LINE\\n"
+os.makedirs("/tmp/git/objects/" + oid[:2], exist_ok=True)
+with open("/tmp/git/objects/" + oid[:2] + "/" + oid[2:], "wb") as out:
+    out.write(zlib.compress(b"blob %d\\0" % len(data) + data))
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: the submodule step runs in the sandbox whose scratch later steps trust",
+)
+async def test_code_planted_in_a_submodule_cannot_rewrite_the_starting_state_the_diff_shows(
+    repo_with_submodule: Path, tmp_path: Path
+) -> None:
+    """The diff is what the requester applies: whatever the agent plants, it applies to the
+    real starting commit and shows that commit's lines as they are."""
+    forge = f"{GITLINK}/.git/forge.py"
+    instructions = "\n".join(
+        [
+            f"$ mkdir -p {GITLINK} && cd {GITLINK} && git init -q && echo x > f && git add f",
+            _write_in_workspace(forge, SHADOW_START),
+            f"$ git -C {GITLINK} config filter.x.clean "
+            f"\"sh -c 'python3 /workspace/{forge} >/dev/null 2>&1; cat'\"",
+            f"$ echo '* filter=x' > {GITLINK}/.git/info/attributes",
+            f"$ touch -d 2000-01-01 {GITLINK}/f",
+            "$ echo changed >> app.py",
+        ]
+    )
+    report = await run_agent_task(
+        workspace=tmp_path / "runs" / "forger",
+        agent_type="worker",
+        context={"repository": str(repo_with_submodule), "instructions": instructions},
+        config=RuntimeConfig(
+            sandbox="bwrap", limits=LIMITS, repo_roots=(repo_with_submodule.parent,)
+        ),
+    )
+    assert report.success, report.log_tail
+    assert report.changed_files == ["app.py"]
+    assert "FORGED" not in report.diff
+    checkout = tmp_path / "checkout"
+    git("clone", "-q", str(repo_with_submodule), str(checkout), cwd=tmp_path)
+    applied = subprocess.run(
+        ["git", "apply", "--check", "-"],
+        cwd=checkout,
+        input=report.diff.encode(),
+        capture_output=True,
+    )
+    assert applied.returncode == 0, applied.stderr.decode()
+
+
+async def test_a_worker_with_a_private_umask_still_gets_the_diff(
+    repo_with_submodule: Path, tmp_path: Path
+) -> None:
+    """A root worker started with umask 077 (a hardened service) makes the baseline and the
+    diff's inputs; the sandbox's uid must still be able to read them."""
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox runs as the worker's own uid when the worker is not root")
+    old = os.umask(0o077)
+    try:
+        report = await run_agent_task(
+            workspace=tmp_path / "runs" / "private",
+            agent_type="worker",
+            context={"repository": str(repo_with_submodule), "instructions": "$ echo x >> app.py"},
+            config=RuntimeConfig(
+                sandbox="bwrap", limits=LIMITS, repo_roots=(repo_with_submodule.parent,)
+            ),
+        )
+    finally:
+        os.umask(old)
+    assert report.success, report.log_tail
+    assert "diffError" not in report.workspace, report.workspace["diffError"]
+    assert report.changed_files == ["app.py"]
+
+
+DEEP_TREE = """import os
+for _ in range(1500):
+    os.mkdir("d")
+    os.chdir("d")
+open("f", "w").write("deep")
+"""
+
+
+async def test_a_very_deep_directory_tree_does_not_cost_the_run_its_diff(
+    repo_with_submodule: Path, tmp_path: Path
+) -> None:
+    """Taking the diff walks nothing the agent wrote on the executor's side (no chown of the
+    workspace, no path-based walk that a deep tree or a swapped symlink could derail)."""
+    workspace = tmp_path / "runs" / "deep"
+    instructions = "\n".join(
+        [
+            _write_in_workspace("deep.py", DEEP_TREE),
+            "$ python3 deep.py && rm deep.py",
+            "$ echo changed >> app.py",
+        ]
+    )
+    try:
+        report = await run_agent_task(
+            workspace=workspace,
+            agent_type="worker",
+            context={"repository": str(repo_with_submodule), "instructions": instructions},
+            config=RuntimeConfig(
+                sandbox="bwrap", limits=LIMITS, repo_roots=(repo_with_submodule.parent,)
+            ),
+        )
+        assert report.success, report.log_tail
+        assert "diffError" not in report.workspace, report.workspace["diffError"]
+        assert "app.py" in report.changed_files
+        assert "+changed" in report.diff
+    finally:  # pytest's own clean-up of tmp_path recurses once per level
+        subprocess.run(["rm", "-rf", str(workspace / "d")], check=False)
