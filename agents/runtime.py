@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -182,12 +183,12 @@ async def _start_first(choices: list[Sandbox], scratch: Path) -> Sandbox:
 
 @contextlib.asynccontextmanager
 async def diff_sandbox(
-    config: RuntimeConfig, prepared: PreparedWorkspace
+    config: RuntimeConfig, prepared: PreparedWorkspace, step: str = "diff"
 ) -> AsyncIterator[DiffSandbox]:
-    """A fresh sandbox to take the run's diff in, taken down (with its scratch) afterwards:
-    no host process runs git in what the agent wrote. The process sandbox, which isolates
-    nothing, takes the diff as the worker, as it ran the agent's commands."""
-    scratch, inputs = diff_dirs(prepared.path)
+    """A fresh sandbox for one step of taking the run's diff, taken down (with its scratch)
+    afterwards: no host process runs git in what the agent wrote. The process sandbox, which
+    isolates nothing, takes the diff as the worker, as it ran the agent's commands."""
+    scratch, inputs = diff_dirs(prepared.path, step)
     for old in (scratch, inputs):
         await asyncio.to_thread(remove_tree, old)
     inputs.mkdir()
@@ -330,15 +331,14 @@ async def run_agent_task(
     report.sandbox = sandbox.describe()
     report.workspace = prepared.describe()
     try:
-        async with diff_sandbox(config, prepared) as where:
-            diff = await collect_diff(
-                prepared,
-                where,
-                max_bytes=config.diff_max_bytes,
-                file_max_bytes=config.diff_file_max_bytes,
-                preview_bytes=config.preview_bytes,
-                timeout=config.diff_timeout,
-            )
+        diff = await collect_diff(
+            prepared,
+            functools.partial(diff_sandbox, config, prepared),
+            max_bytes=config.diff_max_bytes,
+            file_max_bytes=config.diff_file_max_bytes,
+            preview_bytes=config.preview_bytes,
+            timeout=config.diff_timeout,
+        )
     except Exception as exc:  # noqa: BLE001 - the run's outcome stands without its diff
         report.workspace["diffError"] = str(exc)
     else:

@@ -36,7 +36,8 @@ import stat
 import sys
 import tempfile
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -526,16 +527,29 @@ export GIT_ALTERNATE_OBJECT_DIRECTORIES={baseline}/objects
 export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null GIT_TERMINAL_PROMPT=0 LANG=C.UTF-8
 g() {{ git -c safe.directory='*' -c core.hooksPath=/dev/null -c core.fsmonitor=false "$@"; }}
 """
-# Stage everything (`--ignore-errors`: a path git cannot add keeps its starting version and
-# the rest is still staged). The submodules of the starting commit come last, one at a time:
-# git runs `git status` inside each, which a planted one can make fail, and that must cost no
-# more than its own line of the diff. Then list what changed and the sizes of its blobs.
+# The submodules of the starting commit, in a sandbox of their own: git runs `git status` in
+# each, which is where planted code can run, so what this step leaves (index, objects, files)
+# is never used again; the executor takes from its listing only well-formed gitlinks.
+DIFF_SUBMODULES = """mkdir -p {scratch}/git/objects || exit 10
+g read-tree {start} || exit 11
+export GIT_LITERAL_PATHSPECS=1
+xargs -0 -r -n1 git -c safe.directory='*' -c core.hooksPath=/dev/null -c core.fsmonitor=false \\
+  add -A --ignore-errors -- <{inputs}/gitlinks >/dev/null 2>&1
+xargs -0 -r git -c safe.directory='*' ls-files -s -z -- <{inputs}/gitlinks \\
+  >{scratch}/gitlinks-staged || exit 12
+"""
+# Stage everything else (`--ignore-errors`: a path git cannot add keeps its starting version
+# and the rest is still staged); a submodule path that holds no repository any more (removed,
+# or made plain files) is staged here too, as no submodule code can run there; the checked
+# gitlinks of the submodule step go in last. Then list what changed and the sizes of its blobs.
 DIFF_STAGE = """mkdir -p {scratch}/git/objects || exit 10
 g read-tree {start} || exit 11
 g add -A --ignore-errors --pathspec-from-file={inputs}/paths --pathspec-file-nul \\
   2>{scratch}/add-errors; [ $? -le 1 ] || {{ tail -c 2000 {scratch}/add-errors; exit 12; }}
-GIT_LITERAL_PATHSPECS=1 xargs -0 -r -n1 git -c safe.directory='*' -c core.hooksPath=/dev/null \\
-  -c core.fsmonitor=false add -A --ignore-errors -- <{inputs}/gitlinks 2>/dev/null
+GIT_LITERAL_PATHSPECS=1 xargs -0 -r -n1 sh -c '[ -e "$1/.git" ] || [ -L "$1/.git" ] || \\
+  git -c safe.directory="*" -c core.hooksPath=/dev/null -c core.fsmonitor=false \\
+  add -A --ignore-errors -- "$1" 2>/dev/null; true' - <{inputs}/gitlinks
+g update-index -z --index-info <{inputs}/gitlink-updates || exit 13
 g diff --cached --raw -z --no-renames --no-abbrev {start} >{scratch}/changed || exit 13
 g diff --cached --raw --no-renames --no-abbrev {start} | cut -d' ' -f3,4 | tr ' ' '\\n' \\
   | grep -v '^0*$' | sort -u \\
@@ -568,11 +582,15 @@ class DiffSandbox:
     scratch_host: Path
 
 
-def diff_dirs(workspace: Path) -> tuple[Path, Path]:
-    """(scratch, inputs) of a run's diff sandbox on the executor's side."""
+# Opens a fresh diff sandbox for one step ("submodules", "diff") and takes it down after.
+DiffSandboxes = Callable[[str], AbstractAsyncContextManager[DiffSandbox]]
+
+
+def diff_dirs(workspace: Path, step: str) -> tuple[Path, Path]:
+    """(scratch, inputs) of one step's diff sandbox on the executor's side."""
     return (
-        workspace.parent / f".{workspace.name}.diff-scratch",
-        workspace.parent / f".{workspace.name}.diff-in",
+        workspace.parent / f".{workspace.name}.{step}-scratch",
+        workspace.parent / f".{workspace.name}.{step}-in",
     )
 
 
@@ -628,9 +646,9 @@ def display_path(name: bytes) -> str:
     return name.decode("utf-8", errors="replace")
 
 
-async def _write_pathspecs(prepared: PreparedWorkspace, inputs: Path, timeout: float) -> None:
-    """The diff sandbox's pathspecs, from the executor's own baseline (no work tree): `paths`
-    is everything but the submodules of the starting commit, `gitlinks` those submodules."""
+async def _gitlinks(prepared: PreparedWorkspace, timeout: float) -> list[bytes]:
+    """The submodules of the starting commit, from the executor's own baseline (no work
+    tree)."""
     tree = await _git(
         "--git-dir",
         str(prepared.baseline),
@@ -642,12 +660,34 @@ async def _write_pathspecs(prepared: PreparedWorkspace, inputs: Path, timeout: f
         env=_local_env(),
         timeout=timeout,
     )
-    gitlinks = [
+    return [
         entry.partition(b"\t")[2] for entry in tree.split(b"\0") if entry.startswith(b"160000 ")
     ]
+
+
+def _write_pathspecs(inputs: Path, gitlinks: list[bytes], updates: bytes = b"") -> None:
+    """A step's inputs: `paths`, everything but the submodules; `gitlinks`, the submodules;
+    `gitlink-updates`, their checked new entries (`update-index -z --index-info`)."""
     paths = [b":/", *(b":(exclude,literal,top)" + path for path in gitlinks)]
     write_input(inputs / "paths", b"\0".join(paths))
     write_input(inputs / "gitlinks", b"".join(path + b"\0" for path in gitlinks))
+    write_input(inputs / "gitlink-updates", updates)
+
+
+GITLINK_ENTRY = re.compile(rb"^160000 ([0-9a-f]{40}) 0\t(.+)$", re.DOTALL)
+
+
+def checked_gitlinks(listing: bytes, gitlinks: list[bytes]) -> bytes:
+    """From the submodule step's `ls-files -s -z` (untrusted: planted code may have written
+    it), the entries that are a gitlink at one of the starting commit's submodule paths, as
+    `update-index -z --index-info` input; anything else is ignored."""
+    known = set(gitlinks)
+    kept: dict[bytes, bytes] = {}
+    for entry in listing.split(b"\0"):
+        match = GITLINK_ENTRY.match(entry)
+        if match and match.group(2) in known:
+            kept[match.group(2)] = b"160000 " + match.group(1) + b"\t" + match.group(2) + b"\0"
+    return b"".join(kept[path] for path in sorted(kept))
 
 
 def write_input(path: Path, data: bytes) -> None:
@@ -666,9 +706,37 @@ async def _in_sandbox(where: DiffSandbox, script: str, timeout: float, what: str
         raise GitError(f"{what} failed (exit {result.exit_code}): {result.output[-2000:]}")
 
 
+def _script_names(where: DiffSandbox, prepared: PreparedWorkspace, cut: int) -> dict[str, str]:
+    return {
+        "baseline": shlex.quote(where.baseline),
+        "workspace": shlex.quote(where.sandbox.workspace_mount),
+        "scratch": shlex.quote(where.scratch),
+        "inputs": shlex.quote(where.inputs),
+        "start": shlex.quote(prepared.start_commit),
+        "cut": str(cut),
+    }
+
+
+async def _submodule_updates(
+    prepared: PreparedWorkspace, sandboxes: DiffSandboxes, gitlinks: list[bytes], timeout: float
+) -> bytes:
+    """The new gitlinks of the starting commit's submodules, checked (see DIFF_SUBMODULES)."""
+    if not gitlinks:
+        return b""
+    async with sandboxes("submodules") as where:
+        names = _script_names(where, prepared, 0)
+        await asyncio.to_thread(_write_pathspecs, where.inputs_host, gitlinks)
+        script = DIFF_PROLOGUE.format(**names) + DIFF_SUBMODULES.format(**names)
+        await _in_sandbox(where, script, timeout, "staging the submodules")
+        listing = await asyncio.to_thread(
+            read_untrusted, where.scratch_host / "gitlinks-staged", LIST_MAX_BYTES
+        )
+    return checked_gitlinks(listing, gitlinks)
+
+
 async def collect_diff(
     prepared: PreparedWorkspace,
-    where: DiffSandbox,
+    sandboxes: DiffSandboxes,
     *,
     max_bytes: int,
     file_max_bytes: int,
@@ -679,32 +747,28 @@ async def collect_diff(
     """The workspace against its starting commit: changes, new files (untracked included,
     .gitignore honoured) and deletions, as a binary-safe patch `git apply` takes.
 
-    git runs inside `where`'s sandbox; the executor only reads the bytes it wrote there. The
-    patch is cut at `max_bytes`; a changed file larger than `file_max_bytes` is left out of the
-    patch and listed in `omitted_files`.
+    git runs inside sandboxes `sandboxes` opens (the submodules' step in one of its own); the
+    executor only reads the bytes they wrote. The patch is cut at `max_bytes`; a changed file
+    larger than `file_max_bytes` is left out of the patch and listed in `omitted_files`.
     """
-    names = {
-        "baseline": shlex.quote(where.baseline),
-        "workspace": shlex.quote(where.sandbox.workspace_mount),
-        "scratch": shlex.quote(where.scratch),
-        "inputs": shlex.quote(where.inputs),
-        "start": shlex.quote(prepared.start_commit),
-        "cut": str(max_bytes + 1),
-    }
-    prologue = DIFF_PROLOGUE.format(**names)
-    await _write_pathspecs(prepared, where.inputs_host, timeout)
-    await _in_sandbox(where, prologue + DIFF_STAGE.format(**names), timeout, "staging the diff")
-    changed = await asyncio.to_thread(_read_changed, where.scratch_host)
-    over = [(name, size) for name, size in changed if size > file_max_bytes]
-    await asyncio.to_thread(
-        write_input, where.inputs_host / "omit", b"\0".join(name for name, _ in over)
-    )
-    await _in_sandbox(where, prologue + DIFF_PATCH.format(**names), timeout, "taking the diff")
-    status = read_untrusted(where.scratch_host / "patch-status", 16).strip()
-    target = out or diff_file(prepared.path)
-    sha256, size, truncated = await asyncio.to_thread(
-        _copy_untrusted, where.scratch_host / "patch", target, max_bytes
-    )
+    gitlinks = await _gitlinks(prepared, timeout)
+    updates = await _submodule_updates(prepared, sandboxes, gitlinks, timeout)
+    async with sandboxes("diff") as where:
+        names = _script_names(where, prepared, max_bytes + 1)
+        prologue = DIFF_PROLOGUE.format(**names)
+        await asyncio.to_thread(_write_pathspecs, where.inputs_host, gitlinks, updates)
+        await _in_sandbox(where, prologue + DIFF_STAGE.format(**names), timeout, "staging the diff")
+        changed = await asyncio.to_thread(_read_changed, where.scratch_host)
+        over = [(name, size) for name, size in changed if size > file_max_bytes]
+        await asyncio.to_thread(
+            write_input, where.inputs_host / "omit", b"\0".join(name for name, _ in over)
+        )
+        await _in_sandbox(where, prologue + DIFF_PATCH.format(**names), timeout, "taking the diff")
+        status = read_untrusted(where.scratch_host / "patch-status", 16).strip()
+        target = out or diff_file(prepared.path)
+        sha256, size, truncated = await asyncio.to_thread(
+            _copy_untrusted, where.scratch_host / "patch", target, max_bytes
+        )
     if status != b"0" and not truncated:
         raise GitError(f"git diff failed (exit {status.decode('ascii', errors='replace')})")
     return Diff(
