@@ -344,3 +344,23 @@ async def test_a_very_deep_directory_tree_does_not_cost_the_run_its_diff(
         assert "+changed" in report.diff
     finally:  # pytest's own clean-up of tmp_path recurses once per level
         subprocess.run(["rm", "-rf", str(workspace / "d")], check=False)
+
+
+def test_only_well_formed_gitlinks_at_known_submodule_paths_leave_the_submodule_step() -> None:
+    """The submodule step's listing is written where planted code runs: a blob, an unknown
+    path, a conflict stage or a short hash must not reach the index the diff is taken from."""
+    from agents.workspace import checked_gitlinks
+
+    sha, other = "a" * 40, "b" * 40
+    listing = b"\0".join(
+        [
+            f"160000 {sha} 0\tvendor/lib".encode(),
+            f"100644 {other} 0\tvendor/other".encode(),
+            f"160000 {other} 0\tapp.py".encode(),
+            f"160000 {other} 1\tvendor/conflict".encode(),
+            b"160000 abc 0\tvendor/short",
+            f"160000 {other} 0\tvendor/lib\nextra".encode(),
+        ]
+    )
+    known = [b"vendor/lib", b"vendor/other", b"vendor/conflict", b"vendor/short"]
+    assert checked_gitlinks(listing, known) == f"160000 {sha}\tvendor/lib\0".encode()
