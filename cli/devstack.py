@@ -51,9 +51,10 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1", *, as_servers_bind: bool = True) -> bool:
-    """Whether a server could bind `port` now. uvicorn and the Temporal dev server (Go listeners) bind
-    with SO_REUSEADDR, which lets them take a port whose last connections are still in
-    TIME_WAIT (a stack stopped a moment ago); a port something listens on stays refused.
+    """Whether a server could bind `port` now. uvicorn and the Temporal dev server (Go
+    listeners) bind with SO_REUSEADDR, which lets them take a port whose last connections are
+    still in TIME_WAIT (a stack stopped a moment ago); a port something listens on stays
+    refused.
     `as_servers_bind=False` asks for a port with no socket at all, for any binder."""
     with socket.socket() as s:
         if as_servers_bind:
