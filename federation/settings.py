@@ -66,6 +66,7 @@ class Settings(BaseSettings):
             "live."
         ),
     )
+    # --- signed messages ---
     # Accepted clock skew for signed messages, in seconds.
     timestamp_window: int = Field(default=300, ge=5)
     # How long a signed call to a peer may take before it counts as failed.
@@ -175,7 +176,14 @@ class Settings(BaseSettings):
     # at least 32 characters. Unset: a key file (mode 0600) is created on the first start.
     secret_key: SecretStr | None = None
     # Default: DATA_DIR/secrets/INSTANCE_NAME.key
-    secret_key_file: Path | None = None
+    secret_key_file: Path | None = Field(
+        default=None,
+        description=(
+            "File holding the master key when FEDAGENT_SECRET_KEY is unset (unset: "
+            "DATA_DIR/secrets/INSTANCE_NAME.key): created mode 0600 on the first start; one "
+            "that others can read is refused outside environment=dev (a warning in dev)."
+        ),
+    )
     # How long a rotated-out key still verifies, in seconds (a rotation request may override).
     key_rotation_grace: int = Field(default=24 * 3600, ge=0)
     # At most one identity-card fetch per peer in this many seconds for unknown key ids.
