@@ -324,9 +324,14 @@ def cli_page() -> str:
         "",
         _cell(root.help or ""),
         "",
-        "`fedagent --version` prints the installed version; `-h` on any command lists its "
-        "options. Errors come as one line with the problem's `code` and a hint; the exit code "
-        "is 1.",
+        "`-h` on any command lists its options. Errors come as one line with the problem's "
+        "`code` and a hint; the exit code is 1.",
+        "",
+        "`fedagent [OPTIONS] COMMAND`",
+        "",
+        "| option | type | default | what |",
+        "|---|---|---|---|",
+        *(_param_row(p, bool) for p in root.params if not getattr(p, "hidden", False)),
         "",
     ]
     out += _shared_section(commands)

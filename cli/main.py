@@ -1,6 +1,6 @@
 """`fedagent`: run an instance (serve, worker), a local stack (dev, demo), and drive instances
-from the terminal (connect, connections, accept, spawn, agents, status, kill, token, keys,
-doctor)."""
+from the terminal (connect, connections, peers, accept, spawn, agents, status, diff, kill, token,
+keys, doctor)."""
 
 from __future__ import annotations
 
