@@ -50,6 +50,9 @@ def test_the_docs_site_builds_with_no_broken_link(tmp_path: Path) -> None:
     )
     assert build.returncode == 0, build.stderr
     assert (tmp_path / "security" / "index.html").exists()
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        text = page.read_text()
+        assert text.startswith("# ") and len(text.splitlines()) > 10, f"{page.name} is empty"
 
 
 def test_the_readme_fits_on_a_few_screens_and_its_links_exist() -> None:
