@@ -50,8 +50,15 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+def port_is_free(port: int, host: str = "127.0.0.1", *, as_servers_bind: bool = True) -> bool:
+    """Whether a server could bind `port` now. uvicorn and the Temporal dev server (Go
+    listeners) bind with SO_REUSEADDR, which lets them take a port whose last connections are
+    still in TIME_WAIT (a stack stopped a moment ago); a port something listens on stays
+    refused.
+    `as_servers_bind=False` asks for a port with no socket at all, for any binder."""
     with socket.socket() as s:
+        if as_servers_bind:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -70,11 +77,12 @@ def _ephemeral_low() -> int:
 def free_port_block(size: int) -> int:
     """The first of `size` consecutive free loopback ports, picked at random below the
     ephemeral range (an outgoing connection's local port could take one there before the
-    server that was promised it binds it)."""
+    server that was promised it binds it), with no socket at all on them (tests bind them
+    with and without SO_REUSEADDR)."""
     top = max(10000 + size, _ephemeral_low() - size - 1)
     for _ in range(200):
         base = random.randint(10000, top)
-        if all(port_is_free(base + i) for i in range(size)):
+        if all(port_is_free(base + i, as_servers_bind=False) for i in range(size)):
             return base
     raise RuntimeError("no free block of loopback ports")
 

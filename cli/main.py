@@ -1,6 +1,6 @@
 """`fedagent`: run an instance (serve, worker), a local stack (dev, demo), and drive instances
-from the terminal (connect, connections, accept, spawn, agents, status, kill, token, keys,
-doctor)."""
+from the terminal (connect, connections, peers, accept, spawn, agents, status, diff, kill, token,
+keys, doctor)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,30 @@ app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        print(f"fedagent {version('fedagent')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the installed fedagent's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Options before the command."""
+
 
 # --- shared options ---------------------------------------------------------------------------
 

@@ -17,23 +17,56 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDAGENT_", extra="ignore")
 
-    instance_name: str = "local"
+    instance_name: str = Field(
+        default="local",
+        description=(
+            "This instance's name: its identity card, logs and metrics, its master key file and its"
+            " agents' workspace directory are named after it."
+        ),
+    )
     # The URL peers use to reach this instance's API (goes into the identity card).
     public_url: str = "http://127.0.0.1:8100"
-    api_host: str = "127.0.0.1"
-    api_port: int = 8100
+    api_host: str = Field(
+        default="127.0.0.1", description="Address `fedagent serve` binds the API to."
+    )
+    api_port: int = Field(default=8100, description="Port `fedagent serve` binds the API to.")
 
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/fedagent"
-    temporal_address: str = "127.0.0.1:7233"
-    temporal_namespace: str = "default"
-    task_queue: str = "fedagent"
-    temporal_ui_url: str = "http://127.0.0.1:8233"
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/fedagent",
+        description=(
+            "PostgreSQL URL of this instance's own database (its API and workers share it)."
+        ),
+    )
+    temporal_address: str = Field(
+        default="127.0.0.1:7233", description="Temporal frontend `host:port`."
+    )
+    temporal_namespace: str = Field(
+        default="default", description="Temporal namespace of this instance's workflows."
+    )
+    task_queue: str = Field(
+        default="fedagent",
+        description=(
+            "Task queue of this instance's workflows and activities; agents run on "
+            "`TASK_QUEUE-agents`."
+        ),
+    )
+    temporal_ui_url: str = Field(
+        default="http://127.0.0.1:8233",
+        description="Temporal Web UI the console links this instance's workflows to.",
+    )
     # Where the console links a peer's (the executor's) workflows: a URL of a Temporal Web UI
     # namespace with {peerName} / {peerInstanceId} placeholders, e.g.
     # "http://127.0.0.1:8233/namespaces/{peerName}" (unset: the console shows the workflow id).
     temporal_ui_peer_url: str | None = None
 
-    data_dir: Path = Path(".fedagent")
+    data_dir: Path = Field(
+        default=Path(".fedagent"),
+        description=(
+            "Where the master key file (`secrets/`) and the agents' workspaces (`workspaces/`) "
+            "live."
+        ),
+    )
+    # --- signed messages ---
     # Accepted clock skew for signed messages, in seconds.
     timestamp_window: int = Field(default=300, ge=5)
     # How long a signed call to a peer may take before it counts as failed.
@@ -62,28 +95,77 @@ class Settings(BaseSettings):
     # worker_versioning on, Temporal routes each workflow to the version made current with
     # `temporal worker deployment set-current-version` (workflows auto-upgrade: changes sit
     # behind workflow.patched()).
-    worker_deployment: str = "fedagent"
-    worker_build_id: str = ""
-    worker_versioning: bool = False
+    worker_deployment: str = Field(
+        default="fedagent",
+        description="Worker Deployment name the workers declare their version under.",
+    )
+    worker_build_id: str = Field(
+        default="",
+        description=(
+            "Build id of the workers' deployment version (empty: the package version plus a hash of"
+            " the workflow code)."
+        ),
+    )
+    worker_versioning: bool = Field(
+        default=False,
+        description=(
+            "Let Temporal route each workflow to the deployment version made current (`temporal "
+            "worker deployment set-current-version`)."
+        ),
+    )
     # How often a worker repairs runs whose workflow closed without recording a final state.
     reconcile_interval: float = Field(default=30.0, gt=0)
 
-    model_provider: str = "scripted"
-    log_level: str = "info"
+    model_provider: str = Field(
+        default="scripted",
+        description=(
+            "Model provider agents run with: `scripted` (offline: each instruction line starting "
+            "with `$ ` is one command) or `anthropic` (the Messages API)."
+        ),
+    )
+    log_level: str = Field(
+        default="info",
+        description="Log level of the API and workers (`debug`, `info`, `warning`, `error`).",
+    )
 
     # --- production ---
     # Temporal beyond the dev server: TLS (mutual with a client certificate and key, PEM files),
     # the CA that signed the server's certificate (default: the system roots) and the name to
     # verify it by; or an API key (Temporal Cloud), which implies TLS.
-    temporal_tls: bool = False
-    temporal_tls_cert: Path | None = None
-    temporal_tls_key: Path | None = None
-    temporal_tls_server_ca: Path | None = None
-    temporal_tls_server_name: str | None = None
-    temporal_api_key: SecretStr | None = None
+    temporal_tls: bool = Field(
+        default=False,
+        description="TLS to Temporal with the system roots and no client certificate.",
+    )
+    temporal_tls_cert: Path | None = Field(
+        default=None, description="Client certificate (PEM) for mutual TLS to Temporal."
+    )
+    temporal_tls_key: Path | None = Field(
+        default=None,
+        description="Client certificate's private key (PEM) for mutual TLS to Temporal.",
+    )
+    temporal_tls_server_ca: Path | None = Field(
+        default=None, description="CA of Temporal's server certificate (unset: the system roots)."
+    )
+    temporal_tls_server_name: str | None = Field(
+        default=None,
+        description=(
+            "Name to verify Temporal's server certificate by, when it differs from the address."
+        ),
+    )
+    temporal_api_key: SecretStr | None = Field(
+        default=None, description="Temporal Cloud API key (implies TLS)."
+    )
     # Workers serve the Temporal SDK's metrics in Prometheus format here (unset: off).
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address workers serve the Temporal SDK's metrics on (Prometheus format).",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port workers serve the Temporal SDK's metrics on (unset: off).",
+    )
     # json: one JSON object per line with instance, agentId, workflowId, messageId.
     log_format: Literal["json", "text"] = "text"
 
@@ -94,7 +176,14 @@ class Settings(BaseSettings):
     # at least 32 characters. Unset: a key file (mode 0600) is created on the first start.
     secret_key: SecretStr | None = None
     # Default: DATA_DIR/secrets/INSTANCE_NAME.key
-    secret_key_file: Path | None = None
+    secret_key_file: Path | None = Field(
+        default=None,
+        description=(
+            "File holding the master key when FEDAGENT_SECRET_KEY is unset (unset: "
+            "DATA_DIR/secrets/INSTANCE_NAME.key): created mode 0600 on the first start; one "
+            "that others can read is refused outside environment=dev (a warning in dev)."
+        ),
+    )
     # How long a rotated-out key still verifies, in seconds (a rotation request may override).
     key_rotation_grace: int = Field(default=24 * 3600, ge=0)
     # At most one identity-card fetch per peer in this many seconds for unknown key ids.
@@ -113,14 +202,37 @@ class Settings(BaseSettings):
     peer_reply_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # Refused messages per source address: a burst of this many, refilled at this rate per
     # second; past it a refusal is a 429 rate_limited, counted in a metric, not audited.
-    refusal_burst: int = Field(default=60, ge=1)
-    refusal_rate: float = Field(default=1.0, gt=0)
+    refusal_burst: int = Field(
+        default=60,
+        ge=1,
+        description=(
+            "Refused messages per source address allowed in a burst; past it (and the refill rate) "
+            "a refusal is a 429 `rate_limited`, counted in a metric, not audited."
+        ),
+    )
+    refusal_rate: float = Field(
+        default=1.0,
+        gt=0,
+        description="Refused messages per second per source address that refill the burst.",
+    )
     # Audit rows older than this many days are dropped (whole daily partitions); 0: kept.
     audit_retention_days: int = Field(default=365, ge=0)
     # Default limit of one peer's agents running here at once when its grants set none, and
     # how many more of its spawns may wait queued (options.queue).
-    peer_max_running_agents: int = Field(default=8, ge=1)
-    peer_max_queued_agents: int = Field(default=16, ge=0)
+    peer_max_running_agents: int = Field(
+        default=8,
+        ge=1,
+        description=(
+            "Agents one peer may run here at once when its grants set no `maxConcurrentAgents`."
+        ),
+    )
+    peer_max_queued_agents: int = Field(
+        default=16,
+        ge=0,
+        description=(
+            "Spawns of one peer that may wait queued (`options.queue`) beyond its running limit."
+        ),
+    )
     # Connection requests from strangers waiting (PENDING) for the admin at once; past it a
     # new request is a 429 too_many_pending_requests until the admin accepts or rejects some.
     max_pending_requests: int = Field(default=50, ge=1)
@@ -141,9 +253,13 @@ class Settings(BaseSettings):
     # Where agents run: bwrap (bubblewrap, the default), docker (a container per run), or
     # process (no isolation at all; for tests and machines where neither can run).
     sandbox: Literal["bwrap", "docker", "process"] = "bwrap"
-    sandbox_memory_mb: int = Field(default=2048, ge=16)
-    sandbox_pids: int = Field(default=256, ge=8)
-    sandbox_cpus: float = Field(default=2.0, gt=0)
+    sandbox_memory_mb: int = Field(
+        default=2048, ge=16, description="Memory limit of one run's sandbox, in MiB."
+    )
+    sandbox_pids: int = Field(
+        default=256, ge=8, description="Processes one run's sandbox may hold at once."
+    )
+    sandbox_cpus: float = Field(default=2.0, gt=0, description="CPUs one run's sandbox may use.")
     # Largest file an agent's command may write (bwrap: RLIMIT_FSIZE).
     sandbox_file_mb: int = Field(default=1024, ge=1)
     # What a run's workspace and /tmp may hold together; past it the run ends `disk_quota`.
@@ -156,28 +272,58 @@ class Settings(BaseSettings):
     sandbox_cgroups: bool = True
     # Extra host directories mounted read-only in bwrap sandboxes (toolchains), comma-separated.
     sandbox_ro_paths: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    bwrap_path: str = "bwrap"
-    docker_image: str = "python:3.12-bookworm"
+    bwrap_path: str = Field(
+        default="bwrap", description="The bubblewrap binary the bwrap sandbox runs."
+    )
+    docker_image: str = Field(
+        default="python:3.12-bookworm",
+        description="Image of the docker sandbox's containers (pulled if missing).",
+    )
     # Docker daemon URL (unix:///..., tcp://...); unset: the SDK's DOCKER_HOST / default socket.
     docker_host: str | None = None
     # anthropic provider (model_provider=anthropic); unset key/URL fall back to the SDK's
     # ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL.
-    anthropic_model: str = "claude-sonnet-4-5"
-    anthropic_api_key: SecretStr | None = None
-    anthropic_base_url: str | None = None
+    anthropic_model: str = Field(
+        default="claude-sonnet-4-5", description="Model the anthropic provider asks."
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        default=None,
+        description="API key of the anthropic provider (unset: the SDK's `ANTHROPIC_API_KEY`).",
+    )
+    anthropic_base_url: str | None = Field(
+        default=None,
+        description=(
+            "Base URL of the Messages API (unset: the SDK's `ANTHROPIC_BASE_URL` or its default)."
+        ),
+    )
     # Other models a spawn may ask for (context.model), comma-separated.
     allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    agent_max_turns: int = Field(default=50, ge=1)
+    agent_max_turns: int = Field(
+        default=50,
+        ge=1,
+        description="Model turns one run may take (its whole conversation, resumes included).",
+    )
     # Input + output tokens one run may use (0: no budget).
     agent_token_budget: int = Field(default=2_000_000, ge=0)
-    agent_max_output_tokens: int = Field(default=8192, ge=1)
+    agent_max_output_tokens: int = Field(
+        default=8192, ge=1, description="Output tokens the model may write in one turn."
+    )
     # Retries of a transient model API error (429, 529, 5xx, connection), with backoff from
     # model_api_backoff seconds, doubling, at most 30 s.
     model_api_retries: int = Field(default=6, ge=0)
-    model_api_backoff: float = Field(default=1.0, ge=0)
+    model_api_backoff: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "First wait before retrying a transient model API error, in seconds (doubling, at most "
+            "30 s; Retry-After honoured)."
+        ),
+    )
     # Local repository paths a spawn may clone from (comma-separated); none: only git URLs.
     agent_repo_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
-    clone_timeout: float = Field(default=600.0, gt=0)
+    clone_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a workspace's clone may take."
+    )
     # --- artifacts (results by reference) ---
     # The whole diff is written, streaming, up to this many bytes (past it: diffTruncated, and
     # the stored diff is its first diff_max_bytes bytes).

@@ -1,5 +1,6 @@
 """Workers declare a Worker Deployment version; with versioning on, a run is routed to the
-version made current and records it (the README's rollout steps, against the real server)."""
+version made current and records it (the rollout steps of docs/durability.md, against the real
+server)."""
 
 from __future__ import annotations
 
