@@ -101,9 +101,13 @@ def choose_model(config: RuntimeConfig, context: Mapping[str, Any]) -> str:
     )
 
 
-def make_sandbox(config: RuntimeConfig, workspace: Path, *, read_only: bool = False) -> Sandbox:
+def make_sandbox(
+    config: RuntimeConfig, workspace: Path, *, read_only: bool = False, fresh: bool = True
+) -> Sandbox:
     """The configured sandbox over the workspace; `read_only` (a reviewer's) mounts it
-    read-only, and a backend that cannot do that refuses to start."""
+    read-only, and a backend that cannot do that refuses to start. A workspace that is not
+    `fresh` (an earlier try's, which its agents wrote) is not walked to hand it to the
+    sandbox's uid: that uid owns what it wrote, and no host walk crosses agent content."""
     if config.sandbox == "bwrap":
         return BwrapSandbox(
             workspace,
@@ -113,6 +117,7 @@ def make_sandbox(config: RuntimeConfig, workspace: Path, *, read_only: bool = Fa
             use_cgroups=config.sandbox_cgroups,
             ro_paths=safe_ro_paths(config),
             read_only=read_only,
+            chown_workspace=fresh,
         )
     if config.sandbox == "docker":
         from agents.sandbox.docker_sandbox import DockerSandbox
@@ -124,6 +129,7 @@ def make_sandbox(config: RuntimeConfig, workspace: Path, *, read_only: bool = Fa
             docker_host=config.docker_host,
             run_as_uid=config.sandbox_uid,
             read_only=read_only,
+            chown_workspace=fresh,
         )
     if config.sandbox == "process":
         return ProcessSandbox(workspace, config.limits, read_only=read_only)
@@ -299,7 +305,12 @@ async def run_agent_task(
             host_fallback=config.sandbox != "bwrap",
         ),
     )
-    sandbox = make_sandbox(config, workspace, read_only=agent_type == READ_ONLY_AGENT)
+    sandbox = make_sandbox(
+        config,
+        workspace,
+        read_only=agent_type == READ_ONLY_AGENT,
+        fresh=prepared.source != "resumed",
+    )
     provider = provider or make_provider(config, model, context)
     try:
         try:

@@ -492,12 +492,16 @@ def _stage_dir() -> str:
 
 
 def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
-    """Hand the workspace to the sandbox's uid (without following any symlink)."""
+    """Hand a workspace the executor just made to the sandbox's uid (without following any
+    symlink; iterative, so no depth of tree can make it raise)."""
     uid, gid = owner
     os.chown(root, uid, gid)
-    for top, dirs, names in os.walk(root):
-        for name in dirs + names:
-            path = os.path.join(top, name)
-            info = os.lstat(path)
-            if (info.st_uid, info.st_gid) != owner:
-                os.chown(path, uid, gid, follow_symlinks=False)
+    pending = [str(root)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                info = entry.stat(follow_symlinks=False)
+                if (info.st_uid, info.st_gid) != owner:
+                    os.chown(entry.path, uid, gid, follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)

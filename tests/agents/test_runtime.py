@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,19 @@ async def test_a_run_over_its_timeout_is_killed(tmp_path: Path) -> None:
             await scripted(workspace, "$ sleep 300 & sleep 301")
     assert processes_in(workspace) == []
     assert (workspace / ".git").is_dir()  # the workspace stays for a look afterwards
+
+
+async def test_a_resumed_try_does_not_walk_what_the_earlier_try_wrote(tmp_path: Path) -> None:
+    """The next try's sandbox starts over the workspace its agents wrote without the executor
+    walking it (a tree deeper than a recursive walk could go ended that try before it ran)."""
+    workspace = tmp_path / "runs" / "deep-resume"
+    deep = "i=0; while [ $i -lt 1500 ]; do mkdir d && cd d || exit 1; i=$((i+1)); done"
+    try:
+        first = await scripted(workspace, f"$ {deep}")
+        assert first.success, first.log_tail
+        second = await scripted(workspace, "$ echo two > two.txt", resume=True)
+        assert second.success, second.summary
+        assert second.workspace["source"] == "resumed"
+        assert "two.txt" in second.changed_files
+    finally:  # pytest's own clean-up of tmp_path recurses once per level
+        subprocess.run(["rm", "-rf", str(workspace / "d")], check=False)
