@@ -199,28 +199,42 @@ def list_files(
 
 def disk_usage(roots: list[Path]) -> int:
     """Bytes allocated on disk below these directories (symlinks not followed, each inode
-    counted once, whatever cannot be read skipped)."""
+    counted once, whatever cannot be read skipped).
+
+    Commands may run while it walks: each directory is opened without following a symlink
+    and must be the very directory (device and inode) its parent listed, so a directory
+    swapped for a link meanwhile is skipped, never followed out of the workspace."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for root in roots:
-        stack = [str(root)]
-        while stack:
-            top = stack.pop()
+        try:
+            info = os.stat(root, follow_symlinks=False)
+        except OSError:
+            continue
+        pending = [(str(root), info.st_dev, info.st_ino)]
+        while pending:
+            path, device, inode = pending.pop()
             try:
-                entries = os.scandir(top)
+                fd = os.open(path, _DIR_FLAGS)
             except OSError:
                 continue
-            with entries:
-                for entry in entries:
-                    try:
-                        info = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    key = (info.st_dev, info.st_ino)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    total += info.st_blocks * 512
-                    if stat.S_ISDIR(info.st_mode):
-                        stack.append(entry.path)
+            try:
+                opened = os.fstat(fd)
+                if (opened.st_dev, opened.st_ino) != (device, inode):
+                    continue  # swapped since its parent was listed
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        key = (info.st_dev, info.st_ino)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        total += info.st_blocks * 512
+                        if stat.S_ISDIR(info.st_mode):
+                            pending.append((os.path.join(path, entry.name), *key))
+            finally:
+                os.close(fd)
     return total
