@@ -8,6 +8,7 @@ changed files and what the sandbox enforced to the report. Usable without Tempor
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from agents.models import (
 )
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
+from agents.sandbox.fence import end_workspace_processes, scratch_dir
 from agents.sandbox.process import ProcessSandbox
 from agents.workspace import CloneSettings, collect_diff, prepare_workspace
 
@@ -150,6 +152,14 @@ def make_provider(config: RuntimeConfig, model: str, context: Mapping[str, Any])
     raise AgentSetupError(f"unknown model provider {config.provider!r}")
 
 
+async def fence_workspace(config: RuntimeConfig, workspace: Path) -> None:
+    """End whatever an earlier attempt of this run still runs in the workspace (Temporal
+    may have given it up while it still runs here) and drop its /tmp, before this attempt
+    touches the workspace (`agents.sandbox.fence`)."""
+    await end_workspace_processes(workspace)
+    await asyncio.to_thread(shutil.rmtree, scratch_dir(workspace), True)
+
+
 async def _shut_down(sandbox: Sandbox, provider: ModelProvider) -> None:
     try:
         await sandbox.kill()
@@ -185,6 +195,7 @@ async def run_agent_task(
             invalid=True,
         )
     model = choose_model(config, context)
+    await fence_workspace(config, workspace)
     prepared = await prepare_workspace(
         workspace,
         context.get("repository"),

@@ -44,6 +44,7 @@ from agents.sandbox.base import (
     read_bounded,
 )
 from agents.sandbox.cgroups import CgroupSet, create_cgroups
+from agents.sandbox.fence import HOST_WORKSPACE_VAR, make_scratch, remove_scratch, scratch_dir
 from agents.sandbox.seccomp import SeccompUnavailable, filter_program, program_fd
 
 PR_SET_PDEATHSIG = 1
@@ -58,7 +59,6 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
 # unprivileged uid can reach it whatever the permissions of the directories above it.
 STAGE_CANDIDATES = ("/mnt", "/media", "/srv")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-HOST_WORKSPACE_VAR = "FEDAGENT_HOST_WORKSPACE"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -214,7 +214,8 @@ class BwrapSandbox(Sandbox):
             self._run_as = (run_as_uid, run_as_uid)
             self.file_owner = self._run_as
         # /tmp of the sandbox: on disk next to the workspace, kept from command to command
-        self.tmp_dir = workspace.parent / f".{workspace.name}.tmp"
+        # its own /tmp, next to the workspace (`agents.sandbox.fence`)
+        self.tmp_dir = scratch_dir(workspace) / self.name
         self._bwrap_path: str | None = None
         self._stage: str | None = None
         self._cgroup: CgroupSet | None = None
@@ -238,7 +239,7 @@ class BwrapSandbox(Sandbox):
         except SeccompUnavailable as exc:
             raise SandboxUnavailable(str(exc)) from exc
         self.workspace.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        make_scratch(self.workspace, self.name)
         if self._run_as is not None:
             await asyncio.to_thread(_chown_tree, self.workspace, self._run_as)
             os.chown(self.tmp_dir, *self._run_as)
@@ -297,7 +298,7 @@ class BwrapSandbox(Sandbox):
         if self._cgroup is not None:
             await asyncio.to_thread(self._cgroup.remove)
             self._cgroup = None
-        await asyncio.to_thread(shutil.rmtree, self.tmp_dir, True)
+        await asyncio.to_thread(remove_scratch, self.tmp_dir)
 
     def alive_pids(self) -> list[int]:
         pids = {r.proc.pid for r in self._running if r.proc.returncode is None}

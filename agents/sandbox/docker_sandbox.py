@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from docker.models.containers import Container
 
 from agents.sandbox.base import BoundedBuffer, CommandResult, Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, PATH, _chown_tree, _live
+from agents.sandbox.fence import make_scratch, remove_scratch, scratch_dir
 
 API_TIMEOUT = 60  # seconds for one Docker API call (not for a command's output stream)
 
@@ -46,8 +46,9 @@ class DockerSandbox(Sandbox):
         super().__init__(workspace, limits, read_only=read_only)
         self.image = image
         self.docker_host = docker_host
-        self.tmp_dir = workspace.parent / f".{workspace.name}.tmp"
         self.name = f"fedagent-{uuid.uuid4().hex[:12]}"
+        # its own /tmp, next to the workspace (`agents.sandbox.fence`)
+        self.tmp_dir = scratch_dir(workspace) / self.name
         if os.geteuid() == 0:
             self._user = (run_as_uid, run_as_uid)
             self.file_owner = self._user
@@ -156,7 +157,7 @@ class DockerSandbox(Sandbox):
 
     async def start(self) -> None:
         self.workspace.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        make_scratch(self.workspace, self.name)
         if self.file_owner is not None:
             await asyncio.to_thread(_chown_tree, self.workspace, self.file_owner)
             os.chown(self.tmp_dir, *self.file_owner)
@@ -259,7 +260,7 @@ class DockerSandbox(Sandbox):
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.close()
-        await asyncio.to_thread(shutil.rmtree, self.tmp_dir, True)
+        await asyncio.to_thread(remove_scratch, self.tmp_dir)
 
     def alive_pids(self) -> list[int]:
         self._seen.update(self._top())
