@@ -61,6 +61,8 @@ class RuntimeConfig:
     sandbox_ro_paths: tuple[str, ...] = ()
     docker_image: str = "python:3.12-bookworm"
     docker_host: str | None = None
+    # The instance whose runs these are: docker sandboxes are labelled with it (the sweep).
+    instance: str = ""
     repo_roots: tuple[Path, ...] = ()
     clone_timeout: float = 600.0
     # The clone's address policy: hosts allowed although loopback/private, and dev (all).
@@ -112,6 +114,7 @@ def make_sandbox(config: RuntimeConfig, workspace: Path, *, read_only: bool = Fa
             docker_host=config.docker_host,
             run_as_uid=config.sandbox_uid,
             read_only=read_only,
+            instance=config.instance,
         )
     if config.sandbox == "process":
         return ProcessSandbox(workspace, config.limits, read_only=read_only)
@@ -157,7 +160,24 @@ async def fence_workspace(config: RuntimeConfig, workspace: Path) -> None:
     may have given it up while it still runs here) and drop its /tmp, before this attempt
     touches the workspace (`agents.sandbox.fence`)."""
     await end_workspace_processes(workspace)
+    if config.sandbox == "docker":
+        await asyncio.to_thread(_end_workspace_containers, config, workspace)
     await asyncio.to_thread(shutil.rmtree, scratch_dir(workspace), True)
+
+
+def _end_workspace_containers(config: RuntimeConfig, workspace: Path) -> None:
+    import docker.errors
+
+    from agents.sandbox import docker_sandbox
+
+    try:
+        client = docker_sandbox.connect(config.docker_host)
+        try:
+            docker_sandbox.remove_workspace_containers(client, config.instance, workspace)
+        finally:
+            client.close()
+    except docker.errors.DockerException:
+        pass  # no daemon: the sandbox's start says so (and removes the container then)
 
 
 async def _shut_down(sandbox: Sandbox, provider: ModelProvider) -> None:

@@ -29,6 +29,7 @@ from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal, metrics_runtime
 from worker.interceptor import AgentRunInterceptor
 from worker.reconciler import Reconciler
+from worker.sandboxes import sweep_sandboxes
 from workflows.agent_run import AgentRunWorkflow
 from workflows.models import SEARCH_ATTRIBUTES
 from workflows.remote_agent import RemoteAgentWorkflow
@@ -66,6 +67,8 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     await ensure_search_attributes(client, settings.temporal_namespace)
     grace = timedelta(seconds=settings.worker_shutdown_grace)
     deployment = deployment_config(settings)
+    # Containers of sandboxes whose worker died here (kill -9, OOM) go before new runs start.
+    await sweep_sandboxes(settings)
     kills = notifications.Listener(settings.database_url, (notifications.KILL,))
     await kills.start()
     main_worker = Worker(
@@ -108,7 +111,12 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         settings.agent_task_queue,
         settings.max_concurrent_agents,
     )
-    reconciler = Reconciler(pool, client, interval=settings.reconcile_interval)
+    reconciler = Reconciler(
+        pool,
+        client,
+        interval=settings.reconcile_interval,
+        sweeps=[lambda: sweep_sandboxes(settings)],
+    )
     try:
         async with main_worker, agent_worker:
             repairs = asyncio.create_task(reconciler.run_forever(stop))
