@@ -7,10 +7,10 @@ its next save (it saves before every tool call and after every model answer), bu
 command N has already started: that command would go on writing the workspace under N+1.
 
 bwrap: every process of a sandbox descends from a bwrap process whose argv sets
-FEDAGENT_HOST_WORKSPACE to the host path of the workspace (the outer bwrap and the pid
-namespace's init, a fork of it, both carry that argv, and /proc/PID/cmdline is readable by any
-uid). SIGKILL to them ends each sandbox's pid namespace, and with it every process inside,
-at once (a fork bomb cannot outrun it). Only this host's processes can be seen: a workspace
+FEDAGENT_HOST_WORKSPACE to the host path of the workspace (/proc/PID/cmdline is readable by
+any uid). SIGKILL to it and to everything below it ends each sandbox's pid namespace (its
+init dies with the outer bwrap, and every process inside with the init) at once: a fork
+bomb cannot outrun it. Only this host's processes can be seen: a workspace
 is on one host's disk, so an attempt elsewhere works in a workspace of its own.
 
 The earlier attempts' private /tmp directories (next to the workspace) are removed too; each
@@ -42,9 +42,19 @@ def _alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
+def _user_namespace(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/user").st_ino
+    except OSError:
+        return None
+
+
 def sandbox_leaders(workspace: Path) -> list[int]:
-    """bwrap processes (outer and pid-namespace init) of sandboxes over this workspace."""
+    """The outer bwrap processes of sandboxes over this workspace. Only processes in the
+    worker's own user namespace count: a command inside any sandbox (its own user namespace)
+    can put the same words in its argv, and must not make the fence chase it."""
     wanted = [b"--setenv", HOST_WORKSPACE_VAR.encode(), str(workspace.resolve()).encode()]
+    ours = _user_namespace("self")
     found: list[int] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -53,7 +63,9 @@ def sandbox_leaders(workspace: Path) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(argv[i : i + 3] == wanted for i in range(len(argv) - 2)) and _alive(int(entry)):
+        if not any(argv[i : i + 3] == wanted for i in range(len(argv) - 2)):
+            continue
+        if _user_namespace(entry) == ours and _alive(int(entry)):
             found.append(int(entry))
     return found
 

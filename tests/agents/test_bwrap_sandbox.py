@@ -20,8 +20,9 @@ import pytest
 
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import BwrapSandbox
+from agents.sandbox.fence import HOST_WORKSPACE_VAR, end_workspace_processes
 from agents.sandbox.process import ProcessSandbox
-from tests.agents.conftest import Listener
+from tests.agents.conftest import Listener, pid_alive
 from tests.agents.contract import (
     FORK_BOMB,
     MEMORY_HOG,
@@ -124,6 +125,27 @@ async def test_background_processes_end_with_their_command(
     result = await sandbox.run("sleep 300 & echo started")
     assert result.output.strip() == "started"
     assert await wait_until(lambda: sandbox.alive_pids() == [])
+
+
+async def test_a_new_attempt_ends_the_sandboxes_of_its_workspace_and_no_other(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "runs" / "target"
+    earlier = await make_sandbox(workspace, SMALL)
+    running = asyncio.create_task(earlier.run("sleep 300 & sleep 301"))
+    # Another run's command that names this workspace in its argv, as bwrap's argv does.
+    other = await make_sandbox(tmp_path / "runs" / "other", SMALL)
+    forged = f"sh -c 'sleep 302; true' --setenv {HOST_WORKSPACE_VAR} {workspace.resolve()}"
+    bystander = asyncio.create_task(other.run(forged))
+    assert await wait_until(lambda: len(earlier.alive_pids()) >= 4 and len(other.alive_pids()) >= 4)
+    earlier_pids, other_pids = earlier.alive_pids(), other.alive_pids()
+    ended = await end_workspace_processes(workspace)
+    assert set(earlier_pids) <= set(ended)
+    assert [pid for pid in earlier_pids if pid_alive(pid)] == []
+    assert (await running).exit_code != 0
+    assert all(pid_alive(pid) for pid in other_pids)  # the other run goes on
+    await other.kill()
+    await bystander
 
 
 async def test_a_missing_bwrap_says_how_to_install_it(tmp_path: Path) -> None:
