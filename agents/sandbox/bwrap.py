@@ -217,8 +217,8 @@ class BwrapSandbox(Sandbox):
         if os.geteuid() == 0:
             self._run_as = (run_as_uid, run_as_uid)
             self.file_owner = self._run_as
-        # /tmp of the sandbox: on disk next to the workspace, kept from command to command
-        # its own /tmp, next to the workspace (`agents.sandbox.fence`)
+        # /tmp of the sandbox: its own, on disk next to the workspace (`agents.sandbox.fence`),
+        # kept from command to command
         self.tmp_dir = scratch_dir(workspace) / self.name
         self._bwrap_path: str | None = None
         self._stage: str | None = None
