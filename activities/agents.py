@@ -331,6 +331,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         sandbox_ro_paths=tuple(settings.sandbox_ro_paths),
         docker_image=settings.docker_image,
         docker_host=settings.docker_host,
+        instance=settings.instance_name,
         repo_roots=tuple(settings.agent_repo_roots),
         clone_timeout=settings.clone_timeout,
         outbound_allowlist=tuple(settings.outbound_allowlist),

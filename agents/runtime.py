@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import shutil
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from agents.models import (
 )
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
+from agents.sandbox.fence import end_workspace_processes, scratch_dir
 from agents.sandbox.process import ProcessSandbox
 from agents.workspace import (
     BASELINE_MOUNT,
@@ -72,6 +74,8 @@ class RuntimeConfig:
     sandbox_ro_paths: tuple[str, ...] = ()
     docker_image: str = "python:3.12-bookworm"
     docker_host: str | None = None
+    # The instance whose runs these are: docker sandboxes are labelled with it (the sweep).
+    instance: str = ""
     repo_roots: tuple[Path, ...] = ()
     clone_timeout: float = 600.0
     # The clone's address policy: hosts allowed although loopback/private, and dev (all).
@@ -130,6 +134,7 @@ def make_sandbox(
             run_as_uid=config.sandbox_uid,
             read_only=read_only,
             chown_workspace=fresh,
+            instance=config.instance,
         )
     if config.sandbox == "process":
         return ProcessSandbox(workspace, config.limits, read_only=read_only)
@@ -252,6 +257,31 @@ def make_provider(config: RuntimeConfig, model: str, context: Mapping[str, Any])
     raise AgentSetupError(f"unknown model provider {config.provider!r}")
 
 
+async def fence_workspace(config: RuntimeConfig, workspace: Path) -> None:
+    """End whatever an earlier attempt of this run still runs in the workspace (Temporal
+    may have given it up while it still runs here) and drop its /tmp, before this attempt
+    touches the workspace (`agents.sandbox.fence`)."""
+    await end_workspace_processes(workspace)
+    if config.sandbox == "docker":
+        await asyncio.to_thread(_end_workspace_containers, config, workspace)
+    await asyncio.to_thread(shutil.rmtree, scratch_dir(workspace), True)
+
+
+def _end_workspace_containers(config: RuntimeConfig, workspace: Path) -> None:
+    import docker.errors
+
+    from agents.sandbox import docker_sandbox
+
+    try:
+        client = docker_sandbox.connect(config.docker_host)
+        try:
+            docker_sandbox.remove_workspace_containers(client, config.instance, workspace)
+        finally:
+            client.close()
+    except docker.errors.DockerException:
+        pass  # no daemon: the sandbox's start says so (and removes the container then)
+
+
 async def _shut_down(sandbox: Sandbox, provider: ModelProvider) -> None:
     try:
         await sandbox.kill()
@@ -287,6 +317,7 @@ async def run_agent_task(
             invalid=True,
         )
     model = choose_model(config, context)
+    await fence_workspace(config, workspace)
     prepared = await prepare_workspace(
         workspace,
         context.get("repository"),

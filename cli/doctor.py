@@ -267,6 +267,23 @@ async def check_toolchain(settings: Settings) -> Check:
     )
 
 
+async def check_sandbox_limits(settings: Settings) -> Check:
+    """Which run limits (memory, processes, CPU) the configured sandbox holds on this machine,
+    as the user the command runs as: run it as the worker's user (in compose:
+    `docker compose exec hub-worker fedagent doctor`)."""
+    from agents.sandbox.report import FIX, describe_gaps
+    from worker.sandboxes import probe_limits
+
+    try:
+        kind, gaps = await probe_limits(settings)
+    except Exception as exc:  # noqa: BLE001 - the sandbox check above says why
+        return Check("sandbox limits", "warn", f"not probed: {exc.__class__.__name__}: {exc}")
+    if not gaps:
+        return Check("sandbox limits", "ok", f"the {kind} sandbox holds memory, processes, CPU")
+    status: Status = "fail" if any(gap.severity == "error" for gap in gaps) else "warn"
+    return Check("sandbox limits", status, f"{kind}: {describe_gaps(gaps)}", FIX)
+
+
 def check_secret_files(settings: Settings, extra: list[Path]) -> list[Check]:
     from federation import keystore
 
@@ -343,6 +360,9 @@ async def check_live(
                 response = await http.get(f"{url}/readyz")
             if response.status_code == 200:
                 checks.append(Check("api", "ok", f"{url} is ready"))
+                warning = response.json().get("checks", {}).get("sandboxes", "ok")
+                if warning != "ok":  # a worker's sandboxes do not hold every run limit
+                    checks.append(Check("worker sandboxes", "warn", warning))
             else:
                 detail = response.json().get("detail") if response.content else ""
                 checks.append(
@@ -395,12 +415,13 @@ async def run_checks(
             Check("settings", "fail", str(exc).splitlines()[0], "fix the FEDAGENT_* variables")
         ]
     checks = [Check("settings", "ok", f"instance {settings.instance_name!r}")]
-    temporal, postgres, bwrap, docker, toolchain = await asyncio.gather(
+    temporal, postgres, bwrap, docker, toolchain, limits = await asyncio.gather(
         check_temporal(settings),
         check_postgres(settings),
         check_bwrap(settings),
         check_docker(settings),
         check_toolchain(settings),
+        check_sandbox_limits(settings),
     )
     checks += temporal
     checks.append(postgres)
@@ -408,6 +429,7 @@ async def run_checks(
     checks += await check_live(settings, instance_info, temporal_ok)
     checks += check_sandboxes(settings, bwrap, docker)
     checks.append(toolchain)
+    checks.append(limits)
     extra = [data_dir / "instances.json"] if instance_info is not None and data_dir else []
     checks += check_secret_files(settings, extra)
     return settings, checks

@@ -125,6 +125,29 @@ def test_workers_scale_without_fixed_names_or_host_ports(
         assert "seccomp=unconfined" in worker.get("security_opt", [])
 
 
+def _bytes(size: str | int) -> int:
+    text = str(size).lower()
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def test_workers_are_bounded_as_a_whole_with_room_for_every_run(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    # bwrap sandboxes of a worker that is not root get no cgroup of their own: the container's
+    # limits bound them all, and a fork bomb must stop at its own sandbox's cap long before
+    # the container's, which the worker shares.
+    for name in INSTANCES:
+        worker = services[f"{name}-worker"]
+        env = _env(worker)
+        settings = Settings(**{k[len("FEDAGENT_") :].lower(): v for k, v in env.items()})
+        assert worker["pids_limit"] >= settings.max_concurrent_agents * settings.sandbox_pids + 512
+        memory = _bytes(worker["mem_limit"])
+        assert memory >= settings.sandbox_memory_mb * 1024 * 1024
+        assert _bytes(worker["memswap_limit"]) == memory  # no swap on top
+        assert float(worker["cpus"]) >= settings.sandbox_cpus
+
+
 def test_instances_carry_the_settings_they_need(
     services: dict[str, dict[str, Any]],
 ) -> None:

@@ -24,16 +24,18 @@ from activities.federation import FederationActivities
 from federation.identity import ensure_identity
 from federation.netpolicy import peer_client
 from federation.settings import Settings
-from federation.store import notifications
+from federation.store import notifications, workers
 from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal, metrics_runtime
 from worker.interceptor import AgentRunInterceptor
 from worker.reconciler import Reconciler
+from worker.sandboxes import report_sandbox_limits, sweep_sandboxes, worker_name
 from workflows.agent_run import AgentRunWorkflow
 from workflows.models import SEARCH_ATTRIBUTES
 from workflows.remote_agent import RemoteAgentWorkflow
 
 log = logging.getLogger(__name__)
+WORKER_FORGOTTEN_AFTER = 24 * 3600.0  # seconds: rows of workers that died without a word
 
 
 async def _connect_with_retry(settings: Settings, stop: asyncio.Event) -> Client:
@@ -66,6 +68,11 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     await ensure_search_attributes(client, settings.temporal_namespace)
     grace = timedelta(seconds=settings.worker_shutdown_grace)
     deployment = deployment_config(settings)
+    # Containers of sandboxes whose worker died here (kill -9, OOM) go before new runs start.
+    await sweep_sandboxes(settings)
+    # Which limits the sandboxes cannot hold: logged with the fix, and shown by /readyz.
+    worker = worker_name()
+    await report_sandbox_limits(settings, pool, worker)
     kills = notifications.Listener(settings.database_url, (notifications.KILL,))
     await kills.start()
     main_worker = Worker(
@@ -106,7 +113,15 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         settings.agent_task_queue,
         settings.max_concurrent_agents,
     )
-    reconciler = Reconciler(pool, client, interval=settings.reconcile_interval)
+    reconciler = Reconciler(
+        pool,
+        client,
+        interval=settings.reconcile_interval,
+        sweeps=[
+            lambda: sweep_sandboxes(settings),
+            lambda: workers.touch(pool, worker, forget_after=WORKER_FORGOTTEN_AFTER),
+        ],
+    )
     try:
         async with main_worker, agent_worker:
             repairs = asyncio.create_task(reconciler.run_forever(stop))
@@ -116,6 +131,8 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     finally:
         await kills.close()
         await http.aclose()
+        with contextlib.suppress(Exception):  # the row would be forgotten in time anyway
+            await workers.forget(pool, worker)
         await pool.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -30,10 +31,19 @@ CLOSED = {
 
 
 class Reconciler:
-    def __init__(self, pool: asyncpg.Pool, client: Client, *, interval: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        client: Client,
+        *,
+        interval: float,
+        sweeps: Sequence[Callable[[], Awaitable[object]]] = (),
+    ) -> None:
+        """`sweeps` run after each pass too: this host's own leftovers (sandbox containers)."""
         self.pool = pool
         self.client = client
         self.interval = interval
+        self.sweeps = tuple(sweeps)
 
     async def reconcile_once(self) -> int:
         """Repair what can be repaired now; returns how many rows were repaired."""
@@ -82,3 +92,8 @@ class Reconciler:
                 await self.reconcile_once()
             except Exception as exc:  # noqa: BLE001 - Temporal or the database is away
                 log.warning("reconcile failed: %r", exc)
+            for sweep in self.sweeps:
+                try:
+                    await sweep()
+                except Exception as exc:  # noqa: BLE001 - the next pass tries again
+                    log.warning("sweep failed: %r", exc)

@@ -44,6 +44,7 @@ from agents.sandbox.base import (
     read_bounded,
 )
 from agents.sandbox.cgroups import CgroupSet, create_cgroups
+from agents.sandbox.fence import HOST_WORKSPACE_VAR, make_scratch, remove_scratch, scratch_dir
 from agents.sandbox.seccomp import SeccompUnavailable, filter_program, program_fd
 
 PR_SET_PDEATHSIG = 1
@@ -58,7 +59,6 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
 # unprivileged uid can reach it whatever the permissions of the directories above it.
 STAGE_CANDIDATES = ("/mnt", "/media", "/srv")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-HOST_WORKSPACE_VAR = "FEDAGENT_HOST_WORKSPACE"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -102,6 +102,10 @@ def _child_setup(
         for procs in procs_files:
             with open(procs, "w") as handle:
                 handle.write(pid)
+        # Where only the worker's container bounds memory (no cgroup of the sandbox's own),
+        # the OOM killer must take the sandbox's processes, never the worker.
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")
         for which, value in rlimits:
             resource.setrlimit(which, (value, value))
         if stage is not None:
@@ -217,12 +221,14 @@ class BwrapSandbox(Sandbox):
         if os.geteuid() == 0:
             self._run_as = (run_as_uid, run_as_uid)
             self.file_owner = self._run_as
-        # /tmp of the sandbox: on disk next to the workspace, kept from command to command
-        self.tmp_dir = workspace.parent / f".{workspace.name}.tmp"
+        # /tmp of the sandbox: its own, on disk next to the workspace (`agents.sandbox.fence`),
+        # kept from command to command
+        self.tmp_dir = scratch_dir(workspace) / self.name
         self._bwrap_path: str | None = None
         self._stage: str | None = None
         self._cgroup: CgroupSet | None = None
         self._rlimits: list[tuple[int, int]] = []
+        self._nproc_headroom: int | None = None
         self._running: set[_Running] = set()
         self._namespaces: set[int] = set()
         self._killed = False
@@ -242,7 +248,7 @@ class BwrapSandbox(Sandbox):
         except SeccompUnavailable as exc:
             raise SandboxUnavailable(str(exc)) from exc
         self.workspace.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        make_scratch(self.workspace, self.name)
         if self._run_as is not None:
             if self.chown_workspace:
                 await asyncio.to_thread(_chown_tree, self.workspace, self._run_as)
@@ -271,6 +277,13 @@ class BwrapSandbox(Sandbox):
         if limits.pids and "pids" not in self.enforced and self._run_as is not None:
             self._rlimits.append((resource.RLIMIT_NPROC, limits.pids))
             self.enforced["pids"] = f"rlimit (processes of uid {self._run_as[0]})"
+        elif limits.pids and "pids" not in self.enforced:
+            # The sandbox shares the worker's uid: see _command_rlimits.
+            self._nproc_headroom = limits.pids
+            self.enforced["pids"] = (
+                f"rlimit (the worker's uid {os.getuid()}: the processes it has when a command "
+                f"starts + {limits.pids})"
+            )
         if limits.cpus and "cpu" not in self.enforced:
             seconds = max(1, int(limits.command_timeout * limits.cpus))
             self._rlimits.append((resource.RLIMIT_CPU, seconds))
@@ -302,7 +315,7 @@ class BwrapSandbox(Sandbox):
         if self._cgroup is not None:
             await asyncio.to_thread(self._cgroup.remove)
             self._cgroup = None
-        await asyncio.to_thread(shutil.rmtree, self.tmp_dir, True)
+        await asyncio.to_thread(remove_scratch, self.tmp_dir)
 
     def alive_pids(self) -> list[int]:
         pids = {r.proc.pid for r in self._running if r.proc.returncode is None}
@@ -419,7 +432,7 @@ class BwrapSandbox(Sandbox):
                 pass_fds=(info_write, seccomp_fd),
                 preexec_fn=_child_setup(
                     self._cgroup.procs_files if self._cgroup else [],
-                    self._rlimits,
+                    await asyncio.to_thread(self._command_rlimits),
                     stage,
                     self._run_as,
                 ),
@@ -472,6 +485,19 @@ class BwrapSandbox(Sandbox):
         code = proc.returncode if proc.returncode is not None else -9
         return CommandResult(command, code, output, timed_out, self._killed)
 
+    def _command_rlimits(self) -> list[tuple[int, int]]:
+        """The rlimits of the next command. A worker that is not root runs its sandboxes as
+        its own uid, and RLIMIT_NPROC counts every task (thread) of the uid on the host, the
+        worker's and other runs' included: the cap is what the uid has now plus the run's
+        pids. The sandbox's forks fail there; the worker's own threads and forks are held to
+        the worker's rlimit, not this one, so a fork bomb cannot starve the worker, and each
+        sandbox adds at most `pids` tasks (bound the total with the worker's container
+        pids limit, above max_concurrent_agents x pids)."""
+        if self._nproc_headroom is None:
+            return self._rlimits
+        used = _tasks_of_uid(os.getuid())
+        return [*self._rlimits, (resource.RLIMIT_NPROC, used + self._nproc_headroom)]
+
     async def _kill_command(self, running: _Running) -> None:
         if running.proc.returncode is None or (
             running.init_pid is not None and _live(running.init_pid)
@@ -479,6 +505,22 @@ class BwrapSandbox(Sandbox):
             running.kill()
         with contextlib.suppress(ProcessLookupError):
             await running.proc.wait()
+
+
+def _tasks_of_uid(uid: int) -> int:
+    """Tasks (threads) whose real uid is `uid`: what RLIMIT_NPROC counts."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields.get("Uid", "-1 ").split()[0]) == uid:
+            count += int(fields.get("Threads", "1").strip() or 1)
+    return count
 
 
 def _stage_dir() -> str:

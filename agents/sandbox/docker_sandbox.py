@@ -6,6 +6,15 @@ runs as an unprivileged uid that owns the workspace, which is bind-mounted at /w
 the run's /tmp, a host directory next to it); a reviewer's workspace is mounted read-only.
 Commands are `docker exec`s in it. A command's timeout kills every process in the container at
 once (docker kill, then start again); kill removes the container.
+
+A container outlives a worker that dies without cleaning up (kill -9, OOM, a lost host), so
+each says who owns it: labels name the instance, the host (its name) and the worker process
+(boot id, pid and start time, which a restarted worker with the same pid does not share). A
+worker removes, when it starts and every reconcile interval, the containers of its instance
+that a dead worker of its own host left (`sweep_orphans`); a container of another host is
+left to that host's workers. And a new sandbox over a workspace first removes any container
+still on it (an earlier attempt of the run, wherever its worker is), so a retry never leaves
+two containers writing one workspace.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,8 +35,72 @@ from docker.models.containers import Container
 
 from agents.sandbox.base import BoundedBuffer, CommandResult, Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, PATH, _chown_tree, _live
+from agents.sandbox.fence import make_scratch, remove_scratch, scratch_dir
 
 API_TIMEOUT = 60  # seconds for one Docker API call (not for a command's output stream)
+LABEL = "fedagent"  # label prefix: fedagent.instance, .host, .worker, .workspace, .sandbox
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def worker_identity(pid: int | None = None) -> str:
+    """This worker process, unmistakably on this host: boot id, pid, start time."""
+    pid = os.getpid() if pid is None else pid
+    return f"{_boot_id()}:{pid}:{_start_time(pid)}"
+
+
+def worker_alive(identity: str) -> bool:
+    """Whether the worker process `identity` names still runs (on this host)."""
+    boot, _, rest = identity.partition(":")
+    pid, _, started = rest.partition(":")
+    if boot != _boot_id() or not pid.isdigit():
+        return False
+    return _live(int(pid)) and _start_time(int(pid)) == started
+
+
+def connect(docker_host: str | None) -> docker.DockerClient:
+    if docker_host:
+        return docker.DockerClient(base_url=docker_host, timeout=API_TIMEOUT)
+    return docker.from_env(timeout=API_TIMEOUT)
+
+
+def _remove(containers: list[Container]) -> list[str]:
+    removed = []
+    for container in containers:
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+            removed.append(container.name)
+    return removed
+
+
+def remove_workspace_containers(
+    client: docker.DockerClient, instance: str, workspace: Path
+) -> list[str]:
+    """Remove every sandbox container of this instance over this workspace (an earlier
+    attempt's); returns their names."""
+    labels = [f"{LABEL}.instance={instance}", f"{LABEL}.workspace={workspace.resolve()}"]
+    return _remove(client.containers.list(all=True, filters={"label": labels}))
+
+
+def sweep_orphans(client: docker.DockerClient, instance: str) -> list[str]:
+    """Remove the sandbox containers of this instance that a worker of this host left when
+    it died; returns their names. Containers of live workers and of other hosts stay."""
+    labels = [f"{LABEL}.instance={instance}", f"{LABEL}.host={socket.gethostname()}"]
+    found = client.containers.list(all=True, filters={"label": labels})
+    return _remove([c for c in found if not worker_alive(c.labels.get(f"{LABEL}.worker", ""))])
 
 
 class DockerSandbox(Sandbox):
@@ -44,16 +117,20 @@ class DockerSandbox(Sandbox):
         read_only: bool = False,
         ro_binds: tuple[tuple[str, str], ...] = (),
         chown_workspace: bool = True,
+        instance: str = "",
     ) -> None:
         """`ro_binds` are (host path, path inside) pairs mounted read-only; without
-        `chown_workspace` the workspace is not walked to hand it to the sandbox's uid."""
+        `chown_workspace` the workspace is not walked to hand it to the sandbox's uid;
+        `instance` is the name of the instance whose run this is, for the sweep."""
         super().__init__(workspace, limits, read_only=read_only)
         self.ro_binds = ro_binds
         self.chown_workspace = chown_workspace
         self.image = image
         self.docker_host = docker_host
-        self.tmp_dir = workspace.parent / f".{workspace.name}.tmp"
+        self.instance = instance
         self.name = f"fedagent-{uuid.uuid4().hex[:12]}"
+        # its own /tmp, next to the workspace (`agents.sandbox.fence`)
+        self.tmp_dir = scratch_dir(workspace) / self.name
         if os.geteuid() == 0:
             self._user = (run_as_uid, run_as_uid)
             self.file_owner = self._user
@@ -68,10 +145,7 @@ class DockerSandbox(Sandbox):
 
     def _connect(self) -> None:
         try:
-            if self.docker_host:
-                self._client = docker.DockerClient(base_url=self.docker_host, timeout=API_TIMEOUT)
-            else:
-                self._client = docker.from_env(timeout=API_TIMEOUT)
+            self._client = connect(self.docker_host)
             self._client.ping()
         except docker.errors.DockerException as exc:
             raise SandboxUnavailable(
@@ -126,7 +200,13 @@ class DockerSandbox(Sandbox):
             },
             working_dir=self.workspace_mount,
             environment=self._environment(),
-            labels={"fedagent.workspace": workspace, "fedagent.sandbox": self.name},
+            labels={
+                f"{LABEL}.instance": self.instance,
+                f"{LABEL}.host": socket.gethostname(),
+                f"{LABEL}.worker": worker_identity(),
+                f"{LABEL}.workspace": workspace,
+                f"{LABEL}.sandbox": self.name,
+            },
             **options,
         )
         self.enforced = {}
@@ -155,6 +235,9 @@ class DockerSandbox(Sandbox):
         }
 
     def _start_container(self) -> None:
+        assert self._client is not None
+        # An earlier attempt's container may still run on this workspace: one at a time.
+        remove_workspace_containers(self._client, self.instance, self.workspace)
         self._create()
         self._base = self._top()
 
@@ -163,7 +246,7 @@ class DockerSandbox(Sandbox):
 
     async def start(self) -> None:
         self.workspace.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        make_scratch(self.workspace, self.name)
         if self.file_owner is not None:
             if self.chown_workspace:
                 await asyncio.to_thread(_chown_tree, self.workspace, self.file_owner)
@@ -267,7 +350,7 @@ class DockerSandbox(Sandbox):
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.close()
-        await asyncio.to_thread(shutil.rmtree, self.tmp_dir, True)
+        await asyncio.to_thread(remove_scratch, self.tmp_dir)
 
     def alive_pids(self) -> list[int]:
         self._seen.update(self._top())

@@ -12,15 +12,21 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 
+from agents.sandbox.report import FIX
 from api.deps import PoolDep, SettingsDep, TemporalDep
 from api.liveness import queue_pollers, unpolled
 from api.metrics import REGISTRY, STORE
+from federation.store import workers as worker_sandboxes
 
 router = APIRouter(tags=["operations"])
 
 
 class NoWorker(Exception):
     """No worker polls one of the instance's task queues."""
+
+
+class SandboxWarning(Exception):
+    """A worker's sandboxes do not hold every run limit (the instance still serves)."""
 
 
 CHECK_TIMEOUT = 3.0  # seconds each readiness check may take
@@ -41,7 +47,8 @@ async def readyz(
     request: Request, pool: PoolDep, temporal: TemporalDep, settings: SettingsDep
 ) -> dict[str, Any] | JSONResponse:
     """Ready when PostgreSQL and Temporal answer and a worker polls each of the instance's task
-    queues (workflows, agent runs); otherwise 503 problem+json saying which."""
+    queues (workflows, agent runs); otherwise 503 problem+json saying which. A worker whose
+    sandboxes cannot hold every run limit shows as a `sandboxes` warning (still ready)."""
 
     async def postgres() -> None:
         await pool.fetchval("SELECT 1")
@@ -58,11 +65,28 @@ async def readyz(
         if missing := unpolled(found):
             raise NoWorker(f"error: no worker polls {', '.join(missing)}")
 
+    async def sandboxes() -> None:
+        # Workers seen within a few reconcile passes: a dead worker's gaps do not linger.
+        found = await worker_sandboxes.with_gaps(
+            pool, seen_within=3 * settings.reconcile_interval + 30
+        )
+        if found:
+            raise SandboxWarning(
+                "warning: "
+                + "; ".join(
+                    f"worker {w.worker} ({w.sandbox}): "
+                    + ", ".join(gap["detail"] for gap in w.gaps)
+                    for w in found
+                )
+                + f". To fix: {FIX}"
+            )
+
     checks: dict[str, str] = {}
     for name, check in (
         ("postgres", postgres),
         ("temporal", temporal_server),
         ("workers", workers),
+        ("sandboxes", sandboxes),
     ):
         if name == "workers" and checks.get("temporal") != "ok":
             checks[name] = "error: temporal is not reachable"
@@ -70,13 +94,15 @@ async def readyz(
         try:
             await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT)
             checks[name] = "ok"
-        except NoWorker as exc:
+        except (NoWorker, SandboxWarning) as exc:
             checks[name] = str(exc)
         except TimeoutError:
             checks[name] = f"error: no answer within {CHECK_TIMEOUT:g} s"
         except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
             checks[name] = f"error: {exc.__class__.__name__}"
-    failing = sorted(name for name, result in checks.items() if result != "ok")
+    failing = sorted(
+        name for name, result in checks.items() if result != "ok" and name != "sandboxes"
+    )
     if not failing:
         return {"status": "ready", "checks": checks}
     return JSONResponse(

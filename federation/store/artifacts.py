@@ -7,11 +7,14 @@ so an artifact is either whole or absent. `agent_artifacts` says which artifact 
 (`diff`, `log`, `transcript`) of which run, on the executor (role `executor`, peer = the
 requester) and on the requester (role `requester`, peer = the executor).
 
-Nothing here holds a transaction while it waits for anything but PostgreSQL.
+Nothing here holds a transaction while it waits for anything but PostgreSQL, and no file is
+read or hashed on the event loop (an artifact may be 128 MiB: hashing it there would stall
+the worker's heartbeats past their timeout and have Temporal start a second attempt).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import re
@@ -58,6 +61,13 @@ def _hash_file(handle: BinaryIO) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _read_into(handle: BinaryIO, size: int, digest: Any) -> bytes:
+    """The next block of the file, added to the running digest (in a worker thread)."""
+    block = handle.read(size)
+    digest.update(block)
+    return block
+
+
 async def get(db: Any, sha256: str) -> Artifact | None:
     row = await db.fetchrow(
         "SELECT sha256, bytes, chunk_bytes FROM artifacts WHERE sha256 = $1", _check_sha(sha256)
@@ -76,7 +86,7 @@ async def put_file(
 
     The file is hashed first, so bytes already stored are not written again.
     """
-    sha256, size = _hash_file(handle)
+    sha256, size = await asyncio.to_thread(_hash_file, handle)
     if size > max_bytes:
         raise ArtifactTooLarge(
             f"artifact of {size} bytes is above the {max_bytes} bytes kept here",
@@ -101,8 +111,7 @@ async def put_file(
         handle.seek(0)
         digest = hashlib.sha256()
         index = 0
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
+        while block := await asyncio.to_thread(_read_into, handle, chunk_bytes, digest):
             await conn.execute(
                 "INSERT INTO artifact_chunks (sha256, idx, data) VALUES ($1, $2, $3)",
                 sha256,

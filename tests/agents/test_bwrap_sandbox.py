@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import BwrapSandbox
+from agents.sandbox.fence import HOST_WORKSPACE_VAR, end_workspace_processes
 from agents.sandbox.process import ProcessSandbox
-from tests.agents.conftest import Listener
+from tests.agents.conftest import Listener, pid_alive
 from tests.agents.contract import (
     FORK_BOMB,
     MEMORY_HOG,
@@ -24,6 +32,8 @@ from tests.agents.contract import (
     fetch,
     wait_until,
 )
+
+SMALL_PIDS = 48  # the non-root worker's sandbox pids limit
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bwrap") is None,
@@ -115,6 +125,27 @@ async def test_background_processes_end_with_their_command(
     result = await sandbox.run("sleep 300 & echo started")
     assert result.output.strip() == "started"
     assert await wait_until(lambda: sandbox.alive_pids() == [])
+
+
+async def test_a_new_attempt_ends_the_sandboxes_of_its_workspace_and_no_other(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "runs" / "target"
+    earlier = await make_sandbox(workspace, SMALL)
+    running = asyncio.create_task(earlier.run("sleep 300 & sleep 301"))
+    # Another run's command that names this workspace in its argv, as bwrap's argv does.
+    other = await make_sandbox(tmp_path / "runs" / "other", SMALL)
+    forged = f"sh -c 'sleep 302; true' --setenv {HOST_WORKSPACE_VAR} {workspace.resolve()}"
+    bystander = asyncio.create_task(other.run(forged))
+    assert await wait_until(lambda: len(earlier.alive_pids()) >= 4 and len(other.alive_pids()) >= 4)
+    earlier_pids, other_pids = earlier.alive_pids(), other.alive_pids()
+    ended = await end_workspace_processes(workspace)
+    assert set(earlier_pids) <= set(ended)
+    assert [pid for pid in earlier_pids if pid_alive(pid)] == []
+    assert (await running).exit_code != 0
+    assert all(pid_alive(pid) for pid in other_pids)  # the other run goes on
+    await other.kill()
+    await bystander
 
 
 async def test_a_missing_bwrap_says_how_to_install_it(tmp_path: Path) -> None:
@@ -227,3 +258,146 @@ async def test_the_toolchain_lists_what_commands_in_the_sandbox_see(
         assert found["pytest"].version == "pytest 9.9.9"
     finally:
         shutil.rmtree(tools, ignore_errors=True)
+
+
+# --- a worker that is not root, with no cgroup it may write (the compose stack's shape) ------
+
+WORKER_UID = 47001  # a uid nothing else on the machine runs as
+BACKSTOP_PIDS = 600  # the worker's container pids limit, as compose sets one
+NON_ROOT_WORKER = r"""
+import asyncio, asyncio.subprocess, concurrent.futures.thread, json, os, subprocess, sys
+from pathlib import Path
+from agents.sandbox.base import Limits
+from agents.sandbox.bwrap import BwrapSandbox
+from agents.sandbox.report import limit_gaps
+from agents.sandbox.seccomp import filter_program
+
+# Started as root (the interpreter lives below /root, closed to others) and then, with what
+# it needs loaded, the worker's own uid for good, as a worker in the compose stack is.
+filter_program()
+uid = int(sys.argv[4])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+import ctypes
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, as in a process started as this uid
+
+def tasks():
+    # what RLIMIT_NPROC counts: every thread whose real uid is ours, on the whole host
+    count = 0
+    for entry in os.listdir("/proc"):
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields.get("Uid", "-1").split()[0] == str(os.getuid()):
+            count += int(fields["Threads"])
+    return count
+
+async def main():
+    workspace, bomb_command, hog_command = sys.argv[1:4]
+    limits = Limits(memory_bytes=96 * 1024 * 1024, pids=48, cpus=1.0, command_timeout=30)
+    sandbox = BwrapSandbox(Path(workspace), limits)  # asks for cgroups; none is writable
+    await sandbox.start()
+    before = tasks()
+    bomb = asyncio.create_task(sandbox.run(bomb_command, timeout=4))
+    peak, worker_forks_failed = 0, 0
+    while not bomb.done():
+        peak = max(peak, tasks())
+        try:
+            subprocess.run(["true"], check=True)  # the worker itself can still start things
+        except OSError:
+            worker_forks_failed += 1
+        await asyncio.sleep(0.05)
+    hog = await sandbox.run(hog_command, timeout=20)
+    oom = await sandbox.run("cat /proc/self/oom_score_adj")
+    after = tasks()
+    await sandbox.kill()
+    print(json.dumps({
+        "enforced": sandbox.enforced,
+        "gaps": [gap.as_dict() for gap in limit_gaps(sandbox)],
+        "before": before, "peak": peak, "after": after,
+        "workerForksFailed": worker_forks_failed,
+        "bomb": bomb.result().output[-300:], "hogExit": hog.exit_code,
+        "oomScoreAdj": oom.output.strip(),
+    }))
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def pids_backstop(limit: int) -> Iterator[Path]:
+    """A pids cgroup that holds the test's worker and whatever it starts: were the sandbox's
+    own cap missing, the fork bomb stops here instead of on the shared machine."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can drop to another uid and make the backstop cgroup")
+    if Path("/sys/fs/cgroup/pids/cgroup.procs").exists():
+        parent = Path("/sys/fs/cgroup/pids")
+    elif "pids" in Path("/sys/fs/cgroup/cgroup.subtree_control").read_text():
+        parent = Path("/sys/fs/cgroup")
+    else:
+        pytest.skip("no pids cgroup to hold the test's fork bomb in")
+    group = parent / f"fedagent-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    (group / "pids.max").write_text(str(limit))
+    try:
+        yield group
+    finally:
+        for _ in range(100):
+            pids = (group / "cgroup.procs").read_text().split()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.02)
+        for _ in range(100):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.02)
+
+
+def _into(group: Path) -> Callable[[], None]:
+    def join() -> None:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    return join
+
+
+def test_a_worker_that_is_not_root_caps_its_sandboxes_processes_and_memory() -> None:
+    with pids_backstop(BACKSTOP_PIDS) as group:
+        workspace = Path(tempfile.mkdtemp(prefix="fa-nonroot-"))
+        os.chown(workspace, WORKER_UID, WORKER_UID)
+        try:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FEDAGENT_")}
+            run = subprocess.run(
+                [sys.executable, "-c", NON_ROOT_WORKER, str(workspace / "ws"), FORK_BOMB,
+                 MEMORY_HOG, str(WORKER_UID)],
+                env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                     "HOME": str(workspace)},
+                preexec_fn=_into(group), capture_output=True, text=True, timeout=120,
+                check=False,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout.splitlines()[-1])
+    # The fork bomb ran into the sandbox's own cap, far below the container's ...
+    assert found["enforced"]["pids"].startswith("rlimit"), found["enforced"]
+    assert "fork" in found["bomb"].lower(), found
+    assert found["peak"] <= found["before"] + SMALL_PIDS + 16, found
+    # ... so the worker could start processes all along, and nothing of the bomb is left.
+    assert found["workerForksFailed"] == 0, found
+    assert found["after"] <= found["before"] + 8, found
+    # Memory: each process is held to the limit; the OOM killer takes sandboxes first.
+    assert found["hogExit"] != 0
+    assert found["oomScoreAdj"] == "1000"
+    # What does not hold per run is said, not hidden.
+    assert {gap["limit"]: gap["severity"] for gap in found["gaps"]} == {
+        "memory": "warning",
+        "cpu": "warning",
+    }

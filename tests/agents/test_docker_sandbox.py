@@ -4,12 +4,14 @@ imported from a busybox-static rootfs. Skipped, saying why, only where dockerd c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -24,8 +26,10 @@ import pytest
 
 from agents.sandbox.base import Limits, Sandbox
 from agents.sandbox.docker_sandbox import DockerSandbox
+from federation.settings import Settings
 from tests.agents.conftest import GITLINK
 from tests.agents.contract import SMALL, MakeSandbox, SandboxContract, wait_until
+from worker.sandboxes import sweep_sandboxes
 
 IMAGE = "fedagent-test-busybox:1"
 GIT_IMAGE = "fedagent-test-git:1"
@@ -255,3 +259,92 @@ async def test_a_docker_run_where_bwrap_cannot_start_takes_its_diff_in_a_contain
     assert report.changed_files == ["new.txt"]
     assert "+changed" in report.diff
     assert not mark.exists()
+
+
+WORKER = """
+import asyncio, sys
+from pathlib import Path
+from agents.sandbox.base import Limits
+from agents.sandbox.docker_sandbox import DockerSandbox
+
+async def main() -> None:
+    workspace, image, host, instance = sys.argv[1:5]
+    sandbox = DockerSandbox(Path(workspace), Limits(), image=image, docker_host=host,
+                            instance=instance)
+    await sandbox.start()
+    print(sandbox.name, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def _containers(client: docker.DockerClient, *labels: str) -> list[str]:
+    found = client.containers.list(all=True, filters={"label": list(labels)})
+    return sorted(c.name for c in found)
+
+
+async def test_a_container_left_by_a_killed_worker_is_removed_by_the_next_sweep(
+    dockerd: Daemon, tmp_path: Path
+) -> None:
+    instance = f"sweep-{uuid.uuid4().hex[:8]}"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(tmp_path / "lost"), IMAGE, dockerd.host, instance],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert worker.stdout is not None
+    left = worker.stdout.readline().strip()
+    os.kill(worker.pid, signal.SIGKILL)  # the worker dies without cleaning up
+    worker.wait(10)
+    worker.stdout.close()
+    client = docker.DockerClient(base_url=dockerd.host)
+    alive = DockerSandbox(
+        tmp_path / "alive", SMALL, image=IMAGE, docker_host=dockerd.host, instance=instance
+    )
+    other = DockerSandbox(
+        tmp_path / "other", SMALL, image=IMAGE, docker_host=dockerd.host, instance="another"
+    )
+    try:
+        await alive.start()
+        await other.start()
+        # Without a sweep the dead worker's container would run on for ever.
+        assert client.containers.get(left).status == "running"
+        settings = Settings(sandbox="docker", docker_host=dockerd.host, instance_name=instance)
+        assert await sweep_sandboxes(settings) == [left]
+        assert _gone(client, left)
+        # a live worker's container and another instance's stay
+        assert client.containers.get(alive.name).status == "running"
+        assert client.containers.get(other.name).status == "running"
+        assert (await alive.run("echo still")).output.strip() == "still"
+    finally:
+        await alive.kill()
+        await other.kill()
+        client.close()
+
+
+async def test_a_retry_never_leaves_two_containers_on_one_workspace(
+    dockerd: Daemon, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "ws"
+    client = docker.DockerClient(base_url=dockerd.host)
+    attempts = [
+        DockerSandbox(workspace, SMALL, image=IMAGE, docker_host=dockerd.host, instance="retry")
+        for _ in range(2)
+    ]
+    label = f"fedagent.workspace={workspace.resolve()}"
+    try:
+        await attempts[0].start()
+        running = asyncio.create_task(attempts[0].run("sleep 300"))
+        assert await wait_until(lambda: len(attempts[0].alive_pids()) >= 3)
+        await attempts[1].start()  # the next attempt of the run, on the same workspace
+        assert _containers(client, label) == [attempts[1].name]
+        ended = await running
+        assert ended.exit_code != 0
+        assert (await attempts[1].run("echo mine")).output.strip() == "mine"
+    finally:
+        for sandbox in attempts:
+            await sandbox.kill()
+        client.close()
+    assert _containers(client, label) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ from agents.errors import AgentSetupError
 from agents.loop import AgentRunReport
 from agents.runtime import RuntimeConfig, run_agent_task
 from agents.sandbox.base import Limits
-from tests.agents.conftest import git
+from tests.agents.conftest import git, pid_alive
 from tests.agents.contract import wait_until
 from tests.e2e.helpers import processes_in
 
@@ -214,3 +215,34 @@ async def test_a_resumed_try_does_not_walk_what_the_earlier_try_wrote(tmp_path: 
         assert "two.txt" in second.changed_files
     finally:  # pytest's own clean-up of tmp_path recurses once per level
         subprocess.run(["rm", "-rf", str(workspace / "d")], check=False)
+
+
+@pytest.mark.skipif(SANDBOX != "bwrap", reason="the fence finds bwrap sandboxes by their argv")
+async def test_a_new_attempt_first_ends_the_commands_an_earlier_attempt_still_runs(
+    tmp_path: Path,
+) -> None:
+    # Temporal gave attempt 1 up (a stalled loop, a cut from Temporal) while its command
+    # still writes the workspace; attempt 2 starts on the same workspace.
+    workspace = tmp_path / "runs" / "a11"
+    ticks = workspace / "ticks"
+    first = asyncio.create_task(
+        scripted(workspace, "$ while true; do echo tick >> ticks; sleep 0.02; done")
+    )
+    assert await wait_until(lambda: ticks.exists() and len(ticks.read_text().split()) >= 3)
+    earlier = processes_in(workspace)
+    assert earlier
+    second = await scripted(
+        workspace,
+        "$ wc -l < ticks; sleep 1; wc -l < ticks\n$ echo scratch > /tmp/mine; cat /tmp/mine",
+        resume=True,
+    )
+    # Its first command saw no more ticks written: attempt 1's loop ended before it ran.
+    before, after = (int(n) for n in re.findall(r"^\s*(\d+)\s*$", second.log_tail, re.M)[:2])
+    assert before == after
+    assert [pid for pid in earlier if pid_alive(pid)] == []
+    # Attempt 1 learnt its command was killed, ended and cleaned up (during attempt 2's
+    # sleep) without taking attempt 2's /tmp away from it.
+    await first
+    assert second.success, second.summary
+    assert "scratch" in second.log_tail
+    assert processes_in(workspace) == []

@@ -82,3 +82,28 @@ def test_doctor_lists_the_tools_an_agent_finds_in_its_sandbox(tmp_path: Path) ->
     if "pytest: not found" in toolchain["detail"]:
         assert toolchain["status"] == "warn"
         assert "FEDAGENT_SANDBOX_RO_PATHS" in toolchain["fix"]
+
+
+def test_doctor_says_which_run_limits_the_sandbox_cannot_hold_and_how_to_fix_it(
+    tmp_path: Path,
+) -> None:
+    closed = free_port_block(2)
+    base = {
+        "FEDAGENT_TEMPORAL_ADDRESS": f"127.0.0.1:{closed}",
+        "FEDAGENT_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{closed + 1}/none",
+        "FEDAGENT_DATA_DIR": str(tmp_path),
+    }
+    # No writable cgroup (as for a worker that is not root): per process only, a warning.
+    run = doctor(
+        {**base, "FEDAGENT_SANDBOX": "bwrap", "FEDAGENT_SANDBOX_CGROUPS": "false"}, "--json"
+    )
+    limits = {c["name"]: c for c in json.loads(run.stdout)}["sandbox limits"]
+    assert limits["status"] == "warn", limits
+    assert "memory limit" in limits["detail"] and "per process only" in limits["detail"]
+    assert "not enforced" not in limits["detail"]  # processes are capped all the same
+    assert "pids_limit" in limits["fix"] and "cgroup" in limits["fix"]
+    # A sandbox that enforces none of them fails the check.
+    run = doctor({**base, "FEDAGENT_SANDBOX": "process"}, "--json")
+    limits = {c["name"]: c for c in json.loads(run.stdout)}["sandbox limits"]
+    assert limits["status"] == "fail", limits
+    assert "processes limit (256) is not enforced" in limits["detail"]

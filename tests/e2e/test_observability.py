@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,8 +26,12 @@ from temporalio.worker import Worker
 
 from cli.devstack import DevStack
 from federation.logs import configure_logging, log_context
+from federation.settings import Settings
+from federation.store import workers
+from federation.store.db import create_pool
 from tests.conftest import Instance, free_port_block
 from tests.e2e.helpers import spawn_body
+from worker.sandboxes import report_sandbox_limits
 
 pytestmark = pytest.mark.e2e
 
@@ -125,9 +130,41 @@ async def test_health_and_readiness(hub: Instance) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"postgres": "ok", "temporal": "ok", "workers": "ok"},
+        "checks": {"postgres": "ok", "temporal": "ok", "workers": "ok", "sandboxes": "ok"},
     }
     assert ready.headers["x-request-id"]
+
+
+async def test_readiness_and_the_worker_log_say_which_run_limits_a_worker_cannot_hold(
+    hub: Instance, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A worker starting where no cgroup is writable: its sandboxes hold memory and CPU per
+    # process only. It says so in its log (with the fix) and the API's /readyz says so.
+    settings = Settings(
+        sandbox="bwrap" if shutil.which("bwrap") else "process",
+        sandbox_cgroups=False,
+        data_dir=tmp_path,
+        instance_name=hub.name,
+    )
+    pool = await create_pool(hub.info["databaseUrl"], max_size=1)
+    worker = f"test-host:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.sandboxes"):
+            gaps = await report_sandbox_limits(settings, pool, worker)
+        assert {gap.limit for gap in gaps} >= {"memory", "cpu"}
+        said = [r for r in caplog.records if r.name == "worker.sandboxes"]
+        assert any("memory limit" in r.getMessage() and "To fix" in r.getMessage() for r in said)
+        assert all(r.levelno >= logging.WARNING for r in said)
+        ready = await hub.http.get(f"{hub.url}/readyz")
+        assert ready.status_code == 200  # the instance still serves; the gap is a warning
+        warning = ready.json()["checks"]["sandboxes"]
+        assert warning.startswith("warning:") and worker in warning, warning
+        assert "memory limit" in warning and "pids_limit" in warning
+    finally:
+        await workers.forget(pool, worker)  # as the worker does when it stops
+        await pool.close()
+    ready = await hub.http.get(f"{hub.url}/readyz")
+    assert ready.json()["checks"]["sandboxes"] == "ok"
 
 
 # --- JSON logs of a real API process ------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -142,3 +144,44 @@ async def test_connections_that_may_ask_for_status_may_fetch_artifacts_after_the
         }
     finally:
         await pool.close()
+
+
+class _WatchedFile(io.BytesIO):
+    """A file that notes, at each read, how far a concurrent task on the loop had got."""
+
+    def __init__(self, data: bytes, progress: list[int]) -> None:
+        super().__init__(data)
+        self.progress = progress
+        self.seen: list[int] = []
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self.seen.append(self.progress[0])
+        return super().read(size)
+
+
+async def test_hashing_a_large_artifact_leaves_the_worker_free_to_heartbeat(
+    pool: asyncpg.Pool,
+) -> None:
+    # A worker's heartbeats are tasks on the same loop: they must go on while 64 MiB are
+    # hashed, or Temporal gives the run up and starts it a second time.
+    progress = [0]
+    stop = asyncio.Event()
+
+    async def heartbeat() -> None:
+        while not stop.is_set():
+            progress[0] += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0)
+    handle = _WatchedFile(b"\x5a" * (64 * 1024 * 1024), progress)
+    try:
+        with pytest.raises(ArtifactTooLarge):  # hashed whole, then refused: no row written
+            await artifacts.put_file(pool, handle, max_bytes=1024)
+    finally:
+        stop.set()
+        await ticking
+    reads = handle.seen
+    assert len(reads) >= 64
+    # The loop ran between the reads of the file, not only before and after them.
+    assert len(set(reads)) > 1, f"the loop stood still for all {len(reads)} reads"

@@ -1,0 +1,137 @@
+"""Fence a workspace: a new attempt of a run first ends whatever an earlier attempt still runs
+in the same workspace, before it touches the workspace.
+
+Temporal starts attempt N+1 when attempt N stops heartbeating (a stalled event loop, a network
+cut from Temporal) even though N may still run on this host. The checkpoint claim stops N at
+its next save (it saves before every tool call and after every model answer), but not a
+command N has already started: that command would go on writing the workspace under N+1.
+
+bwrap: every process of a sandbox descends from a bwrap process whose argv sets
+FEDAGENT_HOST_WORKSPACE to the host path of the workspace (/proc/PID/cmdline is readable by
+any uid). SIGKILL to it and to everything below it ends each sandbox's pid namespace (its
+init dies with the outer bwrap, and every process inside with the init) at once: a fork
+bomb cannot outrun it. Only this host's processes can be seen: a workspace
+is on one host's disk, so an attempt elsewhere works in a workspace of its own.
+
+The earlier attempts' private /tmp directories (next to the workspace) are removed too; each
+sandbox has one of its own there, so an earlier attempt cleaning up late removes only its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from pathlib import Path
+
+HOST_WORKSPACE_VAR = "FEDAGENT_HOST_WORKSPACE"  # the same name bwrap.py sets
+SETTLE = 0.2  # seconds before looking again after a kill: a command being spawned shows up
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _user_namespace(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/user").st_ino
+    except OSError:
+        return None
+
+
+def sandbox_leaders(workspace: Path) -> list[int]:
+    """The outer bwrap processes of sandboxes over this workspace. Only processes in the
+    worker's own user namespace count: a command inside any sandbox (its own user namespace)
+    can put the same words in its argv, and must not make the fence chase it."""
+    wanted = [b"--setenv", HOST_WORKSPACE_VAR.encode(), str(workspace.resolve()).encode()]
+    ours = _user_namespace("self")
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not any(argv[i : i + 3] == wanted for i in range(len(argv) - 2)):
+            continue
+        if _user_namespace(entry) == ours and _alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def descendants(roots: list[int]) -> set[int]:
+    """The roots and every live process below them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(roots), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def end_workspace_processes(workspace: Path, *, timeout: float = 10.0) -> list[int]:
+    """SIGKILL every sandbox process over this workspace and wait until they are gone;
+    returns the pids that were ended. After a kill it looks again (SETTLE later) until a scan
+    finds nothing, so a command the earlier attempt was starting meanwhile is caught too.
+    (That attempt saves its checkpoint before each tool call, which fails once this attempt
+    has claimed the checkpoint, so it starts no command after that.)"""
+    ended: set[int] = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while leaders := await asyncio.to_thread(sandbox_leaders, workspace):
+        tree = await asyncio.to_thread(descendants, leaders)
+        _kill_all(tree)
+        ended |= tree
+        while any(_alive(pid) for pid in tree) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(SETTLE)
+    left = [pid for pid in ended if _alive(pid)]
+    if left:
+        raise RuntimeError(f"processes of an earlier attempt in {workspace} did not end: {left}")
+    return sorted(ended)
+
+
+def scratch_dir(workspace: Path) -> Path:
+    """Where the run's private /tmp directories live on the host: next to the workspace, one
+    per sandbox below it, so that an earlier attempt cleaning up late removes only its own."""
+    return workspace.parent / f".{workspace.name}.tmp"
+
+
+def make_scratch(workspace: Path, name: str) -> Path:
+    """A new /tmp for the sandbox `name` (mode 0700, like the directory holding it)."""
+    parent = scratch_dir(workspace)
+    parent.mkdir(mode=0o700, exist_ok=True)
+    path = parent / name
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def remove_scratch(path: Path) -> None:
+    """Remove a sandbox's /tmp, and the directory holding it once no other sandbox has one."""
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
