@@ -248,7 +248,7 @@ class BwrapSandbox(Sandbox):
         except SeccompUnavailable as exc:
             raise SandboxUnavailable(str(exc)) from exc
         self.workspace.mkdir(parents=True, exist_ok=True)
-        make_scratch(self.workspace, self.name)
+        make_scratch(self.tmp_dir)
         if self._run_as is not None:
             if self.chown_workspace:
                 await asyncio.to_thread(_chown_tree, self.workspace, self._run_as)

@@ -246,7 +246,7 @@ class DockerSandbox(Sandbox):
 
     async def start(self) -> None:
         self.workspace.mkdir(parents=True, exist_ok=True)
-        make_scratch(self.workspace, self.name)
+        make_scratch(self.tmp_dir)
         if self.file_owner is not None:
             if self.chown_workspace:
                 await asyncio.to_thread(_chown_tree, self.workspace, self.file_owner)

@@ -121,11 +121,9 @@ def scratch_dir(workspace: Path) -> Path:
     return workspace.parent / f".{workspace.name}.tmp"
 
 
-def make_scratch(workspace: Path, name: str) -> Path:
-    """A new /tmp for the sandbox `name` (mode 0700, like the directory holding it)."""
-    parent = scratch_dir(workspace)
-    parent.mkdir(mode=0o700, exist_ok=True)
-    path = parent / name
+def make_scratch(path: Path) -> Path:
+    """A sandbox's new /tmp at `path` (mode 0700, like the directory holding it)."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     path.mkdir(mode=0o700, exist_ok=True)
     return path
 
