@@ -36,9 +36,35 @@ class HostRefused(AgentSetupError):
         self.host = host
 
 
+# IPv6 ranges whose last 32 bits name an IPv4 host that a connection ends up reaching: NAT64
+# (RFC 6052), IPv4-translated (RFC 2765, `::ffff:0:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`,
+# which also holds `::` and `::1`). An address there is as allowed as the IPv4 address it embeds.
+EMBEDDING_IPV4 = tuple(
+    ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96")
+)
+# Local-use NAT64 (RFC 8215): which IPv4 network it translates to is the operator's secret.
+LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def _plain(address: Address) -> Address:
+    """The address to connect to: an IPv4-mapped address is its IPv4 address."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
+    return address
+
+
+def judged(address: Address) -> Address | None:
+    """The address the policy judges: the IPv4 host an IPv6 address embeds (mapped, NAT64,
+    translated, compatible, 6to4), else the address itself; None for one nobody can judge."""
+    address = _plain(address)
+    if not isinstance(address, ipaddress.IPv6Address):
+        return address
+    if address in LOCAL_NAT64:
+        return None
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in network for network in EMBEDDING_IPV4):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address
 
 
@@ -71,15 +97,15 @@ class AddressRule:
             return False
 
     def _in_networks(self, address: Address) -> bool:
-        address = _plain(address)
-        return any(address in n for n in self.networks if n.version == address.version)
+        candidates = [a for a in (_plain(address), judged(address)) if a is not None]
+        return any(a in n for a in candidates for n in self.networks if n.version == a.version)
 
     def allows(self, host: str, address: Address) -> bool:
         """Whether a connection to `address` (which `host` resolved to) may be made."""
-        address = _plain(address)
-        if address.is_unspecified or address.is_multicast:
+        seen = judged(address)
+        if seen is not None and (seen.is_unspecified or seen.is_multicast):
             return False
-        if self.allow_private or address.is_global:
+        if self.allow_private or (seen is not None and seen.is_global):
             return True
         return self.listed(host) or self._in_networks(address)
 
