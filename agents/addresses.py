@@ -139,15 +139,39 @@ class AddressRule:
         return list(dict.fromkeys(str(_plain(a)) for a in found))
 
 
+class PlaintextRefused(AgentSetupError):
+    """A clone over a scheme without TLS from a host the executor did not name."""
+
+    def __init__(self, host: str, scheme: str) -> None:
+        super().__init__(
+            f"the repository host {host!r} is reached over plain {scheme}://, which this executor"
+            " clones only from hosts named in FEDAGENT_OUTBOUND_ALLOWLIST; use https://",
+            invalid=True,
+        )
+
+
+# Anyone on the path can rewrite what these carry: only for hosts the executor names (or dev).
+PLAINTEXT_SCHEMES = ("http", "git")
+
+
 async def resolve_allowed(
-    host: str, port: int, *, allowlist: Sequence[str] = (), allow_private: bool = False
+    host: str,
+    port: int,
+    *,
+    allowlist: Sequence[str] = (),
+    allow_private: bool = False,
+    scheme: str = "https",
 ) -> list[str]:
     """The addresses of `host` a clone may be pinned to; HostRefused if any of them (or the
-    name itself) is not allowed."""
+    name itself) is not allowed, PlaintextRefused for http:// or git:// from a host the
+    allowlist does not name (outside dev)."""
+    rule = AddressRule(allowlist, allow_private=allow_private)
     try:
-        allowed = await AddressRule(allowlist, allow_private=allow_private).resolve(host, port)
+        allowed = await rule.resolve(host, port)
     except OSError:
         raise HostRefused(host) from None
     if allowed is None:
         raise HostRefused(host)
+    if scheme in PLAINTEXT_SCHEMES and not (allow_private or rule.listed(host)):
+        raise PlaintextRefused(host, scheme)
     return allowed
