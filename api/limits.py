@@ -7,6 +7,7 @@ is handed to the app unchanged.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -149,11 +150,25 @@ class BodySizeLimit:
             log.warning("could not audit a refused body: %r", exc)
 
 
+def source_key(address: str) -> str:
+    """Who a limit counts a request against: its IPv4 address, or the /64 of its IPv6 address
+    (one subscriber gets a whole /64: counting single addresses would give it 2^64 budgets)."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
+
+
 class RefusalLimiter:
-    """A token bucket per source address for refused peer messages.
+    """A token bucket per source (`source_key`) for refused peer messages.
 
     Each refusal takes a token; past the burst a refusal is answered 429 `rate_limited` and
-    only counted (a metric), so unauthenticated senders cannot fill the audit log. Addresses
+    only counted (a metric), so unauthenticated senders cannot fill the audit log. Sources
     whose bucket is full again are forgotten, so the table stays as small as the abuse."""
 
     def __init__(self, burst: int, rate: float) -> None:
@@ -162,6 +177,7 @@ class RefusalLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def take(self, address: str) -> bool:
+        address = source_key(address)
         now = time.monotonic()
         tokens, at = self._buckets.get(address, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)

@@ -11,6 +11,9 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
+
+from api.limits import BodySizeLimit, RefusalLimiter
 
 from tests.conftest import Instance
 from tests.hostile.conftest import RogueFactory, connection_rows
@@ -194,3 +197,33 @@ async def test_bodies_refused_for_their_size_are_rate_limited_like_other_refusal
     # Only the refusals let through were audited; the sender's path is not kept as it is.
     assert len(rows) == codes.count(413)
     assert {row["action"] for row in rows} == {"incoming.other"}
+
+
+def _limited_app() -> FastAPI:
+    """The API's body-size middleware and refusal limiter on an app of their own (no store:
+    nothing is audited), burst 3, refilled once in 1000 s."""
+    app = FastAPI()
+    app.state.refusal_limiter = RefusalLimiter(3, 0.001)
+    app.add_middleware(BodySizeLimit, max_bytes=1024)
+    return app
+
+
+async def _oversized_from(app: FastAPI, address: str) -> int:
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+        response = await client.post("/api/v1/federation/incoming/connect", content=b"x" * 2048)
+        return response.status_code
+
+
+async def test_a_sender_hopping_through_one_ipv6_64_gets_one_burst_of_refusals() -> None:
+    app = _limited_app()
+    hops = [f"2001:db8:1:2::{n:x}" for n in range(1, 9)]
+    codes = [await _oversized_from(app, address) for address in hops]
+    assert codes == [413] * 3 + [429] * 5
+    # Another /64 (another subscriber) and an IPv4 sender have budgets of their own.
+    assert await _oversized_from(app, "2001:db8:1:3::1") == 413
+    assert await _oversized_from(app, "192.0.2.7") == 413
+    # The IPv4-mapped form of an IPv4 sender is that sender.
+    for _ in range(2):
+        await _oversized_from(app, "192.0.2.7")
+    assert await _oversized_from(app, "::ffff:192.0.2.7") == 429
