@@ -192,6 +192,15 @@ class CapacityExceeded(FederationError):
 # --- trust ----------------------------------------------------------------------------------
 
 
+class KeyUnacceptable(EnvelopeError):
+    """A peer's key this instance never verifies with (RSA: e other than 65537, or a modulus
+    outside 2048-4096 bits; material that does not match its algorithm)."""
+
+    code = "key_unacceptable"
+    status = 422
+    title = "The key is not one this instance accepts"
+
+
 class KeyExpired(EnvelopeError):
     code = "key_expired"
     title = "Signing key is past its validity"

@@ -28,6 +28,7 @@ from federation.envelope import (
     check_timestamp,
     expiry,
     parse_envelope,
+    require_acceptable,
 )
 from federation.errors import (
     AgentIdConflict,
@@ -102,6 +103,18 @@ def public_keys(
             if key is not None:
                 keys[key_id] = key
     return keys
+
+
+def require_acceptable_keys(entries: list[Any]) -> None:
+    """KeyUnacceptable for a listed key this instance will not verify with (weak RSA, material
+    that is not of its algorithm). Entries of algorithms it does not know are left aside:
+    `lookup_key` never uses them."""
+    known = {a.value for a in Algorithm}
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("algorithm") in known:
+            require_acceptable(
+                str(entry.get("keyId")), str(entry["algorithm"]), str(entry.get("publicKey", ""))
+            )
 
 
 def key_of(
@@ -202,7 +215,9 @@ def verify_connection_request(
     url = request.url
     if url.query is not None or url.fragment is not None or url.username or url.password:
         raise InvalidPayload("payload.url must be the instance's base URL", fields=["url"])
-    key = key_of([k.model_dump() for k in request.keys], envelope)
+    sent = [k.model_dump() for k in request.keys]
+    require_acceptable_keys(sent)
+    key = key_of(sent, envelope)
     check_signature(envelope, key)
     return request
 
@@ -218,6 +233,7 @@ def check_card_matches(
         raise UnknownSender("the identity card at the sender's URL names another instance")
     if str(card.get("url") or "").rstrip("/") != str(request.url).rstrip("/"):
         raise UnknownSender("the identity card at the sender's URL names another URL")
+    require_acceptable_keys(card["keys"])
     sent = {k.keyId: k.publicKey.strip() for k in request.keys}
     key_id = raw.get("keyId")
     listed = [k for k in card.get("keys") or [] if isinstance(k, dict) and k.get("keyId") == key_id]

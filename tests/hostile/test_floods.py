@@ -14,7 +14,6 @@ import pytest
 from fastapi import FastAPI
 
 from api.limits import BodySizeLimit, RefusalLimiter
-
 from tests.conftest import Instance
 from tests.hostile.conftest import RogueFactory, connection_rows
 from tests.hostile.rogue import Rogue, RogueKey
