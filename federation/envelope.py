@@ -230,6 +230,31 @@ def generate_signing_key(algorithm: Algorithm = Algorithm.ED25519) -> SigningKey
     )
 
 
+ENDORSEMENT_PURPOSE = "fedagent/1 key endorsement"
+
+
+def endorsement_bytes(instance_id: str, key_id: str, algorithm: str, public_pem: str) -> bytes:
+    """What an endorsement signs: the RFC 8785 form of the new key as its card entry publishes
+    it (keyId, algorithm, publicKey exactly), the instance's id and ENDORSEMENT_PURPOSE."""
+    return canonical_bytes(
+        {
+            "purpose": ENDORSEMENT_PURPOSE,
+            "instanceId": instance_id,
+            "keyId": key_id,
+            "algorithm": algorithm,
+            "publicKey": public_pem,
+        }
+    )
+
+
+def endorse(signer: SigningKey, instance_id: str, new_key: PublicKey) -> dict[str, str]:
+    """The card entry's `endorsement` of `new_key` by the key it replaces."""
+    data = endorsement_bytes(
+        instance_id, new_key.key_id, new_key.algorithm.value, new_key.public_pem
+    )
+    return {"keyId": signer.key_id, "signature": b64url(signer.sign(data))}
+
+
 def sign_envelope(
     key: SigningKey,
     *,

@@ -201,6 +201,13 @@ class KeyUnacceptable(EnvelopeError):
     title = "The key is not one this instance accepts"
 
 
+class KeyNotEndorsed(EnvelopeError):
+    """A connected peer's card lists a new key that no key the connection trusts endorsed."""
+
+    code = "key_not_endorsed"
+    title = "The new key is not signed by a key this instance trusts"
+
+
 class KeyExpired(EnvelopeError):
     code = "key_expired"
     title = "Signing key is past its validity"

@@ -23,10 +23,13 @@ from federation.envelope import (
     Algorithm,
     Envelope,
     PublicKey,
+    b64url_decode,
     check_recipient,
     check_signature,
     check_timestamp,
+    endorsement_bytes,
     expiry,
+    key_problem,
     parse_envelope,
     require_acceptable,
 )
@@ -115,6 +118,85 @@ def require_acceptable_keys(entries: list[Any]) -> None:
             require_acceptable(
                 str(entry.get("keyId")), str(entry["algorithm"]), str(entry.get("publicKey", ""))
             )
+
+
+def continued_keys(
+    trusted: list[dict[str, Any]],
+    offered: list[Any],
+    instance_id: str,
+    now: datetime | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The keys of a connected peer's card the connection may store, and why each other one
+    is refused.
+
+    A key the connection trusts stays (its validity the earlier of the stored one and the
+    card's: a card shortens a key's life, never lengthens it). A new key needs an
+    `endorsement` that verifies with a trusted key valid now, or with a new key accepted so
+    (a chain of rotations): whoever takes over the peer's URL adds no key of its own."""
+    anchors = public_keys(trusted, now)
+    stored = {e["keyId"]: e for e in trusted if isinstance(e, dict) and "keyId" in e}
+    entries = [e for e in offered if isinstance(e, dict) and isinstance(e.get("keyId"), str)]
+    accepted: dict[str, dict[str, Any]] = {}
+    refused: dict[str, str] = {}
+    grown = True
+    while grown:
+        grown = False
+        for entry in entries:
+            key_id = entry["keyId"]
+            if key_id in accepted:
+                continue
+            reason = _why_not_continued(entry, stored.get(key_id), anchors, instance_id)
+            if reason is not None:
+                refused[key_id] = reason
+                continue
+            accepted[key_id] = _kept_entry(entry, stored.get(key_id))
+            refused.pop(key_id, None)
+            key, _ = lookup_key([accepted[key_id]], key_id, now)
+            if key is not None:
+                anchors[key_id] = key
+            grown = True
+    return [accepted[e["keyId"]] for e in entries if e["keyId"] in accepted], refused
+
+
+def _why_not_continued(
+    entry: dict[str, Any],
+    stored: dict[str, Any] | None,
+    anchors: dict[str, PublicKey],
+    instance_id: str,
+) -> str | None:
+    algorithm, pem = str(entry.get("algorithm")), str(entry.get("publicKey", ""))
+    problem = key_problem(algorithm, pem)
+    if problem is not None:
+        return problem
+    try:
+        _valid_until(entry)
+    except ValueError:
+        return "its validUntil is not an RFC 3339 time"
+    if stored is not None:
+        same = stored.get("algorithm") == algorithm and str(stored.get("publicKey")).strip() == (
+            pem.strip()
+        )
+        return None if same else "another key than the trusted one of this keyId"
+    endorsement = entry.get("endorsement")
+    signer = anchors.get(endorsement.get("keyId")) if isinstance(endorsement, dict) else None
+    if signer is None or not isinstance(endorsement, dict):
+        return "not endorsed by a key this connection trusts"
+    try:
+        signature = b64url_decode(str(endorsement.get("signature")))
+    except (ValueError, TypeError):
+        return "its endorsement is not base64url"
+    if not signer.verify(signature, endorsement_bytes(instance_id, entry["keyId"], algorithm, pem)):
+        return "its endorsement does not verify"
+    return None
+
+
+def _kept_entry(entry: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
+    if stored is None:
+        return dict(entry)
+    mine, theirs = _valid_until(stored), _valid_until(entry)
+    if mine is not None and (theirs is None or mine < theirs):
+        return {**entry, "validUntil": stored["validUntil"]}
+    return dict(entry)
 
 
 def key_of(

@@ -89,6 +89,19 @@ class RogueRsaKey(RogueKey):
         return bytes(self.private.sign(data, pss, hashes.SHA256()))
 
 
+def endorse(signer: RogueKey, instance_id: str, new: RogueKey) -> dict[str, str]:
+    """The card entry's `endorsement` of `new` by `signer`: a signature over the RFC 8785 form
+    of the new key's entry (keyId, algorithm, publicKey), the instance's id and the purpose."""
+    statement = {
+        "purpose": "fedagent/1 key endorsement",
+        "instanceId": instance_id,
+        "keyId": new.key_id,
+        "algorithm": new.algorithm,
+        "publicKey": new.public_pem,
+    }
+    return {"keyId": signer.key_id, "signature": b64url(signer.sign(rfc8785.dumps(statement)))}
+
+
 def huge_exponent() -> int:
     """A public exponent of 1024 bits: a prime, so coprime to a totient it does not divide."""
     return int(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers().p)
