@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from agents.errors import AgentSetupError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Lookup = Callable[[str, int], Awaitable[list[Any]]]
 
 
 class HostRefused(AgentSetupError):
@@ -73,8 +75,16 @@ class AddressRule:
     global unicast addresses, plus what `allowlist` names (host names, addresses, CIDRs);
     `allow_private` (environment=dev) lets anything but unspecified or multicast through."""
 
-    def __init__(self, allowlist: Sequence[str] = (), *, allow_private: bool = False) -> None:
+    def __init__(
+        self,
+        allowlist: Sequence[str] = (),
+        *,
+        allow_private: bool = False,
+        lookup: Lookup | None = None,
+    ) -> None:
         self.allow_private = allow_private
+        # Name lookups (getaddrinfo's answer); default: the event loop's resolver threads.
+        self.lookup = lookup
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.hosts: set[str] = set()
         for entry in allowlist:
@@ -116,13 +126,14 @@ class AddressRule:
             return [ipaddress.ip_address(host.strip("[]"))]
         except ValueError:
             pass
-        try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-                ),
-                timeout,
+        if self.lookup is not None:
+            query = self.lookup(host, port)
+        else:
+            query = asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
             )
+        try:
+            infos = await asyncio.wait_for(query, timeout)
         except (TimeoutError, UnicodeError) as exc:
             raise OSError(f"{host} does not resolve") from exc
         found = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]

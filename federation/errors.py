@@ -262,6 +262,24 @@ class TooManyPendingRequests(FederationError):
     title = "Too many connection requests are waiting for this instance's admin"
 
 
+class TooManyPendingFromSource(TooManyPendingRequests):
+    code = "too_many_pending_from_source"
+    title = "Too many connection requests from this address are waiting"
+
+
+class TooManyPendingForHost(TooManyPendingRequests):
+    code = "too_many_pending_for_host"
+    title = "Too many connection requests naming this host are waiting"
+
+
+class ConnectBusy(FederationError):
+    """As many strangers' cards are being read as this instance reads at once."""
+
+    code = "connect_busy"
+    status = 503
+    title = "Too many connection requests are being checked; try again later"
+
+
 class RateLimited(FederationError):
     code = "rate_limited"
     status = 429

@@ -126,13 +126,14 @@ async def test_audit_days_past_retention_are_dropped_and_recent_rows_stay_append
 async def test_strangers_cannot_fill_the_admins_list_with_connection_requests(
     edge: Instance, make_rogue: RogueFactory
 ) -> None:
-    # edge keeps at most 20 requests waiting; each stranger mints its own key, card and id.
+    # edge keeps at most 20 requests waiting; each stranger mints its own key, card and id, and
+    # asks from an address of its own with its card on a host of its own.
     waiting: list[str] = []
     try:
-        for _ in range(21):
-            rogue = await make_rogue()
+        for n in range(21):
+            rogue = await make_rogue(host=f"127.0.0.{200 + n}")
             request = rogue.connection_request(edge.id)
-            response = await rogue.post(edge.url, "connect", request)
+            response = await rogue.post(edge.url, "connect", request, source=f"127.0.0.{30 + n}")
             if response.status_code != 200:
                 break
             waiting.append(request["payload"]["connectionId"])
@@ -147,7 +148,9 @@ async def test_strangers_cannot_fill_the_admins_list_with_connection_requests(
         # Once the admin deals with one, a stranger may ask again.
         rejected = await edge.call("POST", f"/connections/{waiting.pop()}/reject")
         assert rejected.status_code == 200, rejected.text
-        again = await rogue.post(edge.url, "connect", rogue.connection_request(edge.id))
+        again = await rogue.post(
+            edge.url, "connect", rogue.connection_request(edge.id), source="127.0.0.60"
+        )
         assert again.status_code == 200, again.text
     finally:
         for row in await edge.fetch(
