@@ -88,27 +88,29 @@ async def _stored_key_ids(spoke: Instance, cid: str) -> list[str]:
     return [k["keyId"] for k in json.loads(rows[0]["remote_keys"])]
 
 
+TAKEOVERS = ("bare", "endorsed by a stranger's key", "endorsement forged for the trusted key")
+
+
+@pytest.mark.parametrize("takeover", TAKEOVERS)
 async def test_whoever_takes_over_a_peers_url_cannot_replace_its_keys(
-    spoke: Instance, rogue: Rogue
+    spoke: Instance, rogue: Rogue, takeover: str
 ) -> None:
     cid = await connected(rogue, spoke)
     trusted = rogue.key
     try:
         before = await _stored_key_ids(spoke, cid)
         usurper, stranger = RogueKey(), RogueKey()
-        # The URL now serves a card with the usurper's key: bare, then endorsed by a key the
-        # connection never trusted.
-        for entry in (
-            usurper.card_entry(),
-            {**usurper.card_entry(), "endorsement": endorse(stranger, rogue.instance_id, usurper)},
-        ):
-            rogue.card_overrides = {"keys": [entry, stranger.card_entry()]}
-            response = await _keys_changed(rogue, spoke, cid, usurper)
-            assert response.status_code == 401, response.text
-            assert response.json()["code"] == "key_not_endorsed"
-            assert await _stored_key_ids(spoke, cid) == before
+        entry = usurper.card_entry()
+        if takeover != "bare":
+            entry["endorsement"] = endorse(stranger, rogue.instance_id, usurper)
+        if takeover == "endorsement forged for the trusted key":
+            entry["endorsement"]["keyId"] = trusted.key_id
+        # The URL now serves a card with the usurper's key.
+        rogue.card_overrides = {"keys": [entry, stranger.card_entry()]}
+        response = await _keys_changed(rogue, spoke, cid, usurper)
+        assert response.status_code == 401, response.text
+        assert response.json()["code"] == "key_not_endorsed"
         # The usurper's key is refused for commands as well; the trusted key still works.
-        rogue.card_overrides = {"keys": [usurper.card_entry()]}
         status = rogue.envelope(
             "COMMAND",
             spoke.id,
