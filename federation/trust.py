@@ -178,8 +178,10 @@ def _why_not_continued(
         )
         return None if same else "another key than the trusted one of this keyId"
     endorsement = entry.get("endorsement")
-    signer = anchors.get(endorsement.get("keyId")) if isinstance(endorsement, dict) else None
-    if signer is None or not isinstance(endorsement, dict):
+    if not isinstance(endorsement, dict):
+        return "not endorsed by a key this connection trusts"
+    signer = anchors.get(str(endorsement.get("keyId")))
+    if signer is None:
         return "not endorsed by a key this connection trusts"
     try:
         signature = b64url_decode(str(endorsement.get("signature")))
