@@ -421,6 +421,7 @@ async def clone_in_sandbox(
             port,
             allowlist=clone.outbound_allowlist,
             allow_private=clone.allow_private_hosts,
+            scheme=parts.scheme,
         )
         if parts.scheme == "git":  # no name to keep for TLS: connect to the address checked
             address = f"[{addresses[0]}]" if ":" in addresses[0] else addresses[0]

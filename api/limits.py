@@ -7,14 +7,19 @@ is handed to the app unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import logging
 import time
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
+from federation.errors import ConnectBusy, RateLimited
 from federation.store import repos
 
 log = logging.getLogger(__name__)
@@ -149,11 +154,25 @@ class BodySizeLimit:
             log.warning("could not audit a refused body: %r", exc)
 
 
+def source_key(address: str) -> str:
+    """Who a limit counts a request against: its IPv4 address, or the /64 of its IPv6 address
+    (one subscriber gets a whole /64: counting single addresses would give it 2^64 budgets)."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
+
+
 class RefusalLimiter:
-    """A token bucket per source address for refused peer messages.
+    """A token bucket per source (`source_key`) for refused peer messages.
 
     Each refusal takes a token; past the burst a refusal is answered 429 `rate_limited` and
-    only counted (a metric), so unauthenticated senders cannot fill the audit log. Addresses
+    only counted (a metric), so unauthenticated senders cannot fill the audit log. Sources
     whose bucket is full again are forgotten, so the table stays as small as the abuse."""
 
     def __init__(self, burst: int, rate: float) -> None:
@@ -162,6 +181,7 @@ class RefusalLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def take(self, address: str) -> bool:
+        address = source_key(address)
         now = time.monotonic()
         tokens, at = self._buckets.get(address, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
@@ -177,3 +197,37 @@ class RefusalLimiter:
         for address, (tokens, at) in list(self._buckets.items()):
             if tokens + (now - at) * self.rate >= self.burst:
                 del self._buckets[address]
+
+
+class StrangerFetches:
+    """Card fetches that strangers' connection requests cause, bounded before any starts.
+
+    At most `total` at once, `per_source` for one sender (`source_key`) and `per_host` naming
+    one host; past a bound the request is refused at once (429 `rate_limited` for a sender or
+    a host, 503 `connect_busy` for all), so slow or silent URLs cannot queue up requests."""
+
+    def __init__(self, total: int, per_source: int, per_host: int) -> None:
+        self.total = total
+        self.per_source = per_source
+        self.per_host = per_host
+        self._sources: Counter[str] = Counter()
+        self._hosts: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def slot(self, source: str, host: str) -> Iterator[None]:
+        if self._sources[source] >= self.per_source:
+            raise RateLimited("this address already has connection requests being checked")
+        if self._hosts[host] >= self.per_host:
+            raise RateLimited("connection requests naming this host are already being checked")
+        if sum(self._sources.values()) >= self.total:
+            raise ConnectBusy("too many connection requests are being checked; try again later")
+        self._sources[source] += 1
+        self._hosts[host] += 1
+        try:
+            yield
+        finally:
+            self._sources[source] -= 1
+            self._hosts[host] -= 1
+            # Counter keeps zeros: drop them so the tables stay as small as the traffic.
+            self._sources += Counter()
+            self._hosts += Counter()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from api import console, problems
-from api.limits import BodySizeLimit, RefusalLimiter
+from api.limits import BodySizeLimit, RefusalLimiter, StrangerFetches
 from api.metrics import ObservabilityMiddleware
 from api.routes import (
     agents,
@@ -26,10 +26,11 @@ from api.routes import (
     tokens,
     transcript,
 )
+from api.routes.incoming import expire_pending_requests
 from api.spawner import SpawnStarter
 from federation import keystore
 from federation.identity import ensure_identity
-from federation.netpolicy import peer_client
+from federation.netpolicy import peer_client, stranger_client
 from federation.settings import Settings, get_settings
 from federation.store import audit_retention, notifications, repos
 from federation.store.db import create_pool, migrate
@@ -44,8 +45,9 @@ async def _expire_seen_messages(app: FastAPI, every: float) -> None:
         await asyncio.sleep(every)
         try:
             await repos.expire_message_ids(app.state.pool)
+            await expire_pending_requests(app.state.pool, app.state.settings)
         except Exception as exc:  # noqa: BLE001 - try again next round
-            log.warning("expiring seen message ids failed: %r", exc)
+            log.warning("expiring seen message ids or pending requests failed: %r", exc)
 
 
 async def _keep_audit_partitions(app: FastAPI, retention_days: int, every: float) -> None:
@@ -81,8 +83,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cipher=app.state.cipher,
         )
         app.state.temporal = await connect_temporal(settings)
-        # Every URL a peer named is fetched through the outbound address policy.
+        # Every URL a peer named is fetched through the outbound address policy; strangers'
+        # cards through a client of their own, so they cannot hold what peers' traffic needs.
         app.state.http = peer_client(settings, timeout=settings.peer_request_timeout)
+        app.state.stranger_http = stranger_client(settings)
         expiry = asyncio.create_task(_expire_seen_messages(app, settings.timestamp_window / 2))
         retention = asyncio.create_task(
             _keep_audit_partitions(app, settings.audit_retention_days, 3600.0)
@@ -107,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.transcripts.close()
             await app.state.agent_state_listener.close()
             await app.state.http.aclose()
+            await app.state.stranger_http.aclose()
             await app.state.key_pool.close()
             await app.state.pool.close()
 
@@ -116,6 +121,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.refusal_limiter = RefusalLimiter(settings.refusal_burst, settings.refusal_rate)
+    app.state.stranger_fetches = StrangerFetches(
+        settings.stranger_fetch_concurrency,
+        settings.stranger_fetches_per_source,
+        settings.stranger_fetches_per_host,
+    )
     problems.install(app)
     for module in (
         instance,

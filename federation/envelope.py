@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from federation import tracing
 from federation.errors import (
+    KeyUnacceptable,
     MalformedEnvelope,
     SignatureInvalid,
     TimestampOutOfWindow,
@@ -160,10 +161,53 @@ class SigningKey:
         return f"SigningKey(key_id={self.key_id!r}, algorithm={self.algorithm.value!r})"
 
 
+# RSA keys a peer may use: a verification costs about as much as the exponent has bits, so a
+# key with a huge exponent or modulus makes every message expensive to check.
+RSA_EXPONENT = 65537
+RSA_BITS = (2048, 4096)
+
+
+def key_problem(algorithm: str, public_pem: str) -> str | None:
+    """Why a published key is not one this instance verifies with (None: it is)."""
+    try:
+        bound = Algorithm(algorithm)
+        key = _load_any_public(public_pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return f"{algorithm} key {public_pem[:16]!r}... cannot be read"
+    if bound is Algorithm.ED25519:
+        return None if isinstance(key, ed25519.Ed25519PublicKey) else "not an Ed25519 key"
+    if not isinstance(key, rsa.RSAPublicKey):
+        return "not an RSA key"
+    numbers = key.public_numbers()
+    if numbers.e != RSA_EXPONENT:
+        return f"RSA keys must have the public exponent {RSA_EXPONENT}"
+    if not RSA_BITS[0] <= key.key_size <= RSA_BITS[1]:
+        return f"RSA keys must have {RSA_BITS[0]} to {RSA_BITS[1]} bit moduli, not {key.key_size}"
+    return None
+
+
+def require_acceptable(key_id: str, algorithm: str, public_pem: str) -> None:
+    """KeyUnacceptable unless `key_problem` finds nothing."""
+    problem = key_problem(algorithm, public_pem)
+    if problem is not None:
+        raise KeyUnacceptable(f"key {key_id[:128]!r} is refused: {problem}", keyId=key_id[:128])
+
+
 @lru_cache(maxsize=512)
-def _load_public(pem: str) -> Any:
+def _load_any_public(pem: str) -> Any:
     # Parsing a PEM (RSA above all) costs far more than a verification: keep the few we meet.
     return serialization.load_pem_public_key(pem.encode())
+
+
+@lru_cache(maxsize=512)
+def _load_public(pem: str) -> Any:
+    """A key to verify with; never an RSA key outside RSA_EXPONENT and RSA_BITS."""
+    key = _load_any_public(pem)
+    if isinstance(key, rsa.RSAPublicKey) and (
+        key.public_numbers().e != RSA_EXPONENT or not RSA_BITS[0] <= key.key_size <= RSA_BITS[1]
+    ):
+        raise ValueError("RSA key outside the accepted exponent and sizes")
+    return key
 
 
 def _pss() -> padding.PSS:
@@ -184,6 +228,31 @@ def generate_signing_key(algorithm: Algorithm = Algorithm.ED25519) -> SigningKey
     return SigningKey(
         key_id=f"k-{uuid.uuid4().hex[:16]}", algorithm=algorithm, private_pem=pem.decode()
     )
+
+
+ENDORSEMENT_PURPOSE = "fedagent/1 key endorsement"
+
+
+def endorsement_bytes(instance_id: str, key_id: str, algorithm: str, public_pem: str) -> bytes:
+    """What an endorsement signs: the RFC 8785 form of the new key as its card entry publishes
+    it (keyId, algorithm, publicKey exactly), the instance's id and ENDORSEMENT_PURPOSE."""
+    return canonical_bytes(
+        {
+            "purpose": ENDORSEMENT_PURPOSE,
+            "instanceId": instance_id,
+            "keyId": key_id,
+            "algorithm": algorithm,
+            "publicKey": public_pem,
+        }
+    )
+
+
+def endorse(signer: SigningKey, instance_id: str, new_key: PublicKey) -> dict[str, str]:
+    """The card entry's `endorsement` of `new_key` by the key it replaces."""
+    data = endorsement_bytes(
+        instance_id, new_key.key_id, new_key.algorithm.value, new_key.public_pem
+    )
+    return {"keyId": signer.key_id, "signature": b64url(signer.sign(data))}
 
 
 def sign_envelope(

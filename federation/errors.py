@@ -192,6 +192,22 @@ class CapacityExceeded(FederationError):
 # --- trust ----------------------------------------------------------------------------------
 
 
+class KeyUnacceptable(EnvelopeError):
+    """A peer's key this instance never verifies with (RSA: e other than 65537, or a modulus
+    outside 2048-4096 bits; material that does not match its algorithm)."""
+
+    code = "key_unacceptable"
+    status = 422
+    title = "The key is not one this instance accepts"
+
+
+class KeyNotEndorsed(EnvelopeError):
+    """A connected peer's card lists a new key that no key the connection trusts endorsed."""
+
+    code = "key_not_endorsed"
+    title = "The new key is not signed by a key this instance trusts"
+
+
 class KeyExpired(EnvelopeError):
     code = "key_expired"
     title = "Signing key is past its validity"
@@ -244,6 +260,24 @@ class TooManyPendingRequests(FederationError):
     code = "too_many_pending_requests"
     status = 429
     title = "Too many connection requests are waiting for this instance's admin"
+
+
+class TooManyPendingFromSource(TooManyPendingRequests):
+    code = "too_many_pending_from_source"
+    title = "Too many connection requests from this address are waiting"
+
+
+class TooManyPendingForHost(TooManyPendingRequests):
+    code = "too_many_pending_for_host"
+    title = "Too many connection requests naming this host are waiting"
+
+
+class ConnectBusy(FederationError):
+    """As many strangers' cards are being read as this instance reads at once."""
+
+    code = "connect_busy"
+    status = 503
+    title = "Too many connection requests are being checked; try again later"
 
 
 class RateLimited(FederationError):

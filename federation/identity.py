@@ -21,6 +21,7 @@ from federation.envelope import (
     Algorithm,
     PublicKey,
     SigningKey,
+    endorse,
     format_timestamp,
     generate_signing_key,
 )
@@ -47,6 +48,9 @@ class KeyRecord:
     created_at: datetime
     retired_at: datetime | None
     valid_until: datetime | None
+    # {"keyId", "signature"}: the key this one replaced signed it (federation.envelope.endorse),
+    # so that peers which trust the old key accept this one. None for a first key.
+    endorsement: dict[str, str] | None = None
 
     @property
     def signs(self) -> bool:
@@ -56,7 +60,7 @@ class KeyRecord:
         return PublicKey(self.key_id, self.algorithm, self.public_pem)
 
     def card_entry(self) -> dict[str, Any]:
-        return {
+        entry: dict[str, Any] = {
             "keyId": self.key_id,
             "algorithm": self.algorithm.value,
             "publicKey": self.public_pem,
@@ -64,6 +68,9 @@ class KeyRecord:
             "validFrom": format_timestamp(self.created_at),
             "validUntil": format_timestamp(self.valid_until) if self.valid_until else None,
         }
+        if self.endorsement is not None:
+            entry["endorsement"] = dict(self.endorsement)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -121,18 +128,41 @@ def effective_capabilities(stored: dict[str, Any] | None) -> dict[str, Any]:
 
 
 async def _insert_key(
-    conn: asyncpg.Connection, cipher: KeyCipher, algorithm: Algorithm = Algorithm.ED25519
-) -> SigningKey:
+    conn: asyncpg.Connection,
+    cipher: KeyCipher,
+    algorithm: Algorithm = Algorithm.ED25519,
+    endorsed_by: SigningKey | None = None,
+) -> tuple[SigningKey, dict[str, str] | None]:
     key = generate_signing_key(algorithm)
+    endorsement = None
+    if endorsed_by is not None:
+        instance_id = await conn.fetchval("SELECT instance_id FROM instance")
+        endorsement = endorse(endorsed_by, instance_id, key.public())
     await conn.execute(
-        "INSERT INTO instance_keys (key_id, algorithm, public_pem, private_sealed)"
-        " VALUES ($1, $2, $3, $4)",
+        "INSERT INTO instance_keys (key_id, algorithm, public_pem, private_sealed, endorsement)"
+        " VALUES ($1, $2, $3, $4, $5)",
         key.key_id,
         key.algorithm.value,
         key.public().public_pem,
         cipher.seal(key.private_pem.encode(), key_id=key.key_id),
+        endorsement,
     )
-    return key
+    return key, endorsement
+
+
+async def _current_signing_key(conn: asyncpg.Connection, cipher: KeyCipher) -> SigningKey | None:
+    """The key that signs now, opened (None if there is none, or its private half is gone)."""
+    row = await conn.fetchrow(
+        "SELECT key_id, algorithm, private_pem, private_sealed FROM instance_keys"
+        " WHERE retired_at IS NULL ORDER BY created_at DESC, key_id DESC LIMIT 1"
+    )
+    if row is None or (row["private_sealed"] is None and row["private_pem"] is None):
+        return None
+    if row["private_sealed"] is not None:
+        pem = cipher.open(row["private_sealed"], key_id=row["key_id"]).decode()
+    else:
+        pem = row["private_pem"]
+    return SigningKey(row["key_id"], Algorithm(row["algorithm"]), pem)
 
 
 async def _seal_plaintext_keys(conn: asyncpg.Connection, cipher: KeyCipher) -> int:
@@ -184,7 +214,7 @@ async def ensure_identity(
                 "SELECT count(*) FROM instance_keys WHERE retired_at IS NULL"
             )
             if not signing:
-                await _insert_key(conn, cipher)
+                await _insert_key(conn, cipher)  # a first key: trusted as the card shows it
     return await load_identity(pool, cipher)
 
 
@@ -199,7 +229,7 @@ async def load_identity(
         raise RuntimeError("instance identity is missing: run migrations and ensure_identity first")
     rows = await db.fetch(
         "SELECT key_id, algorithm, public_pem, private_pem, private_sealed, created_at,"
-        " retired_at, valid_until FROM instance_keys"
+        " retired_at, valid_until, endorsement FROM instance_keys"
         " WHERE valid_until IS NULL OR valid_until > now() ORDER BY created_at, key_id"
     )
     keys = tuple(
@@ -210,6 +240,7 @@ async def load_identity(
             created_at=r["created_at"],
             retired_at=r["retired_at"],
             valid_until=r["valid_until"],
+            endorsement=r["endorsement"],
         )
         for r in rows
     )
@@ -248,10 +279,13 @@ async def rotate_key(
 ) -> Rotation:
     """A new key signs from now on; the old ones verify until now + grace, then never again.
 
-    The old keys' private halves are erased now: a retired key never signs again.
+    The key that signed until now endorses the new one (peers accept a key change only when a
+    key they trust signed it); then the old keys' private halves are erased: a retired key
+    never signs again.
     """
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("LOCK TABLE instance IN EXCLUSIVE MODE")
+        previous = await _current_signing_key(conn, cipher)
         now = datetime.now(UTC)
         until = now + timedelta(seconds=grace_seconds)
         # Whole milliseconds: the card publishes validity at that precision.
@@ -263,12 +297,14 @@ async def rotate_key(
             now,
             until,
         )
-        key = await _insert_key(conn, cipher, algorithm)
+        key, endorsement = await _insert_key(conn, cipher, algorithm, endorsed_by=previous)
         created = await conn.fetchval(
             "SELECT created_at FROM instance_keys WHERE key_id = $1", key.key_id
         )
     return Rotation(
-        new_key=KeyRecord(key.key_id, key.algorithm, key.public().public_pem, created, None, None),
+        new_key=KeyRecord(
+            key.key_id, key.algorithm, key.public().public_pem, created, None, None, endorsement
+        ),
         retired=tuple((r["key_id"], r["valid_until"]) for r in retired),
     )
 

@@ -178,6 +178,13 @@ def _canonical_uuid(value: Any) -> Any:
 CanonicalUUID = Annotated[uuid.UUID, BeforeValidator(_canonical_uuid)]
 
 
+class KeyEndorsement(Strict):
+    """The key a new key replaced (`keyId`) signed it: see federation.envelope.endorse."""
+
+    keyId: str = Field(min_length=1, max_length=128)
+    signature: str = Field(min_length=1, max_length=1024)
+
+
 class PeerKey(Strict):
     keyId: str = Field(min_length=1, max_length=128)
     algorithm: KeyAlgorithm
@@ -185,6 +192,7 @@ class PeerKey(Strict):
     validFrom: str | None = Field(default=None, max_length=64)
     validUntil: str | None = Field(default=None, max_length=64)
     status: str | None = Field(default=None, max_length=32)
+    endorsement: KeyEndorsement | None = None
 
 
 class ConnectRequestPayload(Strict):

@@ -12,13 +12,17 @@ such fetch goes through one policy:
 - no redirects, one total deadline, and bodies read with a cap.
 
 `peer_client(settings)` is the httpx client that enforces it at connect time;
+`stranger_client(settings)` is one of its own, small and quick to give up, for the cards of
+strangers (connection requests), so they can never hold what peers' traffic needs;
 `check_host(host, port, settings)` is the same check for other tools (git clone).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import socket
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +30,7 @@ import httpcore
 import httpx
 
 from agents.addresses import AddressRule
-from federation.errors import FederationError, PeerResponseInvalid, PeerUnreachable
+from federation.errors import ConnectBusy, FederationError, PeerResponseInvalid, PeerUnreachable
 from federation.settings import Settings
 
 CARD_MAX_BYTES = 64 * 1024
@@ -42,13 +46,24 @@ class AddressPolicy(AddressRule):
     """The address rule of agents/addresses.py (the same for clones) with this instance's
     settings, and what fetching a peer's URL adds: http(s) only, https outside dev."""
 
-    def __init__(self, *, dev: bool, allowlist: Iterable[str] = ()) -> None:
-        super().__init__(tuple(allowlist), allow_private=dev)
+    def __init__(
+        self, *, dev: bool, allowlist: Iterable[str] = (), resolver: BoundedResolver | None = None
+    ) -> None:
+        super().__init__(
+            tuple(allowlist), allow_private=dev, lookup=resolver.lookup if resolver else None
+        )
         self.dev = dev
+        self.resolver = resolver
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> AddressPolicy:
-        return cls(dev=settings.environment == "dev", allowlist=settings.outbound_allowlist)
+    def from_settings(
+        cls, settings: Settings, resolver: BoundedResolver | None = None
+    ) -> AddressPolicy:
+        return cls(
+            dev=settings.environment == "dev",
+            allowlist=settings.outbound_allowlist,
+            resolver=resolver,
+        )
 
     def check_url(self, url: str) -> tuple[str, int]:
         """(host, port) of a URL a peer named, or AddressNotAllowed."""
@@ -77,6 +92,39 @@ class AddressPolicy(AddressRule):
                 " FEDAGENT_OUTBOUND_ALLOWLIST can allow it"
             )
         return allowed
+
+
+class BoundedResolver:
+    """Name lookups in threads of their own, at most `threads` at once.
+
+    A lookup whose caller gave up keeps its thread until the DNS answers, so it is counted
+    until then; past the bound a lookup is refused at once (503 `connect_busy`) instead of
+    queueing, and the process's own resolver threads are never used."""
+
+    def __init__(
+        self, threads: int, getaddrinfo: Callable[..., list[Any]] = socket.getaddrinfo
+    ) -> None:
+        self.threads = threads
+        self.busy = 0
+        self._getaddrinfo = getaddrinfo
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dns")
+
+    async def lookup(self, host: str, port: int) -> list[Any]:
+        if self.busy >= self.threads:
+            raise ConnectBusy("too many name lookups for connection requests are under way")
+        self.busy += 1
+        loop = asyncio.get_running_loop()
+        future = self._executor.submit(
+            self._getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
+        return await asyncio.wrap_future(future)
+
+    def _done(self) -> None:
+        self.busy -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def check_host(host: str, port: int, settings: Settings) -> list[str]:
@@ -115,9 +163,18 @@ class _PolicyBackend(httpcore.AsyncNetworkBackend):
         await self.inner.sleep(seconds)
 
 
+def _our_refusal(exc: BaseException) -> FederationError | None:
+    """A refusal of the policy (address, busy resolver) that httpcore wrapped, if it was one."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, (AddressNotAllowed, ConnectBusy)):
+        cause = cause.__context__
+    return cause if isinstance(cause, FederationError) else None
+
+
 class PolicyTransport(httpx.AsyncHTTPTransport):
-    def __init__(self, policy: AddressPolicy, **kwargs: Any) -> None:
+    def __init__(self, policy: AddressPolicy, *, stranger: bool = False, **kwargs: Any) -> None:
         super().__init__(trust_env=False, **kwargs)  # no proxy from the environment
+        self.stranger = stranger
         pool: Any = self._pool
         pool._network_backend = _PolicyBackend(policy, pool._network_backend)
 
@@ -127,12 +184,20 @@ class PolicyTransport(httpx.AsyncHTTPTransport):
         try:
             return await super().handle_async_request(request)
         except httpx.ConnectError as exc:
-            cause = exc.__context__
-            while cause is not None and not isinstance(cause, AddressNotAllowed):
-                cause = cause.__context__
-            if isinstance(cause, AddressNotAllowed):
+            cause = _our_refusal(exc)
+            if cause is not None:
                 raise cause from None
             raise
+        except httpx.PoolTimeout as exc:
+            if self.stranger:
+                raise ConnectBusy("too many strangers' cards are being read") from exc
+            raise
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        policy: AddressPolicy = self._pool._network_backend.policy  # type: ignore[attr-defined]
+        if policy.resolver is not None:
+            policy.resolver.close()
 
     def _policy_check(self, request: httpx.Request) -> None:
         policy: AddressPolicy = self._pool._network_backend.policy  # type: ignore[attr-defined]
@@ -143,6 +208,26 @@ def peer_client(settings: Settings, **kwargs: Any) -> httpx.AsyncClient:
     """The httpx client for peers: policy at connect time, no redirects, no env proxies."""
     transport = PolicyTransport(AddressPolicy.from_settings(settings))
     return httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False, **kwargs)
+
+
+def stranger_client(settings: Settings) -> httpx.AsyncClient:
+    """The client for strangers' cards: the same policy, its own few connections (none kept
+    open), its own resolver threads, and a short wait for a free connection (503
+    `connect_busy` past it)."""
+    resolver = BoundedResolver(settings.stranger_dns_threads)
+    transport = PolicyTransport(
+        AddressPolicy.from_settings(settings, resolver),
+        stranger=True,
+        limits=httpx.Limits(
+            max_connections=settings.stranger_fetch_concurrency, max_keepalive_connections=0
+        ),
+    )
+    return httpx.AsyncClient(
+        transport=transport,
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(settings.stranger_fetch_timeout, pool=1.0),
+    )
 
 
 async def request_bounded(
@@ -172,12 +257,10 @@ async def request_bounded(
                 return response.status_code, bytes(body)
     except TimeoutError as exc:
         raise PeerUnreachable(f"timeout: no complete answer within {deadline:g} s") from exc
-    except AddressNotAllowed:
+    except (AddressNotAllowed, ConnectBusy):
         raise
     except httpx.HTTPError as exc:
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, AddressNotAllowed):
-            cause = cause.__context__
-        if isinstance(cause, AddressNotAllowed):
+        cause = _our_refusal(exc)
+        if cause is not None:
             raise cause from None
         raise PeerUnreachable(f"could not reach the peer: {exc.__class__.__name__}") from exc

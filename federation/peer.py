@@ -13,17 +13,20 @@ import asyncpg
 import httpx
 
 from federation.envelope import (
+    Algorithm,
     Envelope,
     MessageType,
     check_recipient,
     check_signature,
     check_timestamp,
     parse_envelope,
+    require_acceptable,
     sign_envelope,
 )
 from federation.errors import (
     EnvelopeError,
     FederationError,
+    KeyNotEndorsed,
     PeerRefused,
     PeerResponseInvalid,
     PeerUnreachable,
@@ -31,7 +34,7 @@ from federation.errors import (
 from federation.identity import Identity
 from federation.netpolicy import CARD_MAX_BYTES, request_bounded
 from federation.store import repos
-from federation.trust import lookup_key, public_keys
+from federation.trust import continued_keys, lookup_key, public_keys
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +136,8 @@ async def send_signed(
     if isinstance(key_id, str) and lookup_key(recipient_keys, key_id) == (None, False):
         fresh = await (refresh_keys() if refresh_keys else _card_keys(http, url, recipient_id))
         if fresh is not None:
-            recipient_keys = fresh
+            # Only keys that continue the trusted ones: the URL may have changed hands.
+            recipient_keys, _ = continued_keys(recipient_keys, fresh, recipient_id)
     reply = verify_response(
         body, identity, envelope, recipient_keys=recipient_keys, window_seconds=window_seconds
     )
@@ -164,8 +168,12 @@ _last_fetch: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
 class CardKeyRefresher:
     """Reads a connected peer's keys from its identity card, at most once per interval.
 
-    Nothing is written before the message that asked for it verifies with a key the card lists:
-    then the card's keys replace the stored ones (a key the card no longer lists is dropped
+    Only keys that continue the trusted ones count (`trust.continued_keys`: a new key must be
+    endorsed by a key the connection trusts), so whoever takes over the peer's URL cannot
+    replace its keys: a message signed with a key the card lists unendorsed is refused
+    `key_not_endorsed`, one with a key this instance never verifies with `key_unacceptable`.
+    Nothing is written before the message that asked for it verifies with an accepted key:
+    then the accepted keys replace the stored ones (a key the card no longer lists is dropped
     too), committed at once and recorded in the audit log. The card is fetched with no database
     connection held; `pool` is the API's small pool of its own for these writes.
     """
@@ -199,6 +207,7 @@ class CardKeyRefresher:
                 _last_fetch[peer] = (time.monotonic(), keys)
             if keys is None:
                 return None
+            keys = _continuing(stored_now or connection["remote_keys"], keys, envelope, peer)
             key, _ = lookup_key(keys, envelope.keyId)
             if key is None:
                 return None
@@ -225,6 +234,25 @@ class CardKeyRefresher:
                     removed=sorted(str(k) for k in before - after),
                 )
             return keys
+
+
+def _continuing(
+    trusted: list[dict[str, Any]], card: list[dict[str, Any]], envelope: Envelope, peer: str
+) -> list[dict[str, Any]]:
+    """The card's keys a connection trusting `trusted` may store; refuses the message at once
+    when the card lists its key but that key may not be used."""
+    listed = [k for k in card if isinstance(k, dict) and k.get("keyId") == envelope.keyId]
+    if listed and listed[0].get("algorithm") in {a.value for a in Algorithm}:
+        require_acceptable(
+            envelope.keyId, str(listed[0]["algorithm"]), str(listed[0].get("publicKey", ""))
+        )
+    accepted, refused = continued_keys(trusted, card, peer)
+    if envelope.keyId in refused:
+        raise KeyNotEndorsed(
+            f"key {envelope.keyId!r} of {peer!r} is refused: {refused[envelope.keyId]}; a new"
+            " key must be endorsed by one this instance trusts (or the peers connect anew)"
+        )
+    return accepted
 
 
 def verify_response(

@@ -23,11 +23,15 @@ from federation.envelope import (
     Algorithm,
     Envelope,
     PublicKey,
+    b64url_decode,
     check_recipient,
     check_signature,
     check_timestamp,
+    endorsement_bytes,
     expiry,
+    key_problem,
     parse_envelope,
+    require_acceptable,
 )
 from federation.errors import (
     AgentIdConflict,
@@ -102,6 +106,99 @@ def public_keys(
             if key is not None:
                 keys[key_id] = key
     return keys
+
+
+def require_acceptable_keys(entries: list[Any]) -> None:
+    """KeyUnacceptable for a listed key this instance will not verify with (weak RSA, material
+    that is not of its algorithm). Entries of algorithms it does not know are left aside:
+    `lookup_key` never uses them."""
+    known = {a.value for a in Algorithm}
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("algorithm") in known:
+            require_acceptable(
+                str(entry.get("keyId")), str(entry["algorithm"]), str(entry.get("publicKey", ""))
+            )
+
+
+def continued_keys(
+    trusted: list[dict[str, Any]],
+    offered: list[Any],
+    instance_id: str,
+    now: datetime | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The keys of a connected peer's card the connection may store, and why each other one
+    is refused.
+
+    A key the connection trusts stays (its validity the earlier of the stored one and the
+    card's: a card shortens a key's life, never lengthens it). A new key needs an
+    `endorsement` that verifies with a trusted key valid now, or with a new key accepted so
+    (a chain of rotations): whoever takes over the peer's URL adds no key of its own."""
+    anchors = public_keys(trusted, now)
+    stored = {e["keyId"]: e for e in trusted if isinstance(e, dict) and "keyId" in e}
+    entries = [e for e in offered if isinstance(e, dict) and isinstance(e.get("keyId"), str)]
+    accepted: dict[str, dict[str, Any]] = {}
+    refused: dict[str, str] = {}
+    grown = True
+    while grown:
+        grown = False
+        for entry in entries:
+            key_id = entry["keyId"]
+            if key_id in accepted:
+                continue
+            reason = _why_not_continued(entry, stored.get(key_id), anchors, instance_id)
+            if reason is not None:
+                refused[key_id] = reason
+                continue
+            accepted[key_id] = _kept_entry(entry, stored.get(key_id))
+            refused.pop(key_id, None)
+            key, _ = lookup_key([accepted[key_id]], key_id, now)
+            if key is not None:
+                anchors[key_id] = key
+            grown = True
+    return [accepted[e["keyId"]] for e in entries if e["keyId"] in accepted], refused
+
+
+def _why_not_continued(
+    entry: dict[str, Any],
+    stored: dict[str, Any] | None,
+    anchors: dict[str, PublicKey],
+    instance_id: str,
+) -> str | None:
+    algorithm, pem = str(entry.get("algorithm")), str(entry.get("publicKey", ""))
+    problem = key_problem(algorithm, pem)
+    if problem is not None:
+        return problem
+    try:
+        _valid_until(entry)
+    except ValueError:
+        return "its validUntil is not an RFC 3339 time"
+    if stored is not None:
+        same = stored.get("algorithm") == algorithm and str(stored.get("publicKey")).strip() == (
+            pem.strip()
+        )
+        return None if same else "another key than the trusted one of this keyId"
+    endorsement = entry.get("endorsement")
+    if not isinstance(endorsement, dict):
+        return "not endorsed by a key this connection trusts"
+    signer = anchors.get(str(endorsement.get("keyId")))
+    if signer is None:
+        return "not endorsed by a key this connection trusts"
+    try:
+        signature = b64url_decode(str(endorsement.get("signature")))
+    except (ValueError, TypeError):
+        return "its endorsement is not base64url"
+    if not signer.verify(signature, endorsement_bytes(instance_id, entry["keyId"], algorithm, pem)):
+        return "its endorsement does not verify"
+    return None
+
+
+def _kept_entry(entry: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
+    if stored is None:
+        return dict(entry)
+    mine, theirs = _valid_until(stored), _valid_until(entry)
+    if mine is not None and (theirs is None or mine < theirs):
+        return {**entry, "validUntil": stored["validUntil"]}
+    return dict(entry)
 
 
 def key_of(
@@ -202,7 +299,9 @@ def verify_connection_request(
     url = request.url
     if url.query is not None or url.fragment is not None or url.username or url.password:
         raise InvalidPayload("payload.url must be the instance's base URL", fields=["url"])
-    key = key_of([k.model_dump() for k in request.keys], envelope)
+    sent = [k.model_dump() for k in request.keys]
+    require_acceptable_keys(sent)
+    key = key_of(sent, envelope)
     check_signature(envelope, key)
     return request
 
@@ -218,6 +317,7 @@ def check_card_matches(
         raise UnknownSender("the identity card at the sender's URL names another instance")
     if str(card.get("url") or "").rstrip("/") != str(request.url).rstrip("/"):
         raise UnknownSender("the identity card at the sender's URL names another URL")
+    require_acceptable_keys(card["keys"])
     sent = {k.keyId: k.publicKey.strip() for k in request.keys}
     key_id = raw.get("keyId")
     listed = [k for k in card.get("keys") or [] if isinstance(k, dict) and k.get("keyId") == key_id]

@@ -25,7 +25,7 @@ from federation.peer import fetch_card, send_signed
 from federation.settings import Settings
 from federation.store import repos
 from federation.store.first_hour import spawnable_connections
-from federation.trust import SAFE_INSTANCE_ID
+from federation.trust import SAFE_INSTANCE_ID, require_acceptable_keys
 from federation.users import User
 from operations import Services
 from operations.hosted import stop_run
@@ -134,6 +134,7 @@ async def create(
         raise InvalidRequest("the peer's identity card has no valid instanceId")
     if card["instanceId"] == identity.instance_id:
         raise InvalidRequest("remoteUrl is this instance itself")
+    require_acceptable_keys(card["keys"])
     existing = await repos.connection_for_peer(pool, card["instanceId"])
     if existing is not None and existing["status"] != "DISCONNECTED":
         raise ConnectionStateConflict(

@@ -27,12 +27,16 @@ INSTANCES = ["hub", "spoke", "edge", "far"]
 FAR_ENV = {"FEDAGENT_MAX_RUNNING_AGENTS": "1", "FEDAGENT_MAX_CONCURRENT_AGENTS": "1"}
 # `edge` keeps small per-peer defaults (hostile tests of fairness) and the default refusal
 # limit (the other instances get many refusals from 127.0.0.1 in a whole run of the suite), and
-# a small cap of connection requests waiting for its admin.
+# a small cap of connection requests waiting for its admin, in all, per sending address and
+# per named host; strangers' cards may be served from 127.0.0.128/25 as well (one host each).
 EDGE_ENV = {
     "FEDAGENT_PEER_MAX_RUNNING_AGENTS": "1",
     "FEDAGENT_PEER_MAX_QUEUED_AGENTS": "1",
     "FEDAGENT_REFUSAL_BURST": "60",
     "FEDAGENT_MAX_PENDING_REQUESTS": "20",
+    "FEDAGENT_MAX_PENDING_PER_SOURCE": "3",
+    "FEDAGENT_MAX_PENDING_PER_HOST": "3",
+    "FEDAGENT_OUTBOUND_ALLOWLIST": "127.0.0.1,127.0.0.128/25",
 }
 
 
@@ -125,6 +129,9 @@ async def stack(
             "FEDAGENT_REFUSAL_BURST": "100000",
             # Local repositories the tests make (e.g. one with a submodule) may be cloned.
             "FEDAGENT_AGENT_REPO_ROOTS": str(data_dir / "repos"),
+            # Every test peer asks from and is served on 127.0.0.1: only edge keeps the caps.
+            "FEDAGENT_MAX_PENDING_PER_SOURCE": "1000",
+            "FEDAGENT_MAX_PENDING_PER_HOST": "1000",
         },
         instance_env={"far": FAR_ENV, "edge": EDGE_ENV},
         public_urls={"far": far_proxy.url},

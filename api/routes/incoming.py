@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +25,8 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from api import metrics
-from api.deps import HttpDep, IdentityDep, KeyRefresherDep, PoolDep, SettingsDep, TemporalDep
+from api.deps import IdentityDep, KeyRefresherDep, PoolDep, SettingsDep, TemporalDep
+from api.limits import source_key
 from federation import tracing
 from federation.connections import apply_peer_change
 from federation.envelope import Envelope, MessageType, format_timestamp, sign_envelope
@@ -37,6 +39,8 @@ from federation.errors import (
     InvalidPayload,
     MalformedEnvelope,
     RateLimited,
+    TooManyPendingForHost,
+    TooManyPendingFromSource,
     TooManyPendingRequests,
     UnsupportedCommand,
 )
@@ -46,6 +50,7 @@ from federation.models import (
     AgentEventPayload,
     AgentRefPayload,
     ConnectChangePayload,
+    ConnectRequestPayload,
     SpawnPayload,
     TranscriptEventPayload,
     TranscriptPullPayload,
@@ -167,7 +172,6 @@ def _event_payload(row: dict[str, Any]) -> dict[str, Any]:
 async def incoming_connect(
     request: Request,
     pool: PoolDep,
-    http: HttpDep,
     identity: IdentityDep,
     settings: SettingsDep,
     refresher: KeyRefresherDep,
@@ -175,16 +179,105 @@ async def incoming_connect(
 ) -> dict[str, Any]:
     body = await _body(request)
     try:
-        return await _connect(body, pool, http, identity, settings, refresher, temporal)
+        return await _connect(request, body, pool, identity, settings, refresher, temporal)
     except FederationError as err:
         await _refused(request, body, err, "connect")
         raise
 
 
+@dataclass(frozen=True)
+class StrangerRequest:
+    """A stranger's verified connection.request, the card read from its URL, and where the
+    request came from (`source_key` of the sender) and which host it named."""
+
+    payload: ConnectRequestPayload
+    card: dict[str, Any]
+    source: str
+    host: str
+
+
+async def expire_pending_requests(db: Any, settings: Settings) -> None:
+    """End the connection requests nobody answered within FEDAGENT_PENDING_REQUEST_TTL."""
+    for row in await pending.expire(db, settings.pending_request_ttl):
+        await repos.audit(
+            db,
+            actor="instance",
+            action="connection.request_expired",
+            connectionId=str(row["connection_id"]),
+            peer=row["remote_instance_id"],
+        )
+
+
+async def _check_waiting(db: Any, settings: Settings, source: str, host: str) -> None:
+    """Anyone can mint a key and a card: without caps, strangers fill the admin's list."""
+    now = await pending.waiting(db, source=source, host=host)
+    if now.total >= settings.max_pending_requests:
+        raise TooManyPendingRequests(
+            f"{now.total} connection requests already wait for this instance's admin;"
+            " try again later"
+        )
+    if now.from_source >= settings.max_pending_per_source:
+        raise TooManyPendingFromSource(
+            f"{now.from_source} connection requests from this address already wait"
+        )
+    if now.for_host >= settings.max_pending_per_host:
+        raise TooManyPendingForHost(
+            f"{now.for_host} connection requests naming this host already wait"
+        )
+
+
+async def _stranger_request(
+    request: Request, body: Any, identity: Identity, settings: Settings
+) -> StrangerRequest:
+    """Its signature is checked with the keys it sent and the caps of waiting requests and
+    fetches before anything is fetched; then the card at its own URL (read through the
+    strangers' own client) must list the same key and the same URL."""
+    payload = verify_connection_request(
+        body, instance_id=identity.instance_id, window_seconds=settings.timestamp_window
+    )
+    source = source_key(request.client.host if request.client else "unknown")
+    host = (payload.url.host or "").lower().rstrip(".")
+    state = request.app.state
+    await expire_pending_requests(state.pool, settings)
+    await _check_waiting(state.pool, settings, source, host)
+    with state.stranger_fetches.slot(source, host):
+        card = await fetch_card(
+            state.stranger_http, str(payload.url), timeout=settings.stranger_fetch_timeout
+        )
+    check_card_matches(card, body, payload)
+    return StrangerRequest(payload, card, source, host)
+
+
+async def _insert_request(
+    conn: asyncpg.Connection, settings: Settings, stranger: StrangerRequest, sender: str
+) -> dict[str, Any]:
+    existing = await repos.connection_for_peer(conn, sender)
+    if existing is not None and existing["status"] != "DISCONNECTED":
+        raise ConnectionStateConflict(
+            f"a connection with this peer is already {existing['status']}"
+        )
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('fedagent:pending'))")
+    await _check_waiting(conn, settings, stranger.source, stranger.host)
+    card, payload = stranger.card, stranger.payload
+    row = await repos.insert_connection(
+        conn,
+        connection_id=payload.connectionId,
+        remote_instance_id=card["instanceId"],
+        remote_name=str(card.get("name") or payload.name),
+        remote_url=str(card.get("url") or payload.url),
+        remote_keys=card["keys"],
+        direction="inbound",
+    )
+    await pending.remember_origin(
+        conn, payload.connectionId, source=stranger.source, host=stranger.host
+    )
+    return row
+
+
 async def _connect(
+    request: Request,
     body: Any,
     pool: asyncpg.Pool,
-    http: Any,
     identity: Identity,
     settings: Settings,
     refresher: CardKeyRefresher,
@@ -192,21 +285,9 @@ async def _connect(
 ) -> dict[str, Any]:
     window = settings.timestamp_window
     is_request = isinstance(body, dict) and body.get("commandType") == "connection.request"
-    card: dict[str, Any] | None = None
+    stranger: StrangerRequest | None = None
     if is_request:
-        # A stranger: its signature is checked with the keys it sent before anything is
-        # fetched; then the card at its own URL must list the same key and the same URL.
-        request_payload = verify_connection_request(
-            body, instance_id=identity.instance_id, window_seconds=window
-        )
-        if await pending.count_pending_inbound(pool) >= settings.max_pending_requests:
-            raise TooManyPendingRequests(
-                "too many connection requests wait for this instance's admin; try again later"
-            )
-        card = await fetch_card(
-            http, str(request_payload.url), timeout=settings.peer_request_timeout
-        )
-        check_card_matches(card, body, request_payload)
+        stranger = await _stranger_request(request, body, identity, settings)
     else:
         await refresh_keys_first(
             pool, body, refresher, instance_id=identity.instance_id, window_seconds=window
@@ -217,36 +298,15 @@ async def _connect(
             body,
             instance_id=identity.instance_id,
             window_seconds=window,
-            sender_keys=card["keys"] if card else None,
+            sender_keys=stranger.card["keys"] if stranger else None,
             refresh_keys=refresher,
         )
         envelope = verified.envelope
         tracing.bind(envelope.traceparent)
         if envelope.type is not MessageType.CONNECT:
             raise MalformedEnvelope("this endpoint takes CONNECT messages")
-        if card is not None:
-            existing = await repos.connection_for_peer(conn, envelope.senderId)
-            if existing is not None and existing["status"] != "DISCONNECTED":
-                raise ConnectionStateConflict(
-                    f"a connection with this peer is already {existing['status']}"
-                )
-            # Anyone can mint a key and a card: without a cap, strangers fill the admin's list.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('fedagent:pending'))")
-            waiting = await pending.count_pending_inbound(conn)
-            if waiting >= settings.max_pending_requests:
-                raise TooManyPendingRequests(
-                    f"{waiting} connection requests already wait for this instance's admin;"
-                    " try again later"
-                )
-            row = await repos.insert_connection(
-                conn,
-                connection_id=request_payload.connectionId,
-                remote_instance_id=card["instanceId"],
-                remote_name=str(card.get("name") or request_payload.name),
-                remote_url=str(card.get("url") or request_payload.url),
-                remote_keys=card["keys"],
-                direction="inbound",
-            )
+        if stranger is not None:
+            row = await _insert_request(conn, settings, stranger, envelope.senderId)
         else:
             change = _payload(ConnectChangePayload, envelope)
             connection = verified.connection

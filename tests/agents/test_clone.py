@@ -151,6 +151,24 @@ async def test_a_clone_of_a_loopback_url_is_refused_outside_dev(
     assert host_listener.accepted == []
 
 
+async def test_a_clone_over_plain_http_needs_the_host_named_in_the_allowlist(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    # localhost's addresses are allowed, its name is not: TLS-less clones need the name.
+    port = git_server.url.rsplit(":", 1)[1]
+    with pytest.raises(AgentSetupError, match="plain http://") as refused:
+        await run(
+            tmp_path, f"http://localhost:{port}/calc.git", outbound_allowlist=("127.0.0.1", "::1")
+        )
+    assert refused.value.invalid
+    assert git_server.requests == []
+    assert not (tmp_path / "runs" / "c1").exists()
+    report = await run(
+        tmp_path, f"http://localhost:{port}/calc.git", outbound_allowlist=("localhost",)
+    )
+    assert report.success, report.summary
+
+
 async def test_a_clone_does_not_follow_a_redirect(git_server: GitServer, tmp_path: Path) -> None:
     # The allowed host answers with a redirect to a host that is not allowed.
     target = git_server.url

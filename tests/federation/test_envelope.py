@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,10 +16,12 @@ from federation.envelope import (
     Algorithm,
     Envelope,
     MessageType,
+    PublicKey,
     canonical_bytes,
     check_signature,
     check_timestamp,
     generate_signing_key,
+    key_problem,
     parse_envelope,
     sign_envelope,
 )
@@ -232,3 +236,30 @@ def test_lone_surrogates_are_malformed_not_a_crash() -> None:
     wire["payload"] = json.loads('{"x": "\\ud800"}')
     with pytest.raises(MalformedEnvelope):
         parse_envelope(wire)
+
+
+def test_an_rsa_key_with_a_huge_exponent_verifies_nothing_even_a_valid_signature() -> None:
+    # Built with the RSA numbers directly: e is a 1024-bit prime, d its inverse.
+    base = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers()
+    e = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers().p
+    p, q = base.p, base.q
+    d = pow(e, -1, (p - 1) * (q - 1))
+    private = rsa.RSAPrivateNumbers(
+        p,
+        q,
+        d,
+        rsa.rsa_crt_dmp1(d, p),
+        rsa.rsa_crt_dmq1(d, q),
+        rsa.rsa_crt_iqmp(p, q),
+        rsa.RSAPublicNumbers(e, p * q),
+    ).private_key()
+    pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    signature = private.sign(b"data", pss, hashes.SHA256())
+    private.public_key().verify(signature, b"data", pss, hashes.SHA256())  # it is valid
+    assert not PublicKey("k", Algorithm.RSA_PSS_SHA256, pem).verify(signature, b"data")
+    assert key_problem("RSA-PSS-SHA256", pem) == "RSA keys must have the public exponent 65537"

@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 import rfc8785
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 API = "/api/v1/federation"
@@ -33,9 +34,14 @@ def now_rfc3339() -> str:
 
 
 class RogueKey:
+    algorithm = "Ed25519"
+
     def __init__(self) -> None:
-        self.private = Ed25519PrivateKey.generate()
+        self.private: Any = Ed25519PrivateKey.generate()
         self.key_id = f"rogue-{uuid.uuid4().hex[:12]}"
+
+    def sign(self, data: bytes) -> bytes:
+        return bytes(self.private.sign(data))
 
     @property
     def public_pem(self) -> str:
@@ -48,7 +54,57 @@ class RogueKey:
         )
 
     def card_entry(self) -> dict[str, Any]:
-        return {"keyId": self.key_id, "algorithm": "Ed25519", "publicKey": self.public_pem}
+        return {"keyId": self.key_id, "algorithm": self.algorithm, "publicKey": self.public_pem}
+
+
+class RogueRsaKey(RogueKey):
+    """An RSA-PSS-SHA256 key (MGF1-SHA256, salt of the digest's length) of any shape: `bits`
+    of modulus and public exponent `e`, built from the RSA numbers directly when `e` is one
+    the library would not generate."""
+
+    algorithm = "RSA-PSS-SHA256"
+
+    def __init__(self, bits: int = 2048, e: int = 65537) -> None:
+        super().__init__()
+        base = rsa.generate_private_key(
+            public_exponent=e if e in (3, 65537) else 65537, key_size=bits
+        )
+        if e not in (3, 65537):
+            numbers = base.private_numbers()
+            p, q = numbers.p, numbers.q
+            d = pow(e, -1, (p - 1) * (q - 1))
+            base = rsa.RSAPrivateNumbers(
+                p,
+                q,
+                d,
+                rsa.rsa_crt_dmp1(d, p),
+                rsa.rsa_crt_dmq1(d, q),
+                rsa.rsa_crt_iqmp(p, q),
+                rsa.RSAPublicNumbers(e, p * q),
+            ).private_key()
+        self.private = base
+
+    def sign(self, data: bytes) -> bytes:
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        return bytes(self.private.sign(data, pss, hashes.SHA256()))
+
+
+def endorse(signer: RogueKey, instance_id: str, new: RogueKey) -> dict[str, str]:
+    """The card entry's `endorsement` of `new` by `signer`: a signature over the RFC 8785 form
+    of the new key's entry (keyId, algorithm, publicKey), the instance's id and the purpose."""
+    statement = {
+        "purpose": "fedagent/1 key endorsement",
+        "instanceId": instance_id,
+        "keyId": new.key_id,
+        "algorithm": new.algorithm,
+        "publicKey": new.public_pem,
+    }
+    return {"keyId": signer.key_id, "signature": b64url(signer.sign(rfc8785.dumps(statement)))}
+
+
+def huge_exponent() -> int:
+    """A public exponent of 1024 bits: a prime, so coprime to a totient it does not divide."""
+    return int(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers().p)
 
 
 class Recorded:
@@ -118,7 +174,7 @@ class Rogue:
             **overrides,
         }
         signer = sign_with or self.key
-        fields["signature"] = b64url(signer.private.sign(rfc8785.dumps(fields)))
+        fields["signature"] = b64url(signer.sign(rfc8785.dumps(fields)))
         return fields
 
     def connection_request(

@@ -84,6 +84,34 @@ async def test_private_link_local_and_metadata_addresses_are_refused(url: str) -
             await request_bounded(http, "GET", url, max_bytes=1024, deadline=5)
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::a9fe:a9fe",  # NAT64 of the metadata address
+        "64:ff9b::7f00:2",  # NAT64 of loopback
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "64:ff9b:1::a00:1",  # local-use NAT64: nobody here can tell what it reaches
+        "::ffff:0:7f00:2",  # IPv4-translated loopback
+        "::ffff:0:a9fe:a9fe",
+        "::7f00:2",  # IPv4-compatible loopback
+        "::a9fe:a9fe",
+        "2002:a9fe:a9fe::1",  # 6to4 of the metadata address
+    ],
+)
+async def test_ipv6_forms_of_internal_ipv4_addresses_are_refused(address: str) -> None:
+    with pytest.raises(AddressNotAllowed):
+        await check_host(address, 443, production())
+    async with peer_client(production()) as http:
+        with pytest.raises(AddressNotAllowed):
+            await request_bounded(http, "GET", f"https://[{address}]/", max_bytes=1024, deadline=5)
+
+
+async def test_ipv6_forms_of_a_public_ipv4_address_stay_allowed() -> None:
+    # Only checked (nothing is sent): judged by the IPv4 address they embed, which is public.
+    for address in ("64:ff9b::808:808", "::ffff:0:808:808", "2002:808:808::1"):
+        assert await check_host(address, 443, production()) == [address]
+
+
 async def test_plain_http_to_a_public_name_is_refused_outside_dev() -> None:
     async with peer_client(production()) as http:
         with pytest.raises(AddressNotAllowed, match="https"):

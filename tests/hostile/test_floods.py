@@ -11,7 +11,9 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 
+from api.limits import BodySizeLimit, RefusalLimiter
 from tests.conftest import Instance
 from tests.hostile.conftest import RogueFactory, connection_rows
 from tests.hostile.rogue import Rogue, RogueKey
@@ -124,13 +126,14 @@ async def test_audit_days_past_retention_are_dropped_and_recent_rows_stay_append
 async def test_strangers_cannot_fill_the_admins_list_with_connection_requests(
     edge: Instance, make_rogue: RogueFactory
 ) -> None:
-    # edge keeps at most 20 requests waiting; each stranger mints its own key, card and id.
+    # edge keeps at most 20 requests waiting; each stranger mints its own key, card and id, and
+    # asks from an address of its own with its card on a host of its own.
     waiting: list[str] = []
     try:
-        for _ in range(21):
-            rogue = await make_rogue()
+        for n in range(21):
+            rogue = await make_rogue(host=f"127.0.0.{200 + n}")
             request = rogue.connection_request(edge.id)
-            response = await rogue.post(edge.url, "connect", request)
+            response = await rogue.post(edge.url, "connect", request, source=f"127.0.0.{30 + n}")
             if response.status_code != 200:
                 break
             waiting.append(request["payload"]["connectionId"])
@@ -145,7 +148,9 @@ async def test_strangers_cannot_fill_the_admins_list_with_connection_requests(
         # Once the admin deals with one, a stranger may ask again.
         rejected = await edge.call("POST", f"/connections/{waiting.pop()}/reject")
         assert rejected.status_code == 200, rejected.text
-        again = await rogue.post(edge.url, "connect", rogue.connection_request(edge.id))
+        again = await rogue.post(
+            edge.url, "connect", rogue.connection_request(edge.id), source="127.0.0.60"
+        )
         assert again.status_code == 200, again.text
     finally:
         for row in await edge.fetch(
@@ -194,3 +199,33 @@ async def test_bodies_refused_for_their_size_are_rate_limited_like_other_refusal
     # Only the refusals let through were audited; the sender's path is not kept as it is.
     assert len(rows) == codes.count(413)
     assert {row["action"] for row in rows} == {"incoming.other"}
+
+
+def _limited_app() -> FastAPI:
+    """The API's body-size middleware and refusal limiter on an app of their own (no store:
+    nothing is audited), burst 3, refilled once in 1000 s."""
+    app = FastAPI()
+    app.state.refusal_limiter = RefusalLimiter(3, 0.001)
+    app.add_middleware(BodySizeLimit, max_bytes=1024)
+    return app
+
+
+async def _oversized_from(app: FastAPI, address: str) -> int:
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+        response = await client.post("/api/v1/federation/incoming/connect", content=b"x" * 2048)
+        return response.status_code
+
+
+async def test_a_sender_hopping_through_one_ipv6_64_gets_one_burst_of_refusals() -> None:
+    app = _limited_app()
+    hops = [f"2001:db8:1:2::{n:x}" for n in range(1, 9)]
+    codes = [await _oversized_from(app, address) for address in hops]
+    assert codes == [413] * 3 + [429] * 5
+    # Another /64 (another subscriber) and an IPv4 sender have budgets of their own.
+    assert await _oversized_from(app, "2001:db8:1:3::1") == 413
+    assert await _oversized_from(app, "192.0.2.7") == 413
+    # The IPv4-mapped form of an IPv4 sender is that sender.
+    for _ in range(2):
+        await _oversized_from(app, "192.0.2.7")
+    assert await _oversized_from(app, "::ffff:192.0.2.7") == 429
