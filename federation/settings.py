@@ -236,23 +236,52 @@ class Settings(BaseSettings):
     # Connection requests from strangers waiting (PENDING) for the admin at once; past it a
     # new request is a 429 too_many_pending_requests until the admin accepts or rejects some.
     max_pending_requests: int = Field(default=50, ge=1)
-    # ... of which at most this many from one sending address (IPv6: one /64), and naming one
-    # host as their URL (one card server minting ids); 429 too_many_pending_from_source /
-    # too_many_pending_for_host past them. A request nobody answered expires after this many
-    # seconds (DISCONNECTED, audited `connection.request_expired`).
-    max_pending_per_source: int = Field(default=5, ge=1)
-    max_pending_per_host: int = Field(default=5, ge=1)
-    pending_request_ttl: int = Field(default=7 * 24 * 3600, ge=60)
+    max_pending_per_source: int = Field(
+        default=5,
+        ge=1,
+        description="Pending connection requests from one sending address (IPv6: one /64); "
+        "past it 429 too_many_pending_from_source.",
+    )
+    max_pending_per_host: int = Field(
+        default=5,
+        ge=1,
+        description="Pending connection requests naming one host as their URL (one card server "
+        "minting ids); past it 429 too_many_pending_for_host.",
+    )
+    pending_request_ttl: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        description="Seconds after which a connection request nobody answered expires "
+        "(DISCONNECTED, audited connection.request_expired).",
+    )
     # Cards of strangers (connection requests) are read through an HTTP client of their own,
-    # never the one peers' notices, commands and artifacts use: at most this many at once
-    # (past it 503 connect_busy), per sending address (IPv6: per /64) and per named host
-    # (past them 429 rate_limited, before anything is fetched), each within this many seconds,
-    # and their host names resolved by this many threads of their own.
-    stranger_fetch_concurrency: int = Field(default=8, ge=1)
-    stranger_fetches_per_source: int = Field(default=2, ge=1)
-    stranger_fetches_per_host: int = Field(default=2, ge=1)
-    stranger_fetch_timeout: float = Field(default=5.0, gt=0)
-    stranger_dns_threads: int = Field(default=4, ge=1)
+    # never the one peers' notices, commands and artifacts use.
+    stranger_fetch_concurrency: int = Field(
+        default=8,
+        ge=1,
+        description="Strangers' cards read at once; past it 503 connect_busy.",
+    )
+    stranger_fetches_per_source: int = Field(
+        default=2,
+        ge=1,
+        description="Strangers' cards read at once for one sending address (IPv6: per /64); "
+        "past it 429 rate_limited, before anything is fetched.",
+    )
+    stranger_fetches_per_host: int = Field(
+        default=2,
+        ge=1,
+        description="Strangers' cards read at once from one named host; past it 429 "
+        "rate_limited, before anything is fetched.",
+    )
+    stranger_fetch_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds a stranger's card may take to be read, in all."
+    )
+    stranger_dns_threads: int = Field(
+        default=4,
+        ge=1,
+        description="Threads that resolve the host names strangers name (none of the shared "
+        "resolver's).",
+    )
     # What suspending or disconnecting a connection does to the peer's runs here.
     on_connection_end: Literal["kill", "finish"] = "kill"
 
