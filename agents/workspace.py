@@ -44,6 +44,7 @@ from typing import Any
 from agents.addresses import resolve_allowed
 from agents.errors import AgentSetupError
 from agents.sandbox.base import CommandResult, Limits, SandboxUnavailable, run_within_quota
+from agents.text import text_of
 
 log = logging.getLogger(__name__)
 URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
@@ -604,10 +605,11 @@ async def _stream_to_file(
 
 
 def _preview(path: Path, limit: int) -> str:
+    """The diff's head as text by `agents.text`'s rule: git shows a file with a NUL after its
+    first 8,000 bytes as text, NUL included; never half a character at the cut."""
     with open(path, "rb") as handle:
         head = handle.read(limit)
-    # never half a character at the cut
-    return head.decode("utf-8", errors="ignore" if len(head) == limit else "replace")
+    return text_of(head, cut_end=len(head) == limit)
 
 
 async def collect_diff(

@@ -23,6 +23,8 @@ RUN_AGENT = "run_agent"
 AGENT_FAILED = "AgentFailed"
 AGENT_TIMED_OUT = "AgentTimedOut"
 TASK_INVALID = "TaskInvalid"
+# The store refuses a final record (a value it can never take): retrying cannot help.
+STORE_REFUSED = "StoreRefused"
 FINISH_RUN = "finish_run"  # before durable-core: record and notify in one activity
 # durable-core: record first, then tell the requester (best effort); the requester long-polls.
 RECORD_RUN_FINAL = "record_run_final"
