@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 # `\x00` is how a text field shows a NUL byte, `\xff` a byte that is not UTF-8 (agents/text.py).
 NUL_SHOWN = "a\\x00b"
 LATE_NUL_FILE = (
-    "$ head -c 9000 /dev/zero | tr '\\000' x > late.txt && printf '\\000end\\n' >> late.txt"
+    "$ head -c 9000 /dev/zero | tr '\\000' x > late.txt && printf '\\000\\377end\\n' >> late.txt"
 )
 BAD_NAME_FILE = "$ printf 'odd\\n' > \"$(printf 'bad\\377name')\""
 
@@ -53,14 +53,14 @@ async def test_a_late_nul_in_a_text_file_and_a_non_utf8_name_keep_the_diff_byte_
     assert agent["state"] == "completed", agent
     result = agent["result"]
     # The preview is text: the NUL git left in this "text" file shows as an escape.
-    assert "\\x00end" in result["diffPreview"] and "\x00" not in result["diffPreview"]
+    assert "x\\x00\\xffend" in result["diffPreview"] and "\x00" not in result["diffPreview"]
     names = result["changedFiles"]
     assert "late.txt" in names
     assert any(n.startswith("bad") and n.endswith("name") and n != "badname" for n in names)
     diff = await hub.call("GET", f"/agents/{body['agentId']}/diff")
     assert diff.status_code == 200
     assert hashlib.sha256(diff.content).hexdigest() == result["diffSha256"]
-    assert b"x\x00end\n" in diff.content  # the artifact keeps the real bytes
+    assert b"x\x00\xffend\n" in diff.content  # the artifact keeps the real bytes
     assert b"bad\\377name" in diff.content  # git's own quoting of the name
     rows = await spoke.fetch(
         "SELECT state FROM agents WHERE role = 'executor' AND agent_id = $1::uuid",

@@ -145,12 +145,16 @@ async def worker(
 
 
 async def closed(handle: Any) -> BaseException | None:
-    """Wait for the workflow to close; the failure it closed with, if any."""
+    """Wait for the workflow to close; the failure it closed with, if any. One still open
+    after HANG_GUARD is terminated (so its worker can stop) and the test fails."""
     try:
         async with asyncio.timeout(HANG_GUARD):
             await handle.result()
     except WorkflowFailureError as exc:
         return exc.cause
+    except TimeoutError:
+        await handle.terminate("the test gave up waiting")
+        raise AssertionError(f"{handle.id} did not close within {HANG_GUARD} s") from None
     return None
 
 
