@@ -59,9 +59,10 @@ class ExecutedRun:
 
 
 @pytest.fixture
-async def executed(pool: asyncpg.Pool) -> ExecutedRun:
+async def executed(pool: asyncpg.Pool) -> AsyncIterator[ExecutedRun]:
     """An executor's record of a run for a peer whose connection is ACTIVE (its address
-    answers nothing: events are best effort)."""
+    answers nothing: events are best effort); removed afterwards, as other tests count the
+    runs of this database."""
     run = ExecutedRun(f"hub-{uuid.uuid4().hex[:8]}", uuid.uuid4())
     connection_id = uuid.uuid4()
     await repos.insert_connection(
@@ -88,7 +89,8 @@ async def executed(pool: asyncpg.Pool) -> ExecutedRun:
         workflow_id=m.agent_run_workflow_id(run.requester, str(run.agent_id)),
         state="spawning",
     )
-    return run
+    yield run
+    await pool.execute("DELETE FROM agents WHERE peer_instance_id = $1", run.requester)
 
 
 @dataclass
