@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import Instance
 from tests.e2e.helpers import spawn_body
+from tests.e2e.test_conversation import read_sse
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +43,9 @@ async def test_a_nul_in_a_commands_output_completes_the_run_and_shows_as_an_esca
     assert any(NUL_SHOWN in output for output in outputs), outputs
     log = await hub.call("GET", f"/agents/{body['agentId']}/log")
     assert log.status_code == 200 and NUL_SHOWN in log.text
+    streamed = await read_sse(hub, body["agentId"], None)
+    shown = [e[2]["output"] for e in streamed if e[1] == "transcript" and "output" in e[2]]
+    assert any(NUL_SHOWN in output for output in shown), streamed
 
 
 async def test_a_late_nul_in_a_text_file_and_a_non_utf8_name_keep_the_diff_byte_exact(
