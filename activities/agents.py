@@ -229,7 +229,7 @@ class AgentActivities:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
         # Bounded and safe text from here on: the whole summary is in the log artifact.
-        summary = report.as_result()["summary"]
+        summary = report.summary_preview
         await conversations.set_outcome(
             self.pool,
             task.requester_id,

@@ -97,6 +97,11 @@ class AgentRunReport:
             return handle.read().decode(errors="replace")
 
     @property
+    def summary_preview(self) -> str:
+        """The summary as results carry it: its head and tail past SUMMARY_LIMIT characters."""
+        return _bounded(self.summary)
+
+    @property
     def tokens(self) -> int:
         return sum(sum(u.values()) for u in self.usage.values())
 
@@ -105,7 +110,7 @@ class AgentRunReport:
         commands = [_command_preview(c) for c in self.commands[-COMMANDS_INLINE:]]
         result: dict[str, Any] = {
             "success": self.success,
-            "summary": _bounded(self.summary),
+            "summary": self.summary_preview,
             "commands": commands,
             "exitCodes": [c["exitCode"] for c in self.commands],
             "turns": self.turns,
@@ -143,7 +148,7 @@ class AgentRunReport:
 
 
 def _bounded(text: str) -> str:
-    return head_tail(text, SUMMARY_LIMIT, IN_THE_LOG)[0]
+    return head_tail(clean(text), SUMMARY_LIMIT, IN_THE_LOG)[0]
 
 
 def _command_preview(entry: dict[str, Any]) -> dict[str, Any]:
