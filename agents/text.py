@@ -91,14 +91,13 @@ def _whole_end(data: bytes) -> int:
         byte = data[-back]
         if byte & 0xC0 == 0x80:
             continue  # a continuation byte: its lead is further back
-        need = (
-            2
-            if byte >> 5 == 0b110
-            else 3
-            if byte >> 4 == 0b1110
-            else 4
-            if byte >> 3 == 0b11110
-            else 1
-        )
-        return len(data) - back if back < need else len(data)
+        return len(data) - back if back < _sequence_length(byte) else len(data)
     return len(data)
+
+
+def _sequence_length(lead: int) -> int:
+    """Bytes of the UTF-8 sequence that `lead` starts (1 for anything that starts none)."""
+    for length, bits in ((2, 0b110), (3, 0b1110), (4, 0b11110)):
+        if lead >> (8 - bits.bit_length()) == bits:
+            return length
+    return 1

@@ -40,7 +40,14 @@ ODD_BYTES = st.sampled_from(
     [b"\x00", b"\xff", b"\x80", b"\xc3", b"\xed\xa0\x80", b"\xed\xb3\xbf", "é".encode()]
     + ["😀".encode(), "😀".encode()[:3], b"\\x00", b"\\", b"\n", b"a", b"\x1b[31m", b"\t"]
 )
-RAW = st.one_of(st.binary(max_size=3000), st.lists(ODD_BYTES, max_size=300).map(b"".join))
+RAW = st.one_of(
+    st.binary(max_size=3000),
+    st.lists(ODD_BYTES, max_size=300).map(b"".join),
+    # Long UTF-8 text of multi-byte characters: head and tail are cut inside characters.
+    st.text(st.characters(min_codepoint=0x80, exclude_categories=["Cs"]), min_size=1100).map(
+        str.encode
+    ),
+)
 # What a model's JSON or a name decoded with surrogateescape can hold: any code point.
 MODEL_TEXT = st.text(
     st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr), st.just("\x00")),
@@ -52,6 +59,14 @@ CHUNKS = st.lists(st.integers(1, 700), max_size=8)
 def unescape(text: str) -> bytes:
     """The rule undone (for bytes that held no backslash of their own)."""
     return re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode())
+
+
+def is_plain_text(raw: bytes) -> bool:
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return "\x00" not in text and "\\" not in text
 
 
 def output_of(raw: bytes, chunks: list[int]) -> str:
@@ -123,6 +138,8 @@ async def through_the_store(pool: asyncpg.Pool, raw: bytes, chunks: list[int], s
     assert_travels(entries)
     if len(raw) <= OUTPUT_LIMIT and b"\\" not in raw:
         assert unescape(output) == raw  # readable, and nothing lost
+    if is_plain_text(raw):
+        assert "\\x" not in output  # text stays text, also where head and tail were cut
 
     report = AgentRunReport(
         success=True,
