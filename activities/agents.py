@@ -20,6 +20,7 @@ from agents.errors import AgentSetupError
 from agents.loop import AgentRunReport
 from agents.runtime import RuntimeConfig, run_agent_task
 from agents.sandbox.base import Limits
+from agents.text import clean
 from federation import tracing
 from federation.errors import FederationError, GrantAgentType, GrantCommandType
 from federation.settings import Settings
@@ -212,20 +213,23 @@ class AgentActivities:
                 non_retryable=True,
             ) from None
         except AgentSetupError as exc:
+            reason = clean(str(exc))  # it may quote what the clone printed
             await conversations.set_outcome(
                 self.pool,
                 task.requester_id,
                 agent_id,
                 task.attempt,
-                {"success": False, "stopReason": "setup_error", "summary": str(exc)},
+                {"success": False, "stopReason": "setup_error", "summary": reason},
             )
             raise ApplicationError(
-                str(exc), type=TASK_INVALID if exc.invalid else AGENT_FAILED, non_retryable=True
+                reason, type=TASK_INVALID if exc.invalid else AGENT_FAILED, non_retryable=True
             ) from None
         finally:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+        # Bounded and safe text from here on: the whole summary is in the log artifact.
+        summary = report.summary_preview
         await conversations.set_outcome(
             self.pool,
             task.requester_id,
@@ -234,7 +238,7 @@ class AgentActivities:
             {
                 "success": report.success,
                 "stopReason": report.stop_reason,
-                "summary": report.summary,
+                "summary": summary,
                 "turns": report.turns,
             },
         )
@@ -247,8 +251,8 @@ class AgentActivities:
         activity.heartbeat(state["progress"])
         result = {**report.as_result(), **await self._store_artifacts(task, report)}
         if not report.success:
-            raise ApplicationError(report.summary, result, type=AGENT_FAILED)
-        return AgentOutcome(summary=report.summary, result=result)
+            raise ApplicationError(summary, result, type=AGENT_FAILED)
+        return AgentOutcome(summary=summary, result=result)
 
     async def _store_artifacts(self, task: RunTask, report: AgentRunReport) -> dict[str, Any]:
         """Keep the whole diff and the whole log in the store; the result names them by hash.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -27,6 +29,7 @@ from workflows.models import (
     RECORD_RUN_FINAL,
     SEND_KILL,
     SEND_SPAWN,
+    STORE_REFUSED,
     TERMINAL_STATES,
     WAIT_STATUS,
     AgentEvent,
@@ -41,6 +44,8 @@ from workflows.models import (
     StatusWait,
     agent_run_workflow_id,
 )
+
+T = TypeVar("T")
 
 
 async def _heartbeat_every(seconds: float) -> None:
@@ -125,6 +130,36 @@ class PeerMessenger:
             agent_id=row["agent_id"],
             timeout=timeout,
         )
+
+
+# Store failures no retry can fix: a value PostgreSQL refuses (SQLSTATE class 22) or one past
+# its limits (class 54). Retried, a final record would keep a finished run open for ever;
+# outages (lost connections, timeouts, a failover) raise other errors and stay retried.
+UNSTORABLE = (asyncpg.DataError, asyncpg.ProgramLimitExceededError)
+Final = TypeVar("Final", RequesterFinal, FinishRun)
+
+
+def unstored(final: Final, err: Exception) -> Final:
+    """The final to keep instead of one the store refuses: `failed`, with the store's reason,
+    without the result it could not take."""
+    reason = (
+        f"the run ended {final.state} but the store refused its final record "
+        f"({type(err).__name__}: {err}); its result is not kept"
+    )
+    summary = {"success": False, "stopReason": "store_refused", "summary": reason}
+    return dataclasses.replace(final, state="failed", result=summary, error=reason)
+
+
+async def refused_for_good(write: Awaitable[T]) -> T:
+    """`write`, with a refusal of the store made a failure Temporal does not retry."""
+    try:
+        return await write
+    except UNSTORABLE as err:
+        raise ApplicationError(
+            f"the store refuses this final record: {type(err).__name__}: {err}",
+            type=STORE_REFUSED,
+            non_retryable=True,
+        ) from None
 
 
 def _recorded(
@@ -289,17 +324,30 @@ class FederationActivities:
     @activity.defn(name=RECORD_REQUESTER_FINAL)
     async def record_requester_final(self, final: RequesterFinal) -> RecordedFinal:
         """Record the run's final state here; answers the final the store keeps (the first:
-        a record run again, or after an event the workflow had not heard yet, keeps it)."""
-        kept = await repos.force_requester_final(
-            self.pool,
-            uuid.UUID(final.agent_id),
-            state=final.state,
-            result=final.result,
-            error=final.error,
-        )
-        if kept is None:  # no row (removed meanwhile): nothing to keep but this final
+        a record run again, or after an event the workflow had not heard yet, keeps it).
+        A final the store refuses is kept `failed` instead (`unstored`), which the workflow
+        adopts; one refused even so fails the activity for good (STORE_REFUSED)."""
+
+        async def write(kept: RequesterFinal) -> dict[str, Any] | None:
+            return await repos.force_requester_final(
+                self.pool,
+                uuid.UUID(kept.agent_id),
+                state=kept.state,
+                result=kept.result,
+                error=kept.error,
+            )
+
+        try:
+            row = await write(final)
+            written = bool(row and row["written"])
+        except UNSTORABLE as err:
+            activity.logger.warning(
+                "final of agent %s refused by the store: %s", final.agent_id, err
+            )
+            row, written = await refused_for_good(write(unstored(final, err))), False
+        if row is None:  # no row (removed meanwhile): nothing to keep but this final
             return RecordedFinal(final.state, None, final.error)
-        return _recorded(kept, written=bool(kept["written"]), final=final)
+        return _recorded(row, written=written, final=final)
 
     # --- executor side -----------------------------------------------------------------
 
@@ -343,19 +391,29 @@ class FederationActivities:
         """Record the run's final state on the executor; answers the final the store keeps.
 
         Terminal states are final: a second record (a retry, a kill racing completion) keeps
-        the first, and answers it with its sequence number.
+        the first, and answers it with its sequence number. A final the store refuses is kept
+        `failed` instead (`unstored`), which the workflow adopts; one refused even so fails
+        the activity for good (STORE_REFUSED): the run closes, the reconciler repairs its row.
         """
         agent_id = uuid.UUID(finish.agent_id)
-        row = await repos.update_executed_agent(
-            self.pool,
-            finish.requester_id,
-            agent_id,
-            state=finish.state,
-            result=finish.result,
-            error=finish.error,
-            attempt=finish.attempt,
-        )
-        written = row is not None
+
+        async def write(kept: FinishRun) -> dict[str, Any] | None:
+            return await repos.update_executed_agent(
+                self.pool,
+                kept.requester_id,
+                agent_id,
+                state=kept.state,
+                result=kept.result,
+                error=kept.error,
+                attempt=kept.attempt,
+            )
+
+        try:
+            row = await write(finish)
+            written = row is not None
+        except UNSTORABLE as err:
+            activity.logger.warning("final of agent %s refused by the store: %s", agent_id, err)
+            row, written = await refused_for_good(write(unstored(finish, err))), False
         if row is None:
             row = await repos.get_executed_agent(self.pool, finish.requester_id, agent_id)
         if row is None:  # no row (removed meanwhile): nothing to keep but this final

@@ -147,13 +147,15 @@ class ConversationState:
 # --- transcript entries ---------------------------------------------------------------------
 
 
-def head_tail(text: str, limit: int) -> tuple[str, bool]:
-    """`text` if it fits, else its head and tail around a marker; and whether it was cut."""
+def head_tail(text: str, limit: int, where: str = "") -> tuple[str, bool]:
+    """`text` if it fits, else its head and tail around a marker (saying `where` the whole
+    is, if given); and whether it was cut."""
     if len(text) <= limit:
         return text, False
     half = max(1, limit // 2)
     cut = len(text) - 2 * half
-    return f"{text[:half]}\n[... {cut} characters cut ...]\n{text[-half:]}", True
+    note = f"; {where}" if where else ""
+    return f"{text[:half]}\n[... {cut} characters cut{note} ...]\n{text[-half:]}", True
 
 
 def _bounded_input(value: dict[str, Any]) -> dict[str, Any]:

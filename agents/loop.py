@@ -4,6 +4,12 @@ Usable without Temporal: progress goes to a callback, cancellation is plain asyn
 owns the limits of a run (turns, token budget) and the retries of transient model API errors
 (with exponential backoff and jitter, honouring Retry-After); a permanent API error (invalid
 request, authentication) ends the run unsuccessfully with the API's reason.
+
+What the report carries inline (`AgentRunReport.as_result`: the activity's result, the final
+event, the workflow's result) is text by `agents.text`'s rule and bounded whatever the run did,
+so no output fails a finished run: the summary and each command keep their head and tail,
+the lists of commands and changed files are cut, with flags and totals saying so. The whole of
+each is in the run's log (an artifact) and the diff.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from agents.conversation import (
     INTERRUPTED_NOTE,
     ConversationSink,
     ConversationState,
+    head_tail,
     note_entry,
     result_entry,
     turn_entries,
@@ -33,11 +40,20 @@ from agents.models import (
 )
 from agents.prompts import system_prompt, task_prompt
 from agents.sandbox.base import Sandbox
+from agents.text import clean, clean_json
 from agents.tools import TOOL_SPECS, ToolRunner, tools_for
 
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 
 LOG_TAIL = 8 * 1024
+# Inline bounds of a result (characters): with the previews they keep a final event far below
+# the 1 MiB a requester takes and Temporal's 2 MiB payloads, even if every character is escaped.
+SUMMARY_LIMIT = 16 * 1024
+COMMAND_PREVIEW = 512
+COMMANDS_INLINE = 50  # the last ones; exitCodes lists them all
+CHANGED_FILES_CHARS = 16 * 1024
+OMITTED_FILES_CHARS = 4 * 1024
+IN_THE_LOG = "the whole is in the run's log"
 
 
 @dataclass
@@ -81,20 +97,27 @@ class AgentRunReport:
             return handle.read().decode(errors="replace")
 
     @property
+    def summary_preview(self) -> str:
+        """The summary as results carry it: its head and tail past SUMMARY_LIMIT characters."""
+        return _bounded(self.summary)
+
+    @property
     def tokens(self) -> int:
         return sum(sum(u.values()) for u in self.usage.values())
 
     def as_result(self) -> dict[str, Any]:
-        return {
+        """The report as the run's result: safe text, bounded (see the module's docstring)."""
+        commands = [_command_preview(c) for c in self.commands[-COMMANDS_INLINE:]]
+        result: dict[str, Any] = {
             "success": self.success,
-            "summary": self.summary,
-            "commands": self.commands,
+            "summary": self.summary_preview,
+            "commands": commands,
             "exitCodes": [c["exitCode"] for c in self.commands],
             "turns": self.turns,
             "usage": self.usage,
             "logTail": self.log_tail,
             "stopReason": self.stop_reason,
-            "error": self.error,
+            "error": _bounded(self.error) if self.error is not None else None,
             "apiRetries": self.api_retries,
             "model": self.model,
             "modelCalls": self.model_calls,
@@ -104,11 +127,47 @@ class AgentRunReport:
             "diffSha256": self.diff_sha256,
             "diffBytes": self.diff_bytes,
             "diffTruncated": self.diff_truncated,
-            "diffOmittedFiles": self.diff_omitted_files,
-            "changedFiles": self.changed_files,
+            "diffOmittedFiles": _first_fitting(
+                self.diff_omitted_files, OMITTED_FILES_CHARS, lambda e: str(e.get("path"))
+            ),
+            "changedFiles": _first_fitting(self.changed_files, CHANGED_FILES_CHARS, str),
             "sandbox": self.sandbox,
             "workspace": self.workspace,
         }
+        if len(self.commands) > COMMANDS_INLINE:
+            result["commandsOmitted"] = len(self.commands) - COMMANDS_INLINE
+        if len(self.summary) > SUMMARY_LIMIT:
+            result["summaryTruncated"], result["summaryChars"] = True, len(self.summary)
+        for key, whole in (
+            ("changedFiles", self.changed_files),
+            ("diffOmittedFiles", self.diff_omitted_files),
+        ):
+            if len(result[key]) < len(whole):
+                result[f"{key}Total"] = len(whole)
+        return dict(clean_json(result))
+
+
+def _bounded(text: str) -> str:
+    return head_tail(clean(text), SUMMARY_LIMIT, IN_THE_LOG)[0]
+
+
+def _command_preview(entry: dict[str, Any]) -> dict[str, Any]:
+    command = str(entry.get("command", ""))
+    shown, cut = head_tail(command, COMMAND_PREVIEW, IN_THE_LOG)
+    if not cut:
+        return entry
+    return {**entry, "command": shown, "commandChars": len(command), "commandTruncated": True}
+
+
+def _first_fitting(items: list[Any], budget: int, size_of: Callable[[Any], str]) -> list[Any]:
+    """The first items whose texts fit in `budget` characters together."""
+    kept: list[Any] = []
+    for item in items:
+        budget -= len(size_of(item)) + 4
+        if budget < 0:
+            break
+        kept.append(item)
+    return kept
 
 
 def build_task_prompt(
@@ -200,10 +259,16 @@ class AgentLoop:
         try:
             await self._run(conversation, tools, report)
         finally:
-            report.log_tail = self._tail()
+            report.log_tail = clean(self._tail())
             report.model_calls = state.model_calls
             report.resumes = state.resumes
-            report.log = "".join(self._log)
+            report.summary = clean(report.summary)
+            if report.error is not None:
+                report.error = clean(report.error)
+            if len(report.summary) > SUMMARY_LIMIT:
+                # The result keeps its head and tail; the whole ends the log.
+                self._log.append(f"[summary, {len(report.summary)} characters]\n{report.summary}\n")
+            report.log = clean("".join(self._log))
         return report
 
     async def _save(self, report: AgentRunReport, entries: list[dict[str, Any]]) -> None:
@@ -377,7 +442,7 @@ class AgentLoop:
                 if key in call.input:
                     detail[key] = str(call.input[key])[:200]
         detail.update(extra)
-        maybe = self.on_progress(detail)
+        maybe = self.on_progress(clean_json(detail))
         if maybe is not None:
             await maybe
 

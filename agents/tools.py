@@ -6,12 +6,14 @@ operations, so no path given by the model reaches outside the workspace.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from agents.models import ToolCall, ToolOutcome
 from agents.sandbox.base import CommandResult, Sandbox, run_within_quota
 from agents.sandbox.files import PathRefused
+from agents.text import clean, text_of
 
 READ_LIMIT = 256 * 1024  # bytes read from a file
 SHOW_LIMIT = 64 * 1024  # characters of it shown to the model
@@ -142,6 +144,12 @@ class ToolRunner:
         return self.over_quota
 
     async def run(self, call: ToolCall) -> tuple[ToolOutcome, CommandRecord | None]:
+        """Run one call. What it answers is text by `agents.text`'s rule (file names that are
+        not UTF-8, paths and arguments with NUL from the model show escaped)."""
+        outcome, record = await self._run(call)
+        return dataclasses.replace(outcome, content=clean(outcome.content)), record
+
+    async def _run(self, call: ToolCall) -> tuple[ToolOutcome, CommandRecord | None]:
         if call.name not in self.allowed:
             return ToolOutcome(call.id, f"tool {call.name!r} is not available", True), None
         try:
@@ -188,7 +196,7 @@ class ToolRunner:
         data, more = await self.sandbox.read_file(path, READ_LIMIT)
         if b"\0" in data[:8192]:
             return f"{path} is a binary file; not shown"
-        lines = data.decode(errors="replace").splitlines(keepends=True)
+        lines = text_of(data, cut_end=more).splitlines(keepends=True)
         offset = max(1, int(args.get("offset") or 1))
         count = int(args.get("limit") or len(lines))
         shown = "".join(lines[offset - 1 : offset - 1 + count])

@@ -51,6 +51,7 @@ from agents.sandbox.base import (
     SandboxUnavailable,
     run_within_quota,
 )
+from agents.text import text_of
 
 log = logging.getLogger(__name__)
 URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
@@ -643,8 +644,9 @@ def _read_changed(scratch: Path) -> list[tuple[bytes, int]]:
 
 
 def display_path(name: bytes) -> str:
-    """A file name as the result shows it (file names are bytes, not always UTF-8)."""
-    return name.decode("utf-8", errors="replace")
+    """A file name as the result shows it (file names are bytes, not always UTF-8), by
+    `agents.text`'s rule."""
+    return text_of(name)
 
 
 async def _gitlinks(prepared: PreparedWorkspace, timeout: float) -> list[bytes]:
@@ -735,6 +737,14 @@ async def _submodule_updates(
     return checked_gitlinks(listing, gitlinks)
 
 
+def _preview(path: Path, limit: int) -> str:
+    """The diff's head as text by `agents.text`'s rule: git shows a file with a NUL after its
+    first 8,000 bytes as text, NUL included; never half a character at the cut."""
+    with open(path, "rb") as handle:
+        head = handle.read(limit)
+    return text_of(head, cut_end=len(head) == limit)
+
+
 async def collect_diff(
     prepared: PreparedWorkspace,
     sandboxes: DiffSandboxes,
@@ -781,10 +791,3 @@ async def collect_diff(
         omitted_files=[{"path": display_path(name), "bytes": size} for name, size in sorted(over)],
         preview=_preview(target, preview_bytes),
     )
-
-
-def _preview(path: Path, limit: int) -> str:
-    with open(path, "rb") as handle:
-        head = handle.read(limit)
-    # never half a character at the cut
-    return head.decode("utf-8", errors="ignore" if len(head) == limit else "replace")

@@ -4,6 +4,7 @@ stop of a hosted run)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
@@ -17,7 +18,7 @@ ATTEMPTS = 4
 
 
 async def execute_kill(
-    handle: WorkflowHandle, request: KillRequest, *, dropped_before: bool = False
+    handle: WorkflowHandle[Any, Any], request: KillRequest, *, dropped_before: bool = False
 ) -> None:
     """Ask the workflow's kill update and wait for its answer.
 

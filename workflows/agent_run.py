@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         RECORD_RUN_FINAL,
         RUN_AGENT,
         SA_AGENT_STATE,
+        STORE_REFUSED,
         TASK_INVALID,
         TERMINAL_STATES,
         AgentOutcome,
@@ -42,8 +43,12 @@ TIMEOUT_GRACE = timedelta(seconds=30)
 INFRA_ATTEMPTS = 5
 # A try is lost once this many heartbeats in a row are missing.
 MISSED_HEARTBEATS = 5
+# A store that is away is waited for; a store that refuses the record (STORE_REFUSED: a value
+# it can never take) is not asked again, so the run closes instead of staying open for ever.
 STORE_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5)
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=5),
+    non_retryable_error_types=[STORE_REFUSED],
 )
 
 

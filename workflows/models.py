@@ -22,6 +22,8 @@ RUN_AGENT = "run_agent"
 AGENT_FAILED = "AgentFailed"
 AGENT_TIMED_OUT = "AgentTimedOut"
 TASK_INVALID = "TaskInvalid"
+# The store refuses a final record (a value it can never take): retrying cannot help.
+STORE_REFUSED = "StoreRefused"
 # The executor records first, then tells the requester (best effort); the requester long-polls.
 RECORD_RUN_FINAL = "record_run_final"
 NOTIFY_REQUESTER = "notify_requester"

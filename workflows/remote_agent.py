@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
         SA_AGENT_STATE,
         SEND_KILL,
         SEND_SPAWN,
+        STORE_REFUSED,
         TERMINAL_STATES,
         WAIT_STATUS,
         AgentEvent,
@@ -38,8 +39,12 @@ PEER_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=10),
 )
+# A store that is away is waited for; a store that refuses the record (STORE_REFUSED: a value
+# it can never take) is not asked again, so the run closes instead of staying open for ever.
 STORE_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5)
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=5),
+    non_retryable_error_types=[STORE_REFUSED],
 )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.sandbox import files
+from agents.text import text_of
 
 OUTPUT_LIMIT = 16 * 1024  # bytes of a command's output kept (head and tail)
 
@@ -178,14 +179,15 @@ async def run_within_quota(
 
 
 def bound_output(data: bytes, limit: int = OUTPUT_LIMIT) -> str:
+    """A command's output as text (by `agents.text`'s rule), its head and tail when long."""
     if len(data) <= limit:
-        return data.decode(errors="replace")
+        return text_of(data)
     half = limit // 2
     skipped = len(data) - 2 * half
     return (
-        data[:half].decode(errors="replace")
+        text_of(data[:half], cut_end=True)
         + f"\n... [{skipped} bytes skipped] ...\n"
-        + data[-half:].decode(errors="replace")
+        + text_of(data[-half:], cut_start=True)
     )
 
 
@@ -212,11 +214,11 @@ class BoundedBuffer:
     def text(self) -> str:
         skipped = self.total - len(self.head) - len(self.tail)
         if skipped <= 0:
-            return (bytes(self.head) + bytes(self.tail)).decode(errors="replace")
+            return text_of(bytes(self.head) + bytes(self.tail))
         return (
-            self.head.decode(errors="replace")
+            text_of(bytes(self.head), cut_end=True)
             + f"\n... [{skipped} bytes skipped] ...\n"
-            + self.tail.decode(errors="replace")
+            + text_of(bytes(self.tail), cut_start=True)
         )
 
 

@@ -8,13 +8,27 @@ from typing import Any
 
 import asyncpg
 
+from agents.text import clean_json, json_needs_cleaning
+
 MIGRATION_LOCK = 0x6665_6461  # pg_advisory_lock key shared by every process of an instance
+
+
+def encode_json(value: Any) -> str:
+    """JSON for json/jsonb columns, every string made safe by `agents.text`'s rule.
+
+    PostgreSQL refuses NUL (`\\u0000`) and lone surrogates in jsonb, and a write it refuses
+    fails on every try: what an agent produced (a checkpoint, a transcript entry, a result)
+    must never be such a value. The rare value holding one is cleaned; others pass as dumped."""
+    text = json.dumps(value)
+    if json_needs_cleaning(text):
+        text = json.dumps(clean_json(value))
+    return text
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(
-            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+            type_name, encoder=encode_json, decoder=json.loads, schema="pg_catalog"
         )
 
 

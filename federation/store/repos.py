@@ -8,6 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Any, TypeAlias
 
+from agents.text import clean
 from federation.store.db import row_dict
 
 # A pool or a connection (inside a transaction): both have execute/fetch/fetchrow/fetchval.
@@ -308,7 +309,7 @@ async def force_requester_final(
         agent_id,
         state,
         result,
-        error,
+        _text(error),
         list(TERMINAL_STATES),
     )
     if row is None:
@@ -366,7 +367,7 @@ async def update_executed_agent(
         state,
         progress,
         result,
-        error,
+        _text(error),
         attempt,
         list(TERMINAL_STATES),
     )
@@ -395,10 +396,15 @@ async def count_running_for_peer(db: Executor, requester_id: str) -> int:
 # --- audit --------------------------------------------------------------------------------
 
 
+def _text(value: str | None) -> str | None:
+    """A text column's value made safe by `agents.text`'s rule (PostgreSQL refuses NUL)."""
+    return clean(value) if value is not None else None
+
+
 def _storable(value: Any, limit: int = 2000) -> Any:
     """What a refused peer sent, made fit for text/jsonb: no NUL, no megabyte strings."""
     if isinstance(value, str):
-        text = value.replace("\x00", "\\u0000").encode("utf-8", "replace").decode("utf-8")
+        text = clean(value)
         return text if len(text) <= limit else text[:limit] + "..."
     if isinstance(value, dict):
         return {str(_storable(k, 200)): _storable(v, limit) for k, v in value.items()}

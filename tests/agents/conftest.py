@@ -3,6 +3,7 @@ a git repository to clone, and a host TCP listener that sandboxes must not reach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -71,6 +72,13 @@ class MessagesAPI:
 
 @pytest.fixture
 def messages_api() -> Iterator[MessagesAPI]:
+    with serve_messages_api() as api:
+        yield api
+
+
+@contextlib.contextmanager
+def serve_messages_api() -> Iterator[MessagesAPI]:
+    """A local server answering the Messages API with what `MessagesAPI.script` gave it."""
     api = MessagesAPI()
     lock = threading.Lock()
 
