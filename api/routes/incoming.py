@@ -57,7 +57,7 @@ from federation.transcripts import reported_total
 from federation.trust import (
     SAFE_INSTANCE_ID,
     check_card_matches,
-    check_grants,
+    check_peer_command,
     check_peer_concurrency,
     refresh_keys_first,
     require_active,
@@ -321,10 +321,9 @@ async def incoming_command(
                 "agent.transcript",
             ):
                 raise UnsupportedCommand(f"unknown command {command!r}")
-            check_grants(
+            check_peer_command(
                 connection,
-                # Reading a run's transcript is reading its status: the same grant.
-                "agent.status" if command == "agent.transcript" else command,
+                command,
                 envelope.payload,
                 max_timeout=settings.max_agent_timeout,
                 offered_agent_types=identity.capabilities.get("agentTypes"),
