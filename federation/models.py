@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 AgentType = Literal["worker", "reviewer", "tester"]
 AgentState = Literal["spawning", "running", "completed", "failed", "killed", "timed_out"]
@@ -14,7 +24,74 @@ ConnectionStatus = Literal["PENDING", "ACTIVE", "SUSPENDED", "DISCONNECTED"]
 KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
 
 
+# The problem code of text this instance refuses to keep (see `Strict` and `Line`).
+TEXT_INVALID = "text_invalid"
+# What a one-line field (a name, an id, a URL) never holds: C0 controls, DEL, C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL can keep `text`: no NUL, and UTF-8 (no unpaired surrogate)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _refuse_unstorable(data: Any) -> Any:
+    """Every string in `data` (keys too, at any depth) storable, or a `text_invalid` error."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not _storable(value):
+                raise PydanticCustomError(
+                    TEXT_INVALID,
+                    "text at {path} holds NUL or an unpaired surrogate, which cannot be stored",
+                    {"path": _CONTROL.sub("?", path)[:200] or "the top level"},
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path))
+                stack.append((item, f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+    return data
+
+
+def _one_line(text: str) -> str:
+    if _CONTROL.search(text):
+        raise PydanticCustomError(
+            TEXT_INVALID, "control characters (NUL, line breaks, escapes) are not allowed here"
+        )
+    return text
+
+
+# A name, an id, a URL, a pattern: one line of text without control characters.
+Line = Annotated[str, AfterValidator(_one_line)]
+
+
 class Strict(BaseModel):
+    """A request or a message: unknown fields are refused, and so is text that PostgreSQL
+    cannot keep (NUL, unpaired surrogates) anywhere in it, keys included: one rule for every
+    model of what users and peers send, so that no such string reaches the store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        return _refuse_unstorable(data)
+
+
+class StrictAgentOutput(BaseModel):
+    """A message that carries what an agent produced (events, transcript entries): unknown
+    fields refused; the bytes of the agent's text are the transcript's and the event's own
+    rule, not refused here."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -86,12 +163,12 @@ class PeerPublic(BaseModel):
 
 
 class AgentContext(Strict):
-    repository: str | None = Field(default=None, max_length=2000)
-    branch: str | None = Field(default=None, max_length=255)
+    repository: Line | None = Field(default=None, max_length=2000)
+    branch: Line | None = Field(default=None, max_length=255)
     workItems: list[str] = Field(default_factory=list, max_length=200)
     instructions: str = Field(default="", max_length=100_000)
     # A model to run the agent with; the executor accepts only those it allows.
-    model: str | None = Field(default=None, max_length=200)
+    model: Line | None = Field(default=None, max_length=200)
 
 
 class AgentOptions(Strict):
@@ -104,7 +181,7 @@ class AgentOptions(Strict):
 class AgentSpawnCreate(Strict):
     agentId: uuid.UUID | None = None
     connectionId: uuid.UUID
-    taskId: str = Field(min_length=1, max_length=200)
+    taskId: Line = Field(min_length=1, max_length=200)
     agentType: AgentType
     context: AgentContext = Field(default_factory=AgentContext)
     options: AgentOptions = Field(default_factory=AgentOptions)
@@ -179,7 +256,7 @@ CanonicalUUID = Annotated[uuid.UUID, BeforeValidator(_canonical_uuid)]
 
 
 class PeerKey(Strict):
-    keyId: str = Field(min_length=1, max_length=128)
+    keyId: Line = Field(min_length=1, max_length=128)
     algorithm: KeyAlgorithm
     publicKey: str = Field(min_length=1, max_length=8192)
     validFrom: str | None = Field(default=None, max_length=64)
@@ -190,7 +267,7 @@ class PeerKey(Strict):
 class ConnectRequestPayload(Strict):
     connectionId: uuid.UUID
     url: HttpUrl
-    name: str = Field(min_length=1, max_length=200)
+    name: Line = Field(min_length=1, max_length=200)
     # The sender's public keys: its signature is verified with them before its card is read.
     keys: list[PeerKey] = Field(min_length=1, max_length=8)
 
@@ -203,7 +280,7 @@ class ConnectChangePayload(Strict):
 
 class SpawnPayload(Strict):
     agentId: CanonicalUUID
-    taskId: str = Field(min_length=1, max_length=200)
+    taskId: Line = Field(min_length=1, max_length=200)
     agentType: AgentType
     context: AgentContext
     options: AgentOptions
@@ -238,7 +315,7 @@ class AgentArtifactPayload(Strict):
         return self
 
 
-class AgentEventPayload(Strict):
+class AgentEventPayload(StrictAgentOutput):
     agentId: CanonicalUUID
     seq: int = Field(ge=1)
     state: AgentState
@@ -256,7 +333,7 @@ class TranscriptEntry(BaseModel):
     kind: str = Field(min_length=1, max_length=50)
 
 
-class TranscriptEventPayload(Strict):
+class TranscriptEventPayload(StrictAgentOutput):
     """EVENT agent.transcript: entries that continue the run's transcript, and its length."""
 
     agentId: CanonicalUUID
@@ -290,6 +367,8 @@ class TranscriptPage(BaseModel):
 
 CommandType = Literal["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 GlobPattern = Annotated[str, Field(min_length=1, max_length=500)]
+# What an admin sets: one line (rows stored before this rule still read as GlobPattern).
+NewGlobPattern = Annotated[Line, Field(min_length=1, max_length=500)]
 
 
 def _all_command_types() -> list[CommandType]:
@@ -320,7 +399,7 @@ class GrantsUpdate(Strict):
     agentTypes: list[AgentType] | None = Field(default=None, max_length=10)
     maxConcurrentAgents: int | None = Field(default=None, ge=0, le=100_000)
     maxTimeout: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
-    repositories: list[GlobPattern] | None = Field(default=None, max_length=200)
+    repositories: list[NewGlobPattern] | None = Field(default=None, max_length=200)
 
     def apply(self, current: dict[str, Any] | None) -> Grants:
         base = Grants.model_validate({**Grants().model_dump(), **(current or {})})
@@ -342,16 +421,16 @@ class ConnectionUpdate(Strict):
 class CapabilitiesUpdate(Strict):
     agentTypes: list[AgentType] | None = Field(default=None, max_length=10)
     commandTypes: list[CommandType] | None = Field(default=None, max_length=10)
-    sandboxes: list[Annotated[str, Field(min_length=1, max_length=50)]] | None = Field(
+    sandboxes: list[Annotated[Line, Field(min_length=1, max_length=50)]] | None = Field(
         default=None, max_length=20
     )
-    modelProviders: list[Annotated[str, Field(min_length=1, max_length=50)]] | None = Field(
+    modelProviders: list[Annotated[Line, Field(min_length=1, max_length=50)]] | None = Field(
         default=None, max_length=20
     )
 
 
 class InstanceUpdate(Strict):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Line | None = Field(default=None, min_length=1, max_length=200)
     capabilities: CapabilitiesUpdate | None = None
     metadata: dict[str, Any] | None = None
 

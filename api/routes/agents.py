@@ -21,6 +21,7 @@ from federation.models import (
     AgentSpawnCreate,
     AgentState,
     AgentType,
+    Line,
 )
 from federation.store import conversations, repos
 from federation.users import User
@@ -51,7 +52,7 @@ async def list_agents(
     state: AgentState | None = None,
     connection_id: Annotated[uuid.UUID | None, Query(alias="connectionId")] = None,
     agent_type: Annotated[AgentType | None, Query(alias="agentType")] = None,
-    task_id: Annotated[str | None, Query(alias="taskId", max_length=200)] = None,
+    task_id: Annotated[Line | None, Query(alias="taskId", max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> list[AgentPublic]:
