@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from datetime import datetime
@@ -325,12 +326,65 @@ class AgentEventPayload(StrictAgentOutput):
     attempt: int | None = None
 
 
-class TranscriptEntry(BaseModel):
-    """One numbered entry of an agent's transcript (its other fields depend on `kind`)."""
+# Largest transcript entry a requester keeps (its JSON form): an executor's entries hold
+# bounded heads and tails of text (agents/conversation.py), far below this.
+TRANSCRIPT_ENTRY_MAX_BYTES = 256 * 1024
+TRANSCRIPT_MAX_SEQ = 10_000_000
 
-    model_config = ConfigDict(extra="allow")
-    seq: int = Field(ge=1, le=10_000_000)
-    kind: str = Field(min_length=1, max_length=50)
+
+def _entry_size(entry: dict[str, Any]) -> int:
+    return len(json.dumps(entry, separators=(",", ":")).encode())
+
+
+class TranscriptEntry(BaseModel):
+    """One numbered entry of an agent's transcript as an executor sends it. The fields that
+    readers (REST, SSE, the console) rely on have their types checked, others are kept as
+    sent; the whole entry is bounded in size."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    seq: int = Field(ge=1, le=TRANSCRIPT_MAX_SEQ)
+    kind: str = Field(pattern=r"^[a-z][a-z_]{0,49}$")
+    attempt: int | None = Field(default=None, ge=1, le=100_000)
+    at: str | None = Field(default=None, max_length=64)
+    turn: int | None = Field(default=None, ge=0, le=TRANSCRIPT_MAX_SEQ)
+    text: str | None = None
+    output: str | None = None
+    input: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    name: str | None = Field(default=None, max_length=200)
+    callId: str | None = Field(default=None, max_length=200)
+    model: str | None = Field(default=None, max_length=200)
+    stopReason: str | None = Field(default=None, max_length=200)
+    path: str | None = Field(default=None, max_length=4096)
+    exitCode: int | None = Field(default=None, ge=-(2**31), le=2**31)
+    outputChars: int | None = Field(default=None, ge=0)
+    isError: bool | None = None
+    interrupted: bool | None = None
+    textCut: bool | None = None
+    outputCut: bool | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> TranscriptEntry:
+        if self.at is not None:
+            try:
+                aware = datetime.fromisoformat(self.at).tzinfo is not None
+            except ValueError:
+                aware = False
+            if not aware:
+                raise ValueError("at must be an RFC 3339 timestamp with its offset")
+        if _entry_size(self.kept()) > TRANSCRIPT_ENTRY_MAX_BYTES:
+            raise ValueError(f"an entry is at most {TRANSCRIPT_ENTRY_MAX_BYTES} bytes of JSON")
+        return self
+
+    def kept(self) -> dict[str, Any]:
+        """The entry as it is stored: the fields the executor sent, nothing added."""
+        return self.model_dump(exclude_unset=True)
+
+
+def _ascending(entries: list[TranscriptEntry]) -> None:
+    seqs = [e.seq for e in entries]
+    if any(b <= a for a, b in zip(seqs, seqs[1:], strict=False)):
+        raise ValueError("entries must be numbered in ascending order, each once")
 
 
 class TranscriptEventPayload(StrictAgentOutput):
@@ -338,7 +392,12 @@ class TranscriptEventPayload(StrictAgentOutput):
 
     agentId: CanonicalUUID
     entries: list[TranscriptEntry] = Field(max_length=2000)
-    total: int = Field(default=0, ge=0)
+    total: int = Field(default=0, ge=0, le=TRANSCRIPT_MAX_SEQ)
+
+    @model_validator(mode="after")
+    def _numbered(self) -> TranscriptEventPayload:
+        _ascending(self.entries)
+        return self
 
 
 class TranscriptPullPayload(Strict):
@@ -347,6 +406,27 @@ class TranscriptPullPayload(Strict):
     agentId: CanonicalUUID
     after: int = Field(default=0, ge=0)
     limit: int = Field(default=200, ge=1, le=1000)
+
+
+class TranscriptPullReply(BaseModel):
+    """The executor's answer to agent.transcript (unknown fields ignored: a newer executor
+    may say more)."""
+
+    agentId: CanonicalUUID
+    entries: list[TranscriptEntry] = Field(default_factory=list, max_length=1000)
+    total: int = Field(default=0, ge=0, le=TRANSCRIPT_MAX_SEQ)
+    truncated: bool = False
+
+    def check_answers(self, agent_id: uuid.UUID, after: int, limit: int) -> None:
+        """The reply is for this agent and holds at most `limit` entries numbered above
+        `after`, in order (ValueError if not)."""
+        if self.agentId != agent_id:
+            raise ValueError("the reply is about another agent")
+        if len(self.entries) > limit:
+            raise ValueError(f"the reply holds more than the {limit} entries asked for")
+        if self.entries and self.entries[0].seq <= after:
+            raise ValueError(f"the reply holds entries numbered {after} or below")
+        _ascending(self.entries)
 
 
 class TranscriptPage(BaseModel):

@@ -29,6 +29,7 @@ from federation import tracing
 from federation.connections import apply_peer_change
 from federation.envelope import Envelope, MessageType, format_timestamp, sign_envelope
 from federation.errors import (
+    AgentEnded,
     AgentNotFound,
     ArtifactNotFound,
     CapacityExceeded,
@@ -590,6 +591,11 @@ async def incoming_event(
                 or row["connection_id"] != connection["connection_id"]
             ):
                 raise AgentNotFound(f"no agent {event.agentId} was spawned on this peer")
+            if transcript is not None and row["state"] in repos.TERMINAL_STATES:
+                # What is missing then is pulled (up to the count the final reported).
+                raise AgentEnded(
+                    f"agent {event.agentId} is {row['state']}: its transcript takes no more events"
+                )
             applied = transcript is None and await repos.apply_requester_update(
                 conn,
                 event.agentId,
@@ -624,11 +630,17 @@ async def incoming_event(
 
 async def _received_transcript(request: Request, event: TranscriptEventPayload) -> dict[str, Any]:
     """Keep the entries that continue the stored transcript; pull when some are missing."""
-    entries = [e.model_dump() for e in event.entries]
-    have, gap = await conversations.store_received(request.app.state.pool, event.agentId, entries)
-    if gap:
+    settings: Settings = request.app.state.settings
+    received = await conversations.store_received(
+        request.app.state.pool,
+        event.agentId,
+        [e.kept() for e in event.entries],
+        max_entries=settings.transcript_max_entries,
+        max_bytes=settings.transcript_limit,
+    )
+    if received.gap:
         request.app.state.transcripts.kick(event.agentId)
-    return {"agentId": str(event.agentId), "stored": have}
+    return {"agentId": str(event.agentId), "stored": received.stored, "full": received.full}
 
 
 def _pull_if_behind(request: Request, agent_id: uuid.UUID, progress: Any, result: Any) -> None:
