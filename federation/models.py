@@ -351,10 +351,10 @@ class TranscriptEntry(BaseModel):
     output: str | None = None
     input: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
-    name: str | None = Field(default=None, max_length=200)
-    callId: str | None = Field(default=None, max_length=200)
-    model: str | None = Field(default=None, max_length=200)
-    stopReason: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=1000)
+    callId: str | None = Field(default=None, max_length=1000)
+    model: str | None = Field(default=None, max_length=1000)
+    stopReason: str | None = Field(default=None, max_length=1000)
     path: str | None = Field(default=None, max_length=4096)
     exitCode: int | None = Field(default=None, ge=-(2**31), le=2**31)
     outputChars: int | None = Field(default=None, ge=0)
