@@ -9,7 +9,7 @@ from typing import Any
 from tests.conftest import Instance
 from tests.hostile.conftest import connected
 from tests.hostile.rogue import Rogue
-from tests.hostile.test_fairness import send, spawn
+from tests.hostile.test_fairness import send, spawn, wait_for_try, wait_state
 
 DEFAULT_MAX_AGENT_TIMEOUT = 24 * 3600  # FEDAGENT_MAX_AGENT_TIMEOUT's default
 
@@ -31,6 +31,33 @@ async def test_a_peer_with_default_grants_cannot_ask_for_more_than_the_instance_
         assert rows == []
     finally:
         await hub.call("POST", f"/connections/{connection_id}/disconnect")
+
+
+async def test_a_queued_try_is_held_to_a_timeout_grant_lowered_after_the_spawn(
+    far: Instance, rogue: Rogue
+) -> None:
+    # far runs one agent at a time: the queued run starts its try only when the first ends.
+    connection_id = await connected(rogue, far)
+    try:
+        first, queued = spawn(), spawn("$ echo should-not-run", queue=True)
+        assert (await send(rogue, far, "agent.spawn", first)).status_code == 200
+        await wait_state(far, first["agentId"], {"running"})
+        assert (await send(rogue, far, "agent.spawn", queued)).status_code == 200
+        await wait_for_try(far, queued["agentId"], rogue.instance_id)
+        lowered = queued["options"]["timeout"] - 1
+        response = await far.call(
+            "PATCH", f"/connections/{connection_id}", json={"grants": {"maxTimeout": lowered}}
+        )
+        assert response.status_code == 200, response.text
+        killed = await send(rogue, far, "agent.kill", {"agentId": first["agentId"]})
+        assert killed.status_code == 200, killed.text
+        assert await wait_state(far, queued["agentId"], {"failed", "completed"}) == "failed"
+        rows = await far.fetch(
+            "SELECT error FROM agents WHERE agent_id = $1", uuid.UUID(queued["agentId"])
+        )
+        assert f"above the {lowered} s allowed" in (rows[0]["error"] or ""), rows
+    finally:
+        await far.call("POST", f"/connections/{connection_id}/disconnect")
 
 
 async def member_token(hub: Instance, name: str) -> dict[str, str]:
