@@ -314,7 +314,7 @@ async def received_full(db: Executor, agent_id: uuid.UUID) -> bool:
         " ORDER BY seq DESC LIMIT 1",
         agent_id,
     )
-    return kind == "truncated"
+    return bool(kind == "truncated")
 
 
 async def received_count(db: Executor, agent_id: uuid.UUID) -> int:
