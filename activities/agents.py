@@ -22,10 +22,11 @@ from agents.runtime import RuntimeConfig, run_agent_task
 from agents.sandbox.base import Limits
 from agents.text import clean
 from federation import tracing
-from federation.errors import FederationError, GrantAgentType, GrantCommandType
+from federation.errors import FederationError
+from federation.identity import load_identity
 from federation.settings import Settings
 from federation.store import artifacts, conversations, repos
-from federation.trust import SAFE_INSTANCE_ID, grants_of, require_active
+from federation.trust import SAFE_INSTANCE_ID, check_peer_command, require_active
 from workflows.models import (
     AGENT_FAILED,
     AGENT_TIMED_OUT,
@@ -41,6 +42,17 @@ EVENT_MIN_INTERVAL = 1.0  # seconds between progress events sent to the requeste
 # transcript in one event at its end. (Progress is sent at once: it is the requester's record
 # of each step.)
 TRANSCRIPT_QUIET_START = 1.0
+
+
+def _spawn_payload(task: RunTask) -> dict[str, Any]:
+    """The run's spawn as the grants see it (what the ingress checked, from the task)."""
+    return {
+        "agentId": task.agent_id,
+        "taskId": task.task_id,
+        "agentType": task.agent_type,
+        "context": task.context,
+        "options": {"timeout": task.timeout_seconds, "maxRetries": task.max_retries},
+    }
 
 
 class AgentActivities:
@@ -66,7 +78,8 @@ class AgentActivities:
         return path
 
     async def _check_still_granted(self, task: RunTask) -> None:
-        """Each try starts only if the run's connection is ACTIVE and still grants it."""
+        """Each try starts only if the run's connection is ACTIVE and still grants it (its
+        command, agent type, repository and timeout, within this instance's limits)."""
         row = await repos.get_executed_agent(self.pool, task.requester_id, uuid.UUID(task.agent_id))
         if row is not None and row["state"] in repos.TERMINAL_STATES:
             # Recorded as ended while its workflow did not exist (a kill that found none, the
@@ -79,11 +92,15 @@ class AgentActivities:
         connection = await repos.get_connection(self.pool, row["connection_id"]) if row else None
         try:
             connection = require_active(connection)
-            grants = grants_of(connection)
-            if "agent.spawn" not in grants.commandTypes:
-                raise GrantCommandType("agent.spawn is no longer granted to this peer")
-            if task.agent_type not in grants.agentTypes:
-                raise GrantAgentType(f"agent type {task.agent_type!r} is no longer granted")
+            identity = await load_identity(self.pool)
+            # The same rule as the ingress's, with the grants and limits as they are now.
+            check_peer_command(
+                connection,
+                "agent.spawn",
+                _spawn_payload(task),
+                max_timeout=self.settings.max_agent_timeout,
+                offered_agent_types=identity.capabilities.get("agentTypes"),
+            )
         except FederationError as err:
             raise ApplicationError(err.detail, type=err.code, non_retryable=True) from None
 

@@ -21,7 +21,7 @@ from federation.identity import Identity, load_identity
 from federation.peer import send_signed
 from federation.settings import Settings
 from federation.store import repos
-from federation.trust import check_grants, require_active, verify_incoming
+from federation.trust import check_peer_command, require_active, verify_incoming
 from workflows.models import (
     ADMIT_RUN,
     NOTIFY_REQUESTER,
@@ -365,7 +365,13 @@ class FederationActivities:
                 now=parse_timestamp(inp.received_at),
             )
             connection = require_active(verified.connection)
-            check_grants(connection, "agent.spawn", verified.envelope.payload)
+            check_peer_command(
+                connection,
+                "agent.spawn",
+                verified.envelope.payload,
+                max_timeout=self.settings.max_agent_timeout,
+                offered_agent_types=identity.capabilities.get("agentTypes"),
+            )
         except FederationError as err:
             raise as_activity_error(err) from None
         envelope = verified.envelope

@@ -55,6 +55,7 @@ def services_for(request: Request) -> Services:
         starter=state.spawner,
         transcripts=state.transcripts,
         cipher=state.cipher,
+        listener=state.agent_state_listener,
     )
 
 
@@ -75,7 +76,7 @@ async def user_for_token(pool: asyncpg.Pool, token: str) -> User:
     row: dict[str, Any] | None = await repos.find_token(pool, token.strip())
     if row is None:
         raise Unauthenticated("the API token is not valid")
-    return User(row["name"], row["role"], row["workspace"])
+    return User(row["name"], row["role"], row["workspace"], token_id=row["id"])
 
 
 async def _current_user(request: Request) -> User:

@@ -97,8 +97,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.pool, app.state.http, settings, app.state.cipher
         )
         # Wakes agent.status long-polls when a run's state changes (connects at first use).
+        # Wakes event streams when an agent's log or transcript grows or a token is revoked.
         app.state.agent_state_listener = notifications.Listener(
-            settings.database_url, (notifications.AGENT_STATE,)
+            settings.database_url,
+            (notifications.AGENT_STATE, notifications.AGENT_NEWS, notifications.TOKEN),
         )
         try:
             yield

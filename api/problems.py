@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError
 
 from federation.errors import FederationError
+from federation.models import TEXT_INVALID
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -55,11 +56,16 @@ def install(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         fields = ", ".join(e["field"] for e in errors)
+        # Text that cannot be kept (NUL, unpaired surrogates, control characters in a name)
+        # has a code of its own: the request is well-formed, its text is not acceptable.
+        text = all(e["type"] == TEXT_INVALID for e in exc.errors())
         return problem(
             request,
             status=422,
-            code="validation_error",
-            title="Request does not match the schema",
+            code=TEXT_INVALID if text else "validation_error",
+            title="Request holds text that is not allowed"
+            if text
+            else "Request does not match the schema",
             detail=f"invalid: {fields}",
             errors=errors,
         )

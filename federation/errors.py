@@ -124,6 +124,11 @@ class ConnectionStateConflict(Conflict):
     title = "Connection is not in a state that allows this"
 
 
+class AgentEnded(Conflict):
+    code = "agent_ended"
+    title = "The run has reached its final state"
+
+
 class AgentIdConflict(Conflict):
     code = "agent_id_conflict"
     title = "This agentId is already used by a different spawn"
@@ -278,6 +283,12 @@ class ConnectBusy(FederationError):
     code = "connect_busy"
     status = 503
     title = "Too many connection requests are being checked; try again later"
+
+
+class TooManyStreams(FederationError):
+    code = "too_many_streams"
+    status = 429
+    title = "This API token holds as many event streams open as it may"
 
 
 class RateLimited(FederationError):

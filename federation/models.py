@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 AgentType = Literal["worker", "reviewer", "tester"]
 AgentState = Literal["spawning", "running", "completed", "failed", "killed", "timed_out"]
@@ -14,7 +25,74 @@ ConnectionStatus = Literal["PENDING", "ACTIVE", "SUSPENDED", "DISCONNECTED"]
 KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
 
 
+# The problem code of text this instance refuses to keep (see `Strict` and `Line`).
+TEXT_INVALID = "text_invalid"
+# What a one-line field (a name, an id, a URL) never holds: C0 controls, DEL, C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL can keep `text`: no NUL, and UTF-8 (no unpaired surrogate)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _refuse_unstorable(data: Any) -> Any:
+    """Every string in `data` (keys too, at any depth) storable, or a `text_invalid` error."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not _storable(value):
+                raise PydanticCustomError(
+                    TEXT_INVALID,
+                    "text at {path} holds NUL or an unpaired surrogate, which cannot be stored",
+                    {"path": _CONTROL.sub("?", path)[:200] or "the top level"},
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path))
+                stack.append((item, f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+    return data
+
+
+def _one_line(text: str) -> str:
+    if _CONTROL.search(text):
+        raise PydanticCustomError(
+            TEXT_INVALID, "control characters (NUL, line breaks, escapes) are not allowed here"
+        )
+    return text
+
+
+# A name, an id, a URL, a pattern: one line of text without control characters.
+Line = Annotated[str, AfterValidator(_one_line)]
+
+
 class Strict(BaseModel):
+    """A request or a message: unknown fields are refused, and so is text that PostgreSQL
+    cannot keep (NUL, unpaired surrogates) anywhere in it, keys included: one rule for every
+    model of what users and peers send, so that no such string reaches the store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        return _refuse_unstorable(data)
+
+
+class StrictAgentOutput(BaseModel):
+    """A message that carries what an agent produced (events, transcript entries): unknown
+    fields refused; the bytes of the agent's text are the transcript's and the event's own
+    rule, not refused here."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -86,12 +164,12 @@ class PeerPublic(BaseModel):
 
 
 class AgentContext(Strict):
-    repository: str | None = Field(default=None, max_length=2000)
-    branch: str | None = Field(default=None, max_length=255)
+    repository: Line | None = Field(default=None, max_length=2000)
+    branch: Line | None = Field(default=None, max_length=255)
     workItems: list[str] = Field(default_factory=list, max_length=200)
     instructions: str = Field(default="", max_length=100_000)
     # A model to run the agent with; the executor accepts only those it allows.
-    model: str | None = Field(default=None, max_length=200)
+    model: Line | None = Field(default=None, max_length=200)
 
 
 class AgentOptions(Strict):
@@ -104,7 +182,7 @@ class AgentOptions(Strict):
 class AgentSpawnCreate(Strict):
     agentId: uuid.UUID | None = None
     connectionId: uuid.UUID
-    taskId: str = Field(min_length=1, max_length=200)
+    taskId: Line = Field(min_length=1, max_length=200)
     agentType: AgentType
     context: AgentContext = Field(default_factory=AgentContext)
     options: AgentOptions = Field(default_factory=AgentOptions)
@@ -186,7 +264,7 @@ class KeyEndorsement(Strict):
 
 
 class PeerKey(Strict):
-    keyId: str = Field(min_length=1, max_length=128)
+    keyId: Line = Field(min_length=1, max_length=128)
     algorithm: KeyAlgorithm
     publicKey: str = Field(min_length=1, max_length=8192)
     validFrom: str | None = Field(default=None, max_length=64)
@@ -198,7 +276,7 @@ class PeerKey(Strict):
 class ConnectRequestPayload(Strict):
     connectionId: uuid.UUID
     url: HttpUrl
-    name: str = Field(min_length=1, max_length=200)
+    name: Line = Field(min_length=1, max_length=200)
     # The sender's public keys: its signature is verified with them before its card is read.
     keys: list[PeerKey] = Field(min_length=1, max_length=8)
 
@@ -211,7 +289,7 @@ class ConnectChangePayload(Strict):
 
 class SpawnPayload(Strict):
     agentId: CanonicalUUID
-    taskId: str = Field(min_length=1, max_length=200)
+    taskId: Line = Field(min_length=1, max_length=200)
     agentType: AgentType
     context: AgentContext
     options: AgentOptions
@@ -246,7 +324,7 @@ class AgentArtifactPayload(Strict):
         return self
 
 
-class AgentEventPayload(Strict):
+class AgentEventPayload(StrictAgentOutput):
     agentId: CanonicalUUID
     seq: int = Field(ge=1)
     state: AgentState
@@ -256,20 +334,78 @@ class AgentEventPayload(Strict):
     attempt: int | None = None
 
 
+# Largest transcript entry a requester keeps (its JSON form): an executor's entries hold
+# bounded heads and tails of text (agents/conversation.py), far below this.
+TRANSCRIPT_ENTRY_MAX_BYTES = 256 * 1024
+TRANSCRIPT_MAX_SEQ = 10_000_000
+
+
+def _entry_size(entry: dict[str, Any]) -> int:
+    return len(json.dumps(entry, separators=(",", ":")).encode())
+
+
 class TranscriptEntry(BaseModel):
-    """One numbered entry of an agent's transcript (its other fields depend on `kind`)."""
+    """One numbered entry of an agent's transcript as an executor sends it. The fields that
+    readers (REST, SSE, the console) rely on have their types checked, others are kept as
+    sent; the whole entry is bounded in size."""
 
-    model_config = ConfigDict(extra="allow")
-    seq: int = Field(ge=1, le=10_000_000)
-    kind: str = Field(min_length=1, max_length=50)
+    model_config = ConfigDict(extra="allow", strict=True)
+    seq: int = Field(ge=1, le=TRANSCRIPT_MAX_SEQ)
+    kind: str = Field(pattern=r"^[a-z][a-z_]{0,49}$")
+    attempt: int | None = Field(default=None, ge=1, le=100_000)
+    at: str | None = Field(default=None, max_length=64)
+    turn: int | None = Field(default=None, ge=0, le=TRANSCRIPT_MAX_SEQ)
+    text: str | None = None
+    output: str | None = None
+    input: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    name: str | None = Field(default=None, max_length=1000)
+    callId: str | None = Field(default=None, max_length=1000)
+    model: str | None = Field(default=None, max_length=1000)
+    stopReason: str | None = Field(default=None, max_length=1000)
+    path: str | None = Field(default=None, max_length=4096)
+    exitCode: int | None = Field(default=None, ge=-(2**31), le=2**31)
+    outputChars: int | None = Field(default=None, ge=0)
+    isError: bool | None = None
+    interrupted: bool | None = None
+    textCut: bool | None = None
+    outputCut: bool | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> TranscriptEntry:
+        if self.at is not None:
+            try:
+                aware = datetime.fromisoformat(self.at).tzinfo is not None
+            except ValueError:
+                aware = False
+            if not aware:
+                raise ValueError("at must be an RFC 3339 timestamp with its offset")
+        if _entry_size(self.kept()) > TRANSCRIPT_ENTRY_MAX_BYTES:
+            raise ValueError(f"an entry is at most {TRANSCRIPT_ENTRY_MAX_BYTES} bytes of JSON")
+        return self
+
+    def kept(self) -> dict[str, Any]:
+        """The entry as it is stored: the fields the executor sent, nothing added."""
+        return self.model_dump(exclude_unset=True)
 
 
-class TranscriptEventPayload(Strict):
+def _ascending(entries: list[TranscriptEntry]) -> None:
+    seqs = [e.seq for e in entries]
+    if any(b <= a for a, b in zip(seqs, seqs[1:], strict=False)):
+        raise ValueError("entries must be numbered in ascending order, each once")
+
+
+class TranscriptEventPayload(StrictAgentOutput):
     """EVENT agent.transcript: entries that continue the run's transcript, and its length."""
 
     agentId: CanonicalUUID
     entries: list[TranscriptEntry] = Field(max_length=2000)
-    total: int = Field(default=0, ge=0)
+    total: int = Field(default=0, ge=0, le=TRANSCRIPT_MAX_SEQ)
+
+    @model_validator(mode="after")
+    def _numbered(self) -> TranscriptEventPayload:
+        _ascending(self.entries)
+        return self
 
 
 class TranscriptPullPayload(Strict):
@@ -278,6 +414,27 @@ class TranscriptPullPayload(Strict):
     agentId: CanonicalUUID
     after: int = Field(default=0, ge=0)
     limit: int = Field(default=200, ge=1, le=1000)
+
+
+class TranscriptPullReply(BaseModel):
+    """The executor's answer to agent.transcript (unknown fields ignored: a newer executor
+    may say more)."""
+
+    agentId: CanonicalUUID
+    entries: list[TranscriptEntry] = Field(default_factory=list, max_length=1000)
+    total: int = Field(default=0, ge=0, le=TRANSCRIPT_MAX_SEQ)
+    truncated: bool = False
+
+    def check_answers(self, agent_id: uuid.UUID, after: int, limit: int) -> None:
+        """The reply is for this agent and holds at most `limit` entries numbered above
+        `after`, in order (ValueError if not)."""
+        if self.agentId != agent_id:
+            raise ValueError("the reply is about another agent")
+        if len(self.entries) > limit:
+            raise ValueError(f"the reply holds more than the {limit} entries asked for")
+        if self.entries and self.entries[0].seq <= after:
+            raise ValueError(f"the reply holds entries numbered {after} or below")
+        _ascending(self.entries)
 
 
 class TranscriptPage(BaseModel):
@@ -298,6 +455,8 @@ class TranscriptPage(BaseModel):
 
 CommandType = Literal["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 GlobPattern = Annotated[str, Field(min_length=1, max_length=500)]
+# What an admin sets: one line (rows stored before this rule still read as GlobPattern).
+NewGlobPattern = Annotated[Line, Field(min_length=1, max_length=500)]
 
 
 def _all_command_types() -> list[CommandType]:
@@ -328,7 +487,7 @@ class GrantsUpdate(Strict):
     agentTypes: list[AgentType] | None = Field(default=None, max_length=10)
     maxConcurrentAgents: int | None = Field(default=None, ge=0, le=100_000)
     maxTimeout: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
-    repositories: list[GlobPattern] | None = Field(default=None, max_length=200)
+    repositories: list[NewGlobPattern] | None = Field(default=None, max_length=200)
 
     def apply(self, current: dict[str, Any] | None) -> Grants:
         base = Grants.model_validate({**Grants().model_dump(), **(current or {})})
@@ -350,16 +509,16 @@ class ConnectionUpdate(Strict):
 class CapabilitiesUpdate(Strict):
     agentTypes: list[AgentType] | None = Field(default=None, max_length=10)
     commandTypes: list[CommandType] | None = Field(default=None, max_length=10)
-    sandboxes: list[Annotated[str, Field(min_length=1, max_length=50)]] | None = Field(
+    sandboxes: list[Annotated[Line, Field(min_length=1, max_length=50)]] | None = Field(
         default=None, max_length=20
     )
-    modelProviders: list[Annotated[str, Field(min_length=1, max_length=50)]] | None = Field(
+    modelProviders: list[Annotated[Line, Field(min_length=1, max_length=50)]] | None = Field(
         default=None, max_length=20
     )
 
 
 class InstanceUpdate(Strict):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Line | None = Field(default=None, min_length=1, max_length=200)
     capabilities: CapabilitiesUpdate | None = None
     metadata: dict[str, Any] | None = None
 

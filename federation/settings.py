@@ -385,6 +385,15 @@ class Settings(BaseSettings):
     artifact_chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=512 * 1024)
     # Bytes of transcript kept per run (executor and requester); past it a `truncated` entry.
     transcript_limit: int = Field(default=2 * 1024 * 1024, ge=4096)
+    # Entries of a peer's transcript kept per run (the requester's copy); past it, or past
+    # `transcript_limit` bytes, one `truncated` entry and no more.
+    transcript_max_entries: int = Field(default=20_000, ge=10)
+    # Event streams (SSE) one API token may hold open at once, across the instance's API
+    # processes; one more is 429 `too_many_streams`.
+    sse_max_streams_per_token: int = Field(default=8, ge=1)
+    # Seconds between two checks of an open stream's token: a revoked token's streams end at
+    # once (NOTIFY), an expired one's within this.
+    sse_token_check_interval: float = Field(default=10.0, gt=0)
     # Least seconds between two transcript events sent to the requester while a run goes on.
     transcript_event_interval: float = Field(default=0.3, ge=0)
 

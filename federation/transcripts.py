@@ -17,9 +17,10 @@ import asyncpg
 import httpx
 
 from federation.envelope import MessageType
-from federation.errors import FederationError
+from federation.errors import FederationError, PeerResponseInvalid
 from federation.identity import load_identity
 from federation.keystore import KeyCipher
+from federation.models import TranscriptPullReply
 from federation.peer import send_signed
 from federation.settings import Settings
 from federation.store import conversations, repos
@@ -41,6 +42,19 @@ def reported_total(row: dict[str, Any] | None) -> int | None:
     progress = row.get("progress") or {}
     value = progress.get("transcriptEntries") if isinstance(progress, dict) else None
     return int(value) if isinstance(value, int) else None
+
+
+def _page(reply: dict[str, Any], agent_id: uuid.UUID, *, after: int) -> TranscriptPullReply:
+    """The executor's page, checked: for this agent, numbered above `after`, in order, each
+    entry well-formed and bounded (PeerResponseInvalid if not: nothing of it is kept)."""
+    try:
+        page = TranscriptPullReply.model_validate(reply)
+        page.check_answers(agent_id, after, PAGE)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise PeerResponseInvalid(
+            f"the executor's transcript page is invalid: {str(exc)[:500]}"
+        ) from None
+    return page
 
 
 class TranscriptPuller:
@@ -108,8 +122,10 @@ class TranscriptPuller:
     async def _pull(self, agent_id: uuid.UUID, timeout: float | None) -> int:
         row = await repos.get_requested_agent(self.pool, agent_id)
         have = await conversations.received_count(self.pool, agent_id)
-        if row is None:
+        if row is None or await conversations.received_full(self.pool, agent_id):
             return have
+        # Once the run has ended, its final says how many entries there are: no more is kept.
+        upto = reported_total(row) if row["state"] in repos.TERMINAL_STATES else None
         connection = require_active(await repos.get_connection(self.pool, row["connection_id"]))
         identity = await load_identity(self.pool, self.cipher)
         for _ in range(MAX_PAGES):
@@ -125,12 +141,20 @@ class TranscriptPuller:
                 window_seconds=self.settings.timestamp_window,
                 timeout=timeout or self.settings.peer_request_timeout,
             )
-            entries = [e for e in reply.get("entries") or [] if isinstance(e, dict)]
-            if not entries:
+            page = _page(reply, agent_id, after=have)
+            if not page.entries:
                 return have
-            have, _gap = await conversations.store_received(self.pool, agent_id, entries)
-            if have >= int(reply.get("total") or 0):
-                return have
+            received = await conversations.store_received(
+                self.pool,
+                agent_id,
+                [e.kept() for e in page.entries],
+                max_entries=self.settings.transcript_max_entries,
+                max_bytes=self.settings.transcript_limit,
+                upto=upto,
+            )
+            if received.stored == have or received.full or received.stored >= page.total:
+                return received.stored  # no progress, the copy is full, or it is all here
+            have = received.stored
         return have
 
     async def complete(self, agent_id: uuid.UUID, row: dict[str, Any] | None) -> bool:
@@ -140,6 +164,6 @@ class TranscriptPuller:
         if total is None:
             return row is not None and row["state"] in repos.TERMINAL_STATES
         have = await conversations.received_count(self.pool, agent_id)
-        if have < total:
+        if have < total and not await conversations.received_full(self.pool, agent_id):
             have = await self.pull(agent_id, timeout=10.0)
-        return have >= total
+        return have >= total or await conversations.received_full(self.pool, agent_id)

@@ -389,6 +389,28 @@ def check_grants(
         )
 
 
+def check_peer_command(
+    connection: dict[str, Any],
+    command_type: str,
+    payload: dict[str, Any],
+    *,
+    max_timeout: int,
+    offered_agent_types: list[str] | None,
+) -> None:
+    """A peer's command against its connection's grants and this instance's own limits.
+
+    The one rule the ingress applies to a command and every try of a run applies again, so
+    neither can leave out an instance limit (`max_timeout` has no default on purpose)."""
+    check_grants(
+        connection,
+        # Reading a run's transcript is reading its status: the same grant.
+        "agent.status" if command_type == "agent.transcript" else command_type,
+        payload,
+        max_timeout=max_timeout,
+        offered_agent_types=offered_agent_types,
+    )
+
+
 async def check_peer_concurrency(
     db: repos.Executor,
     connection: dict[str, Any],

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -11,6 +12,9 @@ class User:
     name: str
     role: str
     workspace: str
+    # The API token asking (None: not a token, e.g. a test's own user); what event streams
+    # are counted against and re-checked by.
+    token_id: uuid.UUID | None = field(default=None, compare=False)
 
     @property
     def is_admin(self) -> bool:

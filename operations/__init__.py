@@ -17,6 +17,7 @@ from temporalio.client import Client
 from federation.identity import Identity, load_identity
 from federation.keystore import KeyCipher
 from federation.settings import Settings
+from federation.store.notifications import Listener
 from federation.transcripts import TranscriptPuller
 
 
@@ -39,6 +40,9 @@ class Services:
     # agent never overlap).
     transcripts: TranscriptPuller
     cipher: KeyCipher | None = None
+    # The process's LISTEN connection (event streams wake on it); None: streams re-read on a
+    # short bound instead.
+    listener: Listener | None = None
 
     async def identity(self) -> Identity:
         # Loaded per call: a rotated key signs from the next request on, in every process.

@@ -36,6 +36,6 @@ async def page(
         stored=stored,
         total=total,
         truncated=bool(isinstance(summary, dict) and summary.get("truncated"))
-        or any(e.get("kind") == "truncated" for e in entries),
+        or await conversations.received_full(pool, agent_id),
         complete=complete,
     )

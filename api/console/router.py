@@ -35,7 +35,7 @@ from api.console.auth import (
 from api.console.diff import agent_diff, parse_diff, result_diff_bytes
 from api.console.transcript import agent_transcript
 from api.deps import require_admin, services_for, user_for_token
-from api.routes.agents import event_stream
+from api.event_stream import event_stream
 from federation.errors import FederationError, InvalidRequest, Unauthenticated
 from federation.models import (
     AgentSpawnCreate,

@@ -10,6 +10,7 @@ from federation.users import User
 from operations import Services, agents
 
 SHOWN = 2000
+SHOWN_BYTES = 4 * 1024 * 1024
 
 
 def _text(entry: dict[str, Any]) -> str:
@@ -33,5 +34,7 @@ async def agent_transcript(
     `role` and `text` the agent page shows; the live page appends `event: transcript` entries
     of the event stream to it."""
     await agents.get(services, user, agent_id)
-    entries = await conversations.received_after(services.pool, agent_id, 0, SHOWN)
+    entries = await conversations.received_after(
+        services.pool, agent_id, 0, SHOWN, max_bytes=SHOWN_BYTES
+    )
     return [{**e, "role": e.get("kind", "note"), "text": _text(e)} for e in entries]

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import uuid
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
 
 from api.deps import CurrentUser, ServicesDep
-from federation.errors import InvalidRequest
+from api.event_stream import event_stream
 from federation.models import (
     AgentKillPublic,
     AgentPublic,
@@ -21,16 +17,11 @@ from federation.models import (
     AgentSpawnCreate,
     AgentState,
     AgentType,
+    Line,
 )
-from federation.store import conversations, repos
-from federation.users import User
-from operations import Services, agents
+from operations import agents
 
 router = APIRouter(prefix="/api/v1/federation/agents", tags=["agents"])
-SSE_POLL_SECONDS = 0.25
-SSE_KEEPALIVE_SECONDS = 15.0
-# Bits of an SSE event id that number transcript entries (the rest is the agent's log id).
-CURSOR_BITS = 20
 
 
 @router.post("/spawn", status_code=status.HTTP_202_ACCEPTED)
@@ -51,7 +42,7 @@ async def list_agents(
     state: AgentState | None = None,
     connection_id: Annotated[uuid.UUID | None, Query(alias="connectionId")] = None,
     agent_type: Annotated[AgentType | None, Query(alias="agentType")] = None,
-    task_id: Annotated[str | None, Query(alias="taskId", max_length=200)] = None,
+    task_id: Annotated[Line | None, Query(alias="taskId", max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> list[AgentPublic]:
@@ -82,34 +73,6 @@ async def kill_agent(
     return await agents.kill(services, user, agent_id)
 
 
-def _sse(event: dict[str, Any], agent_id: uuid.UUID, event_id: int, kind: str) -> str:
-    data = {
-        "agentId": str(agent_id),
-        "seq": event["seq"],
-        "state": event["state"],
-        "progress": event["progress"],
-        "error": event["error"],
-        "attempt": event["attempt"],
-        "at": event["at"].isoformat(),
-    }
-    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
-
-
-def _sse_transcript(entry: dict[str, Any], agent_id: uuid.UUID, event_id: int) -> str:
-    data = {"agentId": str(agent_id), **entry}
-    return f"id: {event_id}\nevent: transcript\ndata: {json.dumps(data)}\n\n"
-
-
-def _when(item: dict[str, Any]) -> datetime:
-    at = item.get("at")
-    if isinstance(at, datetime):
-        return at
-    try:
-        return datetime.fromisoformat(str(at))
-    except ValueError:
-        return datetime.max.replace(tzinfo=UTC)
-
-
 @router.get(
     "/{agent_id}/events",
     response_class=StreamingResponse,
@@ -125,75 +88,8 @@ async def agent_events(
 
     Each event's `id` is one cursor over this instance's log of the agent and its transcript
     (`log id << 20 | transcript entry number`), increasing along the stream; reconnecting with
-    `Last-Event-ID` resumes after it, with no entry missed or repeated.
+    `Last-Event-ID` resumes after it, with no entry missed or repeated. An API token holds
+    at most `FEDAGENT_SSE_MAX_STREAMS_PER_TOKEN` streams (429 `too_many_streams`); a stream
+    ends when its token is revoked or expires.
     """
     return await event_stream(services, user, agent_id, last_event_id)
-
-
-async def event_stream(
-    services: Services, user: User, agent_id: uuid.UUID, last_event_id: str | None
-) -> StreamingResponse:
-    """The agent's event stream as this route serves it (the console's live pages use it too,
-    authenticated by their cookie)."""
-    await agents.get(services, user, agent_id)
-    pool = services.pool
-    try:
-        after = int(last_event_id) if last_event_id else 0
-        if after < 0:
-            raise ValueError
-    except ValueError:
-        raise InvalidRequest("Last-Event-ID must be an event id from this stream") from None
-    # Pulls what events did not bring before the final state goes out.
-    transcripts = services.transcripts
-
-    async def stream() -> AsyncIterator[str]:
-        cursor, entry_no = after >> CURSOR_BITS, after & ((1 << CURSOR_BITS) - 1)
-        # `event: state` for each change of state, `progress` for news within one state.
-        seen = await repos.agent_events_after(pool, agent_id, cursor - 1) if cursor else []
-        last_state = seen[0]["state"] if seen and seen[0]["id"] == cursor else None
-        idle = 0.0
-        yield "retry: 1000\n\n"
-        while True:
-            entries = await conversations.received_after(pool, agent_id, entry_no)
-            events = await repos.agent_events_after(pool, agent_id, cursor)
-            final = next((e for e in events if e["state"] in repos.TERMINAL_STATES), None)
-            if final is not None:
-                # Everything the run said comes before its final state.
-                events = events[: events.index(final) + 1]
-                row = await repos.get_requested_agent(pool, agent_id)
-                await transcripts.complete(agent_id, row)
-                entries = await conversations.received_after(pool, agent_id, entry_no, 100_000)
-            emitted = bool(entries or events)
-            while entries or events:
-                take_entry = bool(entries) and (
-                    not events or events[0] is final or _when(entries[0]) <= _when(events[0])
-                )
-                if take_entry:
-                    entry = entries.pop(0)
-                    entry_no = int(entry["seq"])
-                    yield _sse_transcript(entry, agent_id, cursor << CURSOR_BITS | entry_no)
-                    continue
-                event = events.pop(0)
-                cursor = event["id"]
-                kind = "progress" if event["state"] == last_state else "state"
-                last_state = event["state"]
-                yield _sse(event, agent_id, cursor << CURSOR_BITS | entry_no, kind)
-                if event is final:
-                    return
-            if not emitted:
-                row = await repos.get_requested_agent(pool, agent_id)
-                if row is not None and row["state"] in repos.TERMINAL_STATES:
-                    return  # resumed after the final event: nothing more will come
-                await asyncio.sleep(SSE_POLL_SECONDS)
-                idle += SSE_POLL_SECONDS
-                if idle >= SSE_KEEPALIVE_SECONDS:
-                    idle = 0.0
-                    yield ": keep-alive\n\n"
-            else:
-                idle = 0.0
-
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )

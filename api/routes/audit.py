@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import AdminUser, ServicesDep
-from federation.models import AuditPage
+from federation.models import AuditPage, Line
 from operations import audit
 
 router = APIRouter(prefix="/api/v1/federation/audit", tags=["audit"])
@@ -19,9 +19,9 @@ router = APIRouter(prefix="/api/v1/federation/audit", tags=["audit"])
 async def list_audit(
     user: AdminUser,
     services: ServicesDep,
-    action: Annotated[str | None, Query(max_length=200, description="exact, or prefix*")] = None,
-    outcome: Annotated[str | None, Query(max_length=50, description="ok or refused")] = None,
-    actor: Annotated[str | None, Query(max_length=300, description="user:N, peer:ID")] = None,
+    action: Annotated[Line | None, Query(max_length=200, description="exact, or prefix*")] = None,
+    outcome: Annotated[Line | None, Query(max_length=50, description="ok or refused")] = None,
+    actor: Annotated[Line | None, Query(max_length=300, description="user:N, peer:ID")] = None,
     since: Annotated[datetime | None, Query(description="at or after (RFC 3339)")] = None,
     until: Annotated[datetime | None, Query(description="before (RFC 3339)")] = None,
     before: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="nextBefore")] = None,

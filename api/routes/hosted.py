@@ -8,12 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import AdminUser, ServicesDep
-from federation.models import AgentKillPublic, AgentPublic, AgentState
+from federation.models import AgentKillPublic, AgentPublic, AgentState, Line
 from operations import hosted
 
 router = APIRouter(prefix="/api/v1/federation/hosted", tags=["hosted"])
 Peer = Annotated[
-    str | None, Query(max_length=200, description="The requester's name or instance id.")
+    Line | None, Query(max_length=200, description="The requester's name or instance id.")
 ]
 
 

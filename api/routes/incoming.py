@@ -31,6 +31,7 @@ from federation import tracing
 from federation.connections import apply_peer_change
 from federation.envelope import Envelope, MessageType, format_timestamp, sign_envelope
 from federation.errors import (
+    AgentEnded,
     AgentNotFound,
     ArtifactNotFound,
     CapacityExceeded,
@@ -62,7 +63,7 @@ from federation.transcripts import reported_total
 from federation.trust import (
     SAFE_INSTANCE_ID,
     check_card_matches,
-    check_grants,
+    check_peer_command,
     check_peer_concurrency,
     refresh_keys_first,
     require_active,
@@ -381,10 +382,9 @@ async def incoming_command(
                 "agent.transcript",
             ):
                 raise UnsupportedCommand(f"unknown command {command!r}")
-            check_grants(
+            check_peer_command(
                 connection,
-                # Reading a run's transcript is reading its status: the same grant.
-                "agent.status" if command == "agent.transcript" else command,
+                command,
                 envelope.payload,
                 max_timeout=settings.max_agent_timeout,
                 offered_agent_types=identity.capabilities.get("agentTypes"),
@@ -651,6 +651,11 @@ async def incoming_event(
                 or row["connection_id"] != connection["connection_id"]
             ):
                 raise AgentNotFound(f"no agent {event.agentId} was spawned on this peer")
+            if transcript is not None and row["state"] in repos.TERMINAL_STATES:
+                # What is missing then is pulled (up to the count the final reported).
+                raise AgentEnded(
+                    f"agent {event.agentId} is {row['state']}: its transcript takes no more events"
+                )
             applied = transcript is None and await repos.apply_requester_update(
                 conn,
                 event.agentId,
@@ -685,11 +690,17 @@ async def incoming_event(
 
 async def _received_transcript(request: Request, event: TranscriptEventPayload) -> dict[str, Any]:
     """Keep the entries that continue the stored transcript; pull when some are missing."""
-    entries = [e.model_dump() for e in event.entries]
-    have, gap = await conversations.store_received(request.app.state.pool, event.agentId, entries)
-    if gap:
+    settings: Settings = request.app.state.settings
+    received = await conversations.store_received(
+        request.app.state.pool,
+        event.agentId,
+        [e.kept() for e in event.entries],
+        max_entries=settings.transcript_max_entries,
+        max_bytes=settings.transcript_limit,
+    )
+    if received.gap:
         request.app.state.transcripts.kick(event.agentId)
-    return {"agentId": str(event.agentId), "stored": have}
+    return {"agentId": str(event.agentId), "stored": received.stored, "full": received.full}
 
 
 def _pull_if_behind(request: Request, agent_id: uuid.UUID, progress: Any, result: Any) -> None:

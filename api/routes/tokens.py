@@ -11,16 +11,16 @@ from pydantic import Field
 
 from api.deps import AdminUser, PoolDep
 from federation.errors import NotFound
-from federation.models import Strict
+from federation.models import Line, Strict
 from federation.store import repos, tokens
 
 router = APIRouter(prefix="/api/v1/federation/tokens", tags=["tokens"])
 
 
 class TokenCreate(Strict):
-    name: str = Field(min_length=1, max_length=200)
+    name: Line = Field(min_length=1, max_length=200)
     role: Literal["admin", "member"] = "member"
-    workspace: str = Field(default="default", min_length=1, max_length=200)
+    workspace: Line = Field(default="default", min_length=1, max_length=200)
     # Seconds until it stops working; none: until revoked.
     expiresIn: int | None = Field(default=None, ge=60, le=10 * 365 * 24 * 3600)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -233,34 +234,87 @@ async def transcript_after(
 # --- the requester's copy ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Received:
+    """What the requester's copy of a transcript holds after a store."""
+
+    stored: int  # entries kept, numbered 1..stored
+    gap: bool  # some entries were not kept because earlier ones are missing
+    full: bool  # the copy ends with a `truncated` entry: nothing more is kept
+
+
 async def store_received(
-    pool: asyncpg.Pool, agent_id: uuid.UUID, entries: list[dict[str, Any]]
-) -> tuple[int, bool]:
-    """Keep the entries that continue the stored prefix; return (entries stored now in all,
-    whether some could not be kept because earlier ones are missing)."""
+    pool: asyncpg.Pool,
+    agent_id: uuid.UUID,
+    entries: list[dict[str, Any]],
+    *,
+    max_entries: int,
+    max_bytes: int,
+    upto: int | None = None,
+) -> Received:
+    """Keep the entries that continue the stored prefix (validated entries, in order).
+
+    The copy holds at most `max_entries` entries and `max_bytes` bytes: the entry that would
+    pass either limit is replaced by one `truncated` entry of this instance, and nothing is
+    kept after it (nor after the executor's own `truncated` entry). Entries numbered above
+    `upto` (the count the run's final state reported) are not kept."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('fedagent:received-transcript:' || $1))",
             str(agent_id),
         )
-        have = await received_count(conn, agent_id)
-        rows = []
+        last = await conn.fetchrow(
+            "SELECT seq, total_bytes, entry->>'kind' AS kind FROM requested_transcript"
+            " WHERE agent_id = $1 ORDER BY seq DESC LIMIT 1",
+            agent_id,
+        )
+        have = int(last["seq"]) if last else 0
+        total = int(last["total_bytes"]) if last else 0
+        full = last is not None and last["kind"] == "truncated"
+        rows: list[tuple[Any, ...]] = []
         gap = False
         for entry in sorted(entries, key=lambda e: int(e["seq"])):
             seq = int(entry["seq"])
-            if seq <= have:
+            if full or seq <= have or (upto is not None and seq > upto):
                 continue
             if seq != have + 1:
                 gap = True
                 break
-            rows.append((agent_id, seq, entry))
+            size = _size(entry)
+            if seq > max_entries or total + size > max_bytes:
+                entry = _received_limit_entry(seq, max_entries, max_bytes)
+                size, full = _size(entry), True
+            total += size
+            rows.append((agent_id, seq, entry, total))
             have = seq
+            full = full or entry.get("kind") == "truncated"
         if rows:
             await conn.executemany(
-                "INSERT INTO requested_transcript (agent_id, seq, entry) VALUES ($1, $2, $3)",
+                "INSERT INTO requested_transcript (agent_id, seq, entry, total_bytes)"
+                " VALUES ($1, $2, $3, $4)",
                 rows,
             )
-        return have, gap
+        return Received(stored=have, gap=gap, full=full)
+
+
+def _received_limit_entry(seq: int, max_entries: int, max_bytes: int) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "kind": "truncated",
+        "at": datetime.now(UTC).isoformat(),
+        "text": f"this instance keeps at most {max_entries} entries and {max_bytes} bytes of"
+        " a peer's transcript per run; later entries are not kept (the run goes on)",
+    }
+
+
+async def received_full(db: Executor, agent_id: uuid.UUID) -> bool:
+    """Whether the copy ends with a `truncated` entry (nothing more will be kept)."""
+    kind = await db.fetchval(
+        "SELECT entry->>'kind' FROM requested_transcript WHERE agent_id = $1"
+        " ORDER BY seq DESC LIMIT 1",
+        agent_id,
+    )
+    return bool(kind == "truncated")
 
 
 async def received_count(db: Executor, agent_id: uuid.UUID) -> int:
@@ -271,13 +325,23 @@ async def received_count(db: Executor, agent_id: uuid.UUID) -> int:
 
 
 async def received_after(
-    db: Executor, agent_id: uuid.UUID, after: int, limit: int = 500
+    db: Executor,
+    agent_id: uuid.UUID,
+    after: int,
+    limit: int = 500,
+    *,
+    max_bytes: int = 1024 * 1024,
 ) -> list[dict[str, Any]]:
+    """Entries numbered above `after`, in order: at most `limit` of them and about
+    `max_bytes` (always at least one, so a reader makes progress)."""
     rows = await db.fetch(
         "SELECT entry FROM requested_transcript WHERE agent_id = $1 AND seq > $2"
+        " AND (seq = $2 + 1 OR total_bytes <= $4 + coalesce((SELECT total_bytes"
+        "  FROM requested_transcript WHERE agent_id = $1 AND seq = $2), 0))"
         " ORDER BY seq LIMIT $3",
         agent_id,
         after,
         limit,
+        max_bytes,
     )
     return [r["entry"] for r in rows]

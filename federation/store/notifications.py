@@ -1,9 +1,12 @@
 """PostgreSQL LISTEN/NOTIFY between the processes of one instance.
 
-Two channels: `fedagent_agent_state` (a trigger fires it when a run's state changes; the
-executor's long-polled `agent.status` waits on it) and `fedagent_kill` (the executor's API sends
+Channels: `fedagent_agent_state` (a trigger fires it when a run's state changes; the
+executor's long-polled `agent.status` waits on it), `fedagent_kill` (the executor's API sends
 it when a peer's kill is accepted; the worker running that agent stops its sandbox at once
-instead of waiting for the next heartbeat to carry Temporal's cancellation).
+instead of waiting for the next heartbeat to carry Temporal's cancellation),
+`fedagent_agent_news` (triggers fire it with the agent's id when its event log or its
+transcript copy grows; event streams wait on it) and `fedagent_token` (a trigger fires it with
+the token's id when an API token is revoked or its expiry changes; event streams re-check it).
 Notifications are hints: every waiter also re-reads the store on a bound.
 """
 
@@ -20,6 +23,8 @@ import asyncpg
 log = logging.getLogger(__name__)
 AGENT_STATE = "fedagent_agent_state"
 KILL = "fedagent_kill"
+AGENT_NEWS = "fedagent_agent_news"
+TOKEN = "fedagent_token"
 
 
 def agent_key(role: str, peer_instance_id: str, agent_id: object) -> str:
@@ -56,9 +61,15 @@ class Listener:
         for event in self._waiters.get((channel, payload), ()):
             event.set()
 
-    def watch(self, channel: str, key: str) -> asyncio.Event:
-        """An event set when `key` is notified on `channel`; `unwatch` it when done."""
-        event = asyncio.Event()
+    @property
+    def listening(self) -> bool:
+        """Whether notifications arrive now (else waiters only re-read on their bound)."""
+        return self._conn is not None and not self._conn.is_closed()
+
+    def watch(self, channel: str, key: str, event: asyncio.Event | None = None) -> asyncio.Event:
+        """An event set when `key` is notified on `channel` (`event`, to wake one waiter on
+        several keys); `unwatch` it when done."""
+        event = event or asyncio.Event()
         self._waiters[(channel, key)].add(event)
         return event
 

@@ -44,7 +44,7 @@ async def create_token(db: Executor, *, name: str, role: str, workspace: str = "
 async def find_token(db: Executor, token: str) -> dict[str, Any] | None:
     return row_dict(
         await db.fetchrow(
-            "SELECT name, role, workspace FROM api_tokens WHERE token_hash = $1"
+            "SELECT id, name, role, workspace FROM api_tokens WHERE token_hash = $1"
             " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
             hash_token(token),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import uuid
 from collections import Counter
 from typing import Any
@@ -167,3 +168,47 @@ async def test_fuzzed_envelopes_are_refused_with_a_code_and_leave_nothing(
     after = await totals(spoke)
     assert after == before, f"fuzzing left something behind: {before} -> {after}"
     print(f"\nenvelope fuzz: {sum(seen.values())} inputs, refusals by code: {dict(seen)}, losses 0")
+
+
+# Sent as JSON text (json.dumps escapes them: "\u0000", "\ud800"), as any client would.
+UNSTORABLE_TEXT: list[tuple[str, str, Any]] = [
+    ("POST", "/tokens", {"name": "a\x00b"}),
+    ("POST", "/tokens", {"name": "\ud800"}),
+    ("POST", "/tokens", {"name": "two\nlines"}),
+    ("POST", "/tokens", {"name": "ok", "workspace": "esc\x1b[31m"}),
+    ("PATCH", "/instance", {"metadata": {"key\x00": "value"}}),
+    ("PATCH", "/instance", {"name": "tab\tname"}),
+    ("GET", "/agents?taskId=a%00b", None),
+    ("GET", "/audit?actor=user:a%00b", None),
+    ("GET", "/hosted?peer=a%00b", None),
+]
+
+
+async def test_text_that_cannot_be_stored_is_refused_with_its_own_code(
+    hub: Instance, hub_spoke: str
+) -> None:
+    spawn = {
+        "connectionId": hub_spoke,
+        "taskId": "t",
+        "agentType": "worker",
+        "context": {"instructions": "a\x00b"},
+    }
+    grants = {"grants": {"repositories": ["github.com/\x00/*"]}}
+    cases = [
+        *UNSTORABLE_TEXT,
+        ("POST", "/agents/spawn", spawn),
+        ("PATCH", f"/connections/{hub_spoke}", grants),
+    ]
+    before = await totals(hub)
+    tokens_before = await hub.fetch("SELECT count(*) AS n FROM api_tokens")
+    for method, path, body in cases:
+        content = json.dumps(body) if body is not None else None
+        headers = {"content-type": "application/json"}
+        response = await hub.call(method, path, content=content, headers=headers)
+        assert response.status_code == 422, (method, path, response.status_code, response.text)
+        assert content_type(response).startswith("application/problem+json")
+        assert response.json()["code"] == "text_invalid", (path, response.text)
+    assert await totals(hub) == before
+    assert await hub.fetch("SELECT count(*) AS n FROM api_tokens") == tokens_before
+    connection = (await hub.call("GET", f"/connections/{hub_spoke}")).json()
+    assert all("\x00" not in p for p in connection["grants"].get("repositories", []))

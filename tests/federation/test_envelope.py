@@ -57,10 +57,28 @@ def test_rsa_pss_keys_sign_and_verify() -> None:
         rsa, type=MessageType.EVENT, sender_id="a", recipient_id="b", payload={"k": "v"}
     )
     check_signature(envelope, rsa.public())
-    # The algorithm is bound to the key: an Ed25519 key named like the RSA one does not verify.
-    other = generate_signing_key().public()
+
+
+@pytest.mark.parametrize(
+    ("material", "registered_as"),
+    [
+        (Algorithm.ED25519, Algorithm.RSA_PSS_SHA256),
+        (Algorithm.RSA_PSS_SHA256, Algorithm.ED25519),
+    ],
+)
+def test_a_key_verifies_only_as_the_algorithm_it_is_registered_with(
+    material: Algorithm, registered_as: Algorithm
+) -> None:
+    # The algorithm is bound to the key: the same key material registered under the other
+    # algorithm verifies nothing, not even its own valid signature.
+    key = generate_signing_key(material)
+    envelope = sign_envelope(
+        key, type=MessageType.EVENT, sender_id="a", recipient_id="b", payload={"k": "v"}
+    )
+    check_signature(envelope, key.public())
+    mislabelled = PublicKey(key.key_id, registered_as, key.public().public_pem)
     with pytest.raises(SignatureInvalid):
-        check_signature(envelope, type(other)(rsa.key_id, other.algorithm, other.public_pem))
+        check_signature(envelope, mislabelled)
 
 
 SIGNED_FIELDS = [

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -127,6 +128,8 @@ class Rogue:
         self.requests: list[Recorded] = []
         # While set and not yet released, a request for the card waits (a slow peer).
         self.card_gate: asyncio.Event | None = None
+        # The payload it answers a command of this type with, given the command's payload.
+        self.command_replies: dict[str, Callable[[dict[str, Any]], Any]] = {}
         self._server: asyncio.Server | None = None
 
     @property
@@ -235,7 +238,11 @@ class Rogue:
             return 200, self.card()
         if method == "POST" and target.startswith(f"{API}/incoming/"):
             request = json.loads(body)
-            payload = {"connectionId": request.get("payload", {}).get("connectionId")}
+            answer = self.command_replies.get(str(request.get("commandType")))
+            if answer is not None:
+                payload = answer(request.get("payload") or {})
+            else:
+                payload = {"connectionId": request.get("payload", {}).get("connectionId")}
             return 200, self.envelope(
                 "RESPONSE",
                 request["senderId"],
