@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import shutil
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -264,7 +263,7 @@ async def fence_workspace(config: RuntimeConfig, workspace: Path) -> None:
     await end_workspace_processes(workspace)
     if config.sandbox == "docker":
         await asyncio.to_thread(_end_workspace_containers, config, workspace)
-    await asyncio.to_thread(shutil.rmtree, scratch_dir(workspace), True)
+    await asyncio.to_thread(remove_tree, scratch_dir(workspace))
 
 
 def _end_workspace_containers(config: RuntimeConfig, workspace: Path) -> None:
