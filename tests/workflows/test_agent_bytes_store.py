@@ -230,3 +230,19 @@ async def test_numbers_json_has_no_text_for_in_what_the_model_sent_are_checkpoin
     assert back.turns[0][0].tool_calls[0].input["limit"] == "Infinity"
     assert_travels(saved["state"])
     assert_travels(await conversations.transcript_after(pool, "hub", agent_id, 0))
+
+
+async def test_a_tool_call_with_an_infinite_number_is_answered_with_an_error(
+    tmp_path: Path,
+) -> None:
+    """read_file's limit of 1e999 (infinity once parsed) raised OverflowError out of the
+    tool runner: the run failed, and each retry re-ran the same call."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "a.txt").write_text("one\ntwo\n")
+    sandbox = ProcessSandbox(workspace)
+    await sandbox.start()
+    runner = ToolRunner(sandbox, tools_for("worker"))
+    call = ToolCall("toolu_1", "read_file", {"path": "a.txt", "limit": float("inf")})
+    outcome, _ = await runner.run(call)
+    assert outcome.is_error and "read_file a.txt failed" in outcome.content, outcome
