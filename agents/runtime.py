@@ -172,6 +172,7 @@ def _diff_sandboxes(
                 read_only=True,
                 ro_binds=binds,
                 chown_workspace=False,
+                instance=config.instance,  # what the sweep of a dead worker's containers finds
             )
         )
     return choices
