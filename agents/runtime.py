@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import shutil
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -173,6 +172,7 @@ def _diff_sandboxes(
                 read_only=True,
                 ro_binds=binds,
                 chown_workspace=False,
+                instance=config.instance,  # what the sweep of a dead worker's containers finds
             )
         )
     return choices
@@ -264,7 +264,7 @@ async def fence_workspace(config: RuntimeConfig, workspace: Path) -> None:
     await end_workspace_processes(workspace)
     if config.sandbox == "docker":
         await asyncio.to_thread(_end_workspace_containers, config, workspace)
-    await asyncio.to_thread(shutil.rmtree, scratch_dir(workspace), True)
+    await asyncio.to_thread(remove_tree, scratch_dir(workspace))
 
 
 def _end_workspace_containers(config: RuntimeConfig, workspace: Path) -> None:

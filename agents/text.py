@@ -15,6 +15,9 @@ by this one rule:
   with ``surrogateescape``, e.g. a file name that is not UTF-8) shows as the ``\\xNN`` of that
   byte; any other lone surrogate (e.g. ``\\ud800`` in a model's JSON) as ``\\uNNNN``.
 
+A number JSON has no text for (NaN, infinities: Python's json reads 1e999 in a model's tool
+input as infinity) shows as the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``.
+
 Everything else (other control characters too) is kept. The rule loses one thing only: an
 escape the agent wrote literally looks like a byte escaped by the rule. Where exact bytes
 matter they do not travel as text: the diff is kept byte-exact as an artifact.
@@ -26,6 +29,8 @@ string and key of a JSON value (the store's jsonb encoder applies it, so no valu
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from typing import Any
 
@@ -65,6 +70,8 @@ def clean_json(value: Any) -> Any:
     """A JSON value with every string (and key) made safe by the rule."""
     if isinstance(value, str):
         return clean(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)  # NaN, Infinity, -Infinity
     if isinstance(value, dict):
         return {clean(str(k)): clean_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

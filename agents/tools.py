@@ -162,7 +162,7 @@ class ToolRunner:
                 "list_files": self._list_files,
             }[call.name]
             return ToolOutcome(call.id, await handler(call.input)), None
-        except (PathRefused, OSError, ValueError, KeyError, TypeError) as exc:
+        except (PathRefused, OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
             where = call.input.get("path")
             what = f"{call.name} {where}" if where else call.name
             return ToolOutcome(call.id, f"{what} failed: {_reason(exc)}", True), None

@@ -31,9 +31,7 @@ import os
 import posixpath
 import re
 import shlex
-import shutil
 import stat
-import sys
 import tempfile
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -44,6 +42,7 @@ from typing import Any
 
 from agents.addresses import resolve_allowed
 from agents.errors import AgentSetupError
+from agents.sandbox import fence
 from agents.sandbox.base import (
     CommandResult,
     Limits,
@@ -297,19 +296,9 @@ SAFE_LOCAL = [
 
 
 def remove_tree(path: Path) -> None:
-    def retry(function: Any, failed: str, *_: Any) -> None:
-        # a directory the agent made unwritable: make it writable and try again
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(failed), stat.S_IRWXU)
-            function(failed)
-
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(path, onexc=retry)
-        else:
-            shutil.rmtree(path, onerror=retry)
+    """Remove what an agent wrote, at any depth, whatever modes it left
+    (`agents.sandbox.fence.remove_tree`)."""
+    fence.remove_tree(path)
 
 
 async def prepare_workspace(

@@ -384,6 +384,11 @@ class BwrapSandbox(Sandbox):
             # the root itself (bwrap's tmpfs) read-only too: only /workspace and /tmp take writes
             "--remount-ro",
             "/",
+            # /proc too: a command could otherwise set its oom_score_adj back from 1000 to 0
+            # (an unprivileged writer sets no floor), and where only the worker's container
+            # bounds memory, many small processes would leave the worker the OOM victim
+            "--remount-ro",
+            "/proc",
             "--chdir",
             self.workspace_mount,
             "--clearenv",

@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
+import stat
+import uuid
 from pathlib import Path
 
 HOST_WORKSPACE_VAR = "FEDAGENT_HOST_WORKSPACE"  # the same name bwrap.py sets
@@ -130,6 +131,73 @@ def make_scratch(path: Path) -> Path:
 
 def remove_scratch(path: Path) -> None:
     """Remove a sandbox's /tmp, and the directory holding it once no other sandbox has one."""
-    shutil.rmtree(path, ignore_errors=True)
+    remove_tree(path)
     with contextlib.suppress(OSError):
         path.parent.rmdir()
+
+
+def _own_directory(path: str) -> None:
+    """Make a directory (never a link) readable, writable and searchable by its owner: what
+    an agent left unwritable is still removed by a worker that is not root."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, stat.S_IRWXU)
+        finally:
+            os.close(fd)
+
+
+def _empty_of_files(directory: str) -> list[str]:
+    """Unlink what is not a directory in `directory`; the names of its subdirectories."""
+    subdirectories = []
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirectories.append(entry.name)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    return subdirectories
+
+
+def remove_tree(path: Path) -> None:
+    """Remove `path` and what is below it, whatever an agent made of it: never following a
+    link, at any depth, errors ignored (what cannot go stays). Python 3.11's shutil.rmtree
+    recurses once per level (a tree 1000 levels deep makes it raise RecursionError) and
+    holds a descriptor per level; here each subdirectory of a directory below `path` is
+    first moved up into `path`, so no path is longer than two names below it and nothing
+    recurses."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
+            return
+    except OSError:
+        return
+    top, prefix, moved = str(path), f".rm-{uuid.uuid4().hex[:8]}-", 0
+    pending, given_up = [top], set()
+    while pending:
+        directory = pending[-1]
+        _own_directory(directory)
+        progress = False
+        for name in _empty_of_files(directory):
+            source = os.path.join(directory, name)
+            if source in given_up:
+                continue
+            target = source
+            if directory != top:
+                moved += 1
+                target = os.path.join(top, f"{prefix}{moved}")
+                _own_directory(source)  # moving a directory rewrites its ".."
+                try:
+                    os.rename(source, target)
+                except OSError:
+                    given_up.add(source)
+                    continue
+            pending.append(target)
+            progress = True
+        if not progress:
+            pending.pop()
+            try:
+                os.rmdir(directory)
+            except OSError:
+                given_up.add(directory)

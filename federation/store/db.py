@@ -18,8 +18,12 @@ def encode_json(value: Any) -> str:
 
     PostgreSQL refuses NUL (`\\u0000`) and lone surrogates in jsonb, and a write it refuses
     fails on every try: what an agent produced (a checkpoint, a transcript entry, a result)
-    must never be such a value. The rare value holding one is cleaned; others pass as dumped."""
-    text = json.dumps(value)
+    must never be such a value, nor a number JSON has no text for (NaN, infinities), which
+    jsonb refuses as well. The rare value holding one is cleaned; others pass as dumped."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(clean_json(value), allow_nan=False)
     if json_needs_cleaning(text):
         text = json.dumps(clean_json(value))
     return text

@@ -401,3 +401,38 @@ def test_a_worker_that_is_not_root_caps_its_sandboxes_processes_and_memory() -> 
         "memory": "warning",
         "cpu": "warning",
     }
+
+
+# --- review: what a command may do to the worker's host process table and disk --------------
+
+
+async def test_a_command_cannot_undo_being_the_oom_killers_first_choice(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    """Where only the worker's container bounds memory, many small sandbox processes that set
+    their oom_score_adj back to 0 would leave the worker (the largest process) the victim."""
+    sandbox = await make_sandbox(tmp_path / "ws", SMALL)
+    result = await sandbox.run(
+        "echo 0 > /proc/self/oom_score_adj; sh -c 'cat /proc/self/oom_score_adj'"
+    )
+    assert result.output.strip().splitlines()[-1] == "1000", result.output
+
+
+async def test_a_deep_tree_in_the_sandboxs_tmp_neither_fails_its_kill_nor_the_next_attempt(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    """Python 3.11's shutil.rmtree recurses per level: 1500 levels in /tmp made the sandbox's
+    kill raise RecursionError, and every later attempt's fence too (the run lost)."""
+    from agents.runtime import RuntimeConfig, fence_workspace
+
+    workspace = tmp_path / "ws"
+    sandbox = await make_sandbox(workspace, SMALL)
+    deep = await sandbox.run(
+        "cd /tmp && i=0; while [ $i -lt 1500 ]; do mkdir a && cd a || break; i=$((i+1)); done;"
+        " chmod 500 /tmp/a/a; echo $i"
+    )
+    assert deep.output.strip() == "1500", deep.output
+    await sandbox.kill()
+    await fence_workspace(RuntimeConfig(), workspace)
+    assert not sandbox.tmp_dir.exists()
+    assert not (tmp_path / ".ws.tmp").exists()

@@ -348,3 +348,31 @@ async def test_a_retry_never_leaves_two_containers_on_one_workspace(
             await sandbox.kill()
         client.close()
     assert _containers(client, label) == []
+
+
+async def test_a_diff_container_carries_its_instance_so_a_sweep_finds_it(
+    dockerd: Daemon, tmp_path: Path
+) -> None:
+    """The diff's container (a docker run where bwrap cannot start) runs `sleep` for ever like
+    the run's: left by a killed worker, only its instance label lets the sweep remove it."""
+    from agents.runtime import RuntimeConfig, _diff_sandboxes
+    from agents.workspace import PreparedWorkspace
+
+    for name in ("ws", "baseline", "inputs", "scratch"):
+        (tmp_path / name).mkdir()
+    instance = f"diff-{uuid.uuid4().hex[:8]}"
+    config = RuntimeConfig(
+        sandbox="docker", docker_image=IMAGE, docker_host=dockerd.host, instance=instance
+    )
+    prepared = PreparedWorkspace(
+        tmp_path / "ws", tmp_path / "baseline", "0" * 40, "empty", None, None, "empty"
+    )
+    sandbox = _diff_sandboxes(config, prepared, tmp_path / "inputs")[-1]
+    sandbox.tmp_dir = tmp_path / "scratch"  # type: ignore[attr-defined]
+    client = docker.DockerClient(base_url=dockerd.host)
+    try:
+        await sandbox.start()
+        assert _containers(client, f"fedagent.instance={instance}") == [sandbox.name]  # type: ignore[attr-defined]
+    finally:
+        await sandbox.kill()
+        client.close()

@@ -207,3 +207,42 @@ async def test_a_file_with_a_late_nul_and_a_name_not_utf8_are_read_and_checkpoin
     saved = await conversations.load_checkpoint(pool, "hub", agent_id, 1)
     assert saved is not None
     assert ConversationState.from_json(saved["state"]) == state
+
+
+async def test_numbers_json_has_no_text_for_in_what_the_model_sent_are_checkpointed(
+    pool: asyncpg.Pool,
+) -> None:
+    """A model's tool input is parsed by Python's json, which reads 1e999 as infinity (and
+    NaN, Infinity as such); PostgreSQL's jsonb refuses those tokens, so the checkpoint of
+    every later step would fail."""
+    agent_id = uuid.uuid4()
+    odd = {"path": "a", "limit": float("inf"), "offset": float("-inf"), "x": [float("nan")]}
+    call = ToolCall("toolu_1", "read_file", odd)
+    raw_block = {"type": "tool_use", "id": "toolu_1", "name": "read_file", "input": odd}
+    turn = ModelTurn(tool_calls=(call,), model="m", raw=(raw_block,))
+    outcome = ToolOutcome("toolu_1", "refused", True)
+    state = ConversationState(turns=[(turn, [outcome])], turn_count=1)
+    sink = StoreSink(pool, requester_id="hub", agent_id=agent_id, attempt=1, transcript_limit=10**7)
+    await sink.save(state, [*turn_entries(1, turn), result_entry(1, call, outcome)])
+    saved = await conversations.load_checkpoint(pool, "hub", agent_id, 1)
+    assert saved is not None
+    back = ConversationState.from_json(saved["state"])
+    assert back.turns[0][0].tool_calls[0].input["limit"] == "Infinity"
+    assert_travels(saved["state"])
+    assert_travels(await conversations.transcript_after(pool, "hub", agent_id, 0))
+
+
+async def test_a_tool_call_with_an_infinite_number_is_answered_with_an_error(
+    tmp_path: Path,
+) -> None:
+    """read_file's limit of 1e999 (infinity once parsed) raised OverflowError out of the
+    tool runner: the run failed, and each retry re-ran the same call."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "a.txt").write_text("one\ntwo\n")
+    sandbox = ProcessSandbox(workspace)
+    await sandbox.start()
+    runner = ToolRunner(sandbox, tools_for("worker"))
+    call = ToolCall("toolu_1", "read_file", {"path": "a.txt", "limit": float("inf")})
+    outcome, _ = await runner.run(call)
+    assert outcome.is_error and "read_file a.txt failed" in outcome.content, outcome
