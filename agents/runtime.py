@@ -27,7 +27,7 @@ from agents.models import (
 )
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
-from agents.sandbox.fence import end_workspace_processes, scratch_dir
+from agents.sandbox.fence import claim_workspace, end_workspace_processes, scratch_dir
 from agents.sandbox.process import ProcessSandbox
 from agents.workspace import (
     BASELINE_MOUNT,
@@ -105,7 +105,12 @@ def choose_model(config: RuntimeConfig, context: Mapping[str, Any]) -> str:
 
 
 def make_sandbox(
-    config: RuntimeConfig, workspace: Path, *, read_only: bool = False, fresh: bool = True
+    config: RuntimeConfig,
+    workspace: Path,
+    *,
+    read_only: bool = False,
+    fresh: bool = True,
+    generation: str | None = None,
 ) -> Sandbox:
     """The configured sandbox over the workspace; `read_only` (a reviewer's) mounts it
     read-only, and a backend that cannot do that refuses to start. A workspace that is not
@@ -121,6 +126,7 @@ def make_sandbox(
             ro_paths=safe_ro_paths(config),
             read_only=read_only,
             chown_workspace=fresh,
+            generation=generation,
         )
     if config.sandbox == "docker":
         from agents.sandbox.docker_sandbox import DockerSandbox
@@ -134,6 +140,7 @@ def make_sandbox(
             read_only=read_only,
             chown_workspace=fresh,
             instance=config.instance,
+            generation=generation,
         )
     if config.sandbox == "process":
         return ProcessSandbox(workspace, config.limits, read_only=read_only)
@@ -141,7 +148,7 @@ def make_sandbox(
 
 
 def _diff_sandboxes(
-    config: RuntimeConfig, prepared: PreparedWorkspace, inputs: Path
+    config: RuntimeConfig, prepared: PreparedWorkspace, inputs: Path, generation: str | None
 ) -> list[Sandbox]:
     """The sandboxes to take the diff in, the first that starts: bwrap, then (for a docker
     run where bwrap cannot start) a container of the run's image, which must have git."""
@@ -157,6 +164,7 @@ def _diff_sandboxes(
             read_only=True,
             ro_binds=binds,
             chown_workspace=False,
+            generation=generation,
         )
     ]
     if config.sandbox == "docker":
@@ -173,6 +181,7 @@ def _diff_sandboxes(
                 ro_binds=binds,
                 chown_workspace=False,
                 instance=config.instance,  # what the sweep of a dead worker's containers finds
+                generation=generation,
             )
         )
     return choices
@@ -194,7 +203,11 @@ async def _start_first(choices: list[Sandbox], scratch: Path) -> Sandbox:
 
 @contextlib.asynccontextmanager
 async def diff_sandbox(
-    config: RuntimeConfig, prepared: PreparedWorkspace, step: str = "diff"
+    config: RuntimeConfig,
+    prepared: PreparedWorkspace,
+    step: str = "diff",
+    *,
+    generation: str | None = None,
 ) -> AsyncIterator[DiffSandbox]:
     """A fresh sandbox for one step of taking the run's diff, taken down (with its scratch)
     afterwards: no host process runs git in what the agent wrote. The process sandbox, which
@@ -213,7 +226,9 @@ async def diff_sandbox(
             await sandbox.start()
             baseline, mounts = str(prepared.baseline), (str(inputs), str(scratch))
         else:
-            sandbox = await _start_first(_diff_sandboxes(config, prepared, inputs), scratch)
+            sandbox = await _start_first(
+                _diff_sandboxes(config, prepared, inputs, generation), scratch
+            )
             baseline, mounts = BASELINE_MOUNT, (INPUT_MOUNT, SCRATCH_MOUNT)
         yield DiffSandbox(sandbox, baseline, mounts[0], inputs, mounts[1], scratch)
     finally:
@@ -257,14 +272,17 @@ def make_provider(config: RuntimeConfig, model: str, context: Mapping[str, Any])
     raise AgentSetupError(f"unknown model provider {config.provider!r}")
 
 
-async def fence_workspace(config: RuntimeConfig, workspace: Path) -> None:
-    """End whatever an earlier attempt of this run still runs in the workspace (Temporal
-    may have given it up while it still runs here) and drop its /tmp, before this attempt
-    touches the workspace (`agents.sandbox.fence`)."""
+async def fence_workspace(config: RuntimeConfig, workspace: Path) -> str:
+    """Claim the workspace for this attempt, then end whatever an earlier attempt of this run
+    still runs in it (Temporal may have given it up while it still runs here) and drop its
+    /tmp, before this attempt touches the workspace (`agents.sandbox.fence`). Returns the
+    claim, which this attempt's sandboxes hold to start a command."""
+    generation = await claim_workspace(workspace)
     await end_workspace_processes(workspace)
     if config.sandbox == "docker":
         await asyncio.to_thread(_end_workspace_containers, config, workspace)
     await asyncio.to_thread(remove_tree, scratch_dir(workspace))
+    return generation
 
 
 def _end_workspace_containers(config: RuntimeConfig, workspace: Path) -> None:
@@ -317,7 +335,7 @@ async def run_agent_task(
             invalid=True,
         )
     model = choose_model(config, context)
-    await fence_workspace(config, workspace)
+    generation = await fence_workspace(config, workspace)
     prepared = await prepare_workspace(
         workspace,
         context.get("repository"),
@@ -339,6 +357,7 @@ async def run_agent_task(
     sandbox = make_sandbox(
         config,
         workspace,
+        generation=generation,
         read_only=agent_type == READ_ONLY_AGENT,
         fresh=prepared.source != "resumed",
     )
@@ -375,7 +394,7 @@ async def run_agent_task(
     try:
         diff = await collect_diff(
             prepared,
-            functools.partial(diff_sandbox, config, prepared),
+            functools.partial(diff_sandbox, config, prepared, generation=generation),
             max_bytes=config.diff_max_bytes,
             file_max_bytes=config.diff_file_max_bytes,
             preview_bytes=config.preview_bytes,

@@ -44,7 +44,14 @@ from agents.sandbox.base import (
     read_bounded,
 )
 from agents.sandbox.cgroups import CgroupSet, create_cgroups
-from agents.sandbox.fence import HOST_WORKSPACE_VAR, make_scratch, remove_scratch, scratch_dir
+from agents.sandbox.fence import (
+    HOST_WORKSPACE_VAR,
+    Superseded,
+    holding,
+    make_scratch,
+    remove_scratch,
+    scratch_dir,
+)
 from agents.sandbox.seccomp import SeccompUnavailable, filter_program, program_fd
 
 PR_SET_PDEATHSIG = 1
@@ -201,6 +208,7 @@ class BwrapSandbox(Sandbox):
         ro_binds: tuple[tuple[str, str], ...] = (),
         environment: dict[str, str] | None = None,
         chown_workspace: bool = True,
+        generation: str | None = None,
     ) -> None:
         """`network` shares the host's network (only for the clone of the workspace, whose
         address the caller has checked); `ro_binds` are (host path, path inside) pairs mounted
@@ -215,6 +223,9 @@ class BwrapSandbox(Sandbox):
         self.ro_binds = ro_binds
         self.environment = dict(environment or {})
         self.chown_workspace = chown_workspace
+        # The attempt's claim on the workspace (`agents.sandbox.fence`): once a newer attempt
+        # has claimed it, this sandbox starts no command.
+        self.generation = generation
         # The worker's pid in the name lets a later sandbox remove what a killed worker left.
         self.name = f"sbx-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._run_as: tuple[int, int] | None = None
@@ -257,6 +268,9 @@ class BwrapSandbox(Sandbox):
         self._setup_limits()
         self._started = True
         probe = await self.run("true", timeout=30)
+        if probe.killed and not self._killed:
+            await self.kill()
+            raise Superseded(probe.output.strip())
         if probe.exit_code != 0:
             await self.kill()
             detail = probe.output.strip() or f"exit {probe.exit_code}"
@@ -429,19 +443,23 @@ class BwrapSandbox(Sandbox):
             binds += [(host, f"bind{i}") for i, (host, _) in enumerate(self.ro_binds)]
             stage = (self._stage, binds)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv(command, info_write, seccomp_fd),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                pass_fds=(info_write, seccomp_fd),
-                preexec_fn=_child_setup(
-                    self._cgroup.procs_files if self._cgroup else [],
-                    await asyncio.to_thread(self._command_rlimits),
-                    stage,
-                    self._run_as,
-                ),
-            )
+            async with holding(self.workspace, self.generation):
+                proc = await asyncio.create_subprocess_exec(
+                    *self._argv(command, info_write, seccomp_fd),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    pass_fds=(info_write, seccomp_fd),
+                    preexec_fn=_child_setup(
+                        self._cgroup.procs_files if self._cgroup else [],
+                        await asyncio.to_thread(self._command_rlimits),
+                        stage,
+                        self._run_as,
+                    ),
+                )
+        except Superseded as exc:
+            os.close(info_read)
+            return CommandResult(command, -9, f"[{exc}]\n", killed=True)
         except BaseException:
             os.close(info_read)
             raise

@@ -35,7 +35,7 @@ from docker.models.containers import Container
 
 from agents.sandbox.base import BoundedBuffer, CommandResult, Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, PATH, _chown_tree, _live
-from agents.sandbox.fence import make_scratch, remove_scratch, scratch_dir
+from agents.sandbox.fence import Superseded, holding, make_scratch, remove_scratch, scratch_dir
 
 API_TIMEOUT = 60  # seconds for one Docker API call (not for a command's output stream)
 LABEL = "fedagent"  # label prefix: fedagent.instance, .host, .worker, .workspace, .sandbox
@@ -118,6 +118,7 @@ class DockerSandbox(Sandbox):
         ro_binds: tuple[tuple[str, str], ...] = (),
         chown_workspace: bool = True,
         instance: str = "",
+        generation: str | None = None,
     ) -> None:
         """`ro_binds` are (host path, path inside) pairs mounted read-only; without
         `chown_workspace` the workspace is not walked to hand it to the sandbox's uid;
@@ -125,6 +126,7 @@ class DockerSandbox(Sandbox):
         super().__init__(workspace, limits, read_only=read_only)
         self.ro_binds = ro_binds
         self.chown_workspace = chown_workspace
+        self.generation = generation  # the attempt's claim on the workspace (fence)
         self.image = image
         self.docker_host = docker_host
         self.instance = instance
@@ -253,7 +255,13 @@ class DockerSandbox(Sandbox):
             os.chown(self.tmp_dir, *self.file_owner)
         await asyncio.to_thread(self._connect)
         try:
-            await asyncio.to_thread(self._start_container)
+            # The container is created while the attempt holds the workspace (a newer
+            # attempt's fence then finds it by label), or not at all (Superseded).
+            async with holding(self.workspace, self.generation):
+                await asyncio.to_thread(self._start_container)
+        except Superseded:
+            await self.kill()
+            raise
         except docker.errors.DockerException as exc:
             await self.kill()
             raise SandboxUnavailable(f"the sandbox container did not start: {exc}") from exc

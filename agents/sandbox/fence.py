@@ -13,6 +13,12 @@ init dies with the outer bwrap, and every process inside with the init) at once:
 bomb cannot outrun it. Only this host's processes can be seen: a workspace
 is on one host's disk, so an attempt elsewhere works in a workspace of its own.
 
+A scan alone leaves a window: an earlier attempt that passed its last checkpoint save could
+start its command just after the scan. So each attempt first claims the workspace (a new
+generation in a file next to it, written under an exclusive lock), and a sandbox starts each
+command holding that lock and only while its generation is still the workspace's: a command
+either started before the claim (and the scan finds it) or is refused (`Superseded`).
+
 The earlier attempts' private /tmp directories (next to the workspace) are removed too; each
 sandbox has one of its own there, so an earlier attempt cleaning up late removes only its own.
 """
@@ -21,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import stat
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 HOST_WORKSPACE_VAR = "FEDAGENT_HOST_WORKSPACE"  # the same name bwrap.py sets
@@ -201,3 +209,65 @@ def remove_tree(path: Path) -> None:
                 os.rmdir(directory)
             except OSError:
                 given_up.add(directory)
+
+
+class Superseded(Exception):
+    """A newer attempt of the run has claimed the workspace: this one starts nothing more."""
+
+
+def _fence_file(workspace: Path) -> Path:
+    return workspace.parent / f".{workspace.name}.fence"
+
+
+def _locked(workspace: Path) -> int:
+    """An open, exclusively locked descriptor of the workspace's fence lock (blocking)."""
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    lock = workspace.parent / f".{workspace.name}.fence.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _claim(workspace: Path) -> str:
+    generation = uuid.uuid4().hex
+    fd = _locked(workspace)
+    try:
+        path = _fence_file(workspace)
+        path.write_text(generation)
+    finally:
+        os.close(fd)  # closing releases the lock
+    return generation
+
+
+async def claim_workspace(workspace: Path) -> str:
+    """A new generation for this attempt: from now on, sandboxes of earlier attempts start no
+    command over the workspace. Call before ending their processes."""
+    return await asyncio.to_thread(_claim, workspace)
+
+
+def _current(workspace: Path) -> str:
+    try:
+        return _fence_file(workspace).read_text()
+    except FileNotFoundError:
+        return ""
+
+
+@contextlib.asynccontextmanager
+async def holding(workspace: Path, generation: str | None) -> AsyncIterator[None]:
+    """Hold the workspace's fence while a command starts; raises Superseded when a newer
+    attempt has claimed the workspace. Without a generation (a sandbox used on its own, not
+    by a run's attempt) there is nothing to hold."""
+    if generation is None:
+        yield
+        return
+    fd = await asyncio.to_thread(_locked, workspace)
+    try:
+        if await asyncio.to_thread(_current, workspace) != generation:
+            raise Superseded(f"a newer attempt of this run owns {workspace}")
+        yield
+    finally:
+        os.close(fd)

@@ -436,3 +436,29 @@ async def test_a_deep_tree_in_the_sandboxs_tmp_neither_fails_its_kill_nor_the_ne
     await fence_workspace(RuntimeConfig(), workspace)
     assert not sandbox.tmp_dir.exists()
     assert not (tmp_path / ".ws.tmp").exists()
+
+
+async def test_a_sandbox_of_an_earlier_attempt_starts_no_command_once_a_new_one_claimed(
+    tmp_path: Path,
+) -> None:
+    """The fence's window: an earlier attempt past its last checkpoint save starts a command
+    after the new attempt's scan. Once the workspace is claimed anew, it cannot."""
+    from agents.sandbox.fence import claim_workspace, end_workspace_processes
+
+    if not shutil.which("bwrap"):
+        pytest.skip("needs bubblewrap")
+    workspace = tmp_path / "runs" / "claimed"
+    old = BwrapSandbox(workspace, Limits(command_timeout=30), generation=None)
+    old.generation = await claim_workspace(workspace)
+    await old.start()
+    try:
+        assert (await old.run("echo before > before.txt")).exit_code == 0
+        await claim_workspace(workspace)  # the new attempt claims, then scans
+        assert await end_workspace_processes(workspace) == []
+        late = await old.run("echo late > late.txt")
+        assert late.killed and late.exit_code != 0
+        assert "newer attempt" in late.output
+        assert (workspace / "before.txt").exists()
+        assert not (workspace / "late.txt").exists()
+    finally:
+        await old.kill()

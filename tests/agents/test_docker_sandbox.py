@@ -367,7 +367,7 @@ async def test_a_diff_container_carries_its_instance_so_a_sweep_finds_it(
     prepared = PreparedWorkspace(
         tmp_path / "ws", tmp_path / "baseline", "0" * 40, "empty", None, None, "empty"
     )
-    sandbox = _diff_sandboxes(config, prepared, tmp_path / "inputs")[-1]
+    sandbox = _diff_sandboxes(config, prepared, tmp_path / "inputs", None)[-1]
     sandbox.tmp_dir = tmp_path / "scratch"  # type: ignore[attr-defined]
     client = docker.DockerClient(base_url=dockerd.host)
     try:
