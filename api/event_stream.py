@@ -234,15 +234,16 @@ async def _stream(services: Services, log: AgentLog, lease: Lease) -> AsyncItera
         quiet_since = loop.time()
         while True:
             wake.clear()
+            # The token first: what the agent said after a revocation is never read for it.
+            if token_news.is_set() or lease.due(loop.time()):
+                token_news.clear()
+                if not await lease.still_valid():
+                    return  # the token was revoked or has expired
             messages, ended = await log.next_page()
             for message in messages:
                 yield message
             if ended:
                 return
-            if token_news.is_set() or lease.due(loop.time()):
-                token_news.clear()
-                if not await lease.still_valid():
-                    return  # the token was revoked or has expired
             if messages:
                 quiet_since = loop.time()
                 continue  # there may be more pages

@@ -7,6 +7,7 @@ progress step instead."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -95,8 +96,24 @@ OUTPUT_LINES = 8
 FILE_TOOLS = {"write_file": "write", "edit_file": "edit", "read_file": "read", "list_files": "list"}
 
 
+# What a terminal would obey rather than show (ESC, BEL, CR, C1 controls such as CSI): an
+# entry is what an agent or an executor wrote, so it is shown as \xNN. Newlines and tabs stay.
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _visible(value: Any) -> Any:
+    if isinstance(value, str):
+        return _TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+    if isinstance(value, dict):  # the tool's input and usage: the one level shown
+        return {
+            _visible(k): v if isinstance(v, dict | list) else _visible(v) for k, v in value.items()
+        }
+    return value
+
+
 def transcript_lines(entry: dict[str, Any]) -> list[Text]:
     """How one transcript entry reads in the terminal."""
+    entry = {k: _visible(v) for k, v in entry.items()}
     kind = entry.get("kind")
     name = str(entry.get("name") or "")
     if kind == "assistant":

@@ -70,7 +70,7 @@ async def fetch_card(
             and isinstance(card["keys"], list)
         ):
             raise ValueError("not an identity card")
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, RecursionError) as exc:
         raise PeerResponseInvalid("the peer's URL did not answer with an identity card") from exc
     return card
 
@@ -122,7 +122,7 @@ async def send_signed(
         raise PeerUnreachable(f"{url} answered {status}")
     try:
         body = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past what is read
         raise PeerResponseInvalid(f"{url} answered {status} with no JSON") from exc
     if status >= 400:
         code = body.get("code", "unknown") if isinstance(body, dict) else "unknown"

@@ -138,16 +138,21 @@ def continued_keys(
     entries = [e for e in offered if isinstance(e, dict) and isinstance(e.get("keyId"), str)]
     accepted: dict[str, dict[str, Any]] = {}
     refused: dict[str, str] = {}
+    # Entries refused for a reason no later pass changes: each endorsement is verified once,
+    # however the card orders a chain (a card of forged endorsements costs one check each).
+    settled: set[int] = set()
     grown = True
     while grown:
         grown = False
-        for entry in entries:
+        for index, entry in enumerate(entries):
             key_id = entry["keyId"]
-            if key_id in accepted:
+            if key_id in accepted or index in settled:
                 continue
             reason = _why_not_continued(entry, stored.get(key_id), anchors, instance_id)
             if reason is not None:
                 refused[key_id] = reason
+                if reason != UNENDORSED:  # only an endorser not accepted yet may come later
+                    settled.add(index)
                 continue
             accepted[key_id] = _kept_entry(entry, stored.get(key_id))
             refused.pop(key_id, None)
@@ -156,6 +161,9 @@ def continued_keys(
                 anchors[key_id] = key
             grown = True
     return [accepted[e["keyId"]] for e in entries if e["keyId"] in accepted], refused
+
+
+UNENDORSED = "not endorsed by a key this connection trusts"
 
 
 def _why_not_continued(
@@ -179,10 +187,10 @@ def _why_not_continued(
         return None if same else "another key than the trusted one of this keyId"
     endorsement = entry.get("endorsement")
     if not isinstance(endorsement, dict):
-        return "not endorsed by a key this connection trusts"
+        return UNENDORSED
     signer = anchors.get(str(endorsement.get("keyId")))
     if signer is None:
-        return "not endorsed by a key this connection trusts"
+        return UNENDORSED
     try:
         signature = b64url_decode(str(endorsement.get("signature")))
     except (ValueError, TypeError):

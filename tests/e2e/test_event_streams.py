@@ -143,3 +143,25 @@ async def test_an_open_stream_ends_when_its_token_expires(
     assert not [line for line in lines if line.startswith("event:")]
     rows = await hub.fetch("SELECT state FROM agents WHERE agent_id = $1", agent_id)
     assert rows[0]["state"] == "running"
+
+
+async def test_a_stream_sends_nothing_its_agent_said_after_its_token_was_revoked(
+    hub: Instance, spoke: Instance, hub_spoke: str
+) -> None:
+    agent_id = await running_agent(hub, spoke, hub_spoke)
+    token_id, auth = await new_token(hub)
+    async with stream(hub, agent_id, auth) as opened:
+        assert (await opened.first_event())["event"] == "state"
+        # The token is revoked and the agent has news in one transaction: the stream is woken
+        # by both at once, and the news came after the revocation.
+        await hub.fetch(
+            "WITH revoked AS (UPDATE api_tokens SET revoked_at = now() WHERE id = $1"
+            " RETURNING id) INSERT INTO agent_events (agent_id, seq, state, progress)"
+            " SELECT $2, 2, 'running', '{\"said\": \"after the revocation\"}' FROM revoked",
+            uuid.UUID(token_id),
+            agent_id,
+        )
+
+        lines = await asyncio.wait_for(opened.rest(), timeout=15)
+    assert not [line for line in lines if "after the revocation" in line], lines
+    assert not [line for line in lines if line.startswith("event:")], lines

@@ -221,7 +221,7 @@ class Rogue:
             if self.card_gate is not None and method == "GET":
                 await self.card_gate.wait()
             status, answer = self._route(method, target, body)
-            data = json.dumps(answer).encode()
+            data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
             writer.write(
                 f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(data)}\r\nconnection: close\r\n\r\n".encode()

@@ -259,3 +259,31 @@ async def test_a_long_transcript_streams_whole_and_in_order_before_the_final(
     seqs = [data["seq"] for kind, data in events if kind == "transcript"]
     assert seqs == list(range(1, count + 1))
     assert events[-1][0] == "state" and events[-1][1]["state"] == "completed"
+
+
+@pytest.mark.parametrize("depth", [700, 5000])
+async def test_a_pull_reply_nested_too_deep_breaks_neither_the_transcript_nor_the_stream(
+    hub: Instance, rogue: Rogue, run: uuid.UUID, depth: int
+) -> None:
+    # No canonical JSON goes that deep, so nobody can sign it: hub must refuse it as what it
+    # is (an invalid reply), whatever reads it first.
+    signed_route = rogue._route
+
+    def route(method: str, target: str, body: bytes) -> tuple[int, Any]:
+        status, answer = signed_route(method, target, body)
+        if isinstance(answer, dict) and answer.get("commandType") == "agent.transcript":
+            call = entry(1, kind="tool_call", name="run_command", input="DEEP")
+            page = {"agentId": str(run), "entries": [call], "total": 1}
+            deep = '{"command":' * depth + '"deep"' + "}" * depth
+            text = json.dumps({**answer, "payload": page}).replace('"DEEP"', deep)
+            return status, text.encode()
+        return status, answer
+
+    rogue._route = route  # type: ignore[method-assign]
+    await report_final(rogue, hub, run, entries=1)
+    response = await hub.call("GET", f"/agents/{run}/transcript")
+    assert response.status_code == 200, response.text
+    assert response.json()["complete"] is False
+    events = await read_stream(hub, run)
+    assert events[-1][0] == "state" and events[-1][1]["state"] == "completed"
+    assert await kept(hub, run) == []
