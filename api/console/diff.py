@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.text import text_of
 from federation.errors import ArtifactNotReady
 from federation.store import artifacts
 from federation.users import User
@@ -25,7 +26,8 @@ async def agent_diff(services: Services, user: User, agent_id: uuid.UUID) -> str
     except ArtifactNotReady:
         return ""
     head = await artifacts.read_range(services.pool, artifact, 0, SHOWN_BYTES)
-    return head.decode(errors="replace")
+    # The diff's bytes as text by the one rule (a NUL as \x00, a byte not UTF-8 as \xNN).
+    return text_of(head, cut_end=len(head) == SHOWN_BYTES)
 
 
 def result_diff_bytes(row: dict[str, Any]) -> int:
