@@ -15,7 +15,7 @@ import pytest
 from cli.devstack import DevStack
 from federation.errors import ArtifactTooLarge
 from federation.store import artifacts
-from federation.store.db import _migrations, create_pool, migrate
+from federation.store.db import create_pool, migrate
 
 CHUNK = 64 * 1024
 
@@ -97,53 +97,6 @@ async def test_a_run_names_its_artifacts_by_kind_and_other_runs_do_not_see_them(
     other = {**mine, "peer_instance_id": "edge"}
     assert await artifacts.of_agent(pool, **other, sha256=diff.sha256) is None
     assert await artifacts.of_agent(pool, **{**mine, "role": "requester"}, kind="diff") is None
-
-
-async def test_connections_that_may_ask_for_status_may_fetch_artifacts_after_the_upgrade(
-    stack: DevStack,
-) -> None:
-    server = stack._pg
-    name = f"upgrade_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server.get_uri())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    pool = await create_pool(server.get_uri(name))
-    try:
-        async with pool.acquire() as conn:
-            # The schema as the release before artifacts left it, with two connections.
-            await conn.execute(
-                "CREATE TABLE schema_migrations (name text PRIMARY KEY,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for file, sql in _migrations():
-                if file < "0007_artifacts.sql":
-                    await conn.execute(sql)
-                    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", file)
-            for peer, commands in (
-                ("reader", ["agent.spawn", "agent.status"]),
-                ("spawner", ["agent.spawn"]),
-            ):
-                await conn.execute(
-                    "INSERT INTO connections (connection_id, remote_instance_id, remote_name,"
-                    " remote_url, remote_keys, direction, status, grants)"
-                    " VALUES ($1, $2, $2, 'http://x', '[]', 'inbound', 'ACTIVE', $3)",
-                    uuid.uuid4(),
-                    peer,
-                    {"commandTypes": commands, "agentTypes": ["worker"]},
-                )
-        assert "0007_artifacts.sql" in await migrate(pool)
-        grants = {
-            r["remote_instance_id"]: r["grants"]["commandTypes"]
-            for r in await pool.fetch("SELECT remote_instance_id, grants FROM connections")
-        }
-        assert grants == {
-            "reader": ["agent.spawn", "agent.status", "agent.artifact"],
-            "spawner": ["agent.spawn"],
-        }
-    finally:
-        await pool.close()
 
 
 class _WatchedFile(io.BytesIO):
