@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from temporalio.worker import Worker
 import workflows.models as m
 from activities.agents import AgentActivities
 from activities.federation import FederationActivities
+from federation.identity import ensure_identity
 from federation.settings import Settings
 from federation.store import artifacts, repos
 from tests.agents.conftest import MessagesAPI, message, serve_messages_api, tool
@@ -120,6 +120,8 @@ async def real(
         anthropic_api_key="test-key",
         anthropic_base_url=messages_api.url,
     )
+    # Each try checks the spawn against the instance's own card (the agent types it offers).
+    await ensure_identity(pool, name="unit", public_url="http://127.0.0.1:9")
     async with httpx.AsyncClient() as http:
         yield RealActivities(
             FederationActivities(pool, http, settings), AgentActivities(pool, http, settings)
@@ -215,10 +217,12 @@ async def test_a_final_the_store_refuses_ends_the_run_failed_with_the_reason(
     real: RealActivities,
     executed: ExecutedRun,
 ) -> None:
-    # NaN: JSON the workflow carries, a value PostgreSQL's jsonb never takes.
     peer.release_run.set()
-    peer.run_outcome = m.AgentOutcome("done", {"summary": "done", "score": math.nan})
-    async with worker(client, peer, real.federation.record_run_final) as queue:
+    peer.run_outcome = m.AgentOutcome("done", {"summary": "done", "poison": 1})
+    async with (
+        refusing_poisoned_results(pool),
+        worker(client, peer, real.federation.record_run_final) as queue,
+    ):
         handle = await run_executor(client, queue, executed, "$ true")
         assert await closed(handle) is not None  # Failed in Temporal too, with the reason
         status = await handle.query(AgentRunWorkflow.status)
@@ -274,8 +278,11 @@ async def test_a_requester_final_the_store_refuses_ends_the_run_failed_with_the_
         workflow_id=m.remote_agent_workflow_id(agent_id),
         state="spawning",
     )
-    peer.spawn_answer = m.AgentEvent(2, "completed", result={"score": math.nan})
-    async with worker(client, peer, real.federation.record_requester_final) as queue:
+    peer.spawn_answer = m.AgentEvent(2, "completed", result={"poison": 1})
+    async with (
+        refusing_poisoned_results(pool),
+        worker(client, peer, real.federation.record_requester_final) as queue,
+    ):
         handle = await client.start_workflow(
             RemoteAgentWorkflow.run,
             spawn_input(agent_id),
@@ -286,6 +293,23 @@ async def test_a_requester_final_the_store_refuses_ends_the_run_failed_with_the_
     row = await repos.get_requested_agent(pool, uuid.UUID(agent_id))
     assert row is not None and row["state"] == "failed", row
     assert "the store refused its final record" in row["error"]
+
+
+@asynccontextmanager
+async def refusing_poisoned_results(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """The store refuses (SQLSTATE 22023, a data exception) any agent row whose result holds
+    a "poison" key: a value it can never take, as jsonb once refused NaN."""
+    name = f"poison_{uuid.uuid4().hex}"
+    await pool.execute(
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'poisoned result' USING ERRCODE = '22023'; END $$;"
+        f" CREATE TRIGGER {name} BEFORE UPDATE ON agents FOR EACH ROW"
+        f" WHEN (NEW.result ? 'poison') EXECUTE FUNCTION {name}()"
+    )
+    try:
+        yield
+    finally:
+        await pool.execute(f"DROP TRIGGER {name} ON agents; DROP FUNCTION {name}()")
 
 
 def repr_chain(err: BaseException | None) -> str:
