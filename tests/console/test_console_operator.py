@@ -7,9 +7,10 @@ import asyncio
 import uuid
 
 import pytest
-from playwright.async_api import BrowserContext, expect
+from playwright.async_api import Browser, BrowserContext, expect
 
 from cli.devstack import DevStack
+from federation.store import repos
 from tests.conftest import Instance, ensure_connection
 from tests.console.conftest import shot, sign_in
 from tests.e2e.helpers import processes_in, spawn_body
@@ -48,8 +49,20 @@ async def test_agent_page_shows_each_state_once_progress_in_words_and_silent_tur
     await shot(page, "agent-in-words")
 
 
+async def _member_token(instance: Instance) -> str:
+    conn = await instance.db()
+    try:
+        return await repos.create_token(conn, name="mo", role="member", workspace="team-b")
+    finally:
+        await conn.close()
+
+
 async def test_an_executor_sees_the_runs_peers_started_on_it_and_kills_one_after_confirming(
-    context: BrowserContext, hub: Instance, spoke: Instance, console_stack: DevStack
+    context: BrowserContext,
+    browser: Browser,
+    hub: Instance,
+    spoke: Instance,
+    console_stack: DevStack,
 ) -> None:
     connection_id = await ensure_connection(hub, spoke)
     task_id = f"hosted-{uuid.uuid4().hex[:6]}"
@@ -70,6 +83,21 @@ async def test_an_executor_sees_the_runs_peers_started_on_it_and_kills_one_after
     await expect(run).to_contain_text("hub")
     await expect(run.locator(".state")).to_have_text("running")
     await shot(page, "agents-hosted")
+
+    # A member sees no one else's runs here, and may not stop them.
+    member_context = await browser.new_context()
+    try:
+        member = await sign_in(member_context, spoke, await _member_token(spoke))
+        await member.goto(f"{spoke.url}/console/agents")
+        await expect(member.locator("#hosted")).to_have_count(0)
+        csrf = await member.locator("input[name=csrf]").first.input_value()
+        refused = await member_context.request.post(
+            f"{spoke.url}/console/hosted/{agent_id}/kill", form={"csrf": csrf, "peer": hub.id}
+        )
+        assert refused.status == 403 and "forbidden" in await refused.text()
+    finally:
+        await member_context.close()
+    assert processes_in(workspace), "a member's kill stopped the run"
 
     await run.get_by_role("button", name="Kill…").click()
     dialog = page.locator(f"dialog#kill-hosted-{agent_id}")
