@@ -70,6 +70,7 @@ async def test_an_executor_sees_the_runs_peers_started_on_it_and_kills_one_after
     assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
     agent_id = body["agentId"]
     workspace = console_stack.data_dir / "workspaces" / "spoke" / hub.id / agent_id
+    await hub.wait_agent(agent_id, {"running"}, timeout=120)
     for _ in range(600):
         if processes_in(workspace):
             break
