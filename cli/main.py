@@ -806,7 +806,7 @@ def agents(
     ] = None,
 ) -> None:
     """Agents this instance spawned on peers, newest first; --hosted: those peers run here."""
-    from cli.follow import describe_progress, state_text
+    from cli.agent_table import agents_table
 
     params: dict[str, Any] = {"limit": limit}
     if state:
@@ -839,36 +839,7 @@ def agents(
                 + target.instance_flag
             )
         return
-    wide = console.width >= 120
-    who = "requester" if hosted else "peer"
-    columns = ["agent", "state", "task", "progress / error"]
-    if wide:
-        columns[2:2] = ["type"]
-        columns[4:4] = [who]
-        columns.append("created")
-    elif hosted:
-        columns[2:2] = [who]
-    table = Table(header_style="bold")
-    for column in columns:
-        table.add_column(column, no_wrap=column in ("agent", "state"))
-    for row in rows:
-        detail = (
-            Text(str(row["error"]), style="red")
-            if row.get("error")
-            else Text(describe_progress(row.get("progress")))
-        )
-        cells: dict[str, Any] = {
-            "agent": str(row["agentId"]),
-            "state": state_text(str(row["state"])),
-            "type": str(row["agentType"]),
-            "task": str(row["taskId"]),
-            "peer": peers.get(row["peerInstanceId"], str(row["peerInstanceId"])[:12]),
-            "requester": peers.get(row["peerInstanceId"], str(row["peerInstanceId"])[:12]),
-            "progress / error": detail,
-            "created": _ago(row.get("createdAt")),
-        }
-        table.add_row(*(cells[c] for c in columns))
-    console.print(table)
+    console.print(agents_table(rows, peers, hosted=hosted, width=console.width, ago=_ago))
 
 
 @app.command(rich_help_panel="Agents")

@@ -83,6 +83,8 @@ async def list_(
     *,
     peer: str | None = None,
     state: str | None = None,
+    agent_type: str | None = None,
+    task_id: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
@@ -91,6 +93,8 @@ async def list_(
         services.pool,
         peer_instance_id=await peer_instance_id(services, peer),
         state=state,
+        agent_type=agent_type,
+        task_id=task_id,
         limit=limit,
         offset=offset,
     )

@@ -33,6 +33,7 @@ from api.console.auth import (
     set_session,
 )
 from api.console.diff import agent_diff, parse_diff, result_diff_bytes
+from api.console.progress import progress_facts, state_changes
 from api.console.transcript import agent_transcript
 from api.deps import require_admin, services_for, user_for_token
 from api.event_stream import event_stream
@@ -41,13 +42,14 @@ from federation.models import (
     AgentSpawnCreate,
     CommandType,
     ConnectionCreate,
+    ConnectionPublic,
     GrantsUpdate,
     InstanceUpdate,
     KeyRotate,
 )
 from federation.store import artifacts, repos
 from federation.users import User
-from operations import Services, agents, audit, connections, instance
+from operations import Services, agents, audit, connections, hosted, instance
 from operations import artifacts as artifact_ops
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ NOTES = {
     "grants": "The grants are saved.",
     "spawned": "The agent is on its way.",
     "killed": "The agent is stopped.",
+    "hosted-killed": "The run is stopped and its sandbox removed; the peer that started it hears"
+    " it was killed.",
+    "hosted-ended": "The run had ended already: it keeps the state it ended in.",
 }
 
 
@@ -462,48 +467,71 @@ async def connection_action(request: Request, connection_id: uuid.UUID, action: 
 # --- agents -----------------------------------------------------------------------------------
 
 
-@router.get("/agents")
-async def agents_page(request: Request) -> Response:
-    services, user = await _signed_in(request)
+def _agent_filters(request: Request) -> tuple[dict[str, str], int]:
+    """The Agents page's filters (as given, checked) and its page number."""
     q = request.query_params
-    state = q.get("state") or None
-    agent_type = q.get("agentType") or None
-    task_id = (q.get("taskId") or "").strip() or None
-    peer = q.get("connectionId") or None
-    if state is not None and state not in STATES:
+    filters = {
+        k: (q.get(k) or "").strip()
+        for k in ("state", "agentType", "taskId", "connectionId")
+        if (q.get(k) or "").strip()
+    }
+    if filters.get("state", STATES[0]) not in STATES:
         raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
-    if agent_type is not None and agent_type not in AGENT_TYPES:
+    if filters.get("agentType", AGENT_TYPES[0]) not in AGENT_TYPES:
         raise InvalidRequest(f"agentType must be one of {', '.join(AGENT_TYPES)}")
+    if "connectionId" in filters:
+        _uuid(filters["connectionId"], "connectionId")
     try:
         page = max(1, int(q.get("page") or 1))
     except ValueError:
         raise InvalidRequest("page must be a whole number") from None
+    return filters, page
+
+
+async def _hosted_rows(
+    services: Services, filters: dict[str, str], peers: list[ConnectionPublic]
+) -> list[dict[str, Any]]:
+    """The newest runs peers started here that match the filters (the peer filter names our
+    connection to the requester)."""
+    peer = None
+    if "connectionId" in filters:
+        by_connection = {str(c.connectionId): c.remoteInstanceId for c in peers}
+        peer = by_connection.get(filters["connectionId"], "")
+        if not peer:
+            return []
+    return await hosted.list_(
+        services,
+        peer=peer,
+        state=filters.get("state"),
+        agent_type=filters.get("agentType"),
+        task_id=filters.get("taskId"),
+        limit=PAGE_SIZE,
+    )
+
+
+@router.get("/agents")
+async def agents_page(request: Request) -> Response:
+    """Agents this instance spawned on peers and, for admins, the runs peers started here."""
+    services, user = await _signed_in(request)
+    filters, page = _agent_filters(request)
     rows = await agents.list_(
         services,
         user,
-        state=state,
-        connection_id=_uuid(peer, "connectionId") if peer else None,
-        agent_type=agent_type,
-        task_id=task_id,
+        state=filters.get("state"),
+        connection_id=uuid.UUID(filters["connectionId"]) if "connectionId" in filters else None,
+        agent_type=filters.get("agentType"),
+        task_id=filters.get("taskId"),
         limit=PAGE_SIZE + 1,
         offset=(page - 1) * PAGE_SIZE,
     )
     peers = [c for c in await connections.list_(services) if c.status != "DISCONNECTED"]
-    filters = {
-        k: v
-        for k, v in {
-            "state": state,
-            "agentType": agent_type,
-            "taskId": task_id,
-            "connectionId": peer,
-        }.items()
-        if v
-    }
     return await _render(
         request,
         "agents.html",
         user,
         rows=rows[:PAGE_SIZE],
+        hosted_rows=await _hosted_rows(services, filters, peers) if user.is_admin else None,
+        terminal_states=repos.TERMINAL_STATES,
         filters=filters,
         page=page,
         newer=urlencode({**filters, "page": page - 1}) if page > 1 else None,
@@ -565,7 +593,8 @@ async def agent_page(request: Request, agent_id: uuid.UUID) -> Response:
         user,
         agent=row,
         peer_name=peer_name,
-        events=events,
+        events=state_changes(events),
+        progress=progress_facts(row.get("progress")),
         result=row.get("result") or {},
         diff_files=files,
         diff_cut=cut,
@@ -604,6 +633,15 @@ async def agent_kill(request: Request, agent_id: uuid.UUID) -> Response:
     services, user = await _signed_in(request)
     await agents.kill(services, user, agent_id)
     return _back(f"/console/agents/{agent_id}", "killed")
+
+
+@router.post("/hosted/{agent_id}/kill")
+async def hosted_kill(request: Request, agent_id: uuid.UUID) -> Response:
+    """Stop a run a peer started here, as `POST /hosted/{id}/kill` does."""
+    form = await checked_form(request)
+    services, user = await _admin(request)
+    killed = await hosted.kill(services, user, agent_id, _first(form, "peer") or None)
+    return _back("/console/agents", "hosted-killed" if killed.state == "killed" else "hosted-ended")
 
 
 # --- audit (admin) ----------------------------------------------------------------------------

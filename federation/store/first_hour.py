@@ -38,6 +38,8 @@ async def list_hosted(
     peer_instance_id: str | None = None,
     state: str | None = None,
     agent_id: uuid.UUID | None = None,
+    agent_type: str | None = None,
+    task_id: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
@@ -45,12 +47,15 @@ async def list_hosted(
     rows = await db.fetch(
         "SELECT * FROM agents WHERE role = 'executor'"
         " AND ($1::text IS NULL OR peer_instance_id = $1) AND ($2::text IS NULL OR state = $2)"
-        " AND ($3::uuid IS NULL OR agent_id = $3)"
+        " AND ($3::uuid IS NULL OR agent_id = $3) AND ($6::text IS NULL OR agent_type = $6)"
+        " AND ($7::text IS NULL OR task_id = $7)"
         " ORDER BY created_at DESC, agent_id LIMIT $4 OFFSET $5",
         peer_instance_id,
         state,
         agent_id,
         limit,
         offset,
+        agent_type,
+        task_id,
     )
     return [dict(r) for r in rows]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import pytest
 
 from cli.devstack import DevStack
 from tests.conftest import Instance
+from tests.e2e.helpers import spawn_body
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +119,26 @@ async def test_spawn_follow_shows_states_then_the_result(hub_edge: str, data_dir
     assert agent["state"] == "completed"
     status = await fedagent("status", agent["agentId"], "-i", "hub", "--data-dir", data_dir)
     assert status.code == 0 and "completed" in status.out and "hello-from-cli" in status.out
+
+
+async def test_agents_table_fits_an_80_column_terminal_one_line_per_agent(
+    hub: Instance, hub_edge: str, data_dir: str
+) -> None:
+    body = spawn_body(hub_edge, "$ echo one two three four five six", task_id="cli-narrow-table")
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    await hub.wait_agent(body["agentId"])
+    narrow = {"COLUMNS": "80"}
+    for args in (("-i", "hub", "--task-id", "cli-narrow-table"), ("-i", "edge", "--hosted")):
+        table = await fedagent("agents", *args, "--data-dir", data_dir, env=narrow)
+        assert table.code == 0, table.err
+        lines = [line for line in table.out.splitlines() if line.strip()]
+        assert all(len(line) <= 80 for line in lines), table.out
+        header, _rule, *rows = lines
+        assert header.split()[:2] == ["agent", "state"] and "task" in header, table.out
+        # each agent on one line, with its whole id to copy into `fedagent status`
+        assert all(re.match(r"\s*[0-9a-f-]{36}\s", row) for row in rows), table.out
+        [mine] = [row for row in rows if body["agentId"] in row]
+        assert "completed" in mine and "cli-narr" in mine, table.out
 
 
 async def test_spawn_from_a_file_then_kill(

@@ -53,47 +53,30 @@
   if (agent && agent.getAttribute("data-terminal") === "no" && window.EventSource) {
     var id = agent.getAttribute("data-agent");
     var source = new EventSource("/console/agents/" + id + "/events");
+    // What changed is rendered by the server (api/console/progress.py, transcript.py): on
+    // news, fetch those parts of the page again, at most every half second.
+    var due = null;
+    var refetch = function () {
+      if (due) return;
+      due = setTimeout(function () {
+        due = null;
+        swapFrom(window.location.pathname, ["progress", "events", "transcript-section"]);
+      }, 500);
+    };
     var onEvent = function (ev) {
       var data = JSON.parse(ev.data);
       var badge = document.querySelector("h1 .state");
       if (badge) badge.replaceWith(stateBadge(data.state));
-      var li = document.createElement("li");
-      li.appendChild(stateBadge(data.state));
-      li.appendChild(document.createTextNode(" " + data.at.replace("T", " ").slice(0, 19) + " UTC"));
-      document.getElementById("events").appendChild(li);
-      if (data.progress) {
-        var dl = document.createElement("dl");
-        dl.className = "facts";
-        Object.keys(data.progress).forEach(function (k) {
-          var dt = document.createElement("dt"), dd = document.createElement("dd");
-          var code = document.createElement("code");
-          dt.textContent = k;
-          code.textContent = typeof data.progress[k] === "string" ? data.progress[k] : JSON.stringify(data.progress[k]);
-          dd.appendChild(code);
-          dl.appendChild(dt);
-          dl.appendChild(dd);
-        });
-        var box = document.getElementById("progress");
-        box.innerHTML = "";
-        box.appendChild(dl);
-      }
       if (TERMINAL.indexOf(data.state) >= 0) {
         source.close();
         swapFrom(window.location.pathname, ["agent"]);
+      } else {
+        refetch();
       }
     };
     source.addEventListener("state", onEvent);
     source.addEventListener("progress", onEvent);
-    // Transcript entries are rendered by the server (api/console/transcript.py): on news,
-    // fetch the section again, at most every half second.
-    var transcriptDue = null;
-    source.addEventListener("transcript", function () {
-      if (transcriptDue) return;
-      transcriptDue = setTimeout(function () {
-        transcriptDue = null;
-        swapFrom(window.location.pathname, ["transcript-section"]);
-      }, 500);
-    });
+    source.addEventListener("transcript", refetch);
   }
 
   // Lists: while an agent shown is not finished, fetch the same page again now and then.
@@ -107,6 +90,8 @@
   }
   function refresh() {
     if (!unfinished()) return;
+    // A confirmation open in a row would vanish with the row it is in: wait until it closes.
+    if (document.querySelector("dialog[open]")) { setTimeout(refresh, 1000); return; }
     swapFrom(window.location.href, lists.map(function (t) { return t.id; })).then(function () {
       lists = Array.prototype.slice.call(document.querySelectorAll("table.live-list tbody[id]"));
       setTimeout(refresh, 2000);

@@ -1,0 +1,112 @@
+"""What an operator reads on the console: an agent's page in words (each state once, progress
+with labels, a model turn without text) and, on an executor, the runs peers started there."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from playwright.async_api import Browser, BrowserContext, expect
+
+from cli.devstack import DevStack
+from federation.store import repos
+from tests.conftest import Instance, ensure_connection
+from tests.console.conftest import shot, sign_in
+from tests.e2e.helpers import processes_in, spawn_body
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_agent_page_shows_each_state_once_progress_in_words_and_silent_turns_readably(
+    context: BrowserContext, hub: Instance, spoke: Instance
+) -> None:
+    connection_id = await ensure_connection(hub, spoke)
+    body = spawn_body(connection_id, "$ echo first\n$ sleep 5\n$ echo done", task_id="words")
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    page = await sign_in(context, hub)
+    await page.goto(f"{hub.url}/console/agents/{body['agentId']}")
+    progress, events = page.locator("#progress"), page.locator("#events")
+    running = events.locator("li", has=page.locator("[data-state=running]"))
+
+    # live, while it runs: several progress reports, one `running`
+    await expect(progress).to_contain_text("sleep 5")
+    await expect(progress).to_contain_text("Last tool")
+    await expect(progress).to_contain_text("Transcript entries")
+    await expect(progress).not_to_contain_text("lastTool")
+    await expect(running).to_have_count(1)
+    await shot(page, "agent-running")
+
+    await expect(page.locator("h1 .state")).to_have_text("completed", timeout=90_000)
+    await expect(running).to_have_count(1)
+    await expect(events.locator("li", has=page.locator("[data-state=completed]"))).to_have_count(1)
+    await expect(progress).to_contain_text("Last tool")
+    await expect(progress).not_to_contain_text("transcriptEntries")
+    transcript = page.locator("#transcript")
+    await expect(transcript).to_contain_text("(no text; it called run_command)")
+    await expect(transcript).to_contain_text("(no text; it called finish)")
+    await expect(transcript).not_to_contain_text("'kind'")
+    await shot(page, "agent-in-words")
+
+
+async def _member_token(instance: Instance) -> str:
+    conn = await instance.db()
+    try:
+        return await repos.create_token(conn, name="mo", role="member", workspace="team-b")
+    finally:
+        await conn.close()
+
+
+async def test_an_executor_sees_the_runs_peers_started_on_it_and_kills_one_after_confirming(
+    context: BrowserContext,
+    browser: Browser,
+    hub: Instance,
+    spoke: Instance,
+    console_stack: DevStack,
+) -> None:
+    connection_id = await ensure_connection(hub, spoke)
+    task_id = f"hosted-{uuid.uuid4().hex[:6]}"
+    body = spawn_body(connection_id, "$ sleep 60", task_id=task_id)
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    agent_id = body["agentId"]
+    workspace = console_stack.data_dir / "workspaces" / "spoke" / hub.id / agent_id
+    await hub.wait_agent(agent_id, {"running"}, timeout=120)
+    for _ in range(600):
+        if processes_in(workspace):
+            break
+        await asyncio.sleep(0.1)
+    assert processes_in(workspace), "the agent's sleep never started"
+
+    page = await sign_in(context, spoke)
+    await page.goto(f"{spoke.url}/console/agents")
+    run = page.locator(f"#hosted-rows tr[data-agent='{agent_id}']")
+    await expect(run).to_contain_text(task_id)
+    await expect(run).to_contain_text("hub")
+    await expect(run.locator(".state")).to_have_text("running")
+    await shot(page, "agents-hosted")
+
+    # A member sees no one else's runs here, and may not stop them.
+    member_context = await browser.new_context()
+    try:
+        member = await sign_in(member_context, spoke, await _member_token(spoke))
+        await member.goto(f"{spoke.url}/console/agents")
+        await expect(member.locator("#hosted")).to_have_count(0)
+        csrf = await member.locator("input[name=csrf]").first.input_value()
+        refused = await member_context.request.post(
+            f"{spoke.url}/console/hosted/{agent_id}/kill", form={"csrf": csrf, "peer": hub.id}
+        )
+        assert refused.status == 403 and "forbidden" in await refused.text()
+    finally:
+        await member_context.close()
+    assert processes_in(workspace), "a member's kill stopped the run"
+
+    await run.get_by_role("button", name="Kill…").click()
+    dialog = page.locator(f"dialog#kill-hosted-{agent_id}")
+    await expect(dialog).to_be_visible()
+    await expect(dialog).to_contain_text("hub hears it was killed")
+    await shot(page, "agents-hosted-kill-dialog")
+    await dialog.get_by_role("button", name="Kill the run").click()
+    await expect(page.get_by_role("status")).to_contain_text("The run is stopped")
+    await expect(run.locator(".state")).to_have_text("killed")
+    assert processes_in(workspace) == []
+    assert (await hub.wait_agent(agent_id))["state"] == "killed"  # the requester hears it
