@@ -33,6 +33,7 @@ from workflows.models import (
     RUN_AGENT,
     TASK_INVALID,
     AgentOutcome,
+    AgentState,
     RunTask,
 )
 
@@ -149,7 +150,7 @@ class AgentActivities:
             )
             previous_try = previous_try_note(task.attempt, earlier)
         row = await repos.update_executed_agent(
-            self.pool, task.requester_id, agent_id, state="running", attempt=task.attempt
+            self.pool, task.requester_id, agent_id, state=AgentState.RUNNING, attempt=task.attempt
         )
         if row is not None:
             self._notify_soon(row)
