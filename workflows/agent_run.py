@@ -13,12 +13,12 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 
 with workflow.unsafe.imports_passed_through():
-    from activities.agents import AgentActivities
     from activities.federation import FederationActivities
     from workflows.models import (
         AGENT_FAILED,
         AGENT_KILLED,
         AGENT_TIMED_OUT,
+        RUN_AGENT,
         SA_AGENT_STATE,
         STORE_REFUSED,
         TASK_INVALID,
@@ -201,9 +201,12 @@ class AgentRunWorkflow:
             self._set_state(AgentState.RUNNING)
             budget = timedelta(seconds=task.timeout_seconds)
             deadline = workflow.now() + budget
-            self._run = workflow.start_activity_method(
-                AgentActivities.run_agent,
+            # By name: the agent activity's module brings the agent runtime and the model SDK
+            # with it, which every importer of this workflow (the API) would then load.
+            self._run = workflow.start_activity(
+                RUN_AGENT,
                 dataclasses.replace(task, attempt=attempt, deadline=deadline.isoformat()),
+                result_type=AgentOutcome,
                 task_queue=task.agent_task_queue or None,
                 start_to_close_timeout=budget + TIMEOUT_GRACE,
                 schedule_to_close_timeout=budget + TIMEOUT_GRACE,

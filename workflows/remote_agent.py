@@ -439,8 +439,11 @@ class RemoteAgentWorkflow:
         self._changed = True
 
     def _finish(
-        self, state: AgentState, result: dict | None = None, error: str | None = None
-    ) -> None:  # type: ignore[type-arg]
+        self,
+        state: AgentState,
+        result: dict | None = None,  # type: ignore[type-arg]
+        error: str | None = None,
+    ) -> None:
         if self._state in TERMINAL_STATES:
             return
         self._state = state

@@ -217,7 +217,7 @@ async def test_a_final_the_store_refuses_ends_the_run_failed_with_the_reason(
 ) -> None:
     # NaN: JSON the workflow carries, a value PostgreSQL's jsonb never takes.
     peer.release_run.set()
-    peer.run_outcome = m.AgentOutcome("done", {"summary": "done", "score": math.nan})
+    peer.run_outcome = m.AgentOutcome(summary="done", result={"summary": "done", "score": math.nan})
     async with worker(client, peer, real.federation.record_run_final) as queue:
         handle = await run_executor(client, queue, executed, "$ true")
         assert await closed(handle) is not None  # Failed in Temporal too, with the reason
@@ -274,7 +274,9 @@ async def test_a_requester_final_the_store_refuses_ends_the_run_failed_with_the_
         workflow_id=m.remote_agent_workflow_id(agent_id),
         state="spawning",
     )
-    peer.spawn_answer = m.AgentEvent(2, "completed", result={"score": math.nan})
+    peer.spawn_answer = m.AgentEvent(
+        seq=2, state=m.AgentState.COMPLETED, result={"score": math.nan}
+    )
     async with worker(client, peer, real.federation.record_requester_final) as queue:
         handle = await client.start_workflow(
             RemoteAgentWorkflow.run,

@@ -35,11 +35,13 @@ async def test_events_that_bring_every_change_leave_the_requester_nothing_to_ask
 ) -> None:
     """A short run: its events (signals) bring running and completed before the quiet spell
     ends, so the requester never long-polls agent.status (one command per run: the spawn)."""
-    peer.spawn_answer = m.AgentEvent(1, "spawning")
+    peer.spawn_answer = m.AgentEvent(seq=1, state=m.AgentState.SPAWNING)
     handle = await start_requester(client, task_queue, poll_after_quiet_seconds=30.0)
-    await handle.signal("on_event", m.AgentEvent(2, "running"))
+    await handle.signal("on_event", m.AgentEvent(seq=2, state=m.AgentState.RUNNING))
     await spawn_sent(peer)
-    await handle.signal("on_event", m.AgentEvent(3, "completed", result={"summary": "ok"}))
+    await handle.signal(
+        "on_event", m.AgentEvent(seq=3, state=m.AgentState.COMPLETED, result={"summary": "ok"})
+    )
     status = await final_status(handle)
     await save_history(client, handle, "requester-completed-by-events")
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
@@ -52,7 +54,7 @@ async def test_a_lost_event_is_asked_for_once_the_quiet_spell_ends(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     """No event comes: after the quiet spell one long-poll finds the final state."""
-    peer.set_status(m.AgentEvent(4, "completed", result={"summary": "polled"}))
+    peer.set_status(m.AgentEvent(seq=4, state=m.AgentState.COMPLETED, result={"summary": "polled"}))
     handle = await start_requester(client, task_queue, poll_after_quiet_seconds=0.5)
     status = await final_status(handle)
     assert (status.state, status.result) == ("completed", {"summary": "polled"})
@@ -99,9 +101,18 @@ async def test_an_event_ending_the_run_while_its_kill_is_answered_loses_no_kill(
     await spawn_sent(peer)
 
     async def completed_meanwhile() -> m.KillResult:
-        await handle.signal("on_event", m.AgentEvent(7, "completed", result={"summary": "first"}))
+        await handle.signal(
+            "on_event",
+            m.AgentEvent(seq=7, state=m.AgentState.COMPLETED, result={"summary": "first"}),
+        )
         await asyncio.sleep(0.3)  # the signal lands while this workflow task is open
-        return m.KillResult(handle.id, "completed", 7, {"summary": "first"}, None)
+        return m.KillResult(
+            agent_id=handle.id,
+            state=m.AgentState.COMPLETED,
+            seq=7,
+            result={"summary": "first"},
+            error=None,
+        )
 
     peer.kill_answer = completed_meanwhile
     answer = await handle.execute_update(
@@ -126,7 +137,7 @@ async def test_a_cancel_during_the_kill_loses_neither_the_kill_nor_its_answer(
 
     async def slow() -> m.KillResult:
         await gate.wait()
-        return m.KillResult(handle.id, "killed", 99)
+        return m.KillResult(agent_id=handle.id, state=m.AgentState.KILLED, seq=99)
 
     peer.kill_answer = slow
     kill = asyncio.create_task(
@@ -154,9 +165,11 @@ async def test_a_kill_with_start_of_a_running_workflow_is_answered(
     await spawn_sent(peer)
 
     async def killed_meanwhile() -> m.KillResult:
-        await handle.signal("on_event", m.AgentEvent(7, "killed"))
+        await handle.signal("on_event", m.AgentEvent(seq=7, state=m.AgentState.KILLED))
         await spawn_sent(peer)
-        return m.KillResult(handle.id, "killed", 7, None, None)
+        return m.KillResult(
+            agent_id=handle.id, state=m.AgentState.KILLED, seq=7, result=None, error=None
+        )
 
     peer.kill_answer = killed_meanwhile
     start = WithStartWorkflowOperation(
@@ -185,7 +198,7 @@ async def test_a_slow_executor_kill_ends_at_the_kill_deadline(
 
     async def slow() -> m.KillResult:
         await asyncio.sleep(6)
-        return m.KillResult(handle.id, "killed", 99)
+        return m.KillResult(agent_id=handle.id, state=m.AgentState.KILLED, seq=99)
 
     peer.kill_answer = slow
     answer = await handle.execute_update(
@@ -243,5 +256,7 @@ async def test_a_refused_poll_waits_its_backoff_and_no_quiet_spell_besides(
     types = await event_types(client, handle)
     # One quiet spell before the first poll, one backoff after each refused poll.
     assert types.count("TIMER_STARTED") <= peer.status_waits + 1
-    await handle.signal("on_event", m.AgentEvent(9, "completed", result={"summary": "ok"}))
+    await handle.signal(
+        "on_event", m.AgentEvent(seq=9, state=m.AgentState.COMPLETED, result={"summary": "ok"})
+    )
     assert (await final_status(handle)).state == "completed"

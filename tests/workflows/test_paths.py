@@ -48,7 +48,9 @@ async def test_requester_completed_from_the_final_event(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     handle = await start_requester(client, task_queue)
-    await handle.signal("on_event", m.AgentEvent(2, "completed", result={"summary": "ok"}))
+    await handle.signal(
+        "on_event", m.AgentEvent(seq=2, state=m.AgentState.COMPLETED, result={"summary": "ok"})
+    )
     status = await final_status(handle)
     await save_history(client, handle, "requester-completed")
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
@@ -58,7 +60,7 @@ async def test_requester_completed_from_the_final_event(
 async def test_requester_learns_the_final_state_when_the_event_is_lost(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
-    peer.set_status(m.AgentEvent(3, "completed", result={"summary": "polled"}))
+    peer.set_status(m.AgentEvent(seq=3, state=m.AgentState.COMPLETED, result={"summary": "polled"}))
     handle = await start_requester(client, task_queue)
     status = await final_status(handle)
     await save_history(client, handle, "requester-lost-final-event")
@@ -120,7 +122,7 @@ async def test_executor_failed_then_retried_completes(
         tries.append(task.attempt)
         if task.attempt == 1:
             raise ApplicationError("exit 1", {"summary": "exit 1"}, type=m.AGENT_FAILED)
-        return m.AgentOutcome("ok", {"summary": "ok"})
+        return m.AgentOutcome(summary="ok", result={"summary": "ok"})
 
     peer.run_script = script
     handle = await start_executor(client, task_queue, maxRetries=1)
@@ -179,7 +181,9 @@ async def test_executor_large_result_completes(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     peer.release_run.set()
-    peer.run_outcome = m.AgentOutcome("big", {"summary": "big", "diffPreview": "x" * 64_000})
+    peer.run_outcome = m.AgentOutcome(
+        summary="big", result={"summary": "big", "diffPreview": "x" * 64_000}
+    )
     handle = await start_executor(client, task_queue)
     assert (await final_status(handle)).state == "completed"
     await save_history(client, handle, "executor-large-result")
@@ -194,7 +198,7 @@ async def test_executor_try_lost_with_its_worker_is_retried(
         if activity.info().attempt == 1:
             # The worker running it is gone: no heartbeats, no answer.
             await asyncio.sleep(30)
-        return m.AgentOutcome("ok", {"summary": "ok"})
+        return m.AgentOutcome(summary="ok", result={"summary": "ok"})
 
     peer.run_script = script
     handle = await start_executor(client, task_queue)
@@ -207,7 +211,9 @@ async def test_requester_kill_after_completion_keeps_completed(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     handle = await start_requester(client, task_queue)
-    await handle.signal("on_event", m.AgentEvent(2, "completed", result={"summary": "ok"}))
+    await handle.signal(
+        "on_event", m.AgentEvent(seq=2, state=m.AgentState.COMPLETED, result={"summary": "ok"})
+    )
     answer = await handle.execute_update("kill", m.KillRequest(), result_type=m.KillResult)
     status = await final_status(handle)
     await save_history(client, handle, "requester-kill-after-completion")
