@@ -21,6 +21,8 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
+from workflows.agent_run import AgentRunWorkflow
+from workflows.remote_agent import RemoteAgentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 RunScript = Callable[[m.RunTask], Awaitable[m.AgentOutcome]]
@@ -190,6 +192,13 @@ class ScriptedPeer:
             for name in dir(self)
             if hasattr(getattr(self, name), "__temporal_activity_definition")
         ]
+
+
+def workflow_of(
+    handle: WorkflowHandle[Any, Any],
+) -> type[RemoteAgentWorkflow] | type[AgentRunWorkflow]:
+    """The workflow class behind a handle, for helpers that take either side's run."""
+    return RemoteAgentWorkflow if handle.id.startswith("remote-agent/") else AgentRunWorkflow
 
 
 def spawn_input(agent_id: str, **overrides: Any) -> m.SpawnAgentInput:

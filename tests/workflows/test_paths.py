@@ -10,7 +10,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
-from tests.workflows.peer import ScriptedPeer, run_input, save_history, spawn_input
+from tests.workflows.peer import ScriptedPeer, run_input, save_history, spawn_input, workflow_of
 from workflows.agent_run import AgentRunWorkflow
 from workflows.remote_agent import RemoteAgentWorkflow
 
@@ -41,7 +41,7 @@ async def final_status(handle) -> m.AgentStatus:  # type: ignore[no-untyped-def]
         await handle.result()
     except Exception as exc:  # noqa: BLE001 - a failed agent may end the workflow Failed
         print("workflow ended with", repr(exc), repr(getattr(exc, "cause", None)))
-    return await handle.query("status", result_type=m.AgentStatus)
+    return await handle.query(workflow_of(handle).status)
 
 
 async def test_requester_completed_from_the_final_event(
@@ -49,7 +49,8 @@ async def test_requester_completed_from_the_final_event(
 ) -> None:
     handle = await start_requester(client, task_queue)
     await handle.signal(
-        "on_event", m.AgentEvent(seq=2, state=m.AgentState.COMPLETED, result={"summary": "ok"})
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=2, state=m.AgentState.COMPLETED, result={"summary": "ok"}),
     )
     status = await final_status(handle)
     await save_history(client, handle, "requester-completed")
@@ -82,7 +83,7 @@ async def test_requester_kill_while_running_is_killed(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     handle = await start_requester(client, task_queue)
-    answer = await handle.execute_update("kill", m.KillRequest(), result_type=m.KillResult)
+    answer = await handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest())
     assert answer.state == "killed"
     status = await final_status(handle)
     await save_history(client, handle, "requester-killed-running")
@@ -94,9 +95,7 @@ async def test_requester_kill_during_spawn_waits_for_the_spawn_then_kills(
 ) -> None:
     peer.spawn_gate.clear()
     handle = await start_requester(client, task_queue)
-    kill = asyncio.create_task(
-        handle.execute_update("kill", m.KillRequest(), result_type=m.KillResult)
-    )
+    kill = asyncio.create_task(handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest()))
     await asyncio.sleep(0.3)
     peer.spawn_gate.set()
     assert (await kill).state == "killed"
@@ -159,7 +158,7 @@ async def test_executor_kill_while_running_stops_the_sandbox(
 ) -> None:
     handle = await start_executor(client, task_queue)
     await peer.sandbox_started.wait()
-    answer = await handle.execute_update("kill", m.KillRequest(), result_type=m.KillResult)
+    answer = await handle.execute_update(AgentRunWorkflow.kill, m.KillRequest())
     assert answer.state == "killed"
     assert peer.sandboxes_gone == 1
     assert (await final_status(handle)).state == "killed"
@@ -212,9 +211,10 @@ async def test_requester_kill_after_completion_keeps_completed(
 ) -> None:
     handle = await start_requester(client, task_queue)
     await handle.signal(
-        "on_event", m.AgentEvent(seq=2, state=m.AgentState.COMPLETED, result={"summary": "ok"})
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=2, state=m.AgentState.COMPLETED, result={"summary": "ok"}),
     )
-    answer = await handle.execute_update("kill", m.KillRequest(), result_type=m.KillResult)
+    answer = await handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest())
     status = await final_status(handle)
     await save_history(client, handle, "requester-kill-after-completion")
     assert answer.state == "completed"

@@ -12,8 +12,15 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
-from tests.workflows.peer import ScriptedPeer, run_input, save_history, spawn_input
+from tests.workflows.peer import (
+    ScriptedPeer,
+    run_input,
+    save_history,
+    spawn_input,
+    workflow_of,
+)
 from tests.workflows.test_paths import final_status, start_executor, start_requester
+from workflows.agent_run import AgentRunWorkflow
 from workflows.remote_agent import RemoteAgentWorkflow
 
 
@@ -28,7 +35,7 @@ async def history_length(client: Client, handle) -> int:  # type: ignore[no-unty
 
 
 async def kill(handle) -> m.KillResult:  # type: ignore[no-untyped-def]
-    return await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+    return await handle.execute_update(workflow_of(handle).kill, m.KillRequest(), id="kill")
 
 
 async def wait_for(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
@@ -65,7 +72,7 @@ async def test_unreachable_requester_is_retried_then_given_up_without_failing(
 
     inp = run_input(agent_id)
     handle = await client.start_workflow(
-        "AgentRunWorkflow",
+        AgentRunWorkflow.run,
         m.AgentRunInput(
             envelope=inp.envelope, received_at=inp.received_at, notify_deadline_seconds=3
         ),
@@ -194,8 +201,8 @@ async def test_a_retried_kill_is_the_same_kill(
     handle = await start_requester(client, task_queue)
     await wait_for(lambda: peer.status_waits >= 1)
     first, second = await asyncio.gather(
-        handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult),
-        handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult),
+        handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill"),
+        handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill"),
     )
     assert first == second
     assert first.state == "killed"
@@ -248,10 +255,11 @@ async def test_long_run_continues_as_new_and_still_ends_once(
     first_run = (await handle.describe()).run_id
     latest = client.get_workflow_handle(handle.id)
     for seq, state in ((2, "running"), (3, "spawning"), (4, "running"), (5, "spawning")):
-        await latest.signal("on_event", m.AgentEvent(seq=seq, state=state))
+        await latest.signal(RemoteAgentWorkflow.on_event, m.AgentEvent(seq=seq, state=state))
         await asyncio.sleep(0.2)
     await latest.signal(
-        "on_event", m.AgentEvent(seq=9, state=m.AgentState.COMPLETED, result={"summary": "ok"})
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=9, state=m.AgentState.COMPLETED, result={"summary": "ok"}),
     )
     status = await final_status(latest)
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
@@ -277,7 +285,7 @@ async def test_duplicate_and_reordered_events_change_nothing_after_the_final_one
         m.AgentEvent(seq=4, state=m.AgentState.RUNNING),
         m.AgentEvent(seq=6, state=m.AgentState.FAILED, error="late"),
     ):
-        await handle.signal("on_event", event)
+        await handle.signal(RemoteAgentWorkflow.on_event, event)
     status = await final_status(handle)
     await save_history(client, handle, "requester-duplicate-reordered-events")
     assert (status.state, status.seq, status.result) == ("completed", 5, {"summary": "first final"})
@@ -307,11 +315,14 @@ async def test_an_event_arriving_while_the_final_is_recorded_keeps_the_first_fin
     peer.record_gate.clear()
     handle = await start_requester(client, task_queue)
     await handle.signal(
-        "on_event", m.AgentEvent(seq=5, state=m.AgentState.COMPLETED, result={"summary": "first"})
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=5, state=m.AgentState.COMPLETED, result={"summary": "first"}),
     )
     await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
     # Accepted by the server once signal() returns; buffered there while the task is open.
-    await handle.signal("on_event", m.AgentEvent(seq=6, state=m.AgentState.FAILED, error="late"))
+    await handle.signal(
+        RemoteAgentWorkflow.on_event, m.AgentEvent(seq=6, state=m.AgentState.FAILED, error="late")
+    )
     peer.record_gate.set()
     status = await final_status(handle)
     await save_history(client, handle, "requester-event-while-recording")
@@ -378,9 +389,7 @@ async def test_a_cancel_while_a_killed_run_is_recorded_keeps_the_kill_as_recorde
     await peer.sandbox_started.wait()
     peer.record_gate.clear()
     answer = asyncio.create_task(
-        handle.execute_update(
-            "kill", m.KillRequest(answered=True), id="kill", result_type=m.KillResult
-        )
+        handle.execute_update(AgentRunWorkflow.kill, m.KillRequest(answered=True), id="kill")
     )
     await wait_for(lambda: m.RECORD_RUN_FINAL in peer.calls)
     await handle.cancel()  # accepted by the server once cancel() returns
@@ -508,7 +517,7 @@ async def test_cancelling_the_executor_workflow_while_it_records_keeps_the_resul
     peer.run_outcome = m.AgentOutcome(summary="ok", result={"summary": "ok"})
     agent_id = str(uuid.uuid4())
     handle = await client.start_workflow(
-        "AgentRunWorkflow",
+        AgentRunWorkflow.run,
         run_input(agent_id),
         id=m.agent_run_workflow_id("hub", agent_id),
         task_queue=task_queue,
