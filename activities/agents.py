@@ -25,6 +25,7 @@ from federation import tracing
 from federation.errors import FederationError
 from federation.identity import load_identity
 from federation.settings import Settings
+from federation.states import TERMINAL_STATES
 from federation.store import artifacts, conversations, repos
 from federation.trust import SAFE_INSTANCE_ID, check_peer_command, require_active
 from workflows.models import (
@@ -33,6 +34,7 @@ from workflows.models import (
     RUN_AGENT,
     TASK_INVALID,
     AgentOutcome,
+    AgentState,
     RunTask,
 )
 
@@ -81,7 +83,7 @@ class AgentActivities:
         """Each try starts only if the run's connection is ACTIVE and still grants it (its
         command, agent type, repository and timeout, within this instance's limits)."""
         row = await repos.get_executed_agent(self.pool, task.requester_id, uuid.UUID(task.agent_id))
-        if row is not None and row["state"] in repos.TERMINAL_STATES:
+        if row is not None and row["state"] in TERMINAL_STATES:
             # Recorded as ended while its workflow did not exist (a kill that found none, the
             # reconciler): a workflow started after that must not run the agent after all.
             raise ApplicationError(
@@ -149,7 +151,7 @@ class AgentActivities:
             )
             previous_try = previous_try_note(task.attempt, earlier)
         row = await repos.update_executed_agent(
-            self.pool, task.requester_id, agent_id, state="running", attempt=task.attempt
+            self.pool, task.requester_id, agent_id, state=AgentState.RUNNING, attempt=task.attempt
         )
         if row is not None:
             self._notify_soon(row)

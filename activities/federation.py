@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 
 from federation import tracing
 from federation.envelope import MessageType, parse_timestamp
-from federation.errors import FederationError, PeerRefused, PeerUnreachable
+from federation.errors import FederationError, PeerRefused, PeerResponseInvalid, PeerUnreachable
 from federation.identity import Identity, load_identity
 from federation.peer import send_signed
 from federation.settings import Settings
@@ -34,6 +34,7 @@ from workflows.models import (
     WAIT_STATUS,
     AgentEvent,
     AgentRunInput,
+    AgentState,
     FinishRun,
     KillResult,
     PeerCall,
@@ -69,9 +70,15 @@ def as_activity_error(err: FederationError) -> Exception:
 
 
 def event_from_payload(payload: dict[str, Any]) -> AgentEvent:
+    """A peer's report as an event; a state outside the vocabulary is refused before it is
+    stored or reaches a workflow."""
+    try:
+        state = AgentState(payload.get("state") or AgentState.SPAWNING)
+    except ValueError:
+        raise PeerResponseInvalid(f"unknown agent state {payload.get('state')!r}") from None
     return AgentEvent(
         seq=int(payload.get("seq") or 0),
-        state=str(payload.get("state") or "spawning"),
+        state=state,
         progress=payload.get("progress"),
         result=payload.get("result"),
         error=payload.get("error"),
@@ -147,7 +154,7 @@ def unstored(final: Final, err: Exception) -> Final:
         f"({type(err).__name__}: {err}); its result is not kept"
     )
     summary = {"success": False, "stopReason": "store_refused", "summary": reason}
-    return dataclasses.replace(final, state="failed", result=summary, error=reason)
+    return dataclasses.replace(final, state=AgentState.FAILED, result=summary, error=reason)
 
 
 async def refused_for_good(write: Awaitable[T]) -> T:
@@ -171,7 +178,11 @@ def _recorded(
     kept = (row["state"], row["result"], row["error"])
     own = written or kept == (final.state, final.result, final.error)
     return RecordedFinal(
-        str(row["state"]), None if own else row["result"], row["error"], int(row["seq"]), own
+        state=AgentState(row["state"]),
+        result=None if own else row["result"],
+        error=row["error"],
+        seq=int(row["seq"]),
+        written=own,
     )
 
 
@@ -200,7 +211,10 @@ class FederationActivities:
 
     async def _apply_reply(self, agent_id: str, reply: dict[str, Any]) -> AgentEvent:
         """The executor's answer is a report like an event: apply it to the projection."""
-        event = event_from_payload(reply)
+        try:
+            event = event_from_payload(reply)
+        except FederationError as err:
+            raise as_activity_error(err) from None
         await repos.apply_requester_update(
             self.pool,
             uuid.UUID(agent_id),
@@ -265,7 +279,13 @@ class FederationActivities:
                 {"agentId": call.agent_id},
                 timeout=60.0,
             )
-        return KillResult(call.agent_id, event.state, event.seq, event.result, event.error)
+        return KillResult(
+            agent_id=call.agent_id,
+            state=event.state,
+            seq=event.seq,
+            result=event.result,
+            error=event.error,
+        )
 
     @activity.defn(name=WAIT_STATUS)
     async def wait_status(self, wait: StatusWait) -> AgentEvent:
@@ -346,7 +366,7 @@ class FederationActivities:
             )
             row, written = await refused_for_good(write(unstored(final, err))), False
         if row is None:  # no row (removed meanwhile): nothing to keep but this final
-            return RecordedFinal(final.state, None, final.error)
+            return RecordedFinal(state=final.state, error=final.error)
         return _recorded(row, written=written, final=final)
 
     # --- executor side -----------------------------------------------------------------
@@ -423,7 +443,7 @@ class FederationActivities:
         if row is None:
             row = await repos.get_executed_agent(self.pool, finish.requester_id, agent_id)
         if row is None:  # no row (removed meanwhile): nothing to keep but this final
-            return RecordedFinal(finish.state, None, finish.error)
+            return RecordedFinal(state=finish.state, error=finish.error)
         return _recorded(row, written=written, final=finish)
 
     @activity.defn(name=NOTIFY_REQUESTER)

@@ -25,6 +25,7 @@ import anyio
 from fastapi.responses import StreamingResponse
 
 from federation.errors import InvalidRequest, TooManyStreams
+from federation.states import TERMINAL_STATES
 from federation.store import conversations, notifications, repos, streams
 from federation.users import User
 from operations import Services, agents
@@ -99,7 +100,7 @@ class AgentLog:
     async def ended_before(self) -> bool:
         """Whether the stream resumed after the final event: nothing more will come."""
         row = await repos.get_requested_agent(self.pool, self.agent_id)
-        return row is not None and row["state"] in repos.TERMINAL_STATES
+        return row is not None and row["state"] in TERMINAL_STATES
 
     async def _entries(self, limit: int = PAGE) -> list[dict[str, Any]]:
         return await conversations.received_after(self.pool, self.agent_id, self.entry_no, limit)
@@ -110,7 +111,7 @@ class AgentLog:
         entries = await self._entries()
         events = await repos.agent_events_after(self.pool, self.agent_id, self.cursor, PAGE)
         events_page_full = len(events) == PAGE
-        final = next((e for e in events if e["state"] in repos.TERMINAL_STATES), None)
+        final = next((e for e in events if e["state"] in TERMINAL_STATES), None)
         if final is not None:
             # Everything the run said comes before its final state: what events did not
             # bring is pulled once, before the final goes out.

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from federation.logs import _log_context, bind_log_context
+from federation.states import TERMINAL_STATES, AgentState
 
 log = logging.getLogger("fedagent.access")
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series
@@ -82,7 +83,6 @@ SPAWN_REQUESTS = Counter(
 SPAWN_ROUTE = "/api/v1/federation/agents/spawn"
 INCOMING_PREFIX = "/api/v1/federation/incoming/"
 QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
-TERMINAL = ("completed", "failed", "killed", "timed_out")
 _AGENT_PATH = re.compile(r"/agents/([0-9a-fA-F-]{36})(?:/|$)")
 _PEEK_LIMIT = 64 * 1024
 
@@ -137,11 +137,11 @@ class StoreCollector(Collector):
         )
         running_by_role = {"requester": 0, "executor": 0}
         for role, state, count in snap.counts:
-            if state in TERMINAL:
+            if state in TERMINAL_STATES:
                 spawns.add_metric([role, state], float(count))
             else:
                 active.add_metric([role, state], float(count))
-            if state == "running":
+            if state == AgentState.RUNNING:
                 running_by_role[role] = running_by_role.get(role, 0) + count
         for role, count in sorted(running_by_role.items()):
             running.add_metric([role], float(count))

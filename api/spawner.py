@@ -26,7 +26,8 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from federation.settings import Settings
 from federation.store import repos
-from workflows.models import KillRequest, SpawnAgentInput, agent_search_attributes
+from workflows.models import KillRequest, KillResult, SpawnAgentInput, agent_search_attributes
+from workflows.remote_agent import RemoteAgentWorkflow
 
 log = logging.getLogger(__name__)
 SWEEP_EVERY = 1.0
@@ -107,7 +108,7 @@ class SpawnStarter:
         inp, options = await self._start_arguments(row, db)
         try:
             await self.temporal.start_workflow(
-                "RemoteAgentWorkflow",
+                RemoteAgentWorkflow.run,
                 inp,
                 # Bounded: while Temporal is away the sweeper retries, nobody waits forever.
                 rpc_timeout=timedelta(seconds=5),
@@ -117,16 +118,14 @@ class SpawnStarter:
             pass  # closed already: it started long ago
         await self._mark_started(row, db)
 
-    async def kill_with_start(self, row: dict[str, Any], request: KillRequest) -> dict[str, Any]:
+    async def kill_with_start(self, row: dict[str, Any], request: KillRequest) -> KillResult:
         """Kill a spawn whose workflow may not have started: one update-with-start, so the
         workflow starts already killed and never sends the spawn (or, started meanwhile, is
         killed like any other). The update id is fixed: a retried kill is the same kill."""
         inp, options = await self._start_arguments(row, self.pool)
-        start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
-            "RemoteAgentWorkflow", inp, **options
-        )
-        result: dict[str, Any] = await self.temporal.execute_update_with_start_workflow(
-            "kill", request, start_workflow_operation=start, id="kill", result_type=dict
+        start = WithStartWorkflowOperation(RemoteAgentWorkflow.run, inp, **options)
+        result = await self.temporal.execute_update_with_start_workflow(
+            RemoteAgentWorkflow.kill, request, start_workflow_operation=start, id="kill"
         )
         await self._mark_started(row, self.pool)
         return result

@@ -12,6 +12,7 @@ import httpx
 
 from cli.devstack import DevStack, until_signal
 from cli.options import StackOptions
+from federation.states import TERMINAL_STATES, AgentState, ConnectionStatus
 
 DEMO_INSTRUCTIONS = """Write a greeting into the workspace and show it.
 $ echo "hello from the spoke" > hello.txt
@@ -19,7 +20,6 @@ $ cat hello.txt
 $ sleep 2
 $ wc -c hello.txt
 """
-TERMINAL = {"completed", "failed", "killed", "timed_out"}
 
 
 def say(text: str) -> None:
@@ -33,7 +33,10 @@ async def connect(http: httpx.AsyncClient, hub: dict[str, Any], spoke: dict[str,
         await http.get(f"{hub['apiUrl']}/api/v1/federation/connections", headers=hub_auth)
     ).json()
     for conn in existing:
-        if conn["remoteInstanceId"] == spoke["instanceId"] and conn["status"] == "ACTIVE":
+        if (
+            conn["remoteInstanceId"] == spoke["instanceId"]
+            and conn["status"] == ConnectionStatus.ACTIVE
+        ):
             say(f"hub is already connected to spoke (connection {conn['connectionId']})")
             return str(conn["connectionId"])
     response = await http.post(
@@ -126,7 +129,7 @@ async def run_demo(args: StackOptions, *, exit_at_end: bool = False) -> int:
         if not exit_at_end:
             say("the stack keeps running; Ctrl-C stops it")
             await until_signal()
-        return 0 if agent["state"] == "completed" else 1
+        return 0 if agent["state"] == AgentState.COMPLETED else 1
     finally:
         say("stopping ...")
         stack.stop()
@@ -152,6 +155,6 @@ async def follow(
                 if progress.get("command"):
                     step += f": {progress['command']}"
             say(f"[{time.strftime('%H:%M:%S')}] {agent['state']}{step}")
-        if agent["state"] in TERMINAL:
+        if agent["state"] in TERMINAL_STATES:
             return agent
         await asyncio.sleep(0.2)

@@ -20,15 +20,15 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.client import Api, CliError
+from federation.states import TERMINAL_STATES, AgentState
 
-TERMINAL = {"completed", "failed", "killed", "timed_out"}
-STATE_STYLE = {
-    "spawning": "yellow",
-    "running": "cyan",
-    "completed": "bold green",
-    "failed": "bold red",
-    "killed": "bold magenta",
-    "timed_out": "bold red",
+STATE_STYLE: dict[str, str] = {
+    AgentState.SPAWNING: "yellow",
+    AgentState.RUNNING: "cyan",
+    AgentState.COMPLETED: "bold green",
+    AgentState.FAILED: "bold red",
+    AgentState.KILLED: "bold magenta",
+    AgentState.TIMED_OUT: "bold red",
 }
 
 
@@ -57,7 +57,7 @@ class AgentView:
     def __init__(self, agent_id: str, peer: str | None) -> None:
         self.agent_id = agent_id
         self.peer = peer
-        self.state = "spawning"
+        self.state: str = AgentState.SPAWNING  # as the API reports it
         self.progress: dict[str, Any] | None = None
         self.attempt: int | None = None
         self.error: str | None = None
@@ -87,7 +87,7 @@ class AgentView:
             grid.add_row("error", Text(self.error, style="red"))
         grid.add_row("elapsed", f"{time.monotonic() - self.started:.1f} s")
         body: Any = grid
-        if self.state not in TERMINAL:
+        if self.state not in TERMINAL_STATES:
             body = Group(Spinner("dots", text=Text("following", style="dim")), grid)
         return Panel(body, title="fedagent", border_style=STATE_STYLE.get(self.state, "blue"))
 
@@ -185,7 +185,7 @@ def follow_agent(
         live.start()
     try:
         backoff = 0.5
-        while view.state not in TERMINAL:
+        while view.state not in TERMINAL_STATES:
             try:
                 for event in api.stream_events(agent_id, last_event_id):
                     last_event_id = event.get("id", last_event_id)
@@ -198,12 +198,12 @@ def follow_agent(
                     view.apply(data)
                     log_line(data)
                     backoff = 0.5
-                    if view.state in TERMINAL:
+                    if view.state in TERMINAL_STATES:
                         break
                 else:
                     # The stream ended without a final event (resumed after it): read the row.
                     agent = api.call("GET", f"/agents/{agent_id}")
-                    if agent["state"] in TERMINAL:
+                    if agent["state"] in TERMINAL_STATES:
                         view.apply(agent)
                         log_line(agent)
             except httpx.TransportError:
@@ -236,7 +236,7 @@ def print_agent(
     grid.add_row("peer", f"{peer} ({agent['peerInstanceId']})" if peer else agent["peerInstanceId"])
     if agent.get("attempt"):
         grid.add_row("try", str(agent["attempt"]))
-    if agent.get("progress") and agent["state"] not in TERMINAL:
+    if agent.get("progress") and agent["state"] not in TERMINAL_STATES:
         grid.add_row("progress", describe_progress(agent["progress"]))
     grid.add_row("workflow", str(agent["workflowId"]))
     grid.add_row("created", str(agent["createdAt"]))

@@ -31,6 +31,7 @@ from cli.client import (
 )
 from cli.options import Remote, StackOptions, uses_instance, uses_stack
 from federation.settings import Settings
+from federation.states import AgentState, ConnectionStatus
 
 app = typer.Typer(
     name="fedagent",
@@ -366,11 +367,11 @@ def _grants_summary(grants: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-STATUS_STYLE = {
-    "ACTIVE": "green",
-    "PENDING": "yellow",
-    "SUSPENDED": "magenta",
-    "DISCONNECTED": "dim",
+STATUS_STYLE: dict[str, str] = {
+    ConnectionStatus.ACTIVE: "green",
+    ConnectionStatus.PENDING: "yellow",
+    ConnectionStatus.SUSPENDED: "magenta",
+    ConnectionStatus.DISCONNECTED: "dim",
 }
 
 
@@ -484,7 +485,7 @@ def connect(
         _print_json(connection)
         return
     console.print(_connections_table([connection]))
-    if connection["status"] == "PENDING":
+    if connection["status"] == ConnectionStatus.PENDING:
         console.print(
             f"[dim]the peer accepts with:[/] fedagent accept {connection['connectionId']}"
             + (f" --instance {peer}" if peer_info else "")
@@ -589,19 +590,10 @@ class AgentTypeChoice(StrEnum):
     tester = "tester"
 
 
-class StateChoice(StrEnum):
-    spawning = "spawning"
-    running = "running"
-    completed = "completed"
-    failed = "failed"
-    killed = "killed"
-    timed_out = "timed_out"
-
-
 def _pick_connection(api: Api, peer: str | None) -> dict[str, Any]:
     """The ACTIVE connection to spawn over, from the peers any user may list (GET /peers)."""
     rows: list[dict[str, Any]] = api.call("GET", "/peers")
-    active = [r for r in rows if r["status"] == "ACTIVE"]
+    active = [r for r in rows if r["status"] == ConnectionStatus.ACTIVE]
     if peer:
         matches = [
             r
@@ -710,7 +702,7 @@ def spawn(
             if connection_id
             else _pick_connection(api, peer)
         )
-        if connection["status"] != "ACTIVE":
+        if connection["status"] != ConnectionStatus.ACTIVE:
             raise CliError(
                 f"the connection to {connection['peerName']} is {connection['status']}",
                 hint="`fedagent peers` shows the connections you can spawn over",
@@ -768,7 +760,7 @@ def spawn(
         _print_json(agent)
     else:
         print_agent(agent, console)
-    raise typer.Exit(0 if agent["state"] == "completed" else 1)
+    raise typer.Exit(0 if agent["state"] == AgentState.COMPLETED else 1)
 
 
 def _peer_names(api: Api) -> dict[str, str]:
@@ -792,7 +784,7 @@ Hosted = Annotated[
 @uses_instance()
 def agents(
     target: Remote,
-    state: Annotated[StateChoice | None, typer.Option("--state")] = None,
+    state: Annotated[AgentState | None, typer.Option("--state")] = None,
     connection_id: Annotated[str | None, typer.Option("--connection", "-c")] = None,
     agent_type: Annotated[AgentTypeChoice | None, typer.Option("--type")] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", "-t")] = None,

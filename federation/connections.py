@@ -16,15 +16,20 @@ from pydantic import ValidationError
 
 from federation.errors import ConnectionStateConflict, InvalidPayload, UnsupportedCommand
 from federation.models import Grants
+from federation.states import ConnectionStatus
 from federation.store import repos
 from federation.store.first_hour import set_peer_grants
 
 # CONNECT commands a peer sends about an existing connection: target, allowed from, and which
 # of our directions the connection must have (the side that was asked answers a request).
 ANSWERS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
-    "connection.accept": ("ACTIVE", ("PENDING",), "outbound"),
-    "connection.reject": ("DISCONNECTED", ("PENDING",), "outbound"),
-    "connection.disconnect": ("DISCONNECTED", ("PENDING", "ACTIVE", "SUSPENDED"), None),
+    "connection.accept": (ConnectionStatus.ACTIVE, (ConnectionStatus.PENDING,), "outbound"),
+    "connection.reject": (ConnectionStatus.DISCONNECTED, (ConnectionStatus.PENDING,), "outbound"),
+    "connection.disconnect": (
+        ConnectionStatus.DISCONNECTED,
+        (ConnectionStatus.PENDING, ConnectionStatus.ACTIVE, ConnectionStatus.SUSPENDED),
+        None,
+    ),
 }
 SUSPENSIONS = ("connection.suspend", "connection.resume")
 # A signed nudge after the peer rotated its key: verifying it refreshed the peer's keys.
@@ -52,12 +57,12 @@ def suspension_change(row: dict[str, Any], side: str, action: str) -> tuple[str,
     status = row["status"]
     holders = _holders(row.get("suspended_by"))
     if action == "suspend":
-        if status not in ("ACTIVE", "SUSPENDED"):
+        if status not in (ConnectionStatus.ACTIVE, ConnectionStatus.SUSPENDED):
             raise ConnectionStateConflict(f"a {status} connection cannot be suspended")
         holders.add(side)
-        return "SUSPENDED", _encode(holders)
+        return ConnectionStatus.SUSPENDED, _encode(holders)
     if action == "resume":
-        if status != "SUSPENDED":
+        if status != ConnectionStatus.SUSPENDED:
             raise ConnectionStateConflict(f"a {status} connection cannot be resumed")
         if side not in holders:
             who = "this instance" if side == "local" else "the peer"
@@ -65,7 +70,9 @@ def suspension_change(row: dict[str, Any], side: str, action: str) -> tuple[str,
                 f"{who} did not suspend this connection; only the side that did may resume it"
             )
         holders.discard(side)
-        return ("ACTIVE" if not holders else "SUSPENDED"), _encode(holders)
+        return (ConnectionStatus.ACTIVE if not holders else ConnectionStatus.SUSPENDED), _encode(
+            holders
+        )
     raise ValueError(action)
 
 
@@ -102,8 +109,14 @@ async def apply_peer_change(
     `peer_grants`: what the peer says it now allows us (connection.accept, .grants_changed).
     `on_end` gets the new row when the change suspends or disconnects the connection."""
     updated = await _apply_peer_change(db, connection, command_type, peer_grants)
-    if on_end is not None and updated["status"] in ("SUSPENDED", "DISCONNECTED"):
-        if connection["status"] == "ACTIVE" or updated["status"] == "DISCONNECTED":
+    if on_end is not None and updated["status"] in (
+        ConnectionStatus.SUSPENDED,
+        ConnectionStatus.DISCONNECTED,
+    ):
+        if (
+            connection["status"] == ConnectionStatus.ACTIVE
+            or updated["status"] == ConnectionStatus.DISCONNECTED
+        ):
             on_end(updated)
     return updated
 
@@ -119,12 +132,12 @@ async def _apply_peer_change(
     if command_type in GRANT_NOTICES:
         if peer_grants is None:
             raise InvalidPayload("connection.grants_changed needs grants")
-        if connection["status"] == "DISCONNECTED":
+        if connection["status"] == ConnectionStatus.DISCONNECTED:
             raise ConnectionStateConflict("a DISCONNECTED connection has no grants")
         return await _store_peer_grants(db, connection, peer_grants)
     if command_type in SUSPENSIONS:
         action = "suspend" if command_type == "connection.suspend" else "resume"
-        if action == "resume" and connection["status"] == "ACTIVE":
+        if action == "resume" and connection["status"] == ConnectionStatus.ACTIVE:
             return connection  # we never heard of the suspension (the peer could not tell us)
         return await change_suspension(db, connection, "remote", action)
     if command_type not in ANSWERS:

@@ -19,9 +19,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from federation.states import AgentState, ConnectionStatus
+
 AgentType = Literal["worker", "reviewer", "tester"]
-AgentState = Literal["spawning", "running", "completed", "failed", "killed", "timed_out"]
-ConnectionStatus = Literal["PENDING", "ACTIVE", "SUSPENDED", "DISCONNECTED"]
 KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
 
 

@@ -33,6 +33,7 @@ from federation.errors import (
 )
 from federation.identity import Identity
 from federation.netpolicy import CARD_MAX_BYTES, request_bounded
+from federation.states import ConnectionStatus
 from federation.store import repos
 from federation.trust import continued_keys, lookup_key, public_keys
 
@@ -186,7 +187,7 @@ class CardKeyRefresher:
     async def __call__(
         self, connection: dict[str, Any], envelope: Envelope, *, fetch: bool = True
     ) -> list[dict[str, Any]] | None:
-        if connection["status"] == "DISCONNECTED":
+        if connection["status"] == ConnectionStatus.DISCONNECTED:
             return None
         peer = str(connection["remote_instance_id"])
         lock = _refresh_locks.setdefault(peer, asyncio.Lock())

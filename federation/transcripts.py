@@ -23,6 +23,7 @@ from federation.keystore import KeyCipher
 from federation.models import TranscriptPullReply
 from federation.peer import send_signed
 from federation.settings import Settings
+from federation.states import TERMINAL_STATES
 from federation.store import conversations, repos
 from federation.trust import require_active
 
@@ -125,7 +126,7 @@ class TranscriptPuller:
         if row is None or await conversations.received_full(self.pool, agent_id):
             return have
         # Once the run has ended, its final says how many entries there are: no more is kept.
-        upto = reported_total(row) if row["state"] in repos.TERMINAL_STATES else None
+        upto = reported_total(row) if row["state"] in TERMINAL_STATES else None
         connection = require_active(await repos.get_connection(self.pool, row["connection_id"]))
         identity = await load_identity(self.pool, self.cipher)
         for _ in range(MAX_PAGES):
@@ -162,7 +163,7 @@ class TranscriptPuller:
         not (when the run has ended, so the count is final)."""
         total = reported_total(row)
         if total is None:
-            return row is not None and row["state"] in repos.TERMINAL_STATES
+            return row is not None and row["state"] in TERMINAL_STATES
         have = await conversations.received_count(self.pool, agent_id)
         if have < total and not await conversations.received_full(self.pool, agent_id):
             have = await self.pull(agent_id, timeout=10.0)

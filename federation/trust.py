@@ -50,6 +50,7 @@ from federation.errors import (
     UnknownSender,
 )
 from federation.models import ConnectRequestPayload, Grants, SpawnPayload
+from federation.states import ConnectionStatus
 from federation.store import repos
 
 # Given a connection whose stored keys lack a message's keyId, the peer's current keys from its
@@ -334,7 +335,7 @@ def check_card_matches(
 
 
 def require_active(connection: dict[str, Any] | None) -> dict[str, Any]:
-    if connection is None or connection["status"] != "ACTIVE":
+    if connection is None or connection["status"] != ConnectionStatus.ACTIVE:
         status = connection["status"] if connection else "none"
         raise ConnectionNotActive(
             f"the connection with this peer is {status}, not ACTIVE", connectionStatus=status

@@ -22,12 +22,14 @@ from federation.models import (
     AgentSpawnCreate,
     SpawnPayload,
 )
+from federation.states import TERMINAL_STATES, AgentState, ConnectionStatus
 from federation.store import repos
 from federation.trust import check_grants
 from federation.users import User
 from operations import Services
 from operations.updates import dropped_by_a_failed_task, execute_kill
 from workflows.models import KillRequest, remote_agent_workflow_id
+from workflows.remote_agent import RemoteAgentWorkflow
 
 
 async def spawn(
@@ -46,7 +48,7 @@ async def spawn(
     connection = await repos.get_connection(pool, body.connectionId)
     if connection is None:
         raise ConnectionNotFound(f"no connection {body.connectionId}")
-    if connection["status"] != "ACTIVE":
+    if connection["status"] != ConnectionStatus.ACTIVE:
         raise LocalConnectionNotActive(
             f"connection {body.connectionId} is {connection['status']}; spawn needs ACTIVE"
         )
@@ -79,12 +81,12 @@ async def spawn(
             context=context,
             options=options,
             workflow_id=workflow_id,
-            state="spawning",
+            state=AgentState.SPAWNING,
             workflow_started=False,
             traceparent=trace,
         )
         if inserted:
-            await repos.add_agent_event(conn, agent_id, seq=0, state="spawning")
+            await repos.add_agent_event(conn, agent_id, seq=0, state=AgentState.SPAWNING)
         else:
             existing = await repos.get_requested_agent(conn, agent_id)
             same = existing is not None and (
@@ -112,7 +114,7 @@ async def spawn(
         assert row is not None
     # Committed: the outbox makes sure the workflow starts; don't make the caller wait for it.
     services.starter.kick(row)
-    return AgentSpawnAccepted(agentId=agent_id, state="spawning", workflowId=workflow_id)
+    return AgentSpawnAccepted(agentId=agent_id, state=AgentState.SPAWNING, workflowId=workflow_id)
 
 
 async def get(services: Services, user: User, agent_id: uuid.UUID) -> dict[str, Any]:
@@ -151,7 +153,7 @@ async def list_(
 async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKillPublic:
     """Answers once the remote sandbox is gone; a finished agent keeps its final state."""
     row = await get(services, user, agent_id)
-    if row["state"] not in repos.TERMINAL_STATES:
+    if row["state"] not in TERMINAL_STATES:
         # Only the workflow writes the final state; this asks it and reads the answer.
         try:
             handle = services.temporal.get_workflow_handle(row["workflow_id"])
@@ -162,12 +164,14 @@ async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKill
                     if not dropped_by_a_failed_task(exc):
                         raise
                     # It had started meanwhile, and Temporal dropped the kill: ask again.
-                    await execute_kill(handle, KillRequest(), dropped_before=True)
+                    await execute_kill(
+                        handle, RemoteAgentWorkflow.kill, KillRequest(), dropped_before=True
+                    )
             else:
-                await execute_kill(handle, KillRequest())
+                await execute_kill(handle, RemoteAgentWorkflow.kill, KillRequest())
         except WorkflowUpdateFailedError as exc:
             row = await get(services, user, agent_id)
-            if row["state"] not in repos.TERMINAL_STATES:
+            if row["state"] not in TERMINAL_STATES:
                 cause = exc.cause.__cause__ or exc.cause
                 raise KillNotDelivered(
                     f"the kill did not reach the executor: {cause}", state=row["state"]

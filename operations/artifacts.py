@@ -26,6 +26,7 @@ from federation.errors import (
     PeerRefused,
 )
 from federation.peer import send_signed
+from federation.states import ConnectionStatus
 from federation.store import artifacts, repos
 from federation.users import User
 from operations import Services
@@ -119,7 +120,7 @@ async def _fetch(
             limit=settings.artifact_max_bytes,
         )
     connection = await repos.get_connection(pool, row["connection_id"])
-    if connection is None or connection["status"] != "ACTIVE":
+    if connection is None or connection["status"] != ConnectionStatus.ACTIVE:
         status = connection["status"] if connection else "gone"
         raise LocalConnectionNotActive(
             f"the connection with the executor is {status}; fetching the {kind} needs ACTIVE"

@@ -23,6 +23,7 @@ from federation.errors import (
 from federation.models import ConnectionPublic, GrantsUpdate, PeerPublic
 from federation.peer import fetch_card, send_signed
 from federation.settings import Settings
+from federation.states import TERMINAL_STATES, ConnectionStatus
 from federation.store import repos
 from federation.store.first_hour import spawnable_connections
 from federation.trust import SAFE_INSTANCE_ID, require_acceptable_keys
@@ -48,7 +49,7 @@ async def end_peer_runs(
         "SELECT * FROM agents WHERE role = 'executor'"
         " AND connection_id = $1 AND NOT (state = ANY($2::text[]))",
         connection["connection_id"],
-        list(repos.TERMINAL_STATES),
+        list(TERMINAL_STATES),
     )
     gate = asyncio.Semaphore(8)
     reason = f"connection {connection['status'].lower()}"
@@ -136,7 +137,7 @@ async def create(
         raise InvalidRequest("remoteUrl is this instance itself")
     require_acceptable_keys(card["keys"])
     existing = await repos.connection_for_peer(pool, card["instanceId"])
-    if existing is not None and existing["status"] != "DISCONNECTED":
+    if existing is not None and existing["status"] != ConnectionStatus.DISCONNECTED:
         raise ConnectionStateConflict(
             f"a connection with {card.get('name')} is already {existing['status']}",
             connectionId=str(existing["connection_id"]),
@@ -191,7 +192,7 @@ async def peers(services: Services) -> list[PeerPublic]:
 
 async def peer(services: Services, connection_id: uuid.UUID) -> PeerPublic:
     row = await get_row(services, connection_id)
-    if row["status"] not in ("ACTIVE", "SUSPENDED"):
+    if row["status"] not in (ConnectionStatus.ACTIVE, ConnectionStatus.SUSPENDED):
         raise ConnectionNotFound(f"no ACTIVE connection {connection_id}")
     return PeerPublic.from_row(row)
 
@@ -217,21 +218,23 @@ async def _answer(
 ) -> ConnectionPublic:
     row = await get_row(services, connection_id)
     new_grants = _grants_or_422(grants or GrantsUpdate(), row["grants"])
-    if row["direction"] != "inbound" or row["status"] != "PENDING":
+    if row["direction"] != "inbound" or row["status"] != ConnectionStatus.PENDING:
         raise ConnectionStateConflict(
             f"only a PENDING request from a peer can be answered; this one is "
             f"{row['direction']} and {row['status']}"
         )
     # The peer hears it first: a peer that cannot be told keeps us PENDING, in step with it.
-    await _notify(services, row, command_type, new_grants if target == "ACTIVE" else None)
+    await _notify(
+        services, row, command_type, new_grants if target == ConnectionStatus.ACTIVE else None
+    )
     async with services.pool.acquire() as conn, conn.transaction():
         updated = await repos.set_connection_status(
-            conn, connection_id, target, expect=("PENDING",)
+            conn, connection_id, target, expect=(ConnectionStatus.PENDING,)
         )
         if updated is None:
             raise ConnectionStateConflict("the connection changed meanwhile")
         details: dict[str, Any] = {}
-        if target == "ACTIVE":
+        if target == ConnectionStatus.ACTIVE:
             updated = await repos.set_grants(conn, connection_id, new_grants)
             assert updated is not None
             details["grants"] = new_grants
@@ -245,24 +248,30 @@ async def accept(
     services: Services, user: User, connection_id: uuid.UUID, grants: GrantsUpdate | None = None
 ) -> ConnectionPublic:
     """Accept a peer's request; `grants` (optional) say what the peer may ask of us."""
-    return await _answer(services, user, connection_id, "connection.accept", "ACTIVE", grants)
+    return await _answer(
+        services, user, connection_id, "connection.accept", ConnectionStatus.ACTIVE, grants
+    )
 
 
 async def reject(services: Services, user: User, connection_id: uuid.UUID) -> ConnectionPublic:
-    return await _answer(services, user, connection_id, "connection.reject", "DISCONNECTED")
+    return await _answer(
+        services, user, connection_id, "connection.reject", ConnectionStatus.DISCONNECTED
+    )
 
 
 async def disconnect(services: Services, user: User, connection_id: uuid.UUID) -> ConnectionPublic:
     """End the connection here whatever happens; `peerNotified` says whether the peer heard it."""
     row = await get_row(services, connection_id)
-    if row["status"] == "DISCONNECTED":
+    if row["status"] == ConnectionStatus.DISCONNECTED:
         return ConnectionPublic.from_row(row, peerNotified=False)
     try:
         await _notify(services, row, "connection.disconnect")
         notified = True
     except FederationError:
         notified = False
-    updated = await repos.set_connection_status(services.pool, connection_id, "DISCONNECTED")
+    updated = await repos.set_connection_status(
+        services.pool, connection_id, ConnectionStatus.DISCONNECTED
+    )
     assert updated is not None
     await end_peer_runs(services.pool, services.temporal, services.settings, updated)
     await repos.audit(
@@ -285,7 +294,7 @@ async def update_grants(
         )
         if row is None:
             raise ConnectionNotFound(f"no connection {connection_id}")
-        if row["status"] == "DISCONNECTED":
+        if row["status"] == ConnectionStatus.DISCONNECTED:
             raise ConnectionStateConflict("a DISCONNECTED connection has no grants to change")
         before = dict(row["grants"] or {})
         new_grants = _grants_or_422(grants, before)
@@ -299,7 +308,7 @@ async def update_grants(
             before=before,
             after=new_grants,
         )
-    if updated["status"] == "PENDING":
+    if updated["status"] == ConnectionStatus.PENDING:
         return ConnectionPublic.from_row(updated)  # the peer hears them when we accept
     # The peer is told so it shows them and refuses at once what we would refuse; if it cannot
     # be told now, these grants still hold here.

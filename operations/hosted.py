@@ -13,11 +13,13 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from federation.errors import AgentNotFound, ConnectionNotFound, InvalidRequest, KillNotDelivered
 from federation.models import AgentKillPublic
+from federation.states import TERMINAL_STATES, AgentState
 from federation.store import notifications, repos
 from federation.store.first_hour import list_hosted
 from federation.users import User
 from operations import Services
 from operations.updates import execute_kill
+from workflows.agent_run import AgentRunWorkflow
 from workflows.models import KillRequest
 
 
@@ -37,13 +39,15 @@ async def stop_run(
     the failure's reason. `answered`: the caller gives the requester the final state in its
     answer (the requester's own agent.kill), so the workflow sends no event of a kill.
     """
-    if row["state"] not in repos.TERMINAL_STATES:
+    if row["state"] not in TERMINAL_STATES:
         # The worker running the agent stops its sandbox now, not at the next heartbeat.
         key = notifications.agent_key("executor", row["peer_instance_id"], row["agent_id"])
         await notifications.send(pool, notifications.KILL, key)
         handle = temporal.get_workflow_handle(row["workflow_id"])
         try:
-            await execute_kill(handle, KillRequest(reason=reason, answered=answered))
+            await execute_kill(
+                handle, AgentRunWorkflow.kill, KillRequest(reason=reason, answered=answered)
+            )
         except WorkflowUpdateFailedError:
             pass  # the workflow closed meanwhile: its final state is recorded
         except RPCError as exc:
@@ -54,7 +58,7 @@ async def stop_run(
                 pool,
                 row["peer_instance_id"],
                 row["agent_id"],
-                state="killed",
+                state=AgentState.KILLED,
                 error=f"{reason}: its workflow does not exist",
             )
     fresh = await repos.get_executed_agent(pool, row["peer_instance_id"], row["agent_id"])
@@ -119,7 +123,7 @@ async def kill(
     """Stop a hosted run; answers once its sandbox is gone. A finished run keeps its state."""
     row = await get(services, agent_id, peer)
     state = str(row["state"])
-    if state not in repos.TERMINAL_STATES:
+    if state not in TERMINAL_STATES:
         try:
             row = await stop_run(
                 services.pool,

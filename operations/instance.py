@@ -12,6 +12,7 @@ from federation.identity import Identity, load_identity, rotate_key, update_inst
 from federation.models import InstanceUpdate, KeyPublic, KeyRotate, KeyRotated
 from federation.peer import send_signed
 from federation.settings import Settings
+from federation.states import ConnectionStatus
 from federation.store import repos
 from federation.users import User
 from operations import Services
@@ -73,7 +74,9 @@ async def _tell_peers(services: Services, identity: Identity) -> dict[str, bool]
     """Best effort: a signed message with the new key makes each active peer read our card now
     (instead of on our next real message)."""
     connections = [
-        c for c in await repos.list_connections(services.pool) if c["status"] == "ACTIVE"
+        c
+        for c in await repos.list_connections(services.pool)
+        if c["status"] == ConnectionStatus.ACTIVE
     ]
 
     async def tell(connection: dict[str, Any]) -> bool:

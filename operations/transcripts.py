@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 
 from federation.models import TranscriptPage
-from federation.store import conversations, repos
+from federation.states import TERMINAL_STATES
+from federation.store import conversations
 from federation.transcripts import reported_total
 from federation.users import User
 from operations import Services, agents
@@ -17,7 +18,7 @@ async def page(
     """Entries numbered above `after`; `complete` once the run has ended and every entry the
     executor reported is here (what is missing is pulled first)."""
     row = await agents.get(services, user, agent_id)
-    terminal = row["state"] in repos.TERMINAL_STATES
+    terminal = row["state"] in TERMINAL_STATES
     total = reported_total(row)
     complete = False
     if terminal:

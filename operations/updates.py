@@ -8,8 +8,12 @@ from typing import Any
 
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.workflow import UpdateMethodMultiParam
 
-from workflows.models import KillRequest
+from workflows.models import KillRequest, KillResult
+
+# A workflow's kill update, by method: `RemoteAgentWorkflow.kill` or `AgentRunWorkflow.kill`.
+KillUpdate = UpdateMethodMultiParam[[Any, KillRequest], KillResult]
 
 # Temporal drops an update whose workflow task failed (e.g. the task that answered it also
 # ended the workflow while an event came in: an unhandled command) and answers
@@ -18,7 +22,11 @@ ATTEMPTS = 4
 
 
 async def execute_kill(
-    handle: WorkflowHandle[Any, Any], request: KillRequest, *, dropped_before: bool = False
+    handle: WorkflowHandle[Any, Any],
+    kill: KillUpdate,
+    request: KillRequest,
+    *,
+    dropped_before: bool = False,
 ) -> None:
     """Ask the workflow's kill update and wait for its answer.
 
@@ -30,7 +38,7 @@ async def execute_kill(
     """
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            await handle.execute_update("kill", request, id="kill", result_type=dict)
+            await handle.execute_update(kill, request, id="kill")
             return
         except RPCError as exc:
             dropped = dropped_before or attempt > 1

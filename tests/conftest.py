@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,11 @@ import pytest
 from temporalio.client import Client
 
 from cli.devstack import DevStack, free_port_block
+from federation.states import TERMINAL_STATES
 from tests.e2e.proxy import ControlledProxy
 
 ALL_COMMANDS = ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"]
 ALL_TYPES = ["worker", "reviewer", "tester"]
-TERMINAL = {"completed", "failed", "killed", "timed_out"}
 INSTANCES = ["hub", "spoke", "edge", "far"]
 # `far` is reached by its peers only through a proxy the tests control (lost events, outages),
 # and runs at most one agent at a time for everyone (capacity tests).
@@ -75,9 +75,9 @@ class Instance:
         return (await client.count_workflows(query)).count
 
     async def wait_agent(
-        self, agent_id: str, states: set[str] | None = None, timeout: float = 60.0
+        self, agent_id: str, states: Collection[str] | None = None, timeout: float = 60.0
     ) -> dict[str, Any]:
-        states = states or TERMINAL
+        states = states or TERMINAL_STATES
         deadline = time.monotonic() + timeout
         while True:
             response = await self.call("GET", f"/agents/{agent_id}")

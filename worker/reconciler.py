@@ -17,16 +17,20 @@ import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from federation.store import reconcile, repos
+from federation.states import TERMINAL_STATES, AgentState
+from federation.store import reconcile
+from workflows.agent_run import AgentRunWorkflow
+from workflows.models import AgentStatus
+from workflows.remote_agent import RemoteAgentWorkflow
 
 log = logging.getLogger(__name__)
 
 CLOSED = {
-    WorkflowExecutionStatus.TERMINATED: ("killed", "its workflow was terminated"),
-    WorkflowExecutionStatus.CANCELED: ("killed", "its workflow was cancelled"),
-    WorkflowExecutionStatus.TIMED_OUT: ("timed_out", "its workflow timed out"),
-    WorkflowExecutionStatus.FAILED: ("failed", "its workflow failed"),
-    WorkflowExecutionStatus.COMPLETED: ("failed", "its workflow closed"),
+    WorkflowExecutionStatus.TERMINATED: (AgentState.KILLED, "its workflow was terminated"),
+    WorkflowExecutionStatus.CANCELED: (AgentState.KILLED, "its workflow was cancelled"),
+    WorkflowExecutionStatus.TIMED_OUT: (AgentState.TIMED_OUT, "its workflow timed out"),
+    WorkflowExecutionStatus.FAILED: (AgentState.FAILED, "its workflow failed"),
+    WorkflowExecutionStatus.COMPLETED: (AgentState.FAILED, "its workflow closed"),
 }
 
 
@@ -61,22 +65,27 @@ class Reconciler:
             repaired += 1
         return repaired
 
-    async def _verdict(self, row: dict[str, Any]) -> tuple[str, str] | None:
+    async def _verdict(self, row: dict[str, Any]) -> tuple[AgentState, str] | None:
         handle = self.client.get_workflow_handle(row["workflow_id"])
         try:
             described = await handle.describe()
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
-                return "failed", "its workflow does not exist"
+                return AgentState.FAILED, "its workflow does not exist"
             raise
         if described.status is None or described.status not in CLOSED:
             return None  # running (or continued as new: describe shows the newest run)
         if described.status == WorkflowExecutionStatus.COMPLETED:
             # It answered: take its own word if it has one.
             try:
-                status = await handle.query("status", result_type=dict)
-                if status.get("state") in repos.TERMINAL_STATES:
-                    return str(status["state"]), "its workflow closed"
+                query = (
+                    RemoteAgentWorkflow.status
+                    if row["role"] == "requester"
+                    else AgentRunWorkflow.status
+                )
+                status: AgentStatus = await handle.query(query)
+                if status.state in TERMINAL_STATES:
+                    return status.state, "its workflow closed"
             except Exception:  # noqa: BLE001 - fall back to the closed status
                 pass
         return CLOSED[described.status]

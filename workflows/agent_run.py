@@ -13,13 +13,11 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 
 with workflow.unsafe.imports_passed_through():
+    from activities.federation import FederationActivities
     from workflows.models import (
-        ADMIT_RUN,
         AGENT_FAILED,
         AGENT_KILLED,
         AGENT_TIMED_OUT,
-        NOTIFY_REQUESTER,
-        RECORD_RUN_FINAL,
         RUN_AGENT,
         SA_AGENT_STATE,
         STORE_REFUSED,
@@ -27,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         TERMINAL_STATES,
         AgentOutcome,
         AgentRunInput,
+        AgentState,
         AgentStatus,
         FinishRun,
         KillRequest,
@@ -82,7 +81,7 @@ def _is_heartbeat_timeout(err: BaseException | None) -> bool:
 class AgentRunWorkflow:
     def __init__(self) -> None:
         self._agent_id = ""
-        self._state = "spawning"
+        self._state = AgentState.SPAWNING
         self._result: dict | None = None  # type: ignore[type-arg]
         self._error: str | None = None
         self._attempt = 0
@@ -100,10 +99,9 @@ class AgentRunWorkflow:
         task: RunTask | None = None
         cancelled = False
         try:
-            task = await workflow.execute_local_activity(
-                ADMIT_RUN,
+            task = await workflow.execute_local_activity_method(
+                FederationActivities.admit_run,
                 inp,
-                result_type=RunTask,
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(
                     maximum_interval=timedelta(seconds=5), maximum_attempts=20
@@ -112,9 +110,9 @@ class AgentRunWorkflow:
             )
         except asyncio.CancelledError:
             cancelled = True
-            self._end("killed", error="workflow cancelled before the run started")
+            self._end(AgentState.KILLED, error="workflow cancelled before the run started")
         except (ActivityError, ApplicationError) as err:
-            self._end("failed", error=f"refused: {_cause_text(err)}")
+            self._end(AgentState.FAILED, error=f"refused: {_cause_text(err)}")
 
         if task is not None:
             try:
@@ -123,27 +121,26 @@ class AgentRunWorkflow:
                 # Cancelling the workflow (UI, CLI) is a kill; the activity was cancelled with
                 # it and confirmed (WAIT_CANCELLATION_COMPLETED), so the sandbox is gone.
                 cancelled = True
-                self._end("killed", error="killed: workflow cancelled")
+                self._end(AgentState.KILLED, error="killed: workflow cancelled")
 
         traceparent = task.traceparent if task else str(inp.envelope.get("traceparent") or "")
         if self._agent_id and requester_id:
             final = FinishRun(
-                self._agent_id,
-                requester_id,
-                self._state,
-                self._result,
-                self._error,
-                self._attempt or None,
-                traceparent,
+                agent_id=self._agent_id,
+                requester_id=requester_id,
+                state=self._state,
+                result=self._result,
+                error=self._error,
+                attempt=self._attempt or None,
+                traceparent=traceparent,
             )
             # Record first: the run's outcome is kept whatever happens to the notification.
             # The run has ended: a cancel arriving now has nothing left to kill and must not
             # stop the record (the result would be lost) nor the notification.
             kept = await past_cancel(
-                workflow.start_local_activity(
-                    RECORD_RUN_FINAL,
+                workflow.start_local_activity_method(
+                    FederationActivities.record_run_final,
                     final,
-                    result_type=RecordedFinal,
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=STORE_RETRY,
                     summary=f"record {self._state}",
@@ -155,14 +152,14 @@ class AgentRunWorkflow:
             final = dataclasses.replace(
                 final, state=self._state, result=self._result, error=self._error
             )
-            if cancelled and self._state != "killed":
+            if cancelled and self._state != AgentState.KILLED:
                 cancelled = False  # the run had ended otherwise before the cancel: it closes so
         self._recorded = True
         if self._agent_id and requester_id and not self._told_by_kill_answer():
             try:  # best effort: the requester long-polls agent.status when this is lost
                 await past_cancel(
-                    workflow.start_activity(
-                        NOTIFY_REQUESTER,
+                    workflow.start_activity_method(
+                        FederationActivities.notify_requester,
                         final,
                         start_to_close_timeout=timedelta(seconds=30),
                         schedule_to_close_timeout=timedelta(seconds=inp.notify_deadline_seconds),
@@ -178,11 +175,11 @@ class AgentRunWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         if cancelled:
             raise asyncio.CancelledError("killed: workflow cancelled")
-        if self._state in ("failed", "timed_out"):
+        if self._state in (AgentState.FAILED, AgentState.TIMED_OUT):
             # Recorded and told; the Temporal UI shows it Failed with the agent's reason.
             raise ApplicationError(
                 self._error or self._state,
-                type=AGENT_TIMED_OUT if self._state == "timed_out" else AGENT_FAILED,
+                type=AGENT_TIMED_OUT if self._state == AgentState.TIMED_OUT else AGENT_FAILED,
                 non_retryable=True,
             )
         return self.status()
@@ -190,7 +187,7 @@ class AgentRunWorkflow:
     def _told_by_kill_answer(self) -> bool:
         """The requester's own kill ended the run: the kill's answer tells it the final state
         (an event as well would race that answer)."""
-        return self._state == "killed" and self._kill_answered
+        return self._state == AgentState.KILLED and self._kill_answered
 
     async def _tries(self, task: RunTask) -> None:
         """1 + options.maxRetries tries; each try's timeout is absolute across the
@@ -198,12 +195,14 @@ class AgentRunWorkflow:
         heartbeat_timeout = timedelta(seconds=max(2.0, task.heartbeat_interval * MISSED_HEARTBEATS))
         for attempt in range(1, task.max_retries + 2):
             if self._kill_requested:
-                self._end("killed", error=self._kill_reason)
+                self._end(AgentState.KILLED, error=self._kill_reason)
                 return
             self._attempt = attempt
-            self._set_state("running")
+            self._set_state(AgentState.RUNNING)
             budget = timedelta(seconds=task.timeout_seconds)
             deadline = workflow.now() + budget
+            # By name: the agent activity's module brings the agent runtime and the model SDK
+            # with it, which every importer of this workflow (the API) would then load.
             self._run = workflow.start_activity(
                 RUN_AGENT,
                 dataclasses.replace(task, attempt=attempt, deadline=deadline.isoformat()),
@@ -227,14 +226,14 @@ class AgentRunWorkflow:
             )
             try:
                 outcome = await self._run
-                self._end("completed", result=outcome.result)
+                self._end(AgentState.COMPLETED, result=outcome.result)
                 return
             except ActivityError as err:
                 if isinstance(err.cause, CancelledError) and not self._kill_requested:
                     raise asyncio.CancelledError() from err  # the workflow itself was cancelled
                 state, result, error = self._classify(err, attempt)
                 retry = (
-                    state == "failed"
+                    state == AgentState.FAILED
                     and isinstance(err.cause, ApplicationError)
                     and err.cause.type == AGENT_FAILED
                     and attempt <= task.max_retries
@@ -252,30 +251,32 @@ class AgentRunWorkflow:
                 except TimeoutError:
                     pass
 
-    def _classify(self, err: ActivityError, attempt: int) -> tuple[str, dict | None, str | None]:  # type: ignore[type-arg]
+    def _classify(
+        self, err: ActivityError, attempt: int
+    ) -> tuple[AgentState, dict | None, str | None]:  # type: ignore[type-arg]
         cause = err.cause
         if self._kill_requested and (
             isinstance(cause, CancelledError)
             or (isinstance(cause, ApplicationError) and cause.type == AGENT_KILLED)
         ):
-            return "killed", None, self._kill_reason
+            return AgentState.KILLED, None, self._kill_reason
         if isinstance(cause, ApplicationError) and cause.type == AGENT_KILLED:
-            return "killed", None, cause.message
+            return AgentState.KILLED, None, cause.message
         if _is_heartbeat_timeout(cause):
             return (
-                "failed",
+                AgentState.FAILED,
                 None,
                 f"lost workers: try {attempt} stopped heartbeating on every worker that ran it",
             )
         if isinstance(cause, ActivityTimeout):
-            return "timed_out", None, "the run exceeded its timeout"
+            return AgentState.TIMED_OUT, None, "the run exceeded its timeout"
         if isinstance(cause, ApplicationError):
             details = cause.details[0] if cause.details else None
             result = details if isinstance(details, dict) else None
             if cause.type == AGENT_TIMED_OUT:
-                return "timed_out", result, cause.message
-            return "failed", result, cause.message
-        return "failed", None, str(cause or err)
+                return AgentState.TIMED_OUT, result, cause.message
+            return AgentState.FAILED, result, cause.message
+        return AgentState.FAILED, None, str(cause or err)
 
     @workflow.update
     async def kill(self, request: KillRequest) -> KillResult:
@@ -287,21 +288,26 @@ class AgentRunWorkflow:
                 self._run.cancel()
         # The answer waits for the final state to be recorded (sandbox gone).
         await workflow.wait_condition(lambda: self._recorded)
-        return KillResult(self._agent_id, self._state, self._seq, self._result, self._error)
+        return KillResult(
+            agent_id=self._agent_id,
+            state=self._state,
+            seq=self._seq,
+            result=self._result,
+            error=self._error,
+        )
 
     @workflow.query
     def status(self) -> AgentStatus:
         return AgentStatus(
-            self._agent_id,
-            self._state,
-            self._seq,
-            None,
-            self._result,
-            self._error,
-            self._attempt or None,
+            agent_id=self._agent_id,
+            state=self._state,
+            seq=self._seq,
+            result=self._result,
+            error=self._error,
+            attempt=self._attempt or None,
         )
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: AgentState) -> None:
         self._state = state
         workflow.upsert_search_attributes([SA_AGENT_STATE.value_set(state)])
         details = f"agent **{self._agent_id}** is `{state}`"
@@ -317,7 +323,7 @@ class AgentRunWorkflow:
         if kept.state != self._state:
             self._set_state(kept.state)
 
-    def _end(self, state: str, result: dict | None = None, error: str | None = None) -> None:  # type: ignore[type-arg]
+    def _end(self, state: AgentState, result: dict | None = None, error: str | None = None) -> None:  # type: ignore[type-arg]
         if self._state in TERMINAL_STATES:
             return
         self._result = result

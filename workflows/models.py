@@ -1,6 +1,7 @@
 """Frozen dataclasses passed in and out of workflows and activities, and the names they share.
 
-New fields get defaults so that running workflows keep replaying.
+New fields get defaults so that running workflows keep replaying. The dataclasses are built by
+keyword (`kw_only`): a field added anywhere never shifts the others.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from typing import Any
 
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
-TERMINAL_STATES = ("completed", "failed", "killed", "timed_out")
+# Re-exported: workflow code imports only this module.
+from federation.states import TERMINAL_STATES as TERMINAL_STATES
+from federation.states import AgentState as AgentState
 
-# Activity names: workflows call activities by name so they never import I/O code.
+# Activities' registered names: recorded histories replay by them, so they never change.
 SEND_SPAWN = "send_spawn"
 SEND_KILL = "send_kill"
 RECORD_REQUESTER_FINAL = "record_requester_final"
@@ -45,7 +48,12 @@ SEARCH_ATTRIBUTES = {
 
 
 def agent_search_attributes(
-    *, agent_id: str, task_id: str, peer: str, agent_type: str, state: str = "spawning"
+    *,
+    agent_id: str,
+    task_id: str,
+    peer: str,
+    agent_type: str,
+    state: AgentState = AgentState.SPAWNING,
 ) -> TypedSearchAttributes:
     return TypedSearchAttributes(
         [
@@ -69,7 +77,7 @@ def agent_run_workflow_id(requester_instance_id: str, agent_id: str) -> str:
 # --- requester side ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SpawnAgentInput:
     agent_id: str
     connection_id: str
@@ -101,31 +109,31 @@ class SpawnAgentInput:
     continue_as_new_after_events: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StatusWait:
     """Wait until the executor reports a state other than `known_state` (seq after `after_seq`)."""
 
     agent_id: str
     after_seq: int
-    known_state: str
+    known_state: AgentState
     wait_seconds: float = 20.0
     peer_timeout_seconds: float = 15.0
     traceparent: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AgentEvent:
     """What the executor reports about a run; `seq` orders reports of one agent."""
 
     seq: int
-    state: str
+    state: AgentState
     progress: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
     attempt: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PeerCall:
     agent_id: str
     connection_id: str
@@ -133,17 +141,17 @@ class PeerCall:
     traceparent: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KillRequest:
     reason: str = "killed by user"
     # The requester asked and hears the final state in the kill's answer: no event of it.
     answered: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KillResult:
     agent_id: str
-    state: str
+    state: AgentState
     seq: int = 0
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -151,32 +159,32 @@ class KillResult:
     confirmed: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequesterFinal:
     agent_id: str
-    state: str
+    state: AgentState
     result: dict[str, Any] | None = None
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RecordedFinal:
     """The final state the store holds once a record ran: terminal states are final there, so
     a record that came second finds the first one and answers that. `written`: it is the
     workflow's own final (recorded now, or the same one before); then the result is left out
     (None): the workflow has it."""
 
-    state: str
+    state: AgentState
     result: dict[str, Any] | None = None
     error: str | None = None
     seq: int = 0
     written: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AgentStatus:
     agent_id: str
-    state: str
+    state: AgentState
     seq: int = 0
     progress: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
@@ -187,7 +195,7 @@ class AgentStatus:
 # --- executor side -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AgentRunInput:
     """The signed agent.spawn exactly as received, so the history holds who asked for what."""
 
@@ -197,7 +205,7 @@ class AgentRunInput:
     notify_deadline_seconds: float = 120.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunTask:
     agent_id: str
     requester_id: str
@@ -218,17 +226,17 @@ class RunTask:
     deadline: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AgentOutcome:
     summary: str
     result: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinishRun:
     agent_id: str
     requester_id: str
-    state: str
+    state: AgentState
     result: dict[str, Any] | None = None
     error: str | None = None
     attempt: int | None = None

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -15,15 +16,15 @@ from temporalio.exceptions import TimeoutError as FailureTimeout
 from workflows.agent_run import past_cancel
 
 with workflow.unsafe.imports_passed_through():
+    from activities.federation import FederationActivities
     from workflows.models import (
-        RECORD_REQUESTER_FINAL,
+        AGENT_FAILED,
+        AGENT_TIMED_OUT,
         SA_AGENT_STATE,
-        SEND_KILL,
-        SEND_SPAWN,
         STORE_REFUSED,
         TERMINAL_STATES,
-        WAIT_STATUS,
         AgentEvent,
+        AgentState,
         AgentStatus,
         KillRequest,
         KillResult,
@@ -46,6 +47,17 @@ STORE_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=5),
     non_retryable_error_types=[STORE_REFUSED],
 )
+
+
+class Phase(StrEnum):
+    """Where the requester's run is; a kill may arrive in any phase."""
+
+    SPAWNING = "spawning"  # agent.spawn not yet sent, or not yet answered
+    FOLLOWING = "following"  # waiting for the executor's final state (events, long-polls)
+    KILLING = "killing"  # the workflow was cancelled: the executor is told to stop the run
+    CONTINUING = "continuing"  # continue-as-new is due once the handlers have finished
+    RECORDING = "recording"  # the final state is being written to the store
+    DONE = "done"  # the final state is in the store
 
 
 def _changed_or_done(
@@ -89,16 +101,16 @@ class RemoteAgentWorkflow:
     def __init__(self) -> None:
         self._agent_id = ""
         self._traceparent = ""
-        self._state = "spawning"
+        self._state = AgentState.SPAWNING
+        self._phase = Phase.SPAWNING
         self._seq = 0
         self._result: dict | None = None  # type: ignore[type-arg]
         self._error: str | None = None
         self._attempt: int | None = None
-        self._spawn_settled = False
+        # Set by each report that changes something: wakes the waits of `_follow`.
         self._changed = False
+        # A kill was asked for: a spawn not sent yet is never sent.
         self._kill_requested = False
-        self._recorded = False
-        self._continuing = False
         # A kill answered by a local activity held the workflow task open for its round
         # trip; the workflow closes in a later task (see _close_in_a_later_task).
         self._answered_in_task = False
@@ -116,7 +128,11 @@ class RemoteAgentWorkflow:
             carried = inp.carried
             self._apply(
                 AgentEvent(
-                    carried.seq, carried.state, None, carried.result, carried.error, carried.attempt
+                    seq=carried.seq,
+                    state=carried.state,
+                    result=carried.result,
+                    error=carried.error,
+                    attempt=carried.attempt,
                 )
             )
         deadline = (
@@ -135,31 +151,32 @@ class RemoteAgentWorkflow:
                 # Its answer came in the same workflow task as the cancel (a task run again
                 # after a failure holds both): the executor's word comes first.
                 self._apply_finished_poll(self._poll)
-            self._kill_requested = True
-            self._spawn_settled = True
+            self._phase = Phase.KILLING
             if self._state not in TERMINAL_STATES:
                 try:
                     await self._kill_peer(inp)
                 except ApplicationError as err:  # the executor answered a state not final
-                    self._finish("killed", error=f"killed here (workflow cancelled): {err}")
+                    self._finish(
+                        AgentState.KILLED, error=f"killed here (workflow cancelled): {err}"
+                    )
         if self._answered_in_task:
             await self._close_in_a_later_task()
-        if self._continuing and self._state not in TERMINAL_STATES:
+        if self._phase is Phase.CONTINUING and self._state not in TERMINAL_STATES:
             workflow.continue_as_new(
                 dataclasses.replace(
                     inp, deadline=deadline.isoformat(), spawned=True, carried=self.status()
                 )
             )
         await self._record_final(inp)
-        if cancelled and self._state != "killed":
+        if cancelled and self._state != AgentState.KILLED:
             cancelled = False  # the run had ended otherwise before the cancel: it closes so
         if cancelled:
             raise asyncio.CancelledError("killed: workflow cancelled")
-        if self._state in ("failed", "timed_out"):
+        if self._state in (AgentState.FAILED, AgentState.TIMED_OUT):
             # Recorded; now let the Temporal UI show it as the failure it is.
             raise ApplicationError(
                 self._error or self._state,
-                type="AgentTimedOut" if self._state == "timed_out" else "AgentFailed",
+                type=AGENT_TIMED_OUT if self._state == AgentState.TIMED_OUT else AGENT_FAILED,
                 non_retryable=True,
             )
         return self.status()
@@ -178,19 +195,21 @@ class RemoteAgentWorkflow:
         """Record the final state. The store keeps the first final it was given (a record run
         again, a final the ingress wrote from an event not heard here yet, a kill's answer)
         and answers it: this workflow takes it as its own."""
+        self._phase = Phase.RECORDING
         # The run has ended: a cancel arriving now must not stop its record.
         kept = await past_cancel(
-            workflow.start_local_activity(
-                RECORD_REQUESTER_FINAL,
-                RequesterFinal(inp.agent_id, self._state, self._result, self._error),
-                result_type=RecordedFinal,
+            workflow.start_local_activity_method(
+                FederationActivities.record_requester_final,
+                RequesterFinal(
+                    agent_id=inp.agent_id, state=self._state, result=self._result, error=self._error
+                ),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=STORE_RETRY,
                 summary=f"record final state {self._state}",
             )
         )
         self._adopt(kept)
-        self._recorded = True
+        self._phase = Phase.DONE
         await workflow.wait_condition(workflow.all_handlers_finished)
 
     def _adopt(self, kept: RecordedFinal) -> None:
@@ -212,22 +231,22 @@ class RemoteAgentWorkflow:
         if not inp.spawned:
             await asyncio.sleep(0)  # a kill delivered with the start runs first
             if self._kill_requested:
-                self._finish("killed", error="killed before the spawn was sent")
+                self._finish(AgentState.KILLED, error="killed before the spawn was sent")
             else:
                 await self._send_spawn(inp)
-        self._spawn_settled = True
+        self._phase = Phase.FOLLOWING
 
         backoff = 1.0
         backed_off = False
         while self._state not in TERMINAL_STATES:
             if self._continue_as_new_due(inp):
-                self._continuing = True
+                self._phase = Phase.CONTINUING
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 return  # the caller continues as new unless a handler ended the run
             remaining = (deadline - workflow.now()).total_seconds()
             if remaining <= 0:
                 self._finish(
-                    "timed_out",
+                    AgentState.TIMED_OUT,
                     error=f"no final state from {inp.peer_name} within"
                     f" {_budget(inp).total_seconds():.0f} s (timeout x tries + spawn deadline"
                     " + grace)",
@@ -253,17 +272,16 @@ class RemoteAgentWorkflow:
             # One long-poll activity waits for the executor's next state change; silence and
             # progress cost no history. An event (signal) that brings the change first wins.
             self._changed = False
-            poll = self._poll = workflow.start_activity(
-                WAIT_STATUS,
+            poll = self._poll = workflow.start_activity_method(
+                FederationActivities.wait_status,
                 StatusWait(
-                    inp.agent_id,
-                    self._seq,
-                    self._state,
-                    inp.long_poll_seconds,
-                    inp.peer_timeout_seconds,
-                    inp.traceparent,
+                    agent_id=inp.agent_id,
+                    after_seq=self._seq,
+                    known_state=self._state,
+                    wait_seconds=inp.long_poll_seconds,
+                    peer_timeout_seconds=inp.peer_timeout_seconds,
+                    traceparent=inp.traceparent,
                 ),
-                result_type=AgentEvent,
                 schedule_to_close_timeout=timedelta(seconds=remaining),
                 heartbeat_timeout=timedelta(seconds=inp.peer_timeout_seconds + 10),
                 retry_policy=PEER_RETRY,
@@ -293,10 +311,9 @@ class RemoteAgentWorkflow:
     async def _send_spawn(self, inp: SpawnAgentInput) -> None:
         """Deliver agent.spawn (retried until the spawn deadline); its ack is the first report."""
         try:
-            ack = await workflow.execute_activity(
-                SEND_SPAWN,
+            ack = await workflow.execute_activity_method(
+                FederationActivities.send_spawn,
                 inp,
-                result_type=AgentEvent,
                 schedule_to_close_timeout=timedelta(seconds=inp.spawn_deadline_seconds),
                 start_to_close_timeout=timedelta(seconds=inp.peer_timeout_seconds + 5),
                 retry_policy=PEER_RETRY,
@@ -304,7 +321,7 @@ class RemoteAgentWorkflow:
             )
             self._apply(ack)
         except ActivityError as err:
-            self._finish("failed", error=f"spawn not delivered: {_reason(err)}")
+            self._finish(AgentState.FAILED, error=f"spawn not delivered: {_reason(err)}")
 
     def _continue_as_new_due(self, inp: SpawnAgentInput) -> bool:
         info = workflow.info()
@@ -320,7 +337,7 @@ class RemoteAgentWorkflow:
     @workflow.update
     async def kill(self, request: KillRequest) -> KillResult:
         self._kill_requested = True  # a spawn not sent yet is never sent
-        await workflow.wait_condition(lambda: self._spawn_settled)
+        await workflow.wait_condition(lambda: self._phase is not Phase.SPAWNING)
         confirmed = True
         if self._state not in TERMINAL_STATES:
             inp = self._input
@@ -329,15 +346,25 @@ class RemoteAgentWorkflow:
         if not confirmed:
             # Answer once the final state is in the projection, so the caller reads it there
             # (a confirmed answer was written there by send_kill already).
-            await workflow.wait_condition(lambda: self._recorded or self._continuing)
+            await workflow.wait_condition(lambda: self._phase in (Phase.CONTINUING, Phase.DONE))
         return KillResult(
-            self._agent_id, self._state, self._seq, self._result, self._error, confirmed
+            agent_id=self._agent_id,
+            state=self._state,
+            seq=self._seq,
+            result=self._result,
+            error=self._error,
+            confirmed=confirmed,
         )
 
     async def _kill_peer(self, inp: SpawnAgentInput) -> bool:
         """Ask the executor to kill the run; False when it could not be asked and the run was
         ended here, unconfirmed."""
-        call = PeerCall(self._agent_id, "", inp.peer_timeout_seconds, self._traceparent)
+        call = PeerCall(
+            agent_id=self._agent_id,
+            connection_id="",
+            peer_timeout_seconds=inp.peer_timeout_seconds,
+            traceparent=self._traceparent,
+        )
         deadline = workflow.now() + timedelta(seconds=inp.kill_deadline_seconds)
         try:
             answer: KillResult | None = None
@@ -346,10 +373,9 @@ class RemoteAgentWorkflow:
             # half the kill deadline: the rest is for the retried activity.
             first_try = max(1.0, min(inp.kill_deadline_seconds / 2, inp.peer_timeout_seconds))
             try:
-                answer = await workflow.execute_local_activity(
-                    SEND_KILL,
+                answer = await workflow.execute_local_activity_method(
+                    FederationActivities.send_kill,
                     call,
-                    result_type=KillResult,
                     start_to_close_timeout=timedelta(seconds=first_try),
                     retry_policy=RetryPolicy(maximum_attempts=1),
                     summary="send agent.kill",
@@ -361,10 +387,9 @@ class RemoteAgentWorkflow:
             if answer is None:
                 # Retried until the kill deadline (the peer may be restarting).
                 remaining = max(1.0, (deadline - workflow.now()).total_seconds())
-                answer = await workflow.execute_activity(
-                    SEND_KILL,
+                answer = await workflow.execute_activity_method(
+                    FederationActivities.send_kill,
                     call,
-                    result_type=KillResult,
                     start_to_close_timeout=timedelta(seconds=60),
                     schedule_to_close_timeout=timedelta(seconds=remaining),
                     retry_policy=PEER_RETRY,
@@ -373,10 +398,13 @@ class RemoteAgentWorkflow:
         except (ActivityError, ApplicationError, FailureTimeout) as err:
             # The connection is not ACTIVE, the peer is gone or silent: end the run here.
             self._finish(
-                "killed", error=f"killed here, not confirmed by {inp.peer_name}: {_reason(err)}"
+                AgentState.KILLED,
+                error=f"killed here, not confirmed by {inp.peer_name}: {_reason(err)}",
             )
             return False
-        self._apply(AgentEvent(answer.seq, answer.state, None, answer.result, answer.error))
+        self._apply(
+            AgentEvent(seq=answer.seq, state=answer.state, result=answer.result, error=answer.error)
+        )
         if self._state not in TERMINAL_STATES:
             raise ApplicationError(
                 f"{inp.peer_name} answered the kill with state {answer.state}",
@@ -387,7 +415,12 @@ class RemoteAgentWorkflow:
     @workflow.query
     def status(self) -> AgentStatus:
         return AgentStatus(
-            self._agent_id, self._state, self._seq, None, self._result, self._error, self._attempt
+            agent_id=self._agent_id,
+            state=self._state,
+            seq=self._seq,
+            result=self._result,
+            error=self._error,
+            attempt=self._attempt,
         )
 
     def _apply(self, event: AgentEvent) -> None:
@@ -405,7 +438,12 @@ class RemoteAgentWorkflow:
             self._set_state_attribute()
         self._changed = True
 
-    def _finish(self, state: str, result: dict | None = None, error: str | None = None) -> None:  # type: ignore[type-arg]
+    def _finish(
+        self,
+        state: AgentState,
+        result: dict | None = None,  # type: ignore[type-arg]
+        error: str | None = None,
+    ) -> None:
         if self._state in TERMINAL_STATES:
             return
         self._state = state

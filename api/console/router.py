@@ -47,6 +47,7 @@ from federation.models import (
     InstanceUpdate,
     KeyRotate,
 )
+from federation.states import TERMINAL_STATES, AgentState, ConnectionStatus
 from federation.store import artifacts, repos
 from federation.users import User
 from operations import Services, agents, audit, connections, hosted, instance
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
-STATES = ["spawning", "running", "completed", "failed", "killed", "timed_out"]
+STATES = list(AgentState)
 AGENT_TYPES = ["worker", "reviewer", "tester"]
 COMMAND_TYPES = list(get_args(CommandType))  # what a grant can allow, as the REST model says
 PAGE_SIZE = 20
@@ -338,15 +339,21 @@ async def overview(request: Request) -> Response:
     listed = await connections.list_(services)
     if user.is_admin:
         counts = Counter(c.status for c in listed)
-        by_state = {s: counts.get(s, 0) for s in ("ACTIVE", "PENDING", "SUSPENDED", "DISCONNECTED")}
+        by_state = {
+            s: counts.get(s, 0)
+            for s in (
+                ConnectionStatus.ACTIVE,
+                ConnectionStatus.PENDING,
+                ConnectionStatus.SUSPENDED,
+                ConnectionStatus.DISCONNECTED,
+            )
+        }
     running = [
-        *await agents.list_(services, user, state="running", limit=PAGE_SIZE),
-        *await agents.list_(services, user, state="spawning", limit=PAGE_SIZE),
+        *await agents.list_(services, user, state=AgentState.RUNNING, limit=PAGE_SIZE),
+        *await agents.list_(services, user, state=AgentState.SPAWNING, limit=PAGE_SIZE),
     ]
     recent = [
-        r
-        for r in await agents.list_(services, user, limit=50)
-        if r["state"] in repos.TERMINAL_STATES
+        r for r in await agents.list_(services, user, limit=50) if r["state"] in TERMINAL_STATES
     ][:10]
     return await _render(
         request,
@@ -420,8 +427,14 @@ async def connections_page(request: Request) -> Response:
         request,
         "connections.html",
         user,
-        pending=[c for c in listed if c.status == "PENDING" and c.direction == "inbound"],
-        others=[c for c in listed if not (c.status == "PENDING" and c.direction == "inbound")],
+        pending=[
+            c for c in listed if c.status == ConnectionStatus.PENDING and c.direction == "inbound"
+        ],
+        others=[
+            c
+            for c in listed
+            if not (c.status == ConnectionStatus.PENDING and c.direction == "inbound")
+        ],
         agent_types=AGENT_TYPES,
         command_types=COMMAND_TYPES,
         grace_seconds=services.settings.key_rotation_grace,
@@ -524,14 +537,16 @@ async def agents_page(request: Request) -> Response:
         limit=PAGE_SIZE + 1,
         offset=(page - 1) * PAGE_SIZE,
     )
-    peers = [c for c in await connections.list_(services) if c.status != "DISCONNECTED"]
+    peers = [
+        c for c in await connections.list_(services) if c.status != ConnectionStatus.DISCONNECTED
+    ]
     return await _render(
         request,
         "agents.html",
         user,
         rows=rows[:PAGE_SIZE],
         hosted_rows=await _hosted_rows(services, filters, peers) if user.is_admin else None,
-        terminal_states=repos.TERMINAL_STATES,
+        terminal_states=TERMINAL_STATES,
         filters=filters,
         page=page,
         newer=urlencode({**filters, "page": page - 1}) if page > 1 else None,
@@ -539,7 +554,7 @@ async def agents_page(request: Request) -> Response:
         states=STATES,
         agent_types=AGENT_TYPES,
         peers=peers,
-        active_peers=[c for c in peers if c.status == "ACTIVE"],
+        active_peers=[c for c in peers if c.status == ConnectionStatus.ACTIVE],
         peer_names={str(c.connectionId): c.remoteName for c in peers},
     )
 
@@ -602,7 +617,7 @@ async def agent_page(request: Request, agent_id: uuid.UUID) -> Response:
         diff_problem=diff_problem,
         transcript=await agent_transcript(services, user, agent_id),
         links=_workflow_links(services, row, peer_name, identity.instance_id),
-        terminal=row["state"] in repos.TERMINAL_STATES,
+        terminal=row["state"] in TERMINAL_STATES,
     )
 
 

@@ -15,10 +15,10 @@ from federation.models import (
     AgentPublic,
     AgentSpawnAccepted,
     AgentSpawnCreate,
-    AgentState,
     AgentType,
     Line,
 )
+from federation.states import AgentState
 from operations import agents
 
 router = APIRouter(prefix="/api/v1/federation/agents", tags=["agents"])

@@ -24,6 +24,7 @@ from federation.errors import (
 )
 from federation.models import CommandCreate, CommandPublic
 from federation.peer import send_signed
+from federation.states import ConnectionStatus
 from federation.store import repos
 
 router = APIRouter(prefix="/api/v1/federation", tags=["commands"])
@@ -47,7 +48,7 @@ async def send_command(
     agent = user.visible(await repos.get_requested_agent(pool, body.payload.agentId))
     if agent is None or agent["connection_id"] != body.connectionId:
         raise AgentNotFound(f"no agent {body.payload.agentId} on this connection")
-    if connection["status"] != "ACTIVE":
+    if connection["status"] != ConnectionStatus.ACTIVE:
         raise LocalConnectionNotActive(
             f"connection {body.connectionId} is {connection['status']}; commands need ACTIVE"
         )

@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import AdminUser, ServicesDep
-from federation.models import AgentKillPublic, AgentPublic, AgentState, Line
+from federation.models import AgentKillPublic, AgentPublic, Line
+from federation.states import AgentState
 from operations import hosted
 
 router = APIRouter(prefix="/api/v1/federation/hosted", tags=["hosted"])

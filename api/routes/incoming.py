@@ -58,6 +58,7 @@ from federation.models import (
 )
 from federation.peer import CardKeyRefresher, fetch_card
 from federation.settings import Settings
+from federation.states import TERMINAL_STATES, AgentState, ConnectionStatus
 from federation.store import artifacts, conversations, notifications, pending, repos
 from federation.transcripts import reported_total
 from federation.trust import (
@@ -72,6 +73,7 @@ from federation.trust import (
 )
 from operations.connections import end_peer_runs_soon
 from operations.hosted import stop_run
+from workflows.agent_run import AgentRunWorkflow
 from workflows.models import (
     AgentEvent,
     AgentRunInput,
@@ -79,6 +81,7 @@ from workflows.models import (
     agent_search_attributes,
     remote_agent_workflow_id,
 )
+from workflows.remote_agent import RemoteAgentWorkflow
 
 router = APIRouter(prefix="/api/v1/federation/incoming", tags=["federation (peers)"])
 
@@ -253,7 +256,7 @@ async def _insert_request(
     conn: asyncpg.Connection, settings: Settings, stranger: StrangerRequest, sender: str
 ) -> dict[str, Any]:
     existing = await repos.connection_for_peer(conn, sender)
-    if existing is not None and existing["status"] != "DISCONNECTED":
+    if existing is not None and existing["status"] != ConnectionStatus.DISCONNECTED:
         raise ConnectionStateConflict(
             f"a connection with this peer is already {existing['status']}"
         )
@@ -483,7 +486,7 @@ async def _reserve_spawn(
         context=spawn.context.model_dump(),
         options=spawn.options.model_dump(),
         workflow_id=workflow_id,
-        state="spawning",
+        state=AgentState.SPAWNING,
     )
     return spawn
 
@@ -501,11 +504,11 @@ async def _start_run(
     agent_id = str(spawn.agentId)
     workflow_id = agent_run_workflow_id(envelope.senderId, agent_id)
     ended = await repos.get_executed_agent(pool, envelope.senderId, spawn.agentId)
-    if ended is not None and ended["state"] in repos.TERMINAL_STATES:
+    if ended is not None and ended["state"] in TERMINAL_STATES:
         return ended  # killed or repaired while its workflow did not exist: it stays ended
     try:
         await temporal.start_workflow(
-            "AgentRunWorkflow",
+            AgentRunWorkflow.run,
             AgentRunInput(envelope=envelope.to_wire(), received_at=format_timestamp(received_at)),
             id=workflow_id,
             task_queue=settings.task_queue,
@@ -589,7 +592,7 @@ async def _wait_for_change(
         if row["seq"] > ref.afterSeq and (
             ref.knownState is None
             or row["state"] != ref.knownState
-            or row["state"] in repos.TERMINAL_STATES
+            or row["state"] in TERMINAL_STATES
         ):
             return row
         remaining = deadline - loop.time()
@@ -651,7 +654,7 @@ async def incoming_event(
                 or row["connection_id"] != connection["connection_id"]
             ):
                 raise AgentNotFound(f"no agent {event.agentId} was spawned on this peer")
-            if transcript is not None and row["state"] in repos.TERMINAL_STATES:
+            if transcript is not None and row["state"] in TERMINAL_STATES:
                 # What is missing then is pulled (up to the count the final reported).
                 raise AgentEnded(
                     f"agent {event.agentId} is {row['state']}: its transcript takes no more events"
@@ -678,9 +681,14 @@ async def incoming_event(
         handle = temporal.get_workflow_handle(remote_agent_workflow_id(str(event.agentId)))
         try:
             await handle.signal(
-                "on_event",
+                RemoteAgentWorkflow.on_event,
                 AgentEvent(
-                    event.seq, event.state, event.progress, event.result, event.error, event.attempt
+                    seq=event.seq,
+                    state=event.state,
+                    progress=event.progress,
+                    result=event.result,
+                    error=event.error,
+                    attempt=event.attempt,
                 ),
             )
         except Exception:  # noqa: BLE001 - a closed workflow needs no more news

@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from federation.states import TERMINAL_STATES
 from federation.store.repos import (
-    TERMINAL_STATES,
     Executor,
     force_requester_final,
     update_executed_agent,

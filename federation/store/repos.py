@@ -9,12 +9,11 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 from agents.text import clean
+from federation.states import TERMINAL_STATES, ConnectionStatus
 from federation.store.db import row_dict
 
 # A pool or a connection (inside a transaction): both have execute/fetch/fetchrow/fetchval.
 Executor: TypeAlias = Any
-
-TERMINAL_STATES = frozenset({"completed", "failed", "killed", "timed_out"})
 
 DEFAULT_GRANTS: dict[str, Any] = {
     "commandTypes": ["agent.spawn", "agent.status", "agent.kill", "agent.artifact"],
@@ -63,7 +62,7 @@ async def insert_connection(
     remote_url: str,
     remote_keys: list[dict[str, Any]],
     direction: str,
-    status: str = "PENDING",
+    status: ConnectionStatus = ConnectionStatus.PENDING,
     grants: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     row = await db.fetchrow(

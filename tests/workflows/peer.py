@@ -21,6 +21,8 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
+from workflows.agent_run import AgentRunWorkflow
+from workflows.remote_agent import RemoteAgentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 RunScript = Callable[[m.RunTask], Awaitable[m.AgentOutcome]]
@@ -33,8 +35,12 @@ class ScriptedPeer:
         # requester side
         self.spawn_gate = asyncio.Event()
         self.spawn_gate.set()
-        self.spawn_answer: m.AgentEvent | ApplicationError = m.AgentEvent(1, "running")
-        self.status_answer: m.AgentEvent | ApplicationError = m.AgentEvent(1, "running")
+        self.spawn_answer: m.AgentEvent | ApplicationError = m.AgentEvent(
+            seq=1, state=m.AgentState.RUNNING
+        )
+        self.status_answer: m.AgentEvent | ApplicationError = m.AgentEvent(
+            seq=1, state=m.AgentState.RUNNING
+        )
         self.status_changed = asyncio.Event()
         self.kill_answer: Callable[[], Awaitable[m.KillResult]] | None = None
         self.kill_error: ApplicationError | None = None
@@ -46,7 +52,7 @@ class ScriptedPeer:
         self.sandboxes_gone = 0
         self.release_run = asyncio.Event()
         self.run_outcome: m.AgentOutcome | ApplicationError = m.AgentOutcome(
-            "done", {"summary": "done"}
+            summary="done", result={"summary": "done"}
         )
         self.executor_finals: list[m.FinishRun] = []
         self.notified: list[m.FinishRun] = []
@@ -99,7 +105,7 @@ class ScriptedPeer:
             raise self.kill_error
         if self.kill_answer is not None:
             return await self.kill_answer()
-        return m.KillResult(call.agent_id, "killed", 99)
+        return m.KillResult(agent_id=call.agent_id, state=m.AgentState.KILLED, seq=99)
 
     @activity.defn(name=m.RECORD_REQUESTER_FINAL)
     async def record_requester_final(self, final: m.RequesterFinal) -> m.RecordedFinal:
@@ -108,7 +114,9 @@ class ScriptedPeer:
         await self.record_gate.wait()
         self.requester_finals.append(final)
         first = next(f for f in self.requester_finals if f.agent_id == final.agent_id)
-        return m.RecordedFinal(first.state, first.result, first.error, written=first is final)
+        return m.RecordedFinal(
+            state=first.state, result=first.result, error=first.error, written=first is final
+        )
 
     # --- executor side -------------------------------------------------------------------
 
@@ -162,7 +170,13 @@ class ScriptedPeer:
         await self.record_gate.wait()  # the store is slow (or away) while it records
         self.executor_finals.append(finish)
         first = next(f for f in self.executor_finals if f.agent_id == finish.agent_id)
-        return m.RecordedFinal(first.state, first.result, first.error, 11, written=first is finish)
+        return m.RecordedFinal(
+            state=first.state,
+            result=first.result,
+            error=first.error,
+            seq=11,
+            written=first is finish,
+        )
 
     @activity.defn(name=m.NOTIFY_REQUESTER)
     async def notify_requester(self, finish: m.FinishRun) -> None:
@@ -178,6 +192,13 @@ class ScriptedPeer:
             for name in dir(self)
             if hasattr(getattr(self, name), "__temporal_activity_definition")
         ]
+
+
+def workflow_of(
+    handle: WorkflowHandle[Any, Any],
+) -> type[RemoteAgentWorkflow] | type[AgentRunWorkflow]:
+    """The workflow class behind a handle, for helpers that take either side's run."""
+    return RemoteAgentWorkflow if handle.id.startswith("remote-agent/") else AgentRunWorkflow
 
 
 def spawn_input(agent_id: str, **overrides: Any) -> m.SpawnAgentInput:

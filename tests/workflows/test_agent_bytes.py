@@ -218,7 +218,7 @@ async def test_a_final_the_store_refuses_ends_the_run_failed_with_the_reason(
     executed: ExecutedRun,
 ) -> None:
     peer.release_run.set()
-    peer.run_outcome = m.AgentOutcome("done", {"summary": "done", "poison": 1})
+    peer.run_outcome = m.AgentOutcome(summary="done", result={"summary": "done", "poison": 1})
     async with (
         refusing_poisoned_results(pool),
         worker(client, peer, real.federation.record_run_final) as queue,
@@ -278,7 +278,7 @@ async def test_a_requester_final_the_store_refuses_ends_the_run_failed_with_the_
         workflow_id=m.remote_agent_workflow_id(agent_id),
         state="spawning",
     )
-    peer.spawn_answer = m.AgentEvent(2, "completed", result={"poison": 1})
+    peer.spawn_answer = m.AgentEvent(seq=2, state=m.AgentState.COMPLETED, result={"poison": 1})
     async with (
         refusing_poisoned_results(pool),
         worker(client, peer, real.federation.record_requester_final) as queue,

@@ -47,7 +47,7 @@ async def test_kill_notice_stops_the_sandbox_without_waiting_for_a_heartbeat(
 ) -> None:
     agent_id = str(uuid.uuid4())
     handle = await client.start_workflow(
-        "AgentRunWorkflow",
+        AgentRunWorkflow.run,
         run_input(agent_id, heartbeatInterval=20),
         id=m.agent_run_workflow_id("hub", agent_id),
         task_queue=guarded_queue,
@@ -67,7 +67,7 @@ async def test_a_try_ends_timed_out_at_its_deadline_even_if_the_agent_never_stop
 ) -> None:
     agent_id = str(uuid.uuid4())
     handle = await client.start_workflow(
-        "AgentRunWorkflow",
+        AgentRunWorkflow.run,
         run_input(agent_id, timeout=1, heartbeatInterval=0.2),
         id=m.agent_run_workflow_id("hub", agent_id),
         task_queue=guarded_queue,

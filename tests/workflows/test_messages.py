@@ -17,6 +17,7 @@ import workflows.models as m
 from tests.workflows.peer import ScriptedPeer, save_history, spawn_input
 from tests.workflows.test_paths import final_status, start_executor, start_requester
 from tests.workflows.test_races import wait_for
+from workflows.agent_run import AgentRunWorkflow
 from workflows.remote_agent import RemoteAgentWorkflow
 
 
@@ -35,11 +36,16 @@ async def test_events_that_bring_every_change_leave_the_requester_nothing_to_ask
 ) -> None:
     """A short run: its events (signals) bring running and completed before the quiet spell
     ends, so the requester never long-polls agent.status (one command per run: the spawn)."""
-    peer.spawn_answer = m.AgentEvent(1, "spawning")
+    peer.spawn_answer = m.AgentEvent(seq=1, state=m.AgentState.SPAWNING)
     handle = await start_requester(client, task_queue, poll_after_quiet_seconds=30.0)
-    await handle.signal("on_event", m.AgentEvent(2, "running"))
+    await handle.signal(
+        RemoteAgentWorkflow.on_event, m.AgentEvent(seq=2, state=m.AgentState.RUNNING)
+    )
     await spawn_sent(peer)
-    await handle.signal("on_event", m.AgentEvent(3, "completed", result={"summary": "ok"}))
+    await handle.signal(
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=3, state=m.AgentState.COMPLETED, result={"summary": "ok"}),
+    )
     status = await final_status(handle)
     await save_history(client, handle, "requester-completed-by-events")
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
@@ -52,7 +58,7 @@ async def test_a_lost_event_is_asked_for_once_the_quiet_spell_ends(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     """No event comes: after the quiet spell one long-poll finds the final state."""
-    peer.set_status(m.AgentEvent(4, "completed", result={"summary": "polled"}))
+    peer.set_status(m.AgentEvent(seq=4, state=m.AgentState.COMPLETED, result={"summary": "polled"}))
     handle = await start_requester(client, task_queue, poll_after_quiet_seconds=0.5)
     status = await final_status(handle)
     assert (status.state, status.result) == ("completed", {"summary": "polled"})
@@ -68,9 +74,7 @@ async def test_a_kill_is_answered_in_the_workflow_task_that_sent_it(
     activity task and no second workflow task before the answer."""
     handle = await start_requester(client, task_queue)
     await spawn_sent(peer)
-    answer = await handle.execute_update(
-        "kill", m.KillRequest(), id="kill", result_type=m.KillResult
-    )
+    answer = await handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill")
     assert answer.state == "killed"
     assert (await final_status(handle)).state == "killed"
     await save_history(client, handle, "requester-killed-local")
@@ -99,14 +103,21 @@ async def test_an_event_ending_the_run_while_its_kill_is_answered_loses_no_kill(
     await spawn_sent(peer)
 
     async def completed_meanwhile() -> m.KillResult:
-        await handle.signal("on_event", m.AgentEvent(7, "completed", result={"summary": "first"}))
+        await handle.signal(
+            RemoteAgentWorkflow.on_event,
+            m.AgentEvent(seq=7, state=m.AgentState.COMPLETED, result={"summary": "first"}),
+        )
         await asyncio.sleep(0.3)  # the signal lands while this workflow task is open
-        return m.KillResult(handle.id, "completed", 7, {"summary": "first"}, None)
+        return m.KillResult(
+            agent_id=handle.id,
+            state=m.AgentState.COMPLETED,
+            seq=7,
+            result={"summary": "first"},
+            error=None,
+        )
 
     peer.kill_answer = completed_meanwhile
-    answer = await handle.execute_update(
-        "kill", m.KillRequest(), id="kill", result_type=m.KillResult
-    )
+    answer = await handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill")
     assert (answer.state, answer.result) == ("completed", {"summary": "first"})
     status = await final_status(handle)
     await save_history(client, handle, "requester-event-during-kill")
@@ -126,11 +137,11 @@ async def test_a_cancel_during_the_kill_loses_neither_the_kill_nor_its_answer(
 
     async def slow() -> m.KillResult:
         await gate.wait()
-        return m.KillResult(handle.id, "killed", 99)
+        return m.KillResult(agent_id=handle.id, state=m.AgentState.KILLED, seq=99)
 
     peer.kill_answer = slow
     kill = asyncio.create_task(
-        handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+        handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill")
     )
     await wait_for(lambda: m.SEND_KILL in peer.calls)  # the kill's local activity runs
     await handle.cancel()  # recorded when this returns: it came during that workflow task
@@ -154,9 +165,13 @@ async def test_a_kill_with_start_of_a_running_workflow_is_answered(
     await spawn_sent(peer)
 
     async def killed_meanwhile() -> m.KillResult:
-        await handle.signal("on_event", m.AgentEvent(7, "killed"))
+        await handle.signal(
+            RemoteAgentWorkflow.on_event, m.AgentEvent(seq=7, state=m.AgentState.KILLED)
+        )
         await spawn_sent(peer)
-        return m.KillResult(handle.id, "killed", 7, None, None)
+        return m.KillResult(
+            agent_id=handle.id, state=m.AgentState.KILLED, seq=7, result=None, error=None
+        )
 
     peer.kill_answer = killed_meanwhile
     start = WithStartWorkflowOperation(
@@ -167,9 +182,9 @@ async def test_a_kill_with_start_of_a_running_workflow_is_answered(
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
     answer = await client.execute_update_with_start_workflow(
-        "kill", m.KillRequest(), start_workflow_operation=start, id="kill", result_type=dict
+        RemoteAgentWorkflow.kill, m.KillRequest(), start_workflow_operation=start, id="kill"
     )
-    assert answer["state"] == "killed"
+    assert answer.state == m.AgentState.KILLED
     assert (await final_status(handle)).state == "killed"
     assert "WORKFLOW_TASK_FAILED" not in await event_types(client, handle)
 
@@ -185,12 +200,10 @@ async def test_a_slow_executor_kill_ends_at_the_kill_deadline(
 
     async def slow() -> m.KillResult:
         await asyncio.sleep(6)
-        return m.KillResult(handle.id, "killed", 99)
+        return m.KillResult(agent_id=handle.id, state=m.AgentState.KILLED, seq=99)
 
     peer.kill_answer = slow
-    answer = await handle.execute_update(
-        "kill", m.KillRequest(), id="kill", result_type=m.KillResult
-    )
+    answer = await handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill")
     assert (answer.state, answer.confirmed) == ("killed", False)
     assert "not confirmed by spoke" in ((await final_status(handle)).error or "")
     await save_history(client, handle, "requester-kill-local-try-then-retried")
@@ -215,7 +228,7 @@ async def test_a_kill_the_requester_asked_sends_it_no_event(
     asked = await start_executor(client, task_queue)
     await peer.sandbox_started.wait()
     answer = await asked.execute_update(
-        "kill", m.KillRequest(answered=True), id="kill", result_type=m.KillResult
+        AgentRunWorkflow.kill, m.KillRequest(answered=True), id="kill"
     )
     assert answer.state == "killed"
     assert (await final_status(asked)).state == "killed"
@@ -226,7 +239,7 @@ async def test_a_kill_the_requester_asked_sends_it_no_event(
     by_admin = await start_executor(client, task_queue)
     await peer.sandbox_started.wait()
     await by_admin.execute_update(
-        "kill", m.KillRequest(reason="killed by admin"), id="kill", result_type=m.KillResult
+        AgentRunWorkflow.kill, m.KillRequest(reason="killed by admin"), id="kill"
     )
     assert (await final_status(by_admin)).state == "killed"
     assert [f.state for f in peer.notified] == ["killed"]
@@ -243,5 +256,8 @@ async def test_a_refused_poll_waits_its_backoff_and_no_quiet_spell_besides(
     types = await event_types(client, handle)
     # One quiet spell before the first poll, one backoff after each refused poll.
     assert types.count("TIMER_STARTED") <= peer.status_waits + 1
-    await handle.signal("on_event", m.AgentEvent(9, "completed", result={"summary": "ok"}))
+    await handle.signal(
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=9, state=m.AgentState.COMPLETED, result={"summary": "ok"}),
+    )
     assert (await final_status(handle)).state == "completed"

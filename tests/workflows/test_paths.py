@@ -10,7 +10,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
-from tests.workflows.peer import ScriptedPeer, run_input, save_history, spawn_input
+from tests.workflows.peer import ScriptedPeer, run_input, save_history, spawn_input, workflow_of
 from workflows.agent_run import AgentRunWorkflow
 from workflows.remote_agent import RemoteAgentWorkflow
 
@@ -41,14 +41,17 @@ async def final_status(handle) -> m.AgentStatus:  # type: ignore[no-untyped-def]
         await handle.result()
     except Exception as exc:  # noqa: BLE001 - a failed agent may end the workflow Failed
         print("workflow ended with", repr(exc), repr(getattr(exc, "cause", None)))
-    return await handle.query("status", result_type=m.AgentStatus)
+    return await handle.query(workflow_of(handle).status)
 
 
 async def test_requester_completed_from_the_final_event(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     handle = await start_requester(client, task_queue)
-    await handle.signal("on_event", m.AgentEvent(2, "completed", result={"summary": "ok"}))
+    await handle.signal(
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=2, state=m.AgentState.COMPLETED, result={"summary": "ok"}),
+    )
     status = await final_status(handle)
     await save_history(client, handle, "requester-completed")
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
@@ -58,7 +61,7 @@ async def test_requester_completed_from_the_final_event(
 async def test_requester_learns_the_final_state_when_the_event_is_lost(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
-    peer.set_status(m.AgentEvent(3, "completed", result={"summary": "polled"}))
+    peer.set_status(m.AgentEvent(seq=3, state=m.AgentState.COMPLETED, result={"summary": "polled"}))
     handle = await start_requester(client, task_queue)
     status = await final_status(handle)
     await save_history(client, handle, "requester-lost-final-event")
@@ -80,7 +83,7 @@ async def test_requester_kill_while_running_is_killed(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     handle = await start_requester(client, task_queue)
-    answer = await handle.execute_update("kill", m.KillRequest(), result_type=m.KillResult)
+    answer = await handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest())
     assert answer.state == "killed"
     status = await final_status(handle)
     await save_history(client, handle, "requester-killed-running")
@@ -92,9 +95,7 @@ async def test_requester_kill_during_spawn_waits_for_the_spawn_then_kills(
 ) -> None:
     peer.spawn_gate.clear()
     handle = await start_requester(client, task_queue)
-    kill = asyncio.create_task(
-        handle.execute_update("kill", m.KillRequest(), result_type=m.KillResult)
-    )
+    kill = asyncio.create_task(handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest()))
     await asyncio.sleep(0.3)
     peer.spawn_gate.set()
     assert (await kill).state == "killed"
@@ -120,7 +121,7 @@ async def test_executor_failed_then_retried_completes(
         tries.append(task.attempt)
         if task.attempt == 1:
             raise ApplicationError("exit 1", {"summary": "exit 1"}, type=m.AGENT_FAILED)
-        return m.AgentOutcome("ok", {"summary": "ok"})
+        return m.AgentOutcome(summary="ok", result={"summary": "ok"})
 
     peer.run_script = script
     handle = await start_executor(client, task_queue, maxRetries=1)
@@ -157,7 +158,7 @@ async def test_executor_kill_while_running_stops_the_sandbox(
 ) -> None:
     handle = await start_executor(client, task_queue)
     await peer.sandbox_started.wait()
-    answer = await handle.execute_update("kill", m.KillRequest(), result_type=m.KillResult)
+    answer = await handle.execute_update(AgentRunWorkflow.kill, m.KillRequest())
     assert answer.state == "killed"
     assert peer.sandboxes_gone == 1
     assert (await final_status(handle)).state == "killed"
@@ -179,7 +180,9 @@ async def test_executor_large_result_completes(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     peer.release_run.set()
-    peer.run_outcome = m.AgentOutcome("big", {"summary": "big", "diffPreview": "x" * 64_000})
+    peer.run_outcome = m.AgentOutcome(
+        summary="big", result={"summary": "big", "diffPreview": "x" * 64_000}
+    )
     handle = await start_executor(client, task_queue)
     assert (await final_status(handle)).state == "completed"
     await save_history(client, handle, "executor-large-result")
@@ -194,7 +197,7 @@ async def test_executor_try_lost_with_its_worker_is_retried(
         if activity.info().attempt == 1:
             # The worker running it is gone: no heartbeats, no answer.
             await asyncio.sleep(30)
-        return m.AgentOutcome("ok", {"summary": "ok"})
+        return m.AgentOutcome(summary="ok", result={"summary": "ok"})
 
     peer.run_script = script
     handle = await start_executor(client, task_queue)
@@ -207,8 +210,11 @@ async def test_requester_kill_after_completion_keeps_completed(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     handle = await start_requester(client, task_queue)
-    await handle.signal("on_event", m.AgentEvent(2, "completed", result={"summary": "ok"}))
-    answer = await handle.execute_update("kill", m.KillRequest(), result_type=m.KillResult)
+    await handle.signal(
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=2, state=m.AgentState.COMPLETED, result={"summary": "ok"}),
+    )
+    answer = await handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest())
     status = await final_status(handle)
     await save_history(client, handle, "requester-kill-after-completion")
     assert answer.state == "completed"

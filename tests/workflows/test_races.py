@@ -12,8 +12,15 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
-from tests.workflows.peer import ScriptedPeer, run_input, save_history, spawn_input
+from tests.workflows.peer import (
+    ScriptedPeer,
+    run_input,
+    save_history,
+    spawn_input,
+    workflow_of,
+)
 from tests.workflows.test_paths import final_status, start_executor, start_requester
+from workflows.agent_run import AgentRunWorkflow
 from workflows.remote_agent import RemoteAgentWorkflow
 
 
@@ -28,7 +35,7 @@ async def history_length(client: Client, handle) -> int:  # type: ignore[no-unty
 
 
 async def kill(handle) -> m.KillResult:  # type: ignore[no-untyped-def]
-    return await handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult)
+    return await handle.execute_update(workflow_of(handle).kill, m.KillRequest(), id="kill")
 
 
 async def wait_for(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
@@ -65,8 +72,10 @@ async def test_unreachable_requester_is_retried_then_given_up_without_failing(
 
     inp = run_input(agent_id)
     handle = await client.start_workflow(
-        "AgentRunWorkflow",
-        m.AgentRunInput(inp.envelope, inp.received_at, notify_deadline_seconds=3),
+        AgentRunWorkflow.run,
+        m.AgentRunInput(
+            envelope=inp.envelope, received_at=inp.received_at, notify_deadline_seconds=3
+        ),
         id=m.agent_run_workflow_id("hub", agent_id),
         task_queue=task_queue,
     )
@@ -84,11 +93,11 @@ async def test_silence_and_chatty_progress_cost_the_requester_no_history(
     await asyncio.sleep(0.5)
     before = await history_length(client, handle)
     for seq in range(2, 40):  # progress: new seq, same state
-        peer.set_status(m.AgentEvent(seq, "running", progress={"turn": seq}))
+        peer.set_status(m.AgentEvent(seq=seq, state=m.AgentState.RUNNING, progress={"turn": seq}))
         await asyncio.sleep(0.02)
     await asyncio.sleep(2.0)  # and a long silence
     assert await history_length(client, handle) == before
-    peer.set_status(m.AgentEvent(50, "completed", result={"summary": "ok"}))
+    peer.set_status(m.AgentEvent(seq=50, state=m.AgentState.COMPLETED, result={"summary": "ok"}))
     status = await final_status(handle)
     await save_history(client, handle, "requester-long-run-chatty-progress")
     assert (status.state, status.seq) == ("completed", 50)
@@ -104,7 +113,7 @@ async def test_kill_racing_completion_keeps_the_result(
     answers completed, with the result."""
     peer.notify_gate.clear()  # the workflow is still telling the requester
     peer.release_run.set()
-    peer.run_outcome = m.AgentOutcome("ok", {"summary": "ok"})
+    peer.run_outcome = m.AgentOutcome(summary="ok", result={"summary": "ok"})
     handle = await start_executor(client, task_queue)
     await wait_for(lambda: bool(peer.executor_finals))
     answer = await kill(handle)
@@ -120,7 +129,13 @@ async def test_requester_kill_racing_completion_keeps_the_result(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     async def already_completed() -> m.KillResult:
-        return m.KillResult("x", "completed", 7, {"summary": "done first"}, None)
+        return m.KillResult(
+            agent_id="x",
+            state=m.AgentState.COMPLETED,
+            seq=7,
+            result={"summary": "done first"},
+            error=None,
+        )
 
     peer.kill_answer = already_completed
     handle = await start_requester(client, task_queue)
@@ -144,7 +159,13 @@ async def test_a_cancel_whose_kill_finds_the_run_completed_closes_completed(
     first, the run ended as it ended: the workflow keeps the result and closes Completed."""
 
     async def already_completed() -> m.KillResult:
-        return m.KillResult("x", "completed", 7, {"summary": "done first"}, None)
+        return m.KillResult(
+            agent_id="x",
+            state=m.AgentState.COMPLETED,
+            seq=7,
+            result={"summary": "done first"},
+            error=None,
+        )
 
     peer.kill_answer = already_completed
     handle = await start_requester(client, task_queue)
@@ -161,7 +182,9 @@ async def test_kill_racing_failure_keeps_the_failure_reason(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     async def already_failed() -> m.KillResult:
-        return m.KillResult("x", "failed", 7, None, "tests failed")
+        return m.KillResult(
+            agent_id="x", state=m.AgentState.FAILED, seq=7, result=None, error="tests failed"
+        )
 
     peer.kill_answer = already_failed
     handle = await start_requester(client, task_queue)
@@ -178,8 +201,8 @@ async def test_a_retried_kill_is_the_same_kill(
     handle = await start_requester(client, task_queue)
     await wait_for(lambda: peer.status_waits >= 1)
     first, second = await asyncio.gather(
-        handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult),
-        handle.execute_update("kill", m.KillRequest(), id="kill", result_type=m.KillResult),
+        handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill"),
+        handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill"),
     )
     assert first == second
     assert first.state == "killed"
@@ -232,9 +255,12 @@ async def test_long_run_continues_as_new_and_still_ends_once(
     first_run = (await handle.describe()).run_id
     latest = client.get_workflow_handle(handle.id)
     for seq, state in ((2, "running"), (3, "spawning"), (4, "running"), (5, "spawning")):
-        await latest.signal("on_event", m.AgentEvent(seq, state))
+        await latest.signal(RemoteAgentWorkflow.on_event, m.AgentEvent(seq=seq, state=state))
         await asyncio.sleep(0.2)
-    await latest.signal("on_event", m.AgentEvent(9, "completed", result={"summary": "ok"}))
+    await latest.signal(
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=9, state=m.AgentState.COMPLETED, result={"summary": "ok"}),
+    )
     status = await final_status(latest)
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
     first = client.get_workflow_handle(handle.id, run_id=first_run)
@@ -252,14 +278,14 @@ async def test_duplicate_and_reordered_events_change_nothing_after_the_final_one
 ) -> None:
     handle = await start_requester(client, task_queue)
     for event in (
-        m.AgentEvent(3, "running"),
-        m.AgentEvent(3, "running"),
-        m.AgentEvent(2, "spawning"),
-        m.AgentEvent(5, "completed", result={"summary": "first final"}),
-        m.AgentEvent(4, "running"),
-        m.AgentEvent(6, "failed", error="late"),
+        m.AgentEvent(seq=3, state=m.AgentState.RUNNING),
+        m.AgentEvent(seq=3, state=m.AgentState.RUNNING),
+        m.AgentEvent(seq=2, state=m.AgentState.SPAWNING),
+        m.AgentEvent(seq=5, state=m.AgentState.COMPLETED, result={"summary": "first final"}),
+        m.AgentEvent(seq=4, state=m.AgentState.RUNNING),
+        m.AgentEvent(seq=6, state=m.AgentState.FAILED, error="late"),
     ):
-        await handle.signal("on_event", event)
+        await handle.signal(RemoteAgentWorkflow.on_event, event)
     status = await final_status(handle)
     await save_history(client, handle, "requester-duplicate-reordered-events")
     assert (status.state, status.seq, status.result) == ("completed", 5, {"summary": "first final"})
@@ -288,15 +314,25 @@ async def test_an_event_arriving_while_the_final_is_recorded_keeps_the_first_fin
     final, never the late event, and the store keeps one (test_records_repeat.py)."""
     peer.record_gate.clear()
     handle = await start_requester(client, task_queue)
-    await handle.signal("on_event", m.AgentEvent(5, "completed", result={"summary": "first"}))
+    await handle.signal(
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=5, state=m.AgentState.COMPLETED, result={"summary": "first"}),
+    )
     await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
     # Accepted by the server once signal() returns; buffered there while the task is open.
-    await handle.signal("on_event", m.AgentEvent(6, "failed", error="late"))
+    await handle.signal(
+        RemoteAgentWorkflow.on_event, m.AgentEvent(seq=6, state=m.AgentState.FAILED, error="late")
+    )
     peer.record_gate.set()
     status = await final_status(handle)
     await save_history(client, handle, "requester-event-while-recording")
     assert (status.state, status.seq, status.result) == ("completed", 5, {"summary": "first"})
-    first = m.RequesterFinal(status.agent_id, "completed", {"summary": "first"}, None)
+    first = m.RequesterFinal(
+        agent_id=status.agent_id,
+        state=m.AgentState.COMPLETED,
+        result={"summary": "first"},
+        error=None,
+    )
     assert peer.requester_finals == [first, first]  # the race happened: recorded again
     assert await failed_tasks(client, handle) == ["WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND"]
 
@@ -310,7 +346,7 @@ async def test_a_cancel_while_a_polled_completion_is_recorded_leaves_the_run_com
     peer.record_gate.clear()
     handle = await start_requester(client, task_queue)
     await wait_for(lambda: peer.status_waits >= 1)
-    peer.set_status(m.AgentEvent(4, "completed", result={"summary": "polled"}))
+    peer.set_status(m.AgentEvent(seq=4, state=m.AgentState.COMPLETED, result={"summary": "polled"}))
     await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
     await handle.cancel()  # accepted by the server once cancel() returns
     peer.record_gate.set()
@@ -353,9 +389,7 @@ async def test_a_cancel_while_a_killed_run_is_recorded_keeps_the_kill_as_recorde
     await peer.sandbox_started.wait()
     peer.record_gate.clear()
     answer = asyncio.create_task(
-        handle.execute_update(
-            "kill", m.KillRequest(answered=True), id="kill", result_type=m.KillResult
-        )
+        handle.execute_update(AgentRunWorkflow.kill, m.KillRequest(answered=True), id="kill")
     )
     await wait_for(lambda: m.RECORD_RUN_FINAL in peer.calls)
     await handle.cancel()  # accepted by the server once cancel() returns
@@ -396,7 +430,7 @@ async def test_a_run_that_completes_after_its_status_was_unavailable_reports_no_
     handle = await start_requester(client, task_queue)
     await wait_for(lambda: peer.status_waits >= 1)
     await asyncio.sleep(0.3)
-    peer.set_status(m.AgentEvent(4, "completed", result={"summary": "ok"}))
+    peer.set_status(m.AgentEvent(seq=4, state=m.AgentState.COMPLETED, result={"summary": "ok"}))
     status = await final_status(handle)
     assert (status.state, status.result, status.error) == ("completed", {"summary": "ok"}, None)
 
@@ -480,10 +514,10 @@ async def test_cancelling_the_executor_workflow_while_it_records_keeps_the_resul
     is told."""
     peer.record_gate.clear()
     peer.release_run.set()
-    peer.run_outcome = m.AgentOutcome("ok", {"summary": "ok"})
+    peer.run_outcome = m.AgentOutcome(summary="ok", result={"summary": "ok"})
     agent_id = str(uuid.uuid4())
     handle = await client.start_workflow(
-        "AgentRunWorkflow",
+        AgentRunWorkflow.run,
         run_input(agent_id),
         id=m.agent_run_workflow_id("hub", agent_id),
         task_queue=task_queue,

@@ -14,6 +14,8 @@ from federation.store import notifications, repos
 from tests.workflows.peer import ScriptedPeer, run_input, spawn_input
 from tests.workflows.test_paths import start_requester
 from worker.reconciler import Reconciler
+from workflows.agent_run import AgentRunWorkflow
+from workflows.remote_agent import RemoteAgentWorkflow
 
 
 async def insert_run(pool: asyncpg.Pool, role: str, workflow_id: str, agent_id: str) -> None:
@@ -49,13 +51,13 @@ async def test_terminated_workflows_leave_no_row_running_and_free_capacity(
 ) -> None:
     executor_id, requester_id, alive_id = (str(uuid.uuid4()) for _ in range(3))
     executor = await client.start_workflow(
-        "AgentRunWorkflow",
+        AgentRunWorkflow.run,
         run_input(executor_id),
         id=m.agent_run_workflow_id("hub", executor_id),
         task_queue=task_queue,
     )
     requester = await client.start_workflow(
-        "RemoteAgentWorkflow",
+        RemoteAgentWorkflow.run,
         spawn_input(requester_id),
         id=m.remote_agent_workflow_id(requester_id),
         task_queue=task_queue,

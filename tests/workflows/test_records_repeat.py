@@ -64,16 +64,30 @@ async def test_a_requester_final_recorded_again_changes_nothing_and_answers_the_
     settings = Settings(instance_name="unit", data_dir=tmp_path)  # type: ignore[call-arg]
     async with httpx.AsyncClient() as http:
         record = FederationActivities(pool, http, settings).record_requester_final
-        final = m.RequesterFinal(str(agent_id), "completed", {"summary": "first"}, None)
+        final = m.RequesterFinal(
+            agent_id=str(agent_id),
+            state=m.AgentState.COMPLETED,
+            result={"summary": "first"},
+            error=None,
+        )
         kept = await ActivityEnvironment().run(record, final)
         assert (kept.state, kept.result, kept.written) == ("completed", None, True)
         first = await agent_row(pool, agent_id)
         # The retried workflow task: the same final, its own (the workflow has the result).
         assert await ActivityEnvironment().run(record, final) == kept
-        late = m.RequesterFinal(str(agent_id), "killed", None, "killed here (workflow cancelled)")
+        late = m.RequesterFinal(
+            agent_id=str(agent_id),
+            state=m.AgentState.KILLED,
+            result=None,
+            error="killed here (workflow cancelled)",
+        )
         # The workflow takes this answer as its final: the first one, not its own.
         assert await ActivityEnvironment().run(record, late) == m.RecordedFinal(
-            "completed", {"summary": "first"}, None, kept.seq, written=False
+            state=m.AgentState.COMPLETED,
+            result={"summary": "first"},
+            error=None,
+            seq=kept.seq,
+            written=False,
         )
     assert await agent_row(pool, agent_id) == first
     assert first["state"] == "completed" and first["finished_at"] is not None
@@ -89,13 +103,25 @@ async def test_an_executor_final_recorded_again_answers_the_first_with_its_seque
     settings = Settings(instance_name="unit", data_dir=tmp_path)  # type: ignore[call-arg]
     async with httpx.AsyncClient() as http:
         record = FederationActivities(pool, http, settings).record_run_final
-        final = m.FinishRun(str(agent_id), requester, "killed", None, "killed by the requester")
+        final = m.FinishRun(
+            agent_id=str(agent_id),
+            requester_id=requester,
+            state=m.AgentState.KILLED,
+            result=None,
+            error="killed by the requester",
+        )
         kept = await ActivityEnvironment().run(record, final)
         assert (kept.state, kept.error, kept.written) == ("killed", "killed by the requester", True)
         first = await agent_row(pool, agent_id)
         # The workflow takes the answer of a repeat as its final, sequence number included.
         assert await ActivityEnvironment().run(record, final) == kept
-        late = m.FinishRun(str(agent_id), requester, "completed", {"summary": "late"}, None)
+        late = m.FinishRun(
+            agent_id=str(agent_id),
+            requester_id=requester,
+            state=m.AgentState.COMPLETED,
+            result={"summary": "late"},
+            error=None,
+        )
         assert await ActivityEnvironment().run(record, late) == dataclasses.replace(
             kept, written=False
         )

@@ -55,7 +55,7 @@ async def test_a_run_goes_to_the_current_worker_version_and_records_it(
                 await asyncio.sleep(0.2)
         agent_id = str(uuid.uuid4())
         handle = await client.start_workflow(
-            "AgentRunWorkflow",
+            AgentRunWorkflow.run,
             run_input(agent_id),
             id=agent_run_workflow_id("hub", agent_id),
             task_queue=queue,

@@ -1,0 +1,38 @@
+"""The vocabulary of states: an agent's state and a connection's status, defined once.
+
+Both are `StrEnum`s, so a member *is* its wire string: rows, REST bodies, signed envelopes and
+recorded workflow histories hold the same text as before, and a plain string read from any of
+them compares equal to its member. This module imports nothing of the project, so every layer
+(store, workflows, API, CLI) can use it without breaking the import arrows.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class AgentState(StrEnum):
+    """`spawning → running → completed | failed | killed | timed_out`; terminal states are final."""
+
+    SPAWNING = "spawning"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    KILLED = "killed"
+    TIMED_OUT = "timed_out"
+
+
+# The states a run never leaves (a plain string from a row or a message tests `in` it too).
+TERMINAL_STATES: frozenset[AgentState] = frozenset(
+    {AgentState.COMPLETED, AgentState.FAILED, AgentState.KILLED, AgentState.TIMED_OUT}
+)
+
+
+class ConnectionStatus(StrEnum):
+    """PENDING until the peer answers; ACTIVE or SUSPENDED (by either side) while it lasts;
+    DISCONNECTED for ever after."""
+
+    PENDING = "PENDING"
+    ACTIVE = "ACTIVE"
+    SUSPENDED = "SUSPENDED"
+    DISCONNECTED = "DISCONNECTED"
