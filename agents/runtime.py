@@ -343,16 +343,7 @@ async def run_agent_task(
         roots=config.repo_roots,
         reuse=resume,
         timeout=config.clone_timeout,
-        clone=CloneSettings(
-            bwrap=config.bwrap_path,
-            sandbox_uid=config.sandbox_uid,
-            use_cgroups=config.sandbox_cgroups,
-            limits=config.limits,
-            timeout=config.clone_timeout,
-            outbound_allowlist=config.outbound_allowlist,
-            allow_private_hosts=config.allow_private_hosts,
-            host_fallback=config.sandbox != "bwrap",
-        ),
+        clone=clone_settings(config),
     )
     sandbox = make_sandbox(
         config,
@@ -391,6 +382,29 @@ async def run_agent_task(
         await asyncio.shield(_shut_down(sandbox, provider))
     report.sandbox = sandbox.describe()
     report.workspace = prepared.describe()
+    await _add_diff(report, config, prepared, generation)
+    return report
+
+
+def clone_settings(config: RuntimeConfig) -> CloneSettings:
+    """How this executor clones a run's repository (its bwrap, caps and address policy)."""
+    return CloneSettings(
+        bwrap=config.bwrap_path,
+        sandbox_uid=config.sandbox_uid,
+        use_cgroups=config.sandbox_cgroups,
+        limits=config.limits,
+        timeout=config.clone_timeout,
+        outbound_allowlist=config.outbound_allowlist,
+        allow_private_hosts=config.allow_private_hosts,
+        host_fallback=config.sandbox != "bwrap",
+    )
+
+
+async def _add_diff(
+    report: AgentRunReport, config: RuntimeConfig, prepared: PreparedWorkspace, generation: str
+) -> None:
+    """The run's diff, taken in sandboxes of this attempt, into the report (without it, and
+    saying why, when it cannot be taken: the run's outcome stands)."""
     try:
         diff = await collect_diff(
             prepared,
@@ -402,12 +416,11 @@ async def run_agent_task(
         )
     except Exception as exc:  # noqa: BLE001 - the run's outcome stands without its diff
         report.workspace["diffError"] = str(exc)
-    else:
-        report.diff_path = str(diff.path)
-        report.diff_preview = diff.preview
-        report.diff_sha256 = diff.sha256
-        report.diff_bytes = diff.size
-        report.diff_truncated = diff.truncated
-        report.diff_omitted_files = diff.omitted_files
-        report.changed_files = diff.changed_files
-    return report
+        return
+    report.diff_path = str(diff.path)
+    report.diff_preview = diff.preview
+    report.diff_sha256 = diff.sha256
+    report.diff_bytes = diff.size
+    report.diff_truncated = diff.truncated
+    report.diff_omitted_files = diff.omitted_files
+    report.changed_files = diff.changed_files
