@@ -31,8 +31,8 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,53 +90,70 @@ def _check(result: int, what: str) -> None:
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
-def _child_setup(
+# What the new process does before it becomes bwrap, as a fresh single-threaded Python (no
+# `preexec_fn`: Python code run between fork and exec in the multi-threaded worker can wait
+# for ever on a lock another thread held at the fork, and the worker's event loop waits with
+# it). Order matters: the cgroup and the mounts need the executor's privileges, PDEATHSIG
+# comes after the uid change. `stage` is [directory, [[host path, name], ...]]: in a mount
+# namespace of this process only, a tmpfs on the directory with each host path bind-mounted at
+# directory/name, where the unprivileged uid can reach them whatever the permissions above.
+LAUNCHER = """
+import ctypes, json, os, resource, signal, sys
+setup = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+def check(result, what):
+    if result != 0:
+        errno = ctypes.get_errno()
+        sys.stderr.write(f"bwrap launcher: {what}: {os.strerror(errno)}\\n")
+        os._exit(125)
+pid = str(os.getpid())
+for procs in setup["procs"]:
+    with open(procs, "w") as handle:
+        handle.write(pid)
+try:
+    with open("/proc/self/oom_score_adj", "w") as handle:
+        handle.write("1000")
+except OSError:
+    pass
+for which, value in setup["rlimits"]:
+    resource.setrlimit(which, (value, value))
+if setup["stage"] is not None:
+    directory, binds = setup["stage"]
+    check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
+    check(libc.mount(None, b"/", None, 16384 | (1 << 18), None), "make / private")
+    check(libc.mount(b"fedagent", directory.encode(), b"tmpfs", 0, b"mode=0755,size=64k"),
+          f"tmpfs on {directory}")
+    for source, name in binds:
+        target = os.path.join(directory, name)
+        os.mkdir(target)
+        check(libc.mount(source.encode(), target.encode(), None, 4096, None),
+              f"bind {source} on {target}")
+if setup["run_as"] is not None:
+    os.setgroups([])
+    os.setgid(setup["run_as"][1])
+    os.setuid(setup["run_as"][0])
+libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _launcher(
     procs_files: list[str],
     rlimits: list[tuple[int, int]],
     stage: tuple[str, list[tuple[str, str]]] | None,
     run_as: tuple[int, int] | None,
-) -> Callable[[], None]:
-    """What the forked child does before it execs bwrap (order matters: the cgroup and the
-    mounts need the executor's privileges, PDEATHSIG must come after the uid change).
+) -> list[str]:
+    """The argv prefix that sets the new process up (LAUNCHER) before it execs bwrap."""
+    setup = {"procs": procs_files, "rlimits": rlimits, "stage": stage, "run_as": run_as}
+    return [_python(), "-I", "-S", "-c", LAUNCHER, json.dumps(setup)]
 
-    `stage` is (directory, [(host path, name)]): in a mount namespace of this process only, a
-    tmpfs on the directory with each host path bind-mounted at directory/name, where the
-    unprivileged uid can reach them whatever the permissions above the host paths.
-    """
 
-    def setup() -> None:
-        pid = str(os.getpid())
-        for procs in procs_files:
-            with open(procs, "w") as handle:
-                handle.write(pid)
-        # Where only the worker's container bounds memory (no cgroup of the sandbox's own),
-        # the OOM killer must take the sandbox's processes, never the worker.
-        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as handle:
-            handle.write("1000")
-        for which, value in rlimits:
-            resource.setrlimit(which, (value, value))
-        if stage is not None:
-            directory, binds = stage
-            _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-            _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
-            _check(
-                _libc.mount(b"fedagent", directory.encode(), b"tmpfs", 0, b"mode=0755,size=64k"),
-                f"tmpfs on {directory}",
-            )
-            for source, name in binds:
-                target = os.path.join(directory, name)
-                os.mkdir(target)
-                _check(
-                    _libc.mount(source.encode(), target.encode(), None, MS_BIND, None),
-                    f"bind {source} on {target}",
-                )
-        if run_as is not None:
-            os.setgroups([])
-            os.setgid(run_as[1])
-            os.setuid(run_as[0])
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return setup
+def _python() -> str:
+    """A Python this process may run (the launcher needs only the standard library): its
+    own, or the system's where its own is not reachable by this uid."""
+    if os.access(sys.executable, os.X_OK):
+        return sys.executable
+    return shutil.which("python3") or sys.executable
 
 
 def _read_info(fd: int) -> dict[str, Any]:
@@ -444,18 +461,19 @@ class BwrapSandbox(Sandbox):
             stage = (self._stage, binds)
         try:
             async with holding(self.workspace, self.generation):
+                launcher = _launcher(
+                    self._cgroup.procs_files if self._cgroup else [],
+                    await asyncio.to_thread(self._command_rlimits),
+                    stage,
+                    self._run_as,
+                )
                 proc = await asyncio.create_subprocess_exec(
+                    *launcher,
                     *self._argv(command, info_write, seccomp_fd),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
                     pass_fds=(info_write, seccomp_fd),
-                    preexec_fn=_child_setup(
-                        self._cgroup.procs_files if self._cgroup else [],
-                        await asyncio.to_thread(self._command_rlimits),
-                        stage,
-                        self._run_as,
-                    ),
                 )
         except Superseded as exc:
             os.close(info_read)
