@@ -165,6 +165,8 @@ def _diff_sandboxes(
             ro_binds=binds,
             chown_workspace=False,
             generation=generation,
+            # The run's own bwrap sandbox showed bwrap works; a docker run needs to know.
+            probe=config.sandbox != "bwrap",
         )
     ]
     if config.sandbox == "docker":

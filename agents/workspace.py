@@ -757,13 +757,19 @@ async def collect_diff(
         names = _script_names(where, prepared, max_bytes + 1)
         prologue = DIFF_PROLOGUE.format(**names)
         await asyncio.to_thread(_write_pathspecs, where.inputs_host, gitlinks, updates)
-        await _in_sandbox(where, prologue + DIFF_STAGE.format(**names), timeout, "staging the diff")
+        await asyncio.to_thread(write_input, where.inputs_host / "omit", b"")
+        # One command stages and takes the patch; only when a file is over the per-file cap
+        # is the patch taken again, without it.
+        script = prologue + DIFF_STAGE.format(**names) + DIFF_PATCH.format(**names)
+        await _in_sandbox(where, script, timeout, "taking the diff")
         changed = await asyncio.to_thread(_read_changed, where.scratch_host)
         over = [(name, size) for name, size in changed if size > file_max_bytes]
-        await asyncio.to_thread(
-            write_input, where.inputs_host / "omit", b"\0".join(name for name, _ in over)
-        )
-        await _in_sandbox(where, prologue + DIFF_PATCH.format(**names), timeout, "taking the diff")
+        if over:
+            await asyncio.to_thread(
+                write_input, where.inputs_host / "omit", b"\0".join(name for name, _ in over)
+            )
+            script = prologue + DIFF_PATCH.format(**names)
+            await _in_sandbox(where, script, timeout, "taking the diff without large files")
         status = read_untrusted(where.scratch_host / "patch-status", 16).strip()
         target = out or diff_file(prepared.path)
         sha256, size, truncated = await asyncio.to_thread(

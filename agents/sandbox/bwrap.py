@@ -226,6 +226,7 @@ class BwrapSandbox(Sandbox):
         environment: dict[str, str] | None = None,
         chown_workspace: bool = True,
         generation: str | None = None,
+        probe: bool = True,
     ) -> None:
         """`network` shares the host's network (only for the clone of the workspace, whose
         address the caller has checked); `ro_binds` are (host path, path inside) pairs mounted
@@ -243,6 +244,9 @@ class BwrapSandbox(Sandbox):
         # The attempt's claim on the workspace (`agents.sandbox.fence`): once a newer attempt
         # has claimed it, this sandbox starts no command.
         self.generation = generation
+        # Start with a command that shows bwrap works here (not needed where another sandbox
+        # of the same run just showed it).
+        self.probe = probe
         # The worker's pid in the name lets a later sandbox remove what a killed worker left.
         self.name = f"sbx-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._run_as: tuple[int, int] | None = None
@@ -284,6 +288,8 @@ class BwrapSandbox(Sandbox):
             self._stage = _stage_dir()
         self._setup_limits()
         self._started = True
+        if not self.probe:
+            return
         probe = await self.run("true", timeout=30)
         if probe.killed and not self._killed:
             await self.kill()
