@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 from pathlib import Path
 
 from agents.sandbox.base import CommandResult, Limits, Sandbox, SandboxUnavailable, read_bounded
+from agents.sandbox.bwrap import _launcher
 
 PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class ProcessSandbox(Sandbox):
@@ -54,7 +49,10 @@ class ProcessSandbox(Sandbox):
             "HOME": str(self.workspace),
             "LANG": "C.UTF-8",
         }
+        # The launcher (not preexec_fn, unsafe in a multi-threaded worker) makes the command
+        # die with the worker, then execs it.
         proc = await asyncio.create_subprocess_exec(
+            *_launcher([], [], None, None),
             "/bin/sh",
             "-c",
             command,
@@ -64,7 +62,6 @@ class ProcessSandbox(Sandbox):
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         self._groups.add(proc.pid)
         assert proc.stdout is not None
