@@ -41,6 +41,7 @@ COPY agents/ agents/
 COPY api/ api/
 COPY worker/ worker/
 COPY cli/ cli/
+COPY operations/ operations/
 RUN pip install --no-deps . && fedagent --help > /dev/null
 
 USER fedagent

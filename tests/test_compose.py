@@ -264,3 +264,19 @@ async def test_init_script_against_a_real_temporal(tmp_path: Path) -> None:
                 proc.wait()
         if init.stdout:
             init.stdout.close()
+
+
+def test_the_image_copies_every_package_the_distribution_installs() -> None:
+    """`fedagent serve` in the image imports every package of the distribution (the image
+    once left out `operations/`, which `api/` imports, and could not start)."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    copied = {
+        line.split()[1].rstrip("/")
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and len(line.split()) == 3
+    }
+    assert {package.rstrip("*") for package in packages} <= copied
