@@ -25,7 +25,7 @@ from temporalio.client import Client
 
 from api.liveness import queue_pollers, unpolled
 from federation.identity import ensure_identity
-from federation.store import repos
+from federation.store import tokens
 from federation.store.db import create_pool, migrate
 from workflows.models import SEARCH_ATTRIBUTES
 
@@ -347,7 +347,7 @@ class DevStack:
         try:
             await migrate(pool)
             identity = await ensure_identity(pool, name=name, public_url=public_url)
-            token = await repos.create_token(pool, name="dev-admin", role="admin")
+            _, token = await tokens.create_token(pool, name="dev-admin", role="admin")
         finally:
             await pool.close()
         info = {

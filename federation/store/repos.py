@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
 import uuid
 from datetime import datetime
 from typing import Any, TypeAlias
@@ -26,18 +25,6 @@ DEFAULT_GRANTS: dict[str, Any] = {
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-async def create_token(db: Executor, *, name: str, role: str, workspace: str = "default") -> str:
-    token = "fa_" + secrets.token_urlsafe(32)
-    await db.execute(
-        "INSERT INTO api_tokens (token_hash, name, role, workspace) VALUES ($1, $2, $3, $4)",
-        hash_token(token),
-        name,
-        role,
-        workspace,
-    )
-    return token
 
 
 async def find_token(db: Executor, token: str) -> dict[str, Any] | None:
@@ -426,18 +413,6 @@ async def audit(
 
 
 # --- trust: peer keys, grants, suspension, audit queries ------------------------------------
-
-
-async def claim_key_refresh(db: Executor, connection_id: uuid.UUID, min_interval: float) -> bool:
-    """Take the right to fetch a peer's identity card now; False if one was fetched lately."""
-    status = await db.execute(
-        "UPDATE connections SET keys_refreshed_at = now() WHERE connection_id = $1"
-        " AND (keys_refreshed_at IS NULL"
-        "      OR keys_refreshed_at < now() - make_interval(secs => $2))",
-        connection_id,
-        float(min_interval),
-    )
-    return bool(status.endswith(" 1"))
 
 
 async def set_remote_keys(

@@ -11,7 +11,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, Route, expect
 
 from cli.devstack import DevStack
-from federation.store import repos
+from federation.store import tokens
 from tests.conftest import Instance, ensure_connection
 from tests.console.conftest import shot, sign_in
 from tests.e2e.helpers import processes_in, spawn_body
@@ -213,7 +213,7 @@ async def test_member_sees_only_its_workspace_agents_and_no_admin_page(
     connection_id = await ensure_connection(hub, spoke)
     conn = await hub.db()
     try:
-        member = await repos.create_token(conn, name="mia", role="member", workspace="team-a")
+        _, member = await tokens.create_token(conn, name="mia", role="member", workspace="team-a")
     finally:
         await conn.close()
     mine = spawn_body(connection_id, "$ echo mine", task_id=f"member-{uuid.uuid4().hex[:6]}")

@@ -10,7 +10,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, expect
 
 from cli.devstack import DevStack
-from federation.store import repos
+from federation.store import tokens
 from tests.conftest import Instance, ensure_connection
 from tests.console.conftest import shot, sign_in
 from tests.e2e.helpers import processes_in, spawn_body
@@ -52,7 +52,8 @@ async def test_agent_page_shows_each_state_once_progress_in_words_and_silent_tur
 async def _member_token(instance: Instance) -> str:
     conn = await instance.db()
     try:
-        return await repos.create_token(conn, name="mo", role="member", workspace="team-b")
+        _, token = await tokens.create_token(conn, name="mo", role="member", workspace="team-b")
+        return token
     finally:
         await conn.close()
 
