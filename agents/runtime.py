@@ -148,7 +148,11 @@ def make_sandbox(
 
 
 def _diff_sandboxes(
-    config: RuntimeConfig, prepared: PreparedWorkspace, inputs: Path, generation: str | None
+    config: RuntimeConfig,
+    prepared: PreparedWorkspace,
+    inputs: Path,
+    generation: str | None,
+    scratch: Path | None = None,
 ) -> list[Sandbox]:
     """The sandboxes to take the diff in, the first that starts: bwrap, then (for a docker
     run where bwrap cannot start) a container of the run's image, which must have git."""
@@ -165,6 +169,7 @@ def _diff_sandboxes(
             ro_binds=binds,
             chown_workspace=False,
             generation=generation,
+            tmp_dir=scratch,
             # The run's own bwrap sandbox showed bwrap works; a docker run needs to know.
             probe=config.sandbox != "bwrap",
         )
@@ -184,14 +189,14 @@ def _diff_sandboxes(
                 chown_workspace=False,
                 instance=config.instance,  # what the sweep of a dead worker's containers finds
                 generation=generation,
+                tmp_dir=scratch,
             )
         )
     return choices
 
 
-async def _start_first(choices: list[Sandbox], scratch: Path) -> Sandbox:
+async def _start_first(choices: list[Sandbox]) -> Sandbox:
     for number, sandbox in enumerate(choices, 1):
-        sandbox.tmp_dir = scratch  # type: ignore[attr-defined]  # the diff's /tmp
         try:
             await sandbox.start()
         except SandboxUnavailable:
@@ -228,9 +233,8 @@ async def diff_sandbox(
             await sandbox.start()
             baseline, mounts = str(prepared.baseline), (str(inputs), str(scratch))
         else:
-            sandbox = await _start_first(
-                _diff_sandboxes(config, prepared, inputs, generation), scratch
-            )
+            choices = _diff_sandboxes(config, prepared, inputs, generation, scratch)
+            sandbox = await _start_first(choices)
             baseline, mounts = BASELINE_MOUNT, (INPUT_MOUNT, SCRATCH_MOUNT)
         yield DiffSandbox(sandbox, baseline, mounts[0], inputs, mounts[1], scratch)
     finally:

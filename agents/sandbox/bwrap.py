@@ -226,6 +226,7 @@ class BwrapSandbox(Sandbox):
         environment: dict[str, str] | None = None,
         chown_workspace: bool = True,
         generation: str | None = None,
+        tmp_dir: Path | None = None,
         probe: bool = True,
     ) -> None:
         """`network` shares the host's network (only for the clone of the workspace, whose
@@ -255,7 +256,7 @@ class BwrapSandbox(Sandbox):
             self.file_owner = self._run_as
         # /tmp of the sandbox: its own, on disk next to the workspace (`agents.sandbox.fence`),
         # kept from command to command
-        self.tmp_dir = scratch_dir(workspace) / self.name
+        self.tmp_dir = tmp_dir or scratch_dir(workspace) / self.name
         self._bwrap_path: str | None = None
         self._stage: str | None = None
         self._cgroup: CgroupSet | None = None

@@ -119,6 +119,7 @@ class DockerSandbox(Sandbox):
         chown_workspace: bool = True,
         instance: str = "",
         generation: str | None = None,
+        tmp_dir: Path | None = None,
     ) -> None:
         """`ro_binds` are (host path, path inside) pairs mounted read-only; without
         `chown_workspace` the workspace is not walked to hand it to the sandbox's uid;
@@ -132,7 +133,7 @@ class DockerSandbox(Sandbox):
         self.instance = instance
         self.name = f"fedagent-{uuid.uuid4().hex[:12]}"
         # its own /tmp, next to the workspace (`agents.sandbox.fence`)
-        self.tmp_dir = scratch_dir(workspace) / self.name
+        self.tmp_dir = tmp_dir or scratch_dir(workspace) / self.name
         if os.geteuid() == 0:
             self._user = (run_as_uid, run_as_uid)
             self.file_owner = self._user
