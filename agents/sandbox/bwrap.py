@@ -369,8 +369,17 @@ class BwrapSandbox(Sandbox):
 
     def _argv(self, command: str, info_fd: int, seccomp_fd: int) -> list[str]:
         assert self._bwrap_path is not None
-        argv = [
-            self._bwrap_path,
+        argv = [self._bwrap_path, *self._isolation_args(), *self._mount_args()]
+        for key, value in self._environment().items():
+            argv += ["--setenv", key, value]
+        argv += ["--seccomp", str(seccomp_fd)]
+        argv += ["--info-fd", str(info_fd), "--", "/bin/sh", "-c", command]
+        return argv
+
+    def _isolation_args(self) -> list[str]:
+        """New namespaces of every kind (the network's unless the run may use it), no
+        capabilities, the sandbox's own uid, and no way to nest user namespaces."""
+        return [
             "--unshare-user",
             "--unshare-pid",
             *([] if self.network else ["--unshare-net"]),
@@ -389,6 +398,11 @@ class BwrapSandbox(Sandbox):
             "--hostname",
             "sandbox",
         ]
+
+    def _mount_args(self) -> list[str]:
+        """The system read-only, the workspace and /tmp writable (the workspace read-only for a
+        read-only sandbox), everything else bwrap's read-only tmpfs."""
+        argv: list[str] = []
         for directory in SYSTEM_DIRS:
             if os.path.islink(directory):
                 argv += ["--symlink", os.readlink(directory), directory]
@@ -406,7 +420,7 @@ class BwrapSandbox(Sandbox):
             binds = list(self.ro_binds)
         for source, inside in binds:
             argv += ["--ro-bind", source, inside]
-        argv += [
+        return argv + [
             "--proc",
             "/proc",
             "--dev",
@@ -431,9 +445,11 @@ class BwrapSandbox(Sandbox):
             self.workspace_mount,
             "--clearenv",
         ]
+
+    def _environment(self) -> dict[str, str]:
         # a toolchain mounted with FEDAGENT_SANDBOX_RO_PATHS is found by name (its bin first)
         tools = [f"{p.rstrip('/')}/bin" for p in self.ro_paths if os.path.isdir(f"{p}/bin")]
-        env = {
+        return {
             "PATH": ":".join([*tools, PATH]),
             "HOME": "/tmp/home",
             "TMPDIR": "/tmp",
@@ -447,11 +463,6 @@ class BwrapSandbox(Sandbox):
             HOST_WORKSPACE_VAR: str(self.workspace.resolve()),
             **self.environment,
         }
-        for key, value in env.items():
-            argv += ["--setenv", key, value]
-        argv += ["--seccomp", str(seccomp_fd)]
-        argv += ["--info-fd", str(info_fd), "--", "/bin/sh", "-c", command]
-        return argv
 
     async def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
         if self._killed:
