@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
+from httpx_sse import connect_sse
 
 API = "/api/v1/federation"
 DEFAULT_DATA_DIR = Path(".fedagent/dev")
@@ -225,32 +226,18 @@ class Api:
         return digest.hexdigest(), size
 
     def stream_events(self, agent_id: str, last_event_id: str | None) -> Iterator[dict[str, Any]]:
-        """Server-Sent Events of one agent: dicts with id, event and the decoded data."""
-        headers = {"Accept": "text/event-stream"}
-        if last_event_id:
-            headers["Last-Event-ID"] = last_event_id
+        """Server-Sent Events of one agent (parsed by httpx-sse): dicts with id, event and the
+        decoded data."""
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
         timeout = httpx.Timeout(10.0, read=60.0)  # the server sends a keep-alive every 15 s
-        with self.http.stream(
-            "GET", f"{API}/agents/{agent_id}/events", headers=headers, timeout=timeout
-        ) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise describe_problem(response)
-            event: dict[str, Any] = {}
-            for line in response.iter_lines():
-                if not line:
-                    if "data" in event:
-                        yield event
-                    event = {}
-                    continue
-                if line.startswith(":"):
-                    continue
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "data":
-                    try:
-                        event["data"] = json.loads(value)
-                    except ValueError:
-                        event["data"] = {"raw": value}
-                elif name in ("id", "event"):
-                    event[name] = value
+        url = f"{API}/agents/{agent_id}/events"
+        with connect_sse(self.http, "GET", url, headers=headers, timeout=timeout) as source:
+            if source.response.status_code >= 400:
+                source.response.read()
+                raise describe_problem(source.response)
+            for sse in source.iter_sse():
+                try:
+                    data = json.loads(sse.data)
+                except ValueError:
+                    data = {"raw": sse.data}
+                yield {"id": sse.id or None, "event": sse.event, "data": data}

@@ -188,7 +188,7 @@ def follow_agent(
         while view.state not in TERMINAL_STATES:
             try:
                 for event in api.stream_events(agent_id, last_event_id):
-                    last_event_id = event.get("id", last_event_id)
+                    last_event_id = event.get("id") or last_event_id
                     data = event["data"]
                     if event.get("event") == "transcript":
                         if not quiet:
