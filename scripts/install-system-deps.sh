@@ -2,7 +2,8 @@
 # System packages the agent sandboxes need: bubblewrap (the default sandbox), libseccomp2 (the
 # seccomp filter of bwrap sandboxes, loaded by the pyseccomp dependency), docker.io (the docker
 # sandbox and its tests) and busybox-static (the rootfs of the docker test image); and chromium,
-# the browser the console tests drive through Playwright (never `playwright install`).
+# the browser the console tests drive through Playwright (never `playwright install`); and
+# haproxy, the load balancer in front of an instance's API replicas in the multi-host tests.
 # Installs only what is missing, with apt-get; does nothing when everything is there.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ libraries=$(ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true)
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
