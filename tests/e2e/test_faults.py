@@ -298,3 +298,32 @@ async def test_the_executor_commits_a_spawn_before_temporal_answers_and_holds_no
     for payload in payloads:
         assert await beta.count_workflows(f"AgentId = '{payload['agentId']}'") == 1
     print("executor start refused: the run stayed reserved, the retry ran it once")
+
+
+async def test_a_run_waits_out_a_long_database_outage_and_completes_every_step(
+    world: FaultWorld,
+) -> None:
+    """Issue 20 point 4: PostgreSQL away for ~30 s while a run saves a checkpoint every second.
+    Its store writes wait for the database (the activity heartbeating meanwhile) instead of
+    failing the try, and the run ends as it would have: completed, each step done once."""
+    alpha = world.alpha
+    steps = 40
+    script = "\n".join(f"$ sleep 1; echo step-{i} >> steps.txt" for i in range(steps))
+    body = spawn_body(world.connection_id, script, task_id="pg-outage", timeout=600)
+    assert (await alpha.call("POST", "/agents/spawn", json=body)).status_code == 202
+    await alpha.wait_agent(body["agentId"], {"running"}, timeout=60)
+    workspace = world.stack.data_dir / "workspaces" / "beta" / alpha.id / body["agentId"]
+    done = workspace / "steps.txt"
+    await wait_until(
+        lambda: _value(done.is_file() and len(done.read_text().split()) >= 3), 60, "3 steps"
+    )
+    world.stack.stop_postgres()
+    try:
+        await asyncio.sleep(30)
+    finally:
+        await world.stack.start_postgres()
+    agent = await alpha.wait_agent(body["agentId"], timeout=240)
+    assert agent["state"] == "completed", (agent["error"], agent)
+    assert done.read_text().split() == [f"step-{i}" for i in range(steps)]
+    assert f"Ran {steps} command(s), all commands succeeded" in agent["result"]["summary"]
+    print("postgres away for 30 s: the run waited it out and completed every step once")
