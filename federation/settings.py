@@ -122,6 +122,16 @@ class Settings(BaseSettings):
             " recording the final state of those whose workflow closed without recording it."
         ),
     )
+    store_outage_wait: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "Seconds a running agent's store writes (checkpoints, transcript, progress, its"
+            " outcome and artifacts) wait for a database that is away, heartbeating meanwhile,"
+            " before its attempt gives up; the next attempt starts a minute later and waits"
+            " again. A database that refuses a write fails it at once."
+        ),
+    )
     reconcile_start_grace: float = Field(
         default=900.0,
         gt=0,
