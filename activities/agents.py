@@ -172,7 +172,6 @@ class AgentActivities:
             writer=info.attempt,
             patience=self.settings.store_outage_wait,
         )
-        await sink.load()
         # A retry of the same try (its worker was lost) resumes the checkpointed conversation;
         # a later try starts a new one, told how the one before it ended.
         resume_from: ConversationState | None = None
@@ -188,6 +187,8 @@ class AgentActivities:
             )
             if saved is not None:
                 resume_from = ConversationState.from_json(saved["state"])
+        # Loaded once the checkpoint is claimed: an attempt given up on appends no more after.
+        await sink.load()
         if resume_from is None and task.attempt > 1:
             earlier = await self._store(
                 lambda: conversations.load_checkpoint(

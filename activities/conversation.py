@@ -52,6 +52,8 @@ class StoreSink:
         self.attempt = attempt
         self.transcript_limit = transcript_limit
         self.summary: dict[str, Any] = {"entries": 0, "bytes": 0, "truncated": False}
+        # Whether `summary` is the store's (loaded, or returned by a save).
+        self.known = False
         self.saved = asyncio.Event()
 
     async def load(self) -> None:
@@ -60,6 +62,7 @@ class StoreSink:
             what=f"loading the transcript of agent {self.agent_id}",
             patience=self.patience,
         )
+        self.known = True
 
     async def save(self, state: ConversationState, entries: list[dict[str, Any]]) -> None:
         summary = await wait_for_store(
@@ -75,13 +78,13 @@ class StoreSink:
                 entries=entries,
                 transcript_limit=self.transcript_limit,
                 # Made again after an outage cut it off, a save appends its entries once.
-                entries_before=self.summary["entries"],
+                entries_before=self.summary["entries"] if self.known else None,
             ),
             what=f"saving a checkpoint of agent {self.agent_id}",
             patience=self.patience,
         )
         if summary is not None:  # entries were appended
-            self.summary = summary
+            self.summary, self.known = summary, True
             self.saved.set()
 
 
