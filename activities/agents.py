@@ -29,7 +29,7 @@ from federation.identity import load_identity
 from federation.settings import Settings
 from federation.states import TERMINAL_STATES
 from federation.store import artifacts, conversations, repos
-from federation.store.outage import is_outage, wait_for_store
+from federation.store.outage import StoreUnavailable, wait_for_store
 from federation.trust import SAFE_INSTANCE_ID, check_peer_command, require_active
 from workflows.models import (
     AGENT_FAILED,
@@ -145,14 +145,10 @@ class AgentActivities:
         heart = asyncio.create_task(keep_heartbeating())
         try:
             return await self._run_try(task, state)
-        except Exception as exc:
-            if not is_outage(exc):
-                raise
+        except StoreUnavailable as exc:
             # The database stayed away longer than the writes wait: not the agent's failure.
             raise ApplicationError(
-                f"the database stayed away: {exc!r}",
-                type=STORE_UNAVAILABLE,
-                next_retry_delay=STORE_RETRY_DELAY,
+                str(exc), type=STORE_UNAVAILABLE, next_retry_delay=STORE_RETRY_DELAY
             ) from None
         finally:
             heart.cancel()

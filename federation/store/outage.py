@@ -3,7 +3,8 @@
 A store call fails in two ways that call for opposite answers: the database is away (refused
 or lost connections, a server shutting down or starting up), which passes and is waited out,
 and the database refused the statement, which asking again does not change. `is_outage` tells
-them apart; `wait_for_store` runs a store call again, with backoff, while the database is away.
+them apart; `wait_for_store` runs a store call again, with backoff, while the database is away,
+and raises `StoreUnavailable` once it stayed away too long.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class StoreUnavailable(Exception):
+    """The database stayed away longer than a store call waits (the outage is its cause)."""
+
+
 def is_outage(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says the database is away rather than that it refused."""
     seen = 0
@@ -50,16 +55,21 @@ async def wait_for_store(
     max_delay: float = 10.0,
 ) -> T:
     """`call()`, called again with backoff (first_delay doubling up to max_delay) while the
-    database is away, for up to `patience` seconds; then, or on any other error, it raises.
-    The call must be safe to repeat: an outage may cut it off after it took effect."""
+    database is away, for up to `patience` seconds, then `StoreUnavailable`; any other error
+    is raised at once. The call must be safe to repeat: an outage may cut it off after it took
+    effect."""
     give_up = time.monotonic() + patience
     delay = first_delay
     while True:
         try:
             return await call()
         except Exception as exc:
-            if not is_outage(exc) or time.monotonic() + delay > give_up:
+            if not is_outage(exc):
                 raise
+            if time.monotonic() + delay > give_up:
+                raise StoreUnavailable(
+                    f"{what}: the database stayed away for {patience:.0f} s ({exc!r})"
+                ) from exc
             log.warning("%s: the database is away (%r); trying again in %.1f s", what, exc, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_delay)

@@ -16,7 +16,7 @@ import pytest
 
 from federation.store import conversations
 from federation.store.db import create_pool, migrate
-from federation.store.outage import is_outage, wait_for_store
+from federation.store.outage import StoreUnavailable, is_outage, wait_for_store
 
 
 def _start_server(path: Path) -> Any:
@@ -96,8 +96,8 @@ async def test_a_refused_statement_or_an_outage_longer_than_the_patience_fails(
             )
         assert time.monotonic() - started < 5  # refused: not asked again
         await asyncio.to_thread(running.pop().cleanup)
-        with pytest.raises(Exception) as away:
+        with pytest.raises(StoreUnavailable) as away:
             await wait_for_store(lambda: pool.fetchval("SELECT 1"), what="read", patience=2)
-        assert is_outage(away.value)
+        assert away.value.__cause__ is not None and is_outage(away.value.__cause__)
     finally:
         await pool.close()
