@@ -1,5 +1,6 @@
 """Store writes wait out a database outage (a real PostgreSQL stopped and started again) and
-fail at once on a statement the database refuses."""
+fail at once on a statement the database refuses; a running agent's activity heartbeats while
+it waits and, once the database stayed away too long, asks for its next attempt later."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
+import workflows.models as m
+from activities.agents import STORE_RETRY_DELAY, AgentActivities
+from federation.settings import Settings
 from federation.store import conversations
 from federation.store.db import create_pool, migrate
 from federation.store.outage import StoreUnavailable, is_outage, wait_for_store
@@ -99,5 +106,41 @@ async def test_a_refused_statement_or_an_outage_longer_than_the_patience_fails(
         with pytest.raises(StoreUnavailable) as away:
             await wait_for_store(lambda: pool.fetchval("SELECT 1"), what="read", patience=2)
         assert away.value.__cause__ is not None and is_outage(away.value.__cause__)
+    finally:
+        await pool.close()
+
+
+async def test_an_agent_run_heartbeats_while_it_waits_and_then_asks_to_be_retried_later(
+    server: tuple[Path, list[Any]], tmp_path: Path
+) -> None:
+    path, running = server
+    pool = await create_pool(running[0].get_uri())
+    try:
+        await asyncio.to_thread(running.pop().cleanup)  # away when the attempt starts
+        settings = Settings(  # type: ignore[call-arg]
+            instance_name="unit", data_dir=tmp_path, store_outage_wait=2.0
+        )
+        env = ActivityEnvironment()
+        beats: list[Any] = []
+        env.on_heartbeat = lambda *details: beats.append(details)
+        agent_id = str(uuid.uuid4())
+        task = m.RunTask(
+            agent_id=agent_id,
+            requester_id="hub",
+            connection_id=str(uuid.uuid4()),
+            task_id="t",
+            agent_type="worker",
+            context={"instructions": "$ true"},
+            timeout_seconds=60,
+            max_retries=0,
+            workflow_id=m.agent_run_workflow_id("hub", agent_id),
+            heartbeat_interval=0.2,
+        )
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(ApplicationError) as away:
+                await env.run(AgentActivities(pool, http, settings).run_agent, task)
+        assert away.value.type == m.STORE_UNAVAILABLE and not away.value.non_retryable
+        assert away.value.next_retry_delay == STORE_RETRY_DELAY  # not the 1/2/4/8 s backoff
+        assert len(beats) >= 5  # it kept heartbeating the ~2 s it waited
     finally:
         await pool.close()
