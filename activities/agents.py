@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -27,11 +29,13 @@ from federation.identity import load_identity
 from federation.settings import Settings
 from federation.states import TERMINAL_STATES
 from federation.store import artifacts, conversations, repos
+from federation.store.outage import StoreUnavailable, wait_for_store
 from federation.trust import SAFE_INSTANCE_ID, check_peer_command, require_active
 from workflows.models import (
     AGENT_FAILED,
     AGENT_TIMED_OUT,
     RUN_AGENT,
+    STORE_UNAVAILABLE,
     TASK_INVALID,
     AgentOutcome,
     AgentState,
@@ -39,11 +43,14 @@ from workflows.models import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 EVENT_MIN_INTERVAL = 1.0  # seconds between progress events sent to the requester
 # A run's first second sends no transcript event: a run that ends within it sends its whole
 # transcript in one event at its end. (Progress is sent at once: it is the requester's record
 # of each step.)
 TRANSCRIPT_QUIET_START = 1.0
+# An attempt that gave up on an away database: its next attempt comes this much later.
+STORE_RETRY_DELAY = timedelta(seconds=60)
 
 
 def _spawn_payload(task: RunTask) -> dict[str, Any]:
@@ -78,6 +85,11 @@ class AgentActivities:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             directory.chmod(0o700)
         return path
+
+    async def _store(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """A store call of a running agent: waits out a database outage (the activity goes on
+        heartbeating meanwhile) for up to FEDAGENT_STORE_OUTAGE_WAIT."""
+        return await wait_for_store(call, what=what, patience=self.settings.store_outage_wait)
 
     async def _check_still_granted(self, task: RunTask) -> None:
         """Each try starts only if the run's connection is ACTIVE and still grants it (its
@@ -121,8 +133,31 @@ class AgentActivities:
             task.attempt,
             info.attempt,
         )
+        state: dict[str, Any] = {"progress": {"turn": 0, "attempt": task.attempt}, "row": None}
+
+        async def keep_heartbeating() -> None:
+            # Cancellation (kill) reaches an activity only through heartbeats; they go on while
+            # a store write waits for the database to come back.
+            while True:
+                activity.heartbeat(state["progress"])
+                await asyncio.sleep(task.heartbeat_interval)
+
+        heart = asyncio.create_task(keep_heartbeating())
+        try:
+            return await self._run_try(task, state)
+        except StoreUnavailable as exc:
+            # The database stayed away longer than the writes wait: not the agent's failure.
+            raise ApplicationError(
+                str(exc), type=STORE_UNAVAILABLE, next_retry_delay=STORE_RETRY_DELAY
+            ) from None
+        finally:
+            heart.cancel()
+            await asyncio.gather(heart, return_exceptions=True)
+
+    async def _run_try(self, task: RunTask, state: dict[str, Any]) -> AgentOutcome:
+        info = activity.info()
         agent_id = uuid.UUID(task.agent_id)
-        await self._check_still_granted(task)
+        await self._store(lambda: self._check_still_granted(task), "checking the run's grants")
         config = runtime_config(self.settings)
         sink = StoreSink(
             self.pool,
@@ -131,8 +166,8 @@ class AgentActivities:
             attempt=task.attempt,
             transcript_limit=self.settings.transcript_limit,
             writer=info.attempt,
+            patience=self.settings.store_outage_wait,
         )
-        await sink.load()
         # A retry of the same try (its worker was lost) resumes the checkpointed conversation;
         # a later try starts a new one, told how the one before it ended.
         resume_from: ConversationState | None = None
@@ -140,26 +175,36 @@ class AgentActivities:
         if info.attempt > 1:
             # Claimed: the attempt Temporal gave up on may still run on a cut-off worker; from
             # now on its saves are refused (and its loop stops) instead of overwriting ours.
-            saved = await conversations.claim_checkpoint(
-                self.pool, task.requester_id, agent_id, task.attempt, writer=info.attempt
+            saved = await self._store(
+                lambda: conversations.claim_checkpoint(
+                    self.pool, task.requester_id, agent_id, task.attempt, writer=info.attempt
+                ),
+                "claiming the checkpoint",
             )
             if saved is not None:
                 resume_from = ConversationState.from_json(saved["state"])
+        # Loaded once the checkpoint is claimed: an attempt given up on appends no more after.
+        await sink.load()
         if resume_from is None and task.attempt > 1:
-            earlier = await conversations.load_checkpoint(
-                self.pool, task.requester_id, agent_id, task.attempt - 1
+            earlier = await self._store(
+                lambda: conversations.load_checkpoint(
+                    self.pool, task.requester_id, agent_id, task.attempt - 1
+                ),
+                "loading the last try's checkpoint",
             )
             previous_try = previous_try_note(task.attempt, earlier)
-        row = await repos.update_executed_agent(
-            self.pool, task.requester_id, agent_id, state=AgentState.RUNNING, attempt=task.attempt
+        row = await self._store(
+            lambda: repos.update_executed_agent(
+                self.pool,
+                task.requester_id,
+                agent_id,
+                state=AgentState.RUNNING,
+                attempt=task.attempt,
+            ),
+            "recording the run running",
         )
         if row is not None:
             self._notify_soon(row)
-
-        state: dict[str, Any] = {
-            "progress": {"turn": 0, "attempt": task.attempt},
-            "row": None,
-        }
         dirty = asyncio.Event()
 
         async def on_progress(progress: dict[str, Any]) -> None:
@@ -172,8 +217,11 @@ class AgentActivities:
             state["progress"] = progress
             activity.heartbeat(progress)
             try:
-                updated = await repos.update_executed_agent(
-                    self.pool, task.requester_id, agent_id, progress=progress
+                updated = await self._store(
+                    lambda: repos.update_executed_agent(
+                        self.pool, task.requester_id, agent_id, progress=progress
+                    ),
+                    "storing progress",
                 )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Progress is best effort; the heartbeat above already carries it.
@@ -191,12 +239,6 @@ class AgentActivities:
                 await self._notify(state["row"])
                 await asyncio.sleep(EVENT_MIN_INTERVAL)
 
-        async def keep_heartbeating() -> None:
-            # Cancellation (kill) reaches an activity only through heartbeats.
-            while True:
-                activity.heartbeat(state["progress"])
-                await asyncio.sleep(task.heartbeat_interval)
-
         # Entries of an earlier worker of this try that were saved but maybe not sent: resent.
         pump = TranscriptPump(
             self.messenger,
@@ -206,7 +248,6 @@ class AgentActivities:
             first_delay=TRANSCRIPT_QUIET_START,
         )
         helpers = [
-            asyncio.create_task(keep_heartbeating()),
             asyncio.create_task(pump_events()),
             asyncio.create_task(pump.run()),
         ]
@@ -233,12 +274,15 @@ class AgentActivities:
             ) from None
         except AgentSetupError as exc:
             reason = clean(str(exc))  # it may quote what the clone printed
-            await conversations.set_outcome(
-                self.pool,
-                task.requester_id,
-                agent_id,
-                task.attempt,
-                {"success": False, "stopReason": "setup_error", "summary": reason},
+            await self._store(
+                lambda: conversations.set_outcome(
+                    self.pool,
+                    task.requester_id,
+                    agent_id,
+                    task.attempt,
+                    {"success": False, "stopReason": "setup_error", "summary": reason},
+                ),
+                "recording the try's outcome",
             )
             raise ApplicationError(
                 reason, type=TASK_INVALID if exc.invalid else AGENT_FAILED, non_retryable=True
@@ -249,17 +293,17 @@ class AgentActivities:
             await asyncio.gather(*helpers, return_exceptions=True)
         # Bounded and safe text from here on: the whole summary is in the log artifact.
         summary = report.summary_preview
-        await conversations.set_outcome(
-            self.pool,
-            task.requester_id,
-            agent_id,
-            task.attempt,
-            {
-                "success": report.success,
-                "stopReason": report.stop_reason,
-                "summary": summary,
-                "turns": report.turns,
-            },
+        outcome = {
+            "success": report.success,
+            "stopReason": report.stop_reason,
+            "summary": summary,
+            "turns": report.turns,
+        }
+        await self._store(
+            lambda: conversations.set_outcome(
+                self.pool, task.requester_id, agent_id, task.attempt, outcome
+            ),
+            "recording the try's outcome",
         )
         # The transcript by reference: the requester pulls whatever the events did not bring.
         report.transcript = dict(sink.summary)
@@ -268,7 +312,8 @@ class AgentActivities:
         except Exception as exc:  # noqa: BLE001 - the requester pulls it at the end
             log.info("last transcript entries of agent %s not delivered: %s", agent_id, exc)
         activity.heartbeat(state["progress"])
-        result = {**report.as_result(), **await self._store_artifacts(task, report)}
+        stored = await self._store(lambda: self._store_artifacts(task, report), "storing artifacts")
+        result = {**report.as_result(), **stored}
         if not report.success:
             raise ApplicationError(summary, result, type=AGENT_FAILED)
         return AgentOutcome(summary=summary, result=result)

@@ -21,6 +21,7 @@ from activities.federation import PeerMessenger
 from agents.conversation import ConversationState
 from federation.envelope import MessageType
 from federation.store import conversations, repos
+from federation.store.outage import wait_for_store
 from federation.trust import require_active
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,11 @@ class StoreSink:
         attempt: int,
         transcript_limit: int,
         writer: int = 1,
+        patience: float = 0.0,
     ) -> None:
         self.pool = pool
+        # How long each save waits for a database that is away (the activity heartbeats).
+        self.patience = patience
         # The activity attempt saving: a later attempt's checkpoints are never overwritten.
         self.writer = writer
         self.requester_id = requester_id
@@ -48,28 +52,39 @@ class StoreSink:
         self.attempt = attempt
         self.transcript_limit = transcript_limit
         self.summary: dict[str, Any] = {"entries": 0, "bytes": 0, "truncated": False}
+        # Whether `summary` is the store's (loaded, or returned by a save).
+        self.known = False
         self.saved = asyncio.Event()
 
     async def load(self) -> None:
-        self.summary = await conversations.transcript_summary(
-            self.pool, self.requester_id, self.agent_id
+        self.summary = await wait_for_store(
+            lambda: conversations.transcript_summary(self.pool, self.requester_id, self.agent_id),
+            what=f"loading the transcript of agent {self.agent_id}",
+            patience=self.patience,
         )
+        self.known = True
 
     async def save(self, state: ConversationState, entries: list[dict[str, Any]]) -> None:
-        summary = await conversations.save_checkpoint(
-            self.pool,
-            requester_id=self.requester_id,
-            agent_id=self.agent_id,
-            attempt=self.attempt,
-            state={**state.to_json(), "writer": self.writer},
-            turn_count=state.turn_count,
-            usage=state.usage,
-            tokens=state.tokens,
-            entries=entries,
-            transcript_limit=self.transcript_limit,
+        summary = await wait_for_store(
+            lambda: conversations.save_checkpoint(
+                self.pool,
+                requester_id=self.requester_id,
+                agent_id=self.agent_id,
+                attempt=self.attempt,
+                state={**state.to_json(), "writer": self.writer},
+                turn_count=state.turn_count,
+                usage=state.usage,
+                tokens=state.tokens,
+                entries=entries,
+                transcript_limit=self.transcript_limit,
+                # Made again after an outage cut it off, a save appends its entries once.
+                entries_before=self.summary["entries"] if self.known else None,
+            ),
+            what=f"saving a checkpoint of agent {self.agent_id}",
+            patience=self.patience,
         )
         if summary is not None:  # entries were appended
-            self.summary = summary
+            self.summary, self.known = summary, True
             self.saved.set()
 
 

@@ -113,8 +113,34 @@ class Settings(BaseSettings):
             "worker deployment set-current-version`)."
         ),
     )
-    # How often a worker repairs runs whose workflow closed without recording a final state.
-    reconcile_interval: float = Field(default=30.0, gt=0)
+    reconcile_interval: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Seconds between the instance's reconciler rounds (worked by one process of the"
+            " instance at a time), each looking at the next 100 open runs quiet this long and"
+            " recording the final state of those whose workflow closed without recording it."
+        ),
+    )
+    store_outage_wait: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "Seconds a running agent's store writes (checkpoints, transcript, progress, its"
+            " outcome and artifacts) wait for a database that is away, heartbeating meanwhile,"
+            " before its attempt gives up; the next attempt starts a minute later and waits"
+            " again. A database that refuses a write fails it at once."
+        ),
+    )
+    reconcile_start_grace: float = Field(
+        default=900.0,
+        gt=0,
+        description=(
+            "Seconds a peer's spawn whose workflow could not be started here (Temporal away: the"
+            " peer was answered 503 and retries) keeps its slot before the reconciler records it"
+            " failed; longer than the peers' `FEDAGENT_SPAWN_DEADLINE`."
+        ),
+    )
 
     model_provider: str = Field(
         default="scripted",

@@ -117,6 +117,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         pool,
         client,
         interval=settings.reconcile_interval,
+        start_grace=settings.reconcile_start_grace,
         sweeps=[
             lambda: sweep_sandboxes(settings),
             lambda: workers.touch(pool, worker, forget_after=WORKER_FORGOTTEN_AFTER),

@@ -2,8 +2,14 @@
 
 Workflows record their final state before they close; one that was terminated, reset past its
 recording, or cut off by a history limit leaves its row `running` for ever, and on an executor
-that row keeps a slot of its capacity. Every worker looks now and then at open rows nobody
+that row keeps a slot of its capacity. The instance looks now and then at open rows nobody
 touched lately, asks Temporal (`describe()`) and records what the closed workflow says.
+
+Every worker runs a `Reconciler`, but a round is worked once per instance and interval: by the
+process that holds the job's advisory lock, if no round started less than an interval ago. Each
+round looks at the next batch of open runs in key order after where the last round stopped (the
+cursor is kept in the store), wrapping around at the end, so every open run is looked at in turn
+however many quiet ones there are.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from federation.states import TERMINAL_STATES, AgentState
-from federation.store import reconcile
+from federation.store import jobs, reconcile
 from workflows.agent_run import AgentRunWorkflow
 from workflows.models import AgentStatus
 from workflows.remote_agent import RemoteAgentWorkflow
 
 log = logging.getLogger(__name__)
+JOB = "reconciler"
+BATCH = 100  # open runs looked at in one round
 
 CLOSED = {
     WorkflowExecutionStatus.TERMINATED: (AgentState.KILLED, "its workflow was terminated"),
@@ -41,17 +49,43 @@ class Reconciler:
         client: Client,
         *,
         interval: float,
+        start_grace: float = 900.0,
+        batch: int = BATCH,
         sweeps: Sequence[Callable[[], Awaitable[object]]] = (),
     ) -> None:
-        """`sweeps` run after each pass too: this host's own leftovers (sandbox containers)."""
+        """`sweeps` run after each pass too: this host's own leftovers (sandbox containers).
+        `start_grace`: how long a run whose workflow was never started may wait for its
+        requester's retry of the spawn before it is recorded failed."""
         self.pool = pool
         self.client = client
         self.interval = interval
+        self.start_grace = start_grace
+        self.batch = batch
         self.sweeps = tuple(sweeps)
 
-    async def reconcile_once(self) -> int:
-        """Repair what can be repaired now; returns how many rows were repaired."""
-        rows = await reconcile.unfinished_runs(self.pool, quiet_seconds=self.interval)
+    async def reconcile_once(self) -> int | None:
+        """Work the instance's next round, if it is this process's turn; returns how many rows
+        were repaired, or None when another process works the round (or just did)."""
+        async with jobs.instance_job(self.pool, JOB) as held:
+            if not held:
+                return None
+            due, cursor = await jobs.claim_round(self.pool, JOB, every=self.interval)
+            if not due:
+                return None
+            rows = await reconcile.open_runs(
+                self.pool,
+                after=cursor,
+                quiet_seconds=self.interval,
+                start_grace=self.start_grace,
+                limit=self.batch,
+            )
+            repaired = await self._repair(rows)
+            # A short batch reached the end: the next round starts again from the first.
+            last = reconcile.cursor_of(rows[-1]) if len(rows) == self.batch else None
+            await jobs.save_cursor(self.pool, JOB, last)
+            return repaired
+
+    async def _repair(self, rows: list[dict[str, Any]]) -> int:
         repaired = 0
         for row in rows:
             verdict = await self._verdict(row)
@@ -70,8 +104,11 @@ class Reconciler:
         try:
             described = await handle.describe()
         except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                return AgentState.FAILED, "its workflow does not exist"
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            if _may_still_start(row):
+                return None
+            return AgentState.FAILED, "its workflow does not exist"
             raise
         if described.status is None or described.status not in CLOSED:
             return None  # running (or continued as new: describe shows the newest run)
@@ -106,3 +143,14 @@ class Reconciler:
                     await sweep()
                 except Exception as exc:  # noqa: BLE001 - the next pass tries again
                     log.warning("sweep failed: %r", exc)
+
+
+def _may_still_start(row: dict[str, Any]) -> bool:
+    """The executor commits a run's row before it asks Temporal to start its workflow; a start
+    refused there (503: Temporal away) leaves the row `spawning` with no workflow until the
+    requester retries the same spawn, which starts it. Failed only once no retry can come."""
+    return (
+        row["role"] == "executor"
+        and row["state"] == AgentState.SPAWNING
+        and not row["start_overdue"]
+    )

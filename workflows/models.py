@@ -27,6 +27,9 @@ AGENT_TIMED_OUT = "AgentTimedOut"
 TASK_INVALID = "TaskInvalid"
 # The store refuses a final record (a value it can never take): retrying cannot help.
 STORE_REFUSED = "StoreRefused"
+# The store stayed away longer than a running agent's writes wait for it: the activity asks for
+# its next attempt later (next_retry_delay) than the retry policy's backoff would.
+STORE_UNAVAILABLE = "StoreUnavailable"
 # The executor records first, then tells the requester (best effort); the requester long-polls.
 RECORD_RUN_FINAL = "record_run_final"
 NOTIFY_REQUESTER = "notify_requester"

@@ -39,6 +39,7 @@ async def save_checkpoint(
     tokens: int,
     entries: list[dict[str, Any]],
     transcript_limit: int,
+    entries_before: int | None = None,
 ) -> dict[str, Any] | None:
     """Save the try's conversation and append `entries` to the run's transcript, atomically.
     Returns the transcript's summary (entries, bytes, truncated), or None when there were no
@@ -46,7 +47,10 @@ async def save_checkpoint(
 
     `state["writer"]` (the activity attempt saving it) fences the row: a worker whose attempt
     Temporal already gave up on (it stopped heartbeating but still runs) cannot overwrite the
-    checkpoint of the attempt that took over; it gets `CheckpointSuperseded` instead."""
+    checkpoint of the attempt that took over; it gets `CheckpointSuperseded` instead.
+
+    `entries_before`: how many entries the saver knows the transcript had; a transcript that
+    has more already took these entries (a save cut off after its commit, made again)."""
     async with pool.acquire() as conn, conn.transaction():
         saved = await conn.fetchval(
             "INSERT INTO agent_conversations"
@@ -74,7 +78,7 @@ async def save_checkpoint(
         if not entries:
             return None
         return await append_transcript(
-            conn, requester_id, agent_id, attempt, entries, transcript_limit
+            conn, requester_id, agent_id, attempt, entries, transcript_limit, entries_before
         )
 
 
@@ -85,6 +89,7 @@ async def append_transcript(
     attempt: int,
     entries: list[dict[str, Any]],
     limit: int,
+    entries_before: int | None = None,
 ) -> dict[str, Any]:
     await conn.execute(
         "SELECT pg_advisory_xact_lock(hashtext('fedagent:transcript:' || $1 || ':' || $2))",
@@ -94,6 +99,8 @@ async def append_transcript(
     summary = await transcript_summary(conn, requester_id, agent_id)
     if not entries or summary["truncated"]:
         return summary
+    if entries_before is not None and summary["entries"] > entries_before:
+        return summary  # appended by the same save, whose answer was lost
     at = datetime.now(UTC).isoformat()
     seq, total = summary["entries"], summary["bytes"]
     rows: list[tuple[Any, ...]] = []

@@ -3,14 +3,20 @@
 Every API replica and worker of an instance shares one PostgreSQL database, so a session-level
 advisory lock named after the job says who runs it now. The lock lives as long as the
 connection that took it: a process that dies frees it, and the next one to try takes over.
+
+A job worked in rounds keeps where it stands in `instance_jobs` (when its last round ran, and
+the cursor it stopped at), so the next round goes on from there in whichever process takes it.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
+
+from federation.store.repos import Executor
 
 JOB_LOCK_PREFIX = "fedagent:job:"
 
@@ -27,3 +33,23 @@ async def instance_job(pool: asyncpg.Pool, name: str) -> AsyncIterator[bool]:
         finally:
             if held:
                 await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+
+async def claim_round(db: Executor, name: str, *, every: float) -> tuple[bool, Any]:
+    """Under the job's lock: start a round of `name` unless one started less than `every`
+    seconds ago. Returns (due, cursor the last round stopped at)."""
+    row = await db.fetchrow(
+        "INSERT INTO instance_jobs (name, last_run_at) VALUES ($1, now())"
+        " ON CONFLICT (name) DO UPDATE SET last_run_at = now()"
+        "  WHERE instance_jobs.last_run_at IS NULL"
+        "   OR instance_jobs.last_run_at <= now() - make_interval(secs => $2)"
+        " RETURNING cursor",
+        name,
+        every,
+    )
+    return (False, None) if row is None else (True, row["cursor"])
+
+
+async def save_cursor(db: Executor, name: str, cursor: Any) -> None:
+    """Where the next round of `name` starts (None: from the beginning)."""
+    await db.execute("UPDATE instance_jobs SET cursor = $2 WHERE name = $1", name, cursor)

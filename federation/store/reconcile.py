@@ -13,19 +13,40 @@ from federation.store.repos import (
 )
 
 
-async def unfinished_runs(db: Executor, *, quiet_seconds: float, limit: int = 100) -> list[dict]:  # type: ignore[type-arg]
-    """Open runs (requester rows whose workflow started, executor rows) not touched lately."""
+async def open_runs(
+    db: Executor,
+    *,
+    after: list[str] | None,
+    quiet_seconds: float,
+    start_grace: float,
+    limit: int,
+) -> list[dict]:  # type: ignore[type-arg]
+    """Open runs (requester rows whose workflow started, executor rows) not touched lately, in
+    key order after the cursor `after` (a previous batch's `cursor_of`; None: from the first).
+    `start_overdue` says whether the row is older than `start_grace` seconds."""
+    role, peer, agent_id = after if after is not None else ("", "", str(uuid.UUID(int=0)))
     rows = await db.fetch(
-        "SELECT agent_id, role, peer_instance_id, workflow_id, state FROM agents"
+        "SELECT agent_id, role, peer_instance_id, workflow_id, state,"
+        " created_at < now() - make_interval(secs => $3) AS start_overdue FROM agents"
         " WHERE NOT (state = ANY($1::text[]))"
         " AND (role = 'executor' OR workflow_started)"
         " AND updated_at < now() - make_interval(secs => $2)"
-        " ORDER BY updated_at LIMIT $3",
+        " AND (role, peer_instance_id, agent_id) > ($4, $5, $6::uuid)"
+        " ORDER BY role, peer_instance_id, agent_id LIMIT $7",
         list(TERMINAL_STATES),
         quiet_seconds,
+        start_grace,
+        role,
+        peer,
+        agent_id,
         limit,
     )
     return [dict(r) for r in rows]
+
+
+def cursor_of(row: dict[str, Any]) -> list[str]:
+    """Where a walk of `open_runs` goes on after `row`."""
+    return [row["role"], row["peer_instance_id"], str(row["agent_id"])]
 
 
 async def repair(db: Executor, row: dict[str, Any], *, state: str, error: str) -> None:

@@ -13,11 +13,13 @@ import httpx
 import pytest
 
 from cli.devstack import DevStack
+from federation.store.db import create_pool
 from tests.conftest import Instance, free_port_block
 from tests.e2e.helpers import processes_in, spawn_body
 from tests.e2e.proxy import ControlledProxy
 from tests.e2e.rogue_peer import RoguePeer
 from tests.e2e.signing import craft, instance_key, post_command, spawn_payload
+from worker.reconciler import Reconciler
 
 pytestmark = pytest.mark.e2e
 NAMES = ["alpha", "beta"]
@@ -244,6 +246,15 @@ async def test_a_spawn_accepted_while_temporal_is_down_runs_when_it_is_back(
     print("temporal down at spawn: 202 from the outbox, the sweeper started the run later")
 
 
+async def reconcile_round(instance: Instance) -> None:
+    """A round of the instance's reconciler, as one of its workers works it."""
+    pool = await create_pool(instance.info["databaseUrl"])
+    try:
+        await Reconciler(pool, await instance.temporal(), interval=0.01).reconcile_once()
+    finally:
+        await pool.close()
+
+
 async def _all_executed(beta: Instance, payloads: list[dict[str, Any]], state: str) -> bool:
     rows = await beta.fetch(
         "SELECT state FROM agents WHERE role = 'executor' AND agent_id = ANY($1::uuid[])",
@@ -258,7 +269,8 @@ async def test_the_executor_commits_a_spawn_before_temporal_answers_and_holds_no
     """Issue 10 point 7, the ingress half: the capacity check and the run's row commit before
     Temporal is asked to start the run, so a start that hangs holds no lock nor transaction
     and the next spawn is admitted meanwhile. A start that failed (503) keeps its reservation,
-    and the requester's retry of the same spawn starts the run, once."""
+    and the requester's retry of the same spawn starts the run, once; a reconciler round
+    before the retry (issue 20 point 5) leaves the reservation for it."""
     alpha, beta = world.alpha, world.beta
     key = await instance_key(alpha)
     payloads = [spawn_payload(instructions=f"$ echo {name}") for name in ("first", "meanwhile")]
@@ -290,6 +302,8 @@ async def test_the_executor_commits_a_spawn_before_temporal_answers_and_holds_no
         assert await _all_executed(beta, payloads, "spawning")  # the reservations are kept
     finally:
         await world.stack.start_temporal()
+    await reconcile_round(beta)  # their workflows are not found: a retry may still come
+    assert await _all_executed(beta, payloads, "spawning")
     # The requester retries the same spawns (new messages): the reserved runs start, once each.
     for payload in payloads:
         retried = await post_command(beta, craft(key, alpha, beta, payload))
@@ -298,3 +312,32 @@ async def test_the_executor_commits_a_spawn_before_temporal_answers_and_holds_no
     for payload in payloads:
         assert await beta.count_workflows(f"AgentId = '{payload['agentId']}'") == 1
     print("executor start refused: the run stayed reserved, the retry ran it once")
+
+
+async def test_a_run_waits_out_a_long_database_outage_and_completes_every_step(
+    world: FaultWorld,
+) -> None:
+    """Issue 20 point 4: PostgreSQL away for ~30 s while a run saves a checkpoint every second.
+    Its store writes wait for the database (the activity heartbeating meanwhile) instead of
+    failing the try, and the run ends as it would have: completed, each step done once."""
+    alpha = world.alpha
+    steps = 40
+    script = "\n".join(f"$ sleep 1; echo step-{i} >> steps.txt" for i in range(steps))
+    body = spawn_body(world.connection_id, script, task_id="pg-outage", timeout=600)
+    assert (await alpha.call("POST", "/agents/spawn", json=body)).status_code == 202
+    await alpha.wait_agent(body["agentId"], {"running"}, timeout=60)
+    workspace = world.stack.data_dir / "workspaces" / "beta" / alpha.id / body["agentId"]
+    done = workspace / "steps.txt"
+    await wait_until(
+        lambda: _value(done.is_file() and len(done.read_text().split()) >= 3), 60, "3 steps"
+    )
+    world.stack.stop_postgres()
+    try:
+        await asyncio.sleep(30)
+    finally:
+        await world.stack.start_postgres()
+    agent = await alpha.wait_agent(body["agentId"], timeout=240)
+    assert agent["state"] == "completed", (agent["error"], agent)
+    assert done.read_text().split() == [f"step-{i}" for i in range(steps)]
+    assert f"Ran {steps} command(s), all commands succeeded" in agent["result"]["summary"]
+    print("postgres away for 30 s: the run waited it out and completed every step once")

@@ -495,3 +495,12 @@ ALTER TABLE connections ADD COLUMN request_source text;
 ALTER TABLE connections ADD COLUMN request_host text;
 CREATE INDEX connections_pending_inbound ON connections (created_at)
     WHERE direction = 'inbound' AND status = 'PENDING';
+
+-- ---- once-per-instance jobs -----------------------------------------------------
+-- Where each periodic job (the reconciler's walk of open runs...) stands, whichever process of
+-- the instance works its next round: when a round was last worked, and the key it stopped at.
+CREATE TABLE instance_jobs (
+    name        text PRIMARY KEY,
+    cursor      jsonb,
+    last_run_at timestamptz
+);
