@@ -15,10 +15,11 @@ from temporalio.exceptions import ApplicationError
 
 from activities.conversation import StoreSink, TranscriptPump, previous_try_note
 from activities.federation import PeerMessenger
+from activities.snapshots import Recovery, WorkspaceSnapshots
 from agents.conversation import ConversationState
 from agents.errors import AgentSetupError
 from agents.loop import AgentRunReport
-from agents.runtime import RuntimeConfig, run_agent_task
+from agents.runtime import RuntimeConfig, fence_workspace, run_agent_task
 from agents.sandbox.base import Limits
 from agents.text import clean
 from federation import tracing
@@ -124,6 +125,15 @@ class AgentActivities:
         agent_id = uuid.UUID(task.agent_id)
         await self._check_still_granted(task)
         config = runtime_config(self.settings)
+        workspace = self.workspace(task)
+        snapshots = WorkspaceSnapshots(
+            self.pool,
+            workspace,
+            requester_id=task.requester_id,
+            agent_id=agent_id,
+            max_bytes=self.settings.workspace_snapshot_mb * 1024 * 1024,
+            max_entries=self.settings.workspace_snapshot_max_entries,
+        )
         sink = StoreSink(
             self.pool,
             requester_id=task.requester_id,
@@ -131,6 +141,7 @@ class AgentActivities:
             attempt=task.attempt,
             transcript_limit=self.settings.transcript_limit,
             writer=info.attempt,
+            snapshots=snapshots,
         )
         await sink.load()
         # A retry of the same try (its worker was lost) resumes the checkpointed conversation;
@@ -145,11 +156,21 @@ class AgentActivities:
             )
             if saved is not None:
                 resume_from = ConversationState.from_json(saved["state"])
+        # Whatever an earlier attempt still runs here ends first; then the workspace as of
+        # the last checkpoint is found on this disk, or restored, or known lost.
+        resuming = info.attempt > 1 or task.attempt > 1
+        activity.heartbeat({"turn": 0, "attempt": task.attempt})
+        generation = await fence_workspace(config, workspace)
+        recovery = await snapshots.recover() if resuming else Recovery("none")
+        activity.heartbeat({"turn": 0, "attempt": task.attempt})
+        news = _workspace_news(recovery)
         if resume_from is None and task.attempt > 1:
             earlier = await conversations.load_checkpoint(
                 self.pool, task.requester_id, agent_id, task.attempt - 1
             )
-            previous_try = previous_try_note(task.attempt, earlier)
+            previous_try = previous_try_note(
+                task.attempt, earlier, lost=recovery.state == "lost"
+            )
         row = await repos.update_executed_agent(
             self.pool, task.requester_id, agent_id, state=AgentState.RUNNING, attempt=task.attempt
         )
@@ -214,16 +235,19 @@ class AgentActivities:
             async with asyncio.timeout(task.timeout_seconds):
                 # Kills its sandbox on any way out (cancelled by a kill, timed out, failed).
                 report = await run_agent_task(
-                    workspace=self.workspace(task),
+                    workspace=workspace,
                     agent_type=task.agent_type,
                     context=task.context,
                     config=config,
                     on_progress=on_progress,
                     # later tries and retries of a try keep the workspace as it was left
-                    resume=info.attempt > 1 or task.attempt > 1,
+                    resume=resuming,
                     sink=sink,
                     resume_from=resume_from,
                     previous_try=previous_try,
+                    generation=generation,
+                    restored=recovery.state == "restored",
+                    workspace_news=news,
                 )
         except TimeoutError:
             raise ApplicationError(
@@ -323,6 +347,23 @@ class AgentActivities:
         task = asyncio.create_task(self._notify(row))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _workspace_news(recovery: Recovery) -> str:
+    """What the agent is told when its workspace came from a snapshot, or did not come."""
+    if recovery.state == "restored":
+        return (
+            "the workspace as it was at the last checkpoint, restored on this worker after the "
+            "one running the task was lost (files, executable bits and symlinks; nothing that "
+            "was only in /tmp)"
+        )
+    if recovery.state == "lost":
+        return (
+            "the workspace of the interrupted attempt was LOST with the worker that ran it "
+            f"({recovery.note}); this is a fresh one: changes made before are not in it and "
+            "must be made again"
+        )
+    return ""
 
 
 def runtime_config(settings: Settings) -> RuntimeConfig:

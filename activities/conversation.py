@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from activities.federation import PeerMessenger
+from activities.snapshots import WorkspaceSnapshots
 from agents.conversation import ConversationState
 from federation.envelope import MessageType
 from federation.store import conversations, repos
@@ -39,8 +40,11 @@ class StoreSink:
         attempt: int,
         transcript_limit: int,
         writer: int = 1,
+        snapshots: WorkspaceSnapshots | None = None,
     ) -> None:
         self.pool = pool
+        # The workspace as of each checkpoint, saved with it (a retry elsewhere restores it).
+        self.snapshots = snapshots
         # The activity attempt saving: a later attempt's checkpoints are never overwritten.
         self.writer = writer
         self.requester_id = requester_id
@@ -56,6 +60,7 @@ class StoreSink:
         )
 
     async def save(self, state: ConversationState, entries: list[dict[str, Any]]) -> None:
+        workspace = await self.snapshots.take() if self.snapshots is not None else None
         summary = await conversations.save_checkpoint(
             self.pool,
             requester_id=self.requester_id,
@@ -67,7 +72,10 @@ class StoreSink:
             tokens=state.tokens,
             entries=entries,
             transcript_limit=self.transcript_limit,
+            workspace=workspace,
         )
+        if self.snapshots is not None and workspace is not None:
+            self.snapshots.saved(workspace)
         if summary is not None:  # entries were appended
             self.summary = summary
             self.saved.set()
@@ -136,20 +144,23 @@ class TranscriptPump:
             self.sent = int(entries[-1]["seq"])
 
 
-def previous_try_note(attempt: int, row: dict[str, Any] | None) -> str:
-    """What the first message of try `attempt` says about the try before it."""
+def previous_try_note(attempt: int, row: dict[str, Any] | None, *, lost: bool = False) -> str:
+    """What the first message of try `attempt` says about the try before it (`lost`: its
+    workspace did not follow it to this worker)."""
     before = attempt - 1
     outcome = (row or {}).get("outcome") or {}
+    where = (
+        "Its changes were lost with the worker that ran it: the workspace starts afresh."
+        if lost
+        else "Its changes, if any, are still in the workspace."
+    )
     if not outcome:
-        return (
-            f"this is try {attempt} of this task; try {before} ended without a report. "
-            "Its changes, if any, are still in the workspace."
-        )
+        return f"this is try {attempt} of this task; try {before} ended without a report. {where}"
     verdict = "succeeded" if outcome.get("success") else "failed"
     reason = outcome.get("stopReason") or "unknown"
     summary = str(outcome.get("summary") or outcome.get("error") or "").strip()[:4000]
     return (
         f"this is try {attempt} of this task. Try {before} {verdict} ({reason}) after "
         f"{outcome.get('turns', 0)} turn(s): {summary or '(no summary)'}\n"
-        f"Its changes are still in the workspace; continue from there."
+        + (where if lost else "Its changes are still in the workspace; continue from there.")
     )

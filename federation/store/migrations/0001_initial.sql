@@ -395,9 +395,22 @@ CREATE TABLE agent_conversations (
     checkpoints  integer NOT NULL DEFAULT 0,
     -- How the try ended: success, summary, stopReason (NULL while it runs).
     outcome      jsonb,
+    -- The workspace as of this checkpoint, so a retry on another host finds it again:
+    -- {"id", "sha256" (its manifest in workspace_blobs), "bytes", "entries"} or, when it
+    -- could not be saved, {"id", "lost": why}. NULL: no checkpoint took one.
+    workspace    jsonb,
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (requester_id, agent_id, attempt)
+);
+
+-- Executor: the files of runs' workspace snapshots and their manifests, by sha256 (one copy of
+-- the same bytes whichever runs and checkpoints hold them).
+CREATE TABLE workspace_blobs (
+    sha256     text PRIMARY KEY,
+    bytes      bigint NOT NULL,
+    data       bytea NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
 );
 
 -- Executor: the transcript of a run, numbered from 1 across its tries; bounded in bytes per run.
