@@ -168,9 +168,7 @@ class AgentActivities:
             earlier = await conversations.load_checkpoint(
                 self.pool, task.requester_id, agent_id, task.attempt - 1
             )
-            previous_try = previous_try_note(
-                task.attempt, earlier, lost=recovery.state == "lost"
-            )
+            previous_try = previous_try_note(task.attempt, earlier, lost=recovery.state == "lost")
         row = await repos.update_executed_agent(
             self.pool, task.requester_id, agent_id, state=AgentState.RUNNING, attempt=task.attempt
         )

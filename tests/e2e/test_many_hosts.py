@@ -1,11 +1,13 @@
-"""One instance on many hosts: a process that cannot open the instance's keys, or whose
-settings contradict the stored identity, refuses to start (real `fedagent serve` and
-`fedagent worker` processes against a database of their own)."""
+"""One instance on many hosts: a run whose worker dies resumes on a worker of another host
+(its own data dir) with its workspace as of the last checkpoint, or is told it was lost; a
+process that cannot open the instance's keys, or whose settings contradict the stored
+identity, refuses to start (real `fedagent serve` and `fedagent worker` processes)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import secrets
 import signal
@@ -23,6 +25,7 @@ from federation.identity import ensure_identity
 from federation.keystore import KeyCipher
 from federation.store.db import create_pool, migrate
 from tests.conftest import Instance
+from tests.e2e.helpers import spawn_body
 
 pytestmark = pytest.mark.e2e
 EXIT_REFUSED = 78
@@ -183,3 +186,98 @@ async def test_a_process_whose_settings_contradict_the_identity_refuses_to_start
         await pool.close()
     await _worker_starts(env, tmp_path / "worker-ok.out")
     await _refused("worker", {**env, "FEDAGENT_PUBLIC_URL": URL}, tmp_path / "old-url.out")
+
+
+# --- a run moves to another host --------------------------------------------------------------
+
+
+def _other_host(stack: DevStack, data_dir: Path, out: Path, **settings: str) -> subprocess.Popen:
+    """A worker of spoke on "another host": its own data dir, the instance's master key."""
+    inst = stack.instances["spoke"]
+    master = (stack.data_dir / "secrets" / "spoke.key").read_text().strip()
+    env = {**os.environ, **inst.env, "FEDAGENT_DATA_DIR": str(data_dir)}
+    env.update({"FEDAGENT_SECRET_KEY": master, **settings})
+    return _run("worker", env, out)
+
+
+async def _sleeping(hub: Instance, agent_id: str, command: str) -> None:
+    deadline = time.monotonic() + 90
+    while True:
+        agent = (await hub.call("GET", f"/agents/{agent_id}")).json()
+        if (agent.get("progress") or {}).get("command") == command:
+            return
+        assert time.monotonic() < deadline, agent
+        await asyncio.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _move_run(
+    hub: Instance, hub_spoke: str, stack: DevStack, tmp_path: Path, first_settings: dict[str, str]
+) -> dict:
+    """`echo one`, a sleep, `echo two`: the sleep's worker (host A) is killed -9 and the retry
+    runs on host B. Returns the run as the requester sees it at its end."""
+    stack.stop_workers("spoke")  # the run starts on host A, a worker of this test
+    host_a = _other_host(stack, tmp_path / "host-a", tmp_path / "a.out", **first_settings)
+    host_b: subprocess.Popen | None = None
+    try:
+        body = spawn_body(
+            hub_spoke,
+            "$ echo one > a.txt\n$ sleep 15\n$ echo two > b.txt",
+            task_id=f"move-{uuid.uuid4().hex[:6]}",
+            timeout=300,
+        )
+        assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+        await _sleeping(hub, body["agentId"], "sleep 15")
+        host_b = _other_host(stack, tmp_path / "host-b", tmp_path / "b.out")
+        await asyncio.sleep(3)  # host B polls
+        host_a.send_signal(signal.SIGKILL)
+        host_a.wait()
+        agent = await hub.wait_agent(body["agentId"], timeout=240)
+        # The retry ran on host B's disk.
+        assert list((tmp_path / "host-b" / "workspaces").glob(f"*/*/{body['agentId']}"))
+        return agent
+    finally:
+        host_a.kill()
+        host_a.wait()
+        if host_b is not None:
+            _stop(host_b)
+        stack.start_worker("spoke")
+
+
+async def test_a_run_resumed_on_another_host_keeps_the_edits_of_its_first_host(
+    hub: Instance, spoke: Instance, hub_spoke: str, stack: DevStack, tmp_path: Path
+) -> None:
+    agent = await _move_run(hub, hub_spoke, stack, tmp_path, {})
+    assert agent["state"] == "completed", agent
+    result = agent["result"]
+    assert sorted(result["changedFiles"]) == ["a.txt", "b.txt"], result
+    assert "restored" in result["workspace"]["note"], result["workspace"]
+
+
+async def test_a_run_whose_workspace_was_not_saved_is_told_it_was_lost(
+    hub: Instance, spoke: Instance, hub_spoke: str, stack: DevStack, tmp_path: Path
+) -> None:
+    # Host A saves no snapshot (0 MiB): the retry on host B cannot have the first edit.
+    agent = await _move_run(
+        hub, hub_spoke, stack, tmp_path, {"FEDAGENT_WORKSPACE_SNAPSHOT_MB": "0"}
+    )
+    assert agent["state"] == "completed", agent
+    result = agent["result"]
+    assert result["changedFiles"] == ["b.txt"], result
+    assert "LOST" in result["workspace"]["note"], result["workspace"]
+    rows = await spoke.fetch(
+        "SELECT entry::text FROM agent_transcript WHERE agent_id = $1 ORDER BY seq",
+        uuid.UUID(agent["agentId"]),
+    )
+    entries = [json.loads(r["entry"]) for r in rows]
+    told = [e["text"] for e in entries if e.get("kind") == "workspace"]
+    assert told and "LOST" in told[0], entries
