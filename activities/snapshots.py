@@ -82,8 +82,16 @@ class WorkspaceSnapshots:
             return {**ref, "lost": f"not saved: the workspace could not be read ({exc.strerror})"}
         new = {sha: data for sha, data in taken.blobs.items() if sha not in self.stored}
         new[taken.sha256] = taken.manifest
-        await workspaces.put_blobs(self.pool, new)
-        self.stored.update(new)
+        # Files read from the cache were linked to this run when they were first stored.
+        files = snapshot.blobs_of(snapshot.parse_manifest(taken.manifest))
+        await workspaces.put_blobs(
+            self.pool,
+            new,
+            requester_id=self.requester_id,
+            agent_id=self.agent_id,
+            link=files - self.stored,
+        )
+        self.stored.update(new.keys() | files)
         return {
             **ref,
             "sha256": taken.sha256,

@@ -32,7 +32,8 @@ from federation import keystore
 from federation.identity import ensure_identity
 from federation.netpolicy import peer_client, stranger_client
 from federation.settings import Settings, get_settings
-from federation.store import audit_retention, notifications, repos
+from federation.states import TERMINAL_STATES
+from federation.store import audit_retention, notifications, repos, workspaces
 from federation.store.db import create_pool, migrate
 from federation.store.jobs import instance_job
 from federation.temporal import connect_temporal
@@ -63,6 +64,17 @@ async def audit_round(app: FastAPI, retention_days: int) -> bool:
         return mine
 
 
+async def snapshots_round(app: FastAPI) -> bool:
+    """Workspace snapshots of runs that ended here are forgotten (their files with them, where
+    no other run holds them), by one process of the instance at a time."""
+    async with instance_job(app.state.pool, "workspace-snapshots") as mine:
+        if mine:
+            gone = await workspaces.forget_ended(app.state.pool, TERMINAL_STATES)
+            if gone:
+                log.info("forgot %d workspace snapshot files of ended runs", gone)
+        return mine
+
+
 async def _expire_seen_messages(app: FastAPI, every: float) -> None:
     while True:
         await asyncio.sleep(every)
@@ -78,6 +90,10 @@ async def _keep_audit_partitions(app: FastAPI, retention_days: int, every: float
             await audit_round(app, retention_days)
         except Exception as exc:  # noqa: BLE001 - try again next round
             log.warning("audit retention failed: %r", exc)
+        try:
+            await snapshots_round(app)
+        except Exception as exc:  # noqa: BLE001 - try again next round
+            log.warning("forgetting workspace snapshots failed: %r", exc)
         await asyncio.sleep(every)
 
 

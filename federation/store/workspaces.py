@@ -11,12 +11,32 @@ import asyncpg
 
 from federation.store.repos import Executor
 
+# Storing snapshots takes this lock shared, forgetting the blobs of ended runs exclusive: a
+# blob a run links while another forgets it is never deleted under it.
+BLOBS_LOCK = "fedagent:workspace-blobs"
 
-async def put_blobs(pool: asyncpg.Pool, blobs: Mapping[str, bytes]) -> int:
-    """Store the blobs not stored yet (named by their sha256); returns how many were new."""
-    if not blobs:
-        return 0
-    async with pool.acquire() as conn:
+
+async def put_blobs(
+    pool: asyncpg.Pool,
+    blobs: Mapping[str, bytes],
+    *,
+    requester_id: str,
+    agent_id: uuid.UUID,
+    link: Iterable[str] = (),
+) -> int:
+    """Link the run to the blobs `link` names, and store the blobs not stored yet (named by
+    their sha256); returns how many were new."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext($1))", BLOBS_LOCK)
+        links = sorted(set(link) | set(blobs))
+        if links:
+            await conn.executemany(
+                "INSERT INTO workspace_run_blobs (requester_id, agent_id, sha256)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                [(requester_id, agent_id, sha) for sha in links],
+            )
+        if not blobs:
+            return 0
         known = {
             r["sha256"]
             for r in await conn.fetch(
@@ -31,6 +51,29 @@ async def put_blobs(pool: asyncpg.Pool, blobs: Mapping[str, bytes]) -> int:
                 missing,
             )
     return len(missing)
+
+
+async def forget_ended(pool: asyncpg.Pool, ended_states: Iterable[str]) -> int:
+    """Drop the snapshot links of runs that have ended here, then the blobs no run holds any
+    more; returns how many blobs went."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", BLOBS_LOCK)
+        released = await conn.fetch(
+            "DELETE FROM workspace_run_blobs l USING agents a"
+            " WHERE a.role = 'executor' AND a.peer_instance_id = l.requester_id"
+            " AND a.agent_id = l.agent_id AND a.state = ANY($1::text[])"
+            " RETURNING l.sha256",
+            list(ended_states),
+        )
+        shas = sorted({r["sha256"] for r in released})
+        if not shas:
+            return 0
+        status = await conn.execute(
+            "DELETE FROM workspace_blobs b WHERE b.sha256 = ANY($1::text[])"
+            " AND NOT EXISTS (SELECT 1 FROM workspace_run_blobs l WHERE l.sha256 = b.sha256)",
+            shas,
+        )
+    return int(status.split()[-1])
 
 
 async def get_blobs(db: Executor, shas: Iterable[str]) -> dict[str, bytes]:

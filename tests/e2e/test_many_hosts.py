@@ -23,6 +23,8 @@ import pytest
 from cli.devstack import DevStack
 from federation.identity import ensure_identity
 from federation.keystore import KeyCipher
+from federation.states import TERMINAL_STATES
+from federation.store import workspaces
 from federation.store.db import create_pool, migrate
 from tests.conftest import Instance
 from tests.e2e.helpers import spawn_body
@@ -261,6 +263,23 @@ async def test_a_run_resumed_on_another_host_keeps_the_edits_of_its_first_host(
     result = agent["result"]
     assert sorted(result["changedFiles"]) == ["a.txt", "b.txt"], result
     assert "restored" in result["workspace"]["note"], result["workspace"]
+    # The run has ended: its snapshots' files go, once no other run holds them.
+    agent_id = uuid.UUID(agent["agentId"])
+    pool = await create_pool(spoke.info["databaseUrl"], max_size=1)
+    try:
+        [ref] = await pool.fetch(
+            "SELECT workspace::text FROM agent_conversations WHERE agent_id = $1", agent_id
+        )
+        manifest = json.loads(ref["workspace"])["sha256"]
+        held = "SELECT count(*) FROM workspace_run_blobs WHERE agent_id = $1"
+        assert await pool.fetchval(held, agent_id) > 1
+        await workspaces.forget_ended(pool, TERMINAL_STATES)
+        assert await pool.fetchval(held, agent_id) == 0
+        assert not await pool.fetchval(
+            "SELECT count(*) FROM workspace_blobs WHERE sha256 = $1", manifest
+        )
+    finally:
+        await pool.close()
 
 
 async def test_a_run_whose_workspace_was_not_saved_is_told_it_was_lost(

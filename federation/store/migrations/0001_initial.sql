@@ -412,6 +412,15 @@ CREATE TABLE workspace_blobs (
     data       bytea NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+-- Which run's snapshots hold which blob: when the run has ended, its rows go, and so do the
+-- blobs no other run holds (federation.store.workspaces.forget_ended).
+CREATE TABLE workspace_run_blobs (
+    requester_id text NOT NULL,
+    agent_id     uuid NOT NULL,
+    sha256       text NOT NULL,
+    PRIMARY KEY (requester_id, agent_id, sha256)
+);
+CREATE INDEX workspace_run_blobs_sha256 ON workspace_run_blobs (sha256);
 
 -- Executor: the transcript of a run, numbered from 1 across its tries; bounded in bytes per run.
 CREATE TABLE agent_transcript (
