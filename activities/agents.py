@@ -156,13 +156,10 @@ class AgentActivities:
             )
             if saved is not None:
                 resume_from = ConversationState.from_json(saved["state"])
-        # Whatever an earlier attempt still runs here ends first; then the workspace as of
-        # the last checkpoint is found on this disk, or restored, or known lost.
         resuming = info.attempt > 1 or task.attempt > 1
-        activity.heartbeat({"turn": 0, "attempt": task.attempt})
-        generation = await fence_workspace(config, workspace)
-        recovery = await snapshots.recover() if resuming else Recovery("none")
-        activity.heartbeat({"turn": 0, "attempt": task.attempt})
+        generation, recovery = await _fence_and_recover(
+            config, snapshots, resuming=resuming, attempt=task.attempt
+        )
         news = _workspace_news(recovery)
         if resume_from is None and task.attempt > 1:
             earlier = await conversations.load_checkpoint(
@@ -345,6 +342,19 @@ class AgentActivities:
         task = asyncio.create_task(self._notify(row))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _fence_and_recover(
+    config: RuntimeConfig, snapshots: WorkspaceSnapshots, *, resuming: bool, attempt: int
+) -> tuple[str, Recovery]:
+    """Whatever an earlier attempt still runs in the workspace here ends first; then a
+    resumed run's workspace as of its last checkpoint is found on this disk, or restored from
+    its snapshot, or known lost. Returns the fence's generation and what was found."""
+    activity.heartbeat({"turn": 0, "attempt": attempt})
+    generation = await fence_workspace(config, snapshots.workspace)
+    recovery = await snapshots.recover() if resuming else Recovery("none")
+    activity.heartbeat({"turn": 0, "attempt": attempt})
+    return generation, recovery
 
 
 def _workspace_news(recovery: Recovery) -> str:
