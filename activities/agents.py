@@ -17,10 +17,11 @@ from temporalio.exceptions import ApplicationError
 
 from activities.conversation import StoreSink, TranscriptPump, previous_try_note
 from activities.federation import PeerMessenger
+from activities.snapshots import Recovery, WorkspaceSnapshots
 from agents.conversation import ConversationState
 from agents.errors import AgentSetupError
 from agents.loop import AgentRunReport
-from agents.runtime import RuntimeConfig, run_agent_task
+from agents.runtime import RuntimeConfig, fence_workspace, run_agent_task
 from agents.sandbox.base import Limits
 from agents.text import clean
 from federation import tracing
@@ -159,6 +160,15 @@ class AgentActivities:
         agent_id = uuid.UUID(task.agent_id)
         await self._store(lambda: self._check_still_granted(task), "checking the run's grants")
         config = runtime_config(self.settings)
+        workspace = self.workspace(task)
+        snapshots = WorkspaceSnapshots(
+            self.pool,
+            workspace,
+            requester_id=task.requester_id,
+            agent_id=agent_id,
+            max_bytes=self.settings.workspace_snapshot_mb * 1024 * 1024,
+            max_entries=self.settings.workspace_snapshot_max_entries,
+        )
         sink = StoreSink(
             self.pool,
             requester_id=task.requester_id,
@@ -167,6 +177,7 @@ class AgentActivities:
             transcript_limit=self.settings.transcript_limit,
             writer=info.attempt,
             patience=self.settings.store_outage_wait,
+            snapshots=snapshots,
         )
         # A retry of the same try (its worker was lost) resumes the checkpointed conversation;
         # a later try starts a new one, told how the one before it ended.
@@ -185,6 +196,11 @@ class AgentActivities:
                 resume_from = ConversationState.from_json(saved["state"])
         # Loaded once the checkpoint is claimed: an attempt given up on appends no more after.
         await sink.load()
+        resuming = info.attempt > 1 or task.attempt > 1
+        generation, recovery = await _fence_and_recover(
+            config, snapshots, resuming=resuming, attempt=task.attempt
+        )
+        news = _workspace_news(recovery)
         if resume_from is None and task.attempt > 1:
             earlier = await self._store(
                 lambda: conversations.load_checkpoint(
@@ -192,7 +208,7 @@ class AgentActivities:
                 ),
                 "loading the last try's checkpoint",
             )
-            previous_try = previous_try_note(task.attempt, earlier)
+            previous_try = previous_try_note(task.attempt, earlier, lost=recovery.state == "lost")
         row = await self._store(
             lambda: repos.update_executed_agent(
                 self.pool,
@@ -255,16 +271,19 @@ class AgentActivities:
             async with asyncio.timeout(task.timeout_seconds):
                 # Kills its sandbox on any way out (cancelled by a kill, timed out, failed).
                 report = await run_agent_task(
-                    workspace=self.workspace(task),
+                    workspace=workspace,
                     agent_type=task.agent_type,
                     context=task.context,
                     config=config,
                     on_progress=on_progress,
                     # later tries and retries of a try keep the workspace as it was left
-                    resume=info.attempt > 1 or task.attempt > 1,
+                    resume=resuming,
                     sink=sink,
                     resume_from=resume_from,
                     previous_try=previous_try,
+                    generation=generation,
+                    restored=recovery.state == "restored",
+                    workspace_news=news,
                 )
         except TimeoutError:
             raise ApplicationError(
@@ -368,6 +387,36 @@ class AgentActivities:
         task = asyncio.create_task(self._notify(row))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _fence_and_recover(
+    config: RuntimeConfig, snapshots: WorkspaceSnapshots, *, resuming: bool, attempt: int
+) -> tuple[str, Recovery]:
+    """Whatever an earlier attempt still runs in the workspace here ends first; then a
+    resumed run's workspace as of its last checkpoint is found on this disk, or restored from
+    its snapshot, or known lost. Returns the fence's generation and what was found."""
+    activity.heartbeat({"turn": 0, "attempt": attempt})
+    generation = await fence_workspace(config, snapshots.workspace)
+    recovery = await snapshots.recover() if resuming else Recovery("none")
+    activity.heartbeat({"turn": 0, "attempt": attempt})
+    return generation, recovery
+
+
+def _workspace_news(recovery: Recovery) -> str:
+    """What the agent is told when its workspace came from a snapshot, or did not come."""
+    if recovery.state == "restored":
+        return (
+            "the workspace as it was at the last checkpoint, restored on this worker after the "
+            "one running the task was lost (files, executable bits and symlinks; nothing that "
+            "was only in /tmp)"
+        )
+    if recovery.state == "lost":
+        return (
+            "the workspace of the interrupted attempt was LOST with the worker that ran it "
+            f"({recovery.note}); this is a fresh one: changes made before are not in it and "
+            "must be made again"
+        )
+    return ""
 
 
 def runtime_config(settings: Settings) -> RuntimeConfig:

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from activities.federation import PeerMessenger
+from activities.snapshots import WorkspaceSnapshots
 from agents.conversation import ConversationState
 from federation.envelope import MessageType
 from federation.store import conversations, repos
@@ -41,10 +42,13 @@ class StoreSink:
         transcript_limit: int,
         writer: int = 1,
         patience: float = 0.0,
+        snapshots: WorkspaceSnapshots | None = None,
     ) -> None:
         self.pool = pool
         # How long each save waits for a database that is away (the activity heartbeats).
         self.patience = patience
+        # The workspace as of each checkpoint, saved with it (a retry elsewhere restores it).
+        self.snapshots = snapshots
         # The activity attempt saving: a later attempt's checkpoints are never overwritten.
         self.writer = writer
         self.requester_id = requester_id
@@ -65,6 +69,14 @@ class StoreSink:
         self.known = True
 
     async def save(self, state: ConversationState, entries: list[dict[str, Any]]) -> None:
+        workspace = None
+        if self.snapshots is not None:
+            snapshots = self.snapshots
+            workspace = await wait_for_store(
+                snapshots.take,
+                what=f"saving the workspace of agent {self.agent_id}",
+                patience=self.patience,
+            )
         summary = await wait_for_store(
             lambda: conversations.save_checkpoint(
                 self.pool,
@@ -79,10 +91,13 @@ class StoreSink:
                 transcript_limit=self.transcript_limit,
                 # Made again after an outage cut it off, a save appends its entries once.
                 entries_before=self.summary["entries"] if self.known else None,
+                workspace=workspace,
             ),
             what=f"saving a checkpoint of agent {self.agent_id}",
             patience=self.patience,
         )
+        if self.snapshots is not None and workspace is not None:
+            self.snapshots.saved(workspace)
         if summary is not None:  # entries were appended
             self.summary, self.known = summary, True
             self.saved.set()
@@ -151,20 +166,23 @@ class TranscriptPump:
             self.sent = int(entries[-1]["seq"])
 
 
-def previous_try_note(attempt: int, row: dict[str, Any] | None) -> str:
-    """What the first message of try `attempt` says about the try before it."""
+def previous_try_note(attempt: int, row: dict[str, Any] | None, *, lost: bool = False) -> str:
+    """What the first message of try `attempt` says about the try before it (`lost`: its
+    workspace did not follow it to this worker)."""
     before = attempt - 1
     outcome = (row or {}).get("outcome") or {}
+    where = (
+        "Its changes were lost with the worker that ran it: the workspace starts afresh."
+        if lost
+        else "Its changes, if any, are still in the workspace."
+    )
     if not outcome:
-        return (
-            f"this is try {attempt} of this task; try {before} ended without a report. "
-            "Its changes, if any, are still in the workspace."
-        )
+        return f"this is try {attempt} of this task; try {before} ended without a report. {where}"
     verdict = "succeeded" if outcome.get("success") else "failed"
     reason = outcome.get("stopReason") or "unknown"
     summary = str(outcome.get("summary") or outcome.get("error") or "").strip()[:4000]
     return (
         f"this is try {attempt} of this task. Try {before} {verdict} ({reason}) after "
         f"{outcome.get('turns', 0)} turn(s): {summary or '(no summary)'}\n"
-        f"Its changes are still in the workspace; continue from there."
+        + (where if lost else "Its changes are still in the workspace; continue from there.")
     )

@@ -212,6 +212,7 @@ class AgentLoop:
         previous_try: str = "",
         resume_from: ConversationState | None = None,
         sink: ConversationSink | None = None,
+        workspace_news: str = "",
     ) -> AgentRunReport:
         """Run the conversation to its end. Given `resume_from` (a checkpoint of this same
         conversation), continue it instead of starting over; `sink` gets every checkpoint."""
@@ -253,6 +254,8 @@ class AgentLoop:
             )
         elif previous_try:
             entries.append(note_entry("try", f"earlier try: {previous_try}"))
+        if workspace_news:
+            entries.append(note_entry("workspace", workspace_news))
         self._state = state
         if entries:
             await self._save(report, entries)

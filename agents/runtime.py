@@ -325,13 +325,19 @@ async def run_agent_task(
     sink: ConversationSink | None = None,
     resume_from: ConversationState | None = None,
     previous_try: str = "",
+    generation: str | None = None,
+    restored: bool = False,
+    workspace_news: str = "",
 ) -> AgentRunReport:
     """Run one agent on one task and report. Raises AgentSetupError when it cannot start;
     cancelling it kills the sandbox before the cancellation propagates.
 
     `resume` keeps the workspace as it was left; `resume_from` continues a checkpointed
     conversation (checkpoints go to `sink`); `previous_try` tells a new conversation what an
-    earlier try of the same task did."""
+    earlier try of the same task did. `generation`: the caller fenced the workspace already
+    (`fence_workspace`); `restored`: the executor laid the workspace down itself (from a
+    snapshot), so it is handed to the sandbox's uid like a fresh one; `workspace_news`: what
+    the agent is told about its workspace instead of how it was prepared."""
     if config.provider == "scripted" and not script_commands(
         str(context.get("instructions") or "")
     ):
@@ -341,7 +347,8 @@ async def run_agent_task(
             invalid=True,
         )
     model = choose_model(config, context)
-    generation = await fence_workspace(config, workspace)
+    if generation is None:
+        generation = await fence_workspace(config, workspace)
     prepared = await prepare_workspace(
         workspace,
         context.get("repository"),
@@ -356,8 +363,10 @@ async def run_agent_task(
         workspace,
         generation=generation,
         read_only=agent_type == READ_ONLY_AGENT,
-        fresh=prepared.source != "resumed",
+        fresh=prepared.source != "resumed" or restored,
     )
+    if workspace_news:
+        prepared.note = workspace_news
     provider = provider or make_provider(config, model, context)
     try:
         try:
@@ -380,6 +389,7 @@ async def run_agent_task(
             context,
             workspace_note=prepared.note,
             previous_try=previous_try,
+            workspace_news=workspace_news,
             resume_from=resume_from,
             sink=sink,
         )

@@ -32,34 +32,68 @@ from federation import keystore
 from federation.identity import ensure_identity
 from federation.netpolicy import peer_client, stranger_client
 from federation.settings import Settings, get_settings
-from federation.store import audit_retention, notifications, repos
+from federation.states import TERMINAL_STATES
+from federation.store import audit_retention, notifications, repos, workspaces
 from federation.store.db import create_pool, migrate
+from federation.store.jobs import instance_job
 from federation.temporal import connect_temporal
 from federation.transcripts import TranscriptPuller
 
 log = logging.getLogger(__name__)
 
 
+async def expire_round(app: FastAPI) -> bool:
+    """One round of expiring seen message ids and pending requests, run by one process of the
+    instance at a time (False: another replica holds the job now)."""
+    async with instance_job(app.state.pool, "expire-messages") as mine:
+        if mine:
+            await repos.expire_message_ids(app.state.pool)
+            await expire_pending_requests(app.state.pool, app.state.settings)
+        return mine
+
+
+async def audit_round(app: FastAPI, retention_days: int) -> bool:
+    """Day partitions of the audit log made ahead, days past retention dropped: by one
+    process of the instance at a time (False: another replica holds the job now)."""
+    async with instance_job(app.state.pool, "audit-partitions") as mine:
+        if mine:
+            await audit_retention.prepare_days(app.state.pool)
+            dropped = await audit_retention.drop_expired(app.state.pool, retention_days)
+            if dropped:
+                log.info("audit retention dropped %s", ", ".join(dropped))
+        return mine
+
+
+async def snapshots_round(app: FastAPI) -> bool:
+    """Workspace snapshots of runs that ended here are forgotten (their files with them, where
+    no other run holds them), by one process of the instance at a time."""
+    async with instance_job(app.state.pool, "workspace-snapshots") as mine:
+        if mine:
+            gone = await workspaces.forget_ended(app.state.pool, TERMINAL_STATES)
+            if gone:
+                log.info("forgot %d workspace snapshot files of ended runs", gone)
+        return mine
+
+
 async def _expire_seen_messages(app: FastAPI, every: float) -> None:
     while True:
         await asyncio.sleep(every)
         try:
-            await repos.expire_message_ids(app.state.pool)
-            await expire_pending_requests(app.state.pool, app.state.settings)
+            await expire_round(app)
         except Exception as exc:  # noqa: BLE001 - try again next round
             log.warning("expiring seen message ids or pending requests failed: %r", exc)
 
 
 async def _keep_audit_partitions(app: FastAPI, retention_days: int, every: float) -> None:
-    """Day partitions of the audit log made ahead; days past the retention period dropped."""
     while True:
         try:
-            await audit_retention.prepare_days(app.state.pool)
-            dropped = await audit_retention.drop_expired(app.state.pool, retention_days)
-            if dropped:
-                log.info("audit retention dropped %s", ", ".join(dropped))
+            await audit_round(app, retention_days)
         except Exception as exc:  # noqa: BLE001 - try again next round
             log.warning("audit retention failed: %r", exc)
+        try:
+            await snapshots_round(app)
+        except Exception as exc:  # noqa: BLE001 - try again next round
+            log.warning("forgetting workspace snapshots failed: %r", exc)
         await asyncio.sleep(every)
 
 

@@ -24,7 +24,7 @@ import httpx
 from temporalio.client import Client
 
 from api.liveness import queue_pollers, unpolled
-from federation.identity import ensure_identity
+from federation.identity import adopt_identity, load_identity
 from federation.store import tokens
 from federation.store.db import create_pool, migrate
 from workflows.models import SEARCH_ATTRIBUTES
@@ -346,7 +346,9 @@ class DevStack:
         pool = await create_pool(database_url, max_size=2)
         try:
             await migrate(pool)
-            identity = await ensure_identity(pool, name=name, public_url=public_url)
+            # The dev stack owns its instances' settings: a changed port is adopted on purpose.
+            await adopt_identity(pool, name=name, public_url=public_url)
+            identity = await load_identity(pool)
             _, token = await tokens.create_token(pool, name="dev-admin", role="admin")
         finally:
             await pool.close()

@@ -151,7 +151,7 @@ def transcript_lines(entry: dict[str, Any]) -> list[Text]:
         elif entry.get("isError"):
             lines.append(Text(f"  {str(entry.get('output') or '').strip()[:300]}", style="red"))
         return lines
-    if kind in ("resumed", "try", "truncated"):
+    if kind in ("resumed", "try", "workspace", "truncated"):
         return [Text(f"({entry.get('text', kind)})", style="yellow")]
     return []
 

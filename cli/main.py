@@ -178,15 +178,50 @@ def demo(
     raise typer.Exit(code)
 
 
+# A process that must not start as configured (sysexits' EX_CONFIG): its settings contradict
+# the instance's identity, or it cannot open the instance's keys.
+EXIT_REFUSED = 78
+
+
+def _refuse_to_start(exc: Exception) -> typer.Exit:
+    err_console.print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
+    return typer.Exit(EXIT_REFUSED)
+
+
+async def _check_can_start(settings: Settings) -> None:
+    """What the API's start checks first (`ensure_identity`), before uvicorn takes over."""
+    from federation import keystore
+    from federation.identity import ensure_identity
+    from federation.store.db import create_pool, migrate
+
+    pool = await create_pool(settings.database_url, max_size=1)
+    try:
+        await migrate(pool)
+        await ensure_identity(
+            pool,
+            name=settings.instance_name,
+            public_url=settings.public_url,
+            cipher=keystore.load_cipher(settings),
+        )
+    finally:
+        await pool.close()
+
+
 @app.command(rich_help_panel="Run")
 def serve() -> None:
     """Run this instance's API (FEDAGENT_* settings)."""
     import uvicorn
 
     from api.main import create_app
+    from federation.identity import IdentityConflict
+    from federation.keystore import KeystoreError
 
     settings = _settings()
     _configure_logging(settings)
+    try:
+        asyncio.run(_check_can_start(settings))
+    except (IdentityConflict, KeystoreError) as exc:
+        raise _refuse_to_start(exc) from None
     uvicorn.run(
         create_app(settings),
         host=settings.api_host,
@@ -200,11 +235,43 @@ def serve() -> None:
 @app.command(rich_help_panel="Run")
 def worker() -> None:
     """Run a worker of this instance (FEDAGENT_* settings)."""
+    from federation.identity import IdentityConflict
+    from federation.keystore import KeystoreError
     from worker.main import main as worker_main
 
     settings = _settings()
     _configure_logging(settings)
-    worker_main(settings)
+    try:
+        worker_main(settings)
+    except (IdentityConflict, KeystoreError) as exc:
+        raise _refuse_to_start(exc) from None
+
+
+@app.command("set-identity", rich_help_panel="Run")
+def set_identity() -> None:
+    """Make this process's FEDAGENT_INSTANCE_NAME and FEDAGENT_PUBLIC_URL the instance's
+    identity (processes with other values refuse to start); then restart every process."""
+    from federation.identity import adopt_identity
+    from federation.store.db import create_pool, migrate
+
+    settings = _settings()
+
+    async def run() -> dict[str, str]:
+        pool = await create_pool(settings.database_url, max_size=1)
+        try:
+            await migrate(pool)
+            return await adopt_identity(
+                pool, name=settings.instance_name, public_url=settings.public_url
+            )
+        finally:
+            await pool.close()
+
+    before = asyncio.run(run())
+    console.print(
+        f"instance name {before.get('name')!r} -> {settings.instance_name!r}, public URL "
+        f"{before.get('publicUrl')!r} -> {settings.public_url!r}; restart every process of "
+        "the instance with these settings"
+    )
 
 
 def _settings() -> Settings:

@@ -178,18 +178,28 @@ async def _seal_plaintext_keys(conn: asyncpg.Connection, cipher: KeyCipher) -> i
     return len(rows)
 
 
+class IdentityConflict(RuntimeError):
+    """This process's FEDAGENT_INSTANCE_NAME or FEDAGENT_PUBLIC_URL contradicts the identity
+    the instance's database holds: the process refuses to start instead of rewriting it."""
+
+
 async def ensure_identity(
     pool: asyncpg.Pool, *, name: str, public_url: str, cipher: KeyCipher | None = None
 ) -> Identity:
-    """Create the instance row if missing and keep its URL (and configured name) current.
+    """Create the instance row on the first start; on a later one, check that this process's
+    settings say the same name and URL as the row (`IdentityConflict` otherwise: one
+    misconfigured process of many must not rewrite the instance's identity card; an admin
+    changes it with `adopt_identity`).
 
-    With the master key (`cipher`), also seal any private key still stored in plain form (from
-    before keys were sealed) and create the first signing key. A process without it (the dev
-    stack preparing a database) leaves key creation to the instance's own API.
+    With the master key (`cipher`), also check that it opens the signing key (`KeystoreError`
+    otherwise: a process on a host without the instance's master key would fail every signed
+    send), seal any private key still stored in plain form (from before keys were sealed) and
+    create the first signing key. A process without it (the dev stack preparing a database)
+    leaves key creation to the instance's own processes.
     """
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("LOCK TABLE instance IN EXCLUSIVE MODE")
-        row = await conn.fetchrow("SELECT instance_id, configured_name FROM instance")
+        row = await conn.fetchrow("SELECT configured_name, public_url FROM instance")
         if row is None:
             await conn.execute(
                 "INSERT INTO instance (instance_id, name, configured_name, public_url)"
@@ -198,17 +208,10 @@ async def ensure_identity(
                 name,
                 public_url,
             )
-        elif row["configured_name"] != name:
-            # The operator changed FEDAGENT_INSTANCE_NAME: that wins over a PATCHed name.
-            await conn.execute(
-                "UPDATE instance SET name = $1, configured_name = $1, public_url = $2,"
-                " updated_at = now()",
-                name,
-                public_url,
-            )
         else:
-            await conn.execute("UPDATE instance SET public_url = $1", public_url)
+            _check_same_identity(row, name=name, public_url=public_url)
         if cipher is not None:
+            await _check_keys_open(conn, cipher)
             await _seal_plaintext_keys(conn, cipher)
             signing = await conn.fetchval(
                 "SELECT count(*) FROM instance_keys WHERE retired_at IS NULL"
@@ -216,6 +219,62 @@ async def ensure_identity(
             if not signing:
                 await _insert_key(conn, cipher)  # a first key: trusted as the card shows it
     return await load_identity(pool, cipher)
+
+
+def _check_same_identity(row: asyncpg.Record, *, name: str, public_url: str) -> None:
+    wrong = [
+        f"{setting} is {mine!r} but the instance's database says {stored!r}"
+        for setting, mine, stored in (
+            ("FEDAGENT_INSTANCE_NAME", name, row["configured_name"]),
+            ("FEDAGENT_PUBLIC_URL", public_url, row["public_url"]),
+        )
+        if mine != stored
+    ]
+    if wrong:
+        raise IdentityConflict(
+            "this process's settings contradict the instance's identity: "
+            + "; ".join(wrong)
+            + ". Give every process of the instance the same settings; to change the "
+            "identity on purpose, run `fedagent set-identity` with the new settings once, "
+            "then restart every process with them"
+        )
+
+
+async def _check_keys_open(conn: asyncpg.Connection, cipher: KeyCipher) -> None:
+    """The signing key opens with this process's master key (if there is one sealed)."""
+    try:
+        await _current_signing_key(conn, cipher)
+    except KeystoreError as exc:
+        raise KeystoreError(
+            f"this process cannot open the instance's keys: {exc}. Every process of an "
+            "instance, on every host, needs the instance's master key: set "
+            "FEDAGENT_SECRET_KEY to it (a key file in one host's data dir is not seen by "
+            "another host)"
+        ) from None
+
+
+async def adopt_identity(pool: asyncpg.Pool, *, name: str, public_url: str) -> dict[str, str]:
+    """The admin's explicit change of the instance's configured name and public URL (the
+    settings given); returns the values it replaced. Peers learn the new URL from the card."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("LOCK TABLE instance IN EXCLUSIVE MODE")
+        row = await conn.fetchrow("SELECT configured_name, public_url FROM instance")
+        if row is None:
+            await conn.execute(
+                "INSERT INTO instance (instance_id, name, configured_name, public_url)"
+                " VALUES ($1, $2, $2, $3)",
+                str(uuid.uuid4()),
+                name,
+                public_url,
+            )
+            return {}
+        await conn.execute(
+            "UPDATE instance SET name = CASE WHEN configured_name = $1 THEN name ELSE $1 END,"
+            " configured_name = $1, public_url = $2, updated_at = now()",
+            name,
+            public_url,
+        )
+    return {"name": row["configured_name"], "publicUrl": row["public_url"]}
 
 
 async def load_identity(

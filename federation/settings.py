@@ -396,6 +396,20 @@ class Settings(BaseSettings):
     clone_timeout: float = Field(
         default=600.0, gt=0, description="Seconds a workspace's clone may take."
     )
+    workspace_snapshot_mb: int = Field(
+        default=64,
+        ge=0,
+        description="MiB of file bytes a run's workspace (and its baseline repository) may "
+        "hold for it to be saved with each checkpoint, so that a retry on another worker "
+        "restores it; past it (or 0) the checkpoint records the workspace as not saved and a "
+        "retry on another host is told it was lost.",
+    )
+    workspace_snapshot_max_entries: int = Field(
+        default=100_000,
+        ge=1,
+        description="Files, directories and symlinks a workspace snapshot may hold (past it: "
+        "not saved, as over FEDAGENT_WORKSPACE_SNAPSHOT_MB).",
+    )
     # --- artifacts (results by reference) ---
     # The whole diff is written, streaming, up to this many bytes (past it: diffTruncated, and
     # the stored diff is its first diff_max_bytes bytes).

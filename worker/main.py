@@ -21,6 +21,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.agents import AgentActivities
 from activities.federation import FederationActivities
+from federation import keystore
 from federation.identity import ensure_identity
 from federation.netpolicy import peer_client
 from federation.settings import Settings
@@ -58,7 +59,17 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     stop = stop or asyncio.Event()
     pool = await create_pool(settings.database_url)
     await migrate(pool)
-    await ensure_identity(pool, name=settings.instance_name, public_url=settings.public_url)
+    # A process whose settings contradict the instance's identity, or that cannot open its
+    # keys (no FEDAGENT_SECRET_KEY on this host), refuses to start: see `ensure_identity`.
+    try:
+        cipher = keystore.load_cipher(settings)
+        keystore.configure(cipher)
+        await ensure_identity(
+            pool, name=settings.instance_name, public_url=settings.public_url, cipher=cipher
+        )
+    except BaseException:
+        await pool.close()
+        raise
     # Peers named every URL this worker sends to: the outbound address policy applies.
     http = peer_client(settings, timeout=settings.peer_request_timeout)
     # Temporal SDK metrics (Prometheus) are served when FEDAGENT_METRICS_PORT is set.

@@ -40,6 +40,7 @@ async def save_checkpoint(
     entries: list[dict[str, Any]],
     transcript_limit: int,
     entries_before: int | None = None,
+    workspace: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Save the try's conversation and append `entries` to the run's transcript, atomically.
     Returns the transcript's summary (entries, bytes, truncated), or None when there were no
@@ -54,11 +55,13 @@ async def save_checkpoint(
     async with pool.acquire() as conn, conn.transaction():
         saved = await conn.fetchval(
             "INSERT INTO agent_conversations"
-            " (requester_id, agent_id, attempt, state, turn_count, usage, tokens, checkpoints)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, 1)"
+            " (requester_id, agent_id, attempt, state, turn_count, usage, tokens, checkpoints,"
+            " workspace)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8)"
             " ON CONFLICT (requester_id, agent_id, attempt) DO UPDATE SET"
             " state = EXCLUDED.state, turn_count = EXCLUDED.turn_count,"
             " usage = EXCLUDED.usage, tokens = EXCLUDED.tokens,"
+            " workspace = coalesce(EXCLUDED.workspace, agent_conversations.workspace),"
             " checkpoints = agent_conversations.checkpoints + 1, updated_at = now()"
             " WHERE coalesce((agent_conversations.state->>'writer')::int, 0)"
             "    <= coalesce((EXCLUDED.state->>'writer')::int, 0)"
@@ -70,6 +73,7 @@ async def save_checkpoint(
             turn_count,
             usage,
             tokens,
+            workspace,
         )
         if saved is None:
             raise CheckpointSuperseded(

@@ -14,7 +14,14 @@ import pytest
 
 from cli.devstack import DevStack
 from federation.envelope import Algorithm, generate_signing_key
-from federation.identity import ensure_identity, load_identity, rotate_key, update_instance
+from federation.identity import (
+    IdentityConflict,
+    adopt_identity,
+    ensure_identity,
+    load_identity,
+    rotate_key,
+    update_instance,
+)
 from federation.keystore import KeyCipher, KeystoreError
 from federation.store.db import create_pool, migrate
 from tests.conftest import Instance
@@ -252,11 +259,16 @@ async def test_plain_keys_of_an_older_store_are_sealed_on_start_and_rotation_era
         identity = await load_identity(pool, cipher)
         assert [k.key_id for k in identity.keys] == [legacy.key_id, again.new_key.key_id]
 
-        # A PATCHed name survives a restart; a changed FEDAGENT_INSTANCE_NAME wins over it.
+        # A PATCHed name survives a restart; a changed FEDAGENT_INSTANCE_NAME is refused at
+        # start until the admin adopts it (`fedagent set-identity`), and then wins over it.
         await update_instance(pool, name="renamed")
-        identity = await ensure_identity(pool, name="old", public_url="http://x", cipher=cipher)
+        url = "http://127.0.0.1:9"
+        identity = await ensure_identity(pool, name="old", public_url=url, cipher=cipher)
         assert identity.name == "renamed"
-        identity = await ensure_identity(pool, name="new", public_url="http://x", cipher=cipher)
+        with pytest.raises(IdentityConflict):
+            await ensure_identity(pool, name="new", public_url=url, cipher=cipher)
+        await adopt_identity(pool, name="new", public_url=url)
+        identity = await ensure_identity(pool, name="new", public_url=url, cipher=cipher)
         assert identity.name == "new"
     finally:
         await pool.close()

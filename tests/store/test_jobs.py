@@ -51,3 +51,41 @@ async def test_a_dead_holder_frees_the_job(pool: asyncpg.Pool, stack: DevStack) 
                 return
         await asyncio.sleep(0.1)
     raise AssertionError("the job stayed held after its holder died")
+
+
+async def test_message_expiry_and_audit_partitions_run_in_one_replica_at_a_time(
+    stack: DevStack,
+) -> None:
+    from types import SimpleNamespace
+
+    from api.main import audit_round, expire_round
+    from federation.settings import Settings
+
+    database_url = stack.instances["spoke"].info["databaseUrl"]
+    spoke = await create_pool(database_url, max_size=3)
+    settings = Settings(database_url=database_url, instance_name="spoke")
+    app = SimpleNamespace(state=SimpleNamespace(pool=spoke, settings=settings))
+    sender = f"probe-{uuid.uuid4().hex[:8]}"
+    try:
+        await spoke.execute(
+            "INSERT INTO seen_messages (sender_id, message_id, expires_at)"
+            " VALUES ($1, 'm-1', now() - interval '1 hour')",
+            sender,
+        )
+        # Another replica holds the job: this one's round does nothing.
+        async with instance_job(spoke, "expire-messages") as other:
+            assert other
+            assert await expire_round(app) is False  # type: ignore[arg-type]
+            left = await spoke.fetchval(
+                "SELECT count(*) FROM seen_messages WHERE sender_id = $1", sender
+            )
+            assert left == 1
+        async with instance_job(spoke, "audit-partitions") as other:
+            assert await audit_round(app, 30) is False  # type: ignore[arg-type]
+        assert await expire_round(app) is True  # type: ignore[arg-type]
+        assert not await spoke.fetchval(
+            "SELECT count(*) FROM seen_messages WHERE sender_id = $1", sender
+        )
+        assert await audit_round(app, 30) is True  # type: ignore[arg-type]
+    finally:
+        await spoke.close()

@@ -395,10 +395,32 @@ CREATE TABLE agent_conversations (
     checkpoints  integer NOT NULL DEFAULT 0,
     -- How the try ended: success, summary, stopReason (NULL while it runs).
     outcome      jsonb,
+    -- The workspace as of this checkpoint, so a retry on another host finds it again:
+    -- {"id", "sha256" (its manifest in workspace_blobs), "bytes", "entries"} or, when it
+    -- could not be saved, {"id", "lost": why}. NULL: no checkpoint took one.
+    workspace    jsonb,
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (requester_id, agent_id, attempt)
 );
+
+-- Executor: the files of runs' workspace snapshots and their manifests, by sha256 (one copy of
+-- the same bytes whichever runs and checkpoints hold them).
+CREATE TABLE workspace_blobs (
+    sha256     text PRIMARY KEY,
+    bytes      bigint NOT NULL,
+    data       bytea NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+-- Which run's snapshots hold which blob: when the run has ended, its rows go, and so do the
+-- blobs no other run holds (federation.store.workspaces.forget_ended).
+CREATE TABLE workspace_run_blobs (
+    requester_id text NOT NULL,
+    agent_id     uuid NOT NULL,
+    sha256       text NOT NULL,
+    PRIMARY KEY (requester_id, agent_id, sha256)
+);
+CREATE INDEX workspace_run_blobs_sha256 ON workspace_run_blobs (sha256);
 
 -- Executor: the transcript of a run, numbered from 1 across its tries; bounded in bytes per run.
 CREATE TABLE agent_transcript (
