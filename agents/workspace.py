@@ -42,7 +42,7 @@ from typing import Any
 
 from agents.addresses import resolve_allowed
 from agents.errors import AgentSetupError
-from agents.sandbox import fence
+from agents.sandbox import fence, files
 from agents.sandbox.base import (
     CommandResult,
     Limits,
@@ -173,6 +173,10 @@ def _dot_segments(path: str) -> str:
     return "/" + "/".join(kept)
 
 
+# Agent ids name workspaces (a uuid, as the workspace path check in activities/agents.py keeps).
+RUN_NAME = re.compile(r"[0-9a-fA-F-]{36}")
+
+
 def baseline_dir(workspace: Path) -> Path:
     return workspace.parent / f".{workspace.name}.baseline.git"
 
@@ -180,6 +184,30 @@ def baseline_dir(workspace: Path) -> Path:
 def diff_file(workspace: Path) -> Path:
     """Where the run's diff is written: next to the workspace, outside the sandbox."""
     return workspace.parent / f".{workspace.name}.diff"
+
+
+def run_files(workspaces: Path) -> dict[str, list[Path]]:
+    """What each run holds in one requester's directory of workspaces, by agent id: its
+    workspace and everything named `.{agentId}.*` beside it (baseline repository, diff file,
+    /tmp, diff scratch, fence). Names that are no run's are left out."""
+    runs: dict[str, list[Path]] = {}
+    try:
+        entries = list(os.scandir(workspaces))
+    except OSError:
+        return runs
+    for entry in entries:
+        name = entry.name[1:].split(".", 1)[0] if entry.name.startswith(".") else entry.name
+        if RUN_NAME.fullmatch(name) and (entry.name == name or entry.name.startswith(f".{name}.")):
+            runs.setdefault(name, []).append(Path(entry.path))
+    return runs
+
+
+def remove_run_files(paths: Sequence[Path]) -> int:
+    """Remove a run's files (`run_files`); returns the bytes they took on disk."""
+    used = files.disk_usage(list(paths))
+    for path in sorted(paths, key=lambda p: p.name.endswith(".fence.lock")):
+        remove_tree(path)
+    return used
 
 
 def classify(repository: str | None, roots: Sequence[Path]) -> tuple[str, str]:
