@@ -25,7 +25,13 @@ from agents.models import (
     ScriptedProvider,
     script_commands,
 )
-from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
+from agents.sandbox.base import (
+    PEER_DISK_BUDGET,
+    Limits,
+    Sandbox,
+    SandboxUnavailable,
+    peer_disk_usage,
+)
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.fence import claim_workspace, end_workspace_processes, scratch_dir
 from agents.sandbox.process import ProcessSandbox
@@ -342,6 +348,7 @@ async def run_agent_task(
         )
     model = choose_model(config, context)
     generation = await fence_workspace(config, workspace)
+    await _refuse_over_peer_budget(config, workspace)
     prepared = await prepare_workspace(
         workspace,
         context.get("repository"),
@@ -390,6 +397,16 @@ async def run_agent_task(
     report.workspace = prepared.describe()
     await _add_diff(report, config, prepared, generation)
     return report
+
+
+async def _refuse_over_peer_budget(config: RuntimeConfig, workspace: Path) -> None:
+    """A try does not start while its peer's runs already hold its whole disk budget here."""
+    budget = config.limits.peer_disk_bytes
+    if budget and (together := await asyncio.to_thread(peer_disk_usage, workspace)) >= budget:
+        raise AgentSetupError(
+            f"{PEER_DISK_BUDGET}: this peer's runs hold {together} bytes here together, at or "
+            f"above this executor's budget of {budget} bytes per peer; the try was not started"
+        )
 
 
 def clone_settings(config: RuntimeConfig) -> CloneSettings:

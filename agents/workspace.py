@@ -44,7 +44,9 @@ from agents.addresses import resolve_allowed
 from agents.errors import AgentSetupError
 from agents.sandbox import fence, files
 from agents.sandbox.base import (
+    PEER_DISK_BUDGET,
     CommandResult,
+    DiskOveruse,
     Limits,
     Sandbox,
     SandboxUnavailable,
@@ -467,7 +469,7 @@ async def clone_in_sandbox(
         ro_binds=((where, "/repository"),) if kind == "local" else (),
         environment=CLONE_ENV,
     )
-    quota = clone.limits.disk_bytes
+    over: DiskOveruse | None = None
     try:
         try:
             await sandbox.start()
@@ -476,13 +478,14 @@ async def clone_in_sandbox(
                 raise AgentSetupError(f"the clone's sandbox did not start: {exc}") from exc
             log.warning("cloning %s without a sandbox (bwrap cannot start: %s)", what, exc)
             result = await _clone_on_host(argv, kind, where, workspace, clone.timeout)
-            over = None
         else:
             result, over = await run_within_quota(sandbox, shlex.join(argv), clone.timeout)
-        if over is None and quota and (used := await sandbox.disk_usage()) > quota:
-            over = used  # a clone faster than the checks while it ran
+        if over is None:
+            _, over = await sandbox.check_disk()  # a clone faster than the checks while it ran
     finally:
         await sandbox.kill()
+    if over is not None and over.code == PEER_DISK_BUDGET:
+        raise AgentSetupError(f"cloning {what} was stopped: {over.reason()}")
     if over is not None:
         raise AgentSetupError(
             f"cloning {what} was stopped: the repository needs more than this executor's "

@@ -111,8 +111,7 @@ async def link(pool: asyncpg.Pool, run: Run, kind: str, data: bytes, age: float 
     )
     for table in ("artifacts", "agent_artifacts"):
         await pool.execute(
-            f"UPDATE {table} SET created_at = now() - make_interval(secs => $2)"
-            " WHERE sha256 = $1",
+            f"UPDATE {table} SET created_at = now() - make_interval(secs => $2) WHERE sha256 = $1",
             stored.sha256,
             age,
         )
