@@ -129,6 +129,16 @@ async def test_an_ended_runs_workspace_is_removed_and_its_diff_stays_downloadabl
     assert diff.status_code == 200, diff.text
     assert "+kept-in-the-store" in diff.text
     assert len(diff.content) == agent["result"]["diffBytes"]
+    # What the store keeps, per kind, is in the metrics of each instance.
+    page = (await world.doer.http.get(f"{world.doer.url}/metrics")).text
+    kept = {
+        line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line.startswith("fedagent_stored_bytes{")
+    }
+    assert set(kept) == set(retention.KINDS)
+    assert kept["artifact_content"] >= agent["result"]["diffBytes"] > 0
+    assert 'fedagent_stored_rows{kind="runs"}' in page
 
 
 async def test_a_second_run_taking_a_peer_past_its_disk_budget_is_stopped(world: World) -> None:

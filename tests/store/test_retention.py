@@ -3,20 +3,24 @@ that has not ended goes, and shared artifact content goes only once no run refer
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from cli.devstack import DevStack
+from federation.settings import Settings
 from federation.store import artifacts, retention
 from federation.store.db import create_pool, migrate
-from operations.retention import collect_store
+from federation.store.jobs import instance_job
+from operations.retention import STORE_JOB, collect_store, run_periodically
 
 HOUR = 3600.0
 POLICY = retention.Retention(run_data=HOUR, artifacts=HOUR, runs=HOUR)
@@ -216,3 +220,31 @@ async def test_content_stored_again_is_not_taken_for_unreferenced(pool: asyncpg.
     await collect_store(pool, retention_policy=POLICY)
     assert await content(pool, again.sha256) == (1, 1)
     assert hashlib.sha256(data).hexdigest() == sha
+
+
+async def test_the_periodic_job_runs_only_where_it_holds_the_instance_lock(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    run = await add_run(pool, role="executor", state="completed", ended_ago=2 * HOUR)
+    settings = Settings(
+        data_dir=tmp_path,
+        run_data_retention=HOUR,
+        artifact_retention=HOUR,
+        run_retention=HOUR,
+        retention_interval=0.2,
+    )
+    stop = asyncio.Event()
+    async with instance_job(pool, STORE_JOB) as held:  # another process of the instance runs it
+        assert held
+        job = asyncio.create_task(run_periodically(pool, settings, stop))
+        await asyncio.sleep(1.0)
+        assert (await rows_of(pool, run))["runs"] == 1
+    try:
+        for _ in range(100):  # freed: this process takes the job on its next pass
+            if (await rows_of(pool, run))["runs"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert set((await rows_of(pool, run)).values()) == {0}
+    finally:
+        stop.set()
+        await job
