@@ -8,30 +8,47 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
-from cli.devstack import DevStack
 from federation.settings import Settings
 from federation.store import artifacts, retention
 from federation.store.db import create_pool, migrate
 from federation.store.jobs import instance_job
-from operations.retention import STORE_JOB, collect_store, run_periodically
+from operations.retention import STORE_JOB, collect_store, run_periodically, sweep_workspaces
 
 HOUR = 3600.0
 POLICY = retention.Retention(run_data=HOUR, artifacts=HOUR, runs=HOUR)
 CHUNK = 4096
 
 
+@pytest.fixture(scope="module")
+async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    """A real PostgreSQL of this module's own (no whole stack needed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        made: Any = await asyncio.to_thread(
+            pgserver.get_server,  # type: ignore[attr-defined]
+            Path(tmp_path_factory.mktemp("pg")),
+            cleanup_mode="stop",
+        )
+    try:
+        yield made
+    finally:
+        await asyncio.to_thread(made.cleanup)
+
+
 @pytest.fixture
-async def pool(stack: DevStack) -> AsyncIterator[asyncpg.Pool]:
-    server = stack._pg  # the stack's real PostgreSQL; each test gets a database of its own
-    assert server is not None
-    name = f"retention_{uuid.uuid4().hex[:8]}"
+async def pool(server: Any) -> AsyncIterator[asyncpg.Pool]:
+    name = f"retention_{uuid.uuid4().hex[:8]}"  # a database per test
     admin = await asyncpg.connect(server.get_uri())
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
@@ -248,3 +265,38 @@ async def test_the_periodic_job_runs_only_where_it_holds_the_instance_lock(
     finally:
         stop.set()
         await job
+
+
+async def test_workspaces_go_once_their_run_ended_and_never_while_it_runs(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path, instance_name="doer")
+    running = await add_run(pool, role="executor", state="running", ended_ago=None)
+    ended = await add_run(pool, role="executor", state="completed", ended_ago=5)
+    just_ended = await add_run(pool, role="executor", state="failed", ended_ago=1)
+    unknown = Run("executor", running.peer, uuid.uuid4())  # its record went (retention)
+    made: dict[uuid.UUID, list[Path]] = {}
+    for run in (running, ended, just_ended, unknown):
+        peer = settings.workspaces_dir / run.peer
+        peer.mkdir(parents=True, exist_ok=True)
+        name = str(run.agent_id)
+        paths = [peer / name, peer / f".{name}.baseline.git", peer / f".{name}.tmp"]
+        for path in paths:
+            (path / "sub").mkdir(parents=True)
+            (path / "sub" / "data").write_bytes(os.urandom(64 * 1024))
+        (peer / f".{name}.diff").write_bytes(b"diff --git")
+        made[run.agent_id] = [*paths, peer / f".{name}.diff"]
+    other = settings.workspaces_dir / running.peer / "not-a-run"
+    other.write_text("left alone")
+
+    kept_for_3s = settings.model_copy(update={"workspace_retention": 3.0})
+    dry = await sweep_workspaces(pool, kept_for_3s, dry_run=True)
+    assert all(path.exists() for paths in made.values() for path in paths)
+    swept = await sweep_workspaces(pool, kept_for_3s)
+
+    assert swept.rows == dry.rows == 2 and swept.bytes == dry.bytes >= 2 * 3 * 64 * 1024
+    for run in (ended, unknown):
+        assert not any(path.exists() for path in made[run.agent_id]), run
+    for run in (running, just_ended):
+        assert all(path.exists() for path in made[run.agent_id]), run
+    assert other.read_text() == "left alone"
