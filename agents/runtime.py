@@ -153,6 +153,13 @@ def make_sandbox(
     raise AgentSetupError(f"unknown sandbox {config.sandbox!r} (one of {', '.join(SANDBOXES)})")
 
 
+def diff_limits(config: RuntimeConfig) -> Limits:
+    """The run's limits for taking its diff, without its peer's disk budget: the diff's
+    scratch is bounded by its own caps and gone after, and the run's outcome (maybe stopped
+    for that very budget) keeps its diff."""
+    return replace(config.limits, command_timeout=config.diff_timeout, peer_disk_bytes=None)
+
+
 def _diff_sandboxes(
     config: RuntimeConfig,
     prepared: PreparedWorkspace,
@@ -162,7 +169,7 @@ def _diff_sandboxes(
 ) -> list[Sandbox]:
     """The sandboxes to take the diff in, the first that starts: bwrap, then (for a docker
     run where bwrap cannot start) a container of the run's image, which must have git."""
-    limits = replace(config.limits, command_timeout=config.diff_timeout)
+    limits = diff_limits(config)
     binds = ((str(prepared.baseline), BASELINE_MOUNT), (str(inputs), INPUT_MOUNT))
     choices: list[Sandbox] = [
         BwrapSandbox(
@@ -234,8 +241,7 @@ async def diff_sandbox(
     try:
         if config.sandbox == "process":
             scratch.mkdir(mode=0o700)
-            limits = replace(config.limits, command_timeout=config.diff_timeout)
-            sandbox = ProcessSandbox(prepared.path, limits)
+            sandbox = ProcessSandbox(prepared.path, diff_limits(config))
             await sandbox.start()
             baseline, mounts = str(prepared.baseline), (str(inputs), str(scratch))
         else:

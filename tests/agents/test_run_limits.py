@@ -192,7 +192,12 @@ async def test_the_run_that_takes_its_peer_past_the_disk_budget_is_stopped(tmp_p
     assert second.stop_reason == "peer_disk_budget", second.summary
     assert second.summary.startswith("peer_disk_budget:")
     assert not (peer / "a2" / "after").exists()
-    assert (await first).success  # it added nothing while the other passed the budget
+    done = await first
+    assert done.success  # it added nothing while the other passed the budget
+    # Both diffs are taken (the budget is not the diff's): what each run wrote is kept.
+    for report in (done, second):
+        assert "diffError" not in report.workspace, report.workspace
+        assert report.changed_files and report.diff_sha256
 
     with pytest.raises(AgentSetupError, match="^peer_disk_budget:"):
         await scripted(peer / "a3", "$ echo hi", limits=limits)
