@@ -165,6 +165,7 @@ async def test_a_second_run_taking_a_peer_past_its_disk_budget_is_stopped(world:
     assert stopped["result"]["stopReason"] == "peer_disk_budget"
     done = await world.asker.wait_agent(first, timeout=90)
     assert done["state"] == "completed", done
+    assert done["result"]["diffBytes"] > 0 and stopped["result"]["diffBytes"] > 0
     rows = await world.doer.fetch(
         "SELECT state, result->>'stopReason' AS reason FROM agents"
         " WHERE role = 'executor' AND agent_id = $1",
