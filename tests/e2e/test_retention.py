@@ -172,6 +172,8 @@ async def test_a_second_run_taking_a_peer_past_its_disk_budget_is_stopped(world:
         uuid.UUID(second),
     )
     assert [(r["state"], r["reason"]) for r in rows] == [("failed", "peer_disk_budget")]
+    # Swept once ended: the peer's budget is free again.
+    await wait_for(lambda: not world.run_files(first) + world.run_files(second), 40, "the sweep")
 
 
 async def stored(instance: Instance) -> dict[str, retention.Amount]:
@@ -201,6 +203,8 @@ async def settle(world: World) -> None:
 async def test_a_soak_of_short_runs_leaves_the_store_and_the_disk_as_they_were(
     world: World,
 ) -> None:
+    # The runs before this one hold the peer's budget until they are swept.
+    await wait_for(lambda: not any(world.run_files("-")), 60, "the workspaces to go")
     # The peer's directory of workspaces is made by its first run and stays (mode 0700).
     warm_up = await spawn(world, "$ true", task_id="soak-warm-up")
     assert (await world.asker.wait_agent(warm_up, timeout=90))["state"] == "completed"
