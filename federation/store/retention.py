@@ -50,7 +50,7 @@ class Retention:
     runs: float
 
     def seconds(self, kind: str) -> float:
-        if kind in ("artifacts",):
+        if kind == "artifacts":
             return self.artifacts
         if kind == "artifact_content":
             return min(self.artifacts, CONTENT_GRACE_MAX)
