@@ -431,6 +431,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
             command_timeout=settings.command_timeout,
             file_bytes=settings.sandbox_file_mb * 1024 * 1024,
             disk_bytes=settings.sandbox_disk_mb * 1024 * 1024,
+            peer_disk_bytes=settings.peer_disk_budget_mb * 1024 * 1024 or None,
         ),
         provider=settings.model_provider,
         model=settings.anthropic_model,

@@ -65,6 +65,7 @@ class AgentRunReport:
     usage: dict[str, dict[str, int]] = field(default_factory=dict)
     log_tail: str = ""
     # finished | no_tool_call | max_turns | token_budget | model_error | disk_quota
+    # | peer_disk_budget
     stop_reason: str = ""
     error: str | None = None
     api_retries: int = 0
@@ -384,15 +385,9 @@ class AgentLoop:
             await self._save(
                 report, [result_entry(turn_no, call, outcome, interrupted=interrupted)]
             )
-            used = await tools.check_disk()
-            if used is not None:
-                quota = self.sandbox.limits.disk_bytes or 0
-                self._stop(
-                    report,
-                    "disk_quota",
-                    f"disk_quota: the workspace and /tmp hold {used} bytes, above this "
-                    f"executor's quota of {quota} bytes; the run was stopped",
-                )
+            over = await tools.check_disk()
+            if over is not None:
+                self._stop(report, over.code, over.reason())
                 return True
         return False
 

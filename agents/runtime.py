@@ -25,7 +25,13 @@ from agents.models import (
     ScriptedProvider,
     script_commands,
 )
-from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
+from agents.sandbox.base import (
+    PEER_DISK_BUDGET,
+    Limits,
+    Sandbox,
+    SandboxUnavailable,
+    peer_disk_usage,
+)
 from agents.sandbox.bwrap import DEFAULT_RUN_AS, BwrapSandbox
 from agents.sandbox.fence import claim_workspace, end_workspace_processes, scratch_dir
 from agents.sandbox.process import ProcessSandbox
@@ -147,6 +153,13 @@ def make_sandbox(
     raise AgentSetupError(f"unknown sandbox {config.sandbox!r} (one of {', '.join(SANDBOXES)})")
 
 
+def diff_limits(config: RuntimeConfig) -> Limits:
+    """The run's limits for taking its diff, without its peer's disk budget: the diff's
+    scratch is bounded by its own caps and gone after, and the run's outcome (maybe stopped
+    for that very budget) keeps its diff."""
+    return replace(config.limits, command_timeout=config.diff_timeout, peer_disk_bytes=None)
+
+
 def _diff_sandboxes(
     config: RuntimeConfig,
     prepared: PreparedWorkspace,
@@ -156,7 +169,7 @@ def _diff_sandboxes(
 ) -> list[Sandbox]:
     """The sandboxes to take the diff in, the first that starts: bwrap, then (for a docker
     run where bwrap cannot start) a container of the run's image, which must have git."""
-    limits = replace(config.limits, command_timeout=config.diff_timeout)
+    limits = diff_limits(config)
     binds = ((str(prepared.baseline), BASELINE_MOUNT), (str(inputs), INPUT_MOUNT))
     choices: list[Sandbox] = [
         BwrapSandbox(
@@ -228,8 +241,7 @@ async def diff_sandbox(
     try:
         if config.sandbox == "process":
             scratch.mkdir(mode=0o700)
-            limits = replace(config.limits, command_timeout=config.diff_timeout)
-            sandbox = ProcessSandbox(prepared.path, limits)
+            sandbox = ProcessSandbox(prepared.path, diff_limits(config))
             await sandbox.start()
             baseline, mounts = str(prepared.baseline), (str(inputs), str(scratch))
         else:
@@ -349,6 +361,7 @@ async def run_agent_task(
     model = choose_model(config, context)
     if generation is None:
         generation = await fence_workspace(config, workspace)
+    await _refuse_over_peer_budget(config, workspace)
     prepared = await prepare_workspace(
         workspace,
         context.get("repository"),
@@ -400,6 +413,16 @@ async def run_agent_task(
     report.workspace = prepared.describe()
     await _add_diff(report, config, prepared, generation)
     return report
+
+
+async def _refuse_over_peer_budget(config: RuntimeConfig, workspace: Path) -> None:
+    """A try does not start while its peer's runs already hold its whole disk budget here."""
+    budget = config.limits.peer_disk_bytes
+    if budget and (together := await asyncio.to_thread(peer_disk_usage, workspace)) >= budget:
+        raise AgentSetupError(
+            f"{PEER_DISK_BUDGET}: this peer's runs hold {together} bytes here together, at or "
+            f"above this executor's budget of {budget} bytes per peer; the try was not started"
+        )
 
 
 def clone_settings(config: RuntimeConfig) -> CloneSettings:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.models import ToolCall, ToolOutcome
-from agents.sandbox.base import CommandResult, Sandbox, run_within_quota
+from agents.sandbox.base import CommandResult, DiskOveruse, Sandbox, run_within_quota
 from agents.sandbox.files import PathRefused
 from agents.text import clean, text_of
 
@@ -131,16 +131,17 @@ class ToolRunner:
     def __init__(self, sandbox: Sandbox, allowed: list[str]) -> None:
         self.sandbox = sandbox
         self.allowed = allowed
-        # Bytes the workspace and /tmp held when they were found above the disk quota.
-        self.over_quota: int | None = None
+        # The disk limit found passed (the run must end), and the run's usage last seen.
+        self.over_quota: DiskOveruse | None = None
+        self._last_used: int | None = None
 
-    async def check_disk(self) -> int | None:
-        """The disk usage if it is above the run's quota (the run must end), else None."""
-        quota = self.sandbox.limits.disk_bytes
-        if quota and self.over_quota is None:
-            used = await self.sandbox.disk_usage()
-            if used > quota:
-                self.over_quota = used
+    async def check_disk(self) -> DiskOveruse | None:
+        """The disk limit passed (the run's quota, or its peer's budget by a step of this run),
+        if any: the run must end."""
+        limits = self.sandbox.limits
+        if (limits.disk_bytes or limits.peer_disk_bytes) and self.over_quota is None:
+            used, self.over_quota = await self.sandbox.check_disk(grown_since=self._last_used)
+            self._last_used = used
         return self.over_quota
 
     async def run(self, call: ToolCall) -> tuple[ToolOutcome, CommandRecord | None]:

@@ -42,9 +42,11 @@ from typing import Any
 
 from agents.addresses import resolve_allowed
 from agents.errors import AgentSetupError
-from agents.sandbox import fence
+from agents.sandbox import fence, files
 from agents.sandbox.base import (
+    PEER_DISK_BUDGET,
     CommandResult,
+    DiskOveruse,
     Limits,
     Sandbox,
     SandboxUnavailable,
@@ -173,6 +175,10 @@ def _dot_segments(path: str) -> str:
     return "/" + "/".join(kept)
 
 
+# Agent ids name workspaces (a uuid, as the workspace path check in activities/agents.py keeps).
+RUN_NAME = re.compile(r"[0-9a-fA-F-]{36}")
+
+
 def baseline_dir(workspace: Path) -> Path:
     return workspace.parent / f".{workspace.name}.baseline.git"
 
@@ -180,6 +186,30 @@ def baseline_dir(workspace: Path) -> Path:
 def diff_file(workspace: Path) -> Path:
     """Where the run's diff is written: next to the workspace, outside the sandbox."""
     return workspace.parent / f".{workspace.name}.diff"
+
+
+def run_files(workspaces: Path) -> dict[str, list[Path]]:
+    """What each run holds in one requester's directory of workspaces, by agent id: its
+    workspace and everything named `.{agentId}.*` beside it (baseline repository, diff file,
+    /tmp, diff scratch, fence). Names that are no run's are left out."""
+    runs: dict[str, list[Path]] = {}
+    try:
+        entries = list(os.scandir(workspaces))
+    except OSError:
+        return runs
+    for entry in entries:
+        name = entry.name[1:].split(".", 1)[0] if entry.name.startswith(".") else entry.name
+        if RUN_NAME.fullmatch(name) and (entry.name == name or entry.name.startswith(f".{name}.")):
+            runs.setdefault(name, []).append(Path(entry.path))
+    return runs
+
+
+def remove_run_files(paths: Sequence[Path]) -> int:
+    """Remove a run's files (`run_files`); returns the bytes they took on disk."""
+    used = files.disk_usage(list(paths))
+    for path in sorted(paths, key=lambda p: p.name.endswith(".fence.lock")):
+        remove_tree(path)
+    return used
 
 
 def classify(repository: str | None, roots: Sequence[Path]) -> tuple[str, str]:
@@ -439,7 +469,7 @@ async def clone_in_sandbox(
         ro_binds=((where, "/repository"),) if kind == "local" else (),
         environment=CLONE_ENV,
     )
-    quota = clone.limits.disk_bytes
+    over: DiskOveruse | None = None
     try:
         try:
             await sandbox.start()
@@ -448,13 +478,14 @@ async def clone_in_sandbox(
                 raise AgentSetupError(f"the clone's sandbox did not start: {exc}") from exc
             log.warning("cloning %s without a sandbox (bwrap cannot start: %s)", what, exc)
             result = await _clone_on_host(argv, kind, where, workspace, clone.timeout)
-            over = None
         else:
             result, over = await run_within_quota(sandbox, shlex.join(argv), clone.timeout)
-        if over is None and quota and (used := await sandbox.disk_usage()) > quota:
-            over = used  # a clone faster than the checks while it ran
+        if over is None:
+            _, over = await sandbox.check_disk()  # a clone faster than the checks while it ran
     finally:
         await sandbox.kill()
+    if over is not None and over.code == PEER_DISK_BUDGET:
+        raise AgentSetupError(f"cloning {what} was stopped: {over.reason()}")
     if over is not None:
         raise AgentSetupError(
             f"cloning {what} was stopped: the repository needs more than this executor's "

@@ -12,6 +12,9 @@ Served at `GET /metrics` in the Prometheus text format:
 - `fedagent_agents_running{role}`, `fedagent_agents{role,state}`: agents not yet ended.
 - `fedagent_agent_run_duration_seconds{role}`: how long ended agents ran (executor: start of
   the run to its end; requester: spawn to final state).
+- `fedagent_stored_rows{kind}`, `fedagent_stored_bytes{kind}`: what the store keeps of runs, by
+  retention kind (messages, events, transcripts, checkpoints, artifacts, artifact_content, runs;
+  `operations/retention.py`), at most a minute old.
 
 Workers serve the Temporal SDK's own metrics on FEDAGENT_METRICS_PORT.
 """
@@ -41,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from federation.logs import _log_context, bind_log_context
 from federation.states import TERMINAL_STATES, AgentState
+from federation.store import retention
 
 log = logging.getLogger("fedagent.access")
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series
@@ -194,6 +198,47 @@ async def _read_store(pool: asyncpg.Pool) -> StoreSnapshot:
 
 STORE = StoreCollector()
 REGISTRY.register(STORE)
+
+
+class StoredCollector(Collector):
+    """What the store keeps of runs, per retention kind, as of the last `refresh` (counting
+    reads whole tables: refreshed at most once a minute)."""
+
+    def __init__(self, max_age: float = 60.0) -> None:
+        self.amounts: dict[str, retention.Amount] = {}
+        self.taken_at = -max_age
+        self.max_age = max_age
+        self._lock = asyncio.Lock()
+
+    async def refresh(self, pool: asyncpg.Pool) -> None:
+        async with self._lock:
+            if time.monotonic() - self.taken_at < self.max_age:
+                return
+            self.taken_at = time.monotonic()
+            try:
+                async with pool.acquire() as conn:
+                    self.amounts = await asyncio.wait_for(retention.stored(conn), timeout=10.0)
+            except Exception as exc:  # noqa: BLE001 - metrics report, they do not fail
+                log.warning("reading what the store keeps failed: %r", exc)
+
+    def collect(self) -> Iterator[Metric]:
+        rows = GaugeMetricFamily(
+            "fedagent_stored_rows", "Rows the store keeps of runs, by kind", labels=["kind"]
+        )
+        size = GaugeMetricFamily(
+            "fedagent_stored_bytes",
+            "Bytes the store keeps of runs, by kind (artifact content: its bytes)",
+            labels=["kind"],
+        )
+        for kind, amount in self.amounts.items():
+            rows.add_metric([kind], float(amount.rows))
+            size.add_metric([kind], float(amount.bytes))
+        yield rows
+        yield size
+
+
+STORED = StoredCollector()
+REGISTRY.register(STORED)
 
 
 # --- the middleware ---------------------------------------------------------------------------

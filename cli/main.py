@@ -1052,6 +1052,44 @@ def keys_rotate(
 
 @app.command(rich_help_panel="Operate")
 @uses_instance(remote=False)
+def gc(
+    target: Remote,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete what the instance keeps past its retention: workspaces of ended runs on this
+    host, then messages, events, transcripts, checkpoints, artifacts and run records of runs
+    that ended long enough ago (FEDAGENT_*_RETENTION). Prints what it deletes per kind.
+
+    The worker does the same on its own (FEDAGENT_RETENTION_INTERVAL); uses the FEDAGENT_*
+    settings, or those of --instance NAME in a dev stack's instances.json."""
+    from operations.retention import collect_garbage
+
+    settings = _settings()
+    if target.instance:
+        settings = settings.model_copy(
+            update={"instance_name": target.instance, "data_dir": target.data_dir}
+        )
+
+    async def run(pool: Any) -> Any:
+        return await collect_garbage(pool, settings, dry_run=dry_run)
+
+    report = _with_database(target, run)
+    if target.as_json:
+        _print_json(
+            {
+                "dryRun": report.dry_run,
+                "kinds": {k: {"count": a.rows, "bytes": a.bytes} for k, a in report.kinds.items()},
+            }
+        )
+        return
+    for line in report.lines():
+        print(line)
+
+
+@app.command(rich_help_panel="Operate")
+@uses_instance(remote=False)
 def doctor(
     target: Remote,
 ) -> None:

@@ -243,6 +243,48 @@ class Settings(BaseSettings):
     )
     # Audit rows older than this many days are dropped (whole daily partitions); 0: kept.
     audit_retention_days: int = Field(default=365, ge=0)
+    # --- retention of what runs leave (operations/retention.py) ---
+    workspace_retention: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Seconds a run's workspace (its files, baseline repository, diff file and /tmp) is "
+            "kept on the worker's disk after the run ended; 0: removed as soon as it ended (its "
+            "diff and log are in the store by then)."
+        ),
+    )
+    run_data_retention: float = Field(
+        default=30 * 86400.0,
+        ge=1,
+        description=(
+            "Seconds the messages, events, transcripts and conversation checkpoints of an ended "
+            "run are kept (messages of no run: from when they were received)."
+        ),
+    )
+    artifact_retention: float = Field(
+        default=30 * 86400.0,
+        ge=1,
+        description=(
+            "Seconds the artifacts (diff, log, transcript) of an ended run stay downloadable; "
+            "stored content goes once no run refers to it any more."
+        ),
+    )
+    run_retention: float = Field(
+        default=90 * 86400.0,
+        ge=1,
+        description=(
+            "Seconds the record of an ended run (its state, result and error, as lists and "
+            "`GET /agents/{id}` show it) is kept."
+        ),
+    )
+    retention_interval: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Seconds between two passes of the retention job (once per instance, in a worker); "
+            "workspaces of ended runs are looked for every 10 s or this often if shorter."
+        ),
+    )
     # Default limit of one peer's agents running here at once when its grants set none, and
     # how many more of its spawns may wait queued (options.queue).
     peer_max_running_agents: int = Field(
@@ -336,6 +378,15 @@ class Settings(BaseSettings):
     sandbox_file_mb: int = Field(default=1024, ge=1)
     # What a run's workspace and /tmp may hold together; past it the run ends `disk_quota`.
     sandbox_disk_mb: int = Field(default=4096, ge=1)
+    peer_disk_budget_mb: int = Field(
+        default=8192,
+        ge=0,
+        description=(
+            "What all of one peer's runs here may hold on disk together (workspaces, baselines, "
+            "diffs, /tmp), in MiB; the run whose step goes past it ends `peer_disk_budget`, and "
+            "a try that finds it passed does not start (0: no budget, only the per-run quota)."
+        ),
+    )
     # Seconds one command may run before everything it started is killed.
     command_timeout: float = Field(default=600.0, gt=0)
     # Host uid (and gid) sandboxes run as when the worker runs as root; used by nothing else.

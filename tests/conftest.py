@@ -132,6 +132,9 @@ async def stack(
             # Every test peer asks from and is served on 127.0.0.1: only edge keeps the caps.
             "FEDAGENT_MAX_PENDING_PER_SOURCE": "1000",
             "FEDAGENT_MAX_PENDING_PER_HOST": "1000",
+            # Tests look at what agents left in their workspaces after their runs ended
+            # (tests/e2e/test_retention.py has a stack that removes them at once).
+            "FEDAGENT_WORKSPACE_RETENTION": "86400",
         },
         instance_env={"far": FAR_ENV, "edge": EDGE_ENV},
         public_urls={"far": far_proxy.url},

@@ -28,6 +28,7 @@ from federation.settings import Settings
 from federation.store import notifications, workers
 from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal, metrics_runtime
+from operations import retention
 from worker.interceptor import AgentRunInterceptor
 from worker.reconciler import Reconciler
 from worker.sandboxes import report_sandbox_limits, sweep_sandboxes, worker_name
@@ -137,9 +138,12 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     try:
         async with main_worker, agent_worker:
             repairs = asyncio.create_task(reconciler.run_forever(stop))
+            # Workspaces of ended runs, and what the store keeps past its retention.
+            cleanup = asyncio.create_task(retention.run_periodically(pool, settings, stop))
             await stop.wait()
             log.info("stopping: no new tasks; running agents get %s to finish", grace)
             await repairs
+            await cleanup
     finally:
         await kills.close()
         await http.aclose()

@@ -50,6 +50,10 @@ class Limits:
     # What the workspace and the run's /tmp may hold together; past it the run ends
     # `disk_quota` (checked while commands run and after each tool call).
     disk_bytes: int | None = 4 * 1024**3
+    # What all the runs of one peer may hold together: every workspace of a peer (with its
+    # baseline, diff and /tmp) lives in one directory, the parent of each run's workspace.
+    # Past it the run whose step added to it ends `peer_disk_budget`.
+    peer_disk_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,7 +63,38 @@ class Limits:
             "commandTimeout": self.command_timeout,
             "fileBytes": self.file_bytes,
             "diskBytes": self.disk_bytes,
+            "peerDiskBytes": self.peer_disk_bytes,
         }
+
+
+DISK_QUOTA = "disk_quota"
+PEER_DISK_BUDGET = "peer_disk_budget"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiskOveruse:
+    """A disk limit a run passed: its own quota (`disk_quota`, `used` is the run's) or its
+    peer's budget (`peer_disk_budget`, `used` is what all of the peer's runs hold)."""
+
+    code: str
+    used: int
+    limit: int
+
+    def reason(self) -> str:
+        if self.code == PEER_DISK_BUDGET:
+            return (
+                f"{PEER_DISK_BUDGET}: this peer's runs hold {self.used} bytes here together, "
+                f"above this executor's budget of {self.limit} bytes per peer; the run was stopped"
+            )
+        return (
+            f"{DISK_QUOTA}: the workspace and /tmp hold {self.used} bytes, above this "
+            f"executor's quota of {self.limit} bytes; the run was stopped"
+        )
+
+
+def peer_disk_usage(workspace: Path) -> int:
+    """Bytes all the runs of the peer whose workspace this is hold on disk now."""
+    return files.disk_usage([workspace.parent])
 
 
 class Sandbox(ABC):
@@ -146,6 +181,21 @@ class Sandbox(ABC):
         """Host directories of the run besides the workspace (its /tmp), for the quota."""
         return []
 
+    async def check_disk(self, grown_since: int | None = None) -> tuple[int, DiskOveruse | None]:
+        """The run's disk usage now, and the limit it passed if any: its own quota, or the
+        budget of its peer's runs together, which is looked at only when this run grew past
+        `grown_since` bytes (the run that adds to it is the one stopped, not one that waits)."""
+        used = await self.disk_usage()
+        quota = self.limits.disk_bytes
+        if quota and used > quota:
+            return used, DiskOveruse(code=DISK_QUOTA, used=used, limit=quota)
+        budget = self.limits.peer_disk_bytes
+        if budget and (grown_since is None or used > grown_since):
+            together = await asyncio.to_thread(peer_disk_usage, self.workspace)
+            if together > budget:
+                return used, DiskOveruse(code=PEER_DISK_BUDGET, used=together, limit=budget)
+        return used, None
+
     def _relative(self, path: str) -> str:
         """A tool's path relative to the workspace; absolute paths must be inside its mount."""
         return files.relative_to_mount(path, self.workspace_mount)
@@ -153,21 +203,22 @@ class Sandbox(ABC):
 
 async def run_within_quota(
     sandbox: Sandbox, command: str, timeout: float, poll: float = 1.0
-) -> tuple[CommandResult, int | None]:
-    """Run a command with the disk quota checked while it runs: a command that fills the
-    workspace and /tmp past `limits.disk_bytes` takes the sandbox down with it. Returns the
-    result and, when the quota was passed, the usage found."""
-    quota = sandbox.limits.disk_bytes
+) -> tuple[CommandResult, DiskOveruse | None]:
+    """Run a command with the disk limits checked while it runs: a command that fills the
+    workspace and /tmp past `limits.disk_bytes`, or that adds to its peer's runs past
+    `limits.peer_disk_bytes`, takes the sandbox down with it. Returns the result and, when a
+    limit was passed, which (`Sandbox.check_disk`)."""
+    watched = bool(sandbox.limits.disk_bytes or sandbox.limits.peer_disk_bytes)
+    before = await sandbox.disk_usage() if sandbox.limits.peer_disk_bytes else None
     running = asyncio.ensure_future(sandbox.run(command, timeout=timeout))
-    over: int | None = None
+    over: DiskOveruse | None = None
     try:
-        while quota:
+        while watched:
             done, _ = await asyncio.wait({running}, timeout=poll)
             if done:
                 break
-            used = await sandbox.disk_usage()
-            if used > quota:
-                over = used
+            _, over = await sandbox.check_disk(grown_since=before)
+            if over is not None:
                 await sandbox.kill()
                 break
         return await running, over

@@ -15,7 +15,7 @@ from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from agents.sandbox.report import FIX
 from api.deps import PoolDep, SettingsDep, TemporalDep
 from api.liveness import queue_pollers, unpolled
-from api.metrics import REGISTRY, STORE
+from api.metrics import REGISTRY, STORE, STORED
 from federation.store import workers as worker_sandboxes
 
 router = APIRouter(tags=["operations"])
@@ -122,6 +122,8 @@ async def readyz(
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(pool: PoolDep) -> Response:
-    """Prometheus text format; agent figures come from the store, at most 2 s old."""
+    """Prometheus text format; agent figures come from the store, at most 2 s old (what it
+    keeps per kind: at most a minute old)."""
     await STORE.refresh(pool)
+    await STORED.refresh(pool)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

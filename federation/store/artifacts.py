@@ -75,6 +75,17 @@ async def get(db: Any, sha256: str) -> Artifact | None:
     return Artifact(row["sha256"], row["bytes"], row["chunk_bytes"]) if row else None
 
 
+async def _stored_again(db: Any, sha256: str) -> Artifact | None:
+    """The content if it is stored, its `created_at` made now: retention deletes content no run
+    refers to only after a grace period, and this content is about to be linked to a run."""
+    row = await db.fetchrow(
+        "UPDATE artifacts SET created_at = now() WHERE sha256 = $1"
+        " RETURNING sha256, bytes, chunk_bytes",
+        _check_sha(sha256),
+    )
+    return Artifact(row["sha256"], row["bytes"], row["chunk_bytes"]) if row else None
+
+
 async def put_file(
     pool: asyncpg.Pool,
     handle: BinaryIO,
@@ -93,7 +104,7 @@ async def put_file(
             bytes=size,
             limit=max_bytes,
         )
-    known = await get(pool, sha256)
+    known = await _stored_again(pool, sha256)
     if known is not None:
         return known
     async with pool.acquire() as conn, conn.transaction():
@@ -105,7 +116,7 @@ async def put_file(
             chunk_bytes,
         )
         if inserted is None:  # another writer stored the same bytes meanwhile
-            stored = await get(conn, sha256)
+            stored = await _stored_again(conn, sha256)
             assert stored is not None
             return stored
         handle.seek(0)

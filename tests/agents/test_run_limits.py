@@ -3,6 +3,7 @@ workspace when it is a reviewer, fill the disk, or blow a file up with one edit.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,43 @@ async def test_a_read_only_path_that_would_show_the_data_dir_is_refused(tmp_path
         data_dir=data_dir,
     )
     assert report.success, report.summary
+
+
+@needs_bwrap
+async def test_the_run_that_takes_its_peer_past_the_disk_budget_is_stopped(tmp_path: Path) -> None:
+    """Runs of one peer share a disk budget: the run whose command adds past it ends
+    `peer_disk_budget`, the one that wrote first and now waits goes on, and a new try of the
+    peer does not start while its runs hold the whole budget."""
+    limits = Limits(
+        memory_bytes=LIMITS.memory_bytes, pids=64, command_timeout=60, peer_disk_bytes=5 * 1024**2
+    )
+    peer = tmp_path / "workspaces" / "peer-a"
+    first = asyncio.create_task(
+        scripted(
+            peer / "a1",
+            "$ head -c 3000000 /dev/urandom > blob\n$ touch written\n$ sleep 4",
+            limits=limits,
+        )
+    )
+    for _ in range(200):
+        if (peer / "a1" / "written").exists():
+            break
+        await asyncio.sleep(0.05)
+    second = await scripted(
+        peer / "a2", "$ head -c 3000000 /dev/urandom > blob\n$ echo never > after", limits=limits
+    )
+    assert second.stop_reason == "peer_disk_budget", second.summary
+    assert second.summary.startswith("peer_disk_budget:")
+    assert not (peer / "a2" / "after").exists()
+    done = await first
+    assert done.success  # it added nothing while the other passed the budget
+    # Both diffs are taken (the budget is not the diff's): what each run wrote is kept.
+    for report in (done, second):
+        assert "diffError" not in report.workspace, report.workspace
+        assert report.changed_files and report.diff_sha256
+
+    with pytest.raises(AgentSetupError, match="^peer_disk_budget:"):
+        await scripted(peer / "a3", "$ echo hi", limits=limits)
+    # Another peer's runs have a budget of their own.
+    other = await scripted(tmp_path / "workspaces" / "peer-b" / "b1", "$ echo hi", limits=limits)
+    assert other.success

@@ -36,7 +36,12 @@ async def console_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         base_port=base,
         temporal_port=temporal,
         ui_port=temporal + 1,
-        extra_env={"FEDAGENT_STATUS_POLL_INTERVAL": "3", "FEDAGENT_LOG_LEVEL": "info"},
+        extra_env={
+            "FEDAGENT_STATUS_POLL_INTERVAL": "3",
+            "FEDAGENT_LOG_LEVEL": "info",
+            # The console tests show what agents left in their workspaces after the run.
+            "FEDAGENT_WORKSPACE_RETENTION": "86400",
+        },
     )
     try:
         await dev.start()

@@ -61,6 +61,8 @@ async def world(
             # Runs left without a workflow while Temporal is away stay as the tests left them
             # (the reconciler would record them failed after this quiet spell).
             "FEDAGENT_RECONCILE_INTERVAL": "600",
+            # A test reads what a killed run left in its workspace.
+            "FEDAGENT_WORKSPACE_RETENTION": "86400",
         },
         # Every message between the two crosses a proxy the tests control.
         public_urls={name: proxy.url for name, proxy in proxies.items()},

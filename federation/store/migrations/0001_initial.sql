@@ -526,3 +526,14 @@ CREATE TABLE instance_jobs (
     cursor      jsonb,
     last_run_at timestamptz
 );
+
+-- ---- retention ------------------------------------------------------------------
+-- What ended runs leave is deleted once kept long enough (federation/store/retention.py);
+-- these indexes let each pass find it without reading every row. `artifacts.created_at` is
+-- when the content was last stored (a run storing bytes already kept makes it now), so content
+-- about to be linked to a run is never taken for content no run refers to.
+CREATE INDEX messages_created ON messages (created_at);
+CREATE INDEX agents_agent_id ON agents (agent_id);
+CREATE INDEX agent_events_at ON agent_events (at);
+CREATE INDEX agent_artifacts_run ON agent_artifacts (agent_id);
+CREATE INDEX artifacts_created ON artifacts (created_at);
