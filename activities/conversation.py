@@ -11,6 +11,7 @@ progress events carry the count) and pulls with the `agent.transcript` command.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import Any
@@ -49,6 +50,9 @@ class StoreSink:
         self.transcript_limit = transcript_limit
         self.summary: dict[str, Any] = {"entries": 0, "bytes": 0, "truncated": False}
         self.saved = asyncio.Event()
+        # Each list item as this sink last saved it: a save writes only what differs.
+        self._stored: dict[str, list[str]] = {}
+        self._log = LogPieces()
 
     async def load(self) -> None:
         self.summary = await conversations.transcript_summary(
@@ -56,21 +60,81 @@ class StoreSink:
         )
 
     async def save(self, state: ConversationState, entries: list[dict[str, Any]]) -> None:
+        head = {**state.to_json(), "writer": self.writer}
+        lists: dict[str, conversations.ListChanges] = {}
+        encoded: dict[str, list[str]] = {}
+        for name in conversations.ITEM_LISTS:
+            items = head.pop(name, None) or []
+            encoded[name] = [json.dumps(item, sort_keys=True) for item in items]
+            lists[name] = _changes(self._stored.get(name, []), items, encoded[name])
+        tail = head.pop("logTail", "")
+        head["logTailChars"] = len(tail)
+        lists[conversations.LOG], pieces = self._log.changes(tail, state.log_length)
         summary = await conversations.save_checkpoint(
             self.pool,
             requester_id=self.requester_id,
             agent_id=self.agent_id,
             attempt=self.attempt,
-            state={**state.to_json(), "writer": self.writer},
+            state=head,
             turn_count=state.turn_count,
             usage=state.usage,
             tokens=state.tokens,
             entries=entries,
             transcript_limit=self.transcript_limit,
+            lists=lists,
         )
+        # Only once saved: what a failed save would have changed is written by the next.
+        self._stored = encoded
+        self._log.saved(pieces, state.log_length)
         if summary is not None:  # entries were appended
             self.summary = summary
             self.saved.set()
+
+
+class LogPieces:
+    """The log's tail as the pieces each save added to it: a save writes what its step
+    appended to the log; the oldest pieces go once the newer ones cover the tail."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, str]] = []
+        self.length = -1  # the log's length at the last save (-1: nothing saved yet)
+
+    def changes(
+        self, tail: str, length: int
+    ) -> tuple[conversations.ListChanges, list[tuple[int, str]]]:
+        added = length - self.length
+        if self.length < 0 or added < 0 or added > len(tail):
+            pieces = [(0, tail)] if tail else []  # written whole (the first save of this sink)
+            changed = pieces
+        else:
+            pieces = list(self.pieces)
+            changed = []
+            if added:
+                number = pieces[-1][0] + 1 if pieces else 0
+                pieces.append((number, tail[len(tail) - added :]))
+                changed = [pieces[-1]]
+            while len(pieces) > 1 and sum(len(t) for _, t in pieces[1:]) >= len(tail):
+                pieces.pop(0)
+        change = conversations.ListChanges(
+            length=pieces[-1][0] + 1 if pieces else 0,
+            first=pieces[0][0] if pieces else 0,
+            changed=[(number, {"text": text}) for number, text in changed],
+        )
+        return change, pieces
+
+    def saved(self, pieces: list[tuple[int, str]], length: int) -> None:
+        self.pieces, self.length = pieces, length
+
+
+def _changes(stored: list[str], items: list[Any], encoded: list[str]) -> conversations.ListChanges:
+    """The items of a list that differ from what this sink saved of it (all of them at its
+    first save: a resumed try's sink rewrites the list once)."""
+    changed = [
+        (i, item)
+        for i, (item, text) in enumerate(zip(items, encoded, strict=True))
+        if i >= len(stored) or stored[i] != text
+    ]
+    return conversations.ListChanges(length=len(items), changed=changed)
 
 
 class TranscriptPump:

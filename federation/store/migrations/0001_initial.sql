@@ -400,7 +400,23 @@ CREATE TABLE agent_conversations (
     PRIMARY KEY (requester_id, agent_id, attempt)
 );
 
+-- Executor: the lists of a checkpoint that grow with the conversation (`messages`, `commands`),
+-- one row per item: a save writes the items a step added or changed, not the whole list again.
+CREATE TABLE agent_checkpoint_items (
+    requester_id text NOT NULL,
+    agent_id     uuid NOT NULL,
+    attempt      integer NOT NULL,
+    list         text NOT NULL,
+    idx          integer NOT NULL,
+    item         jsonb NOT NULL,
+    PRIMARY KEY (requester_id, agent_id, attempt, list, idx),
+    FOREIGN KEY (requester_id, agent_id, attempt)
+        REFERENCES agent_conversations (requester_id, agent_id, attempt) ON DELETE CASCADE
+);
+
 -- Executor: the transcript of a run, numbered from 1 across its tries; bounded in bytes per run.
+-- Each entry keeps the transcript's bytes up to and including it (`total_bytes`), so the
+-- transcript's size is read from its last entry, not summed again at every append.
 CREATE TABLE agent_transcript (
     requester_id text NOT NULL,
     agent_id     uuid NOT NULL,
@@ -408,6 +424,7 @@ CREATE TABLE agent_transcript (
     attempt      integer NOT NULL,
     entry        jsonb NOT NULL,
     bytes        integer NOT NULL,
+    total_bytes  bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (requester_id, agent_id, seq)
 );
 
