@@ -169,14 +169,14 @@ class AgentActivities:
                 "attempt": task.attempt,
                 "transcriptEntries": sink.summary["entries"],
             }
+            # The next heartbeat carries it: heartbeats keep their own bounded pace.
             state["progress"] = progress
-            activity.heartbeat(progress)
             try:
                 updated = await repos.update_executed_agent(
                     self.pool, task.requester_id, agent_id, progress=progress
                 )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # Progress is best effort; the heartbeat above already carries it.
+                # Progress is best effort; the next heartbeat carries it.
                 log.warning("progress of agent %s not stored: %r", agent_id, exc)
                 return
             if updated is not None:
@@ -192,7 +192,9 @@ class AgentActivities:
                 await asyncio.sleep(EVENT_MIN_INTERVAL)
 
         async def keep_heartbeating() -> None:
-            # Cancellation (kill) reaches an activity only through heartbeats.
+            # One heartbeat per interval however much happens (each is a write in Temporal's
+            # store). A kill reaches the sandbox at once by NOTIFY; Temporal's cancellation
+            # (its fallback) comes with the next heartbeat.
             while True:
                 activity.heartbeat(state["progress"])
                 await asyncio.sleep(task.heartbeat_interval)

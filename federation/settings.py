@@ -98,8 +98,15 @@ class Settings(BaseSettings):
     # On SIGTERM a worker stops polling and gives running agents this long to finish before
     # they are cancelled (and retried by another worker).
     worker_shutdown_grace: float = Field(default=30.0, ge=0)
-    # How often a running agent heartbeats (progress) to Temporal.
-    heartbeat_interval: float = Field(default=1.0, gt=0)
+    heartbeat_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "Seconds between two heartbeats of a running agent to Temporal (each carries the "
+            "latest progress; a worker is counted lost after 4 missed). Kills reach the sandbox "
+            "at once by NOTIFY; a cancellation from Temporal alone waits for the next heartbeat."
+        ),
+    )
     # Worker versioning: workers declare a Worker Deployment version (deployment name + build
     # id; the build id defaults to the package version and a hash of the workflow code). With
     # worker_versioning on, Temporal routes each workflow to the version made current with

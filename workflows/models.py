@@ -204,7 +204,7 @@ class RunTask:
     timeout_seconds: int
     max_retries: int
     workflow_id: str
-    heartbeat_interval: float = 1.0
+    heartbeat_interval: float = 5.0
     # Which try of the agent this is (1 + agent failures so far); infrastructure retries of the
     # same try (a lost worker) keep the number and resume from the last heartbeat.
     attempt: int = 1
