@@ -230,8 +230,8 @@ class AgentActivities:
                 "attempt": task.attempt,
                 "transcriptEntries": sink.summary["entries"],
             }
+            # The next heartbeat carries it: heartbeats keep their own bounded pace.
             state["progress"] = progress
-            activity.heartbeat(progress)
             try:
                 updated = await self._store(
                     lambda: repos.update_executed_agent(
@@ -240,7 +240,7 @@ class AgentActivities:
                     "storing progress",
                 )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # Progress is best effort; the heartbeat above already carries it.
+                # Progress is best effort; the next heartbeat carries it.
                 log.warning("progress of agent %s not stored: %r", agent_id, exc)
                 return
             if updated is not None:

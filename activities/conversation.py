@@ -11,6 +11,7 @@ progress events carry the count) and pulls with the `agent.transcript` command.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import Any
@@ -59,6 +60,9 @@ class StoreSink:
         # Whether `summary` is the store's (loaded, or returned by a save).
         self.known = False
         self.saved = asyncio.Event()
+        # Each list item as this sink last saved it: a save writes only what differs.
+        self._stored: dict[str, list[str]] = {}
+        self._log = LogPieces()
 
     async def load(self) -> None:
         self.summary = await wait_for_store(
@@ -69,11 +73,20 @@ class StoreSink:
         self.known = True
 
     async def save(self, state: ConversationState, entries: list[dict[str, Any]]) -> None:
+        head = {**state.to_json(), "writer": self.writer}
+        lists: dict[str, conversations.ListChanges] = {}
+        encoded: dict[str, list[str]] = {}
+        for name in conversations.ITEM_LISTS:
+            items = head.pop(name, None) or []
+            encoded[name] = [json.dumps(item, sort_keys=True) for item in items]
+            lists[name] = _changes(self._stored.get(name, []), items, encoded[name])
+        tail = head.pop("logTail", "")
+        head["logTailChars"] = len(tail)
+        lists[conversations.LOG], pieces = self._log.changes(tail, state.log_length)
         workspace = None
         if self.snapshots is not None:
-            snapshots = self.snapshots
             workspace = await wait_for_store(
-                snapshots.take,
+                self.snapshots.take,
                 what=f"saving the workspace of agent {self.agent_id}",
                 patience=self.patience,
             )
@@ -83,7 +96,7 @@ class StoreSink:
                 requester_id=self.requester_id,
                 agent_id=self.agent_id,
                 attempt=self.attempt,
-                state={**state.to_json(), "writer": self.writer},
+                state=head,
                 turn_count=state.turn_count,
                 usage=state.usage,
                 tokens=state.tokens,
@@ -92,15 +105,65 @@ class StoreSink:
                 # Made again after an outage cut it off, a save appends its entries once.
                 entries_before=self.summary["entries"] if self.known else None,
                 workspace=workspace,
+                lists=lists,
             ),
             what=f"saving a checkpoint of agent {self.agent_id}",
             patience=self.patience,
         )
+        # Only once saved: what a failed save would have changed is written by the next.
+        self._stored = encoded
+        self._log.saved(pieces, state.log_length)
         if self.snapshots is not None and workspace is not None:
             self.snapshots.saved(workspace)
         if summary is not None:  # entries were appended
             self.summary, self.known = summary, True
             self.saved.set()
+
+
+class LogPieces:
+    """The log's tail as the pieces each save added to it: a save writes what its step
+    appended to the log; the oldest pieces go once the newer ones cover the tail."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, str]] = []
+        self.length = -1  # the log's length at the last save (-1: nothing saved yet)
+
+    def changes(
+        self, tail: str, length: int
+    ) -> tuple[conversations.ListChanges, list[tuple[int, str]]]:
+        added = length - self.length
+        if self.length < 0 or added < 0 or added > len(tail):
+            pieces = [(0, tail)] if tail else []  # written whole (the first save of this sink)
+            changed = pieces
+        else:
+            pieces = list(self.pieces)
+            changed = []
+            if added:
+                number = pieces[-1][0] + 1 if pieces else 0
+                pieces.append((number, tail[len(tail) - added :]))
+                changed = [pieces[-1]]
+            while len(pieces) > 1 and sum(len(t) for _, t in pieces[1:]) >= len(tail):
+                pieces.pop(0)
+        change = conversations.ListChanges(
+            length=pieces[-1][0] + 1 if pieces else 0,
+            first=pieces[0][0] if pieces else 0,
+            changed=[(number, {"text": text}) for number, text in changed],
+        )
+        return change, pieces
+
+    def saved(self, pieces: list[tuple[int, str]], length: int) -> None:
+        self.pieces, self.length = pieces, length
+
+
+def _changes(stored: list[str], items: list[Any], encoded: list[str]) -> conversations.ListChanges:
+    """The items of a list that differ from what this sink saved of it (all of them at its
+    first save: a resumed try's sink rewrites the list once)."""
+    changed = [
+        (i, item)
+        for i, (item, text) in enumerate(zip(items, encoded, strict=True))
+        if i >= len(stored) or stored[i] != text
+    ]
+    return conversations.ListChanges(length=len(items), changed=changed)
 
 
 class TranscriptPump:

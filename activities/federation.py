@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import uuid
 from collections.abc import Awaitable
@@ -24,14 +22,13 @@ from federation.store import repos
 from federation.trust import check_peer_command, require_active, verify_incoming
 from workflows.models import (
     ADMIT_RUN,
+    CHECK_STATUS,
     NOTIFY_REQUESTER,
     RECORD_REQUESTER_FINAL,
     RECORD_RUN_FINAL,
     SEND_KILL,
     SEND_SPAWN,
     STORE_REFUSED,
-    TERMINAL_STATES,
-    WAIT_STATUS,
     AgentEvent,
     AgentRunInput,
     AgentState,
@@ -42,17 +39,10 @@ from workflows.models import (
     RequesterFinal,
     RunTask,
     SpawnAgentInput,
-    StatusWait,
     agent_run_workflow_id,
 )
 
 T = TypeVar("T")
-
-
-async def _heartbeat_every(seconds: float) -> None:
-    while True:
-        activity.heartbeat()
-        await asyncio.sleep(seconds)
 
 
 # Peer answers that a retry may fix.
@@ -287,59 +277,23 @@ class FederationActivities:
             error=event.error,
         )
 
-    @activity.defn(name=WAIT_STATUS)
-    async def wait_status(self, wait: StatusWait) -> AgentEvent:
-        """Long-poll agent.status until the executor reports a state other than the known one.
+    @activity.defn(name=CHECK_STATUS)
+    async def check_status(self, call: PeerCall) -> AgentEvent:
+        """Ask the executor once for its record of the run (agent.status, answered at once),
+        applied to the projection like an event.
 
-        Progress on the way is applied to the projection but does not end the wait, so the
-        workflow's history grows with state changes only. Transient failures are retried here
-        (heartbeating), so silence costs the workflow nothing.
+        Short by design: a run held for hours costs no activity slot and no connection between
+        two checks (the workflow waits on a durable timer). A failure a retry may fix raises;
+        Temporal retries it later, holding nothing meanwhile.
         """
-        with tracing.trace(wait.traceparent):
-            ticker = asyncio.create_task(_heartbeat_every(2.0))
-            try:
-                return await self._wait_status(wait)
-            finally:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
-
-    async def _wait_status(self, wait: StatusWait) -> AgentEvent:
-        after_seq, delay = wait.after_seq, 1.0
-        while True:
-            connection = await self._requester_connection(wait.agent_id)
-            payload: dict[str, Any] = {
-                "agentId": wait.agent_id,
-                "afterSeq": after_seq,
-                "knownState": wait.known_state,
-                "waitSeconds": wait.wait_seconds,
-            }
-            try:
-                reply = await self.messenger.send(
-                    connection,
-                    type=MessageType.COMMAND,
-                    command_type="agent.status",
-                    payload=payload,
-                    agent_id=uuid.UUID(wait.agent_id),
-                    timeout=wait.wait_seconds + wait.peer_timeout_seconds,
-                )
-            except PeerRefused as err:
-                if err.peer_status not in TRANSIENT_PEER_STATUSES:
-                    raise as_activity_error(err) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            except FederationError:  # unreachable: try again, the heartbeat says we live
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            delay = 1.0
-            event = await self._apply_reply(wait.agent_id, reply)
-            if event.seq > wait.after_seq and (
-                event.state != wait.known_state or event.state in TERMINAL_STATES
-            ):
-                return event
-            after_seq = max(after_seq, event.seq)
+        with tracing.trace(call.traceparent):
+            return await self._command(
+                await self._requester_connection(call.agent_id),
+                call.agent_id,
+                "agent.status",
+                {"agentId": call.agent_id},
+                timeout=call.peer_timeout_seconds,
+            )
 
     @activity.defn(name=RECORD_REQUESTER_FINAL)
     async def record_requester_final(self, final: RequesterFinal) -> RecordedFinal:

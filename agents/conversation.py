@@ -45,6 +45,9 @@ class ConversationState:
     api_retries: int = 0
     commands: list[dict[str, Any]] = field(default_factory=list)
     log_tail: str = ""
+    # Characters the log has had in all (the tail is its end): a checkpoint saves what a step
+    # added to the log, not the whole tail again.
+    log_length: int = 0
     nudged: bool = False
     # The tool call that had started and not yet ended when this state was saved.
     running_call: str | None = None
@@ -97,6 +100,7 @@ class ConversationState:
             "apiRetries": self.api_retries,
             "commands": self.commands,
             "logTail": self.log_tail,
+            "logLength": self.log_length,
             "nudged": self.nudged,
             "runningCall": self.running_call,
             "modelCalls": self.model_calls,
@@ -137,6 +141,7 @@ class ConversationState:
             api_retries=int(data.get("apiRetries") or 0),
             commands=list(data.get("commands") or []),
             log_tail=str(data.get("logTail") or ""),
+            log_length=int(data.get("logLength") or 0),
             nudged=bool(data.get("nudged")),
             running_call=data.get("runningCall"),
             model_calls=int(data.get("modelCalls") or 0),

@@ -201,6 +201,7 @@ class AgentLoop:
         self.backoff_max = backoff_max
         self.log_limit = log_tail
         self._log: list[str] = []
+        self._log_before = 0  # characters of the log before self._log (a resumed run's)
         self._sink: ConversationSink | None = None
         self._state = ConversationState()
 
@@ -245,6 +246,7 @@ class AgentLoop:
             report.commands = state.commands
             # Checkpoints keep the log's tail only: the whole log of a resumed run starts there.
             self._log = [state.log_tail] if state.log_tail else []
+            self._log_before = max(0, state.log_length - len(state.log_tail))
             entries.append(
                 note_entry(
                     "resumed",
@@ -284,6 +286,7 @@ class AgentLoop:
         state.api_retries = report.api_retries
         state.commands = report.commands
         state.log_tail = self._tail()
+        state.log_length = self._log_before + sum(len(chunk) for chunk in self._log)
         await self._sink.save(state, entries)
 
     async def _run(

@@ -77,6 +77,7 @@ class SpawnStarter:
             spawn_deadline_seconds=self.settings.spawn_deadline,
             status_poll_seconds=self.settings.status_poll_interval,
             poll_after_quiet_seconds=self.settings.poll_after_quiet,
+            status_check_max_seconds=self.settings.status_check_max,
             peer_timeout_seconds=self.settings.peer_request_timeout,
             traceparent=row.get("traceparent") or "",
         )

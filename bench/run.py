@@ -415,6 +415,244 @@ async def measure_runtime(doc: dict[str, Any], results: Results) -> float | None
     return percentile(times, 50)
 
 
+# --- held load -----------------------------------------------------------------------------------
+
+HELD_SLEEP = 20_000  # seconds a held agent sleeps unless --held-sleep says otherwise
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    return children
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages split among the processes that map them."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def stack_memory_mb(cpu: CpuMeter) -> dict[str, float]:
+    """PSS of each process of the stack with everything it started (sandboxes, backends)."""
+    children = _children()
+    roots = {name: pid for name, pid in cpu.pids.items() if not name.startswith("bench")}
+    postgres = cpu._postgres_pids()
+    if postgres:
+        roots["postgresql"] = postgres[0]
+    found: dict[str, float] = {}
+    for name, root in roots.items():
+        todo, total = [root], 0
+        while todo:
+            pid = todo.pop()
+            total += _pss_kb(pid)
+            todo.extend(children.get(pid, []))
+        found[name] = total / 1024
+    return found
+
+
+async def temporal_actions(stack: DevStack, http: httpx.AsyncClient) -> float | None:
+    """The dev server's `action` counter (what Temporal Cloud bills: workflow and activity
+    starts, signals, timers, heartbeats...), summed over namespaces."""
+    port = getattr(stack, "_temporal_extra_ports", None)
+    if port is None:
+        return None
+    try:
+        page = (await http.get(f"http://127.0.0.1:{port + 1}/metrics")).text
+    except httpx.HTTPError:
+        return None
+    counts = metric_counts(page, "action_total", "namespace") or metric_counts(
+        page, "action", "namespace"
+    )
+    return sum(counts.values()) if counts else None
+
+
+async def peer_messages(peers: tuple[Peer, ...]) -> float:
+    """Signed peer requests both instances received so far (from their /metrics)."""
+    total = 0.0
+    for peer in peers:
+        page = (await peer.http.get(f"{peer.url}/metrics")).text
+        counts = metric_counts(page, "fedagent_http_request_duration_seconds_count", "route")
+        total += sum(v for route, v in counts.items() if "/incoming/" in route)
+    return total
+
+
+async def count_running(hub: Peer, spoke: Peer, task: str) -> int:
+    """Held agents whose command runs on spoke; raises when one ended already."""
+    conn = await asyncpg.connect(spoke.info["databaseUrl"])
+    try:
+        running = int(
+            await conn.fetchval(
+                "SELECT count(*) FROM agents WHERE role = 'executor' AND task_id = $1"
+                " AND state = 'running' AND progress ->> 'command' IS NOT NULL",
+                task,
+            )
+        )
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(hub.info["databaseUrl"])
+    try:
+        ended = await conn.fetchrow(
+            "SELECT state, error FROM agents WHERE role = 'requester' AND task_id = $1"
+            " AND state = ANY($2::text[])",
+            task,
+            list(TERMINAL),
+        )
+    finally:
+        await conn.close()
+    if ended is not None:
+        raise RuntimeError(f"a held agent ended {ended['state']}: {ended['error']}")
+    return running
+
+
+async def spawn_held(hub: Peer, connection_id: str, task: str, count: int, sleep: int) -> list[str]:
+    """Spawn `count` agents that each run `$ sleep`; answers their ids."""
+    ids: list[str] = []
+    gate = asyncio.Semaphore(20)
+
+    async def one(_: int) -> None:
+        async with gate:
+            body = spawn_body(connection_id, f"$ sleep {sleep}", task)
+            body["options"]["timeout"] = sleep + 300
+            response = await hub.call("POST", "/agents/spawn", json=body)
+            if response.status_code != 202:
+                raise RuntimeError(f"spawn refused: {response.status_code} {response.text}")
+            ids.append(body["agentId"])
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return ids
+
+
+async def end_held(hub: Peer, ids: list[str], *, kill: bool) -> Counter[str]:
+    """Kill the held agents (or wait for them to complete); answers their final states."""
+    gate = asyncio.Semaphore(20)
+    states: Counter[str] = Counter()
+
+    async def one(agent_id: str) -> None:
+        async with gate:
+            if kill:
+                await hub.call("POST", f"/agents/{agent_id}/kill")
+            while True:
+                agent = (await hub.call("GET", f"/agents/{agent_id}")).json()
+                if agent["state"] in TERMINAL:
+                    states[agent["state"]] += 1
+                    return
+                await asyncio.sleep(1.0)
+
+    await asyncio.gather(*(one(i) for i in ids))
+    return states
+
+
+async def short_spawns(hub: Peer, connection_id: str, results: Results, name: str) -> None:
+    task = f"bench-short-{uuid.uuid4().hex[:6]}"
+    for _ in range(3):
+        _, total, _ = await spawn_and_wait(
+            hub, spawn_body(connection_id, "$ true", task), results, poll=0.05
+        )
+        results.add(name, total)
+
+
+async def bench_held(
+    stack: DevStack,
+    hub: Peer,
+    spoke: Peer,
+    connection_id: str,
+    args: argparse.Namespace,
+    results: Results,
+    cpu: CpuMeter,
+) -> None:
+    n, window = args.held, args.held_window
+    console.print(f"\n[bold]held load[/] ({n} agents running `$ sleep` at once, {window} s window)")
+    await short_spawns(hub, connection_id, results, "shortUnloaded")
+    memory_before = stack_memory_mb(cpu)
+    task = f"bench-held-{uuid.uuid4().hex[:6]}"
+    sleep = args.held_sleep or HELD_SLEEP
+    started = time.monotonic()
+    ids = await spawn_held(hub, connection_id, task, n, sleep)
+    deadline = time.monotonic() + 120 + n
+    while (running := await count_running(hub, spoke, task)) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {running} of {n} held agents running")
+        await asyncio.sleep(1.0)
+    ramp = time.monotonic() - started
+    console.print(f"  {n} running after {ramp:.0f} s; settling 5 s, then measuring {window} s")
+    await asyncio.sleep(5)
+    before = (
+        cpu.snapshot(),
+        await temporal_actions(stack, hub.http),
+        await peer_messages((hub, spoke)),
+    )
+    await asyncio.sleep(window)
+    after = (
+        cpu.snapshot(),
+        await temporal_actions(stack, hub.http),
+        await peer_messages((hub, spoke)),
+    )
+    memory_held = stack_memory_mb(cpu)
+    await short_spawns(hub, connection_id, results, "shortHeld")
+    states = await end_held(hub, ids, kill=not args.held_sleep)
+    agent_seconds = n * window
+    held: dict[str, Any] = {
+        "agents": n,
+        "windowSeconds": window,
+        "rampSeconds": ramp,
+        "cpuMsPerAgentSecond": {
+            k: v * 1000 / agent_seconds for k, v in _delta(before[0], after[0]).items()
+        },
+        "coresAtRest": sum(_delta(before[0], after[0]).values()) / window,
+        "memoryMbPerAgent": {
+            k: (memory_held.get(k, 0.0) - memory_before.get(k, 0.0)) / n for k in memory_held
+        },
+        "temporalActionsPerAgentMinute": (
+            None
+            if before[1] is None or after[1] is None
+            else (after[1] - before[1]) * 60 / agent_seconds
+        ),
+        "peerMessagesPerAgentMinute": (after[2] - before[2]) * 60 / agent_seconds,
+        "finalStates": dict(states),
+    }
+    results.breakdown["held"] = held
+    report_held(held, results)
+
+
+def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {
+        name: after[name] - before.get(name, 0.0)
+        for name in after
+        if not name.startswith("bench") and after[name] - before.get(name, 0.0) > 0
+    }
+
+
+def report_held(held: dict[str, Any], results: Results) -> None:
+    table = Table(title=f"held load: {held['agents']} agents running", header_style="bold")
+    for column in ("process", "CPU ms per agent-second", "MB per agent"):
+        table.add_column(column, justify="left" if column == "process" else "right")
+    cpu, memory = held["cpuMsPerAgentSecond"], held["memoryMbPerAgent"]
+    for name in sorted(set(cpu) | set(memory)):
+        table.add_row(name, f"{cpu.get(name, 0.0):.3f}", f"{memory.get(name, 0.0):.2f}")
+    table.add_row("total", f"{sum(cpu.values()):.3f}", f"{sum(memory.values()):.2f}")
+    console.print(table)
+    actions = held["temporalActionsPerAgentMinute"]
+    short = {k: results.series[k].summary() for k in ("shortUnloaded", "shortHeld")}
+    console.print(
+        f"  at rest: {held['coresAtRest']:.2f} cores over all processes; Temporal actions "
+        f"{'—' if actions is None else f'{actions:.1f}'} and peer messages "
+        f"{held['peerMessagesPerAgentMinute']:.2f} per agent-minute"
+    )
+    console.print(
+        f"  a short `$ true` spawn -> completed: p50 {fmt_ms(short['shortHeld']['p50'])} while "
+        f"they run, {fmt_ms(short['shortUnloaded']['p50'])} before "
+        f"({short['shortHeld']['p50'] / short['shortUnloaded']['p50']:.2f}x)"
+    )
+    console.print(f"  final states: {held['finalStates']}")
+
+
 # --- where the time goes -------------------------------------------------------------------------
 
 
@@ -528,8 +766,11 @@ async def run(args: argparse.Namespace) -> Results:
         extra_env={
             "FEDAGENT_LOG_LEVEL": "warning",
             # Measure orchestration, not the capacity limits: every spawn in flight may run.
-            "FEDAGENT_MAX_CONCURRENT_AGENTS": str(max(8, in_flight)),
-            "FEDAGENT_MAX_RUNNING_AGENTS": str(max(64, in_flight * 2)),
+            "FEDAGENT_MAX_CONCURRENT_AGENTS": str(max(8, in_flight) + args.held),
+            "FEDAGENT_MAX_RUNNING_AGENTS": str(max(64, in_flight * 2) + args.held),
+            "FEDAGENT_PEER_MAX_RUNNING_AGENTS": str(max(8, in_flight) + args.held),
+            # A held `$ sleep` outlives the default command timeout.
+            "FEDAGENT_COMMAND_TIMEOUT": str((args.held_sleep or HELD_SLEEP) + 60),
             **({"FEDAGENT_SANDBOX": args.sandbox} if args.sandbox else {}),
             **dict(item.split("=", 1) for item in args.env),
         },
@@ -569,14 +810,18 @@ async def run(args: argparse.Namespace) -> Results:
                 max_concurrent_workflow_tasks=100,
                 max_concurrent_activities=100,
             ):
-                await bench_bare(hub_client, bare_queue, args, results, cpu)
-                await bench_federated(hub, spoke, connection_id, args, results, cpu)
-                await bench_kill(hub, connection_id, args, results, spoke_client, doc)
-                await explain(
-                    hub_client, spoke_client, doc, connection_id, bare_queue, hub, results
-                )
-        console.print("\n[bold]sandbox start cost[/]")
-        await measure_sandboxes(args.sandbox_runs, results, data_dir / "sandbox-bench")
+                if not args.held_only:
+                    await bench_bare(hub_client, bare_queue, args, results, cpu)
+                    await bench_federated(hub, spoke, connection_id, args, results, cpu)
+                    await bench_kill(hub, connection_id, args, results, spoke_client, doc)
+                    await explain(
+                        hub_client, spoke_client, doc, connection_id, bare_queue, hub, results
+                    )
+                if args.held:
+                    await bench_held(stack, hub, spoke, connection_id, args, results, cpu)
+        if not args.held_only:
+            console.print("\n[bold]sandbox start cost[/]")
+            await measure_sandboxes(args.sandbox_runs, results, data_dir / "sandbox-bench")
     finally:
         stack.stop()
         if args.keep:
@@ -908,12 +1153,25 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="a setting for every instance process, e.g. FEDAGENT_HEARTBEAT_INTERVAL=0.2",
     )
+    parser.add_argument(
+        "--held", type=int, default=0, help="held load: agents running `$ sleep` at once (0: none)"
+    )
+    parser.add_argument(
+        "--held-window", type=float, default=30.0, help="seconds of steady state measured"
+    )
+    parser.add_argument(
+        "--held-sleep",
+        type=int,
+        default=0,
+        help="held agents sleep this long and are waited for (0: a day, killed after the window)",
+    )
+    parser.add_argument("--held-only", action="store_true", help="only the held-load scenario")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--keep", action="store_true", help="keep the data dir (logs)")
     args = parser.parse_args()
     started = time.monotonic()
     results = asyncio.run(run(args))
-    missed = report(results)
+    missed = report(results) if not args.held_only else []
     where_time_goes(results, missed)
     console.print(
         f"\nbenchmark took {time.monotonic() - started:.0f} s; load average now "

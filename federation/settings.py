@@ -76,9 +76,19 @@ class Settings(BaseSettings):
     # Requester falls back to polling agent.status when no event came for this long
     # (workflows started before quiet-poll; newer ones use poll_after_quiet).
     status_poll_interval: int = Field(default=15, ge=1)
-    # Requester long-polls agent.status once this many seconds passed without news from the
-    # executor (its events bring every state change at once; the poll finds a lost one).
+    # Requester asks agent.status once this many seconds passed without news from the
+    # executor (its events bring every state change at once; the check finds a lost one).
     poll_after_quiet: float = Field(default=2.0, ge=0, le=60)
+    status_check_max: float = Field(
+        default=300.0,
+        ge=1,
+        description=(
+            "Longest quiet spell, in seconds, between two checks of a remote run's state by its "
+            "requester: each check that finds nothing new doubles the spell from "
+            "`poll_after_quiet` up to this (events bring every change at once; a check finds "
+            "a lost one)."
+        ),
+    )
     # --- orchestration ---
     # Maximum agents one worker process runs at once (more wait in the agents task queue).
     max_concurrent_agents: int = Field(default=8, ge=1)
@@ -88,8 +98,15 @@ class Settings(BaseSettings):
     # On SIGTERM a worker stops polling and gives running agents this long to finish before
     # they are cancelled (and retried by another worker).
     worker_shutdown_grace: float = Field(default=30.0, ge=0)
-    # How often a running agent heartbeats (progress) to Temporal.
-    heartbeat_interval: float = Field(default=1.0, gt=0)
+    heartbeat_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "Seconds between two heartbeats of a running agent to Temporal (each carries the "
+            "latest progress; a worker is counted lost after 4 missed). Kills reach the sandbox "
+            "at once by NOTIFY; a cancellation from Temporal alone waits for the next heartbeat."
+        ),
+    )
     # Worker versioning: workers declare a Worker Deployment version (deployment name + build
     # id; the build id defaults to the package version and a hash of the workflow code). With
     # worker_versioning on, Temporal routes each workflow to the version made current with

@@ -93,7 +93,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         workflows=[RemoteAgentWorkflow, AgentRunWorkflow],
         activities=[
             federation.send_spawn,
-            federation.wait_status,
+            federation.check_status,
             federation.send_kill,
             federation.record_requester_final,
             federation.admit_run,

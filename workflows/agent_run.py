@@ -41,7 +41,7 @@ TIMEOUT_GRACE = timedelta(seconds=30)
 # Retries of one try after a lost worker or a crash; agent failures are counted separately.
 INFRA_ATTEMPTS = 5
 # A try is lost once this many heartbeats in a row are missing.
-MISSED_HEARTBEATS = 5
+MISSED_HEARTBEATS = 4
 # A store that is away is waited for; a store that refuses the record (STORE_REFUSED: a value
 # it can never take) is not asked again, so the run closes instead of staying open for ever.
 STORE_RETRY = RetryPolicy(

@@ -33,7 +33,7 @@ STORE_UNAVAILABLE = "StoreUnavailable"
 # The executor records first, then tells the requester (best effort); the requester long-polls.
 RECORD_RUN_FINAL = "record_run_final"
 NOTIFY_REQUESTER = "notify_requester"
-WAIT_STATUS = "wait_status"
+CHECK_STATUS = "check_status"
 AGENT_KILLED = "AgentKilled"
 # Custom search attributes operators filter by in the Temporal Web UI.
 SA_AGENT_ID = SearchAttributeKey.for_keyword("AgentId")
@@ -94,15 +94,15 @@ class SpawnAgentInput:
     status_poll_seconds: int = 15
     peer_timeout_seconds: float = 15.0
     traceparent: str = ""
-    # durable-core: the long-poll's bound (the executor holds agent.status up to this long),
-    # the grace after timeout x tries + spawn deadline before the run ends timed_out, how long
-    # a kill tries to reach the peer before it ends the run here unconfirmed.
-    long_poll_seconds: float = 20.0
+    # durable-core: the grace after timeout x tries + spawn deadline before the run ends
+    # timed_out, how long a kill tries to reach the peer before it ends the run here unconfirmed.
     deadline_grace_seconds: float = 120.0
     kill_deadline_seconds: float = 15.0
-    # quiet-poll: how long without news (a state change) before the requester long-polls
-    # agent.status; events bring each change at once, the poll is for the lost ones.
+    # quiet-poll: how long without news (a state change) before the requester asks agent.status
+    # once; events bring each change at once, the check is for the lost ones. Each check that
+    # finds nothing new doubles the quiet spell, up to status_check_max_seconds.
     poll_after_quiet_seconds: float = 2.0
+    status_check_max_seconds: float = 300.0
     # Set when continuing as new: the run's absolute deadline, that the spawn was sent, and
     # what the run knew.
     deadline: str = ""
@@ -110,18 +110,6 @@ class SpawnAgentInput:
     carried: AgentStatus | None = None
     # Tests: continue as new once the history has this many events (0: when Temporal suggests).
     continue_as_new_after_events: int = 0
-
-
-@dataclass(frozen=True, kw_only=True)
-class StatusWait:
-    """Wait until the executor reports a state other than `known_state` (seq after `after_seq`)."""
-
-    agent_id: str
-    after_seq: int
-    known_state: AgentState
-    wait_seconds: float = 20.0
-    peer_timeout_seconds: float = 15.0
-    traceparent: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,7 +207,7 @@ class RunTask:
     timeout_seconds: int
     max_retries: int
     workflow_id: str
-    heartbeat_interval: float = 1.0
+    heartbeat_interval: float = 5.0
     # Which try of the agent this is (1 + agent failures so far); infrastructure retries of the
     # same try (a lost worker) keep the number and resume from the last heartbeat.
     attempt: int = 1

@@ -32,7 +32,6 @@ with workflow.unsafe.imports_passed_through():
         RecordedFinal,
         RequesterFinal,
         SpawnAgentInput,
-        StatusWait,
     )
 
 PEER_RETRY = RetryPolicy(
@@ -235,9 +234,12 @@ class RemoteAgentWorkflow:
             else:
                 await self._send_spawn(inp)
         self._phase = Phase.FOLLOWING
-
-        backoff = 1.0
-        backed_off = False
+        # Events (signals) bring each state change at once. Only after a quiet spell, on a
+        # durable timer (no activity slot, no connection held), does one short status check
+        # ask the executor, for an event that was lost; the spell doubles each time a check
+        # finds nothing new, so a run held for hours costs a check every few minutes.
+        first_spell = inp.poll_after_quiet_seconds or 1.0
+        spell = first_spell
         while self._state not in TERMINAL_STATES:
             if self._continue_as_new_due(inp):
                 self._phase = Phase.CONTINUING
@@ -252,61 +254,50 @@ class RemoteAgentWorkflow:
                     " + grace)",
                 )
                 break
-            # Events (signals) bring each state change at once; only after a quiet spell does
-            # one long-poll activity ask the executor, for an event that was lost.
-            # (After a refused poll the backoff was the quiet spell.)
-            if inp.poll_after_quiet_seconds > 0 and not backed_off:
-                self._changed = False
-                try:
-                    await workflow.wait_condition(
-                        lambda: self._changed,
-                        timeout=min(inp.poll_after_quiet_seconds, remaining),
-                    )
-                    continue  # news: look again at the state, the deadline, continue-as-new
-                except TimeoutError:
-                    pass
-                # The quiet spell may have run into the deadline: the poll has what is left.
-                remaining = (deadline - workflow.now()).total_seconds()
-                if remaining <= 0:
-                    continue
-            # One long-poll activity waits for the executor's next state change; silence and
-            # progress cost no history. An event (signal) that brings the change first wins.
             self._changed = False
-            poll = self._poll = workflow.start_activity_method(
-                FederationActivities.wait_status,
-                StatusWait(
-                    agent_id=inp.agent_id,
-                    after_seq=self._seq,
-                    known_state=self._state,
-                    wait_seconds=inp.long_poll_seconds,
-                    peer_timeout_seconds=inp.peer_timeout_seconds,
-                    traceparent=inp.traceparent,
-                ),
-                schedule_to_close_timeout=timedelta(seconds=remaining),
-                heartbeat_timeout=timedelta(seconds=inp.peer_timeout_seconds + 10),
-                retry_policy=PEER_RETRY,
-                cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
-                summary=f"wait for {inp.peer_name} to report a change",
-            )
-            await workflow.wait_condition(_changed_or_done(self, poll))
-            backed_off = False
-            if not poll.done():
-                poll.cancel()
-                continue
             try:
-                self._apply(poll.result())
-                backoff = 1.0
-            except ActivityError as err:
-                backed_off = True
-                # The executor refused (not ACTIVE, unknown agent): wait for news or the
-                # deadline, less often each time.
-                self._error = f"status unavailable: {_reason(err)}"
-                wait = min(backoff, max(0.0, (deadline - workflow.now()).total_seconds()))
-                backoff = min(backoff * 2, 60.0)
-                try:
-                    await workflow.wait_condition(lambda: self._changed, timeout=wait)
-                except TimeoutError:
-                    pass
+                await workflow.wait_condition(lambda: self._changed, timeout=min(spell, remaining))
+                spell = first_spell  # news: look again at the state, the deadline, continue-as-new
+                continue
+            except TimeoutError:
+                pass
+            # The quiet spell may have run into the deadline: the loop ends the run then.
+            remaining = (deadline - workflow.now()).total_seconds()
+            if remaining > 0:
+                news = await self._check_status(inp, remaining)
+                spell = first_spell if news else min(spell * 2, inp.status_check_max_seconds)
+
+    async def _check_status(self, inp: SpawnAgentInput, remaining: float) -> bool:
+        """One short agent.status; True when it (or an event meanwhile) changed the state."""
+        known = self._state
+        self._changed = False
+        check = self._poll = workflow.start_activity_method(
+            FederationActivities.check_status,
+            PeerCall(
+                agent_id=inp.agent_id,
+                connection_id=inp.connection_id,
+                peer_timeout_seconds=inp.peer_timeout_seconds,
+                traceparent=inp.traceparent,
+            ),
+            start_to_close_timeout=timedelta(seconds=inp.peer_timeout_seconds + 5),
+            schedule_to_close_timeout=timedelta(seconds=remaining),
+            retry_policy=PEER_RETRY,
+            cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
+            summary=f"ask {inp.peer_name} for the agent's state",
+        )
+        # An event (signal) that brings the change first wins; a peer that is away is asked
+        # again by Temporal's retries, which hold no slot in between.
+        await workflow.wait_condition(_changed_or_done(self, check))
+        if not check.done():
+            check.cancel()
+            return True
+        try:
+            self._apply(check.result())
+        except ActivityError as err:
+            # The executor refused (not ACTIVE, unknown agent): asked again after a longer
+            # quiet spell, unless news comes first.
+            self._error = f"status unavailable: {_reason(err)}"
+        return self._state != known
 
     async def _send_spawn(self, inp: SpawnAgentInput) -> None:
         """Deliver agent.spawn (retried until the spawn deadline); its ack is the first report."""

@@ -1,10 +1,12 @@
 """Agent conversations: the executor's checkpoints and transcript, the requester's copy of it.
 
-Checkpoints (`agent_conversations`) are one row per try of a run, rewritten after every model
-answer and tool result. The transcript (`agent_transcript`) is numbered from 1 per run across
-its tries; entries are appended under a per-run lock in the checkpoint's transaction, so a
-checkpoint and the entries of its step are saved together or not at all. Past the per-run byte
-limit one `truncated` entry is written and later entries are dropped.
+Checkpoints (`agent_conversations`) are one row per try of a run, saved after every model
+answer and tool result; the lists that grow with the conversation (its messages and commands)
+are kept item by item (`agent_checkpoint_items`), so a save writes what its step added. The
+transcript (`agent_transcript`) is numbered from 1 per run across its tries; entries are
+appended under a per-run lock in the checkpoint's transaction, so a checkpoint and the entries
+of its step are saved together or not at all; each entry keeps the running byte total. Past
+the per-run byte limit one `truncated` entry is written and later entries are dropped.
 
 The requester keeps a gapless prefix of the executor's transcript (`requested_transcript`):
 entries that would leave a hole are refused, and the caller pulls the missing ones.
@@ -27,6 +29,23 @@ def _size(entry: dict[str, Any]) -> int:
     return len(json.dumps(entry, separators=(",", ":")).encode())
 
 
+# The lists of a checkpoint's state that grow with the conversation, kept item by item; and
+# the log's tail, kept as the pieces each save added (`{"text": ...}`), oldest dropped.
+ITEM_LISTS = ("messages", "commands")
+LOG = "log"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListChanges:
+    """What a save changes in one of a checkpoint's lists: the items it now holds are those
+    numbered `first` to `length - 1`; `changed` are the items (by number) that are new or
+    differ from what was saved before."""
+
+    length: int
+    changed: list[tuple[int, Any]]
+    first: int = 0
+
+
 async def save_checkpoint(
     pool: asyncpg.Pool,
     *,
@@ -41,10 +60,14 @@ async def save_checkpoint(
     transcript_limit: int,
     entries_before: int | None = None,
     workspace: dict[str, Any] | None = None,
+    lists: dict[str, ListChanges] | None = None,
 ) -> dict[str, Any] | None:
     """Save the try's conversation and append `entries` to the run's transcript, atomically.
     Returns the transcript's summary (entries, bytes, truncated), or None when there were no
     entries (the transcript is as it was: nothing is locked or counted for it).
+
+    `state` holds the conversation but for its growing lists (ITEM_LISTS), of which `lists`
+    brings only what changed: a save writes what its step added, not the conversation again.
 
     `state["writer"]` (the activity attempt saving it) fences the row: a worker whose attempt
     Temporal already gave up on (it stopped heartbeating but still runs) cannot overwrite the
@@ -79,11 +102,56 @@ async def save_checkpoint(
             raise CheckpointSuperseded(
                 f"checkpoint of try {attempt} of agent {agent_id} belongs to a later attempt"
             )
+        for name, change in (lists or {}).items():
+            await _save_items(conn, (requester_id, agent_id, attempt), name, change)
         if not entries:
             return None
         return await append_transcript(
             conn, requester_id, agent_id, attempt, entries, transcript_limit, entries_before
         )
+
+
+async def _save_items(
+    conn: asyncpg.Connection, key: tuple[str, uuid.UUID, int], name: str, change: ListChanges
+) -> None:
+    await conn.execute(
+        "DELETE FROM agent_checkpoint_items WHERE requester_id = $1 AND agent_id = $2"
+        " AND attempt = $3 AND list = $4 AND (idx >= $5 OR idx < $6)",
+        *key,
+        name,
+        change.length,
+        change.first,
+    )
+    if change.changed:
+        await conn.executemany(
+            "INSERT INTO agent_checkpoint_items (requester_id, agent_id, attempt, list, idx, item)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (requester_id, agent_id, attempt,"
+            " list, idx) DO UPDATE SET item = EXCLUDED.item",
+            [(*key, name, idx, item) for idx, item in change.changed],
+        )
+
+
+async def _with_items(
+    db: Executor, requester_id: str, agent_id: uuid.UUID, attempt: int, row: Any
+) -> dict[str, Any]:
+    """A checkpoint row with its lists put back into its state."""
+    out = dict(row)
+    items = await db.fetch(
+        "SELECT list, item FROM agent_checkpoint_items WHERE requester_id = $1"
+        " AND agent_id = $2 AND attempt = $3 ORDER BY list, idx",
+        requester_id,
+        agent_id,
+        attempt,
+    )
+    state = dict(out["state"])
+    for name in ITEM_LISTS:
+        if name in state or any(r["list"] == name for r in items):
+            state[name] = [r["item"] for r in items if r["list"] == name]
+    if "logTailChars" in state:
+        log = "".join(str(r["item"]["text"]) for r in items if r["list"] == LOG)
+        state["logTail"] = log[len(log) - int(state.pop("logTailChars")) :]
+    out["state"] = state
+    return out
 
 
 async def append_transcript(
@@ -122,15 +190,16 @@ async def append_transcript(
                 " not kept (the run goes on)",
             }
             size = _size(full)
-            rows.append((requester_id, agent_id, seq, attempt, full, size))
             total += size
+            rows.append((requester_id, agent_id, seq, attempt, full, size, total))
             summary["truncated"] = True
             break
-        rows.append((requester_id, agent_id, seq, attempt, full, size))
         total += size
+        rows.append((requester_id, agent_id, seq, attempt, full, size, total))
     await conn.executemany(
-        "INSERT INTO agent_transcript (requester_id, agent_id, seq, attempt, entry, bytes)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO agent_transcript"
+        " (requester_id, agent_id, seq, attempt, entry, bytes, total_bytes)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
         rows,
     )
     summary["entries"], summary["bytes"] = seq, total
@@ -163,7 +232,9 @@ async def claim_checkpoint(
         raise CheckpointSuperseded(
             f"checkpoint of try {attempt} of agent {agent_id} belongs to a later attempt"
         )
-    return dict(row) if row["state"].get("messages") is not None else None
+    if row["checkpoints"] == 0:
+        return None  # claimed before any save: nothing to resume
+    return await _with_items(db, requester_id, agent_id, attempt, row)
 
 
 async def load_checkpoint(
@@ -176,7 +247,7 @@ async def load_checkpoint(
         agent_id,
         attempt,
     )
-    return dict(row) if row is not None else None
+    return await _with_items(db, requester_id, agent_id, attempt, row) if row else None
 
 
 async def set_outcome(
@@ -198,17 +269,20 @@ async def set_outcome(
 async def transcript_summary(
     db: Executor, requester_id: str, agent_id: uuid.UUID
 ) -> dict[str, Any]:
+    """Entries, bytes and whether the transcript was cut, read from its last entry (which
+    keeps the running total): one index lookup, however long the transcript."""
     row = await db.fetchrow(
-        "SELECT coalesce(max(seq), 0) AS entries, coalesce(sum(bytes), 0) AS bytes,"
-        " coalesce(bool_or(entry->>'kind' = 'truncated'), false) AS truncated"
-        " FROM agent_transcript WHERE requester_id = $1 AND agent_id = $2",
+        "SELECT seq, total_bytes, entry->>'kind' = 'truncated' AS truncated"
+        " FROM agent_transcript WHERE requester_id = $1 AND agent_id = $2"
+        " ORDER BY seq DESC LIMIT 1",
         requester_id,
         agent_id,
     )
-    assert row is not None
+    if row is None:
+        return {"entries": 0, "bytes": 0, "truncated": False}
     return {
-        "entries": int(row["entries"]),
-        "bytes": int(row["bytes"]),
+        "entries": int(row["seq"]),
+        "bytes": int(row["total_bytes"]),
         "truncated": bool(row["truncated"]),
     }
 

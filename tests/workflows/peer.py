@@ -41,7 +41,6 @@ class ScriptedPeer:
         self.status_answer: m.AgentEvent | ApplicationError = m.AgentEvent(
             seq=1, state=m.AgentState.RUNNING
         )
-        self.status_changed = asyncio.Event()
         self.kill_answer: Callable[[], Awaitable[m.KillResult]] | None = None
         self.kill_error: ApplicationError | None = None
         self.requester_finals: list[m.RequesterFinal] = []
@@ -62,11 +61,10 @@ class ScriptedPeer:
         self.record_gate = asyncio.Event()
         self.record_gate.set()
         self.calls: list[str] = []
-        self.status_waits = 0
+        self.status_checks = 0
 
     def set_status(self, event: m.AgentEvent) -> None:
         self.status_answer = event
-        self.status_changed.set()
 
     # --- requester side ------------------------------------------------------------------
 
@@ -78,25 +76,15 @@ class ScriptedPeer:
             raise self.spawn_answer
         return self.spawn_answer
 
-    @activity.defn(name=m.WAIT_STATUS)
-    async def wait_status(self, wait: m.StatusWait) -> m.AgentEvent:
-        """agent.status as a long-poll: answers once the peer reports another state."""
-        self.calls.append(m.WAIT_STATUS)
-        self.status_waits += 1
-        while True:
-            answer = self.status_answer
-            if isinstance(answer, ApplicationError):
-                raise answer
-            if answer.seq > wait.after_seq and (
-                answer.state != wait.known_state or answer.state in m.TERMINAL_STATES
-            ):
-                return answer
-            self.status_changed.clear()
-            activity.heartbeat()
-            try:
-                await asyncio.wait_for(self.status_changed.wait(), 0.2)
-            except TimeoutError:
-                pass
+    @activity.defn(name=m.CHECK_STATUS)
+    async def check_status(self, call: m.PeerCall) -> m.AgentEvent:
+        """agent.status: the peer's record as it is now."""
+        self.calls.append(m.CHECK_STATUS)
+        self.status_checks += 1
+        answer = self.status_answer
+        if isinstance(answer, ApplicationError):
+            raise answer
+        return answer
 
     @activity.defn(name=m.SEND_KILL)
     async def send_kill(self, call: m.PeerCall) -> m.KillResult:
@@ -213,7 +201,7 @@ def spawn_input(agent_id: str, **overrides: Any) -> m.SpawnAgentInput:
         options={"timeout": 60, "maxRetries": 0},
         spawn_deadline_seconds=30,
         peer_timeout_seconds=2.0,
-        # Short: most tests want the long-poll soon; tests/workflows/test_messages.py sets it.
+        # Short: most tests want the status check soon; tests/workflows/test_messages.py sets it.
         poll_after_quiet_seconds=0.3,
     )
     return dataclasses.replace(base, **overrides)

@@ -35,7 +35,7 @@ async def test_events_that_bring_every_change_leave_the_requester_nothing_to_ask
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     """A short run: its events (signals) bring running and completed before the quiet spell
-    ends, so the requester never long-polls agent.status (one command per run: the spawn)."""
+    ends, so the requester never asks agent.status (one command per run: the spawn)."""
     peer.spawn_answer = m.AgentEvent(seq=1, state=m.AgentState.SPAWNING)
     handle = await start_requester(client, task_queue, poll_after_quiet_seconds=30.0)
     await handle.signal(
@@ -49,7 +49,7 @@ async def test_events_that_bring_every_change_leave_the_requester_nothing_to_ask
     status = await final_status(handle)
     await save_history(client, handle, "requester-completed-by-events")
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
-    assert peer.status_waits == 0
+    assert peer.status_checks == 0
     assert peer.calls.count(m.SEND_SPAWN) == 1
     assert "ACTIVITY_TASK_CANCEL_REQUESTED" not in await event_types(client, handle)
 
@@ -57,12 +57,12 @@ async def test_events_that_bring_every_change_leave_the_requester_nothing_to_ask
 async def test_a_lost_event_is_asked_for_once_the_quiet_spell_ends(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
-    """No event comes: after the quiet spell one long-poll finds the final state."""
+    """No event comes: after the quiet spell one status check finds the final state."""
     peer.set_status(m.AgentEvent(seq=4, state=m.AgentState.COMPLETED, result={"summary": "polled"}))
     handle = await start_requester(client, task_queue, poll_after_quiet_seconds=0.5)
     status = await final_status(handle)
     assert (status.state, status.result) == ("completed", {"summary": "polled"})
-    assert peer.status_waits == 1
+    assert peer.status_checks == 1
     types = await event_types(client, handle)
     assert types.count("TIMER_FIRED") == 1  # the quiet spell, then the poll
 
@@ -248,14 +248,14 @@ async def test_a_kill_the_requester_asked_sends_it_no_event(
 async def test_a_refused_poll_waits_its_backoff_and_no_quiet_spell_besides(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
-    """The executor refuses agent.status (not ACTIVE): between polls the workflow waits the
-    growing backoff only, one timer each, not a quiet spell as well."""
+    """The executor refuses agent.status (not ACTIVE): between checks the workflow waits the
+    growing quiet spell only, one timer each."""
     peer.status_answer = ApplicationError("not ACTIVE", type="not_active", non_retryable=True)
     handle = await start_requester(client, task_queue, poll_after_quiet_seconds=1.0)
-    await wait_for(lambda: peer.status_waits >= 3, timeout=30)
+    await wait_for(lambda: peer.status_checks >= 3, timeout=30)
     types = await event_types(client, handle)
-    # One quiet spell before the first poll, one backoff after each refused poll.
-    assert types.count("TIMER_STARTED") <= peer.status_waits + 1
+    # One quiet spell before each check.
+    assert types.count("TIMER_STARTED") <= peer.status_checks + 1
     await handle.signal(
         RemoteAgentWorkflow.on_event,
         m.AgentEvent(seq=9, state=m.AgentState.COMPLETED, result={"summary": "ok"}),

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from datetime import timedelta
 
-from temporalio.api.enums.v1 import WorkflowTaskFailedCause
+from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
@@ -85,22 +85,31 @@ async def test_unreachable_requester_is_retried_then_given_up_without_failing(
     assert await closed_status(client, handle) == WorkflowExecutionStatus.COMPLETED
 
 
-async def test_silence_and_chatty_progress_cost_the_requester_no_history(
+async def test_silence_and_chatty_progress_space_the_requesters_checks_ever_further(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
-    handle = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
-    await asyncio.sleep(0.5)
-    before = await history_length(client, handle)
-    for seq in range(2, 40):  # progress: new seq, same state
+    """Progress (a new seq, the same state) wakes no workflow and resets no quiet spell: each
+    status check that finds no new state doubles the spell, up to its bound, so a run held for
+    hours costs a check every few minutes and no activity slot in between."""
+    handle = await start_requester(
+        client, task_queue, poll_after_quiet_seconds=0.2, status_check_max_seconds=0.8
+    )
+    seq = 2
+    while peer.status_checks < 6:  # chatty progress all along
         peer.set_status(m.AgentEvent(seq=seq, state=m.AgentState.RUNNING, progress={"turn": seq}))
+        seq += 1
         await asyncio.sleep(0.02)
-    await asyncio.sleep(2.0)  # and a long silence
-    assert await history_length(client, handle) == before
-    peer.set_status(m.AgentEvent(seq=50, state=m.AgentState.COMPLETED, result={"summary": "ok"}))
+    peer.set_status(m.AgentEvent(seq=900, state=m.AgentState.COMPLETED, result={"summary": "ok"}))
     status = await final_status(handle)
     await save_history(client, handle, "requester-long-run-chatty-progress")
-    assert (status.state, status.seq) == ("completed", 50)
+    assert (status.state, status.seq) == ("completed", 900)
+    history = await client.get_workflow_handle(handle.id).fetch_history()
+    spells = [
+        e.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta().total_seconds()
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED
+    ]
+    assert spells[:6] == [0.2, 0.4, 0.8, 0.8, 0.8, 0.8]
 
 
 # --- point 3: one writer of a final state --------------------------------------------------
@@ -139,7 +148,7 @@ async def test_requester_kill_racing_completion_keeps_the_result(
 
     peer.kill_answer = already_completed
     handle = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     answer = await kill(handle)
     status = await final_status(handle)
     await save_history(client, handle, "requester-kill-racing-completion")
@@ -169,7 +178,7 @@ async def test_a_cancel_whose_kill_finds_the_run_completed_closes_completed(
 
     peer.kill_answer = already_completed
     handle = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     await handle.cancel()
     status = await final_status(handle)
     await save_history(client, handle, "requester-cancel-finds-completed")
@@ -188,7 +197,7 @@ async def test_kill_racing_failure_keeps_the_failure_reason(
 
     peer.kill_answer = already_failed
     handle = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     answer = await kill(handle)
     status = await final_status(handle)
     assert (answer.state, answer.error) == ("failed", "tests failed")
@@ -199,7 +208,7 @@ async def test_a_retried_kill_is_the_same_kill(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     handle = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     first, second = await asyncio.gather(
         handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill"),
         handle.execute_update(RemoteAgentWorkflow.kill, m.KillRequest(), id="kill"),
@@ -237,7 +246,7 @@ async def test_kill_with_the_peer_gone_answers_at_once_unconfirmed(
         "connection is SUSPENDED", type="connection_not_active", non_retryable=True
     )
     handle = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     answer = await kill(handle)
     status = await final_status(handle)
     await save_history(client, handle, "requester-killed-peer-gone")
@@ -340,12 +349,12 @@ async def test_an_event_arriving_while_the_final_is_recorded_keeps_the_first_fin
 async def test_a_cancel_while_a_polled_completion_is_recorded_leaves_the_run_completed(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
-    """The long-poll brings `completed`; a cancel (UI, CLI) arrives while it is recorded. The
+    """A status check brings `completed`; a cancel (UI, CLI) arrives while it is recorded. The
     retried task holds both the poll's answer and the cancel: the run had ended, so no kill
     is sent and the workflow closes Completed, saying what the store kept."""
     peer.record_gate.clear()
     handle = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     peer.set_status(m.AgentEvent(seq=4, state=m.AgentState.COMPLETED, result={"summary": "polled"}))
     await wait_for(lambda: m.RECORD_REQUESTER_FINAL in peer.calls)
     await handle.cancel()  # accepted by the server once cancel() returns
@@ -428,7 +437,7 @@ async def test_a_run_that_completes_after_its_status_was_unavailable_reports_no_
 ) -> None:
     peer.status_answer = ApplicationError("not ACTIVE", type="not_active", non_retryable=True)
     handle = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     await asyncio.sleep(0.3)
     peer.set_status(m.AgentEvent(seq=4, state=m.AgentState.COMPLETED, result={"summary": "ok"}))
     status = await final_status(handle)
@@ -441,7 +450,7 @@ async def test_cancelling_the_requester_workflow_kills_the_remote_agent(
     """Cancelling RemoteAgentWorkflow (UI, CLI) is a kill too: the executor is told to stop the
     run, and the requester records the executor's answer before the workflow closes."""
     handle = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     await handle.cancel()
     status = await final_status(handle)
     await save_history(client, handle, "requester-workflow-cancelled")
@@ -457,7 +466,7 @@ async def test_cancelling_the_requester_workflow_with_the_peer_gone_still_record
 ) -> None:
     peer.kill_error = ApplicationError("connect refused", type="peer_unreachable")
     handle = await start_requester(client, task_queue, kill_deadline_seconds=2)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     await handle.cancel()
     status = await final_status(handle)
     assert status.state == "killed"

@@ -421,8 +421,23 @@ CREATE TABLE workspace_run_blobs (
     PRIMARY KEY (requester_id, agent_id, sha256)
 );
 CREATE INDEX workspace_run_blobs_sha256 ON workspace_run_blobs (sha256);
+-- Executor: the lists of a checkpoint that grow with the conversation (`messages`, `commands`),
+-- one row per item: a save writes the items a step added or changed, not the whole list again.
+CREATE TABLE agent_checkpoint_items (
+    requester_id text NOT NULL,
+    agent_id     uuid NOT NULL,
+    attempt      integer NOT NULL,
+    list         text NOT NULL,
+    idx          integer NOT NULL,
+    item         jsonb NOT NULL,
+    PRIMARY KEY (requester_id, agent_id, attempt, list, idx),
+    FOREIGN KEY (requester_id, agent_id, attempt)
+        REFERENCES agent_conversations (requester_id, agent_id, attempt) ON DELETE CASCADE
+);
 
 -- Executor: the transcript of a run, numbered from 1 across its tries; bounded in bytes per run.
+-- Each entry keeps the transcript's bytes up to and including it (`total_bytes`), so the
+-- transcript's size is read from its last entry, not summed again at every append.
 CREATE TABLE agent_transcript (
     requester_id text NOT NULL,
     agent_id     uuid NOT NULL,
@@ -430,6 +445,7 @@ CREATE TABLE agent_transcript (
     attempt      integer NOT NULL,
     entry        jsonb NOT NULL,
     bytes        integer NOT NULL,
+    total_bytes  bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (requester_id, agent_id, seq)
 );
 
