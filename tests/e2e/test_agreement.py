@@ -1,0 +1,145 @@
+"""Both sides of a run agree on how it ended: a connection suspended or disconnected by either
+side, a kill the executor could not hear at once, a requester's workflow terminated (issue 20,
+points 1-3). Each test reads both sides' REST views and both workflows' own final status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from temporalio.client import WorkflowExecutionStatus
+
+from tests.conftest import Instance, connect, ensure_connection
+from tests.e2e.helpers import spawn_body
+from tests.e2e.proxy import ControlledProxy
+
+pytestmark = pytest.mark.e2e
+
+
+async def hosted(executor: Instance, agent_id: str) -> dict[str, Any]:
+    response = await executor.call("GET", f"/hosted/{agent_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def hosted_state(executor: Instance, agent_id: str, states: set[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = str((await hosted(executor, agent_id))["state"])
+        if state in states or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.2)
+
+
+async def workflow_state(instance: Instance, workflow_id: str, timeout: float = 30.0) -> str:
+    """The state a closed workflow reports itself (its `status` query), once it is closed."""
+    client = await instance.temporal()
+    handle = client.get_workflow_handle(workflow_id)
+    deadline = time.monotonic() + timeout
+    while (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+        assert time.monotonic() < deadline, f"{workflow_id} is still running"
+        await asyncio.sleep(0.2)
+    status = await handle.query("status")
+    return str(status["state"] if isinstance(status, dict) else status.state)
+
+
+async def both_ended(
+    requester: Instance, executor: Instance, agent_id: str, timeout: float = 60.0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both REST views once both are final; both workflows closed saying the same."""
+    mine = await requester.wait_agent(agent_id, timeout=timeout)
+    await hosted_state(executor, agent_id, {"completed", "failed", "killed", "timed_out"}, timeout)
+    theirs = await hosted(executor, agent_id)
+    assert await workflow_state(requester, f"remote-agent/{agent_id}") == mine["state"]
+    run_id = f"agent-run/{requester.id}/{agent_id}"
+    assert await workflow_state(executor, run_id) == theirs["state"]
+    return mine, theirs
+
+
+async def running_on(requester: Instance, connection_id: str, task_id: str) -> str:
+    body = spawn_body(connection_id, "$ sleep 300", task_id=task_id, timeout=600)
+    response = await requester.call("POST", "/agents/spawn", json=body)
+    assert response.status_code == 202, response.text
+    await requester.wait_agent(body["agentId"], {"running"}, timeout=60)
+    return str(body["agentId"])
+
+
+async def disconnect_both(one: Instance, other: Instance, connection_id: str) -> None:
+    for side in (one, other):
+        await side.call("POST", f"/connections/{connection_id}/disconnect")
+
+
+@pytest.mark.parametrize(
+    ("who", "change"),
+    [
+        ("executor", "suspend"),
+        ("requester", "suspend"),
+        ("executor", "disconnect"),
+        ("requester", "disconnect"),
+    ],
+)
+async def test_a_connection_ended_by_either_side_ends_its_runs_alike_on_both(
+    hub: Instance, edge: Instance, who: str, change: str
+) -> None:
+    connection_id = await connect(hub, edge)
+    try:
+        agent_id = await running_on(hub, connection_id, f"end-{who}-{change}")
+        actor = edge if who == "executor" else hub
+        response = await actor.call("POST", f"/connections/{connection_id}/{change}")
+        assert response.status_code == 200, response.text
+        mine, theirs = await both_ended(hub, edge, agent_id, timeout=60)
+        assert (mine["state"], theirs["state"]) == ("killed", "killed"), (mine, theirs)
+        assert f"connection {change}" in (theirs["error"] or ""), theirs
+    finally:
+        await disconnect_both(hub, edge, connection_id)
+
+
+async def test_a_kill_the_executor_could_not_hear_is_delivered_once_it_is_back(
+    hub: Instance, far: Instance, far_proxy: ControlledProxy
+) -> None:
+    connection_id = await ensure_connection(hub, far)
+    agent_id = await running_on(hub, connection_id, "kill-unreachable")
+    await hosted_state(far, agent_id, {"running"}, 30)
+    far_proxy.rules.down = True
+    try:
+        response = await hub.call("POST", f"/agents/{agent_id}/kill")
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert (answer["state"], answer["confirmed"]) == ("killed", False), answer
+        await asyncio.sleep(3)
+        assert (await hosted(far, agent_id))["state"] == "running"
+    finally:
+        far_proxy.rules.down = False
+    # Delivered with backoff once the executor is back: it stops the run and says so.
+    assert await hosted_state(far, agent_id, {"killed", "completed"}, 60) == "killed"
+    mine, theirs = await both_ended(hub, far, agent_id)
+    assert (mine["state"], theirs["state"]) == ("killed", "killed")
+    assert await kill_confirmed(hub, agent_id, 30)
+
+
+async def kill_confirmed(requester: Instance, agent_id: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        agent = (await requester.call("GET", f"/agents/{agent_id}")).json()
+        if agent.get("killConfirmed") or time.monotonic() > deadline:
+            return bool(agent.get("killConfirmed"))
+        await asyncio.sleep(0.2)
+
+
+async def test_a_terminated_requester_workflow_has_its_run_killed_on_the_executor(
+    hub: Instance, far: Instance
+) -> None:
+    connection_id = await ensure_connection(hub, far)
+    agent_id = await running_on(hub, connection_id, "terminated-requester")
+    await hosted_state(far, agent_id, {"running"}, 30)
+    client = await hub.temporal()
+    await client.get_workflow_handle(f"remote-agent/{agent_id}").terminate("test")
+    # The reconciler writes `killed` here (within two of its passes) and tells the executor.
+    mine = await hub.wait_agent(agent_id, timeout=120)
+    assert mine["state"] == "killed", mine
+    assert await hosted_state(far, agent_id, {"killed", "completed"}, 60) == "killed"
+    theirs = await hosted(far, agent_id)
+    assert theirs["state"] == "killed"
+    assert await workflow_state(far, f"agent-run/{hub.id}/{agent_id}") == "killed"
