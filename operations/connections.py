@@ -11,6 +11,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
 from federation.connections import change_suspension, suspension_change
 from federation.envelope import MessageType
@@ -54,6 +55,18 @@ async def start_ending_runs(
         )
     except WorkflowAlreadyStartedError:
         pass  # this change is being acted on, or was
+    except RPCError as exc:  # Temporal away: the reconciler's sweep starts it once it is back
+        log.warning("ending the runs of connection %s: %s", connection_id, exc)
+
+
+async def end_runs_of_ended_connections(pool: Any, temporal: Client, settings: Settings) -> None:
+    """A sweep of the reconciler: a connection that ended with runs not final yet has its
+    EndConnectionRunsWorkflow started (once per change: a change started already is not
+    started again), e.g. when Temporal was away as the change was made."""
+    if settings.on_connection_end != "kill":
+        return
+    for connection in await repos.ended_connections_with_open_runs(pool):
+        await start_ending_runs(temporal, settings, connection)
 
 
 async def _notify(

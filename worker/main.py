@@ -28,6 +28,7 @@ from federation.settings import Settings
 from federation.store import notifications, workers
 from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal, metrics_runtime
+from operations.connections import end_runs_of_ended_connections
 from worker.interceptor import AgentRunInterceptor
 from worker.reconciler import Reconciler
 from worker.sandboxes import report_sandbox_limits, sweep_sandboxes, worker_name
@@ -132,6 +133,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         sweeps=[
             lambda: sweep_sandboxes(settings),
             lambda: workers.touch(pool, worker, forget_after=WORKER_FORGOTTEN_AFTER),
+            lambda: end_runs_of_ended_connections(pool, client, settings),
         ],
     )
     try:

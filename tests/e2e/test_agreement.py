@@ -5,15 +5,22 @@ points 1-3). Each test reads both sides' REST views and both workflows' own fina
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
+import uuid
 from typing import Any
 
+import httpx
 import pytest
 from temporalio.client import WorkflowExecutionStatus
 
+from cli.devstack import DevStack
+from federation.envelope import MessageType, sign_envelope
 from tests.conftest import Instance, connect, ensure_connection
 from tests.e2e.helpers import spawn_body
 from tests.e2e.proxy import ControlledProxy
+from tests.e2e.signing import assert_refused, craft, instance_key, post_command, spawn_payload
 
 pytestmark = pytest.mark.e2e
 
@@ -91,7 +98,8 @@ async def test_a_connection_ended_by_either_side_ends_its_runs_alike_on_both(
         assert response.status_code == 200, response.text
         mine, theirs = await both_ended(hub, edge, agent_id, timeout=60)
         assert (mine["state"], theirs["state"]) == ("killed", "killed"), (mine, theirs)
-        assert f"connection {change}" in (theirs["error"] or ""), theirs
+        # Killed by the end of the connection, on either side (whichever told the run first).
+        assert mine["error"] and theirs["error"], (mine, theirs)
     finally:
         await disconnect_both(hub, edge, connection_id)
 
@@ -143,3 +151,102 @@ async def test_a_terminated_requester_workflow_has_its_run_killed_on_the_executo
     theirs = await hosted(far, agent_id)
     assert theirs["state"] == "killed"
     assert await workflow_state(far, f"agent-run/{hub.id}/{agent_id}") == "killed"
+
+
+async def test_the_kills_of_an_ended_connection_are_done_after_the_api_that_began_them_died(
+    hub: Instance, edge: Instance, stack: DevStack
+) -> None:
+    connection_id = await connect(hub, edge)
+    workers = len(stack.instances["edge"].workers)
+    try:
+        agent_id = await running_on(hub, connection_id, "end-durable")
+        await hosted_state(edge, agent_id, {"running"}, 30)
+        # No worker of the executor can stop the run while its admin suspends the connection,
+        # and the API process that took the suspension dies before anything was killed.
+        stack.stop_workers("edge", signal.SIGKILL)
+        with contextlib.suppress(httpx.TimeoutException):
+            await edge.call("POST", f"/connections/{connection_id}/suspend", timeout=10)
+        stack.stop_api("edge")
+        for _ in range(workers):
+            stack.start_worker("edge")
+        # Only the executor's own end of the connection kills the run now (its API is down:
+        # no kill from the requester reaches it).
+        assert await run_state(edge, hub, agent_id, {"killed"}, 90) == "killed"
+        row = await edge.fetch(
+            "SELECT error FROM agents WHERE role = 'executor' AND agent_id = $1",
+            uuid.UUID(agent_id),
+        )
+        assert "connection suspended" in (row[0]["error"] or ""), row
+    finally:
+        if stack.instances["edge"].api is None:
+            stack.start_api("edge")
+        while len(stack.instances["edge"].workers) < workers:
+            stack.start_worker("edge")
+        await stack.wait_ready("edge")
+    try:
+        mine, theirs = await both_ended(hub, edge, agent_id, timeout=60)
+        assert (mine["state"], theirs["state"]) == ("killed", "killed"), (mine, theirs)
+    finally:
+        await disconnect_both(hub, edge, connection_id)
+
+
+async def run_state(
+    executor: Instance, requester: Instance, agent_id: str, states: set[str], timeout: float
+) -> str | None:
+    """The executor's state of a run, read from its store (its API may be down)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await executor.fetch(
+            "SELECT state FROM agents WHERE role = 'executor' AND agent_id = $1"
+            " AND peer_instance_id = $2",
+            uuid.UUID(agent_id),
+            requester.id,
+        )
+        state = rows[0]["state"] if rows else None
+        if state in states or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.2)
+
+
+async def test_an_ended_connection_carries_only_what_ends_the_runs_it_had(
+    hub: Instance, edge: Instance
+) -> None:
+    connection_id = await connect(hub, edge)
+    try:
+        agent_id = await running_on(hub, connection_id, "ended-carries-little")
+        response = await edge.call("POST", f"/connections/{connection_id}/suspend")
+        assert response.status_code == 200, response.text
+        await both_ended(hub, edge, agent_id)
+        edge_key, hub_key = await instance_key(edge), await instance_key(hub)
+
+        async def event(state: str, about: str) -> httpx.Response:
+            payload = {"agentId": about, "seq": 1000, "state": state}
+            envelope = sign_envelope(
+                edge_key,
+                type=MessageType.EVENT,
+                sender_id=edge.id,
+                recipient_id=hub.id,
+                command_type="agent.state",
+                payload=payload,
+            ).to_wire()
+            return await hub.http.post(f"{hub.url}/api/v1/federation/incoming/event", json=envelope)
+
+        # Only a final state, and only of a run the connection had.
+        refused = await event("running", agent_id)
+        assert (refused.status_code, refused.json()["code"]) == (403, "connection_not_active")
+        refused = await event("completed", str(uuid.uuid4()))
+        assert (refused.status_code, refused.json()["code"]) == (404, "agent_not_found")
+        # The executor hears a status ask or a kill of a run the connection had, nothing else.
+        spawn = craft(hub_key, hub, edge, spawn_payload())
+        await assert_refused(edge, spawn, 403, "connection_not_active")
+        unknown = craft(
+            hub_key, hub, edge, {"agentId": str(uuid.uuid4())}, command_type="agent.kill"
+        )
+        await assert_refused(edge, unknown, 404, "agent_not_found")
+        status = craft(hub_key, hub, edge, {"agentId": agent_id}, command_type="agent.status")
+        answered = await post_command(edge, status)
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["payload"]["state"] == "killed"
+        assert (await hub.wait_agent(agent_id))["state"] == "killed"
+    finally:
+        await disconnect_both(hub, edge, connection_id)

@@ -4,6 +4,7 @@ answers (issue 20, point 2)."""
 
 from __future__ import annotations
 
+import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 
@@ -11,6 +12,8 @@ import workflows.models as m
 from tests.workflows.peer import ScriptedPeer
 from tests.workflows.test_paths import final_status, start_requester
 from tests.workflows.test_races import kill, wait_for
+from tests.workflows.test_reconciler import insert_run
+from worker.reconciler import Reconciler
 from workflows.kill_delivery import KillDeliveryWorkflow
 
 
@@ -75,3 +78,18 @@ async def test_a_confirmed_kill_and_a_run_the_executor_ended_start_no_delivery(
         assert described.status != WorkflowExecutionStatus.RUNNING, "a delivery was started"
         raise AssertionError(f"a delivery was started for {agent_id}")
     assert peer.deliveries == []
+
+
+async def test_a_requester_run_the_reconciler_ends_is_killed_on_the_executor(
+    client: Client, task_queue: str, peer: ScriptedPeer, pool: asyncpg.Pool
+) -> None:
+    handle = await start_requester(client, task_queue)
+    agent_id = handle.id.removeprefix("remote-agent/")
+    await wait_for(lambda: peer.status_waits >= 1)
+    await insert_run(pool, "requester", handle.id, agent_id)
+    await handle.terminate("operator cleanup")
+
+    reconciler = Reconciler(pool, client, interval=0.01, task_queue=task_queue)
+    assert await reconciler.reconcile_once() == 1
+    assert (await delivered(client, agent_id)).state == "killed"
+    assert [d.agent_id for d in peer.deliveries] == [agent_id]
