@@ -19,7 +19,7 @@ from federation.settings import Settings
 from federation.states import ConnectionStatus
 from federation.store import repos
 from operations.connections import end_runs_of_ended_connections
-from tests.workflows.peer import ScriptedPeer, run_input
+from tests.workflows.peer import ScriptedPeer, run_input, save_history
 from tests.workflows.test_paths import final_status
 from workflows.agent_run import AgentRunWorkflow
 from workflows.end_runs import EndConnectionRunsWorkflow
@@ -89,3 +89,4 @@ async def test_the_sweep_ends_the_runs_of_a_connection_that_ended_while_temporal
         )
     ]
     assert len(ends) == 1 and ends[0].startswith(f"end-runs/{connection['connection_id']}/")
+    await save_history(client, client.get_workflow_handle(ends[0]), "end-runs-killed")

@@ -9,7 +9,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 
 import workflows.models as m
-from tests.workflows.peer import ScriptedPeer
+from tests.workflows.peer import ScriptedPeer, save_history
 from tests.workflows.test_paths import final_status, start_requester
 from tests.workflows.test_races import kill, wait_for
 from tests.workflows.test_reconciler import insert_run
@@ -39,6 +39,9 @@ async def test_an_unconfirmed_kill_is_delivered_once_the_executor_answers(
     peer.delivery_error = None
     result = await delivered(client, answer.agent_id)
     assert result.state == "killed"
+    delivery = client.get_workflow_handle(m.kill_delivery_workflow_id(answer.agent_id))
+    await save_history(client, delivery, "kill-delivered-after-retries")
+    await save_history(client, handle, "requester-killed-delivery-started")
     assert {d.agent_id for d in peer.deliveries} == {answer.agent_id}
 
 
