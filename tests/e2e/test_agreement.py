@@ -72,6 +72,15 @@ async def running_on(requester: Instance, connection_id: str, task_id: str) -> s
     return str(body["agentId"])
 
 
+async def through_the_proxy(hub: Instance, far: Instance) -> str:
+    """An ACTIVE connection over which hub reaches far through the proxy: far asks for it (its
+    request carries its public URL, the proxy's) and grants hub every command."""
+    listed = (await hub.call("GET", "/connections")).json()
+    if not any(c["remoteInstanceId"] == far.id and c["status"] == "ACTIVE" for c in listed):
+        await connect(far, hub)
+    return await ensure_connection(hub, far)
+
+
 async def disconnect_both(one: Instance, other: Instance, connection_id: str) -> None:
     for side in (one, other):
         await side.call("POST", f"/connections/{connection_id}/disconnect")
@@ -106,7 +115,7 @@ async def test_a_connection_ended_by_either_side_ends_its_runs_alike_on_both(
 async def test_a_kill_the_executor_could_not_hear_is_delivered_once_it_is_back(
     hub: Instance, far: Instance, far_proxy: ControlledProxy
 ) -> None:
-    connection_id = await ensure_connection(hub, far)
+    connection_id = await through_the_proxy(hub, far)
     agent_id = await running_on(hub, connection_id, "kill-unreachable")
     await hosted_state(far, agent_id, {"running"}, 30)
     far_proxy.rules.down = True
@@ -139,7 +148,7 @@ async def kill_confirmed(requester: Instance, agent_id: str, timeout: float) -> 
 async def test_a_terminated_requester_workflow_has_its_run_killed_on_the_executor(
     hub: Instance, far: Instance
 ) -> None:
-    connection_id = await ensure_connection(hub, far)
+    connection_id = await through_the_proxy(hub, far)
     agent_id = await running_on(hub, connection_id, "terminated-requester")
     await hosted_state(far, agent_id, {"running"}, 30)
     client = await hub.temporal()
@@ -156,7 +165,7 @@ async def test_a_terminated_requester_workflow_has_its_run_killed_on_the_executo
 async def test_the_kills_of_an_ended_connection_are_done_after_the_api_that_began_them_died(
     hub: Instance, far: Instance, far_proxy: ControlledProxy, stack: DevStack
 ) -> None:
-    connection_id = await ensure_connection(hub, far)
+    connection_id = await through_the_proxy(hub, far)
     workers = len(stack.instances["far"].workers)
     try:
         agent_id = await running_on(hub, connection_id, "end-durable")
