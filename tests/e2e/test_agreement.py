@@ -273,3 +273,44 @@ async def test_an_ended_connection_carries_only_what_ends_the_runs_it_had(
         assert (await hub.wait_agent(agent_id))["state"] == "killed"
     finally:
         await disconnect_both(hub, edge, connection_id)
+
+
+async def test_a_requester_away_when_the_executor_suspended_still_hears_how_its_run_ended(
+    far: Instance, spoke: Instance, far_proxy: ControlledProxy
+) -> None:
+    # far asks spoke for the connection: spoke reaches far only through the proxy.
+    listed = (await far.call("GET", "/connections")).json()
+    if not any(c["remoteInstanceId"] == spoke.id and c["status"] == "ACTIVE" for c in listed):
+        await connect(far, spoke)
+    connection_id = await ensure_connection(far, spoke)
+    try:
+        agent_id = await running_on(far, connection_id, "requester-away")
+        far_proxy.rules.drop = True  # far looks gone: its requests are cut, retried later
+        try:
+            response = await spoke.call("POST", f"/connections/{connection_id}/suspend")
+            assert response.status_code == 200, response.text
+            assert response.json()["peerNotified"] is False
+            assert await hosted_state(spoke, agent_id, {"killed"}, 60) == "killed"
+        finally:
+            far_proxy.rules.drop = False
+        # far never heard of the suspension: the executor's final event (retried) still goes,
+        # and far's status asks of the run are still answered.
+        mine, theirs = await both_ended(far, spoke, agent_id, timeout=90)
+        assert (mine["state"], theirs["state"]) == ("killed", "killed"), (mine, theirs)
+        assert await final_event_sent(spoke, agent_id, 60)
+    finally:
+        await disconnect_both(far, spoke, connection_id)
+
+
+async def final_event_sent(executor: Instance, agent_id: str, timeout: float) -> bool:
+    """The executor sent the requester a signed event of the run's final state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await executor.fetch(
+            "SELECT 1 FROM messages WHERE direction = 'out' AND type = 'EVENT'"
+            " AND agent_id = $1 AND payload->>'state' = 'killed'",
+            uuid.UUID(agent_id),
+        )
+        if rows or time.monotonic() > deadline:
+            return bool(rows)
+        await asyncio.sleep(0.5)
