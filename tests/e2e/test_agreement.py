@@ -117,23 +117,31 @@ async def test_a_kill_the_executor_could_not_hear_is_delivered_once_it_is_back(
 ) -> None:
     connection_id = await through_the_proxy(hub, far)
     agent_id = await running_on(hub, connection_id, "kill-unreachable")
-    await hosted_state(far, agent_id, {"running"}, 30)
-    far_proxy.rules.down = True
     try:
-        response = await hub.call("POST", f"/agents/{agent_id}/kill")
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        assert answer["state"] == "killed", answer
-        await asyncio.sleep(3)
-        assert (await hosted(far, agent_id))["state"] == "running"
+        await hosted_state(far, agent_id, {"running"}, 30)
+        far_proxy.rules.down = True
+        try:
+            response = await hub.call("POST", f"/agents/{agent_id}/kill")
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert answer["state"] == "killed", answer
+            await asyncio.sleep(3)
+            assert (await hosted(far, agent_id))["state"] == "running"
+        finally:
+            far_proxy.rules.down = False
+        # Delivered with backoff once the executor is back: it stops the run and says so.
+        assert await hosted_state(far, agent_id, {"killed", "completed"}, 60) == "killed"
+        mine, theirs = await both_ended(hub, far, agent_id)
+        assert (mine["state"], theirs["state"]) == ("killed", "killed")
+        assert answer.get("confirmed") is False, answer  # the answer said it was not confirmed
+        assert await kill_confirmed(hub, agent_id, 30)
     finally:
-        far_proxy.rules.down = False
-    # Delivered with backoff once the executor is back: it stops the run and says so.
-    assert await hosted_state(far, agent_id, {"killed", "completed"}, 60) == "killed"
-    mine, theirs = await both_ended(hub, far, agent_id)
-    assert (mine["state"], theirs["state"]) == ("killed", "killed")
-    assert answer.get("confirmed") is False, answer  # the answer said it was not confirmed
-    assert await kill_confirmed(hub, agent_id, 30)
+        await free(far, agent_id)
+
+
+async def free(executor: Instance, agent_id: str) -> None:
+    """Whatever a test found, its run does not hold the executor's slots after it."""
+    await executor.call("POST", f"/hosted/{agent_id}/kill")
 
 
 async def kill_confirmed(requester: Instance, agent_id: str, timeout: float) -> bool:
@@ -150,16 +158,19 @@ async def test_a_terminated_requester_workflow_has_its_run_killed_on_the_executo
 ) -> None:
     connection_id = await through_the_proxy(hub, far)
     agent_id = await running_on(hub, connection_id, "terminated-requester")
-    await hosted_state(far, agent_id, {"running"}, 30)
-    client = await hub.temporal()
-    await client.get_workflow_handle(f"remote-agent/{agent_id}").terminate("test")
-    # The reconciler writes `killed` here (within two of its passes) and tells the executor.
-    mine = await hub.wait_agent(agent_id, timeout=120)
-    assert mine["state"] == "killed", mine
-    assert await hosted_state(far, agent_id, {"killed", "completed"}, 60) == "killed"
-    theirs = await hosted(far, agent_id)
-    assert theirs["state"] == "killed"
-    assert await workflow_state(far, f"agent-run/{hub.id}/{agent_id}") == "killed"
+    try:
+        await hosted_state(far, agent_id, {"running"}, 30)
+        client = await hub.temporal()
+        await client.get_workflow_handle(f"remote-agent/{agent_id}").terminate("test")
+        # The reconciler writes `killed` here (within two of its passes), tells the executor.
+        mine = await hub.wait_agent(agent_id, timeout=120)
+        assert mine["state"] == "killed", mine
+        assert await hosted_state(far, agent_id, {"killed", "completed"}, 60) == "killed"
+        theirs = await hosted(far, agent_id)
+        assert theirs["state"] == "killed"
+        assert await workflow_state(far, f"agent-run/{hub.id}/{agent_id}") == "killed"
+    finally:
+        await free(far, agent_id)
 
 
 async def test_the_kills_of_an_ended_connection_are_done_after_the_api_that_began_them_died(
