@@ -31,9 +31,10 @@ from federation.settings import Settings
 from federation.states import TERMINAL_STATES
 from federation.store import artifacts, conversations, repos
 from federation.store.outage import StoreUnavailable, wait_for_store
-from federation.trust import SAFE_INSTANCE_ID, check_peer_command, require_active
+from federation.trust import ENDED, SAFE_INSTANCE_ID, check_peer_command, require_active
 from workflows.models import (
     AGENT_FAILED,
+    AGENT_KILLED,
     AGENT_TIMED_OUT,
     RUN_AGENT,
     STORE_UNAVAILABLE,
@@ -105,6 +106,13 @@ class AgentActivities:
                 non_retryable=True,
             )
         connection = await repos.get_connection(self.pool, row["connection_id"]) if row else None
+        status = str(connection["status"]) if connection is not None else ""
+        if status in ENDED and self.settings.on_connection_end == "kill":
+            # A try of a connection that ended does not start: the run is killed, as the end
+            # of the connection kills the others (the same reason).
+            raise ApplicationError(
+                f"connection {status.lower()}", type=AGENT_KILLED, non_retryable=True
+            )
         try:
             connection = require_active(connection)
             identity = await load_identity(self.pool)

@@ -19,20 +19,28 @@ from federation.identity import Identity, load_identity
 from federation.peer import send_signed
 from federation.settings import Settings
 from federation.store import repos
-from federation.trust import check_peer_command, require_active, verify_incoming
+from federation.trust import (
+    check_peer_command,
+    require_active,
+    require_active_or_ending,
+    verify_incoming,
+)
 from workflows.models import (
     ADMIT_RUN,
     CHECK_STATUS,
+    DELIVER_KILL,
     NOTIFY_REQUESTER,
     RECORD_REQUESTER_FINAL,
     RECORD_RUN_FINAL,
     SEND_KILL,
     SEND_SPAWN,
     STORE_REFUSED,
+    TERMINAL_STATES,
     AgentEvent,
     AgentRunInput,
     AgentState,
     FinishRun,
+    KillDelivery,
     KillResult,
     PeerCall,
     RecordedFinal,
@@ -115,10 +123,11 @@ class PeerMessenger:
         return reply
 
     async def notify_requester(self, row: dict[str, Any], *, timeout: float | None = None) -> None:
-        """Send the executor's current record of a run to its requester as a signed EVENT."""
-        connection = await repos.connection_for_peer(self.pool, row["peer_instance_id"])
-        require_active(connection)
-        assert connection is not None
+        """Send the executor's current record of a run to its requester as a signed EVENT,
+        over the connection the run came by; once that connection ended (suspended,
+        disconnected), only the run's final state still goes."""
+        connection = await repos.get_connection(self.pool, row["connection_id"])
+        connection = require_active_or_ending(connection, ending=row["state"] in TERMINAL_STATES)
         await self.send(
             connection,
             type=MessageType.EVENT,
@@ -190,12 +199,18 @@ class FederationActivities:
             raise as_activity_error(err) from None
 
     async def _requester_connection(self, agent_id: str) -> dict[str, Any]:
+        """The connection a run was asked over: a kill or a status ask of the run still goes
+        once it ended (suspended, disconnected), so both sides agree on how the run ends."""
         row = await repos.get_requested_agent(self.pool, uuid.UUID(agent_id))
         if row is None:
             raise ApplicationError(
                 f"no agent {agent_id}", type="agent_not_found", non_retryable=True
             )
-        return await self._active_connection(str(row["connection_id"]))
+        connection = await repos.get_connection(self.pool, row["connection_id"])
+        try:
+            return require_active_or_ending(connection, ending=True)
+        except FederationError as err:
+            raise as_activity_error(err) from None
 
     # --- requester side ----------------------------------------------------------------
 
@@ -269,12 +284,60 @@ class FederationActivities:
                 {"agentId": call.agent_id},
                 timeout=60.0,
             )
+        if event.state in TERMINAL_STATES:
+            await repos.note_kill_delivery(self.pool, uuid.UUID(call.agent_id), confirmed=True)
         return KillResult(
             agent_id=call.agent_id,
             state=event.state,
             seq=event.seq,
             result=event.result,
             error=event.error,
+        )
+
+    @activity.defn(name=DELIVER_KILL)
+    async def deliver_kill(self, inp: KillDelivery) -> KillResult:
+        """Tell the executor to kill a run this side ended without its word. Every failure
+        but "no such run" is retried (by the workflow's policy, with backoff); the executor's
+        answer is applied where this side's state allows it, and recorded (`killConfirmed`)."""
+        agent_id = uuid.UUID(inp.agent_id)
+        row = await repos.get_requested_agent(self.pool, agent_id)
+        if row is None:
+            raise ApplicationError(
+                f"no agent {agent_id}", type="agent_not_found", non_retryable=True
+            )
+        await repos.note_kill_delivery(self.pool, agent_id, confirmed=False)
+        try:
+            answer = await self.send_kill(
+                PeerCall(agent_id=inp.agent_id, connection_id="", traceparent=inp.traceparent)
+            )
+        except ApplicationError as err:
+            if err.type != "agent_not_found":  # the executor has no such run: nothing runs
+                raise ApplicationError(err.message, type=err.type) from None  # retried
+            answer = KillResult(agent_id=inp.agent_id, state=row["state"], confirmed=False)
+        if answer.state not in TERMINAL_STATES:
+            raise ApplicationError(f"the executor answered {answer.state}", type="kill_pending")
+        await repos.note_kill_delivery(self.pool, agent_id, confirmed=True)
+        await self._audit_delivery(row, answer)
+        return answer
+
+    async def _audit_delivery(self, row: dict[str, Any], answer: KillResult) -> None:
+        """Say what the executor answered; when it differs from what this side recorded (it
+        had ended the run otherwise before the kill reached it), log it as well."""
+        executor_state = answer.state if answer.confirmed else "unknown there"
+        if executor_state != row["state"]:
+            activity.logger.warning(
+                "agent %s: ended %s here, the executor says %s",
+                row["agent_id"],
+                row["state"],
+                executor_state,
+            )
+        await repos.audit(
+            self.pool,
+            actor="system",
+            action="agent.kill_delivered",
+            agentId=str(row["agent_id"]),
+            state=str(row["state"]),
+            executorState=str(executor_state),
         )
 
     @activity.defn(name=CHECK_STATUS)

@@ -212,6 +212,9 @@ class AgentPublic(BaseModel):
     updatedAt: datetime
     startedAt: datetime | None
     finishedAt: datetime | None
+    # Requester: a kill or an end decided here is still being delivered to the executor
+    # (false), or the executor confirmed it (true); null when this side decided no end.
+    killConfirmed: bool | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> AgentPublic:
@@ -233,12 +236,16 @@ class AgentPublic(BaseModel):
             updatedAt=row["updated_at"],
             startedAt=row["started_at"],
             finishedAt=row["finished_at"],
+            killConfirmed=row.get("kill_confirmed"),
         )
 
 
 class AgentKillPublic(BaseModel):
     agentId: uuid.UUID
     state: AgentState
+    # False: the executor could not be told yet; the run ended here and the kill is delivered
+    # in the background (with backoff, across restarts) until the executor confirms.
+    confirmed: bool = True
 
 
 # --- wire payloads (inside signed envelopes) ----------------------------------------------------

@@ -367,7 +367,8 @@ class Settings(BaseSettings):
         description="Threads that resolve the host names strangers name (none of the shared "
         "resolver's).",
     )
-    # What suspending or disconnecting a connection does to the peer's runs here.
+    # What suspending or disconnecting a connection does to its runs: those this instance
+    # executes for the peer and those it asked of the peer.
     on_connection_end: Literal["kill", "finish"] = "kill"
 
     @model_validator(mode="after")

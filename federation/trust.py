@@ -343,6 +343,20 @@ def require_active(connection: dict[str, Any] | None) -> dict[str, Any]:
     return connection
 
 
+# What a connection that ended (suspended or disconnected) still carries: only what ends the
+# runs it already had, so both sides agree on how they ended. Nothing new is admitted.
+ENDED = (ConnectionStatus.SUSPENDED, ConnectionStatus.DISCONNECTED)
+RUN_ENDING_COMMANDS = ("agent.kill", "agent.status")
+
+
+def require_active_or_ending(connection: dict[str, Any] | None, *, ending: bool) -> dict[str, Any]:
+    """ACTIVE; or SUSPENDED or DISCONNECTED when `ending` (a run's final event, a kill or a
+    status ask of a run the connection already had: the caller checks the run is its)."""
+    if ending and connection is not None and connection["status"] in ENDED:
+        return connection
+    return require_active(connection)
+
+
 def grants_of(connection: dict[str, Any]) -> Grants:
     """The connection's grants, with defaults for what an older row does not say."""
     return Grants.model_validate(connection.get("grants") or {})

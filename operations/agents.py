@@ -28,7 +28,7 @@ from federation.trust import check_grants
 from federation.users import User
 from operations import Services
 from operations.updates import dropped_by_a_failed_task, execute_kill
-from workflows.models import KillRequest, remote_agent_workflow_id
+from workflows.models import KillRequest, KillResult, remote_agent_workflow_id
 from workflows.remote_agent import RemoteAgentWorkflow
 
 
@@ -151,36 +151,46 @@ async def list_(
 
 
 async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKillPublic:
-    """Answers once the remote sandbox is gone; a finished agent keeps its final state."""
+    """Answers once the remote sandbox is gone; a finished agent keeps its final state.
+
+    `confirmed` is False when the executor could not be told: the run is killed here and the
+    kill is delivered in the background until the executor confirms (`killConfirmed`)."""
     row = await get(services, user, agent_id)
+    answer: KillResult | None = None
     if row["state"] not in TERMINAL_STATES:
-        # Only the workflow writes the final state; this asks it and reads the answer.
-        try:
-            handle = services.temporal.get_workflow_handle(row["workflow_id"])
-            if not row["workflow_started"]:
-                try:
-                    await services.starter.kill_with_start(row, KillRequest())
-                except RPCError as exc:
-                    if not dropped_by_a_failed_task(exc):
-                        raise
-                    # It had started meanwhile, and Temporal dropped the kill: ask again.
-                    await execute_kill(
-                        handle, RemoteAgentWorkflow.kill, KillRequest(), dropped_before=True
-                    )
-            else:
-                await execute_kill(handle, RemoteAgentWorkflow.kill, KillRequest())
-        except WorkflowUpdateFailedError as exc:
-            row = await get(services, user, agent_id)
-            if row["state"] not in TERMINAL_STATES:
-                cause = exc.cause.__cause__ or exc.cause
-                raise KillNotDelivered(
-                    f"the kill did not reach the executor: {cause}", state=row["state"]
-                ) from None
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
+        answer = await _ask_kill(services, row)
         await repos.audit(
             services.pool, actor=user.actor, action="agent.kill", agentId=str(agent_id)
         )
         row = await get(services, user, agent_id)
-    return AgentKillPublic(agentId=agent_id, state=row["state"])
+    confirmed = answer.confirmed if answer is not None else row.get("kill_confirmed") is not False
+    return AgentKillPublic(agentId=agent_id, state=row["state"], confirmed=confirmed)
+
+
+async def _ask_kill(services: Services, row: dict[str, Any]) -> KillResult | None:
+    """Only the workflow writes the final state: this asks it for the kill and its answer."""
+    handle = services.temporal.get_workflow_handle(row["workflow_id"])
+    try:
+        if not row["workflow_started"]:
+            try:
+                return await services.starter.kill_with_start(row, KillRequest())
+            except RPCError as exc:
+                if not dropped_by_a_failed_task(exc):
+                    raise
+                # It had started meanwhile, and Temporal dropped the kill: ask again.
+                return await execute_kill(
+                    handle, RemoteAgentWorkflow.kill, KillRequest(), dropped_before=True
+                )
+        return await execute_kill(handle, RemoteAgentWorkflow.kill, KillRequest())
+    except WorkflowUpdateFailedError as exc:
+        fresh = await repos.get_requested_agent(services.pool, row["agent_id"])
+        if fresh is None or fresh["state"] not in TERMINAL_STATES:
+            cause = exc.cause.__cause__ or exc.cause
+            raise KillNotDelivered(
+                f"the kill did not reach the executor: {cause}",
+                state=fresh["state"] if fresh else row["state"],
+            ) from None
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+    return None

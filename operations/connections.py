@@ -4,12 +4,13 @@ and written to the audit log."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from typing import Any
 
 from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from federation.connections import change_suspension, suspension_change
@@ -23,63 +24,49 @@ from federation.errors import (
 from federation.models import ConnectionPublic, GrantsUpdate, PeerPublic
 from federation.peer import fetch_card, send_signed
 from federation.settings import Settings
-from federation.states import TERMINAL_STATES, ConnectionStatus
+from federation.states import ConnectionStatus
 from federation.store import repos
 from federation.store.first_hour import spawnable_connections
 from federation.trust import SAFE_INSTANCE_ID, require_acceptable_keys
 from federation.users import User
 from operations import Services
-from operations.hosted import stop_run
+from workflows.end_runs import EndConnectionRunsWorkflow
+from workflows.models import EndConnectionRuns, end_runs_workflow_id
 
 log = logging.getLogger(__name__)
 
 
-# Kills of a peer's runs started because its connection ended; held so they are not collected.
-_ending: set[asyncio.Task[int]] = set()
-
-
-async def end_peer_runs(
-    pool: Any, temporal: Client, settings: Settings, connection: dict[str, Any]
-) -> int:
-    """Kill the runs this instance executes for the peer of `connection` (running and queued),
-    unless FEDAGENT_ON_CONNECTION_END=finish. Returns how many were told to stop."""
-    if settings.on_connection_end != "kill":
-        return 0
-    rows = await pool.fetch(
-        "SELECT * FROM agents WHERE role = 'executor'"
-        " AND connection_id = $1 AND NOT (state = ANY($2::text[]))",
-        connection["connection_id"],
-        list(TERMINAL_STATES),
-    )
-    gate = asyncio.Semaphore(8)
-    reason = f"connection {connection['status'].lower()}"
-
-    async def kill(row: Any) -> None:
-        async with gate:
-            try:
-                await stop_run(pool, temporal, dict(row), reason)
-            except RPCError as exc:
-                log.warning("could not kill %s: %s", row["workflow_id"], exc)
-
-    await asyncio.gather(*(kill(r) for r in rows))
-    if rows:
-        await repos.audit(
-            pool,
-            actor="system",
-            action="connection.runs_killed",
-            connectionId=str(connection["connection_id"]),
-            count=len(rows),
-        )
-    return len(rows)
-
-
-def end_peer_runs_soon(
-    pool: Any, temporal: Client, settings: Settings, connection: dict[str, Any]
+async def start_ending_runs(
+    temporal: Client, settings: Settings, connection: dict[str, Any]
 ) -> None:
-    """end_peer_runs in the background (the caller may hold a transaction)."""
-    task = asyncio.create_task(end_peer_runs(pool, temporal, settings, connection))
-    _ending.add(task)
-    task.add_done_callback(_ending.discard)
+    """Start the workflow that ends the runs of a connection that was suspended or
+    disconnected: one per connection and change, so a change is acted on once, and a process
+    that dies mid-way leaves the rest to the workflow."""
+    change = f"{connection['status']}-{connection['updated_at'].timestamp():.6f}"
+    connection_id = str(connection["connection_id"])
+    try:
+        await temporal.start_workflow(
+            EndConnectionRunsWorkflow.run,
+            EndConnectionRuns(connection_id=connection_id, status=str(connection["status"])),
+            id=end_runs_workflow_id(connection_id, change),
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        )
+    except WorkflowAlreadyStartedError:
+        pass  # this change is being acted on, or was
+    except RPCError as exc:  # Temporal away: the reconciler's sweep starts it once it is back
+        log.warning("ending the runs of connection %s: %s", connection_id, exc)
+
+
+async def end_runs_of_ended_connections(pool: Any, temporal: Client, settings: Settings) -> None:
+    """A sweep of the reconciler: a connection that ended with runs not final yet has its
+    EndConnectionRunsWorkflow started (once per change: a change started already is not
+    started again), e.g. when Temporal was away as the change was made."""
+    if settings.on_connection_end != "kill":
+        return
+    for connection in await repos.ended_connections_with_open_runs(pool):
+        await start_ending_runs(temporal, settings, connection)
 
 
 async def _notify(
@@ -273,7 +260,7 @@ async def disconnect(services: Services, user: User, connection_id: uuid.UUID) -
         services.pool, connection_id, ConnectionStatus.DISCONNECTED
     )
     assert updated is not None
-    await end_peer_runs(services.pool, services.temporal, services.settings, updated)
+    await start_ending_runs(services.temporal, services.settings, updated)
     await repos.audit(
         services.pool,
         actor=user.actor,
@@ -325,7 +312,7 @@ async def suspend(services: Services, user: User, connection_id: uuid.UUID) -> C
     row = await get_row(services, connection_id)
     # Our side stops at once, whether or not the peer can be told.
     updated = await change_suspension(services.pool, row, "local", "suspend")
-    await end_peer_runs(services.pool, services.temporal, services.settings, updated)
+    await start_ending_runs(services.temporal, services.settings, updated)
     try:
         await _notify(services, row, "connection.suspend")
         notified = True

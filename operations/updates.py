@@ -27,7 +27,7 @@ async def execute_kill(
     request: KillRequest,
     *,
     dropped_before: bool = False,
-) -> None:
+) -> KillResult | None:
     """Ask the workflow's kill update and wait for its answer.
 
     A fixed update id: a retried kill is the same update, not a second one. Raises what the
@@ -38,15 +38,15 @@ async def execute_kill(
     """
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            await handle.execute_update(kill, request, id="kill")
-            return
+            return await handle.execute_update(kill, request, id="kill")
         except RPCError as exc:
             dropped = dropped_before or attempt > 1
             if dropped and exc.status == RPCStatusCode.NOT_FOUND:
-                return  # closed after the dropped update: its final state is recorded
+                return None  # closed after the dropped update: its final state is recorded
             if not dropped_by_a_failed_task(exc) or attempt == ATTEMPTS:
                 raise
             await asyncio.sleep(0.1 * attempt)
+    return None
 
 
 def dropped_by_a_failed_task(exc: RPCError) -> bool:

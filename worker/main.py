@@ -20,6 +20,7 @@ from temporalio.worker import Worker, WorkerDeploymentConfig
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.agents import AgentActivities
+from activities.connections import ConnectionActivities
 from activities.federation import FederationActivities
 from federation import keystore
 from federation.identity import ensure_identity
@@ -29,10 +30,13 @@ from federation.store import notifications, workers
 from federation.store.db import create_pool, migrate
 from federation.temporal import connect_temporal, metrics_runtime
 from operations import retention
+from operations.connections import end_runs_of_ended_connections
 from worker.interceptor import AgentRunInterceptor
 from worker.reconciler import Reconciler
 from worker.sandboxes import report_sandbox_limits, sweep_sandboxes, worker_name
 from workflows.agent_run import AgentRunWorkflow
+from workflows.end_runs import EndConnectionRunsWorkflow
+from workflows.kill_delivery import KillDeliveryWorkflow
 from workflows.models import SEARCH_ATTRIBUTES
 from workflows.remote_agent import RemoteAgentWorkflow
 
@@ -77,6 +81,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     client = await _connect_with_retry(settings, stop)
     federation = FederationActivities(pool, http, settings)
     agents = AgentActivities(pool, http, settings)
+    connections = ConnectionActivities(pool, client, settings)
     await ensure_search_attributes(client, settings.temporal_namespace)
     grace = timedelta(seconds=settings.worker_shutdown_grace)
     deployment = deployment_config(settings)
@@ -90,15 +95,22 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     main_worker = Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[RemoteAgentWorkflow, AgentRunWorkflow],
+        workflows=[
+            RemoteAgentWorkflow,
+            AgentRunWorkflow,
+            KillDeliveryWorkflow,
+            EndConnectionRunsWorkflow,
+        ],
         activities=[
             federation.send_spawn,
             federation.check_status,
             federation.send_kill,
+            federation.deliver_kill,
             federation.record_requester_final,
             federation.admit_run,
             federation.record_run_final,
             federation.notify_requester,
+            connections.end_connection_runs,
         ],
         graceful_shutdown_timeout=grace,
         deployment_config=deployment,
@@ -130,9 +142,11 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         client,
         interval=settings.reconcile_interval,
         start_grace=settings.reconcile_start_grace,
+        task_queue=settings.task_queue,
         sweeps=[
             lambda: sweep_sandboxes(settings),
             lambda: workers.touch(pool, worker, forget_after=WORKER_FORGOTTEN_AFTER),
+            lambda: end_runs_of_ended_connections(pool, client, settings),
         ],
     )
     try:

@@ -21,12 +21,15 @@ from typing import Any
 
 import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from federation.states import TERMINAL_STATES, AgentState
 from federation.store import jobs, reconcile
 from workflows.agent_run import AgentRunWorkflow
-from workflows.models import AgentStatus
+from workflows.kill_delivery import KillDeliveryWorkflow
+from workflows.models import AgentStatus, KillDelivery, kill_delivery_workflow_id
 from workflows.remote_agent import RemoteAgentWorkflow
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class Reconciler:
         start_grace: float = 900.0,
         batch: int = BATCH,
         sweeps: Sequence[Callable[[], Awaitable[object]]] = (),
+        task_queue: str = "fedagent",
     ) -> None:
         """`sweeps` run after each pass too: this host's own leftovers (sandbox containers).
         `start_grace`: how long a run whose workflow was never started may wait for its
@@ -62,6 +66,7 @@ class Reconciler:
         self.start_grace = start_grace
         self.batch = batch
         self.sweeps = tuple(sweeps)
+        self.task_queue = task_queue
 
     async def reconcile_once(self) -> int | None:
         """Work the instance's next round, if it is this process's turn; returns how many rows
@@ -96,8 +101,26 @@ class Reconciler:
                 self.pool, row, state=state, error=f"{why} without recording a final state"
             )
             log.warning("agent %s (%s): %s; recorded %s", row["agent_id"], row["role"], why, state)
+            if row["role"] == "requester":
+                await self.tell_executor(row)
             repaired += 1
         return repaired
+
+    async def tell_executor(self, row: dict[str, Any]) -> None:
+        """A requester's run ended here without the executor's word: the executor is told to
+        kill it, durably (one KillDeliveryWorkflow per run, whoever starts it)."""
+        agent_id = str(row["agent_id"])
+        try:
+            await self.client.start_workflow(
+                KillDeliveryWorkflow.run,
+                KillDelivery(agent_id=agent_id, traceparent=row.get("traceparent") or ""),
+                id=kill_delivery_workflow_id(agent_id),
+                task_queue=self.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # delivered already
 
     async def _verdict(self, row: dict[str, Any]) -> tuple[AgentState, str] | None:
         handle = self.client.get_workflow_handle(row["workflow_id"])

@@ -34,6 +34,10 @@ STORE_UNAVAILABLE = "StoreUnavailable"
 RECORD_RUN_FINAL = "record_run_final"
 NOTIFY_REQUESTER = "notify_requester"
 CHECK_STATUS = "check_status"
+# A kill the requester decided, delivered until the executor confirms (KillDeliveryWorkflow).
+DELIVER_KILL = "deliver_kill"
+# The runs of a connection that ended (suspended, disconnected), ended durably.
+END_CONNECTION_RUNS = "end_connection_runs"
 AGENT_KILLED = "AgentKilled"
 # Custom search attributes operators filter by in the Temporal Web UI.
 SA_AGENT_ID = SearchAttributeKey.for_keyword("AgentId")
@@ -71,6 +75,15 @@ def agent_search_attributes(
 
 def remote_agent_workflow_id(agent_id: str) -> str:
     return f"remote-agent/{agent_id}"
+
+
+def kill_delivery_workflow_id(agent_id: str) -> str:
+    return f"deliver-kill/{agent_id}"
+
+
+def end_runs_workflow_id(connection_id: str, change: str) -> str:
+    """One per connection and change (its status and when it changed): started once."""
+    return f"end-runs/{connection_id}/{change}"
 
 
 def agent_run_workflow_id(requester_instance_id: str, agent_id: str) -> str:
@@ -148,6 +161,27 @@ class KillResult:
     error: str | None = None
     # False when the run was ended here without the executor confirming the sandbox is gone.
     confirmed: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class KillDelivery:
+    """Tell the executor to kill a run the requester ended without its word (an unconfirmed
+    kill, its own time-out, a terminated workflow); retried with backoff until it answers."""
+
+    agent_id: str
+    traceparent: str = ""
+    first_retry_seconds: float = 2.0
+    max_retry_seconds: float = 300.0
+    # After this long the delivery gives up (its workflow fails, for an operator to see).
+    give_up_after_seconds: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndConnectionRuns:
+    """Kill the runs of a connection that was suspended or disconnected (`status`)."""
+
+    connection_id: str
+    status: str
 
 
 @dataclass(frozen=True, kw_only=True)

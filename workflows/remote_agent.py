@@ -10,13 +10,19 @@ from enum import StrEnum
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    WorkflowAlreadyStartedError,
+)
 from temporalio.exceptions import TimeoutError as FailureTimeout
 
 from workflows.agent_run import past_cancel
 
 with workflow.unsafe.imports_passed_through():
     from activities.federation import FederationActivities
+    from workflows.kill_delivery import KillDeliveryWorkflow
     from workflows.models import (
         AGENT_FAILED,
         AGENT_TIMED_OUT,
@@ -26,12 +32,14 @@ with workflow.unsafe.imports_passed_through():
         AgentEvent,
         AgentState,
         AgentStatus,
+        KillDelivery,
         KillRequest,
         KillResult,
         PeerCall,
         RecordedFinal,
         RequesterFinal,
         SpawnAgentInput,
+        kill_delivery_workflow_id,
     )
 
 PEER_RETRY = RetryPolicy(
@@ -113,6 +121,9 @@ class RemoteAgentWorkflow:
         # A kill answered by a local activity held the workflow task open for its round
         # trip; the workflow closes in a later task (see _close_in_a_later_task).
         self._answered_in_task = False
+        # This side ended the run without the executor's word (an unconfirmed kill, its own
+        # time-out): the executor is told by a KillDeliveryWorkflow once the end is recorded.
+        self._tell_executor = False
         self._input: SpawnAgentInput | None = None
         self._poll: workflow.ActivityHandle[AgentEvent] | None = None
 
@@ -167,6 +178,8 @@ class RemoteAgentWorkflow:
                 )
             )
         await self._record_final(inp)
+        if self._tell_executor and self._state in (AgentState.KILLED, AgentState.TIMED_OUT):
+            await self._start_kill_delivery(inp)
         if cancelled and self._state != AgentState.KILLED:
             cancelled = False  # the run had ended otherwise before the cancel: it closes so
         if cancelled:
@@ -179,6 +192,19 @@ class RemoteAgentWorkflow:
                 non_retryable=True,
             )
         return self.status()
+
+    async def _start_kill_delivery(self, inp: SpawnAgentInput) -> None:
+        """Start the delivery of the kill to the executor; it outlives this workflow."""
+        start = workflow.start_child_workflow(
+            KillDeliveryWorkflow.run,
+            KillDelivery(agent_id=inp.agent_id, traceparent=inp.traceparent),
+            id=kill_delivery_workflow_id(inp.agent_id),
+            parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+        )
+        try:
+            await past_cancel(asyncio.ensure_future(start))
+        except WorkflowAlreadyStartedError:
+            pass  # delivered already, or being delivered
 
     async def _close_in_a_later_task(self) -> None:
         """An event or a cancel that arrived while the kill's local activity ran would fail
@@ -247,6 +273,7 @@ class RemoteAgentWorkflow:
                 return  # the caller continues as new unless a handler ended the run
             remaining = (deadline - workflow.now()).total_seconds()
             if remaining <= 0:
+                self._tell_executor = True
                 self._finish(
                     AgentState.TIMED_OUT,
                     error=f"no final state from {inp.peer_name} within"
@@ -387,7 +414,8 @@ class RemoteAgentWorkflow:
                     summary="send agent.kill",
                 )
         except (ActivityError, ApplicationError, FailureTimeout) as err:
-            # The connection is not ACTIVE, the peer is gone or silent: end the run here.
+            # The peer is gone or silent: end the run here; it is told later, durably.
+            self._tell_executor = True
             self._finish(
                 AgentState.KILLED,
                 error=f"killed here, not confirmed by {inp.peer_name}: {_reason(err)}",

@@ -62,16 +62,17 @@ from federation.states import TERMINAL_STATES, AgentState, ConnectionStatus
 from federation.store import artifacts, conversations, notifications, pending, repos
 from federation.transcripts import reported_total
 from federation.trust import (
+    RUN_ENDING_COMMANDS,
     SAFE_INSTANCE_ID,
     check_card_matches,
     check_peer_command,
     check_peer_concurrency,
     refresh_keys_first,
-    require_active,
+    require_active_or_ending,
     verify_connection_request,
     verify_incoming,
 )
-from operations.connections import end_peer_runs_soon
+from operations.connections import start_ending_runs
 from operations.hosted import stop_run
 from workflows.agent_run import AgentRunWorkflow
 from workflows.models import (
@@ -296,6 +297,7 @@ async def _connect(
         await refresh_keys_first(
             pool, body, refresher, instance_id=identity.instance_id, window_seconds=window
         )
+    ended: list[dict[str, Any]] = []  # the connection, if this change ended it
     async with pool.acquire() as conn, conn.transaction():
         verified = await verify_incoming(
             conn,
@@ -322,7 +324,7 @@ async def _connect(
                 connection,
                 envelope.commandType,
                 change.grants,
-                on_end=lambda ended: end_peer_runs_soon(pool, temporal, settings, ended),
+                on_end=ended.append,
             )
         await repos.record_message(conn, envelope.to_wire(), direction="in")
         await repos.audit(
@@ -333,6 +335,8 @@ async def _connect(
             status=row["status"],
             suspendedBy=row.get("suspended_by"),
         )
+    for connection in ended:  # committed: its runs end, durably, before the peer hears back
+        await start_ending_runs(temporal, settings, connection)
     return _reply(
         identity,
         envelope,
@@ -375,8 +379,11 @@ async def incoming_command(
             tracing.bind(envelope.traceparent)
             if envelope.type is not MessageType.COMMAND:
                 raise MalformedEnvelope("this endpoint takes COMMAND messages")
-            connection = require_active(verified.connection)
             command = envelope.commandType or ""
+            # An ended connection still hears a kill or a status ask of a run it had.
+            connection = require_active_or_ending(
+                verified.connection, ending=command in RUN_ENDING_COMMANDS
+            )
             if command not in (
                 "agent.spawn",
                 "agent.status",
@@ -639,13 +646,17 @@ async def incoming_event(
             tracing.bind(envelope.traceparent)
             if envelope.type is not MessageType.EVENT:
                 raise MalformedEnvelope("this endpoint takes EVENT messages")
-            connection = require_active(verified.connection)
             transcript = (
                 _payload(TranscriptEventPayload, envelope)
                 if envelope.commandType == "agent.transcript"
                 else None
             )
             event = transcript or _payload(AgentEventPayload, envelope)
+            # An ended connection still brings the final state of a run it had (checked below).
+            connection = require_active_or_ending(
+                verified.connection,
+                ending=transcript is None and event.state in TERMINAL_STATES,
+            )
             row = await repos.get_requested_agent(conn, event.agentId)
             # Runs belong to the connection they were asked over, not to a reused instanceId.
             if (

@@ -187,6 +187,47 @@ async def get_requested_agent(db: Executor, agent_id: uuid.UUID) -> dict[str, An
     )
 
 
+async def unfinished_runs_of_connection(
+    db: Executor, connection_id: uuid.UUID, role: str
+) -> list[dict[str, Any]]:
+    """Runs of a connection (this side's `role` in them) not in a final state yet."""
+    rows = await db.fetch(
+        "SELECT * FROM agents WHERE role = $1 AND connection_id = $2"
+        " AND NOT (state = ANY($3::text[]))",
+        role,
+        connection_id,
+        list(TERMINAL_STATES),
+    )
+    return [dict(r) for r in rows]
+
+
+async def ended_connections_with_open_runs(
+    db: Executor, within_days: int = 7
+) -> list[dict[str, Any]]:
+    """Connections suspended or disconnected (in the last `within_days`) that still have runs
+    not in a final state."""
+    rows = await db.fetch(
+        "SELECT c.* FROM connections c WHERE c.status IN ('SUSPENDED', 'DISCONNECTED')"
+        " AND c.updated_at > now() - make_interval(days => $1)"
+        " AND EXISTS (SELECT 1 FROM agents a WHERE a.connection_id = c.connection_id"
+        " AND NOT (a.state = ANY($2::text[])))",
+        within_days,
+        list(TERMINAL_STATES),
+    )
+    return [dict(r) for r in rows]
+
+
+async def note_kill_delivery(db: Executor, agent_id: uuid.UUID, *, confirmed: bool) -> None:
+    """A kill this requester decided: being delivered (False, unless confirmed already) or
+    confirmed by the executor (True)."""
+    await db.execute(
+        "UPDATE agents SET kill_confirmed = $2 OR coalesce(kill_confirmed, false)"
+        " WHERE role = 'requester' AND agent_id = $1",
+        agent_id,
+        confirmed,
+    )
+
+
 async def get_executed_agent(
     db: Executor, requester_id: str, agent_id: uuid.UUID
 ) -> dict[str, Any] | None:

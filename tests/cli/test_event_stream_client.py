@@ -43,9 +43,7 @@ def test_events_carry_their_id_name_and_decoded_data() -> None:
 def test_a_refused_stream_is_the_problem_it_answers() -> None:
     def serve(request: httpx.Request) -> httpx.Response:
         body = {"code": "agent_not_found", "title": "Agent not found", "detail": "no such agent"}
-        return httpx.Response(
-            404, json=body, headers={"content-type": "application/problem+json"}
-        )
+        return httpx.Response(404, json=body, headers={"content-type": "application/problem+json"})
 
     with pytest.raises(CliError) as refused:
         list(api_serving(httpx.MockTransport(serve)).stream_events("a1", None))

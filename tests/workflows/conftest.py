@@ -20,6 +20,7 @@ from cli.devstack import temporal_binary
 from federation.store.db import create_pool, migrate
 from tests.workflows.peer import ScriptedPeer
 from workflows.agent_run import AgentRunWorkflow
+from workflows.kill_delivery import KillDeliveryWorkflow
 from workflows.models import (
     SA_AGENT_ID,
     SA_AGENT_STATE,
@@ -68,7 +69,7 @@ async def task_queue(client: Client, peer: ScriptedPeer) -> AsyncIterator[str]:
     async with Worker(
         client,
         task_queue=queue,
-        workflows=[RemoteAgentWorkflow, AgentRunWorkflow],
+        workflows=[RemoteAgentWorkflow, AgentRunWorkflow, KillDeliveryWorkflow],
         activities=peer.activities(),
         max_heartbeat_throttle_interval=timedelta(seconds=0.1),
         default_heartbeat_throttle_interval=timedelta(seconds=0.1),

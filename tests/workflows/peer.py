@@ -44,6 +44,10 @@ class ScriptedPeer:
         self.kill_answer: Callable[[], Awaitable[m.KillResult]] | None = None
         self.kill_error: ApplicationError | None = None
         self.requester_finals: list[m.RequesterFinal] = []
+        # KillDeliveryWorkflow: each try of deliver_kill, and what the executor answers (an
+        # error while it cannot be reached).
+        self.deliveries: list[m.KillDelivery] = []
+        self.delivery_error: ApplicationError | None = None
         # executor side
         self.admit_error: ApplicationError | None = None
         self.run_script: RunScript | None = None
@@ -94,6 +98,14 @@ class ScriptedPeer:
         if self.kill_answer is not None:
             return await self.kill_answer()
         return m.KillResult(agent_id=call.agent_id, state=m.AgentState.KILLED, seq=99)
+
+    @activity.defn(name=m.DELIVER_KILL)
+    async def deliver_kill(self, inp: m.KillDelivery) -> m.KillResult:
+        self.calls.append(m.DELIVER_KILL)
+        self.deliveries.append(inp)
+        if self.delivery_error is not None:
+            raise self.delivery_error
+        return m.KillResult(agent_id=inp.agent_id, state=m.AgentState.KILLED, seq=99)
 
     @activity.defn(name=m.RECORD_REQUESTER_FINAL)
     async def record_requester_final(self, final: m.RequesterFinal) -> m.RecordedFinal:

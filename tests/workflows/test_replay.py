@@ -22,6 +22,8 @@ import workflows
 from tests.workflows.peer import HISTORIES
 from worker.main import workflow_runner
 from workflows.agent_run import AgentRunWorkflow
+from workflows.end_runs import EndConnectionRunsWorkflow
+from workflows.kill_delivery import KillDeliveryWorkflow
 from workflows.remote_agent import RemoteAgentWorkflow
 
 RECORDED = sorted(HISTORIES.glob("*.json"))
@@ -87,6 +89,12 @@ async def test_recorded_history_replays_on_todays_code(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, data)
     # The worker's own sandbox: what replays here is what a worker of this build runs.
     replayer = Replayer(
-        workflows=[RemoteAgentWorkflow, AgentRunWorkflow], workflow_runner=workflow_runner()
+        workflows=[
+            RemoteAgentWorkflow,
+            AgentRunWorkflow,
+            KillDeliveryWorkflow,
+            EndConnectionRunsWorkflow,
+        ],
+        workflow_runner=workflow_runner(),
     )
     await replayer.replay_workflow(history)

@@ -94,6 +94,9 @@ CREATE TABLE agents (
     updated_at         timestamptz NOT NULL DEFAULT now(),
     started_at         timestamptz,
     finished_at        timestamptz,
+    -- Requester: a kill (or an end) this side decided is being delivered to the executor
+    -- (false) or the executor confirmed it (true); NULL when this side decided no end.
+    kill_confirmed     boolean,
     -- Another requester may mint the same agentId: on the executor a run is its requester's.
     PRIMARY KEY (role, peer_instance_id, agent_id)
 );
