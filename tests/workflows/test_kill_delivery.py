@@ -30,7 +30,7 @@ async def test_an_unconfirmed_kill_is_delivered_once_the_executor_answers(
     peer.kill_error = ApplicationError("connect refused", type="peer_unreachable")
     peer.delivery_error = ApplicationError("connect refused", type="peer_unreachable")
     handle = await start_requester(client, task_queue, kill_deadline_seconds=2)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     answer = await kill(handle)
     assert (answer.state, answer.confirmed) == ("killed", False)
     assert (await final_status(handle)).state == "killed"
@@ -65,7 +65,7 @@ async def test_a_confirmed_kill_and_a_run_the_executor_ended_start_no_delivery(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
     killed = await start_requester(client, task_queue)
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     assert (await kill(killed)).confirmed
     completed = await start_requester(client, task_queue)
     peer.set_status(m.AgentEvent(seq=5, state=m.AgentState.COMPLETED, result={"ok": True}))
@@ -88,7 +88,7 @@ async def test_a_requester_run_the_reconciler_ends_is_killed_on_the_executor(
 ) -> None:
     handle = await start_requester(client, task_queue)
     agent_id = handle.id.removeprefix("remote-agent/")
-    await wait_for(lambda: peer.status_waits >= 1)
+    await wait_for(lambda: peer.status_checks >= 1)
     await insert_run(pool, "requester", handle.id, agent_id)
     await handle.terminate("operator cleanup")
 
