@@ -25,7 +25,7 @@ import anyio
 from fastapi.responses import StreamingResponse
 
 from federation.errors import InvalidRequest, TooManyStreams
-from federation.states import TERMINAL_STATES
+from federation.states import LOCAL_REQUESTER, TERMINAL_STATES
 from federation.store import conversations, notifications, repos, streams
 from federation.users import User
 from operations import Services, agents
@@ -89,8 +89,11 @@ class AgentLog:
         self.cursor, self.entry_no = after >> CURSOR_BITS, after & ((1 << CURSOR_BITS) - 1)
         self.last_state: str | None = None
         self.pulled = False
+        self.local = False  # a local run: its transcript is the executor's own
 
     async def start(self) -> None:
+        row = await repos.get_user_agent(self.pool, self.agent_id)
+        self.local = row is not None and row["role"] == "executor"
         # `event: state` for each change of state, `progress` for news within one state.
         if self.cursor:
             seen = await repos.agent_events_after(self.pool, self.agent_id, self.cursor - 1, 1)
@@ -99,10 +102,19 @@ class AgentLog:
 
     async def ended_before(self) -> bool:
         """Whether the stream resumed after the final event: nothing more will come."""
-        row = await repos.get_requested_agent(self.pool, self.agent_id)
+        row = await repos.get_user_agent(self.pool, self.agent_id)
         return row is not None and row["state"] in TERMINAL_STATES
 
     async def _entries(self, limit: int = PAGE) -> list[dict[str, Any]]:
+        if self.local:
+            return await conversations.transcript_after(
+                self.pool,
+                LOCAL_REQUESTER,
+                self.agent_id,
+                self.entry_no,
+                limit=limit,
+                max_bytes=1024 * 1024,
+            )
         return await conversations.received_after(self.pool, self.agent_id, self.entry_no, limit)
 
     async def next_page(self) -> tuple[list[str], bool]:
@@ -116,7 +128,7 @@ class AgentLog:
             # Everything the run said comes before its final state: what events did not
             # bring is pulled once, before the final goes out.
             events = events[: events.index(final) + 1]
-            if not self.pulled:
+            if not self.pulled and not self.local:
                 self.pulled = True
                 row = await repos.get_requested_agent(self.pool, self.agent_id)
                 await self.transcripts.complete(self.agent_id, row)

@@ -26,7 +26,7 @@ from federation.states import TERMINAL_STATES, AgentState, ConnectionStatus
 from federation.store import repos
 from federation.trust import check_grants
 from federation.users import User
-from operations import Services
+from operations import Services, local_runs
 from operations.updates import dropped_by_a_failed_task, execute_kill
 from workflows.models import KillRequest, remote_agent_workflow_id
 from workflows.remote_agent import RemoteAgentWorkflow
@@ -35,16 +35,19 @@ from workflows.remote_agent import RemoteAgentWorkflow
 async def spawn(
     services: Services, user: User, body: AgentSpawnCreate, *, traceparent: str = ""
 ) -> AgentSpawnAccepted:
-    """Spawn an agent on the peer of an ACTIVE connection; the same agentId runs once.
+    """Spawn an agent on the peer of an ACTIVE connection (none: a local run, on this
+    instance); the same agentId runs once.
 
     Answers once the spawn is committed: the outbox starts the workflow right after (or its
     sweeper does, if Temporal is down now). `traceparent` is the caller's W3C trace, if any.
     """
     pool = services.pool
     agent_id = body.agentId or uuid.uuid4()
-    workflow_id = remote_agent_workflow_id(str(agent_id))
     trace = tracing.child(traceparent) if tracing.valid(traceparent) else tracing.new_traceparent()
     tracing.bind(trace)
+    if body.connectionId is None:
+        return await local_runs.spawn(services, user, body, agent_id, trace)
+    workflow_id = remote_agent_workflow_id(str(agent_id))
     connection = await repos.get_connection(pool, body.connectionId)
     if connection is None:
         raise ConnectionNotFound(f"no connection {body.connectionId}")
@@ -118,8 +121,9 @@ async def spawn(
 
 
 async def get(services: Services, user: User, agent_id: uuid.UUID) -> dict[str, Any]:
-    """The agent's row, if this user may see it (members: their workspace's only)."""
-    row = user.visible(await repos.get_requested_agent(services.pool, agent_id))
+    """The agent's row, if this user may see it (members: their workspace's only): one it
+    spawned on a peer, or a local run."""
+    row = user.visible(await repos.get_user_agent(services.pool, agent_id))
     if row is None:
         raise AgentNotFound(f"no agent {agent_id}")
     return row
@@ -136,10 +140,12 @@ async def list_(
     limit: int = 50,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Agents this instance spawned on peers, newest first; members see their workspace only."""
+    """Agents this instance's users spawned (on peers and local runs), newest first; members
+    see their workspace's only."""
     return await repos.list_agents(
         services.pool,
         role="requester",
+        with_local=True,
         workspace=None if user.is_admin else user.workspace,
         state=state,
         connection_id=connection_id,
@@ -153,6 +159,8 @@ async def list_(
 async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKillPublic:
     """Answers once the remote sandbox is gone; a finished agent keeps its final state."""
     row = await get(services, user, agent_id)
+    if row["role"] == "executor":
+        return await local_runs.kill(services, user, row)
     if row["state"] not in TERMINAL_STATES:
         # Only the workflow writes the final state; this asks it and reads the answer.
         try:

@@ -81,7 +81,7 @@ async def _local_or_fetched(
     pool = services.pool
     local = await artifacts.of_agent(
         pool,
-        role="requester",
+        role=row["role"],  # a local run's (role executor) are the ones its run stored
         peer_instance_id=row["peer_instance_id"],
         agent_id=row["agent_id"],
         kind=kind,
@@ -89,6 +89,12 @@ async def _local_or_fetched(
     )
     if local is not None:
         return local
+    if row["role"] == "executor":
+        raise ArtifactNotReady(
+            f"agent {row['agent_id']} ({row['state']}) has no {kind} stored",
+            kind=kind,
+            state=row["state"],
+        )
     # Fetched even when the same bytes are stored for another run: the executor must prove it
     # has them (a hash alone must not let one run's user read another run's artifact).
     stored = await _fetch(services, row, kind, sha256, size)
