@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -23,7 +24,7 @@ from federation.models import (
     SpawnPayload,
 )
 from federation.states import TERMINAL_STATES, AgentState, ConnectionStatus
-from federation.store import repos
+from federation.store import notifications, repos
 from federation.trust import check_grants
 from federation.users import User
 from operations import Services, local_runs
@@ -133,12 +134,13 @@ async def list_(
     services: Services,
     user: User,
     *,
-    state: str | None = None,
+    state: str | list[str] | None = None,
     connection_id: uuid.UUID | None = None,
     agent_type: str | None = None,
     task_id: str | None = None,
     limit: int = 50,
     offset: int = 0,
+    count: bool = False,
 ) -> list[dict[str, Any]]:
     """Agents this instance's users spawned (on peers and local runs), newest first; members
     see their workspace's only."""
@@ -153,7 +155,33 @@ async def list_(
         task_id=task_id,
         limit=limit,
         offset=offset,
+        count=count,
     )
+
+
+async def wait_for_change(
+    services: Services, user: User, agent_id: uuid.UUID, known: dict[str, Any], timeout: float
+) -> dict[str, Any]:
+    """The agent's row once its state is not `known`'s, or after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    key = notifications.agent_key(known["role"], known["peer_instance_id"], agent_id)
+    row = known
+    while row["state"] == known["state"] and (left := deadline - loop.time()) > 0:
+        if services.listener is not None:  # woken by the state trigger; re-read on a bound
+            await services.listener.wait(notifications.AGENT_STATE, key, min(left, 2.0))
+        else:
+            await asyncio.sleep(min(left, 0.5))
+        row = await get(services, user, agent_id)
+    return row
+
+
+async def events_after(
+    services: Services, user: User, agent_id: uuid.UUID, after: int, limit: int = 500
+) -> list[dict[str, Any]]:
+    """The agent's log of states and progress after log id `after` (as its event stream)."""
+    await get(services, user, agent_id)
+    return await repos.agent_events_after(services.pool, agent_id, after, limit)
 
 
 async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKillPublic:

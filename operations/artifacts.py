@@ -193,3 +193,15 @@ async def of_agent(
     """The artifact of this kind of an agent the user may see, fetched once from the executor."""
     row = await agent_ops.get(services, user, agent_id)
     return await ensure_artifact(services, row, kind)
+
+
+async def small(
+    services: Services, user: User, agent_id: uuid.UUID, kind: str, max_bytes: int
+) -> bytes | None:
+    """The whole artifact when it has at most `max_bytes` (None: larger, read it by URI)."""
+    row = await agent_ops.get(services, user, agent_id)
+    ref = artifact_reference(row.get("result"), kind)
+    if ref is None or ref[1] > max_bytes:
+        return None
+    artifact = await ensure_artifact(services, row, kind)
+    return await artifacts.read_range(services.pool, artifact, 0, artifact.bytes)

@@ -230,23 +230,26 @@ async def list_agents(
     role: str | None = None,
     with_local: bool = False,
     workspace: str | None = None,
-    state: str | None = None,
+    state: str | list[str] | None = None,
     connection_id: uuid.UUID | None = None,
     agent_type: str | None = None,
     task_id: str | None = None,
     limit: int = 100,
     offset: int = 0,
+    count: bool = False,
 ) -> list[dict[str, Any]]:
+    """`count`: each row also has `total_count`, the number of rows matching in all."""
     rows = await db.fetch(
-        "SELECT * FROM agents WHERE ($1::text IS NULL OR role = $1"
+        f"SELECT *{', count(*) OVER () AS total_count' if count else ''} FROM agents"
+        " WHERE ($1::text IS NULL OR role = $1"
         " OR ($9 AND role = 'executor' AND peer_instance_id = $10))"
-        " AND ($2::text IS NULL OR workspace = $2) AND ($3::text IS NULL OR state = $3)"
+        " AND ($2::text IS NULL OR workspace = $2) AND ($3::text[] IS NULL OR state = ANY($3))"
         " AND ($4::uuid IS NULL OR connection_id = $4) AND ($5::text IS NULL OR agent_type = $5)"
         " AND ($6::text IS NULL OR task_id = $6)"
         " ORDER BY created_at DESC, agent_id LIMIT $7 OFFSET $8",
         role,
         workspace,
-        state,
+        [state] if isinstance(state, str) else state,
         connection_id,
         agent_type,
         task_id,
