@@ -25,7 +25,7 @@ import anyio
 from fastapi.responses import StreamingResponse
 
 from federation.errors import InvalidRequest, TooManyStreams
-from federation.states import LOCAL_REQUESTER, TERMINAL_STATES
+from federation.states import TERMINAL_STATES
 from federation.store import conversations, notifications, repos, streams
 from federation.users import User
 from operations import Services, agents
@@ -89,11 +89,14 @@ class AgentLog:
         self.cursor, self.entry_no = after >> CURSOR_BITS, after & ((1 << CURSOR_BITS) - 1)
         self.last_state: str | None = None
         self.pulled = False
+        self.row: dict[str, Any] = {"role": "requester", "agent_id": agent_id}
         self.local = False  # a local run: its transcript is the executor's own
 
     async def start(self) -> None:
         row = await repos.get_user_agent(self.pool, self.agent_id)
-        self.local = row is not None and row["role"] == "executor"
+        if row is not None:
+            self.row = row
+        self.local = self.row["role"] == "executor"
         # `event: state` for each change of state, `progress` for news within one state.
         if self.cursor:
             seen = await repos.agent_events_after(self.pool, self.agent_id, self.cursor - 1, 1)
@@ -106,16 +109,7 @@ class AgentLog:
         return row is not None and row["state"] in TERMINAL_STATES
 
     async def _entries(self, limit: int = PAGE) -> list[dict[str, Any]]:
-        if self.local:
-            return await conversations.transcript_after(
-                self.pool,
-                LOCAL_REQUESTER,
-                self.agent_id,
-                self.entry_no,
-                limit=limit,
-                max_bytes=1024 * 1024,
-            )
-        return await conversations.received_after(self.pool, self.agent_id, self.entry_no, limit)
+        return await conversations.entries_of(self.pool, self.row, self.entry_no, limit)
 
     async def next_page(self) -> tuple[list[str], bool]:
         """SSE messages of what is new (a page of entries and of events, merged by time), and

@@ -50,9 +50,7 @@ async def _local_page(
 ) -> TranscriptPage:
     """A local run's transcript: the executor's own, whole as soon as the run has ended."""
     agent_id = row["agent_id"]
-    entries = await conversations.transcript_after(
-        services.pool, LOCAL_REQUESTER, agent_id, after, limit=limit
-    )
+    entries = await conversations.entries_of(services.pool, row, after, limit)
     summary = await conversations.transcript_summary(services.pool, LOCAL_REQUESTER, agent_id)
     return TranscriptPage(
         agentId=agent_id,
