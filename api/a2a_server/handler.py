@@ -104,6 +104,8 @@ class FedagentRequestHandler(RequestHandler):
                 data={"reason": "agent_id_conflict"},
             ) from None
         except FederationError as err:
+            if err.status >= 500:  # this instance's fault (Temporal away): not the params'
+                raise InternalError(message=err.detail, data={"reason": err.code}) from None
             raise InvalidParamsError(message=err.detail, data={"reason": err.code}) from None
         return await agents.get(services, user, accepted.agentId)
 
