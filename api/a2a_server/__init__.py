@@ -25,7 +25,7 @@ from a2a.server.request_handlers.response_helpers import (
 from a2a.server.routes.common import ServerCallContextBuilder, create_event_source_response
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
 from a2a.utils import json_utils
-from a2a.utils.errors import InvalidParamsError
+from a2a.utils.errors import ContentTypeNotSupportedError, InvalidParamsError
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from google.protobuf.json_format import ParseDict, ParseError
@@ -97,10 +97,19 @@ async def get_agent_card(request: Request) -> JSONResponse:
     return JSONResponse(agent_card_to_dict(card), headers={"Cache-Control": "public, max-age=300"})
 
 
+@router.post(RPC_PATH + "/", include_in_schema=False)  # the interface URL with a "/": no 307
 @router.post(RPC_PATH)
 async def a2a_rpc(request: Request) -> Response:
     """A2A JSON-RPC 1.0 (send `Authorization: Bearer <API token>` and `A2A-Version: 1.0`)."""
     request.state.fedagent_user = await _current_user(request)
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if media.lower() != "application/json":
+        refused = ContentTypeNotSupportedError(
+            message=f"the body must be application/json, not {media[:100]!r}"
+        )
+        answer = JSONResponse(build_error_response(None, refused))
+        answer.headers["A2A-Version"] = VERSION
+        return answer
     raw = await request.body()
     try:
         body = json.loads(raw)

@@ -306,6 +306,20 @@ async def test_bad_input_is_refused_as_the_spec_says_and_nothing_is_stored(
         headers=hub.auth,
     )
     assert old.json()["error"]["code"] == -32009
+    # A body that is not JSON by its Content-Type: the spec's ContentTypeNotSupportedError.
+    plain = await hub.http.post(
+        f"{hub.url}/a2a",
+        content=json.dumps({"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": params}),
+        headers={**hub.auth, "A2A-Version": "1.0", "Content-Type": "text/plain"},
+    )
+    assert plain.json()["error"]["code"] == -32005
+    # The interface URL with a trailing "/" answers too (no redirect).
+    slash = await hub.http.post(
+        f"{hub.url}/a2a/",
+        json={"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "x"}},
+        headers={**hub.auth, "A2A-Version": "1.0"},
+    )
+    assert slash.status_code == 200 and slash.json()["error"]["code"] == -32001
     # No token: 401, as the REST API.
     anonymous = await hub.http.post(f"{hub.url}/a2a", json={"jsonrpc": "2.0", "id": 1})
     assert anonymous.status_code == 401
