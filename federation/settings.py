@@ -265,6 +265,14 @@ class Settings(BaseSettings):
             " local runs too."
         ),
     )
+    a2a_conformance: bool = Field(
+        default=False,
+        description=(
+            "For the A2A conformance kit (TCK) only: A2A messages whose messageId starts with"
+            " `tck-` and asks for a direct message or an artifact of a given shape are answered"
+            " at once, without a run; see docs/a2a.md. Never on in production."
+        ),
+    )
     # Connection requests from strangers waiting (PENDING) for the admin at once; past it a
     # new request is a 429 too_many_pending_requests until the admin accepts or rejects some.
     max_pending_requests: int = Field(default=50, ge=1)

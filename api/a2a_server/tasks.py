@@ -60,9 +60,11 @@ class SpawnFields(Strict):
     connectionId: uuid.UUID | None = None
 
 
-def agent_id_for(user: User, message_id: str) -> uuid.UUID:
-    """The same messageId from the same user is the same task (the agents' unique id)."""
-    return uuid.uuid5(MESSAGE_NAMESPACE, f"{user.workspace}\n{user.name}\n{message_id}")
+def agent_id_for(user: User, message_id: str, salt: str = "") -> uuid.UUID:
+    """The same messageId from the same user is the same task (the agents' unique id);
+    `salt`: more that names it (the conformance mode's content digest)."""
+    name = f"{user.workspace}\n{user.name}\n{message_id}" + (f"\n{salt}" if salt else "")
+    return uuid.uuid5(MESSAGE_NAMESPACE, name)
 
 
 def _invalid(message: str, exc: ValidationError | None = None) -> InvalidParamsError:
@@ -73,7 +75,7 @@ def _invalid(message: str, exc: ValidationError | None = None) -> InvalidParamsE
     )
 
 
-def spawn_of(message: pb.Message, user: User) -> AgentSpawnCreate:
+def spawn_of(message: pb.Message, user: User, salt: str = "") -> AgentSpawnCreate:
     """The spawn a message asks for; InvalidParams (nothing stored) when it is not one."""
     if not message.message_id:
         raise InvalidParamsError(message="message.messageId is required")
@@ -100,7 +102,7 @@ def spawn_of(message: pb.Message, user: User) -> AgentSpawnCreate:
         raise InvalidParamsError(message="the spawn context must be an object")
     try:
         spawn = SpawnFields.model_validate(fields or {})
-        agent_id = agent_id_for(user, message.message_id)
+        agent_id = agent_id_for(user, message.message_id, salt)
         return AgentSpawnCreate(
             agentId=agent_id,
             connectionId=spawn.connectionId,

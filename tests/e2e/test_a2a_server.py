@@ -133,6 +133,9 @@ async def test_a_blocking_send_answers_the_terminal_task(hub: Instance) -> None:
     gen, client = await client_of(hub, streaming=False)
     task = await first(client, send(message("$ echo blocking", {"timeout": 60})))
     assert task.status.state == pb.TASK_STATE_COMPLETED
+    # The conformance mode is off: a TCK prefix is a message like any other, a run.
+    tck = await first(client, send(message("$ echo tck", message_id="tck-message-response-1")))
+    assert tck.status.state == pb.TASK_STATE_COMPLETED
     failed = await first(client, send(message("$ exit 3", {"timeout": 60})))
     assert failed.status.state == pb.TASK_STATE_FAILED
     assert failed.status.message.parts[0].text.startswith("failed")
