@@ -3,9 +3,9 @@ tests/e2e/test_a2a_server.py checks that the mode is off by default."""
 
 from __future__ import annotations
 
+from a2a.types import a2a_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
-from a2a.types import a2a_pb2 as pb
 from api.a2a_server import conformance
 from api.a2a_server.tasks import spawn_of
 from federation.settings import Settings

@@ -4,6 +4,7 @@ calls it (`api.a2a_server.router`)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -16,6 +17,7 @@ from a2a.utils.errors import (
     ExtendedAgentCardNotConfiguredError,
     InternalError,
     InvalidParamsError,
+    InvalidRequestError,
     PushNotificationNotSupportedError,
     TaskNotCancelableError,
     TaskNotFoundError,
@@ -23,6 +25,7 @@ from a2a.utils.errors import (
 )
 
 from api.a2a_server import conformance, tasks
+from api.event_stream import Lease
 from federation.errors import (
     AgentIdConflict,
     AgentNotFound,
@@ -30,6 +33,7 @@ from federation.errors import (
     FederationError,
     GrantDenied,
     QueueFull,
+    TooManyStreams,
 )
 from federation.states import TERMINAL_STATES
 from federation.users import User
@@ -166,6 +170,21 @@ class FedagentRequestHandler(RequestHandler):
         1.. for the final's artifacts, FINAL for the final), so that Last-Event-ID resumes."""
         services, user = _who(context)
         agent_id = row["agent_id"]
+        try:  # the REST event streams' rules: bounded per token, ended by its revocation
+            lease = await Lease.take(services, user, agent_id)
+        except TooManyStreams as err:
+            raise InvalidRequestError(message=err.detail, data={"reason": err.code}) from None
+        try:
+            async for event in self._events(context, row, resume, lease):
+                yield event
+        finally:
+            await lease.release()
+
+    async def _events(
+        self, context: ServerCallContext, row: dict[str, Any], resume: int | None, lease: Lease
+    ) -> AsyncGenerator[Event]:
+        services, user = _who(context)
+        agent_id = row["agent_id"]
         skip = 0
         if resume is None:
             log = await agents.events_after(services, user, agent_id, 0, 100_000)
@@ -195,6 +214,8 @@ class FedagentRequestHandler(RequestHandler):
                         context_id=row["task_id"],
                         status=pb.TaskStatus(state=tasks.STATES[event["state"]]),  # type: ignore[arg-type]
                     )
+            if lease.due(asyncio.get_running_loop().time()) and not await lease.still_valid():
+                return  # the token was revoked or has expired
             row = await agents.wait_for_change(services, user, agent_id, row, 1.0)
 
     async def _final(

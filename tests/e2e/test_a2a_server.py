@@ -5,6 +5,7 @@ messageId, member isolation, bad input (nothing stored on a refusal)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -336,3 +337,36 @@ async def test_bad_input_is_refused_as_the_spec_says_and_nothing_is_stored(
     task = rejected["result"]["task"]
     assert task["status"]["state"] == "TASK_STATE_REJECTED"
     assert await rows_of(edge, task["id"]) == []
+
+
+async def test_a2a_streams_are_bounded_per_token_and_end_when_it_is_revoked(hub: Instance) -> None:
+    """The REST event streams' rules hold for A2A streams too (FEDAGENT_SSE_*)."""
+    made = await hub.call(
+        "POST", "/tokens", json={"name": f"a2a-{uuid.uuid4().hex[:8]}", "role": "admin"}
+    )
+    token_id, auth = made.json()["id"], {"Authorization": f"Bearer {made.json()['token']}"}
+    gen, client = await client_of(hub, streaming=False)
+    task = await first(client, send(message("$ sleep 40", {"timeout": 60}), immediately=True))
+    await hub.wait_agent(task.id, {"running"})
+    headers = {**auth, "A2A-Version": "1.0"}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "SubscribeToTask", "params": {"id": task.id}}
+    async with contextlib.AsyncExitStack() as held, httpx.AsyncClient(timeout=60) as http:
+        opened = []
+        for _ in range(8):  # FEDAGENT_SSE_MAX_STREAMS_PER_TOKEN's default
+            answer = await held.enter_async_context(
+                http.stream("POST", f"{hub.url}/a2a", json=body, headers=headers)
+            )
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            opened.append(answer)
+        refused = await http.post(f"{hub.url}/a2a", json=body, headers=headers)
+        assert refused.json()["error"]["data"][0]["metadata"]["reason"] == "too_many_streams"
+        revoked = await hub.call("DELETE", f"/tokens/{token_id}")
+        assert revoked.status_code == 200
+        lines = await asyncio.wait_for(_drain(opened[0]), timeout=20)
+        assert not any("TASK_STATE_COMPLETED" in line for line in lines)
+    await client.cancel_task(pb.CancelTaskRequest(id=task.id))
+    await gen.aclose()
+
+
+async def _drain(response: httpx.Response) -> list[str]:
+    return [line async for line in response.aiter_lines()]
