@@ -27,8 +27,9 @@ from agents.text import clean
 from federation import tracing
 from federation.errors import FederationError
 from federation.identity import load_identity
+from federation.local_runs import check_local_spawn
 from federation.settings import Settings
-from federation.states import TERMINAL_STATES
+from federation.states import LOCAL_REQUESTER, TERMINAL_STATES
 from federation.store import artifacts, conversations, repos
 from federation.store.outage import StoreUnavailable, wait_for_store
 from federation.trust import ENDED, SAFE_INSTANCE_ID, check_peer_command, require_active
@@ -77,7 +78,8 @@ class AgentActivities:
         # Ids come from a peer: the path must stay two levels below the workspaces directory.
         root = self.settings.workspaces_dir.resolve()
         path = (root / task.requester_id / task.agent_id).resolve()
-        if path.parent.parent != root or not SAFE_INSTANCE_ID.fullmatch(task.requester_id):
+        safe = task.requester_id == LOCAL_REQUESTER or SAFE_INSTANCE_ID.fullmatch(task.requester_id)
+        if path.parent.parent != root or not safe:
             raise ApplicationError(
                 "the run's workspace would leave the workspaces directory",
                 type=TASK_INVALID,
@@ -105,6 +107,9 @@ class AgentActivities:
                 type=TASK_INVALID,
                 non_retryable=True,
             )
+        if task.requester_id == LOCAL_REQUESTER:
+            await self._check_local_limits(task)
+            return
         connection = await repos.get_connection(self.pool, row["connection_id"]) if row else None
         status = str(connection["status"]) if connection is not None else ""
         if status in ENDED and self.settings.on_connection_end == "kill":
@@ -123,6 +128,16 @@ class AgentActivities:
                 _spawn_payload(task),
                 max_timeout=self.settings.max_agent_timeout,
                 offered_agent_types=identity.capabilities.get("agentTypes"),
+            )
+        except FederationError as err:
+            raise ApplicationError(err.detail, type=err.code, non_retryable=True) from None
+
+    async def _check_local_limits(self, task: RunTask) -> None:
+        """A local run's try starts only within this instance's limits of local runs."""
+        identity = await load_identity(self.pool)
+        try:
+            check_local_spawn(
+                self.settings, _spawn_payload(task), identity.capabilities.get("agentTypes")
             )
         except FederationError as err:
             raise ApplicationError(err.detail, type=err.code, non_retryable=True) from None

@@ -22,6 +22,7 @@ from activities.federation import PeerMessenger
 from activities.snapshots import WorkspaceSnapshots
 from agents.conversation import ConversationState
 from federation.envelope import MessageType
+from federation.states import LOCAL_REQUESTER
 from federation.store import conversations, repos
 from federation.store.outage import wait_for_store
 from federation.trust import require_active
@@ -203,6 +204,8 @@ class TranscriptPump:
 
     async def flush(self, *, timeout: float) -> None:
         pool = self.sink.pool
+        if self.sink.requester_id == LOCAL_REQUESTER:
+            return  # a local run: its users read the transcript where it is stored
         connection = require_active(await repos.connection_for_peer(pool, self.sink.requester_id))
         while self.sent < self.sink.summary["entries"]:
             entries = await conversations.transcript_after(

@@ -16,8 +16,10 @@ from federation import tracing
 from federation.envelope import MessageType, parse_timestamp
 from federation.errors import FederationError, PeerRefused, PeerResponseInvalid, PeerUnreachable
 from federation.identity import Identity, load_identity
+from federation.local_runs import check_local_spawn
 from federation.peer import send_signed
 from federation.settings import Settings
+from federation.states import LOCAL_CONNECTION_ID, LOCAL_REQUESTER
 from federation.store import repos
 from federation.trust import (
     check_peer_command,
@@ -125,7 +127,10 @@ class PeerMessenger:
     async def notify_requester(self, row: dict[str, Any], *, timeout: float | None = None) -> None:
         """Send the executor's current record of a run to its requester as a signed EVENT,
         over the connection the run came by; once that connection ended (suspended,
-        disconnected), only the run's final state still goes."""
+        disconnected), only the run's final state still goes. A local run's requester is this
+        instance: its users read the row itself."""
+        if row["peer_instance_id"] == LOCAL_REQUESTER:
+            return
         connection = await repos.get_connection(self.pool, row["connection_id"])
         connection = require_active_or_ending(connection, ending=row["state"] in TERMINAL_STATES)
         await self.send(
@@ -390,8 +395,11 @@ class FederationActivities:
 
     @activity.defn(name=ADMIT_RUN)
     async def admit_run(self, inp: AgentRunInput) -> RunTask:
-        """Verify the signed command again, against the connection and grants as they are now."""
+        """Verify the signed command again, against the connection and grants as they are now
+        (a local run: against this instance's limits of local runs as they are now)."""
         identity = await load_identity(self.pool)
+        if inp.local is not None:
+            return self._admit_local(inp.local, identity)
         try:
             verified = await verify_incoming(
                 self.pool,
@@ -427,6 +435,30 @@ class FederationActivities:
             heartbeat_interval=self.settings.heartbeat_interval,
             agent_task_queue=self.settings.agent_task_queue,
             traceparent=envelope.traceparent or "",
+        )
+
+    def _admit_local(self, spawn: dict[str, Any], identity: Identity) -> RunTask:
+        try:
+            asked = {
+                k: spawn.get(k) for k in ("agentId", "taskId", "agentType", "context", "options")
+            }
+            check_local_spawn(self.settings, asked, identity.capabilities.get("agentTypes"))
+        except FederationError as err:
+            raise as_activity_error(err) from None
+        options = spawn.get("options") or {}
+        return RunTask(
+            agent_id=str(spawn["agentId"]),
+            requester_id=LOCAL_REQUESTER,
+            connection_id=LOCAL_CONNECTION_ID,
+            task_id=str(spawn["taskId"]),
+            agent_type=str(spawn["agentType"]),
+            context=dict(spawn.get("context") or {}),
+            timeout_seconds=int(options.get("timeout", 3600)),
+            max_retries=int(options.get("maxRetries", 0)),
+            workflow_id=agent_run_workflow_id(LOCAL_REQUESTER, str(spawn["agentId"])),
+            heartbeat_interval=self.settings.heartbeat_interval,
+            agent_task_queue=self.settings.agent_task_queue,
+            traceparent=str(spawn.get("traceparent") or ""),
         )
 
     @activity.defn(name=RECORD_RUN_FINAL)

@@ -89,8 +89,14 @@ class AgentLog:
         self.cursor, self.entry_no = after >> CURSOR_BITS, after & ((1 << CURSOR_BITS) - 1)
         self.last_state: str | None = None
         self.pulled = False
+        self.row: dict[str, Any] = {"role": "requester", "agent_id": agent_id}
+        self.local = False  # a local run: its transcript is the executor's own
 
     async def start(self) -> None:
+        row = await repos.get_user_agent(self.pool, self.agent_id)
+        if row is not None:
+            self.row = row
+        self.local = self.row["role"] == "executor"
         # `event: state` for each change of state, `progress` for news within one state.
         if self.cursor:
             seen = await repos.agent_events_after(self.pool, self.agent_id, self.cursor - 1, 1)
@@ -99,11 +105,11 @@ class AgentLog:
 
     async def ended_before(self) -> bool:
         """Whether the stream resumed after the final event: nothing more will come."""
-        row = await repos.get_requested_agent(self.pool, self.agent_id)
+        row = await repos.get_user_agent(self.pool, self.agent_id)
         return row is not None and row["state"] in TERMINAL_STATES
 
     async def _entries(self, limit: int = PAGE) -> list[dict[str, Any]]:
-        return await conversations.received_after(self.pool, self.agent_id, self.entry_no, limit)
+        return await conversations.entries_of(self.pool, self.row, self.entry_no, limit)
 
     async def next_page(self) -> tuple[list[str], bool]:
         """SSE messages of what is new (a page of entries and of events, merged by time), and
@@ -116,7 +122,7 @@ class AgentLog:
             # Everything the run said comes before its final state: what events did not
             # bring is pulled once, before the final goes out.
             events = events[: events.index(final) + 1]
-            if not self.pulled:
+            if not self.pulled and not self.local:
                 self.pulled = True
                 row = await repos.get_requested_agent(self.pool, self.agent_id)
                 await self.transcripts.complete(self.agent_id, row)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from api import console, problems
+from api import a2a_server, console, problems
 from api.limits import BodySizeLimit, RefusalLimiter, StrangerFetches
 from api.metrics import ObservabilityMiddleware
 from api.routes import (
@@ -178,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tokens,
     ):
         app.include_router(module.router)
+    app.include_router(a2a_server.router)
     console.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost: request ids in the logs, latency and refusal metrics (413s included).

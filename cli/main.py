@@ -703,6 +703,27 @@ def uuid_arg(value: str, name: str) -> str:
         ) from None
 
 
+def _spawn_target(
+    api: Api, *, here: bool, peer: str | None, connection_id: str | None
+) -> dict[str, Any]:
+    """Where to spawn: this instance (--here: no connection), or an ACTIVE connection's peer."""
+    if here:
+        if peer or connection_id:
+            raise CliError("--here runs the agent on this instance: leave out --peer/--connection")
+        return {"connectionId": None, "peerName": "this instance"}
+    connection = (
+        api.call("GET", f"/peers/{uuid_arg(connection_id, '--connection')}")
+        if connection_id
+        else _pick_connection(api, peer)
+    )
+    if connection["status"] != ConnectionStatus.ACTIVE:
+        raise CliError(
+            f"the connection to {connection['peerName']} is {connection['status']}",
+            hint="`fedagent peers` shows the connections you can spawn over",
+        )
+    return {**connection, "connectionId": str(connection["connectionId"])}
+
+
 @app.command(rich_help_panel="Agents")
 @uses_instance()
 def spawn(
@@ -727,6 +748,10 @@ def spawn(
     connection_id: Annotated[
         str | None, typer.Option("--connection", "-c", help="Connection id.")
     ] = None,
+    here: Annotated[
+        bool,
+        typer.Option("--here", help="Run the agent on this instance (a local run), not on a peer."),
+    ] = False,
     task_id: Annotated[
         str | None, typer.Option("--task-id", "-t", help="Default: cli-<random>.")
     ] = None,
@@ -750,7 +775,8 @@ def spawn(
         bool, typer.Option("--quiet", "-q", help="With --follow: one line per progress step.")
     ] = False,
 ) -> None:
-    """Spawn an agent on a peer; with --follow, watch it to the end and print its result."""
+    """Spawn an agent on a peer (or here, with --here); with --follow, watch it to the end and
+    print its result."""
     from cli.follow import follow_agent, print_agent
 
     if not instructions and instructions_file is None:
@@ -764,19 +790,10 @@ def spawn(
         file_text = _read_instructions(instructions_file)
         text = f"{text}\n{file_text}" if text else file_text
     with target.api() as api:
-        connection = (
-            api.call("GET", f"/peers/{uuid_arg(connection_id, '--connection')}")
-            if connection_id
-            else _pick_connection(api, peer)
-        )
-        if connection["status"] != ConnectionStatus.ACTIVE:
-            raise CliError(
-                f"the connection to {connection['peerName']} is {connection['status']}",
-                hint="`fedagent peers` shows the connections you can spawn over",
-            )
+        connection = _spawn_target(api, here=here, peer=peer, connection_id=connection_id)
         body = {
             "agentId": agent_id or str(uuid.uuid4()),
-            "connectionId": str(connection["connectionId"]),
+            "connectionId": connection["connectionId"],
             "taskId": task_id or f"cli-{uuid.uuid4().hex[:8]}",
             "agentType": agent_type.value,
             "context": {

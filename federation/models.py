@@ -181,7 +181,8 @@ class AgentOptions(Strict):
 
 class AgentSpawnCreate(Strict):
     agentId: uuid.UUID | None = None
-    connectionId: uuid.UUID
+    # The connection whose peer runs the agent; none: a local run, on this instance.
+    connectionId: uuid.UUID | None = None
     taskId: Line = Field(min_length=1, max_length=200)
     agentType: AgentType
     context: AgentContext = Field(default_factory=AgentContext)

@@ -318,6 +318,46 @@ class Settings(BaseSettings):
             "Spawns of one peer that may wait queued (`options.queue`) beyond its running limit."
         ),
     )
+    # --- local runs (agents this instance runs for its own users) ---
+    local_agent_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Agent types local users (REST without a connection, `fedagent spawn --here`, A2A)"
+            " may run here, comma-separated; empty: every type this instance offers."
+        ),
+    )
+    local_repositories: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        description=(
+            "Glob patterns (fnmatch) a local run's `context.repository` must match,"
+            " comma-separated, as in a connection's grants."
+        ),
+    )
+    local_max_timeout: int = Field(
+        default=4 * 3600,
+        ge=1,
+        description=(
+            "Longest `options.timeout` (seconds) of a local run (`FEDAGENT_MAX_AGENT_TIMEOUT`"
+            " bounds it too)."
+        ),
+    )
+    local_max_running_per_workspace: int = Field(
+        default=4,
+        ge=1,
+        description=(
+            "Unfinished local runs one workspace may have at once; past it a spawn is refused"
+            " (429 `capacity_exceeded`). The instance-wide `FEDAGENT_MAX_RUNNING_AGENTS` counts"
+            " local runs too."
+        ),
+    )
+    a2a_conformance: bool = Field(
+        default=False,
+        description=(
+            "For the A2A conformance kit (TCK) only: A2A messages whose messageId starts with"
+            " `tck-` and asks for a direct message or an artifact of a given shape are answered"
+            " at once, without a run; see docs/a2a.md. Never on in production."
+        ),
+    )
     # Connection requests from strangers waiting (PENDING) for the admin at once; past it a
     # new request is a 429 too_many_pending_requests until the admin accepts or rejects some.
     max_pending_requests: int = Field(default=50, ge=1)
@@ -511,6 +551,8 @@ class Settings(BaseSettings):
         "allowed_models",
         "agent_repo_roots",
         "outbound_allowlist",
+        "local_agent_types",
+        "local_repositories",
         mode="before",
     )
     @classmethod

@@ -36,3 +36,10 @@ class ConnectionStatus(StrEnum):
     ACTIVE = "ACTIVE"
     SUSPENDED = "SUSPENDED"
     DISCONNECTED = "DISCONNECTED"
+
+
+# A local run (one this instance runs for its own users, issue 23) is an executor row whose
+# requester is this marker, not a peer: an instance id never starts with "_", so no peer's runs
+# can be taken for local ones. Its connection id is the nil UUID (it came over no connection).
+LOCAL_REQUESTER = "_local"
+LOCAL_CONNECTION_ID = "00000000-0000-0000-0000-000000000000"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -23,10 +24,10 @@ from federation.models import (
     SpawnPayload,
 )
 from federation.states import TERMINAL_STATES, AgentState, ConnectionStatus
-from federation.store import repos
+from federation.store import notifications, repos
 from federation.trust import check_grants
 from federation.users import User
-from operations import Services
+from operations import Services, local_runs
 from operations.updates import dropped_by_a_failed_task, execute_kill
 from workflows.models import KillRequest, KillResult, remote_agent_workflow_id
 from workflows.remote_agent import RemoteAgentWorkflow
@@ -35,16 +36,19 @@ from workflows.remote_agent import RemoteAgentWorkflow
 async def spawn(
     services: Services, user: User, body: AgentSpawnCreate, *, traceparent: str = ""
 ) -> AgentSpawnAccepted:
-    """Spawn an agent on the peer of an ACTIVE connection; the same agentId runs once.
+    """Spawn an agent on the peer of an ACTIVE connection (none: a local run, on this
+    instance); the same agentId runs once.
 
     Answers once the spawn is committed: the outbox starts the workflow right after (or its
     sweeper does, if Temporal is down now). `traceparent` is the caller's W3C trace, if any.
     """
     pool = services.pool
     agent_id = body.agentId or uuid.uuid4()
-    workflow_id = remote_agent_workflow_id(str(agent_id))
     trace = tracing.child(traceparent) if tracing.valid(traceparent) else tracing.new_traceparent()
     tracing.bind(trace)
+    if body.connectionId is None:
+        return await local_runs.spawn(services, user, body, agent_id, trace)
+    workflow_id = remote_agent_workflow_id(str(agent_id))
     connection = await repos.get_connection(pool, body.connectionId)
     if connection is None:
         raise ConnectionNotFound(f"no connection {body.connectionId}")
@@ -118,8 +122,9 @@ async def spawn(
 
 
 async def get(services: Services, user: User, agent_id: uuid.UUID) -> dict[str, Any]:
-    """The agent's row, if this user may see it (members: their workspace's only)."""
-    row = user.visible(await repos.get_requested_agent(services.pool, agent_id))
+    """The agent's row, if this user may see it (members: their workspace's only): one it
+    spawned on a peer, or a local run."""
+    row = user.visible(await repos.get_user_agent(services.pool, agent_id))
     if row is None:
         raise AgentNotFound(f"no agent {agent_id}")
     return row
@@ -129,17 +134,20 @@ async def list_(
     services: Services,
     user: User,
     *,
-    state: str | None = None,
+    state: str | list[str] | None = None,
     connection_id: uuid.UUID | None = None,
     agent_type: str | None = None,
     task_id: str | None = None,
     limit: int = 50,
     offset: int = 0,
+    count: bool = False,
 ) -> list[dict[str, Any]]:
-    """Agents this instance spawned on peers, newest first; members see their workspace only."""
+    """Agents this instance's users spawned (on peers and local runs), newest first; members
+    see their workspace's only."""
     return await repos.list_agents(
         services.pool,
         role="requester",
+        with_local=True,
         workspace=None if user.is_admin else user.workspace,
         state=state,
         connection_id=connection_id,
@@ -147,7 +155,33 @@ async def list_(
         task_id=task_id,
         limit=limit,
         offset=offset,
+        count=count,
     )
+
+
+async def wait_for_change(
+    services: Services, user: User, agent_id: uuid.UUID, known: dict[str, Any], timeout: float
+) -> dict[str, Any]:
+    """The agent's row once its state is not `known`'s, or after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    key = notifications.agent_key(known["role"], known["peer_instance_id"], agent_id)
+    row = known
+    while row["state"] == known["state"] and (left := deadline - loop.time()) > 0:
+        if services.listener is not None:  # woken by the state trigger; re-read on a bound
+            await services.listener.wait(notifications.AGENT_STATE, key, min(left, 2.0))
+        else:
+            await asyncio.sleep(min(left, 0.5))
+        row = await get(services, user, agent_id)
+    return row
+
+
+async def events_after(
+    services: Services, user: User, agent_id: uuid.UUID, after: int, limit: int = 500
+) -> list[dict[str, Any]]:
+    """The agent's log of states and progress after log id `after` (as its event stream)."""
+    await get(services, user, agent_id)
+    return await repos.agent_events_after(services.pool, agent_id, after, limit)
 
 
 async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKillPublic:
@@ -156,6 +190,8 @@ async def kill(services: Services, user: User, agent_id: uuid.UUID) -> AgentKill
     `confirmed` is False when the executor could not be told: the run is killed here and the
     kill is delivered in the background until the executor confirms (`killConfirmed`)."""
     row = await get(services, user, agent_id)
+    if row["role"] == "executor":
+        return await local_runs.kill(services, user, row)
     answer: KillResult | None = None
     if row["state"] not in TERMINAL_STATES:
         answer = await _ask_kill(services, row)

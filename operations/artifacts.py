@@ -81,7 +81,7 @@ async def _local_or_fetched(
     pool = services.pool
     local = await artifacts.of_agent(
         pool,
-        role="requester",
+        role=row["role"],  # a local run's (role executor) are the ones its run stored
         peer_instance_id=row["peer_instance_id"],
         agent_id=row["agent_id"],
         kind=kind,
@@ -89,6 +89,12 @@ async def _local_or_fetched(
     )
     if local is not None:
         return local
+    if row["role"] == "executor":
+        raise ArtifactNotReady(
+            f"agent {row['agent_id']} ({row['state']}) has no {kind} stored",
+            kind=kind,
+            state=row["state"],
+        )
     # Fetched even when the same bytes are stored for another run: the executor must prove it
     # has them (a hash alone must not let one run's user read another run's artifact).
     stored = await _fetch(services, row, kind, sha256, size)
@@ -187,3 +193,15 @@ async def of_agent(
     """The artifact of this kind of an agent the user may see, fetched once from the executor."""
     row = await agent_ops.get(services, user, agent_id)
     return await ensure_artifact(services, row, kind)
+
+
+async def small(
+    services: Services, user: User, agent_id: uuid.UUID, kind: str, max_bytes: int
+) -> bytes | None:
+    """The whole artifact when it has at most `max_bytes` (None: larger, read it by URI)."""
+    row = await agent_ops.get(services, user, agent_id)
+    ref = artifact_reference(row.get("result"), kind)
+    if ref is None or ref[1] > max_bytes:
+        return None
+    artifact = await ensure_artifact(services, row, kind)
+    return await artifacts.read_range(services.pool, artifact, 0, artifact.bytes)

@@ -37,6 +37,12 @@ EDGE_ENV = {
     "FEDAGENT_MAX_PENDING_PER_SOURCE": "3",
     "FEDAGENT_MAX_PENDING_PER_HOST": "3",
     "FEDAGENT_OUTBOUND_ALLOWLIST": "127.0.0.1,127.0.0.128/25",
+    # Local runs (issue 23): one unfinished per workspace, workers and reviewers only, short
+    # timeouts, no repository but the tests' own.
+    "FEDAGENT_LOCAL_MAX_RUNNING_PER_WORKSPACE": "1",
+    "FEDAGENT_LOCAL_AGENT_TYPES": "worker,reviewer",
+    "FEDAGENT_LOCAL_MAX_TIMEOUT": "600",
+    "FEDAGENT_LOCAL_REPOSITORIES": "https://example.test/*",
 }
 
 

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
         AGENT_FAILED,
         AGENT_KILLED,
         AGENT_TIMED_OUT,
+        LOCAL_REQUESTER,
         RUN_AGENT,
         SA_AGENT_STATE,
         STORE_REFUSED,
@@ -94,8 +95,10 @@ class AgentRunWorkflow:
 
     @workflow.run
     async def run(self, inp: AgentRunInput) -> AgentStatus:
-        self._agent_id = str(inp.envelope.get("payload", {}).get("agentId", ""))
-        requester_id = str(inp.envelope.get("senderId", ""))
+        local = inp.local is not None  # a run for this instance's own user: no peer to tell
+        spawn = inp.local if inp.local is not None else inp.envelope.get("payload", {})
+        self._agent_id = str(spawn.get("agentId", ""))
+        requester_id = LOCAL_REQUESTER if local else str(inp.envelope.get("senderId", ""))
         task: RunTask | None = None
         cancelled = False
         try:
@@ -155,7 +158,7 @@ class AgentRunWorkflow:
             if cancelled and self._state != AgentState.KILLED:
                 cancelled = False  # the run had ended otherwise before the cancel: it closes so
         self._recorded = True
-        if self._agent_id and requester_id and not self._told_by_kill_answer():
+        if self._agent_id and requester_id and not local and not self._told_by_kill_answer():
             try:  # best effort: the requester long-polls agent.status when this is lost
                 await past_cancel(
                     workflow.start_activity_method(

@@ -11,6 +11,8 @@ from typing import Any
 
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
+from federation.states import LOCAL_REQUESTER as LOCAL_REQUESTER
+
 # Re-exported: workflow code imports only this module.
 from federation.states import TERMINAL_STATES as TERMINAL_STATES
 from federation.states import AgentState as AgentState
@@ -228,6 +230,9 @@ class AgentRunInput:
     received_at: str
     # durable-core: how long telling the requester the final state is retried (best effort).
     notify_deadline_seconds: float = 120.0
+    # A local run (issue 23): the spawn as this instance's user asked it (agentId, taskId,
+    # agentType, context, options, workspace), instead of a peer's signed envelope (then {}).
+    local: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -256,6 +256,9 @@ def _workflow_links(
     services: Services, row: dict[str, Any], peer_name: str, requester_id: str
 ) -> dict[str, str | None]:
     ui = _temporal_ui(services)["workflows"]
+    if row["role"] == "executor":  # a local run: one workflow, in this instance's Temporal
+        own = f"{ui}/{quote(row['workflow_id'], safe='')}"
+        return {"executor_id": row["workflow_id"], "executor_url": own}
     executor_id = f"agent-run/{requester_id}/{row['agent_id']}"
     template = services.settings.temporal_ui_peer_url
     executor_url = None
@@ -565,7 +568,7 @@ async def agent_spawn(request: Request) -> Response:
     services, user = await _signed_in(request)
     body = AgentSpawnCreate.model_validate(
         {
-            "connectionId": _first(form, "connectionId"),
+            "connectionId": _first(form, "connectionId") or None,  # none: a local run
             "taskId": _first(form, "taskId"),
             "agentType": _first(form, "agentType"),
             "context": {
@@ -595,6 +598,8 @@ async def agent_page(request: Request, agent_id: uuid.UUID) -> Response:
     events = await repos.agent_events_after(services.pool, agent_id, 0)
     connection = await repos.get_connection(services.pool, row["connection_id"])
     peer_name = connection["remote_name"] if connection else row["peer_instance_id"]
+    if row["role"] == "executor":
+        peer_name = "this instance"  # a local run
     identity = await services.identity()
     diff_problem = None
     try:

@@ -60,8 +60,6 @@ async def agent_transcript(
     """Transcript entries of the run, oldest first (at most the first SHOWN), each with the
     `role` (its kind), `label` and `text` the agent page shows; the live page fetches them
     again on each `event: transcript` of the event stream."""
-    await agents.get(services, user, agent_id)
-    entries = await conversations.received_after(
-        services.pool, agent_id, 0, SHOWN, max_bytes=SHOWN_BYTES
-    )
+    row = await agents.get(services, user, agent_id)
+    entries = await conversations.entries_of(services.pool, row, 0, SHOWN, max_bytes=SHOWN_BYTES)
     return _shown(entries)

@@ -430,3 +430,16 @@ async def received_after(
         max_bytes,
     )
     return [r["entry"] for r in rows]
+
+
+async def entries_of(
+    db: Executor, row: dict[str, Any], after: int, limit: int, *, max_bytes: int = 1024 * 1024
+) -> list[dict[str, Any]]:
+    """The transcript entries of an agent of this instance's users, numbered above `after`:
+    a local run's (role executor, requester '_local') are the run's own, an agent spawned on
+    a peer has the requester's copy."""
+    if row["role"] == "executor":
+        return await transcript_after(
+            db, row["peer_instance_id"], row["agent_id"], after, limit=limit, max_bytes=max_bytes
+        )
+    return await received_after(db, row["agent_id"], after, limit, max_bytes=max_bytes)

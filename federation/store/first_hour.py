@@ -46,6 +46,7 @@ async def list_hosted(
     """Runs peers started on this instance, newest first."""
     rows = await db.fetch(
         "SELECT * FROM agents WHERE role = 'executor'"
+        " AND peer_instance_id <> '_local'"  # local runs are the users' own: /agents shows them
         " AND ($1::text IS NULL OR peer_instance_id = $1) AND ($2::text IS NULL OR state = $2)"
         " AND ($3::uuid IS NULL OR agent_id = $3) AND ($6::text IS NULL OR agent_type = $6)"
         " AND ($7::text IS NULL OR task_id = $7)"

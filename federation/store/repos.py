@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 from agents.text import clean
-from federation.states import TERMINAL_STATES, ConnectionStatus
+from federation.states import LOCAL_REQUESTER, TERMINAL_STATES, ConnectionStatus
 from federation.store.db import row_dict
 
 # A pool or a connection (inside a transaction): both have execute/fetch/fetchrow/fetchval.
@@ -228,6 +228,30 @@ async def note_kill_delivery(db: Executor, agent_id: uuid.UUID, *, confirmed: bo
     )
 
 
+async def get_user_agent(db: Executor, agent_id: uuid.UUID) -> dict[str, Any] | None:
+    """An agent of this instance's users: spawned on a peer (requester row) or a local run."""
+    return row_dict(
+        await db.fetchrow(
+            "SELECT * FROM agents WHERE agent_id = $1"
+            " AND (role = 'requester' OR peer_instance_id = $2)",
+            agent_id,
+            LOCAL_REQUESTER,
+        )
+    )
+
+
+async def count_local_running(db: Executor, workspace: str) -> int:
+    """Unfinished local runs of one workspace."""
+    value = await db.fetchval(
+        "SELECT count(*) FROM agents WHERE role = 'executor' AND peer_instance_id = $1"
+        " AND workspace = $2 AND NOT (state = ANY($3::text[]))",
+        LOCAL_REQUESTER,
+        workspace,
+        list(TERMINAL_STATES),
+    )
+    return int(value or 0)
+
+
 async def get_executed_agent(
     db: Executor, requester_id: str, agent_id: uuid.UUID
 ) -> dict[str, Any] | None:
@@ -245,28 +269,35 @@ async def list_agents(
     db: Executor,
     *,
     role: str | None = None,
+    with_local: bool = False,
     workspace: str | None = None,
-    state: str | None = None,
+    state: str | list[str] | None = None,
     connection_id: uuid.UUID | None = None,
     agent_type: str | None = None,
     task_id: str | None = None,
     limit: int = 100,
     offset: int = 0,
+    count: bool = False,
 ) -> list[dict[str, Any]]:
+    """`count`: each row also has `total_count`, the number of rows matching in all."""
     rows = await db.fetch(
-        "SELECT * FROM agents WHERE ($1::text IS NULL OR role = $1)"
-        " AND ($2::text IS NULL OR workspace = $2) AND ($3::text IS NULL OR state = $3)"
+        f"SELECT *{', count(*) OVER () AS total_count' if count else ''} FROM agents"
+        " WHERE ($1::text IS NULL OR role = $1"
+        " OR ($9 AND role = 'executor' AND peer_instance_id = $10))"
+        " AND ($2::text IS NULL OR workspace = $2) AND ($3::text[] IS NULL OR state = ANY($3))"
         " AND ($4::uuid IS NULL OR connection_id = $4) AND ($5::text IS NULL OR agent_type = $5)"
         " AND ($6::text IS NULL OR task_id = $6)"
         " ORDER BY created_at DESC, agent_id LIMIT $7 OFFSET $8",
         role,
         workspace,
-        state,
+        [state] if isinstance(state, str) else state,
         connection_id,
         agent_type,
         task_id,
         limit,
         offset,
+        with_local,
+        LOCAL_REQUESTER,
     )
     return [dict(r) for r in rows]
 
@@ -378,9 +409,13 @@ async def update_executed_agent(
     error: str | None = None,
     attempt: int | None = None,
 ) -> dict[str, Any] | None:
-    """Change the executor's record and bump its sequence number; terminal states are final."""
+    """Change the executor's record and bump its sequence number; terminal states are final.
+
+    A local run's changes also go to its users' event log (agent_events), as a peer's reports
+    of a requested run do: its event stream is the same."""
     row = await db.fetchrow(
-        "UPDATE agents SET seq = seq + 1, state = COALESCE($3, state),"
+        "WITH updated AS ("
+        " UPDATE agents SET seq = seq + 1, state = COALESCE($3, state),"
         " progress = COALESCE($4, progress), result = COALESCE($5, result),"
         " error = COALESCE($6, error), attempt = COALESCE($7, attempt), updated_at = now(),"
         " started_at = CASE WHEN $3 = 'running' THEN COALESCE(started_at, now())"
@@ -388,7 +423,11 @@ async def update_executed_agent(
         " finished_at = CASE WHEN $3 = ANY($8::text[]) THEN now() ELSE finished_at END"
         " WHERE role = 'executor' AND peer_instance_id = $1 AND agent_id = $2"
         " AND NOT (state = ANY($8::text[]))"
-        " RETURNING *",
+        " RETURNING *),"
+        " event AS (INSERT INTO agent_events (agent_id, seq, state, progress, error, attempt)"
+        " SELECT agent_id, seq, state, progress, error, attempt FROM updated"
+        " WHERE peer_instance_id = $9)"
+        " SELECT * FROM updated",
         requester_id,
         agent_id,
         state,
@@ -397,6 +436,7 @@ async def update_executed_agent(
         _text(error),
         attempt,
         list(TERMINAL_STATES),
+        LOCAL_REQUESTER,
     )
     return row_dict(row)
 

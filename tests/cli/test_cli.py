@@ -121,6 +121,24 @@ async def test_spawn_follow_shows_states_then_the_result(hub_edge: str, data_dir
     assert status.code == 0 and "completed" in status.out and "hello-from-cli" in status.out
 
 
+async def test_spawn_here_runs_the_agent_on_this_instance(hub: Instance, data_dir: str) -> None:
+    run = await fedagent(
+        "spawn", "-i", "hub", "--data-dir", data_dir, "--here", "--task-id", "cli-here",
+        "-m", "$ echo hello-from-here", "--follow",
+    )  # fmt: skip
+    assert run.code == 0, run.out + run.err
+    assert "completed" in run.out and "hello-from-here" in run.out
+    agents = await fedagent(
+        "agents", "-i", "hub", "--data-dir", data_dir, "--task-id", "cli-here", "--json"
+    )
+    [agent] = agents.json()
+    assert agent["state"] == "completed" and agent["peerInstanceId"] == "_local"
+    both = await fedagent(
+        "spawn", "-i", "hub", "--data-dir", data_dir, "--here", "--peer", "edge", "-m", "x"
+    )
+    assert both.code != 0 and "--here" in both.err
+
+
 async def test_agents_table_fits_an_80_column_terminal_one_line_per_agent(
     hub: Instance, hub_edge: str, data_dir: str
 ) -> None:

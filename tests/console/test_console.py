@@ -90,6 +90,29 @@ async def test_sign_in_on_both_consoles_connect_and_accept_with_grants_shows_act
     assert (grants["maxTimeout"], grants["maxConcurrentAgents"]) == (600, 3)
 
 
+async def test_spawn_here_in_console_runs_a_local_run_with_its_diff_and_transcript(
+    context: BrowserContext, hub: Instance
+) -> None:
+    page = await sign_in(context, hub)
+    await page.goto(f"{hub.url}/console/agents")
+    form = page.locator("form.spawn")
+    await form.get_by_label("Peer").select_option(label="this instance (a local run)")
+    await form.get_by_label("Task id").fill("console-here")
+    await form.get_by_label("Instructions").fill("$ echo 'made here' > here.txt")
+    await form.get_by_label("Timeout, seconds").fill("120")
+    await form.get_by_role("button", name="Spawn").click()
+    await page.wait_for_url(AGENT_URL)
+    match = AGENT_URL.match(page.url)
+    assert match is not None
+    agent_id = match.group(1)
+    await expect(page.locator("h1 .state")).to_have_text("completed", timeout=90_000)
+    await expect(page.locator("#diff")).to_contain_text("here.txt")
+    await expect(page.locator("#transcript")).to_contain_text("$ echo 'made here'")
+    await expect(page.get_by_role("link", name=f"agent-run/_local/{agent_id}")).to_be_visible()
+    await page.goto(f"{hub.url}/console/agents?taskId=console-here")
+    await expect(page.locator(f"tr[data-agent='{agent_id}']")).to_contain_text("this instance")
+
+
 async def test_spawn_in_console_turns_completed_without_reload_and_shows_and_downloads_diff(
     context: BrowserContext, hub: Instance, spoke: Instance, tmp_path: Path
 ) -> None:

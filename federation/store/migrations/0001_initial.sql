@@ -100,7 +100,10 @@ CREATE TABLE agents (
     -- Another requester may mint the same agentId: on the executor a run is its requester's.
     PRIMARY KEY (role, peer_instance_id, agent_id)
 );
-CREATE UNIQUE INDEX agents_requester_id ON agents (agent_id) WHERE role = 'requester';
+-- The agents this instance's users see (the ones spawned on peers and the local runs, whose
+-- requester is '_local') have one id space: their views and A2A tasks are named by agentId.
+CREATE UNIQUE INDEX agents_requester_id ON agents (agent_id)
+    WHERE role = 'requester' OR peer_instance_id = '_local';
 CREATE INDEX agents_state ON agents (state);
 
 CREATE TABLE audit_log (
