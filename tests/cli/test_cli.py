@@ -173,7 +173,7 @@ async def test_spawn_from_a_file_then_kill(
     await hub.wait_agent(agent_id, {"running"})
     killed = await fedagent("kill", agent_id, "-i", "hub", "--data-dir", data_dir, "--json")
     assert killed.code == 0, killed.err
-    assert killed.json() == {"agentId": agent_id, "state": "killed"}
+    assert killed.json() == {"agentId": agent_id, "state": "killed", "confirmed": True}
     follow = await fedagent("status", agent_id, "-i", "hub", "--data-dir", data_dir, "--follow")
     assert follow.code == 0 and "killed" in follow.out
 

@@ -103,7 +103,7 @@ async def test_an_executor_lists_and_kills_the_runs_peers_started_on_it(
         "kill", agent_id, "-i", "hub", "--data-dir", data_dir, "--hosted", "--json"
     )
     assert killed.code == 0, killed.err
-    assert killed.json() == {"agentId": agent_id, "state": "killed"}
+    assert killed.json() == {"agentId": agent_id, "state": "killed", "confirmed": True}
     assert (await edge.wait_agent(agent_id))["state"] == "killed"  # the requester hears it
 
     member = await member_token(data_dir, "hub")
