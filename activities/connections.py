@@ -14,6 +14,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from federation.settings import Settings
+from federation.states import ConnectionStatus
 from federation.store import repos
 from operations.hosted import stop_run
 from operations.updates import execute_kill
@@ -88,8 +89,8 @@ class ConnectionActivities:
         """Kill what is left of the runs of a connection that ended (a retry after a crash
         finds the runs killed already final, and kills the rest)."""
         connection = await repos.get_connection(self.pool, uuid.UUID(inp.connection_id))
-        if connection is None:
-            return 0
+        if connection is None or connection["status"] == ConnectionStatus.ACTIVE:
+            return 0  # resumed meanwhile: its runs (and those spawned since) go on
         ticker = asyncio.create_task(_heartbeat_every(5.0))
         try:
             return await end_peer_runs(
