@@ -258,9 +258,12 @@ class AgentRunWorkflow:
         self, err: ActivityError, attempt: int
     ) -> tuple[AgentState, dict | None, str | None]:  # type: ignore[type-arg]
         cause = err.cause
+        # A kill asked of a try whose worker is gone ends by the heartbeat timeout: the
+        # sandbox died with its worker (--die-with-parent), so the kill is done all the same.
         if self._kill_requested and (
             isinstance(cause, CancelledError)
             or (isinstance(cause, ApplicationError) and cause.type == AGENT_KILLED)
+            or _is_heartbeat_timeout(cause)
         ):
             return AgentState.KILLED, None, self._kill_reason
         if isinstance(cause, ApplicationError) and cause.type == AGENT_KILLED:

@@ -591,6 +591,35 @@ async def test_try_lost_to_crashing_workers_is_reported_as_lost_workers(
     assert scheduled.schedule_to_close_timeout.ToTimedelta().total_seconds() == 90.0
 
 
+async def test_a_kill_of_a_try_whose_workers_died_ends_killed(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """A kill asked while the try's worker is gone (a connection's end, its workers crashed):
+    the cancel can only end by the heartbeat timeout, and the sandbox died with its worker.
+    The run ends `killed`, as the kill said (the requester says `killed` too), not
+    `failed` for lost workers."""
+    started = asyncio.Event()
+
+    async def never_heartbeats(task: m.RunTask) -> m.AgentOutcome:
+        started.set()
+        await asyncio.sleep(60)  # its worker is gone: no heartbeat, no answer
+        raise AssertionError("unreachable")
+
+    peer.run_script = never_heartbeats
+    handle = await start_executor(client, task_queue, heartbeatInterval=0.5)
+    await asyncio.wait_for(started.wait(), 10)
+    answer = await handle.execute_update(
+        AgentRunWorkflow.kill, m.KillRequest(reason="connection suspended"), id="kill"
+    )
+    status = await final_status(handle)
+    assert (answer.state, status.state, status.error) == (
+        "killed",
+        "killed",
+        "connection suspended",
+    )
+    assert [f.state for f in peer.executor_finals] == ["killed"]
+
+
 # --- point 8: kill of a spawn not started yet -------------------------------------------------
 
 
