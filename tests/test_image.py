@@ -1,0 +1,290 @@
+"""The production image, built and run: the Dockerfile builds on a Debian base made here
+(tests/debian_base.py: Docker Hub is not reachable), in a dockerd of this module's own; the
+instance `spoke` runs as the image's API and worker containers, configured as
+docker-compose.yml configures them (environment, security options, limits), against this
+test's Temporal dev server and PostgreSQL; `hub` runs as processes on the host. A user on hub
+spawns agents on spoke: one runs in bwrap inside the worker container to completed, another is
+killed there.
+
+The containers use the host's network (the dockerd has no bridge): they reach Temporal and
+hub's API on loopback, and PostgreSQL through its unix socket, mounted into them. Slow the
+first time on a machine (debootstrap, about two minutes); the base is cached after that."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import docker
+import docker.errors
+import httpx
+import pytest
+import yaml
+
+from cli.devstack import DevStack, free_port_block
+from tests.conftest import Instance
+from tests.debian_base import base_tarball, dockerfile_packages
+from tests.dockerd import Daemon, private_dockerd
+from tests.e2e.helpers import spawn_body
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "fedagent:test"
+PG_SOCKET_DIR = "/run/postgresql"  # where the containers see PostgreSQL's socket
+ALL_COMMANDS = ["agent.spawn", "agent.status", "agent.kill"]
+
+
+@dataclass
+class Built:
+    client: docker.DockerClient
+    base: str
+    base_seconds: float
+    base_cached: bool
+    build_seconds: float
+
+
+def _compose_service(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    service: dict[str, Any] = doc["services"][name]
+    return service
+
+
+def _import_base(client: docker.DockerClient, scratch: Path) -> tuple[str, bool]:
+    packages = dockerfile_packages((ROOT / "Dockerfile").read_text())
+    tarball, cached = base_tarball(packages, scratch)
+    repository, tag = "fedagent-test-debian", tarball.stem.rsplit("-", 1)[-1]
+    client.api.import_image_from_file(str(tarball), repository=repository, tag=tag)
+    return f"{repository}:{tag}", cached
+
+
+def _build(client: docker.DockerClient, base: str) -> None:
+    """docker build of the repository's Dockerfile on `base`; fails with the build's log."""
+    log: list[str] = []
+    for chunk in client.api.build(
+        path=str(ROOT), tag=IMAGE, buildargs={"BASE_IMAGE": base}, network_mode="host",
+        rm=True, forcerm=True, decode=True,
+    ):  # fmt: skip
+        log.append(str(chunk.get("stream") or chunk.get("status") or ""))
+        if "error" in chunk:
+            tail = "".join(log)[-4000:]
+            pytest.fail(f"the image does not build: {chunk['error']}\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    try:
+        with private_dockerd("overlay2") as started:
+            yield started
+    except pytest.skip.Exception:
+        with private_dockerd("vfs") as started:  # where overlayfs cannot be used
+            yield started
+
+
+@pytest.fixture(scope="module")
+def built(daemon: Daemon) -> Iterator[Built]:
+    client = docker.DockerClient(base_url=daemon.host, timeout=600)
+    try:
+        started = time.monotonic()
+        base, cached = _import_base(client, daemon.root)
+        base_seconds = time.monotonic() - started
+        started = time.monotonic()
+        _build(client, base)
+        built = Built(client, base, base_seconds, cached, time.monotonic() - started)
+        print(
+            f"\nimage: base {'cached' if cached else 'made'} and imported in "
+            f"{base_seconds:.0f} s, image built in {built.build_seconds:.0f} s"
+        )
+        yield built
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[DevStack, int]]:
+    """Temporal, PostgreSQL and hub's processes; spoke's database and namespace, unused yet."""
+    ports = free_port_block(5)
+    dev = DevStack(
+        ["hub"],
+        tmp_path_factory.mktemp("stack"),
+        base_port=ports,
+        temporal_port=ports + 2,
+        ui_port=ports + 3,
+        extra_namespaces=("spoke",),
+    )
+    try:
+        await dev.prepare()
+        dev.start_api("hub")
+        dev.start_worker("hub")
+        await dev.wait_ready("hub")
+        await dev.wait_polling("hub")
+        yield dev, ports
+    finally:
+        dev.stop()
+
+
+def _spoke_env(dev: DevStack, database_url: str, ports: int) -> dict[str, str]:
+    """The compose file's settings of spoke's worker, with this machine's addresses."""
+    env = {str(k): str(v) for k, v in _compose_service("spoke-worker")["environment"].items()}
+    database = urlsplit(database_url).path.lstrip("/")
+    return {
+        **env,
+        "FEDAGENT_API_HOST": "127.0.0.1",
+        "FEDAGENT_API_PORT": str(ports + 1),
+        "FEDAGENT_PUBLIC_URL": f"http://127.0.0.1:{ports + 1}",
+        "FEDAGENT_DATABASE_URL": f"postgresql://postgres:@/{database}?host={PG_SOCKET_DIR}",
+        "FEDAGENT_TEMPORAL_ADDRESS": dev.temporal_address,
+        "FEDAGENT_TEMPORAL_UI_URL": dev.ui_url,
+        "FEDAGENT_OUTBOUND_ALLOWLIST": "127.0.0.1",
+        "FEDAGENT_METRICS_HOST": "127.0.0.1",
+        "FEDAGENT_METRICS_PORT": str(ports + 4),
+    }
+
+
+@dataclass
+class Spoke:
+    api: Any
+    worker: Any
+    instance: Instance
+
+
+def _run(client: docker.DockerClient, role: str, env: dict[str, str], socket: str) -> Any:
+    """A container of the image as compose runs spoke's `role` (its command, security options
+    and limits), on the host's network, with the instance's data volume."""
+    service = _compose_service(f"spoke-{role}")
+    options: dict[str, Any] = {}
+    if "security_opt" in service:
+        options["security_opt"] = service["security_opt"]
+    if "pids_limit" in service:
+        options["pids_limit"] = service["pids_limit"]
+    return client.containers.run(
+        IMAGE, service["command"], detach=True, name=f"spoke-{role}-{uuid.uuid4().hex[:6]}",
+        environment=env, network_mode="host", init=service.get("init", False),
+        volumes={
+            "spoke-data": {"bind": "/var/lib/fedagent", "mode": "rw"},
+            socket: {"bind": f"{PG_SOCKET_DIR}/.s.PGSQL.5432", "mode": "rw"},
+        },
+        **options,
+    )  # fmt: skip
+
+
+def _logs(container: Any) -> str:
+    with contextlib.suppress(docker.errors.DockerException):
+        return str(container.logs(tail=60).decode(errors="replace"))
+    return ""
+
+
+async def _ready(url: str, containers: list[Any], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            for container in containers:
+                container.reload()
+                assert container.status == "running", (
+                    f"{container.name} exited:\n{_logs(container)}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                response = await http.get(f"{url}/readyz")
+                if response.status_code == 200:
+                    return
+                last = response.text
+            assert time.monotonic() < deadline, f"spoke never ready: {last}\n" + "\n".join(
+                _logs(c) for c in containers
+            )
+            await asyncio.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+async def spoke(
+    built: Built, stack: tuple[DevStack, int], http: httpx.AsyncClient
+) -> AsyncIterator[Spoke]:
+    dev, ports = stack
+    database_url = await dev.create_database("spoke")
+    host = parse_qs(urlsplit(database_url).query)["host"][0]
+    env = _spoke_env(dev, database_url, ports)
+    containers: list[Any] = []
+    try:
+        containers.append(_run(built.client, "api", env, f"{host}/.s.PGSQL.5432"))
+        containers.append(_run(built.client, "worker", env, f"{host}/.s.PGSQL.5432"))
+        url = env["FEDAGENT_PUBLIC_URL"]
+        await _ready(url, containers)
+        # The image's CLI makes the admin token, as an operator would (docker exec).
+        made = containers[0].exec_run(["fedagent", "token", "create", "--role", "admin"])
+        assert made.exit_code == 0, made.output
+        token = made.output.decode().strip().splitlines()[-1]
+        info = {"name": "spoke", "instanceId": "", "apiUrl": url, "adminToken": token}
+        yield Spoke(containers[0], containers[1], Instance(info, http))
+    finally:
+        for container in containers:
+            with contextlib.suppress(docker.errors.DockerException):
+                container.remove(force=True)
+
+
+@pytest.fixture(scope="module")
+def hub(stack: tuple[DevStack, int], http: httpx.AsyncClient) -> Instance:
+    return Instance(stack[0].instances["hub"].info, http)
+
+
+@pytest.fixture(scope="module")
+async def connection(hub: Instance, spoke: Spoke) -> str:
+    response = await hub.call("POST", "/connections", json={"remoteUrl": spoke.instance.url})
+    assert response.status_code == 201, response.text
+    connection_id: str = response.json()["connectionId"]
+    accepted = await spoke.instance.call("POST", f"/connections/{connection_id}/accept")
+    assert accepted.status_code == 200, accepted.text
+    return connection_id
+
+
+async def test_an_agent_runs_in_bwrap_inside_the_worker_container(
+    hub: Instance, spoke: Spoke, connection: str
+) -> None:
+    # In its sandbox the agent sees neither the instance's data dir nor fedagent's install.
+    body = spawn_body(
+        connection,
+        "$ echo hi > out.txt\n$ cat out.txt\n"
+        "$ test ! -e /var/lib/fedagent && test ! -e /opt/fedagent && echo confined",
+        task_id="image-1",
+    )
+    response = await hub.call("POST", "/agents/spawn", json=body)
+    assert response.status_code == 202, response.text
+    agent = await hub.wait_agent(body["agentId"], timeout=120)
+    assert agent["state"] == "completed", (agent, _logs(spoke.worker))
+    assert agent["result"]["exitCodes"] == [0, 0, 0]
+    assert "hi" in agent["result"]["logTail"] and "confined" in agent["result"]["logTail"]
+    # It ran in bwrap, in the worker container (its workspace is in the instance's volume).
+    found = spoke.worker.exec_run(
+        ["cat", f"/var/lib/fedagent/workspaces/spoke/{hub.id}/{body['agentId']}/out.txt"]
+    )
+    assert found.exit_code == 0 and found.output == b"hi\n", found.output
+
+
+def _sleeping(container: Any) -> list[str]:
+    top = container.top(ps_args="-eo pid,args")
+    return [" ".join(p) for p in top["Processes"] if "sleep 300" in " ".join(p)]
+
+
+async def test_a_killed_agent_leaves_no_process_in_the_worker_container(
+    hub: Instance, spoke: Spoke, connection: str
+) -> None:
+    body = spawn_body(connection, "$ sleep 300", task_id="image-kill", timeout=600)
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    deadline = time.monotonic() + 90
+    while not _sleeping(spoke.worker):
+        assert time.monotonic() < deadline, ("the agent's sleep never started", _logs(spoke.worker))
+        await asyncio.sleep(0.2)
+    assert any("bwrap" in p for p in _sleeping(spoke.worker)), _sleeping(spoke.worker)
+
+    response = await hub.call("POST", f"/agents/{body['agentId']}/kill")
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "killed"
+    assert _sleeping(spoke.worker) == []
+    agent = await hub.wait_agent(body["agentId"])
+    assert agent["state"] == "killed"
