@@ -3,10 +3,15 @@
 # The base is Debian 12 (bookworm), whose python3 is 3.11. Another registry or a local import
 # of the same release works as well (tests/test_image.py builds one with debootstrap):
 #   docker build --build-arg BASE_IMAGE=debian-bookworm:local -t fedagent:local .
-# Behind a PyPI mirror, pass its index: --build-arg PIP_INDEX_URL=https://mirror/simple
+# Behind a PyPI mirror, pass its index: --build-arg PIP_INDEX_URL=https://mirror/simple; behind
+# a TLS-intercepting proxy, its CA (PEM) for pip to trust during the build (not kept in the
+# image): --build-arg BUILD_CA_CERTS="$(cat /usr/local/share/ca-certificates/*.crt)"
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG BUILD_CA_CERTS=
+# pip verifies its index with Debian's CA store (and BUILD_CA_CERTS), not its own bundle.
+ARG PIP_CERT=/tmp/build-ca.pem
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -42,6 +47,7 @@ ENV VIRTUAL_ENV=/opt/fedagent/venv \
 # Dependencies first, so that a code change does not reinstall them.
 COPY pyproject.toml README.md ./
 RUN python3 -m venv "$VIRTUAL_ENV" \
+    && { cat /etc/ssl/certs/ca-certificates.crt; printf '%s\n' "$BUILD_CA_CERTS"; } > "$PIP_CERT" \
     && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 COPY federation/ federation/
@@ -52,7 +58,7 @@ COPY api/ api/
 COPY worker/ worker/
 COPY cli/ cli/
 COPY operations/ operations/
-RUN pip install --no-deps . && fedagent --help > /dev/null
+RUN pip install --no-deps . && rm "$PIP_CERT" && fedagent --help > /dev/null
 
 USER fedagent
 ENV FEDAGENT_DATA_DIR=/var/lib/fedagent \

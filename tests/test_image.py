@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -65,11 +66,23 @@ def _import_base(client: docker.DockerClient, scratch: Path) -> tuple[str, bool]
     return f"{repository}:{tag}", cached
 
 
+def _build_args(base: str) -> dict[str, str]:
+    """The base, and what pip needs to reach its index from this machine: the local CAs
+    Debian's ca-certificates adds to the system store (a TLS-intercepting proxy's), and an
+    index other than PyPI if pip here is given one over http(s)."""
+    local_cas = sorted(Path("/usr/local/share/ca-certificates").glob("**/*.crt"))
+    args = {"BASE_IMAGE": base, "BUILD_CA_CERTS": "".join(p.read_text() for p in local_cas)}
+    index = os.environ.get("PIP_INDEX_URL", "")
+    if index.startswith(("http://", "https://")):
+        args["PIP_INDEX_URL"] = index
+    return args
+
+
 def _build(client: docker.DockerClient, base: str) -> None:
     """docker build of the repository's Dockerfile on `base`; fails with the build's log."""
     log: list[str] = []
     for chunk in client.api.build(
-        path=str(ROOT), tag=IMAGE, buildargs={"BASE_IMAGE": base}, network_mode="host",
+        path=str(ROOT), tag=IMAGE, buildargs=_build_args(base), network_mode="host",
         rm=True, forcerm=True, decode=True,
     ):  # fmt: skip
         log.append(str(chunk.get("stream") or chunk.get("status") or ""))
