@@ -86,4 +86,7 @@ def private_dockerd(storage_driver: str = "vfs") -> Iterator[Daemon]:
                 proc.wait(5)
         log.close()
         _remove_cgroups(cgroup_parent)
+        netns = root / "exec" / "netns" / "default"  # dockerd leaves its host netns mounted
+        if os.path.ismount(netns):
+            subprocess.run(["umount", str(netns)], check=False, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -170,8 +170,10 @@ def test_workers_scale_without_fixed_names_or_host_ports(
         # Replicas share the instance's data volume (master key file, workspaces).
         assert any(str(v).endswith(":/var/lib/fedagent") for v in worker["volumes"])
         assert worker["volumes"] == services[f"{name}-api"]["volumes"]
-        # bwrap needs user namespaces inside the container.
+        # bwrap needs user namespaces and a /proc of its own inside the container
+        # (tests/test_image.py shows it cannot without either).
         assert "seccomp=unconfined" in worker.get("security_opt", [])
+        assert "systempaths=unconfined" in worker.get("security_opt", [])
 
 
 def _bytes(size: str | int) -> int:

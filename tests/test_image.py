@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,7 +32,7 @@ import yaml
 
 from cli.devstack import DevStack, free_port_block
 from tests.conftest import Instance
-from tests.debian_base import base_tarball, dockerfile_packages
+from tests.debian_base import base_tarball, cache_dir, dockerfile_packages
 from tests.dockerd import Daemon, private_dockerd
 from tests.e2e.helpers import spawn_body
 
@@ -58,12 +59,39 @@ def _compose_service(name: str) -> dict[str, Any]:
     return service
 
 
-def _import_base(client: docker.DockerClient, scratch: Path) -> tuple[str, bool]:
+def _base(client: docker.DockerClient, scratch: Path) -> tuple[str, bool, list[str]]:
+    """The base image's tag, whether its tarball was cached, and the images the build may take
+    its cache from: the last image built on this base, saved with the base (an import of the
+    same tarball is another image to the builder, its history has another date)."""
     packages = dockerfile_packages((ROOT / "Dockerfile").read_text())
     tarball, cached = base_tarball(packages, scratch)
-    repository, tag = "fedagent-test-debian", tarball.stem.rsplit("-", 1)[-1]
+    base = f"fedagent-test-debian:{tarball.stem.rsplit('-', 1)[-1]}"
+    layers = _layer_cache(base, scratch)
+    if layers.exists() and layers.stat().st_mtime >= tarball.stat().st_mtime:
+        with layers.open("rb") as data:
+            client.images.load(data)
+        return base, cached, [IMAGE]
+    repository, tag = base.split(":")
     client.api.import_image_from_file(str(tarball), repository=repository, tag=tag)
-    return f"{repository}:{tag}", cached
+    return base, cached, []
+
+
+def _layer_cache(base: str, scratch: Path) -> Path:
+    """The base and the last image built on it, saved: the dependencies' layer is reused while
+    pyproject.toml and the steps before it are unchanged; the code's layers are built anew."""
+    return (cache_dir() or scratch) / f"fedagent-image-{base.rsplit(':', 1)[-1]}.tar"
+
+
+def _save_layer_cache(client: docker.DockerClient, base: str, path: Path) -> None:
+    """`docker save BASE IMAGE` (docker-py's get_image saves one name only)."""
+    api = client.api
+    response = api._get(api._url("/images/get"), params={"names": [base, IMAGE]}, stream=True)
+    api._raise_for_status(response)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    with partial.open("wb") as out:
+        for chunk in response.iter_content(2 * 1024 * 1024):
+            out.write(chunk)
+    os.replace(partial, path)  # whole or absent
 
 
 def _build_args(base: str) -> dict[str, str]:
@@ -78,17 +106,20 @@ def _build_args(base: str) -> dict[str, str]:
     return args
 
 
-def _build(client: docker.DockerClient, base: str) -> None:
-    """docker build of the repository's Dockerfile on `base`; fails with the build's log."""
+def _build(client: docker.DockerClient, base: str, cache_from: list[str]) -> bool:
+    """docker build of the repository's Dockerfile on `base`; fails with the build's log.
+    Whether the dependencies' layer came from the cache."""
     log: list[str] = []
     for chunk in client.api.build(
         path=str(ROOT), tag=IMAGE, buildargs=_build_args(base), network_mode="host",
-        rm=True, forcerm=True, decode=True,
+        rm=True, forcerm=True, decode=True, cache_from=cache_from,
     ):  # fmt: skip
         log.append(str(chunk.get("stream") or chunk.get("status") or ""))
         if "error" in chunk:
             tail = "".join(log)[-4000:]
             pytest.fail(f"the image does not build: {chunk['error']}\n{tail}")
+    text = "".join(log)
+    return bool(re.search(r"pip install -r [^\n]*\n ---> Using cache", text))
 
 
 @pytest.fixture(scope="module")
@@ -106,23 +137,29 @@ def built(daemon: Daemon) -> Iterator[Built]:
     client = docker.DockerClient(base_url=daemon.host, timeout=600)
     try:
         started = time.monotonic()
-        base, cached = _import_base(client, daemon.root)
+        base, cached, cache_from = _base(client, daemon.root)
         base_seconds = time.monotonic() - started
         started = time.monotonic()
-        _build(client, base)
-        built = Built(client, base, base_seconds, cached, time.monotonic() - started)
+        reused = _build(client, base, cache_from)
+        build_seconds = time.monotonic() - started
+        if not reused:
+            _save_layer_cache(client, base, _layer_cache(base, daemon.root))
         print(
-            f"\nimage: base {'cached' if cached else 'made'} and imported in "
-            f"{base_seconds:.0f} s, image built in {built.build_seconds:.0f} s"
+            f"\nimage: base {'cached' if cached else 'made'} and imported in {base_seconds:.0f} s,"
+            f" image built in {build_seconds:.0f} s (dependencies' layer "
+            f"{'reused' if reused else 'built, then saved'})"
         )
-        yield built
+        yield Built(client, base, base_seconds, cached, build_seconds)
     finally:
         client.close()
 
 
 @pytest.fixture(scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[DevStack, int]]:
-    """Temporal, PostgreSQL and hub's processes; spoke's database and namespace, unused yet."""
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, built: Built
+) -> AsyncIterator[tuple[DevStack, int]]:
+    """Temporal, PostgreSQL and hub's processes (once the image is built); spoke's database and
+    namespace, unused yet."""
     ports = free_port_block(5)
     dev = DevStack(
         ["hub"],
@@ -172,20 +209,26 @@ def _run(client: docker.DockerClient, role: str, env: dict[str, str], socket: st
     """A container of the image as compose runs spoke's `role` (its command, security options
     and limits), on the host's network, with the instance's data volume."""
     service = _compose_service(f"spoke-{role}")
-    options: dict[str, Any] = {}
-    if "security_opt" in service:
-        options["security_opt"] = service["security_opt"]
-    if "pids_limit" in service:
-        options["pids_limit"] = service["pids_limit"]
-    return client.containers.run(
-        IMAGE, service["command"], detach=True, name=f"spoke-{role}-{uuid.uuid4().hex[:6]}",
-        environment=env, network_mode="host", init=service.get("init", False),
-        volumes={
+    security = list(service.get("security_opt", []))
+    host_config = client.api.create_host_config(
+        network_mode="host", init=service.get("init", False),
+        pids_limit=service.get("pids_limit"),
+        security_opt=[opt for opt in security if opt != "systempaths=unconfined"] or None,
+        binds={
             "spoke-data": {"bind": "/var/lib/fedagent", "mode": "rw"},
             socket: {"bind": f"{PG_SOCKET_DIR}/.s.PGSQL.5432", "mode": "rw"},
         },
-        **options,
     )  # fmt: skip
+    if "systempaths=unconfined" in security:
+        # What the docker CLI and Compose v2 send for it (the engine does not take it as is):
+        # no path of /proc or /sys masked or made read-only.
+        host_config["MaskedPaths"], host_config["ReadonlyPaths"] = [], []
+    created = client.api.create_container(
+        IMAGE, service["command"], name=f"spoke-{role}-{uuid.uuid4().hex[:6]}",
+        environment=env, host_config=host_config,
+    )  # fmt: skip
+    client.api.start(created["Id"])
+    return client.containers.get(created["Id"])
 
 
 def _logs(container: Any) -> str:
@@ -279,9 +322,23 @@ async def test_an_agent_runs_in_bwrap_inside_the_worker_container(
     assert found.exit_code == 0 and found.output == b"hi\n", found.output
 
 
+def _processes(container: Any) -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of the container's processes."""
+    top = container.top(ps_args="-eo pid,ppid,args")
+    return {int(row[0]): (int(row[1]), " ".join(row[2:])) for row in top["Processes"]}
+
+
 def _sleeping(container: Any) -> list[str]:
-    top = container.top(ps_args="-eo pid,args")
-    return [" ".join(p) for p in top["Processes"] if "sleep 300" in " ".join(p)]
+    """The agent's `sleep 300` and the processes it runs under, up to the worker."""
+    processes = _processes(container)
+    for pid, (_, args) in processes.items():
+        if args == "sleep 300":
+            chain = []
+            while pid in processes:
+                chain.append(processes[pid][1])
+                pid = processes[pid][0]
+            return chain
+    return []
 
 
 async def test_a_killed_agent_leaves_no_process_in_the_worker_container(
@@ -293,7 +350,10 @@ async def test_a_killed_agent_leaves_no_process_in_the_worker_container(
     while not _sleeping(spoke.worker):
         assert time.monotonic() < deadline, ("the agent's sleep never started", _logs(spoke.worker))
         await asyncio.sleep(0.2)
-    assert any("bwrap" in p for p in _sleeping(spoke.worker)), _sleeping(spoke.worker)
+    # It runs under bwrap, under the worker (`fedagent worker`, under tini).
+    chain = _sleeping(spoke.worker)
+    assert any(p.split()[0].endswith("/bwrap") for p in chain), chain
+    assert any("fedagent worker" in p for p in chain), chain
 
     response = await hub.call("POST", f"/agents/{body['agentId']}/kill")
     assert response.status_code == 200, response.text
