@@ -26,6 +26,7 @@ class Daemon:
     host: str
     pid: int
     root: Path
+    kept: bool  # its data root outlives it (images and build cache of earlier runs)
 
 
 def _remove_cgroups(name: str) -> None:
@@ -54,8 +55,9 @@ def _wait_for(proc: subprocess.Popen[bytes], socket_path: Path, host: str) -> bo
 
 
 @contextlib.contextmanager
-def private_dockerd(storage_driver: str = "vfs") -> Iterator[Daemon]:
-    """A dockerd started here, stopped (by its PID) and removed with everything it stored."""
+def private_dockerd(storage_driver: str = "vfs", data_root: Path | None = None) -> Iterator[Daemon]:
+    """A dockerd started here, stopped (by its PID) and removed with everything it stored, or
+    with `data_root` (which the caller holds alone), everything but that."""
     binary = shutil.which("dockerd")
     if binary is None:
         pytest.skip("dockerd is not installed (apt-get install docker.io)")
@@ -65,7 +67,7 @@ def private_dockerd(storage_driver: str = "vfs") -> Iterator[Daemon]:
     host = f"unix://{socket_path}"
     log = (root / "dockerd.log").open("wb")
     proc = subprocess.Popen(
-        [binary, "--host", host, "--data-root", str(root / "data"),
+        [binary, "--host", host, "--data-root", str(data_root or root / "data"),
          "--exec-root", str(root / "exec"), "--pidfile", str(root / "docker.pid"),
          f"--storage-driver={storage_driver}", "--iptables=false", "--ip6tables=false",
          "--bridge=none", "--cgroup-parent", cgroup_parent],
@@ -75,7 +77,7 @@ def private_dockerd(storage_driver: str = "vfs") -> Iterator[Daemon]:
         if not _wait_for(proc, socket_path, host):
             tail = (root / "dockerd.log").read_text(errors="replace")[-1500:]
             pytest.skip(f"dockerd could not start here: {tail}")
-        yield Daemon(host, proc.pid, root)
+        yield Daemon(host, proc.pid, root, data_root is not None)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)  # by its PID, as started here

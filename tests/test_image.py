@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -66,6 +68,11 @@ def _base(client: docker.DockerClient, scratch: Path) -> tuple[str, bool, list[s
     packages = dockerfile_packages((ROOT / "Dockerfile").read_text())
     tarball, cached = base_tarball(packages, scratch)
     base = f"fedagent-test-debian:{tarball.stem.rsplit('-', 1)[-1]}"
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        found = client.images.get(base)  # a kept data root has it, and its own build cache
+        made = datetime.fromisoformat(found.attrs["Created"][:19]).replace(tzinfo=UTC)
+        if made.timestamp() >= tarball.stat().st_mtime - 60:
+            return base, cached, []
     layers = _layer_cache(base, scratch)
     if layers.exists() and layers.stat().st_mtime >= tarball.stat().st_mtime:
         with layers.open("rb") as data:
@@ -117,49 +124,88 @@ def _build(client: docker.DockerClient, base: str, cache_from: list[str]) -> boo
         log.append(str(chunk.get("stream") or chunk.get("status") or ""))
         if "error" in chunk:
             tail = "".join(log)[-4000:]
-            pytest.fail(f"the image does not build: {chunk['error']}\n{tail}")
+            raise AssertionError(f"the image does not build: {chunk['error']}\n{tail}")
     text = "".join(log)
     return bool(re.search(r"pip install -r [^\n]*\n ---> Using cache", text))
 
 
+@contextlib.contextmanager
+def _kept_data_root() -> Iterator[Path | None]:
+    """The cache's dockerd data root, held by this run alone (with its images, the build
+    cache of the last run); None when there is no cache or another run holds it."""
+    directory = cache_dir()
+    if directory is None:
+        yield None
+        return
+    with open(directory / "dockerd.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield None
+            return
+        yield directory / "dockerd-overlay2"
+
+
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    try:
-        with private_dockerd("overlay2") as started:
-            yield started
-    except pytest.skip.Exception:
-        with private_dockerd("vfs") as started:  # where overlayfs cannot be used
-            yield started
+    with _kept_data_root() as data_root:
+        try:
+            with private_dockerd("overlay2", data_root) as started:
+                yield started
+            return
+        except pytest.skip.Exception:
+            pass
+    with private_dockerd("vfs") as started:  # where overlayfs cannot be used
+        yield started
+
+
+def _build_image(client: docker.DockerClient, scratch: Path) -> Built:
+    started = time.monotonic()
+    base, cached, cache_from = _base(client, scratch)
+    base_seconds = time.monotonic() - started
+    started = time.monotonic()
+    reused = _build(client, base, cache_from)
+    build_seconds = time.monotonic() - started
+    if not reused:
+        _save_layer_cache(client, base, _layer_cache(base, scratch))
+    client.images.prune(filters={"dangling": True})  # the last run's image, in a kept root
+    print(
+        f"\nimage: base {'cached' if cached else 'made'} and imported in {base_seconds:.0f} s,"
+        f" image built in {build_seconds:.0f} s (dependencies' layer "
+        f"{'reused' if reused else 'built, then saved'})"
+    )
+    return Built(client, base, base_seconds, cached, build_seconds)
+
+
+def _forget_earlier_runs(client: docker.DockerClient) -> None:
+    """A kept data root keeps images, not an earlier run's containers or data volume."""
+    for container in client.containers.list(all=True):
+        container.remove(force=True)
+    with contextlib.suppress(docker.errors.NotFound):
+        client.volumes.get("spoke-data").remove(force=True)
+
+
+async def _start_hub(dev: DevStack) -> None:
+    await dev.prepare()
+    dev.start_api("hub")
+    dev.start_worker("hub")
+    await dev.wait_ready("hub")
+    await dev.wait_polling("hub")
+
+
+@dataclass
+class Started:
+    built: Built
+    dev: DevStack
+    ports: int
 
 
 @pytest.fixture(scope="module")
-def built(daemon: Daemon) -> Iterator[Built]:
-    client = docker.DockerClient(base_url=daemon.host, timeout=600)
-    try:
-        started = time.monotonic()
-        base, cached, cache_from = _base(client, daemon.root)
-        base_seconds = time.monotonic() - started
-        started = time.monotonic()
-        reused = _build(client, base, cache_from)
-        build_seconds = time.monotonic() - started
-        if not reused:
-            _save_layer_cache(client, base, _layer_cache(base, daemon.root))
-        print(
-            f"\nimage: base {'cached' if cached else 'made'} and imported in {base_seconds:.0f} s,"
-            f" image built in {build_seconds:.0f} s (dependencies' layer "
-            f"{'reused' if reused else 'built, then saved'})"
-        )
-        yield Built(client, base, base_seconds, cached, build_seconds)
-    finally:
-        client.close()
-
-
-@pytest.fixture(scope="module")
-async def stack(
-    tmp_path_factory: pytest.TempPathFactory, built: Built
-) -> AsyncIterator[tuple[DevStack, int]]:
-    """Temporal, PostgreSQL and hub's processes (once the image is built); spoke's database and
-    namespace, unused yet."""
+async def started(
+    daemon: Daemon, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Started]:
+    """The image, built while Temporal, PostgreSQL and hub's processes start (spoke's database
+    and namespace are made, not used yet)."""
     ports = free_port_block(5)
     dev = DevStack(
         ["hub"],
@@ -169,15 +215,22 @@ async def stack(
         ui_port=ports + 3,
         extra_namespaces=("spoke",),
     )
+    client = docker.DockerClient(base_url=daemon.host, timeout=600)
+    _forget_earlier_runs(client)
     try:
-        await dev.prepare()
-        dev.start_api("hub")
-        dev.start_worker("hub")
-        await dev.wait_ready("hub")
-        await dev.wait_polling("hub")
-        yield dev, ports
+        built, hub = await asyncio.gather(
+            asyncio.to_thread(_build_image, client, daemon.root),
+            _start_hub(dev),
+            return_exceptions=True,
+        )
+        for outcome in (built, hub):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(built, Built)
+        yield Started(built, dev, ports)
     finally:
         dev.stop()
+        client.close()
 
 
 def _spoke_env(dev: DevStack, database_url: str, ports: int) -> dict[str, str]:
@@ -259,10 +312,8 @@ async def _ready(url: str, containers: list[Any], timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-async def spoke(
-    built: Built, stack: tuple[DevStack, int], http: httpx.AsyncClient
-) -> AsyncIterator[Spoke]:
-    dev, ports = stack
+async def spoke(started: Started, http: httpx.AsyncClient) -> AsyncIterator[Spoke]:
+    dev, ports, built = started.dev, started.ports, started.built
     database_url = await dev.create_database("spoke")
     host = parse_qs(urlsplit(database_url).query)["host"][0]
     env = _spoke_env(dev, database_url, ports)
@@ -282,11 +333,13 @@ async def spoke(
         for container in containers:
             with contextlib.suppress(docker.errors.DockerException):
                 container.remove(force=True)
+        with contextlib.suppress(docker.errors.DockerException):
+            built.client.volumes.get("spoke-data").remove(force=True)
 
 
 @pytest.fixture(scope="module")
-def hub(stack: tuple[DevStack, int], http: httpx.AsyncClient) -> Instance:
-    return Instance(stack[0].instances["hub"].info, http)
+def hub(started: Started, http: httpx.AsyncClient) -> Instance:
+    return Instance(started.dev.instances["hub"].info, http)
 
 
 @pytest.fixture(scope="module")
