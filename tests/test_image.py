@@ -72,7 +72,8 @@ def _base(client: docker.DockerClient, scratch: Path) -> tuple[str, bool, list[s
         found = client.images.get(base)  # a kept data root has it, and its own build cache
         made = datetime.fromisoformat(found.attrs["Created"][:19]).replace(tzinfo=UTC)
         if made.timestamp() >= tarball.stat().st_mtime - 60:
-            return base, cached, []
+            # The last image: its layers match by history where no parent chain is kept.
+            return base, cached, [IMAGE] if client.images.list(name=IMAGE) else []
     layers = _layer_cache(base, scratch)
     if layers.exists() and layers.stat().st_mtime >= tarball.stat().st_mtime:
         with layers.open("rb") as data:
