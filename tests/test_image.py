@@ -43,7 +43,6 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "fedagent:test"
 PG_SOCKET_DIR = "/run/postgresql"  # where the containers see PostgreSQL's socket
-ALL_COMMANDS = ["agent.spawn", "agent.status", "agent.kill"]
 
 
 @dataclass
