@@ -16,7 +16,8 @@ venv: $(STAMP)
 demo: $(STAMP) system-deps
 	$(VENV)/bin/fedagent demo $(ARGS)
 
-# bubblewrap, docker.io and busybox-static for the sandboxes and their tests (apt-get, if missing)
+# bubblewrap, docker.io, busybox-static, debootstrap, docker-compose and chromium for the sandboxes
+# and their tests (apt-get, if missing)
 system-deps:
 	./scripts/install-system-deps.sh
 

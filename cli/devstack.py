@@ -130,8 +130,11 @@ class DevStack:
         extra_env: dict[str, str] | None = None,
         instance_env: dict[str, dict[str, str]] | None = None,
         public_urls: dict[str, str] | None = None,
+        extra_namespaces: tuple[str, ...] = (),
     ) -> None:
         self.names = names
+        # Namespaces of instances whose processes run elsewhere (e.g. in containers).
+        self.extra_namespaces = extra_namespaces
         self.data_dir = data_dir.resolve()
         self.base_port = base_port
         self.temporal_port = temporal_port
@@ -228,6 +231,18 @@ class DevStack:
     async def start(self) -> dict[str, Any]:
         """Start every part; raises StackError (with the failing part's log tail) if one
         cannot start. Nothing is started when the data dir is in use or a port is taken."""
+        await self.prepare()
+        for inst in self.instances.values():
+            self.start_api(inst.name)
+            for _ in range(self.workers_per_instance):
+                self.start_worker(inst.name)
+        await asyncio.gather(*(self.wait_ready(name) for name in self.names))
+        await asyncio.gather(*(self.wait_polling(name) for name in self.names))
+        return self.write_instances_file()
+
+    async def prepare(self) -> None:
+        """PostgreSQL, Temporal and each instance's database, identity and admin token; no
+        API or worker yet."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.lock_data_dir()
         try:
@@ -241,13 +256,6 @@ class DevStack:
         await self._wait_for_temporal()
         for index, name in enumerate(self.names):
             self.instances[name] = await self._prepare_instance(name, index)
-        for inst in self.instances.values():
-            self.start_api(inst.name)
-            for _ in range(self.workers_per_instance):
-                self.start_worker(inst.name)
-        await asyncio.gather(*(self.wait_ready(name) for name in self.names))
-        await asyncio.gather(*(self.wait_polling(name) for name in self.names))
-        return self.write_instances_file()
 
     def _start_temporal(self) -> None:
         ours = {self.temporal_port, self.ui_port, *self.api_ports.values()}
@@ -285,7 +293,7 @@ class DevStack:
             "--dynamic-config-value",
             "history.transferProcessorMaxPollRPS=1000",
         ]
-        for name in self.names:
+        for name in (*self.names, *self.extra_namespaces):
             args += ["--namespace", name]
         for attr, kind in SEARCH_ATTRIBUTES.items():
             args += ["--search-attribute", f"{attr}={kind}"]
@@ -313,15 +321,18 @@ class DevStack:
                     raise
                 await asyncio.sleep(0.25)
 
-    async def _prepare_instance(self, name: str, index: int) -> InstanceProcesses:
-        admin_uri = self._pg.get_uri()
-        conn = await asyncpg.connect(admin_uri)
+    async def create_database(self, name: str) -> str:
+        """The URL of the database `name` on the stack's PostgreSQL, created if missing."""
+        conn = await asyncpg.connect(self._pg.get_uri())
         try:
             if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
                 await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
             await conn.close()
-        database_url = self._pg.get_uri(name)
+        return str(self._pg.get_uri(name))
+
+    async def _prepare_instance(self, name: str, index: int) -> InstanceProcesses:
+        database_url = await self.create_database(name)
         port = self.base_port + index
         api_url = f"http://127.0.0.1:{port}"
         public_url = self.public_urls.get(name, api_url)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # System packages the agent sandboxes need: bubblewrap (the default sandbox), libseccomp2 (the
 # seccomp filter of bwrap sandboxes, loaded by the pyseccomp dependency), docker.io (the docker
-# sandbox and its tests) and busybox-static (the rootfs of the docker test image); and chromium,
-# the browser the console tests drive through Playwright (never `playwright install`); and
-# haproxy, the load balancer in front of an instance's API replicas in the multi-host tests.
+# sandbox and its tests) and busybox-static (the rootfs of the docker test image); debootstrap
+# (the Debian base tests/test_image.py builds the production image on) and docker-compose
+# (Debian's 1.29: tests/test_compose.py has it read docker-compose.yml); chromium, the browser
+# the console tests drive through Playwright (never `playwright install`); and haproxy, the load
+# balancer in front of an instance's API replicas in the multi-host tests.
 # Installs only what is missing, with apt-get; does nothing when everything is there.
 set -euo pipefail
 
@@ -13,6 +15,8 @@ libraries=$(ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true)
 [[ $libraries == *libseccomp.so.2* ]] || missing+=(libseccomp2)
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 

@@ -1,18 +1,23 @@
-"""The production-shaped stack: docker-compose.yml and the Dockerfile name what they must (no
-Docker engine runs here to start them), and the Temporal init script really creates the
-namespaces and search attributes, against a real Temporal dev server."""
+"""The production-shaped stack: docker-compose.yml follows the compose specification (its JSON
+schema, and Debian's docker-compose 1.29 reads it) and names what it must, and the Temporal
+init script really creates the namespaces and search attributes, against a real Temporal dev
+server. tests/test_image.py builds the image and runs it."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import pytest
 import yaml
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
@@ -59,6 +64,50 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
 def _command(service: dict[str, Any]) -> list[str]:
     command = service.get("command") or []
     return command.split() if isinstance(command, str) else [str(c) for c in command]
+
+
+def _schema_errors(doc: dict[str, Any]) -> list[str]:
+    # The compose specification's schema, from github.com/compose-spec/compose-spec
+    # (schema/compose-spec.json at 170098ba07d9, Apache-2.0).
+    schema = json.loads((ROOT / "tests/data/compose-spec.json").read_text())
+    validator = jsonschema_rs.validator_for(schema)
+    return [f"{e.instance_path}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_the_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    assert _schema_errors(compose) == []
+    # The schema does refuse what compose would: a misspelt option, a list given as a string.
+    misspelt = copy.deepcopy(compose)
+    misspelt["services"]["spoke-worker"]["pids_limt"] = 4096
+    assert any("pids_limt" in error for error in _schema_errors(misspelt))
+    wrong = copy.deepcopy(compose)
+    wrong["services"]["hub-worker"]["security_opt"] = "seccomp=unconfined"
+    assert any("security_opt" in error for error in _schema_errors(wrong))
+
+
+def test_debian_docker_compose_reads_the_compose_file(tmp_path: Path) -> None:
+    """docker-compose 1.29 (Debian's) resolves it, the passwords included, and refuses to
+    without them. 1.29 predates the top-level `name` (the project's name): it is given with
+    -p instead, which is the only difference."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (scripts/install-system-deps.sh)")
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert re.findall(r"^name: .*$", text, re.M) == ["name: fedagent"]
+    copy_for_1_29 = tmp_path / "docker-compose.yml"
+    copy_for_1_29.write_text(text.replace("name: fedagent\n", ""))
+    command = [binary, "-p", "fedagent", "--project-directory", str(ROOT), "-f",
+               str(copy_for_1_29), "config"]  # fmt: skip
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    passwords = {f"{name}_DB_PASSWORD": "secret" for name in ("HUB", "SPOKE", "TEMPORAL")}
+    done = subprocess.run(command, env={**env, **passwords}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    worker = resolved["services"]["spoke-worker"]
+    assert "seccomp=unconfined" in worker["security_opt"]
+    assert "postgresql://fedagent:secret@spoke-db" in worker["environment"]["FEDAGENT_DATABASE_URL"]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "set TEMPORAL_DB_PASSWORD" in refused.stderr
 
 
 def test_the_stack_has_temporal_its_ui_databases_and_two_instances(
@@ -121,8 +170,10 @@ def test_workers_scale_without_fixed_names_or_host_ports(
         # Replicas share the instance's data volume (master key file, workspaces).
         assert any(str(v).endswith(":/var/lib/fedagent") for v in worker["volumes"])
         assert worker["volumes"] == services[f"{name}-api"]["volumes"]
-        # bwrap needs user namespaces inside the container.
+        # bwrap needs user namespaces and a /proc of its own inside the container
+        # (tests/test_image.py shows it cannot without either).
         assert "seccomp=unconfined" in worker.get("security_opt", [])
+        assert "systempaths=unconfined" in worker.get("security_opt", [])
 
 
 def _bytes(size: str | int) -> int:
@@ -205,7 +256,9 @@ def test_mounted_files_exist(services: dict[str, dict[str, Any]]) -> None:
 
 def test_dockerfile_builds_fedagent_as_a_non_root_user_with_bubblewrap() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    # Debian 12, whose python3 is 3.11; tests/test_image.py builds it on a base made here.
+    assert re.search(r"^ARG BASE_IMAGE=debian:bookworm-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     assert re.search(r"apt-get install[^&]*\bbubblewrap\b", text)  # up to the next &&
     assert re.search(r"pip install[^\n]* \.", text)
     users = re.findall(r"^USER (\S+)", text, re.M)

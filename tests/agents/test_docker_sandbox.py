@@ -5,19 +5,14 @@ imported from a busybox-static rootfs. Skipped, saying why, only where dockerd c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import docker
@@ -29,18 +24,13 @@ from agents.sandbox.docker_sandbox import DockerSandbox
 from federation.settings import Settings
 from tests.agents.conftest import GITLINK
 from tests.agents.contract import SMALL, MakeSandbox, SandboxContract, wait_until
+from tests.dockerd import Daemon, private_dockerd
 from worker.sandboxes import sweep_sandboxes
 
 IMAGE = "fedagent-test-busybox:1"
 GIT_IMAGE = "fedagent-test-git:1"
 GIT = "/usr/bin/git"
 BUSYBOX = Path("/bin/busybox")
-
-
-@dataclass
-class Daemon:
-    host: str
-    pid: int
 
 
 def _with_git(tar: tarfile.TarFile) -> None:
@@ -84,90 +74,26 @@ def _rootfs_tarball(git: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def _remove_cgroups(name: str) -> None:
-    """dockerd made its containers' cgroups below `name`; they are empty once it stopped."""
-    for top, dirs, _ in os.walk("/sys/fs/cgroup", topdown=False):
-        for directory in dirs:
-            path = os.path.join(top, directory)
-            if name in path:
-                with contextlib.suppress(OSError):
-                    os.rmdir(path)
-
-
 @pytest.fixture(scope="module")
 def dockerd() -> Iterator[Daemon]:
-    binary = shutil.which("dockerd")
-    if binary is None:
-        pytest.skip("dockerd is not installed (apt-get install docker.io)")
     if not BUSYBOX.exists():
         pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
-    root = Path(tempfile.mkdtemp(prefix="fa-dockerd-"))  # short: unix socket paths are bounded
-    cgroup_parent = f"fedagent-test-{uuid.uuid4().hex[:8]}"
-    socket_path = root / "docker.sock"
-    log = (root / "dockerd.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--host",
-            f"unix://{socket_path}",
-            "--data-root",
-            str(root / "data"),
-            "--exec-root",
-            str(root / "exec"),
-            "--pidfile",
-            str(root / "docker.pid"),
-            "--storage-driver=vfs",
-            "--iptables=false",
-            "--ip6tables=false",
-            "--bridge=none",
-            "--cgroup-parent",
-            cgroup_parent,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    host = f"unix://{socket_path}"
-    client: docker.DockerClient | None = None
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                break
-            if socket_path.exists():
-                with contextlib.suppress(docker.errors.DockerException):
-                    client = docker.DockerClient(base_url=host, timeout=30)
-                    client.ping()
-                    break
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        if client is None or proc.poll() is not None:
-            tail = (root / "dockerd.log").read_text(errors="replace")[-1500:]
-            pytest.skip(f"dockerd could not start here: {tail}")
-        client.api.import_image_from_file(
-            _write(root / "rootfs.tar", _rootfs_tarball()), repository=IMAGE.split(":")[0], tag="1"
-        )
-        client.api.import_image_from_file(
-            _write(root / "git.tar", _rootfs_tarball(git=True)),
-            repository=GIT_IMAGE.split(":")[0],
-            tag="1",
-        )
-        yield Daemon(host, proc.pid)
-    finally:
-        if client is not None:
+    with private_dockerd() as daemon:
+        client = docker.DockerClient(base_url=daemon.host, timeout=30)
+        try:
+            client.api.import_image_from_file(
+                _write(daemon.root / "rootfs.tar", _rootfs_tarball()),
+                repository=IMAGE.split(":")[0],
+                tag="1",
+            )
+            client.api.import_image_from_file(
+                _write(daemon.root / "git.tar", _rootfs_tarball(git=True)),
+                repository=GIT_IMAGE.split(":")[0],
+                tag="1",
+            )
+        finally:
             client.close()
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)  # by its PID, as started here
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        log.close()
-        _remove_cgroups(cgroup_parent)
-        shutil.rmtree(root, ignore_errors=True)
+        yield daemon
 
 
 def _write(path: Path, data: bytes) -> str:
