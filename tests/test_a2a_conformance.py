@@ -53,3 +53,22 @@ def test_a_tck_message_is_named_by_its_content_too() -> None:
     )
     assert one.agentId == same.agentId != other.agentId
     assert spawn_of(message("x"), user).agentId == spawn_of(message("x", "other"), user).agentId
+
+
+def test_a_tck_message_with_a_part_not_taken_gets_a_rejected_task_in_the_mode_only() -> None:
+    """CORE-SEND-003 counts any error as a failure: the mode answers REJECTED; without the
+    mode (e2e test_a2a_server) the same message gets ContentTypeNotSupportedError."""
+    raw = pb.Message(
+        message_id="tck-send-003-1",
+        role=pb.ROLE_USER,
+        parts=[pb.Part(raw=b"tck", media_type="application/x-unsupported-tck-type")],
+    )
+    task = conformance.answer(raw)
+    assert isinstance(task, pb.Task) and task.status.state == pb.TASK_STATE_REJECTED
+    assert task.status.message.parts[0].text == "content_type_not_supported: a raw part"
+    assert not task.artifacts
+
+
+def test_a_tck_complete_task_message_is_a_run_the_scripted_provider_completes() -> None:
+    assert conformance.runnable("tck-complete-task-1", "Hello") == "Hello\n$ true"
+    assert conformance.runnable("tck-input-required-1", "Hello") == "Hello"

