@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,6 +66,29 @@ def _spawn_payload(task: RunTask) -> dict[str, Any]:
         "context": task.context,
         "options": {"timeout": task.timeout_seconds, "maxRetries": task.max_retries},
     }
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TryParts:
+    """What one try works with: its configuration, workspace, snapshots and transcript sink."""
+
+    agent_id: uuid.UUID
+    config: RuntimeConfig
+    workspace: Path
+    snapshots: WorkspaceSnapshots
+    sink: StoreSink
+
+
+@dataclass(frozen=True, kw_only=True)
+class _StartingPoint:
+    """Where a try starts: a resumed conversation or a note of the try before, and the
+    workspace as the fence and the snapshot recovery left it."""
+
+    resuming: bool
+    resume_from: ConversationState | None
+    previous_try: str
+    generation: str
+    recovery: Recovery
 
 
 class AgentActivities:
@@ -179,59 +203,11 @@ class AgentActivities:
             await asyncio.gather(heart, return_exceptions=True)
 
     async def _run_try(self, task: RunTask, state: dict[str, Any]) -> AgentOutcome:
-        info = activity.info()
+        """One try: check it may still run, set up, find where it starts, run, keep the result."""
         agent_id = uuid.UUID(task.agent_id)
         await self._store(lambda: self._check_still_granted(task), "checking the run's grants")
-        config = runtime_config(self.settings)
-        workspace = self.workspace(task)
-        snapshots = WorkspaceSnapshots(
-            self.pool,
-            workspace,
-            requester_id=task.requester_id,
-            agent_id=agent_id,
-            max_bytes=self.settings.workspace_snapshot_mb * 1024 * 1024,
-            max_entries=self.settings.workspace_snapshot_max_entries,
-        )
-        sink = StoreSink(
-            self.pool,
-            requester_id=task.requester_id,
-            agent_id=agent_id,
-            attempt=task.attempt,
-            transcript_limit=self.settings.transcript_limit,
-            writer=info.attempt,
-            patience=self.settings.store_outage_wait,
-            snapshots=snapshots,
-        )
-        # A retry of the same try (its worker was lost) resumes the checkpointed conversation;
-        # a later try starts a new one, told how the one before it ended.
-        resume_from: ConversationState | None = None
-        previous_try = ""
-        if info.attempt > 1:
-            # Claimed: the attempt Temporal gave up on may still run on a cut-off worker; from
-            # now on its saves are refused (and its loop stops) instead of overwriting ours.
-            saved = await self._store(
-                lambda: conversations.claim_checkpoint(
-                    self.pool, task.requester_id, agent_id, task.attempt, writer=info.attempt
-                ),
-                "claiming the checkpoint",
-            )
-            if saved is not None:
-                resume_from = ConversationState.from_json(saved["state"])
-        # Loaded once the checkpoint is claimed: an attempt given up on appends no more after.
-        await sink.load()
-        resuming = info.attempt > 1 or task.attempt > 1
-        generation, recovery = await _fence_and_recover(
-            config, snapshots, resuming=resuming, attempt=task.attempt
-        )
-        news = _workspace_news(recovery)
-        if resume_from is None and task.attempt > 1:
-            earlier = await self._store(
-                lambda: conversations.load_checkpoint(
-                    self.pool, task.requester_id, agent_id, task.attempt - 1
-                ),
-                "loading the last try's checkpoint",
-            )
-            previous_try = previous_try_note(task.attempt, earlier, lost=recovery.state == "lost")
+        parts = self._try_parts(task, agent_id)
+        start = await self._starting_point(task, parts)
         row = await self._store(
             lambda: repos.update_executed_agent(
                 self.pool,
@@ -244,6 +220,91 @@ class AgentActivities:
         )
         if row is not None:
             self._notify_soon(row)
+        # Entries of an earlier worker of this try that were saved but maybe not sent: resent.
+        pump = TranscriptPump(
+            self.messenger,
+            parts.sink,
+            interval=self.settings.transcript_event_interval,
+            sent=0 if activity.info().attempt > 1 else parts.sink.summary["entries"],
+            first_delay=TRANSCRIPT_QUIET_START,
+        )
+        report = await self._execute(task, parts, start, state, pump)
+        return await self._finish_try(task, parts, report, state, pump)
+
+    def _try_parts(self, task: RunTask, agent_id: uuid.UUID) -> _TryParts:
+        config = runtime_config(self.settings)
+        workspace = self.workspace(task)
+        snapshots = WorkspaceSnapshots(
+            pool=self.pool,
+            workspace=workspace,
+            requester_id=task.requester_id,
+            agent_id=agent_id,
+            max_bytes=self.settings.workspace_snapshot_mb * 1024 * 1024,
+            max_entries=self.settings.workspace_snapshot_max_entries,
+        )
+        sink = StoreSink(
+            self.pool,
+            requester_id=task.requester_id,
+            agent_id=agent_id,
+            attempt=task.attempt,
+            transcript_limit=self.settings.transcript_limit,
+            writer=activity.info().attempt,
+            patience=self.settings.store_outage_wait,
+            snapshots=snapshots,
+        )
+        return _TryParts(
+            agent_id=agent_id,
+            config=config,
+            workspace=workspace,
+            snapshots=snapshots,
+            sink=sink,
+        )
+
+    async def _starting_point(self, task: RunTask, parts: _TryParts) -> _StartingPoint:
+        """A retry of the same try (its worker was lost) resumes the checkpointed conversation;
+        a later try starts a new one, told how the one before it ended."""
+        writer, agent_id = activity.info().attempt, parts.agent_id
+        resume_from: ConversationState | None = None
+        if writer > 1:
+            # Claimed: the attempt Temporal gave up on may still run on a cut-off worker; from
+            # now on its saves are refused (and its loop stops) instead of overwriting ours.
+            saved = await self._store(
+                lambda: conversations.claim_checkpoint(
+                    self.pool, task.requester_id, agent_id, task.attempt, writer=writer
+                ),
+                "claiming the checkpoint",
+            )
+            if saved is not None:
+                resume_from = ConversationState.from_json(saved["state"])
+        # Loaded once the checkpoint is claimed: an attempt given up on appends no more after.
+        await parts.sink.load()
+        resuming = writer > 1 or task.attempt > 1
+        generation, recovery = await _fence_and_recover(
+            parts.config, parts.snapshots, resuming=resuming, attempt=task.attempt
+        )
+        previous_try = ""
+        if resume_from is None and task.attempt > 1:
+            earlier = await self._store(
+                lambda: conversations.load_checkpoint(
+                    self.pool, task.requester_id, agent_id, task.attempt - 1
+                ),
+                "loading the last try's checkpoint",
+            )
+            previous_try = previous_try_note(task.attempt, earlier, lost=recovery.state == "lost")
+        return _StartingPoint(
+            resuming=resuming,
+            resume_from=resume_from,
+            previous_try=previous_try,
+            generation=generation,
+            recovery=recovery,
+        )
+
+    def _progress_reporter(
+        self, task: RunTask, parts: _TryParts, state: dict[str, Any]
+    ) -> tuple[
+        Callable[[dict[str, Any]], Awaitable[None]], Callable[[], Coroutine[Any, Any, None]]
+    ]:
+        """The run's `on_progress`, and the loop that sends its latest state as an event."""
         dirty = asyncio.Event()
 
         async def on_progress(progress: dict[str, Any]) -> None:
@@ -251,20 +312,20 @@ class AgentActivities:
             progress = {
                 **progress,
                 "attempt": task.attempt,
-                "transcriptEntries": sink.summary["entries"],
+                "transcriptEntries": parts.sink.summary["entries"],
             }
             # The next heartbeat carries it: heartbeats keep their own bounded pace.
             state["progress"] = progress
             try:
                 updated = await self._store(
                     lambda: repos.update_executed_agent(
-                        self.pool, task.requester_id, agent_id, progress=progress
+                        self.pool, task.requester_id, parts.agent_id, progress=progress
                     ),
                     "storing progress",
                 )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Progress is best effort; the next heartbeat carries it.
-                log.warning("progress of agent %s not stored: %r", agent_id, exc)
+                log.warning("progress of agent %s not stored: %r", parts.agent_id, exc)
                 return
             if updated is not None:
                 state["row"] = updated
@@ -278,14 +339,18 @@ class AgentActivities:
                 await self._notify(state["row"])
                 await asyncio.sleep(EVENT_MIN_INTERVAL)
 
-        # Entries of an earlier worker of this try that were saved but maybe not sent: resent.
-        pump = TranscriptPump(
-            self.messenger,
-            sink,
-            interval=self.settings.transcript_event_interval,
-            sent=0 if info.attempt > 1 else sink.summary["entries"],
-            first_delay=TRANSCRIPT_QUIET_START,
-        )
+        return on_progress, pump_events
+
+    async def _execute(
+        self,
+        task: RunTask,
+        parts: _TryParts,
+        start: _StartingPoint,
+        state: dict[str, Any],
+        pump: TranscriptPump,
+    ) -> AgentRunReport:
+        """Run the agent loop within the run's timeout, progress and transcript sent meanwhile."""
+        on_progress, pump_events = self._progress_reporter(task, parts, state)
         helpers = [
             asyncio.create_task(pump_events()),
             asyncio.create_task(pump.run()),
@@ -293,21 +358,29 @@ class AgentActivities:
         try:
             async with asyncio.timeout(task.timeout_seconds):
                 # Kills its sandbox on any way out (cancelled by a kill, timed out, failed).
-                report = await run_agent_task(
-                    workspace=workspace,
+                with tracing.span(
+                    "agent.run",
+                    agent_id=task.agent_id,
+                    connection_id=task.connection_id,
                     agent_type=task.agent_type,
-                    context=task.context,
-                    config=config,
-                    on_progress=on_progress,
-                    # later tries and retries of a try keep the workspace as it was left
-                    resume=resuming,
-                    sink=sink,
-                    resume_from=resume_from,
-                    previous_try=previous_try,
-                    generation=generation,
-                    restored=recovery.state == "restored",
-                    workspace_news=news,
-                )
+                    attempt=task.attempt,
+                    sandbox=parts.config.sandbox,
+                ):
+                    return await run_agent_task(
+                        workspace=parts.workspace,
+                        agent_type=task.agent_type,
+                        context=task.context,
+                        config=parts.config,
+                        on_progress=on_progress,
+                        # later tries and retries of a try keep the workspace as it was left
+                        resume=start.resuming,
+                        sink=parts.sink,
+                        resume_from=start.resume_from,
+                        previous_try=start.previous_try,
+                        generation=start.generation,
+                        restored=start.recovery.state == "restored",
+                        workspace_news=_workspace_news(start.recovery),
+                    )
         except TimeoutError:
             raise ApplicationError(
                 f"the run exceeded its timeout of {task.timeout_seconds} s",
@@ -316,15 +389,8 @@ class AgentActivities:
             ) from None
         except AgentSetupError as exc:
             reason = clean(str(exc))  # it may quote what the clone printed
-            await self._store(
-                lambda: conversations.set_outcome(
-                    self.pool,
-                    task.requester_id,
-                    agent_id,
-                    task.attempt,
-                    {"success": False, "stopReason": "setup_error", "summary": reason},
-                ),
-                "recording the try's outcome",
+            await self._set_outcome(
+                task, {"success": False, "stopReason": "setup_error", "summary": reason}
             )
             raise ApplicationError(
                 reason, type=TASK_INVALID if exc.invalid else AGENT_FAILED, non_retryable=True
@@ -333,26 +399,41 @@ class AgentActivities:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-        # Bounded and safe text from here on: the whole summary is in the log artifact.
-        summary = report.summary_preview
-        outcome = {
-            "success": report.success,
-            "stopReason": report.stop_reason,
-            "summary": summary,
-            "turns": report.turns,
-        }
+
+    async def _set_outcome(self, task: RunTask, outcome: dict[str, Any]) -> None:
         await self._store(
             lambda: conversations.set_outcome(
-                self.pool, task.requester_id, agent_id, task.attempt, outcome
+                self.pool, task.requester_id, uuid.UUID(task.agent_id), task.attempt, outcome
             ),
             "recording the try's outcome",
         )
+
+    async def _finish_try(
+        self,
+        task: RunTask,
+        parts: _TryParts,
+        report: AgentRunReport,
+        state: dict[str, Any],
+        pump: TranscriptPump,
+    ) -> AgentOutcome:
+        """Keep the try's outcome and artifacts; a run that did not succeed fails its activity."""
+        # Bounded and safe text from here on: the whole summary is in the log artifact.
+        summary = report.summary_preview
+        await self._set_outcome(
+            task,
+            {
+                "success": report.success,
+                "stopReason": report.stop_reason,
+                "summary": summary,
+                "turns": report.turns,
+            },
+        )
         # The transcript by reference: the requester pulls whatever the events did not bring.
-        report.transcript = dict(sink.summary)
+        report.transcript = dict(parts.sink.summary)
         try:
             await pump.flush(timeout=3.0)
         except Exception as exc:  # noqa: BLE001 - the requester pulls it at the end
-            log.info("last transcript entries of agent %s not delivered: %s", agent_id, exc)
+            log.info("last transcript entries of agent %s not delivered: %s", parts.agent_id, exc)
         activity.heartbeat(state["progress"])
         stored = await self._store(lambda: self._store_artifacts(task, report), "storing artifacts")
         result = {**report.as_result(), **stored}

@@ -39,6 +39,7 @@ async def end_peer_runs(
     asked = await repos.unfinished_runs_of_connection(pool, connection_id, "requester")
     gate = asyncio.Semaphore(8)
     reason = f"connection {connection['status'].lower()}"
+    not_stopped: list[str] = []
 
     async def kill(row: dict[str, Any]) -> None:
         async with gate:
@@ -49,6 +50,7 @@ async def end_peer_runs(
                     await _kill_asked(temporal, row, reason)
             except (RPCError, WorkflowUpdateFailedError) as exc:
                 log.warning("could not kill %s: %s", row["workflow_id"], exc)
+                not_stopped.append(str(row["workflow_id"]))
 
     await asyncio.gather(*(kill(r) for r in hosted + asked))
     if hosted or asked:
@@ -57,7 +59,15 @@ async def end_peer_runs(
             actor="system",
             action="connection.runs_killed",
             connectionId=str(connection_id),
-            count=len(hosted) + len(asked),
+            count=len(hosted) + len(asked) - len(not_stopped),
+        )
+    if not_stopped:
+        # Failed now (Temporal away, a kill not confirmed yet): the activity is retried, and
+        # its next attempt kills what is still not final. Returning would close the workflow,
+        # which runs once per change: nothing would ever try these again.
+        raise RuntimeError(
+            f"{len(not_stopped)} runs of the connection not stopped yet: "
+            + ", ".join(sorted(not_stopped)[:5])
         )
     return len(hosted) + len(asked)
 

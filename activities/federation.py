@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import httpx
@@ -14,7 +15,13 @@ from temporalio.exceptions import ApplicationError
 
 from federation import tracing
 from federation.envelope import MessageType, parse_timestamp
-from federation.errors import FederationError, PeerRefused, PeerResponseInvalid, PeerUnreachable
+from federation.errors import (
+    FederationError,
+    PeerRefused,
+    PeerResponseInvalid,
+    PeerUnreachable,
+    ReplayedMessage,
+)
 from federation.identity import Identity, load_identity
 from federation.local_runs import check_local_spawn
 from federation.peer import send_signed
@@ -57,6 +64,17 @@ T = TypeVar("T")
 
 # Peer answers that a retry may fix.
 TRANSIENT_PEER_STATUSES = {408, 425, 429}
+# Refusals of a kill's delivery that are final for other commands but that an operator may
+# still fix within the delivery's days (a clock set right, keys refreshed, a peer that answered
+# garbage through a proxy): retried like an unreachable peer. Any other refusal is final.
+KILL_REFUSALS_RETRIED = {
+    "timestamp_out_of_window",
+    "key_unknown",
+    "key_expired",
+    "key_not_endorsed",
+    "peer_response_invalid",
+}
+KILL_UNDELIVERABLE = "kill_undeliverable"
 
 
 def as_activity_error(err: FederationError) -> Exception:
@@ -64,6 +82,11 @@ def as_activity_error(err: FederationError) -> Exception:
     if isinstance(err, PeerUnreachable):
         return ApplicationError(err.detail, type=err.code)
     if isinstance(err, PeerRefused) and err.peer_status in TRANSIENT_PEER_STATUSES:
+        return ApplicationError(err.detail, type=err.peer_code)
+    if isinstance(err, PeerRefused) and err.peer_code == ReplayedMessage.code:
+        # The peer saw this very message, but its answer never came back (a balancer sent
+        # it again after the replica that took it died): the next attempt signs a new one,
+        # which the peer handles as the same request (every command is idempotent).
         return ApplicationError(err.detail, type=err.peer_code)
     code = err.peer_code if isinstance(err, PeerRefused) else err.code
     return ApplicationError(err.detail, type=code, non_retryable=True)
@@ -118,6 +141,7 @@ class PeerMessenger:
             payload=payload,
             window_seconds=self.settings.timestamp_window,
             timeout=timeout or self.settings.peer_request_timeout,
+            connection_id=str(connection["connection_id"]),
         )
         await repos.record_message(
             self.pool, envelope.to_wire(), direction="out", agent_id=agent_id
@@ -190,11 +214,39 @@ def _recorded(
     )
 
 
+def kill_settlement(answer: KillResult) -> dict[str, Any]:
+    """How the executor's final answer to a delivered kill settles it (`settle_kill_delivery`):
+    `not_found` (no such run there), `confirmed` (it stopped the run), or `too_late` (the run
+    had ended there on its own first: that end is recorded here too)."""
+    if not answer.confirmed:
+        return {"outcome": "not_found", "note": "the executor has no such run"}
+    if answer.state == AgentState.KILLED:
+        return {"outcome": "confirmed", "note": "the executor stopped the run"}
+    return {
+        "outcome": "too_late",
+        "note": f"the run had ended {answer.state} on the executor before the kill reached it",
+        "answer": {
+            "state": str(answer.state),
+            "result": answer.result,
+            "error": answer.error,
+            "seq": answer.seq,
+        },
+    }
+
+
 class FederationActivities:
-    def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient, settings: Settings) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        http: httpx.AsyncClient,
+        settings: Settings,
+        a2a_cancel: Callable[[PeerCall], Awaitable[KillResult]] | None = None,
+    ) -> None:
         self.pool = pool
         self.settings = settings
         self.messenger = PeerMessenger(pool, http, settings)
+        # The kill of a run on an A2A agent (CancelTask), for deliver_kill.
+        self.a2a_cancel = a2a_cancel
 
     async def _active_connection(self, connection_id: str) -> dict[str, Any]:
         connection = await repos.get_connection(self.pool, uuid.UUID(connection_id))
@@ -301,29 +353,92 @@ class FederationActivities:
 
     @activity.defn(name=DELIVER_KILL)
     async def deliver_kill(self, inp: KillDelivery) -> KillResult:
-        """Tell the executor to kill a run this side ended without its word. Every failure
-        but "no such run" is retried (by the workflow's policy, with backoff); the executor's
-        answer is applied where this side's state allows it, and recorded (`killConfirmed`)."""
+        """Tell the executor to kill a run this side ended without its word. A failure a retry
+        may fix is retried (by the workflow's policy, with backoff); a refusal no retry can fix
+        (the connection is gone here, the peer refuses the kill for good) settles the kill as
+        `undeliverable` with the reason and fails for good. The executor's answer settles it:
+        `confirmed` (it stopped the run), `too_late` (the run had ended there on its own: this
+        side then records that end, so both agree), `not_found` (no such run there)."""
         agent_id = uuid.UUID(inp.agent_id)
         row = await repos.get_requested_agent(self.pool, agent_id)
         if row is None:
             raise ApplicationError(
                 f"no agent {agent_id}", type="agent_not_found", non_retryable=True
             )
+        if row["kill_delivery"] == "undeliverable":  # a try before this one settled it so
+            raise ApplicationError(
+                f"the kill cannot be delivered: {row['kill_delivery_note']}",
+                type=KILL_UNDELIVERABLE,
+                non_retryable=True,
+            )
+        if row["kill_delivery"] not in (None, "pending"):
+            # Settled meanwhile (the executor's final event came): nothing is owed any more.
+            return KillResult(
+                agent_id=inp.agent_id,
+                state=row["state"],
+                seq=int(row["seq"]),
+                confirmed=bool(row["kill_confirmed"]),
+            )
         await repos.note_kill_delivery(self.pool, agent_id, confirmed=False)
+        connection = await repos.get_connection(self.pool, row["connection_id"])
+        a2a = self.a2a_cancel if connection and connection["kind"] == "a2a" else None
         try:
-            answer = await self.send_kill(
+            answer = await (a2a or self.send_kill)(
                 PeerCall(agent_id=inp.agent_id, connection_id="", traceparent=inp.traceparent)
             )
         except ApplicationError as err:
-            if err.type != "agent_not_found":  # the executor has no such run: nothing runs
+            if err.type != "agent_not_found":
+                if err.non_retryable and err.type not in KILL_REFUSALS_RETRIED:
+                    await self._undeliverable(row, f"{err.type}: {err.message}")
                 raise ApplicationError(err.message, type=err.type) from None  # retried
+            if a2a is None and self._spawn_may_still_arrive(row):
+                # A spawn this side gave up on may still be on its way (its answers lost, a
+                # request in flight): the executor would take it after this "no such run",
+                # and run it unseen. Its signed envelope is refused once older than the
+                # timestamp window, so "no such run" is final only after that.
+                raise ApplicationError(
+                    f"{err.message} (yet: a spawn sent before may still reach it)",
+                    type="agent_not_found_yet",
+                ) from None
+            # The executor has no such run: nothing runs there.
             answer = KillResult(agent_id=inp.agent_id, state=row["state"], confirmed=False)
         if answer.state not in TERMINAL_STATES:
             raise ApplicationError(f"the executor answered {answer.state}", type="kill_pending")
-        await repos.note_kill_delivery(self.pool, agent_id, confirmed=True)
+        # A run that had ended there on its own before the kill reached it ended so: this side
+        # records that end too (the kill came too late), so both agree.
+        await repos.settle_kill_delivery(self.pool, agent_id, **kill_settlement(answer))
         await self._audit_delivery(row, answer)
         return answer
+
+    def _spawn_may_still_arrive(self, row: dict[str, Any]) -> bool:
+        """Whether a spawn of this run signed before this side ended it may still be taken by
+        the executor: until the timestamp window (and a request's time) after the end."""
+        ended = row["finished_at"] or row["updated_at"]
+        if ended is None:
+            return False
+        settled = ended + timedelta(
+            seconds=self.settings.timestamp_window + self.settings.peer_request_timeout
+        )
+        return bool(datetime.now(UTC) < settled)
+
+    async def _undeliverable(self, row: dict[str, Any], reason: str) -> NoReturn:
+        """A kill no retry can deliver: said so on the run (unconfirmed, with the reason), and
+        its delivery fails for good, for an operator to see."""
+        await repos.settle_kill_delivery(
+            self.pool, row["agent_id"], outcome="undeliverable", note=reason
+        )
+        activity.logger.warning("agent %s: kill not deliverable: %s", row["agent_id"], reason)
+        await repos.audit(
+            self.pool,
+            actor="system",
+            action="agent.kill_undeliverable",
+            agentId=str(row["agent_id"]),
+            state=str(row["state"]),
+            reason=reason,
+        )
+        raise ApplicationError(
+            f"the kill cannot be delivered: {reason}", type=KILL_UNDELIVERABLE, non_retryable=True
+        )
 
     async def _audit_delivery(self, row: dict[str, Any], answer: KillResult) -> None:
         """Say what the executor answered; when it differs from what this side recorded (it
@@ -377,6 +492,7 @@ class FederationActivities:
                 state=kept.state,
                 result=kept.result,
                 error=kept.error,
+                tell_executor=kept.tell_executor,
             )
 
         try:

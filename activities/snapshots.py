@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +36,19 @@ class Recovery:
     note: str = ""
 
 
+@dataclass(kw_only=True, eq=False)
 class WorkspaceSnapshots:
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        workspace: Path,
-        *,
-        requester_id: str,
-        agent_id: uuid.UUID,
-        max_bytes: int,
-        max_entries: int,
-    ) -> None:
-        self.pool = pool
-        self.workspace = workspace
-        self.requester_id = requester_id
-        self.agent_id = agent_id
-        self.max_bytes = max_bytes
-        self.max_entries = max_entries
-        self.cache = snapshot.SnapshotCache()
-        self.stored: set[str] = set()
+    """The snapshots of one run's workspace (`requester_id`, `agent_id`) in the store, each at
+    most `max_bytes` and `max_entries` files."""
+
+    pool: asyncpg.Pool
+    workspace: Path
+    requester_id: str
+    agent_id: uuid.UUID
+    max_bytes: int
+    max_entries: int
+    cache: snapshot.SnapshotCache = field(default_factory=snapshot.SnapshotCache, init=False)
+    stored: set[str] = field(default_factory=set, init=False)  # content hashes known stored
 
     @property
     def marker(self) -> Path:
@@ -139,8 +133,15 @@ class WorkspaceSnapshots:
         found = await workspaces.get_blobs(self.pool, [manifest_sha])
         if manifest_sha not in found:
             raise snapshot.UnsafeSnapshot("the snapshot's manifest is not stored")
-        manifest = snapshot.parse_manifest(found[manifest_sha])
+        manifest = snapshot.load_manifest(found[manifest_sha], manifest_sha)
         wanted = snapshot.blobs_of(manifest)
+        # Bounded before a byte is read: by the blobs' stored lengths, as `take` bounds it.
+        sizes = await workspaces.blob_sizes(self.pool, wanted)
+        if wanted - sizes.keys():
+            raise snapshot.UnsafeSnapshot(f"{len(wanted - sizes.keys())} file(s) are not stored")
+        snapshot.check_bounds(
+            manifest, sizes, max_bytes=self.max_bytes, max_entries=self.max_entries
+        )
         blobs = await workspaces.get_blobs(self.pool, wanted)
         if wanted - blobs.keys():
             raise snapshot.UnsafeSnapshot(f"{len(wanted - blobs.keys())} file(s) are not stored")

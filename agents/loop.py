@@ -219,25 +219,49 @@ class AgentLoop:
         """Run the conversation to its end. Given `resume_from` (a checkpoint of this same
         conversation), continue it instead of starting over; `sink` gets every checkpoint."""
         allowed = tools_for(agent_type)
-        task = task_prompt(context, workspace_note)
+        conversation = self._conversation(agent_type, allowed, context, workspace_note)
         if previous_try:
-            task += f"\n\nEarlier try: {previous_try}"
-        conversation = Conversation(
+            conversation.task += f"\n\nEarlier try: {previous_try}"
+        tools = ToolRunner(self.sandbox, allowed)
+        report = AgentRunReport(success=False, summary="", model=self.provider.model)
+        self._sink = sink
+        state = resume_from or ConversationState()
+        conversation.turns = state.turns
+        self._state = state
+        entries = self._opening_entries(report, resume_from, previous_try, workspace_news)
+        if entries:
+            await self._save(report, entries)
+        try:
+            await self._run(conversation, tools, report)
+        finally:
+            self._close_report(report)
+        return report
+
+    def _conversation(
+        self, agent_type: str, allowed: list[str], context: Mapping[str, Any], workspace_note: str
+    ) -> Conversation:
+        return Conversation(
             system=system_prompt(
                 agent_type,
                 mount=self.sandbox.workspace_mount,
                 command_timeout=self.sandbox.limits.command_timeout,
                 max_turns=self.max_turns,
             ),
-            task=task,
+            task=task_prompt(context, workspace_note),
             tools=[TOOL_SPECS[name] for name in allowed],
         )
-        tools = ToolRunner(self.sandbox, allowed)
-        report = AgentRunReport(success=False, summary="", model=self.provider.model)
-        self._sink = sink
-        state = resume_from or ConversationState()
+
+    def _opening_entries(
+        self,
+        report: AgentRunReport,
+        resume_from: ConversationState | None,
+        previous_try: str,
+        workspace_news: str,
+    ) -> list[dict[str, Any]]:
+        """What the transcript says before the first turn; a resumed run's report and log
+        start where its checkpoint left them."""
         entries: list[dict[str, Any]] = []
-        conversation.turns = state.turns
+        state = self._state
         if resume_from is not None:
             state.resumes += 1
             report.turns = state.turn_count
@@ -259,23 +283,21 @@ class AgentLoop:
             entries.append(note_entry("try", f"earlier try: {previous_try}"))
         if workspace_news:
             entries.append(note_entry("workspace", workspace_news))
-        self._state = state
-        if entries:
-            await self._save(report, entries)
-        try:
-            await self._run(conversation, tools, report)
-        finally:
-            report.log_tail = clean(self._tail())
-            report.model_calls = state.model_calls
-            report.resumes = state.resumes
-            report.summary = clean(report.summary)
-            if report.error is not None:
-                report.error = clean(report.error)
-            if len(report.summary) > SUMMARY_LIMIT:
-                # The result keeps its head and tail; the whole ends the log.
-                self._log.append(f"[summary, {len(report.summary)} characters]\n{report.summary}\n")
-            report.log = clean("".join(self._log))
-        return report
+        return entries
+
+    def _close_report(self, report: AgentRunReport) -> None:
+        """The report's bounded, clean texts and the run's counts, however the loop ended."""
+        state = self._state
+        report.log_tail = clean(self._tail())
+        report.model_calls = state.model_calls
+        report.resumes = state.resumes
+        report.summary = clean(report.summary)
+        if report.error is not None:
+            report.error = clean(report.error)
+        if len(report.summary) > SUMMARY_LIMIT:
+            # The result keeps its head and tail; the whole ends the log.
+            self._log.append(f"[summary, {len(report.summary)} characters]\n{report.summary}\n")
+        report.log = clean("".join(self._log))
 
     async def _save(self, report: AgentRunReport, entries: list[dict[str, Any]]) -> None:
         if self._sink is None:

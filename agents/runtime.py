@@ -350,14 +350,7 @@ async def run_agent_task(
     (`fence_workspace`); `restored`: the executor laid the workspace down itself (from a
     snapshot), so it is handed to the sandbox's uid like a fresh one; `workspace_news`: what
     the agent is told about its workspace instead of how it was prepared."""
-    if config.provider == "scripted" and not script_commands(
-        str(context.get("instructions") or "")
-    ):
-        raise AgentSetupError(
-            "the scripted provider runs the instruction lines that start with '$ ' (a dollar "
-            "sign and a space, at the start of the line); these instructions have none",
-            invalid=True,
-        )
+    _refuse_empty_script(config, context)
     model = choose_model(config, context)
     if generation is None:
         generation = await fence_workspace(config, workspace)
@@ -386,18 +379,7 @@ async def run_agent_task(
             await sandbox.start()
         except SandboxUnavailable as exc:
             raise AgentSetupError(str(exc)) from exc
-        loop = AgentLoop(
-            provider,
-            sandbox,
-            on_progress=on_progress,
-            max_turns=config.max_turns,
-            token_budget=config.token_budget,
-            max_api_retries=config.api_retries,
-            backoff=config.api_backoff,
-            backoff_max=config.api_backoff_max,
-            log_tail=config.log_tail,
-        )
-        report = await loop.run(
+        report = await _agent_loop(config, provider, sandbox, on_progress).run(
             agent_type,
             context,
             workspace_note=prepared.note,
@@ -413,6 +395,36 @@ async def run_agent_task(
     report.workspace = prepared.describe()
     await _add_diff(report, config, prepared, generation)
     return report
+
+
+def _refuse_empty_script(config: RuntimeConfig, context: Mapping[str, Any]) -> None:
+    if config.provider == "scripted" and not script_commands(
+        str(context.get("instructions") or "")
+    ):
+        raise AgentSetupError(
+            "the scripted provider runs the instruction lines that start with '$ ' (a dollar "
+            "sign and a space, at the start of the line); these instructions have none",
+            invalid=True,
+        )
+
+
+def _agent_loop(
+    config: RuntimeConfig,
+    provider: ModelProvider,
+    sandbox: Sandbox,
+    on_progress: ProgressCallback | None,
+) -> AgentLoop:
+    return AgentLoop(
+        provider,
+        sandbox,
+        on_progress=on_progress,
+        max_turns=config.max_turns,
+        token_budget=config.token_budget,
+        max_api_retries=config.api_retries,
+        backoff=config.api_backoff,
+        backoff_max=config.api_backoff_max,
+        log_tail=config.log_tail,
+    )
 
 
 async def _refuse_over_peer_budget(config: RuntimeConfig, workspace: Path) -> None:

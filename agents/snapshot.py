@@ -14,7 +14,10 @@ workspace as not saved (a retry elsewhere is then told it was lost).
 `.` or `..` component, no NUL, no empty component) and every parent directory is opened
 component by component with `O_NOFOLLOW` below the root's descriptor, files are created with
 `O_EXCL`: a hostile manifest cannot write outside the root, through a symlink it made first,
-or over a file it made first (`UnsafeSnapshot`).
+or over a file it made first (`UnsafeSnapshot`). Before that, what the store holds is checked
+as if a stranger had written it: the manifest must be the bytes its sha256 names and of the
+shape `take` writes (`load_manifest`), and within the bounds a snapshot is taken with, counted
+from the blobs' stored lengths, not from what the manifest says (`check_bounds`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = 1
+SHA256 = re.compile(r"[0-9a-f]{64}")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -175,10 +180,66 @@ def take(
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
-    manifest = json.loads(data)
+    """A manifest's JSON, every entry of the shape `take` writes (UnsafeSnapshot otherwise)."""
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError):
+        raise UnsafeSnapshot("the manifest is not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UnsafeSnapshot("not a workspace manifest of a known format")
+    roots = manifest.get("roots")
+    if not isinstance(roots, dict) or not all(
+        isinstance(name, str) and isinstance(entries, list) for name, entries in roots.items()
+    ):
+        raise UnsafeSnapshot("the manifest's roots are malformed")
+    for entries in roots.values():
+        for entry in entries:
+            _check_entry(entry)
     return manifest
+
+
+def _check_entry(entry: Any) -> None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("p"), str):
+        raise UnsafeSnapshot("a manifest entry is malformed")
+    kind = entry.get("t")
+    if kind == "f":
+        if not (isinstance(entry.get("s"), str) and SHA256.fullmatch(entry["s"])):
+            raise UnsafeSnapshot("a manifest entry names no sha256 of its bytes")
+        if not isinstance(entry.get("x", False), bool):
+            raise UnsafeSnapshot("a manifest entry is malformed")
+    elif kind == "l":
+        if not isinstance(entry.get("l"), str):
+            raise UnsafeSnapshot("a manifest entry is malformed")
+    elif kind != "d":
+        raise UnsafeSnapshot(f"a manifest entry of unknown type {str(kind)[:20]!r}")
+
+
+def load_manifest(data: bytes, sha256: str) -> dict[str, Any]:
+    """The manifest stored under `sha256`: its bytes must be what that name says (content
+    addressing is checked, never assumed), and well formed (`parse_manifest`)."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise UnsafeSnapshot("the snapshot's manifest does not hold what its sha256 says")
+    return parse_manifest(data)
+
+
+def check_bounds(
+    manifest: Mapping[str, Any], sizes: Mapping[str, int], *, max_bytes: int, max_entries: int
+) -> None:
+    """Refuse (UnsafeSnapshot) a manifest that would lay down more than `take` saves: more
+    than `max_entries` entries, or more than `max_bytes` of file bytes counted as they would
+    be written (`sizes`: each blob's length as stored, one file per entry naming it). Checked
+    before any byte is read or written, whatever the manifest says of itself."""
+    entries = [entry for listed in manifest["roots"].values() for entry in listed]
+    if len(entries) > max_entries:
+        raise UnsafeSnapshot(f"the snapshot has more than {max_entries} entries")
+    total = 0
+    for entry in entries:
+        if entry.get("t") == "f":
+            if entry["s"] not in sizes:
+                raise UnsafeSnapshot("a manifest entry names bytes the store does not hold")
+            total += sizes[entry["s"]]
+    if total > max_bytes:
+        raise UnsafeSnapshot(f"the snapshot holds more than {max_bytes} bytes")
 
 
 def blobs_of(manifest: Mapping[str, Any]) -> set[str]:

@@ -365,47 +365,14 @@ async def prepare_workspace(
     workspace.parent.mkdir(parents=True, exist_ok=True)
     what = f"{repository}" + (f" at branch {branch}" if branch else "")
     try:
+        workspace.mkdir()
         if kind == "none":
-            workspace.mkdir()
-            env = _local_env()
-            await _git("init", "-q", "--initial-branch", branch or "main", cwd=workspace, env=env)
-            await _git(
-                *IDENTITY,
-                "commit",
-                "-q",
-                "--allow-empty",
-                "-m",
-                "fedagent: empty workspace",
-                cwd=workspace,
-                env=env,
-            )
+            await _init_empty(workspace, branch)
             note = f"an empty git repository ({where})"
         else:
-            workspace.mkdir()
             await clone_in_sandbox(workspace, kind, where, branch, clone, what)
             note = f"a clone of {repository}" + (f" at {branch}" if branch else "")
-        start = (
-            (await _git(*SAFE_LOCAL, "rev-parse", "HEAD", cwd=workspace, env=_local_env()))
-            .decode()
-            .strip()
-        )
-        # Readable by the diff's sandbox uid whatever the worker's umask (0644 files, 0755
-        # directories); the sandbox mounts it read-only, so it cannot write it either way.
-        await _git("init", "-q", "--bare", "--shared=0644", str(baseline), env=_local_env())
-        await _git(
-            *SAFE_LOCAL,
-            "--git-dir",
-            str(baseline),
-            "fetch",
-            "-q",
-            "--depth=1",
-            "--no-tags",
-            "--upload-pack",
-            "git -c safe.directory=* -c core.hooksPath=/dev/null upload-pack",
-            str(workspace),
-            f"HEAD:{START_REF}",
-            env=_local_env(),
-        )
+        start = await _record_baseline(workspace, baseline)
     except GitError as exc:
         log.warning("preparing the workspace from %s failed: %s", what, exc)
         await asyncio.shield(_remove_both(workspace, baseline))
@@ -416,6 +383,49 @@ async def prepare_workspace(
     return PreparedWorkspace(
         workspace, baseline, start, "empty" if kind == "none" else "clone", repository, branch, note
     )
+
+
+async def _init_empty(workspace: Path, branch: str | None) -> None:
+    """An empty repository with one empty commit, on `branch` (default: main)."""
+    env = _local_env()
+    await _git("init", "-q", "--initial-branch", branch or "main", cwd=workspace, env=env)
+    await _git(
+        *IDENTITY,
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "fedagent: empty workspace",
+        cwd=workspace,
+        env=env,
+    )
+
+
+async def _record_baseline(workspace: Path, baseline: Path) -> str:
+    """Keep the workspace's starting commit in a bare repository beside it; return the commit."""
+    start = (
+        (await _git(*SAFE_LOCAL, "rev-parse", "HEAD", cwd=workspace, env=_local_env()))
+        .decode()
+        .strip()
+    )
+    # Readable by the diff's sandbox uid whatever the worker's umask (0644 files, 0755
+    # directories); the sandbox mounts it read-only, so it cannot write it either way.
+    await _git("init", "-q", "--bare", "--shared=0644", str(baseline), env=_local_env())
+    await _git(
+        *SAFE_LOCAL,
+        "--git-dir",
+        str(baseline),
+        "fetch",
+        "-q",
+        "--depth=1",
+        "--no-tags",
+        "--upload-pack",
+        "git -c safe.directory=* -c core.hooksPath=/dev/null upload-pack",
+        str(workspace),
+        f"HEAD:{START_REF}",
+        env=_local_env(),
+    )
+    return start
 
 
 async def _remove_both(workspace: Path, baseline: Path) -> None:
@@ -429,29 +439,10 @@ async def clone_in_sandbox(
     """`git clone` of `where` into the (empty) workspace, inside a bwrap sandbox."""
     from agents.sandbox.bwrap import BwrapSandbox  # the sandbox imports nothing from here
 
-    options = ["-c", "http.followRedirects=false", "-c", "transfer.fsckObjects=true"]
-    source = where
     network = kind == "url"
-    if network:
-        parts = urllib.parse.urlsplit(where)
-        host = parts.hostname or ""
-        port = parts.port or DEFAULT_PORTS[parts.scheme]
-        addresses = await resolve_allowed(
-            host,
-            port,
-            allowlist=clone.outbound_allowlist,
-            allow_private=clone.allow_private_hosts,
-            scheme=parts.scheme,
-        )
-        if parts.scheme == "git":  # no name to keep for TLS: connect to the address checked
-            address = f"[{addresses[0]}]" if ":" in addresses[0] else addresses[0]
-            source = urllib.parse.urlunsplit(parts._replace(netloc=f"{address}:{port}"))
-        else:  # the checked addresses, for curl: no second DNS answer is asked for
-            pinned = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
-            options += ["-c", f"http.curloptResolve={host}:{port}:{pinned}"]
-    else:
-        source = "/repository"
-    argv = ["git", *options, "clone", "-q"]
+    source, options = await _pinned_source(where, clone) if network else ("/repository", [])
+    argv = ["git", "-c", "http.followRedirects=false", "-c", "transfer.fsckObjects=true"]
+    argv += [*options, "clone", "-q"]
     if branch:
         argv += ["--branch", branch]
     if kind == "local":
@@ -484,6 +475,33 @@ async def clone_in_sandbox(
             _, over = await sandbox.check_disk()  # a clone faster than the checks while it ran
     finally:
         await sandbox.kill()
+    _check_clone(result, over, what, clone)
+
+
+async def _pinned_source(where: str, clone: CloneSettings) -> tuple[str, list[str]]:
+    """A URL's clone source and git options, pinned to the addresses the policy allowed."""
+    parts = urllib.parse.urlsplit(where)
+    host = parts.hostname or ""
+    port = parts.port or DEFAULT_PORTS[parts.scheme]
+    addresses = await resolve_allowed(
+        host,
+        port,
+        allowlist=clone.outbound_allowlist,
+        allow_private=clone.allow_private_hosts,
+        scheme=parts.scheme,
+    )
+    if parts.scheme == "git":  # no name to keep for TLS: connect to the address checked
+        address = f"[{addresses[0]}]" if ":" in addresses[0] else addresses[0]
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{address}:{port}")), []
+    # The checked addresses, for curl: no second DNS answer is asked for.
+    pinned = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+    return where, ["-c", f"http.curloptResolve={host}:{port}:{pinned}"]
+
+
+def _check_clone(
+    result: CommandResult, over: DiskOveruse | None, what: str, clone: CloneSettings
+) -> None:
+    """AgentSetupError for a clone stopped over a disk budget, timed out or failed."""
     if over is not None and over.code == PEER_DISK_BUDGET:
         raise AgentSetupError(f"cloning {what} was stopped: {over.reason()}")
     if over is not None:

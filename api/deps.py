@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import httpx
 from fastapi import Depends, Request
 from temporalio.client import Client
 
+from api.limits import RefusalLimiter, StrangerFetches
 from federation.errors import Forbidden, Unauthenticated
 from federation.identity import Identity, load_identity
 from federation.keystore import KeyCipher
@@ -18,30 +20,31 @@ from federation.store import repos
 from federation.users import User
 from operations import Services
 
-
-def _pool(request: Request) -> asyncpg.Pool:
-    pool: asyncpg.Pool = request.app.state.pool
-    return pool
+T = TypeVar("T")
 
 
-def _temporal(request: Request) -> Client:
-    client: Client = request.app.state.temporal
-    return client
+def _state(name: str, kind: type[T]) -> Callable[[Request], T]:
+    """A dependency that hands on what the lifespan (`api.main`) opened as `app.state.<name>`."""
+
+    def dependency(request: Request) -> T:
+        value: T = getattr(request.app.state, name)
+        return value
+
+    dependency.__name__ = f"app_state_{name}"
+    return dependency
 
 
-def _http(request: Request) -> httpx.AsyncClient:
-    http: httpx.AsyncClient = request.app.state.http
-    return http
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _cipher(request: Request) -> KeyCipher:
-    cipher: KeyCipher = request.app.state.cipher
-    return cipher
+app_pool = _state("pool", asyncpg.Pool)
+_temporal = _state("temporal", Client)
+_http = _state("http", httpx.AsyncClient)
+app_settings = _state("settings", Settings)
+_cipher = _state("cipher", KeyCipher)
+# Key refreshes run while a request holds a connection of the main pool: their own.
+_key_pool = _state("key_pool", asyncpg.Pool)
+# Strangers' cards are read through their own client (own limits, own address policy).
+_stranger_http = _state("stranger_http", httpx.AsyncClient)
+_refusal_limiter = _state("refusal_limiter", RefusalLimiter)
+_stranger_fetches = _state("stranger_fetches", StrangerFetches)
 
 
 def services_for(request: Request) -> Services:
@@ -59,16 +62,19 @@ def services_for(request: Request) -> Services:
     )
 
 
-async def _identity(request: Request) -> Identity:
+async def _identity(
+    pool: Annotated[asyncpg.Pool, Depends(app_pool)], cipher: Annotated[KeyCipher, Depends(_cipher)]
+) -> Identity:
     # Loaded per request: a rotated key signs from the next request on, in every process.
-    return await load_identity(request.app.state.pool, request.app.state.cipher)
+    return await load_identity(pool, cipher)
 
 
-def _key_refresher(request: Request) -> CardKeyRefresher:
-    settings: Settings = request.app.state.settings
-    return CardKeyRefresher(
-        request.app.state.key_pool, request.app.state.http, settings.key_refresh_interval
-    )
+def _key_refresher(
+    key_pool: Annotated[asyncpg.Pool, Depends(_key_pool)],
+    http: Annotated[httpx.AsyncClient, Depends(_http)],
+    settings: Annotated[Settings, Depends(app_settings)],
+) -> CardKeyRefresher:
+    return CardKeyRefresher(key_pool, http, settings.key_refresh_interval)
 
 
 async def user_for_token(pool: asyncpg.Pool, token: str) -> User:
@@ -84,7 +90,7 @@ async def _current_user(request: Request) -> User:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("send 'Authorization: Bearer <token>'")
-    return await user_for_token(request.app.state.pool, token)
+    return await user_for_token(app_pool(request), token)
 
 
 def require_admin(user: User) -> User:
@@ -97,10 +103,13 @@ async def _admin_user(user: Annotated[User, Depends(_current_user)]) -> User:
     return require_admin(user)
 
 
-PoolDep = Annotated[asyncpg.Pool, Depends(_pool)]
+PoolDep = Annotated[asyncpg.Pool, Depends(app_pool)]
 TemporalDep = Annotated[Client, Depends(_temporal)]
 HttpDep = Annotated[httpx.AsyncClient, Depends(_http)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
+StrangerHttpDep = Annotated[httpx.AsyncClient, Depends(_stranger_http)]
+RefusalLimiterDep = Annotated[RefusalLimiter, Depends(_refusal_limiter)]
+StrangerFetchesDep = Annotated[StrangerFetches, Depends(_stranger_fetches)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 IdentityDep = Annotated[Identity, Depends(_identity)]
 CipherDep = Annotated[KeyCipher, Depends(_cipher)]
 KeyRefresherDep = Annotated[CardKeyRefresher, Depends(_key_refresher)]

@@ -288,73 +288,89 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        path: str = scope.get("path", "")
-        method: str = scope.get("method", "GET")
-        request_id = (_header(scope, b"x-request-id") or uuid.uuid4().hex[:16])[:64]
-        context: dict[str, Any] = {"requestId": request_id}
-        if match := _AGENT_PATH.search(path):
+        exchange = _Exchange(scope, receive, send)
+        context: dict[str, Any] = {"requestId": exchange.request_id}
+        if match := _AGENT_PATH.search(exchange.path):
             context["agentId"] = match.group(1)
         token = _log_context.set({**(_log_context.get() or {}), **context})
-        incoming = method == "POST" and path.startswith(INCOMING_PREFIX)
-        status = 500
-        latency: float | None = None
-        is_problem = False
-        body = bytearray()
-        problem = bytearray()
-
-        async def peek_receive() -> Message:
-            # Envelopes name their message and agent: log lines of the request carry them.
-            message = await receive()
-            if message["type"] == "http.request" and len(body) < _PEEK_LIMIT:
-                body.extend(message.get("body", b""))
-                if not message.get("more_body", False):
-                    bind_log_context(**_ids_from_envelope(bytes(body)))
-            return message
-
-        async def watch_send(message: Message) -> None:
-            nonlocal status, latency, is_problem
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                latency = time.perf_counter() - started
-                headers = list(message.get("headers", []))
-                for key, value in headers:
-                    if key == b"content-type" and value.startswith(b"application/problem+json"):
-                        is_problem = True
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body" and is_problem:
-                if len(problem) < _PEEK_LIMIT:
-                    problem.extend(message.get("body", b""))
-            await send(message)
-
         try:
-            await self.app(scope, peek_receive if incoming else receive, watch_send)
+            await self.app(
+                scope,
+                exchange.peek_receive if exchange.incoming else receive,
+                exchange.watch_send,
+            )
         finally:
-            elapsed = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            HTTP_LATENCY.labels(method, route, str(status)).observe(
-                latency if latency is not None else elapsed
-            )
-            code = _problem_code(bytes(problem)) if is_problem else None
-            if code:
-                PROBLEMS.labels(code, str(status)).inc()
-                if incoming:
-                    REFUSED.labels(code).inc()
-            if route == SPAWN_ROUTE and method == "POST":
-                SPAWN_REQUESTS.labels(code or ("accepted" if status < 400 else str(status))).inc()
-            log.log(
-                logging.DEBUG if path in QUIET_PATHS and status < 400 else logging.INFO,
-                "%s %s %d",
-                method,
-                path,
-                status,
-                extra={
-                    "method": method,
-                    "path": path,
-                    "status": status,
-                    "durationMs": round(elapsed * 1000, 2),
-                    **({"code": code} if code else {}),
-                },
-            )
+            exchange.record(scope)
             _log_context.reset(token)
+
+
+class _Exchange:
+    """One request and its answer as the middleware watches them go by."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.started = time.perf_counter()
+        self.path: str = scope.get("path", "")
+        self.method: str = scope.get("method", "GET")
+        self.request_id = (_header(scope, b"x-request-id") or uuid.uuid4().hex[:16])[:64]
+        self.incoming = self.method == "POST" and self.path.startswith(INCOMING_PREFIX)
+        self.status = 500
+        self.latency: float | None = None
+        self.is_problem = False
+        self.body = bytearray()
+        self.problem = bytearray()
+        self._receive = receive
+        self._send = send
+
+    async def peek_receive(self) -> Message:
+        # Envelopes name their message and agent: log lines of the request carry them.
+        message = await self._receive()
+        if message["type"] == "http.request" and len(self.body) < _PEEK_LIMIT:
+            self.body.extend(message.get("body", b""))
+            if not message.get("more_body", False):
+                bind_log_context(**_ids_from_envelope(bytes(self.body)))
+        return message
+
+    async def watch_send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+            self.latency = time.perf_counter() - self.started
+            headers = list(message.get("headers", []))
+            for key, value in headers:
+                if key == b"content-type" and value.startswith(b"application/problem+json"):
+                    self.is_problem = True
+            headers.append((b"x-request-id", self.request_id.encode("latin-1")))
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and self.is_problem:
+            if len(self.problem) < _PEEK_LIMIT:
+                self.problem.extend(message.get("body", b""))
+        await self._send(message)
+
+    def record(self, scope: Scope) -> None:
+        """The latency, the problem and refusal counters and the access log line."""
+        method, path, status = self.method, self.path, self.status
+        elapsed = time.perf_counter() - self.started
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        HTTP_LATENCY.labels(method, route, str(status)).observe(
+            self.latency if self.latency is not None else elapsed
+        )
+        code = _problem_code(bytes(self.problem)) if self.is_problem else None
+        if code:
+            PROBLEMS.labels(code, str(status)).inc()
+            if self.incoming:
+                REFUSED.labels(code).inc()
+        if route == SPAWN_ROUTE and method == "POST":
+            SPAWN_REQUESTS.labels(code or ("accepted" if status < 400 else str(status))).inc()
+        log.log(
+            logging.DEBUG if path in QUIET_PATHS and status < 400 else logging.INFO,
+            "%s %s %d",
+            method,
+            path,
+            status,
+            extra={
+                "method": method,
+                "path": path,
+                "status": status,
+                "durationMs": round(elapsed * 1000, 2),
+                **({"code": code} if code else {}),
+            },
+        )

@@ -24,9 +24,16 @@ from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from federation import tracing
 from federation.settings import Settings
 from federation.store import repos
-from workflows.models import KillRequest, KillResult, SpawnAgentInput, agent_search_attributes
+from workflows.models import (
+    TRANSPORT_FEDAGENT,
+    KillRequest,
+    KillResult,
+    SpawnAgentInput,
+    agent_search_attributes,
+)
 from workflows.remote_agent import RemoteAgentWorkflow
 
 log = logging.getLogger(__name__)
@@ -80,6 +87,7 @@ class SpawnStarter:
             status_check_max_seconds=self.settings.status_check_max,
             peer_timeout_seconds=self.settings.peer_request_timeout,
             traceparent=row.get("traceparent") or "",
+            transport=str(connection["kind"]) if connection else TRANSPORT_FEDAGENT,
         )
         options: dict[str, Any] = {
             "id": row["workflow_id"],
@@ -107,16 +115,15 @@ class SpawnStarter:
         """Start the row's workflow, then mark it started (no transaction around the RPC)."""
         db = self.pool
         inp, options = await self._start_arguments(row, db)
-        try:
+        # The run's trace, also when the sweeper starts it long after the request.
+        with tracing.trace(inp.traceparent), contextlib.suppress(WorkflowAlreadyStartedError):
             await self.temporal.start_workflow(
                 RemoteAgentWorkflow.run,
                 inp,
                 # Bounded: while Temporal is away the sweeper retries, nobody waits forever.
                 rpc_timeout=timedelta(seconds=5),
                 **options,
-            )
-        except WorkflowAlreadyStartedError:
-            pass  # closed already: it started long ago
+            )  # WorkflowAlreadyStartedError: closed already, it started long ago
         await self._mark_started(row, db)
 
     async def kill_with_start(self, row: dict[str, Any], request: KillRequest) -> KillResult:
@@ -125,9 +132,12 @@ class SpawnStarter:
         killed like any other). The update id is fixed: a retried kill is the same kill."""
         inp, options = await self._start_arguments(row, self.pool)
         start = WithStartWorkflowOperation(RemoteAgentWorkflow.run, inp, **options)
-        result = await self.temporal.execute_update_with_start_workflow(
-            RemoteAgentWorkflow.kill, request, start_workflow_operation=start, id="kill"
-        )
+        # The workflow it may start is the spawn's: in the spawn's stored trace (like the
+        # sweeper's start), not the kill request's, or the whole run would hang under the kill.
+        with tracing.trace(inp.traceparent):
+            result = await self.temporal.execute_update_with_start_workflow(
+                RemoteAgentWorkflow.kill, request, start_workflow_operation=start, id="kill"
+            )
         await self._mark_started(row, self.pool)
         return result
 

@@ -18,6 +18,7 @@ from cli.follow import describe_progress, state_text
 WIDE = 120  # from this width on, every column fits
 TASK_WIDTH = 24
 FIXED = ("agent", "state")
+PEER_KINDS = ("fedagent", "a2a")
 
 
 def _line(value: str | Text) -> Text:
@@ -54,6 +55,8 @@ def agents_table(
         )
     for row in rows:
         peer = peers.get(row["peerInstanceId"], str(row["peerInstanceId"])[:12])
+        if not hosted and row.get("peerKind") in PEER_KINDS:  # an A2A agent or an instance
+            peer = f"{peer} ({row['peerKind']})"  # (a run hosted here: always an instance's)
         cells: dict[str, Any] = {
             "agent": str(row["agentId"]),
             "state": state_text(str(row["state"])),

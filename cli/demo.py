@@ -81,50 +81,17 @@ async def run_demo(args: StackOptions, *, exit_at_end: bool = False) -> int:
         async with httpx.AsyncClient(timeout=120.0) as http:
             connection_id = await connect(http, hub, spoke)
             agent_id = str(uuid.uuid4())
-            body = {
-                "agentId": agent_id,
-                "connectionId": connection_id,
-                "taskId": "demo-1",
-                "agentType": "worker",
-                "context": {
-                    "repository": "demo",
-                    "branch": "main",
-                    "workItems": ["write hello.txt"],
-                    "instructions": DEMO_INSTRUCTIONS,
-                },
-                "options": {"timeout": 120, "maxRetries": 1},
-            }
             auth = {"Authorization": f"Bearer {hub['adminToken']}"}
             response = await http.post(
-                f"{hub['apiUrl']}/api/v1/federation/agents/spawn", json=body, headers=auth
+                f"{hub['apiUrl']}/api/v1/federation/agents/spawn",
+                json=_demo_spawn(agent_id, connection_id),
+                headers=auth,
             )
             response.raise_for_status()
             say(f"spawned agent {agent_id} on {names[1]}: {response.json()['state']}")
             agent = await follow(http, hub, agent_id, auth)
-            result = agent.get("result") or {}
-            say(f"final state: {agent['state']}")
-            if agent.get("error"):
-                say(f"error: {agent['error']}")
-            if result:
-                say("result summary:\n  " + str(result.get("summary", "")).replace("\n", "\n  "))
-                say("log tail:\n  " + str(result.get("logTail", "")).strip().replace("\n", "\n  "))
-                if result.get("changedFiles") is not None:
-                    sandbox = (result.get("sandbox") or {}).get("kind", "?")
-                    say(
-                        f"changed files: {', '.join(result['changedFiles']) or '(none)'}"
-                        f" (diff sha256 {str(result.get('diffSha256', ''))[:12]}...,"
-                        f" sandbox {sandbox})"
-                    )
-            say("where to look in the Temporal Web UI:")
-            say(
-                f"  requester: {stack.ui_url}/namespaces/{names[0]}/workflows/"
-                f"{quote('remote-agent/' + agent_id, safe='')}"
-            )
-            say(
-                f"  executor:  {stack.ui_url}/namespaces/{names[1]}/workflows/"
-                f"{quote('agent-run/' + hub['instanceId'] + '/' + agent_id, safe='')}"
-            )
-            say(f"  (filter with: AgentId = '{agent_id}')")
+            _say_outcome(agent)
+            _say_where_to_look(stack.ui_url, names, hub["instanceId"], agent_id)
         say(f"instances.json: {stack.data_dir / 'instances.json'}")
         if not exit_at_end:
             say("the stack keeps running; Ctrl-C stops it")
@@ -134,6 +101,53 @@ async def run_demo(args: StackOptions, *, exit_at_end: bool = False) -> int:
         say("stopping ...")
         stack.stop()
         say("stopped")
+
+
+def _demo_spawn(agent_id: str, connection_id: str) -> dict[str, Any]:
+    return {
+        "agentId": agent_id,
+        "connectionId": connection_id,
+        "taskId": "demo-1",
+        "agentType": "worker",
+        "context": {
+            "repository": "demo",
+            "branch": "main",
+            "workItems": ["write hello.txt"],
+            "instructions": DEMO_INSTRUCTIONS,
+        },
+        "options": {"timeout": 120, "maxRetries": 1},
+    }
+
+
+def _say_outcome(agent: dict[str, Any]) -> None:
+    result = agent.get("result") or {}
+    say(f"final state: {agent['state']}")
+    if agent.get("error"):
+        say(f"error: {agent['error']}")
+    if not result:
+        return
+    say("result summary:\n  " + str(result.get("summary", "")).replace("\n", "\n  "))
+    say("log tail:\n  " + str(result.get("logTail", "")).strip().replace("\n", "\n  "))
+    if result.get("changedFiles") is not None:
+        sandbox = (result.get("sandbox") or {}).get("kind", "?")
+        say(
+            f"changed files: {', '.join(result['changedFiles']) or '(none)'}"
+            f" (diff sha256 {str(result.get('diffSha256', ''))[:12]}...,"
+            f" sandbox {sandbox})"
+        )
+
+
+def _say_where_to_look(ui_url: str, names: list[str], hub_id: str, agent_id: str) -> None:
+    say("where to look in the Temporal Web UI:")
+    say(
+        f"  requester: {ui_url}/namespaces/{names[0]}/workflows/"
+        f"{quote('remote-agent/' + agent_id, safe='')}"
+    )
+    say(
+        f"  executor:  {ui_url}/namespaces/{names[1]}/workflows/"
+        f"{quote('agent-run/' + hub_id + '/' + agent_id, safe='')}"
+    )
+    say(f"  (filter with: AgentId = '{agent_id}')")
 
 
 async def follow(

@@ -4,6 +4,7 @@ and a worker process. Used by `fedagent dev`, `fedagent demo` and the end-to-end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -28,6 +29,24 @@ from federation.identity import adopt_identity, load_identity
 from federation.store import tokens
 from federation.store.db import create_pool, migrate
 from workflows.models import SEARCH_ATTRIBUTES
+
+# What a PostgreSQL start that may succeed when tried again raises (pgserver, then asyncpg).
+_PG_START_ERRORS = (subprocess.SubprocessError, OSError, AssertionError, asyncpg.PostgresError)
+
+
+def _remove_data_dir(pgdata: Path) -> None:
+    """End whatever PostgreSQL (or initdb's backend) runs on `pgdata`, then remove it."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]) == b"postgres" and str(pgdata).encode() in argv:
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+    shutil.rmtree(pgdata, ignore_errors=True)
 
 
 class StackError(RuntimeError):
@@ -548,16 +567,40 @@ class DevStack:
             self._pg.cleanup()
             self._pg = None
 
-    async def start_postgres(self) -> None:
+    async def start_postgres(self, *, timeout: float = 120.0) -> None:
+        """pgserver's PostgreSQL on the data dir, answering queries. pgserver gives `pg_ctl
+        start` 10 s and runs `useradd` for its system user unlocked: on a loaded machine, or
+        with two stacks starting at once (the test workers), a start is tried again."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import pgserver
 
-            self._pg = await asyncio.to_thread(
-                pgserver.get_server,  # type: ignore[attr-defined]
-                self.data_dir / "postgres",
-                cleanup_mode="stop",
-            )
+        pgdata = self.data_dir / "postgres"
+        fresh = not (pgdata / "PG_VERSION").exists()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._pg = await asyncio.to_thread(
+                        pgserver.get_server,  # type: ignore[attr-defined]
+                        pgdata,
+                        cleanup_mode="stop",
+                    )
+                # After a start that timed out the server may still be starting up.
+                conn = await asyncpg.connect(self._pg.get_uri(), timeout=10)
+                await conn.close()
+                return
+            except _PG_START_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"PostgreSQL did not start in {timeout:.0f} s: {exc!r}",
+                        log=pgdata / "log",
+                    ) from exc
+                if fresh:
+                    # A cut-off initdb leaves a data dir no server starts on: made again.
+                    await asyncio.to_thread(_remove_data_dir, pgdata)
+                await asyncio.sleep(1.0)
 
     # --- stop --------------------------------------------------------------------------
 

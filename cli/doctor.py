@@ -10,12 +10,15 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from federation.settings import Settings
 
+if TYPE_CHECKING:
+    from temporalio.client import Client
+
 Status = Literal["ok", "warn", "fail"]
-TIMEOUT = 5.0
+TIMEOUT = 10.0  # a busy host (or CI running tests side by side) may take seconds to answer
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,20 @@ def settings_for(instance_info: dict[str, Any] | None, data_dir: Path | None) ->
 
 
 async def check_temporal(settings: Settings) -> list[Check]:
-    from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
-    from temporalio.api.workflowservice.v1 import (
-        DescribeNamespaceRequest,
-        GetSystemInfoRequest,
-    )
-    from temporalio.service import RPCError, RPCStatusCode
+    """Temporal answers, the namespace exists, and the search attributes are registered."""
+    client, reached = await _reach_temporal(settings)
+    if client is None:
+        return [reached]
+    checks = [reached, await _check_namespace(client, settings)]
+    if checks[-1].status == "ok":
+        checks.append(await _check_search_attributes(client, settings))
+    return checks
+
+
+async def _reach_temporal(settings: Settings) -> tuple[Client | None, Check]:
+    from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 
     from federation.temporal import TemporalSettingsError, connect_temporal
-    from workflows.models import SEARCH_ATTRIBUTES
 
     where = f"{settings.temporal_address} (namespace {settings.temporal_namespace})"
     try:
@@ -60,19 +68,23 @@ async def check_temporal(settings: Settings) -> list[Check]:
             GetSystemInfoRequest(), timeout=timedelta(seconds=TIMEOUT)
         )
     except TemporalSettingsError as exc:
-        return [Check("temporal", "fail", str(exc), "fix the FEDAGENT_TEMPORAL_TLS_* settings")]
+        return None, Check("temporal", "fail", str(exc), "fix the FEDAGENT_TEMPORAL_TLS_* settings")
     except Exception as exc:  # noqa: BLE001 - every failure is a finding
-        return [
-            Check(
-                "temporal",
-                "fail",
-                f"cannot reach {where}: {exc.__class__.__name__} {exc}".strip(),
-                "start it (`fedagent dev` runs a dev server) or set FEDAGENT_TEMPORAL_ADDRESS; "
-                "for TLS set FEDAGENT_TEMPORAL_TLS_CERT/_KEY/_SERVER_CA, for Temporal Cloud "
-                "FEDAGENT_TEMPORAL_API_KEY",
-            )
-        ]
-    checks = [Check("temporal", "ok", f"reachable at {settings.temporal_address}")]
+        return None, Check(
+            "temporal",
+            "fail",
+            f"cannot reach {where}: {exc.__class__.__name__} {exc}".strip(),
+            "start it (`fedagent dev` runs a dev server) or set FEDAGENT_TEMPORAL_ADDRESS; "
+            "for TLS set FEDAGENT_TEMPORAL_TLS_CERT/_KEY/_SERVER_CA, for Temporal Cloud "
+            "FEDAGENT_TEMPORAL_API_KEY",
+        )
+    return client, Check("temporal", "ok", f"reachable at {settings.temporal_address}")
+
+
+async def _check_namespace(client: Client, settings: Settings) -> Check:
+    from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+    from temporalio.service import RPCError, RPCStatusCode
+
     namespace = settings.temporal_namespace
     try:
         await client.workflow_service.describe_namespace(
@@ -80,44 +92,44 @@ async def check_temporal(settings: Settings) -> list[Check]:
         )
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
-            return [
-                *checks,
-                Check(
-                    "temporal namespace",
-                    "fail",
-                    f"namespace {namespace!r} does not exist",
-                    f"temporal operator namespace create --namespace {namespace} "
-                    f"--address {settings.temporal_address}",
-                ),
-            ]
-        checks.append(Check("temporal namespace", "warn", f"cannot describe it: {exc}"))
-        return checks
-    checks.append(Check("temporal namespace", "ok", namespace))
+            return Check(
+                "temporal namespace",
+                "fail",
+                f"namespace {namespace!r} does not exist",
+                f"temporal operator namespace create --namespace {namespace} "
+                f"--address {settings.temporal_address}",
+            )
+        return Check("temporal namespace", "warn", f"cannot describe it: {exc}")
+    return Check("temporal namespace", "ok", namespace)
+
+
+async def _check_search_attributes(client: Client, settings: Settings) -> Check:
+    from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+    from temporalio.service import RPCError
+
+    from workflows.models import SEARCH_ATTRIBUTES
+
+    namespace = settings.temporal_namespace
     try:
         listed = await client.operator_service.list_search_attributes(
             ListSearchAttributesRequest(namespace=namespace), timeout=timedelta(seconds=TIMEOUT)
         )
         missing = sorted(set(SEARCH_ATTRIBUTES) - set(listed.custom_attributes))
     except RPCError as exc:  # Temporal Cloud: the operator API may be off limits
-        checks.append(Check("search attributes", "warn", f"cannot list them: {exc}"))
-        return checks
-    if missing:
-        commands = "; ".join(
-            f"temporal operator search-attribute create --namespace {namespace} "
-            f"--name {name} --type Keyword"
-            for name in missing
-        )
-        checks.append(
-            Check(
-                "search attributes",
-                "warn",
-                f"missing {', '.join(missing)} (a worker registers them when it may)",
-                commands,
-            )
-        )
-    else:
-        checks.append(Check("search attributes", "ok", ", ".join(sorted(SEARCH_ATTRIBUTES))))
-    return checks
+        return Check("search attributes", "warn", f"cannot list them: {exc}")
+    if not missing:
+        return Check("search attributes", "ok", ", ".join(sorted(SEARCH_ATTRIBUTES)))
+    commands = "; ".join(
+        f"temporal operator search-attribute create --namespace {namespace} "
+        f"--name {name} --type Keyword"
+        for name in missing
+    )
+    return Check(
+        "search attributes",
+        "warn",
+        f"missing {', '.join(missing)} (a worker registers them when it may)",
+        commands,
+    )
 
 
 async def check_postgres(settings: Settings) -> Check:
@@ -346,63 +358,64 @@ async def check_live(
     """The running instance itself: its API answers /readyz, workers poll both task queues.
     For a dev stack's instance (-i NAME) these must hold; for FEDAGENT_* settings alone the
     instance may simply not be started yet, so they only warn."""
-    from api.liveness import queue_pollers, unpolled
-    from federation.temporal import connect_temporal
-
     must: Status = "fail" if instance_info is not None else "warn"
-    checks: list[Check] = []
-    if instance_info is not None:
-        import httpx
-
-        url = str(instance_info["apiUrl"]).rstrip("/")
-        try:
-            async with httpx.AsyncClient(timeout=TIMEOUT) as http:
-                response = await http.get(f"{url}/readyz")
-            if response.status_code == 200:
-                checks.append(Check("api", "ok", f"{url} is ready"))
-                warning = response.json().get("checks", {}).get("sandboxes", "ok")
-                if warning != "ok":  # a worker's sandboxes do not hold every run limit
-                    checks.append(Check("worker sandboxes", "warn", warning))
-            else:
-                detail = response.json().get("detail") if response.content else ""
-                checks.append(
-                    Check("api", "fail", f"{url}/readyz answered {response.status_code}: {detail}")
-                )
-        except (httpx.HTTPError, ValueError) as exc:
-            checks.append(
-                Check(
-                    "api",
-                    "fail",
-                    f"{url} does not answer: {exc.__class__.__name__}",
-                    "start the stack (`fedagent dev`); its logs are in DATA_DIR/logs",
-                )
-            )
+    checks = await _check_api(str(instance_info["apiUrl"])) if instance_info is not None else []
     if not temporal_ok:
         checks.append(Check("workers", must, "not checked: Temporal does not answer (above)"))
         return checks
+    checks.append(await _check_workers(settings, must))
+    return checks
+
+
+async def _check_api(api_url: str) -> list[Check]:
+    """The instance's /readyz, and the warning of workers whose sandboxes fall short."""
+    import httpx
+
+    url = api_url.rstrip("/")
+    try:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            response = await http.get(f"{url}/readyz")
+        if response.status_code != 200:
+            detail = response.json().get("detail") if response.content else ""
+            return [Check("api", "fail", f"{url}/readyz answered {response.status_code}: {detail}")]
+        checks = [Check("api", "ok", f"{url} is ready")]
+        warning = response.json().get("checks", {}).get("sandboxes", "ok")
+        if warning != "ok":  # a worker's sandboxes do not hold every run limit
+            checks.append(Check("worker sandboxes", "warn", warning))
+        return checks
+    except (httpx.HTTPError, ValueError) as exc:
+        return [
+            Check(
+                "api",
+                "fail",
+                f"{url} does not answer: {exc.__class__.__name__}",
+                "start the stack (`fedagent dev`); its logs are in DATA_DIR/logs",
+            )
+        ]
+
+
+async def _check_workers(settings: Settings, must: Status) -> Check:
+    from api.liveness import queue_pollers, unpolled
+    from federation.temporal import connect_temporal
+
     try:
         client = await asyncio.wait_for(connect_temporal(settings), timeout=TIMEOUT)
         found = await queue_pollers(
             client, settings.temporal_namespace, settings.task_queue, timeout=TIMEOUT
         )
     except Exception as exc:  # noqa: BLE001
-        checks.append(Check("workers", must, f"cannot ask Temporal: {exc.__class__.__name__}"))
-        return checks
+        return Check("workers", must, f"cannot ask Temporal: {exc.__class__.__name__}")
     missing = unpolled(found)
     if missing:
-        checks.append(
-            Check(
-                "workers",
-                must,
-                f"no worker polls {', '.join(missing)}",
-                "start one: `fedagent worker` with this instance's FEDAGENT_* settings "
-                "(`fedagent dev` restarts its own)",
-            )
+        return Check(
+            "workers",
+            must,
+            f"no worker polls {', '.join(missing)}",
+            "start one: `fedagent worker` with this instance's FEDAGENT_* settings "
+            "(`fedagent dev` restarts its own)",
         )
-    else:
-        polled = ", ".join(f"{q.task_queue}: {q.pollers}" for q in found)
-        checks.append(Check("workers", "ok", f"pollers {polled}"))
-    return checks
+    polled = ", ".join(f"{q.task_queue}: {q.pollers}" for q in found)
+    return Check("workers", "ok", f"pollers {polled}")
 
 
 async def run_checks(

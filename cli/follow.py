@@ -229,30 +229,37 @@ def print_agent(
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim")
     grid.add_column(overflow="fold")
-    grid.add_row("agent", str(agent["agentId"]))
-    grid.add_row("state", state_text(agent["state"]))
-    grid.add_row("task", f"{agent['taskId']} ({agent['agentType']})")
-    grid.add_row("connection", str(agent["connectionId"]))
-    grid.add_row("peer", f"{peer} ({agent['peerInstanceId']})" if peer else agent["peerInstanceId"])
+
+    def row(label: str, value: str | Text) -> None:
+        # What a peer said (its name, changed files) is text, never read as markup.
+        grid.add_row(label, value if isinstance(value, Text) else Text(value))
+
+    row("agent", str(agent["agentId"]))
+    row("state", state_text(agent["state"]))
+    row("task", f"{agent['taskId']} ({agent['agentType']})")
+    row("connection", str(agent["connectionId"]))
+    row("peer", f"{peer} ({agent['peerInstanceId']})" if peer else agent["peerInstanceId"])
+    if agent.get("peerKind"):  # fedagent (another instance), a2a (an A2A agent) or local
+        row("peer kind", str(agent["peerKind"]))
     if agent.get("attempt"):
-        grid.add_row("try", str(agent["attempt"]))
+        row("try", str(agent["attempt"]))
     if agent.get("progress") and agent["state"] not in TERMINAL_STATES:
-        grid.add_row("progress", describe_progress(agent["progress"]))
-    grid.add_row("workflow", str(agent["workflowId"]))
-    grid.add_row("created", str(agent["createdAt"]))
+        row("progress", describe_progress(agent["progress"]))
+    row("workflow", str(agent["workflowId"]))
+    row("created", str(agent["createdAt"]))
     if agent.get("finishedAt"):
-        grid.add_row("finished", str(agent["finishedAt"]))
+        row("finished", str(agent["finishedAt"]))
     if agent.get("error"):
-        grid.add_row("error", Text(str(agent["error"]), style="red"))
+        row("error", Text(str(agent["error"]), style="red"))
     result = agent.get("result") or {}
     if result.get("changedFiles") is not None:
-        grid.add_row("changed", ", ".join(result["changedFiles"]) or "(no files)")
+        row("changed", ", ".join(result["changedFiles"]) or "(no files)")
     for link in links or []:
-        grid.add_row("temporal", link)
+        row("temporal", link)
     console.print(grid)
     if full and result:
         if result.get("summary"):
-            console.print(Panel(str(result["summary"]).strip(), title="result", expand=False))
+            console.print(Panel(Text(str(result["summary"]).strip()), title="result", expand=False))
         if result.get("logTail"):
             console.print(
                 Panel(

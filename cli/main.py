@@ -179,7 +179,8 @@ def demo(
 
 
 # A process that must not start as configured (sysexits' EX_CONFIG): its settings contradict
-# the instance's identity, or it cannot open the instance's keys.
+# the instance's identity, it cannot open the instance's keys, or its OTEL_* settings name an
+# exporter it does not have.
 EXIT_REFUSED = 78
 
 
@@ -213,14 +214,16 @@ def serve() -> None:
     import uvicorn
 
     from api.main import create_app
+    from federation import telemetry
     from federation.identity import IdentityConflict
     from federation.keystore import KeystoreError
 
     settings = _settings()
     _configure_logging(settings)
     try:
+        telemetry.check_settings()
         asyncio.run(_check_can_start(settings))
-    except (IdentityConflict, KeystoreError) as exc:
+    except (IdentityConflict, KeystoreError, telemetry.TelemetrySettingsError) as exc:
         raise _refuse_to_start(exc) from None
     uvicorn.run(
         create_app(settings),
@@ -235,6 +238,7 @@ def serve() -> None:
 @app.command(rich_help_panel="Run")
 def worker() -> None:
     """Run a worker of this instance (FEDAGENT_* settings)."""
+    from federation import telemetry
     from federation.identity import IdentityConflict
     from federation.keystore import KeystoreError
     from worker.main import main as worker_main
@@ -242,8 +246,9 @@ def worker() -> None:
     settings = _settings()
     _configure_logging(settings)
     try:
+        telemetry.check_settings()
         worker_main(settings)
-    except (IdentityConflict, KeystoreError) as exc:
+    except (IdentityConflict, KeystoreError, telemetry.TelemetrySettingsError) as exc:
         raise _refuse_to_start(exc) from None
 
 
@@ -445,7 +450,7 @@ STATUS_STYLE: dict[str, str] = {
 def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
     wide = console.width >= 120
     table = Table(title=title, header_style="bold")
-    columns = ["connection", "peer", "direction", "status", "grants", "peer allows"]
+    columns = ["connection", "peer", "kind", "direction", "status", "grants", "peer allows"]
     if wide:
         columns[2:2] = ["url"]
         columns.append("updated")
@@ -454,8 +459,9 @@ def _connections_table(rows: list[dict[str, Any]], title: str | None = None) -> 
     for row in rows:
         cells: dict[str, Any] = {
             "connection": str(row["connectionId"]),
-            "peer": str(row["remoteName"]),
-            "url": str(row["remoteUrl"]),
+            "peer": Text(str(row["remoteName"])),
+            "kind": str(row.get("kind") or "fedagent"),
+            "url": Text(str(row["remoteUrl"])),
             "direction": str(row["direction"]),
             "status": Text(str(row["status"]), style=STATUS_STYLE.get(str(row["status"]), "")),
             "grants": _grants_summary(row.get("grants") or {}),
@@ -512,8 +518,27 @@ def _grants_from_options(
 def connect(
     target: Remote,
     peer: Annotated[
-        str, typer.Argument(help="The peer's URL, or its name in the same instances.json.")
-    ],
+        str | None,
+        typer.Argument(help="The peer's URL, or its name in the same instances.json."),
+    ] = None,
+    a2a: Annotated[
+        str | None,
+        typer.Option(
+            "--a2a",
+            metavar="CARD_URL",
+            help="Add an A2A agent as a peer instead, by its agent card's URL (or base URL):"
+            " ACTIVE at once, spawns on it go over A2A 1.0.",
+        ),
+    ] = None,
+    a2a_token: Annotated[
+        str | None,
+        typer.Option(
+            "--a2a-token",
+            envvar="FEDAGENT_A2A_TOKEN",
+            help="With --a2a: the agent's bearer token (kept sealed on the instance; --token"
+            " is this instance's own API token).",
+        ),
+    ] = None,
     accept: Annotated[
         bool,
         typer.Option(
@@ -530,7 +555,15 @@ def connect(
     """Ask a peer for a connection; it stays PENDING until the peer accepts.
 
     The peer may ask nothing of this instance over it unless the grant options say so (the
-    same as `fedagent accept` takes), or until this instance's admin grants it later."""
+    same as `fedagent accept` takes), or until this instance's admin grants it later.
+    `--a2a CARD_URL [--a2a-token T]` adds an A2A agent instead (no handshake, no grants)."""
+    if a2a is not None:
+        _connect_a2a(target, a2a, a2a_token, peer)
+        return
+    if peer is None:
+        raise CliError("name the peer (its URL or name), or an A2A agent with --a2a CARD_URL")
+    if a2a_token is not None:
+        raise CliError("--a2a-token is for an A2A agent: use it with --a2a CARD_URL")
     remote_url, peer_info = resolve_peer_url(peer, target.data_dir)
     body: dict[str, Any] = {"remoteUrl": remote_url}
     grants = _grants_from_options(
@@ -557,6 +590,20 @@ def connect(
             f"[dim]the peer accepts with:[/] fedagent accept {connection['connectionId']}"
             + (f" --instance {peer}" if peer_info else "")
         )
+
+
+def _connect_a2a(target: Remote, card_url: str, token: str | None, peer: str | None) -> None:
+    if peer is not None:
+        raise CliError("--a2a takes the agent's card URL: name no peer besides it")
+    body: dict[str, Any] = {"kind": "a2a", "remoteUrl": card_url}
+    if token is not None:
+        body["token"] = token
+    with target.api() as api:
+        connection = api.call("POST", "/connections", json=body)
+    if target.as_json:
+        _print_json(connection)
+    else:
+        console.print(_connections_table([connection]))
 
 
 @app.command(rich_help_panel="Connections")
@@ -588,15 +635,19 @@ def peers(target: Remote) -> None:
         console.print("no peers to spawn on yet: an admin connects with [bold]fedagent connect[/]")
         return
     table = Table(header_style="bold")
-    for column in ("peer", "connection", "status", "the peer allows"):
+    for column in ("peer", "kind", "connection", "status", "the peer allows"):
         table.add_column(column, no_wrap=column in ("connection", "status"))
     for row in rows:
         allows = row.get("peerGrants")
+        kind = str(row.get("kind") or "fedagent")
         table.add_row(
-            str(row["peerName"]),
+            Text(str(row["peerName"])),
+            kind,
             str(row["connectionId"]),
             Text(str(row["status"]), style=STATUS_STYLE.get(str(row["status"]), "")),
-            _grants_summary(allows) if allows is not None else Text("not told yet", style="dim"),
+            _grants_summary(allows)
+            if allows is not None
+            else Text("what its card offers" if kind == "a2a" else "not told yet", style="dim"),
         )
     console.print(table)
 
@@ -628,17 +679,9 @@ def accept(
     ] = None,
 ) -> None:
     """Accept a peer's connection request (optionally with grants): ACTIVE on both sides."""
-    grants: dict[str, Any] = {
-        key: value
-        for key, value in {
-            "agentTypes": _csv(agent_types),
-            "commandTypes": _csv(command_types),
-            "maxConcurrentAgents": max_concurrent,
-            "maxTimeout": max_timeout,
-            "repositories": _csv(repositories),
-        }.items()
-        if value is not None
-    }
+    grants = _grants_from_options(
+        agent_types, command_types, max_concurrent, max_timeout, repositories
+    )
     body = {"grants": grants} if grants else None
     with target.api() as api:
         connection = api.call("POST", f"/connections/{connection_id}/accept", json=body)
@@ -777,8 +820,41 @@ def spawn(
 ) -> None:
     """Spawn an agent on a peer (or here, with --here); with --follow, watch it to the end and
     print its result."""
-    from cli.follow import follow_agent, print_agent
+    text = _instructions_text(instructions, instructions_file)
+    context = {
+        "repository": repository,
+        "branch": branch,
+        "workItems": work_items or [],
+        "instructions": text,
+    }
+    with target.api() as api:
+        connection = _spawn_target(api, here=here, peer=peer, connection_id=connection_id)
+        body = {
+            "agentId": agent_id or str(uuid.uuid4()),
+            "connectionId": connection["connectionId"],
+            "taskId": task_id or f"cli-{uuid.uuid4().hex[:8]}",
+            "agentType": agent_type.value,
+            "context": context,
+            "options": {"timeout": timeout, "maxRetries": max_retries, "queue": queue},
+        }
+        started = time.perf_counter()
+        accepted = api.call("POST", "/agents/spawn", json=body)
+        ack_ms = (time.perf_counter() - started) * 1000
+        if not follow:
+            _print_spawned(target, accepted, str(connection["peerName"]), ack_ms)
+            return
+        agent = _follow_spawned(api, target, accepted, str(connection["peerName"]), ack_ms, quiet)
+    if target.as_json:
+        _print_json(agent)
+    else:
+        from cli.follow import print_agent
 
+        print_agent(agent, console)
+    raise typer.Exit(0 if agent["state"] == AgentState.COMPLETED else 1)
+
+
+def _instructions_text(instructions: list[str] | None, instructions_file: Path | None) -> str:
+    """The task text: the -m lines, then the file's text."""
     if not instructions and instructions_file is None:
         raise CliError(
             "spawn needs the agent's instructions: -m TEXT (repeatable) or -f FILE",
@@ -789,62 +865,49 @@ def spawn(
     if instructions_file is not None:
         file_text = _read_instructions(instructions_file)
         text = f"{text}\n{file_text}" if text else file_text
-    with target.api() as api:
-        connection = _spawn_target(api, here=here, peer=peer, connection_id=connection_id)
-        body = {
-            "agentId": agent_id or str(uuid.uuid4()),
-            "connectionId": connection["connectionId"],
-            "taskId": task_id or f"cli-{uuid.uuid4().hex[:8]}",
-            "agentType": agent_type.value,
-            "context": {
-                "repository": repository,
-                "branch": branch,
-                "workItems": work_items or [],
-                "instructions": text,
-            },
-            "options": {"timeout": timeout, "maxRetries": max_retries, "queue": queue},
-        }
-        started = time.perf_counter()
-        accepted = api.call("POST", "/agents/spawn", json=body)
-        ack_ms = (time.perf_counter() - started) * 1000
-        if not follow:
-            if target.as_json:
-                _print_json(accepted)
-            else:
-                console.print(
-                    f"spawned agent [bold]{accepted['agentId']}[/] on "
-                    f"[bold]{connection['peerName']}[/]: {accepted['state']} "
-                    f"[dim]({ack_ms:.0f} ms)[/]"
-                )
-                console.print(
-                    f"[dim]follow it:[/] fedagent status {accepted['agentId']} --follow"
-                    + target.instance_flag
-                )
-            return
-        if not target.as_json:
-            console.print(
-                f"spawned agent [bold]{accepted['agentId']}[/] on "
-                f"[bold]{connection['peerName']}[/] [dim]({ack_ms:.0f} ms)[/]"
-            )
-        try:
-            agent = follow_agent(
-                api,
-                str(accepted["agentId"]),
-                err_console if target.as_json else console,
-                peer=str(connection["peerName"]),
-                quiet=quiet,
-            )
-        except KeyboardInterrupt:
-            err_console.print(
-                f"stopped following; the agent keeps running: fedagent status "
-                f"{accepted['agentId']}   (fedagent kill {accepted['agentId']} stops it)"
-            )
-            raise typer.Exit(130) from None
+    return text
+
+
+def _print_spawned(target: Remote, accepted: dict[str, Any], peer: str, ack_ms: float) -> None:
     if target.as_json:
-        _print_json(agent)
-    else:
-        print_agent(agent, console)
-    raise typer.Exit(0 if agent["state"] == AgentState.COMPLETED else 1)
+        _print_json(accepted)
+        return
+    console.print(
+        f"spawned agent [bold]{accepted['agentId']}[/] on "
+        f"[bold]{peer}[/]: {accepted['state']} "
+        f"[dim]({ack_ms:.0f} ms)[/]"
+    )
+    console.print(
+        f"[dim]follow it:[/] fedagent status {accepted['agentId']} --follow" + target.instance_flag
+    )
+
+
+def _follow_spawned(
+    api: Api, target: Remote, accepted: dict[str, Any], peer: str, ack_ms: float, quiet: bool
+) -> dict[str, Any]:
+    """Watch the spawned agent to its end; ^C stops watching, not the agent."""
+    from cli.follow import follow_agent
+
+    if not target.as_json:
+        console.print(
+            f"spawned agent [bold]{accepted['agentId']}[/] on "
+            f"[bold]{peer}[/] [dim]({ack_ms:.0f} ms)[/]"
+        )
+    try:
+        agent: dict[str, Any] = follow_agent(
+            api,
+            str(accepted["agentId"]),
+            err_console if target.as_json else console,
+            peer=peer,
+            quiet=quiet,
+        )
+    except KeyboardInterrupt:
+        err_console.print(
+            f"stopped following; the agent keeps running: fedagent status "
+            f"{accepted['agentId']}   (fedagent kill {accepted['agentId']} stops it)"
+        )
+        raise typer.Exit(130) from None
+    return agent
 
 
 def _peer_names(api: Api) -> dict[str, str]:

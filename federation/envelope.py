@@ -353,6 +353,13 @@ def check_signature(envelope: Envelope, key: PublicKey) -> None:
         raise SignatureInvalid("signature does not verify against the sender's key")
 
 
-def expiry(window_seconds: int, now: datetime | None = None) -> datetime:
-    """How long a seen messageId must be remembered: twice the window."""
-    return (now or datetime.now(UTC)) + timedelta(seconds=2 * window_seconds)
+def expiry(
+    window_seconds: int, now: datetime | None = None, stamped: datetime | None = None
+) -> datetime:
+    """Until when a seen messageId must be remembered: twice the window past the later of now
+    and the message's own timestamp (`stamped`). A message stamped ahead of this process's
+    clock stays acceptable, to a replica whose clock is behind, up to a window past its
+    timestamp: counting from now alone would forget it while a replay could still pass."""
+    current = now or datetime.now(UTC)
+    later = max(current, stamped) if stamped is not None else current
+    return later + timedelta(seconds=2 * window_seconds)

@@ -169,6 +169,36 @@ class PeerResponseInvalid(FederationError):
     title = "Peer instance answered with an invalid message"
 
 
+class A2ACardInvalid(PeerResponseInvalid):
+    code = "a2a_card_invalid"
+    title = "The URL did not answer with a usable A2A agent card"
+
+
+class A2AAnswerInvalid(PeerResponseInvalid):
+    code = "a2a_answer_invalid"
+    title = "The A2A agent answered with an invalid message"
+
+
+class A2ARefused(PeerRefused):
+    """A JSON-RPC error (or an HTTP refusal) of an A2A agent; `peer_code` is its code."""
+
+    code = "a2a_refused"
+    title = "The A2A agent refused the request"
+
+
+class PeerNotTold(FederationError):
+    """A change that an A2A peer is never told of (it has no fedagent/1 side)."""
+
+    code = "peer_not_told"
+    status = 409
+    title = "The peer is not told of this change"
+
+
+class PeerSpeaksA2A(Conflict):
+    code = "peer_speaks_a2a"
+    title = "The peer is an A2A agent: it takes no fedagent/1 message"
+
+
 class ServiceUnavailable(FederationError):
     code = "service_unavailable"
     status = 503

@@ -178,6 +178,26 @@ async def _seal_plaintext_keys(conn: asyncpg.Connection, cipher: KeyCipher) -> i
     return len(rows)
 
 
+async def _instance_row_or_create(
+    conn: asyncpg.Connection, *, name: str, public_url: str
+) -> asyncpg.Record | None:
+    """The instance row's configured name and URL, locked for the transaction; None when there
+    was none and one was created with these."""
+    await conn.execute("LOCK TABLE instance IN EXCLUSIVE MODE")
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT configured_name, public_url FROM instance"
+    )
+    if row is None:
+        await conn.execute(
+            "INSERT INTO instance (instance_id, name, configured_name, public_url)"
+            " VALUES ($1, $2, $2, $3)",
+            str(uuid.uuid4()),
+            name,
+            public_url,
+        )
+    return row
+
+
 class IdentityConflict(RuntimeError):
     """This process's FEDAGENT_INSTANCE_NAME or FEDAGENT_PUBLIC_URL contradicts the identity
     the instance's database holds: the process refuses to start instead of rewriting it."""
@@ -198,17 +218,8 @@ async def ensure_identity(
     leaves key creation to the instance's own processes.
     """
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("LOCK TABLE instance IN EXCLUSIVE MODE")
-        row = await conn.fetchrow("SELECT configured_name, public_url FROM instance")
-        if row is None:
-            await conn.execute(
-                "INSERT INTO instance (instance_id, name, configured_name, public_url)"
-                " VALUES ($1, $2, $2, $3)",
-                str(uuid.uuid4()),
-                name,
-                public_url,
-            )
-        else:
+        row = await _instance_row_or_create(conn, name=name, public_url=public_url)
+        if row is not None:
             _check_same_identity(row, name=name, public_url=public_url)
         if cipher is not None:
             await _check_keys_open(conn, cipher)
@@ -257,16 +268,8 @@ async def adopt_identity(pool: asyncpg.Pool, *, name: str, public_url: str) -> d
     """The admin's explicit change of the instance's configured name and public URL (the
     settings given); returns the values it replaced. Peers learn the new URL from the card."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("LOCK TABLE instance IN EXCLUSIVE MODE")
-        row = await conn.fetchrow("SELECT configured_name, public_url FROM instance")
+        row = await _instance_row_or_create(conn, name=name, public_url=public_url)
         if row is None:
-            await conn.execute(
-                "INSERT INTO instance (instance_id, name, configured_name, public_url)"
-                " VALUES ($1, $2, $2, $3)",
-                str(uuid.uuid4()),
-                name,
-                public_url,
-            )
             return {}
         await conn.execute(
             "UPDATE instance SET name = CASE WHEN configured_name = $1 THEN name ELSE $1 END,"

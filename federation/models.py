@@ -6,20 +6,28 @@ import json
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
+    AliasGenerator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     HttpUrl,
+    SecretStr,
+    ValidationError,
     model_validator,
 )
+from pydantic.alias_generators import to_snake
 from pydantic_core import PydanticCustomError
 
-from federation.states import AgentState, ConnectionStatus
+from federation.errors import InvalidPayload
+from federation.states import AgentState, ConnectionKind, ConnectionStatus
+
+if TYPE_CHECKING:
+    from federation.envelope import Envelope
 
 AgentType = Literal["worker", "reviewer", "tester"]
 KeyAlgorithm = Literal["Ed25519", "RSA-PSS-SHA256"]
@@ -96,16 +104,45 @@ class StrictAgentOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class FromRow(BaseModel):
+    """An output model read from a store row: each camelCase field is read from the row's
+    snake_case column (`agentId` from `agent_id`); other columns are left out. Fields can also
+    be given by name (`from_row(row, peerNotified=True)`). Output stays camelCase."""
+
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(validation_alias=to_snake),
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], **extra: Any) -> Self:
+        return cls.model_validate({**row, **extra})
+
+
 # --- connections ----------------------------------------------------------------------------
 
 
 class ConnectionCreate(Strict):
+    """A fedagent peer by its URL, or (`kind: "a2a"`) an A2A agent by its card URL."""
+
     remoteUrl: HttpUrl
     # What the peer may ask of this instance over it; default: nothing until granted.
     grants: GrantsUpdate | None = None
+    kind: ConnectionKind = ConnectionKind.FEDAGENT
+    # An A2A agent's bearer credentials (kept sealed; never shown again).
+    token: SecretStr | None = Field(default=None, min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _fields_of_the_kind(self) -> ConnectionCreate:
+        if self.kind == ConnectionKind.A2A and self.grants is not None:
+            raise ValueError("an A2A agent may ask nothing of this instance: no grants")
+        if self.kind == ConnectionKind.FEDAGENT and self.token is not None:
+            raise ValueError("a token is for an A2A agent (kind a2a) only")
+        return self
 
 
-class ConnectionPublic(BaseModel):
+class ConnectionPublic(FromRow):
     connectionId: uuid.UUID
     remoteInstanceId: str
     remoteName: str
@@ -120,23 +157,15 @@ class ConnectionPublic(BaseModel):
     suspendedBy: str | None = None
     # What the peer allows this instance, as it last told us (None: it has not said).
     peerGrants: dict[str, Any] | None = None
+    # What the peer speaks: fedagent/1, or A2A 1.0 (then its JSON-RPC interface).
+    kind: ConnectionKind = ConnectionKind.FEDAGENT
+    a2aEndpoint: str | None = Field(default=None, validation_alias="a2a_endpoint")
+    hasCredentials: bool = False
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], **extra: Any) -> ConnectionPublic:
-        return cls(
-            suspendedBy=row.get("suspended_by"),
-            peerGrants=row.get("peer_grants"),
-            connectionId=row["connection_id"],
-            remoteInstanceId=row["remote_instance_id"],
-            remoteName=row["remote_name"],
-            remoteUrl=row["remote_url"],
-            direction=row["direction"],
-            status=row["status"],
-            grants=row["grants"],
-            createdAt=row["created_at"],
-            updatedAt=row["updated_at"],
-            **extra,
-        )
+    def from_row(cls, row: dict[str, Any], **extra: Any) -> Self:
+        sealed = {"hasCredentials": bool(row.get("credentials_sealed"))}
+        return super().from_row(row, **{**sealed, **extra})
 
 
 class PeerPublic(BaseModel):
@@ -148,10 +177,12 @@ class PeerPublic(BaseModel):
     peerName: str
     status: ConnectionStatus
     peerGrants: dict[str, Any] | None = None
+    kind: ConnectionKind = ConnectionKind.FEDAGENT
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> PeerPublic:
         return cls(
+            kind=row.get("kind") or ConnectionKind.FEDAGENT,
             connectionId=row["connection_id"],
             peerInstanceId=row["remote_instance_id"],
             peerName=row["remote_name"],
@@ -195,7 +226,7 @@ class AgentSpawnAccepted(BaseModel):
     workflowId: str
 
 
-class AgentPublic(BaseModel):
+class AgentPublic(FromRow):
     agentId: uuid.UUID
     connectionId: uuid.UUID
     peerInstanceId: str
@@ -216,29 +247,14 @@ class AgentPublic(BaseModel):
     # Requester: a kill or an end decided here is still being delivered to the executor
     # (false), or the executor confirmed it (true); null when this side decided no end.
     killConfirmed: bool | None = None
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> AgentPublic:
-        return cls(
-            agentId=row["agent_id"],
-            connectionId=row["connection_id"],
-            peerInstanceId=row["peer_instance_id"],
-            taskId=row["task_id"],
-            agentType=row["agent_type"],
-            state=row["state"],
-            workflowId=row["workflow_id"],
-            attempt=row["attempt"],
-            progress=row["progress"],
-            result=row["result"],
-            error=row["error"],
-            context=row["context"],
-            options=row["options"],
-            createdAt=row["created_at"],
-            updatedAt=row["updated_at"],
-            startedAt=row["started_at"],
-            finishedAt=row["finished_at"],
-            killConfirmed=row.get("kill_confirmed"),
-        )
+    # The kind of peer the agent runs on: its connection's kind (`fedagent`: another
+    # instance, `a2a`: an A2A agent), or `local` for a local run.
+    peerKind: Literal["fedagent", "a2a", "local"] | None = None
+    # What became of that kill: pending (being delivered), confirmed (the executor stopped the
+    # run), too_late (the run had ended there on its own first: `state` says how), not_found
+    # (the executor has no such run) or undeliverable (no retry could deliver it; see the note).
+    killDelivery: str | None = None
+    killDeliveryNote: str | None = None
 
 
 class AgentKillPublic(BaseModel):
@@ -578,7 +594,7 @@ class CommandCreate(Strict):
     payload: AgentRefPayload
 
 
-class CommandPublic(BaseModel):
+class CommandPublic(FromRow):
     commandId: uuid.UUID
     connectionId: uuid.UUID
     peerInstanceId: str
@@ -592,19 +608,16 @@ class CommandPublic(BaseModel):
     actor: str
     createdAt: datetime
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> CommandPublic:
-        return cls(
-            commandId=row["command_id"],
-            connectionId=row["connection_id"],
-            peerInstanceId=row["peer_instance_id"],
-            commandType=row["command_type"],
-            payload=row["payload"],
-            messageId=row["message_id"],
-            status=row["status"],
-            response=row["response"],
-            error=row["error"],
-            workspace=row["workspace"],
-            actor=row["actor"],
-            createdAt=row["created_at"],
-        )
+
+PayloadT = TypeVar("PayloadT", bound=BaseModel)
+
+
+def payload_of(model: type[PayloadT], envelope: Envelope) -> PayloadT:
+    """The envelope's payload as `model`; 422 `payload_invalid` naming the fields that fail."""
+    try:
+        return model.model_validate(envelope.payload)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+        raise InvalidPayload(
+            f"payload of {envelope.commandType} is invalid: {', '.join(fields)}", fields=fields
+        ) from exc

@@ -242,13 +242,23 @@ async def request_bounded(
     """(status, body) of one request, within `deadline` seconds in total and `max_bytes`.
 
     A redirect is never followed (it is an answer like any other status). Errors say what
-    failed here, never what the other side answered.
+    failed here, never what the other side answered. The answer is asked for uncompressed and
+    a compressed one is refused: `max_bytes` would otherwise bound only what one decompressed
+    chunk adds, and a few KiB of gzip make hundreds of MiB.
     """
+    headers = {**(kwargs.pop("headers", None) or {}), "Accept-Encoding": "identity"}
     try:
         async with asyncio.timeout(deadline):
-            async with http.stream(method, url, follow_redirects=False, **kwargs) as response:
+            async with http.stream(
+                method, url, follow_redirects=False, headers=headers, **kwargs
+            ) as response:
+                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise PeerResponseInvalid(
+                        "the peer's answer is compressed although it was asked for uncompressed"
+                    )
                 body = bytearray()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.aiter_bytes():  # identity: as sent
                     body += chunk
                     if len(body) > max_bytes:
                         raise PeerResponseInvalid(

@@ -7,11 +7,13 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import httpx
 
+from federation import tracing
 from federation.envelope import (
     Algorithm,
     Envelope,
@@ -33,6 +35,7 @@ from federation.errors import (
 )
 from federation.identity import Identity
 from federation.netpolicy import CARD_MAX_BYTES, request_bounded
+from federation.settings import Settings
 from federation.states import ConnectionStatus
 from federation.store import repos
 from federation.trust import continued_keys, lookup_key, public_keys
@@ -45,6 +48,7 @@ INCOMING_PATH = {
     MessageType.COMMAND: f"{API}/incoming/command",
     MessageType.EVENT: f"{API}/incoming/event",
 }
+REPLY_MAX_BYTES = 4 * 1024 * 1024  # what a peer's RESPONSE may hold unless a caller says
 
 
 async def fetch_card(
@@ -90,7 +94,8 @@ async def send_signed(
     timeout: float | None = None,
     refresh_keys: Callable[[], Awaitable[list[dict[str, Any]] | None]] | None = None,
     message_id: str | None = None,
-    max_reply_bytes: int = 4 * 1024 * 1024,
+    max_reply_bytes: int = REPLY_MAX_BYTES,
+    connection_id: str | None = None,
 ) -> tuple[Envelope, dict[str, Any]]:
     """Sign and POST one message; return it and the verified payload of the signed RESPONSE.
 
@@ -100,25 +105,61 @@ async def send_signed(
 
     A reply signed with a key `recipient_keys` lack (the peer rotated its key) makes us read the
     peer's identity card (`refresh_keys`, or directly from `url`) and accept a key it lists.
+    `connection_id` (the connection the message goes over) names it in the send's span.
     """
-    envelope = sign_envelope(
-        identity.signing_key,
-        type=type,
-        sender_id=identity.instance_id,
-        recipient_id=recipient_id,
-        command_type=command_type,
-        payload=payload,
-        message_id=message_id,
-    )
-    target = f"{url.rstrip('/')}{INCOMING_PATH[type]}"
-    status, raw = await request_bounded(
-        http,
-        "POST",
-        target,
-        max_bytes=max_reply_bytes,
-        deadline=timeout or 30.0,
-        json=envelope.to_wire(),
-    )
+    # OpenTelemetry on: the envelope carries this span's context, the POST is its child.
+    agent_id = payload.get("agentId")
+    with tracing.sending(
+        type.value,
+        command_type,
+        peer_instance_id=recipient_id,
+        agent_id=agent_id,
+        connection_id=connection_id,
+    ):
+        envelope = sign_envelope(
+            identity.signing_key,
+            type=type,
+            sender_id=identity.instance_id,
+            recipient_id=recipient_id,
+            command_type=command_type,
+            payload=payload,
+            message_id=message_id,
+        )
+        target = f"{url.rstrip('/')}{INCOMING_PATH[type]}"
+        status, raw = await request_bounded(
+            http,
+            "POST",
+            target,
+            max_bytes=max_reply_bytes,
+            deadline=timeout or 30.0,
+            json=envelope.to_wire(),
+        )
+        reply = await _verified_reply(
+            http,
+            identity,
+            envelope,
+            url=url,
+            answer=(status, raw),
+            recipient_keys=recipient_keys,
+            refresh_keys=refresh_keys,
+            window_seconds=window_seconds,
+        )
+        return envelope, reply
+
+
+async def _verified_reply(
+    http: httpx.AsyncClient,
+    identity: Identity,
+    envelope: Envelope,
+    *,
+    url: str,
+    answer: tuple[int, bytes],
+    recipient_keys: list[dict[str, Any]],
+    refresh_keys: Callable[[], Awaitable[list[dict[str, Any]] | None]] | None,
+    window_seconds: int,
+) -> dict[str, Any]:
+    """The payload of the peer's signed RESPONSE to `envelope` (see `send_signed`)."""
+    status, raw = answer
     if status >= 500:
         raise PeerUnreachable(f"{url} answered {status}")
     try:
@@ -129,20 +170,87 @@ async def send_signed(
         code = body.get("code", "unknown") if isinstance(body, dict) else "unknown"
         detail = body.get("detail", "") if isinstance(body, dict) else ""
         raise PeerRefused(
-            f"{url} refused {command_type or type.value}: {code}: {detail}",
+            f"{url} refused {envelope.commandType or envelope.type.value}: {code}: {detail}",
             peer_code=str(code),
             peer_status=status,
         )
     key_id = body.get("keyId") if isinstance(body, dict) else None
     if isinstance(key_id, str) and lookup_key(recipient_keys, key_id) == (None, False):
-        fresh = await (refresh_keys() if refresh_keys else _card_keys(http, url, recipient_id))
+        peer = envelope.recipientId
+        fresh = await (refresh_keys() if refresh_keys else _card_keys(http, url, peer))
         if fresh is not None:
             # Only keys that continue the trusted ones: the URL may have changed hands.
-            recipient_keys, _ = continued_keys(recipient_keys, fresh, recipient_id)
+            recipient_keys, _ = continued_keys(recipient_keys, fresh, peer)
     reply = verify_response(
         body, identity, envelope, recipient_keys=recipient_keys, window_seconds=window_seconds
     )
-    return envelope, reply.payload
+    return reply.payload
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerLink:
+    """Sends signed messages, as this instance, to the peer of one connection.
+
+    `PeerLink.of(connection, ...)` takes the peer's URL, id and trusted keys from the
+    connection's row and the window and timeout from the settings; `send` signs one message,
+    POSTs it and returns it with the verified payload of the peer's signed RESPONSE (see
+    `send_signed` for what it raises).
+    """
+
+    http: httpx.AsyncClient
+    identity: Identity
+    url: str
+    recipient_id: str
+    recipient_keys: list[dict[str, Any]]
+    window_seconds: int
+    timeout: float
+    max_reply_bytes: int = REPLY_MAX_BYTES
+    connection_id: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        connection: dict[str, Any],
+        *,
+        http: httpx.AsyncClient,
+        identity: Identity,
+        settings: Settings,
+        timeout: float | None = None,
+    ) -> PeerLink:
+        return cls(
+            http=http,
+            identity=identity,
+            url=connection["remote_url"],
+            recipient_id=connection["remote_instance_id"],
+            recipient_keys=connection["remote_keys"],
+            window_seconds=settings.timestamp_window,
+            timeout=timeout or settings.peer_request_timeout,
+            connection_id=str(connection["connection_id"]),
+        )
+
+    async def send(
+        self,
+        type: MessageType,
+        command_type: str,
+        payload: dict[str, Any],
+        *,
+        message_id: str | None = None,
+    ) -> tuple[Envelope, dict[str, Any]]:
+        return await send_signed(
+            self.http,
+            self.identity,
+            url=self.url,
+            recipient_id=self.recipient_id,
+            recipient_keys=self.recipient_keys,
+            type=type,
+            command_type=command_type,
+            payload=payload,
+            window_seconds=self.window_seconds,
+            timeout=self.timeout,
+            message_id=message_id,
+            max_reply_bytes=self.max_reply_bytes,
+            connection_id=self.connection_id,
+        )
 
 
 async def _card_keys(
@@ -187,7 +295,7 @@ class CardKeyRefresher:
     async def __call__(
         self, connection: dict[str, Any], envelope: Envelope, *, fetch: bool = True
     ) -> list[dict[str, Any]] | None:
-        if connection["status"] == ConnectionStatus.DISCONNECTED:
+        if connection["status"] == ConnectionStatus.DISCONNECTED or connection.get("kind") == "a2a":
             return None
         peer = str(connection["remote_instance_id"])
         lock = _refresh_locks.setdefault(peer, asyncio.Lock())
@@ -208,7 +316,8 @@ class CardKeyRefresher:
                 _last_fetch[peer] = (time.monotonic(), keys)
             if keys is None:
                 return None
-            keys = _continuing(stored_now or connection["remote_keys"], keys, envelope, peer)
+            basis = stored_now if stored_now is not None else connection["remote_keys"]
+            keys = _continuing(basis, keys, envelope, peer)
             key, _ = lookup_key(keys, envelope.keyId)
             if key is None:
                 return None
@@ -216,18 +325,36 @@ class CardKeyRefresher:
                 check_signature(envelope, key)
             except EnvelopeError:
                 return None  # a forged message must not make us write anything
-            stored = await self.pool.fetchval(
-                "SELECT remote_keys FROM connections WHERE connection_id = $1",
+            return await self._store(connection, envelope, basis, keys)
+
+    async def _store(
+        self,
+        connection: dict[str, Any],
+        envelope: Envelope,
+        basis: list[dict[str, Any]],
+        keys: list[dict[str, Any]],
+    ) -> list[dict[str, Any]] | None:
+        """Store `keys` (continued from `basis`) unless the stored keys changed meanwhile:
+        another process (an API replica: the lock above is this process's only) stored what
+        a card read later said, and this answer, older maybe, must not undo it (put back a
+        key the peer retired, drop one it added). Then the stored keys decide."""
+        peer = str(connection["remote_instance_id"])
+        async with self.pool.acquire() as conn, conn.transaction():
+            stored = await conn.fetchval(
+                "SELECT remote_keys FROM connections WHERE connection_id = $1 FOR NO KEY UPDATE",
                 connection["connection_id"],
             )
             if stored == keys:
                 return keys  # another message stored this very answer already
-            before = {k.get("keyId") for k in connection["remote_keys"] if isinstance(k, dict)}
+            if stored != basis:
+                ours = stored if lookup_key(stored or [], envelope.keyId)[0] else None
+                return list(ours) if ours is not None else None
+            before = {k.get("keyId") for k in basis if isinstance(k, dict)}
             after = {k.get("keyId") for k in keys if isinstance(k, dict)}
-            await repos.set_remote_keys(self.pool, connection["connection_id"], keys)
+            await repos.set_remote_keys(conn, connection["connection_id"], keys)
             if before != after:
                 await repos.audit(
-                    self.pool,
+                    conn,
                     actor=f"peer:{peer}",
                     action="connection.keys_refreshed",
                     connectionId=str(connection["connection_id"]),

@@ -275,7 +275,8 @@ class Settings(BaseSettings):
         ge=1,
         description=(
             "Seconds the messages, events, transcripts and conversation checkpoints of an ended "
-            "run are kept (messages of no run: from when they were received)."
+            "run are kept (messages of no run, and the commands users sent: from when they were "
+            "received)."
         ),
     )
     artifact_retention: float = Field(

@@ -28,6 +28,14 @@ TERMINAL_STATES: frozenset[AgentState] = frozenset(
 )
 
 
+class ConnectionKind(StrEnum):
+    """What a connection's peer speaks: fedagent/1 (another instance) or A2A 1.0 (any A2A
+    agent, added by its card URL)."""
+
+    FEDAGENT = "fedagent"
+    A2A = "a2a"
+
+
 class ConnectionStatus(StrEnum):
     """PENDING until the peer answers; ACTIVE or SUSPENDED (by either side) while it lasts;
     DISCONNECTED for ever after."""
@@ -41,5 +49,8 @@ class ConnectionStatus(StrEnum):
 # A local run (one this instance runs for its own users, issue 23) is an executor row whose
 # requester is this marker, not a peer: an instance id never starts with "_", so no peer's runs
 # can be taken for local ones. Its connection id is the nil UUID (it came over no connection).
+# How long a kill the requester decided is delivered to the executor before the delivery gives
+# up (KillDelivery); the run's record is kept that long, since each try reads it.
+KILL_DELIVERY_SECONDS = 7 * 24 * 3600.0
 LOCAL_REQUESTER = "_local"
 LOCAL_CONNECTION_ID = "00000000-0000-0000-0000-000000000000"

@@ -9,6 +9,7 @@ from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import TLSConfig
 
+from federation import telemetry
 from federation.settings import Settings
 
 
@@ -83,4 +84,6 @@ async def connect_temporal(settings: Settings, *, runtime: Runtime | None = None
         tls=tls_config(settings),
         api_key=api_key,
         runtime=runtime,
+        # OpenTelemetry on: spans of workflows and activities, for this client's workers too.
+        interceptors=telemetry.temporal_interceptors(),
     )

@@ -21,7 +21,7 @@ from federation.errors import FederationError, PeerResponseInvalid
 from federation.identity import load_identity
 from federation.keystore import KeyCipher
 from federation.models import TranscriptPullReply
-from federation.peer import send_signed
+from federation.peer import PeerLink
 from federation.settings import Settings
 from federation.states import TERMINAL_STATES
 from federation.store import conversations, repos
@@ -128,19 +128,20 @@ class TranscriptPuller:
         # Once the run has ended, its final says how many entries there are: no more is kept.
         upto = reported_total(row) if row["state"] in TERMINAL_STATES else None
         connection = require_active(await repos.get_connection(self.pool, row["connection_id"]))
-        identity = await load_identity(self.pool, self.cipher)
+        if connection["kind"] == "a2a":
+            return have  # an A2A agent gives no transcript
+        link = PeerLink.of(
+            connection,
+            http=self.http,
+            identity=await load_identity(self.pool, self.cipher),
+            settings=self.settings,
+            timeout=timeout,
+        )
         for _ in range(MAX_PAGES):
-            _, reply = await send_signed(
-                self.http,
-                identity,
-                url=connection["remote_url"],
-                recipient_id=connection["remote_instance_id"],
-                recipient_keys=connection["remote_keys"],
-                type=MessageType.COMMAND,
-                command_type="agent.transcript",
-                payload={"agentId": str(agent_id), "after": have, "limit": PAGE},
-                window_seconds=self.settings.timestamp_window,
-                timeout=timeout or self.settings.peer_request_timeout,
+            _, reply = await link.send(
+                MessageType.COMMAND,
+                "agent.transcript",
+                {"agentId": str(agent_id), "after": have, "limit": PAGE},
             )
             page = _page(reply, agent_id, after=have)
             if not page.entries:

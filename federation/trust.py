@@ -31,6 +31,7 @@ from federation.envelope import (
     expiry,
     key_problem,
     parse_envelope,
+    parse_timestamp,
     require_acceptable,
 )
 from federation.errors import (
@@ -44,13 +45,14 @@ from federation.errors import (
     GrantTimeout,
     InvalidPayload,
     KeyExpired,
+    PeerSpeaksA2A,
     QueueFull,
     ReplayedMessage,
     UnknownKey,
     UnknownSender,
 )
 from federation.models import ConnectRequestPayload, Grants, SpawnPayload
-from federation.states import ConnectionStatus
+from federation.states import ConnectionKind, ConnectionStatus
 from federation.store import repos
 
 # Given a connection whose stored keys lack a message's keyId, the peer's current keys from its
@@ -244,7 +246,8 @@ async def verify_incoming(
     connection: dict[str, Any] | None = None
     if sender_keys is None:
         connection = await repos.connection_for_peer(db, envelope.senderId)
-        if connection is None:
+        if connection is None or connection.get("kind") == ConnectionKind.A2A:
+            # An A2A agent signs nothing: a message in its name is a stranger's.
             raise UnknownSender(f"instance {envelope.senderId!r} has no connection with us")
         sender_keys = connection["remote_keys"]
         key, expired = lookup_key(sender_keys, envelope.keyId, now)
@@ -257,7 +260,10 @@ async def verify_incoming(
     check_signature(envelope, key)
     if check_replay:
         fresh_id = await repos.remember_message_id(
-            db, envelope.senderId, envelope.messageId, expiry(window_seconds, now)
+            db,
+            envelope.senderId,
+            envelope.messageId,
+            expiry(window_seconds, now, parse_timestamp(envelope.timestamp)),
         )
         if not fresh_id:
             raise ReplayedMessage(f"messageId {envelope.messageId!r} was seen before")
@@ -347,6 +353,15 @@ def require_active(connection: dict[str, Any] | None) -> dict[str, Any]:
 # runs it already had, so both sides agree on how they ended. Nothing new is admitted.
 ENDED = (ConnectionStatus.SUSPENDED, ConnectionStatus.DISCONNECTED)
 RUN_ENDING_COMMANDS = ("agent.kill", "agent.status")
+
+
+def require_fedagent(connection: dict[str, Any]) -> dict[str, Any]:
+    """A connection whose peer speaks fedagent/1 (an A2A agent takes no signed message)."""
+    if connection.get("kind") == ConnectionKind.A2A:
+        raise PeerSpeaksA2A(
+            f"{connection['remote_name']} is an A2A agent: it takes no fedagent/1 message"
+        )
+    return connection
 
 
 def require_active_or_ending(connection: dict[str, Any] | None, *, ending: bool) -> dict[str, Any]:

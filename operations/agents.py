@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime
 from typing import Any
 
 from temporalio.client import WorkflowUpdateFailedError
@@ -44,20 +45,60 @@ async def spawn(
     """
     pool = services.pool
     agent_id = body.agentId or uuid.uuid4()
-    trace = tracing.child(traceparent) if tracing.valid(traceparent) else tracing.new_traceparent()
+    trace = tracing.begin(traceparent)
     tracing.bind(trace)
     if body.connectionId is None:
         return await local_runs.spawn(services, user, body, agent_id, trace)
+    connection = await _spawnable_connection(services, body, body.connectionId, agent_id)
     workflow_id = remote_agent_workflow_id(str(agent_id))
-    connection = await repos.get_connection(pool, body.connectionId)
+    async with pool.acquire() as conn, conn.transaction():
+        inserted = await repos.insert_agent(
+            conn,
+            agent_id=agent_id,
+            role="requester",
+            connection_id=body.connectionId,
+            peer_instance_id=connection["remote_instance_id"],
+            workspace=user.workspace,
+            task_id=body.taskId,
+            agent_type=body.agentType,
+            context=body.context.model_dump(),
+            options=body.options.model_dump(),
+            workflow_id=workflow_id,
+            state=AgentState.SPAWNING,
+            workflow_started=False,
+            traceparent=trace,
+        )
+        if not inserted:
+            existing = await _same_spawn(conn, user, body, agent_id)
+            return AgentSpawnAccepted(
+                agentId=agent_id, state=existing["state"], workflowId=workflow_id
+            )
+        await repos.add_agent_event(conn, agent_id, seq=0, state=AgentState.SPAWNING)
+        await repos.audit(
+            conn,
+            actor=user.actor,
+            action="agent.spawn",
+            agentId=str(agent_id),
+            connectionId=str(body.connectionId),
+        )
+        row = await repos.get_requested_agent(conn, agent_id)
+        assert row is not None
+    # Committed: the outbox makes sure the workflow starts; don't make the caller wait for it.
+    services.starter.kick(row)
+    return AgentSpawnAccepted(agentId=agent_id, state=AgentState.SPAWNING, workflowId=workflow_id)
+
+
+async def _spawnable_connection(
+    services: Services, body: AgentSpawnCreate, connection_id: uuid.UUID, agent_id: uuid.UUID
+) -> dict[str, Any]:
+    """The ACTIVE connection a spawn goes over, whose peer's grants (if it told them) allow it."""
+    connection = await repos.get_connection(services.pool, connection_id)
     if connection is None:
-        raise ConnectionNotFound(f"no connection {body.connectionId}")
+        raise ConnectionNotFound(f"no connection {connection_id}")
     if connection["status"] != ConnectionStatus.ACTIVE:
         raise LocalConnectionNotActive(
-            f"connection {body.connectionId} is {connection['status']}; spawn needs ACTIVE"
+            f"connection {connection_id} is {connection['status']}; spawn needs ACTIVE"
         )
-    context = body.context.model_dump()
-    options = body.options.model_dump()
     if connection.get("peer_grants") is not None:
         # What the peer told us it allows: refuse now, with its code, what it would refuse later.
         spawn_payload = SpawnPayload(
@@ -72,53 +113,25 @@ async def spawn(
             "agent.spawn",
             spawn_payload.model_dump(mode="json"),
         )
-    async with pool.acquire() as conn, conn.transaction():
-        inserted = await repos.insert_agent(
-            conn,
-            agent_id=agent_id,
-            role="requester",
-            connection_id=body.connectionId,
-            peer_instance_id=connection["remote_instance_id"],
-            workspace=user.workspace,
-            task_id=body.taskId,
-            agent_type=body.agentType,
-            context=context,
-            options=options,
-            workflow_id=workflow_id,
-            state=AgentState.SPAWNING,
-            workflow_started=False,
-            traceparent=trace,
-        )
-        if inserted:
-            await repos.add_agent_event(conn, agent_id, seq=0, state=AgentState.SPAWNING)
-        else:
-            existing = await repos.get_requested_agent(conn, agent_id)
-            same = existing is not None and (
-                existing["connection_id"] == body.connectionId
-                and existing["task_id"] == body.taskId
-                and existing["agent_type"] == body.agentType
-                and existing["context"] == context
-                and existing["options"] == options
-            )
-            if not same or user.visible(existing) is None:
-                raise AgentIdConflict(f"agentId {agent_id} is already used by another spawn")
-            assert existing is not None
-            return AgentSpawnAccepted(
-                agentId=agent_id, state=existing["state"], workflowId=workflow_id
-            )
+    return connection
 
-        await repos.audit(
-            conn,
-            actor=user.actor,
-            action="agent.spawn",
-            agentId=str(agent_id),
-            connectionId=str(body.connectionId),
-        )
-        row = await repos.get_requested_agent(conn, agent_id)
-        assert row is not None
-    # Committed: the outbox makes sure the workflow starts; don't make the caller wait for it.
-    services.starter.kick(row)
-    return AgentSpawnAccepted(agentId=agent_id, state=AgentState.SPAWNING, workflowId=workflow_id)
+
+async def _same_spawn(
+    conn: Any, user: User, body: AgentSpawnCreate, agent_id: uuid.UUID
+) -> dict[str, Any]:
+    """The earlier spawn of `agent_id`, if it asked the very same (a retry): else 409."""
+    existing = await repos.get_requested_agent(conn, agent_id)
+    same = existing is not None and (
+        existing["connection_id"] == body.connectionId
+        and existing["task_id"] == body.taskId
+        and existing["agent_type"] == body.agentType
+        and existing["context"] == body.context.model_dump()
+        and existing["options"] == body.options.model_dump()
+    )
+    if not same or user.visible(existing) is None:
+        raise AgentIdConflict(f"agentId {agent_id} is already used by another spawn")
+    assert existing is not None
+    return existing
 
 
 async def get(services: Services, user: User, agent_id: uuid.UUID) -> dict[str, Any]:
@@ -138,12 +151,13 @@ async def list_(
     connection_id: uuid.UUID | None = None,
     agent_type: str | None = None,
     task_id: str | None = None,
+    updated_after: datetime | None = None,
     limit: int = 50,
     offset: int = 0,
     count: bool = False,
 ) -> list[dict[str, Any]]:
     """Agents this instance's users spawned (on peers and local runs), newest first; members
-    see their workspace's only."""
+    see their workspace's only. `updated_after`: those whose state changed after it."""
     return await repos.list_agents(
         services.pool,
         role="requester",
@@ -153,6 +167,7 @@ async def list_(
         connection_id=connection_id,
         agent_type=agent_type,
         task_id=task_id,
+        updated_after=updated_after,
         limit=limit,
         offset=offset,
         count=count,
@@ -209,7 +224,10 @@ async def _ask_kill(services: Services, row: dict[str, Any]) -> KillResult | Non
     try:
         if not row["workflow_started"]:
             try:
-                return await services.starter.kill_with_start(row, KillRequest())
+                started: KillResult | None = await services.starter.kill_with_start(
+                    row, KillRequest()
+                )
+                return started
             except RPCError as exc:
                 if not dropped_by_a_failed_task(exc):
                     raise

@@ -25,7 +25,7 @@ from federation.errors import (
     LocalConnectionNotActive,
     PeerRefused,
 )
-from federation.peer import send_signed
+from federation.peer import PeerLink
 from federation.states import ConnectionStatus
 from federation.store import artifacts, repos
 from federation.users import User
@@ -125,34 +125,30 @@ async def _fetch(
             bytes=size,
             limit=settings.artifact_max_bytes,
         )
-    connection = await repos.get_connection(pool, row["connection_id"])
-    if connection is None or connection["status"] != ConnectionStatus.ACTIVE:
-        status = connection["status"] if connection else "gone"
-        raise LocalConnectionNotActive(
-            f"the connection with the executor is {status}; fetching the {kind} needs ACTIVE"
+    connection = await _active_connection(pool, row, kind)
+    if connection["kind"] == "a2a":
+        raise ArtifactUnavailable(
+            f"the {kind} of a run on an A2A agent is kept as read at the run's end; none is"
+            " kept here",
+            peerCode="peer_speaks_a2a",
+            peerStatus=0,
         )
+    link = PeerLink.of(connection, http=http, identity=identity, settings=settings)
     digest = hashlib.sha256()
     offset = 0
     with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
         while offset < size:
             try:
-                envelope, reply = await send_signed(
-                    http,
-                    identity,
-                    url=connection["remote_url"],
-                    recipient_id=connection["remote_instance_id"],
-                    recipient_keys=connection["remote_keys"],
-                    type=MessageType.COMMAND,
-                    command_type="agent.artifact",
-                    payload={
+                envelope, reply = await link.send(
+                    MessageType.COMMAND,
+                    "agent.artifact",
+                    {
                         "agentId": str(row["agent_id"]),
                         "kind": kind,
                         "sha256": sha256,
                         "offset": offset,
                         "length": settings.artifact_chunk_bytes,
                     },
-                    window_seconds=settings.timestamp_window,
-                    timeout=settings.peer_request_timeout,
                 )
             except PeerRefused as err:
                 raise ArtifactUnavailable(
@@ -163,17 +159,7 @@ async def _fetch(
             await repos.record_message(
                 pool, envelope.to_wire(), direction="out", agent_id=row["agent_id"]
             )
-            if reply.get("sha256") != sha256 or reply.get("bytes") != size:
-                raise ArtifactMismatch(
-                    f"the executor's {kind} is not the one the result names"
-                    f" ({reply.get('sha256')!r}, {reply.get('bytes')!r} bytes)"
-                )
-            try:
-                data = base64.b64decode(str(reply.get("data") or ""), validate=True)
-            except ValueError as exc:
-                raise ArtifactMismatch(f"the executor's {kind} piece is not base64") from exc
-            if reply.get("offset") != offset or not data or offset + len(data) > size:
-                raise ArtifactMismatch(f"the executor's {kind} piece at {offset} is not in order")
+            data = _piece(reply, kind, sha256, size, offset)
             digest.update(data)
             spool.write(data)
             offset += len(data)
@@ -185,6 +171,32 @@ async def _fetch(
             max_bytes=settings.artifact_max_bytes,
             chunk_bytes=settings.artifact_chunk_bytes,
         )
+
+
+async def _active_connection(pool: Any, row: dict[str, Any], kind: str) -> dict[str, Any]:
+    connection = await repos.get_connection(pool, row["connection_id"])
+    if connection is None or connection["status"] != ConnectionStatus.ACTIVE:
+        status = connection["status"] if connection else "gone"
+        raise LocalConnectionNotActive(
+            f"the connection with the executor is {status}; fetching the {kind} needs ACTIVE"
+        )
+    return connection
+
+
+def _piece(reply: dict[str, Any], kind: str, sha256: str, size: int, offset: int) -> bytes:
+    """The bytes of one piece the executor sent, if it is of this very artifact and in order."""
+    if reply.get("sha256") != sha256 or reply.get("bytes") != size:
+        raise ArtifactMismatch(
+            f"the executor's {kind} is not the one the result names"
+            f" ({reply.get('sha256')!r}, {reply.get('bytes')!r} bytes)"
+        )
+    try:
+        data = base64.b64decode(str(reply.get("data") or ""), validate=True)
+    except ValueError as exc:
+        raise ArtifactMismatch(f"the executor's {kind} piece is not base64") from exc
+    if reply.get("offset") != offset or not data or offset + len(data) > size:
+        raise ArtifactMismatch(f"the executor's {kind} piece at {offset} is not in order")
+    return data
 
 
 async def of_agent(

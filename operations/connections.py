@@ -13,6 +13,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
+from federation import a2a_peer
 from federation.connections import change_suspension, suspension_change
 from federation.envelope import MessageType
 from federation.errors import (
@@ -20,11 +21,13 @@ from federation.errors import (
     ConnectionStateConflict,
     FederationError,
     InvalidRequest,
+    PeerNotTold,
 )
+from federation.keystore import default_cipher
 from federation.models import ConnectionPublic, GrantsUpdate, PeerPublic
 from federation.peer import fetch_card, send_signed
 from federation.settings import Settings
-from federation.states import ConnectionStatus
+from federation.states import ConnectionKind, ConnectionStatus
 from federation.store import repos
 from federation.store.first_hour import spawnable_connections
 from federation.trust import SAFE_INSTANCE_ID, require_acceptable_keys
@@ -75,6 +78,9 @@ async def _notify(
     command_type: str,
     grants: dict[str, Any] | None = None,
 ) -> None:
+    if connection.get("kind") == ConnectionKind.A2A:
+        # An A2A agent has no fedagent/1 side to tell: the change holds here.
+        raise PeerNotTold("an A2A agent is not told of connection changes")
     payload: dict[str, Any] = {"connectionId": str(connection["connection_id"])}
     if grants is not None:
         payload["grants"] = grants  # what we now allow the peer: it shows them, refuses early
@@ -90,6 +96,7 @@ async def _notify(
         window_seconds=services.settings.timestamp_window,
         timeout=services.settings.peer_request_timeout,
         max_reply_bytes=services.settings.peer_reply_max_bytes,
+        connection_id=str(connection["connection_id"]),
     )
 
 
@@ -147,6 +154,7 @@ async def create(
         window_seconds=settings.timestamp_window,
         timeout=settings.peer_request_timeout,
         max_reply_bytes=settings.peer_reply_max_bytes,
+        connection_id=str(connection_id),
     )
     row = await repos.insert_connection(
         pool,
@@ -164,6 +172,43 @@ async def create(
         action="connection.request",
         connectionId=str(connection_id),
         grants=granted,
+    )
+    return ConnectionPublic.from_row(row)
+
+
+async def connect_a2a(
+    services: Services, user: User, card_url: str, token: str | None = None
+) -> ConnectionPublic:
+    """Add an A2A agent as a peer by its card URL: ACTIVE at once (an A2A agent has no
+    handshake); spawns on it go over A2A 1.0 JSON-RPC with `token` as bearer credentials,
+    kept sealed under the master key. It may ask nothing of this instance."""
+    card = await a2a_peer.fetch_agent_card(services.http, card_url, services.settings)
+    existing = await repos.connection_for_peer(services.pool, card.peer_id)
+    if existing is not None and existing["status"] != ConnectionStatus.DISCONNECTED:
+        raise ConnectionStateConflict(
+            f"a connection with the A2A agent at {card.card_url} is already {existing['status']}",
+            connectionId=str(existing["connection_id"]),
+        )
+    connection_id = uuid.uuid4()
+    cipher = services.cipher or default_cipher()
+    sealed = a2a_peer.seal_credentials(cipher, connection_id, token) if token else None
+    row = await repos.insert_a2a_connection(
+        services.pool,
+        connection_id=connection_id,
+        remote_instance_id=card.peer_id,
+        remote_name=card.name,
+        remote_url=card.card_url,
+        a2a_endpoint=card.endpoint,
+        credentials_sealed=sealed,
+    )
+    await repos.audit(
+        services.pool,
+        actor=user.actor,
+        action="connection.a2a_add",
+        connectionId=str(connection_id),
+        cardUrl=card.card_url,
+        endpoint=card.endpoint,
+        credentials=sealed is not None,
     )
     return ConnectionPublic.from_row(row)
 
@@ -283,6 +328,8 @@ async def update_grants(
             raise ConnectionNotFound(f"no connection {connection_id}")
         if row["status"] == ConnectionStatus.DISCONNECTED:
             raise ConnectionStateConflict("a DISCONNECTED connection has no grants to change")
+        if row["kind"] == ConnectionKind.A2A:
+            raise ConnectionStateConflict("an A2A agent may ask nothing of this instance")
         before = dict(row["grants"] or {})
         new_grants = _grants_or_422(grants, before)
         updated = await repos.set_grants(conn, connection_id, new_grants)
@@ -334,7 +381,9 @@ async def resume(services: Services, user: User, connection_id: uuid.UUID) -> Co
     keeps the connection SUSPENDED on both sides)."""
     row = await get_row(services, connection_id)
     suspension_change(row, "local", "resume")  # refuse before telling the peer anything
-    await _notify(services, row, "connection.resume")
+    notified = row["kind"] != ConnectionKind.A2A
+    if notified:
+        await _notify(services, row, "connection.resume")
     updated = await change_suspension(services.pool, row, "local", "resume")
     await repos.audit(
         services.pool,
@@ -344,4 +393,4 @@ async def resume(services: Services, user: User, connection_id: uuid.UUID) -> Co
         status=updated["status"],
         suspendedBy=updated["suspended_by"],
     )
-    return ConnectionPublic.from_row(updated, peerNotified=True)
+    return ConnectionPublic.from_row(updated, peerNotified=notified)

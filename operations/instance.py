@@ -10,7 +10,7 @@ from federation.envelope import Algorithm, MessageType, format_timestamp
 from federation.errors import FederationError
 from federation.identity import Identity, load_identity, rotate_key, update_instance
 from federation.models import InstanceUpdate, KeyPublic, KeyRotate, KeyRotated
-from federation.peer import send_signed
+from federation.peer import PeerLink
 from federation.settings import Settings
 from federation.states import ConnectionStatus
 from federation.store import repos
@@ -76,22 +76,22 @@ async def _tell_peers(services: Services, identity: Identity) -> dict[str, bool]
     connections = [
         c
         for c in await repos.list_connections(services.pool)
-        if c["status"] == ConnectionStatus.ACTIVE
+        if c["status"] == ConnectionStatus.ACTIVE and c["kind"] != "a2a"
     ]
 
     async def tell(connection: dict[str, Any]) -> bool:
         try:
-            await send_signed(
-                services.http,
-                identity,
-                url=connection["remote_url"],
-                recipient_id=connection["remote_instance_id"],
-                recipient_keys=connection["remote_keys"],
-                type=MessageType.CONNECT,
-                command_type="connection.keys_changed",
-                payload={"connectionId": str(connection["connection_id"])},
-                window_seconds=services.settings.timestamp_window,
+            link = PeerLink.of(
+                connection,
+                http=services.http,
+                identity=identity,
+                settings=services.settings,
                 timeout=5.0,
+            )
+            await link.send(
+                MessageType.CONNECT,
+                "connection.keys_changed",
+                {"connectionId": str(connection["connection_id"])},
             )
             return True
         except FederationError as err:

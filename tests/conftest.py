@@ -96,6 +96,52 @@ class Instance:
             await asyncio.sleep(0.1)
 
 
+# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), each test module runs whole on
+# one worker (its module fixtures start once), and the modules that share the console's stack or
+# the workflow tests' Temporal environment run together; each worker starts its own 4-instance
+# `stack` when it first needs it. The longest modules go first, so that none of them is left for
+# the end while the other worker is idle.
+SHARED_GROUPS = {"console_stack": "console", "temporal_env": "workflows"}
+LONG_MODULES = (
+    "tests/test_image.py",
+    "tests/e2e/test_retention.py",
+    "tests/e2e/test_faults.py",
+    "tests/e2e/test_load_balancer.py",
+    "tests/e2e/test_many_hosts.py",
+    "tests/e2e/test_whole_shape.py",
+    "tests/e2e/test_traces.py",
+)
+
+
+def _shared_group(item: pytest.Item) -> str | None:
+    for fixture, group in SHARED_GROUPS.items():
+        if fixture in getattr(item, "fixturenames", ()):
+            return group
+    return "workflows" if item.nodeid.startswith("tests/workflows/") else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A module goes whole to the group of the first shared stack one of its tests uses.
+    Without workers (`PYTEST_WORKERS=0`; `make test` runs 2) the order stays the files' own."""
+    if not getattr(config.option, "numprocesses", None):
+        return
+    groups: dict[str, str] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        shared = _shared_group(item)
+        if shared is not None and groups.get(module, module) == module:
+            groups[module] = shared
+        groups.setdefault(module, module)
+    order = list(LONG_MODULES)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid.split("::", 1)[0]]))
+    items.sort(
+        key=lambda item: (
+            order.index(g) if (g := groups[item.nodeid.split("::", 1)[0]]) in order else len(order)
+        )
+    )
+
+
 @pytest.fixture(scope="session")
 async def far_proxy() -> AsyncIterator[ControlledProxy]:
     ports = free_port_block(len(INSTANCES) + 1)

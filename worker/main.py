@@ -19,10 +19,11 @@ from temporalio.service import RPCError
 from temporalio.worker import Worker, WorkerDeploymentConfig
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.a2a_peer import A2APeerActivities
 from activities.agents import AgentActivities
 from activities.connections import ConnectionActivities
 from activities.federation import FederationActivities
-from federation import keystore
+from federation import keystore, telemetry
 from federation.identity import ensure_identity
 from federation.netpolicy import peer_client
 from federation.settings import Settings
@@ -62,6 +63,8 @@ async def _connect_with_retry(settings: Settings, stop: asyncio.Event) -> Client
 
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
+    # OpenTelemetry, when the OTEL_* settings turn it on: before the clients it traces.
+    telemetry.setup("worker", settings.instance_name)
     pool = await create_pool(settings.database_url)
     await migrate(pool)
     # A process whose settings contradict the instance's identity, or that cannot open its
@@ -76,10 +79,11 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         await pool.close()
         raise
     # Peers named every URL this worker sends to: the outbound address policy applies.
-    http = peer_client(settings, timeout=settings.peer_request_timeout)
+    http = telemetry.instrument_client(peer_client(settings, timeout=settings.peer_request_timeout))
     # Temporal SDK metrics (Prometheus) are served when FEDAGENT_METRICS_PORT is set.
     client = await _connect_with_retry(settings, stop)
-    federation = FederationActivities(pool, http, settings)
+    a2a = A2APeerActivities(pool, http, settings, cipher)
+    federation = FederationActivities(pool, http, settings, a2a_cancel=a2a.cancel_task)
     agents = AgentActivities(pool, http, settings)
     connections = ConnectionActivities(pool, client, settings)
     await ensure_search_attributes(client, settings.temporal_namespace)
@@ -111,6 +115,9 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
             federation.record_run_final,
             federation.notify_requester,
             connections.end_connection_runs,
+            a2a.send_message,
+            a2a.get_task,
+            a2a.cancel_task,
         ],
         graceful_shutdown_timeout=grace,
         deployment_config=deployment,
@@ -164,6 +171,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         with contextlib.suppress(Exception):  # the row would be forgotten in time anyway
             await workers.forget(pool, worker)
         await pool.close()
+        telemetry.flush()
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:

@@ -25,11 +25,13 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.federation import kill_settlement
+from federation import tracing
 from federation.states import TERMINAL_STATES, AgentState
-from federation.store import jobs, reconcile
+from federation.store import jobs, reconcile, repos
 from workflows.agent_run import AgentRunWorkflow
 from workflows.kill_delivery import KillDeliveryWorkflow
-from workflows.models import AgentStatus, KillDelivery, kill_delivery_workflow_id
+from workflows.models import AgentStatus, KillDelivery, KillResult, kill_delivery_workflow_id
 from workflows.remote_agent import RemoteAgentWorkflow
 
 log = logging.getLogger(__name__)
@@ -91,34 +93,86 @@ class Reconciler:
             return repaired
 
     async def _repair(self, rows: list[dict[str, Any]]) -> int:
+        """Each row on its own: one that fails (Temporal or the store refusing it, a bad row)
+        is logged and left to the next walk; the others are repaired all the same."""
         repaired = 0
         for row in rows:
-            verdict = await self._verdict(row)
-            if verdict is None:
-                continue
-            state, why = verdict
-            await reconcile.repair(
-                self.pool, row, state=state, error=f"{why} without recording a final state"
-            )
-            log.warning("agent %s (%s): %s; recorded %s", row["agent_id"], row["role"], why, state)
-            if row["role"] == "requester":
-                await self.tell_executor(row)
-            repaired += 1
+            try:
+                repaired += await self._repair_one(row)
+            except Exception as exc:  # noqa: BLE001 - one row never stops the round
+                log.warning(
+                    "reconcile agent %s (%s) failed, left to a later round: %r",
+                    row.get("agent_id"),
+                    row.get("role"),
+                    exc,
+                )
         return repaired
+
+    async def _repair_one(self, row: dict[str, Any]) -> int:
+        if row.get("kill_pending"):
+            await self.deliver_pending_kill(row)
+            return 0
+        verdict = await self._verdict(row)
+        if verdict is None:
+            return 0
+        state, why = verdict
+        # A requester's run is recorded with its kill pending (one statement): the delivery is
+        # started below, and if it cannot start now (Temporal away), by a later round.
+        await reconcile.repair(
+            self.pool, row, state=state, error=f"{why} without recording a final state"
+        )
+        log.warning("agent %s (%s): %s; recorded %s", row["agent_id"], row["role"], why, state)
+        if row["role"] == "requester":
+            await self.tell_executor(row)
+        return 1
+
+    async def deliver_pending_kill(self, row: dict[str, Any]) -> None:
+        """A requester's run final here whose kill is still pending: its delivery is started
+        if none was (its workflow was terminated between its record and the start, Temporal
+        was away); one that closed without settling it (terminated, gave up) settles it
+        `undeliverable`, so the run is not walked for ever."""
+        agent_id = str(row["agent_id"])
+        handle = self.client.get_workflow_handle(kill_delivery_workflow_id(agent_id))
+        try:
+            described = await handle.describe()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            await self.tell_executor(row)
+            return
+        if described.status in (None, WorkflowExecutionStatus.RUNNING):
+            return
+        if described.status == WorkflowExecutionStatus.COMPLETED:
+            # It settles the kill before it completes; settled again from its answer in case
+            # it did not (a settle of a kill settled already changes nothing).
+            answer: KillResult = await handle.result()
+            await repos.settle_kill_delivery(self.pool, row["agent_id"], **kill_settlement(answer))
+            return
+        name = described.status.name.lower().replace("_", " ")
+        await repos.settle_kill_delivery(
+            self.pool,
+            row["agent_id"],
+            outcome="undeliverable",
+            note=f"its delivery ended {name} before the executor answered",
+        )
+        log.warning("agent %s: kill delivery %s, kill not confirmed", agent_id, name)
 
     async def tell_executor(self, row: dict[str, Any]) -> None:
         """A requester's run ended here without the executor's word: the executor is told to
         kill it, durably (one KillDeliveryWorkflow per run, whoever starts it)."""
         agent_id = str(row["agent_id"])
+        traceparent = row.get("traceparent") or ""
         try:
-            await self.client.start_workflow(
-                KillDeliveryWorkflow.run,
-                KillDelivery(agent_id=agent_id, traceparent=row.get("traceparent") or ""),
-                id=kill_delivery_workflow_id(agent_id),
-                task_queue=self.task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            )
+            # In the spawn's trace: this round has no span of its own to hang it on.
+            with tracing.trace(traceparent):
+                await self.client.start_workflow(
+                    KillDeliveryWorkflow.run,
+                    KillDelivery(agent_id=agent_id, traceparent=traceparent),
+                    id=kill_delivery_workflow_id(agent_id),
+                    task_queue=self.task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                )
         except WorkflowAlreadyStartedError:
             pass  # delivered already
 
@@ -132,7 +186,6 @@ class Reconciler:
             if _may_still_start(row):
                 return None
             return AgentState.FAILED, "its workflow does not exist"
-            raise
         if described.status is None or described.status not in CLOSED:
             return None  # running (or continued as new: describe shows the newest run)
         if described.status == WorkflowExecutionStatus.COMPLETED:

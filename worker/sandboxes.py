@@ -1,6 +1,7 @@
 """What a worker does about its sandboxes besides running them: at start, find which limits
 its sandboxes cannot hold and say so loudly (the log, and a row /readyz reads); at start and
-every reconcile interval, remove the docker containers dead workers of this host left."""
+every reconcile interval, remove the docker containers dead workers of this host left, and the
+bwrap sandboxes they died starting."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
+from agents.sandbox import fence
 from agents.sandbox.report import FIX, LimitGap, limit_gaps
 from federation.settings import Settings
 from federation.store import workers
@@ -70,10 +72,12 @@ async def report_sandbox_limits(
 
 
 async def sweep_sandboxes(settings: Settings) -> list[str]:
-    """Remove this instance's docker sandbox containers whose worker (on this host) is gone;
-    returns their names. bwrap sandboxes need no sweep: they die with their worker."""
+    """Remove this instance's docker sandbox containers whose worker (on this host) is gone,
+    or the bwrap sandboxes a dead worker of this host was starting; returns their names (pids
+    for bwrap). A bwrap sandbox that has started dies with its worker; one its worker died
+    while starting waits for ever (see `fence.orphaned_sandboxes`)."""
     if settings.sandbox != "docker":
-        return []
+        return await _sweep_bwrap(settings)
     from agents.sandbox import docker_sandbox
 
     def sweep() -> list[str]:
@@ -95,3 +99,14 @@ async def sweep_sandboxes(settings: Settings) -> list[str]:
             ", ".join(removed),
         )
     return removed
+
+
+async def _sweep_bwrap(settings: Settings) -> list[str]:
+    ended = await asyncio.to_thread(fence.end_orphaned_sandboxes, settings.workspaces_dir)
+    if ended:
+        log.warning(
+            "ended %d sandbox(es) that dead workers of this host left while starting them: pids %s",
+            len(ended),
+            ", ".join(map(str, ended)),
+        )
+    return [str(pid) for pid in ended]

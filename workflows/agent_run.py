@@ -41,6 +41,9 @@ T = TypeVar("T")
 TIMEOUT_GRACE = timedelta(seconds=30)
 # Retries of one try after a lost worker or a crash; agent failures are counted separately.
 INFRA_ATTEMPTS = 5
+# How long the admission of a spawn waits for a database that is away (FEDAGENT_STORE_OUTAGE_WAIT
+# is 300 s by default).
+ADMIT_PATIENCE = timedelta(minutes=10)
 # A try is lost once this many heartbeats in a row are missing.
 MISSED_HEARTBEATS = 4
 # A store that is away is waited for; a store that refuses the record (STORE_REFUSED: a value
@@ -99,24 +102,7 @@ class AgentRunWorkflow:
         spawn = inp.local if inp.local is not None else inp.envelope.get("payload", {})
         self._agent_id = str(spawn.get("agentId", ""))
         requester_id = LOCAL_REQUESTER if local else str(inp.envelope.get("senderId", ""))
-        task: RunTask | None = None
-        cancelled = False
-        try:
-            task = await workflow.execute_local_activity_method(
-                FederationActivities.admit_run,
-                inp,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(
-                    maximum_interval=timedelta(seconds=5), maximum_attempts=20
-                ),
-                summary="verify signed agent.spawn and check grants",
-            )
-        except asyncio.CancelledError:
-            cancelled = True
-            self._end(AgentState.KILLED, error="workflow cancelled before the run started")
-        except (ActivityError, ApplicationError) as err:
-            self._end(AgentState.FAILED, error=f"refused: {_cause_text(err)}")
-
+        task, cancelled = await self._admit(inp)
         if task is not None:
             try:
                 await self._tries(task)
@@ -128,53 +114,12 @@ class AgentRunWorkflow:
 
         traceparent = task.traceparent if task else str(inp.envelope.get("traceparent") or "")
         if self._agent_id and requester_id:
-            final = FinishRun(
-                agent_id=self._agent_id,
-                requester_id=requester_id,
-                state=self._state,
-                result=self._result,
-                error=self._error,
-                attempt=self._attempt or None,
-                traceparent=traceparent,
-            )
-            # Record first: the run's outcome is kept whatever happens to the notification.
-            # The run has ended: a cancel arriving now has nothing left to kill and must not
-            # stop the record (the result would be lost) nor the notification.
-            kept = await past_cancel(
-                workflow.start_local_activity_method(
-                    FederationActivities.record_run_final,
-                    final,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=STORE_RETRY,
-                    summary=f"record {self._state}",
-                )
-            )
-            # The store keeps the first final it was given (a record run again after this
-            # task failed, a worker crash): this workflow takes it as its own.
-            self._adopt(kept)
-            final = dataclasses.replace(
-                final, state=self._state, result=self._result, error=self._error
-            )
+            final = await self._record_final(requester_id, traceparent)
             if cancelled and self._state != AgentState.KILLED:
                 cancelled = False  # the run had ended otherwise before the cancel: it closes so
         self._recorded = True
         if self._agent_id and requester_id and not local and not self._told_by_kill_answer():
-            try:  # best effort: the requester long-polls agent.status when this is lost
-                await past_cancel(
-                    workflow.start_activity_method(
-                        FederationActivities.notify_requester,
-                        final,
-                        start_to_close_timeout=timedelta(seconds=30),
-                        schedule_to_close_timeout=timedelta(seconds=inp.notify_deadline_seconds),
-                        retry_policy=RetryPolicy(
-                            initial_interval=timedelta(seconds=1),
-                            maximum_interval=timedelta(seconds=30),
-                        ),
-                        summary=f"tell the requester it is {self._state}",
-                    )
-                )
-            except ActivityError as err:
-                workflow.logger.warning("requester not told (it will ask): %s", _cause_text(err))
+            await self._notify_requester(final, inp.notify_deadline_seconds)
         await workflow.wait_condition(workflow.all_handlers_finished)
         if cancelled:
             raise asyncio.CancelledError("killed: workflow cancelled")
@@ -186,6 +131,75 @@ class AgentRunWorkflow:
                 non_retryable=True,
             )
         return self.status()
+
+    async def _admit(self, inp: AgentRunInput) -> tuple[RunTask | None, bool]:
+        """The run's task, if its signed spawn is verified and granted (else the run ends
+        failed), and whether the workflow was cancelled meanwhile."""
+        try:
+            task = await workflow.execute_local_activity_method(
+                FederationActivities.admit_run,
+                inp,
+                start_to_close_timeout=timedelta(seconds=30),
+                # Refusals fail at once (non-retryable); a database away is waited out for as
+                # long as a running agent's writes wait for it, and longer.
+                schedule_to_close_timeout=ADMIT_PATIENCE,
+                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
+                summary="verify signed agent.spawn and check grants",
+            )
+        except asyncio.CancelledError:
+            self._end(AgentState.KILLED, error="workflow cancelled before the run started")
+            return None, True
+        except (ActivityError, ApplicationError) as err:
+            self._end(AgentState.FAILED, error=f"refused: {_cause_text(err)}")
+            return None, False
+        return task, False
+
+    async def _record_final(self, requester_id: str, traceparent: str) -> FinishRun:
+        """Record the run's final state: the store keeps the first it is given, which this
+        workflow then takes as its own."""
+        final = FinishRun(
+            agent_id=self._agent_id,
+            requester_id=requester_id,
+            state=self._state,
+            result=self._result,
+            error=self._error,
+            attempt=self._attempt or None,
+            traceparent=traceparent,
+        )
+        # Record first: the run's outcome is kept whatever happens to the notification.
+        # The run has ended: a cancel arriving now has nothing left to kill and must not
+        # stop the record (the result would be lost) nor the notification.
+        kept = await past_cancel(
+            workflow.start_local_activity_method(
+                FederationActivities.record_run_final,
+                final,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=STORE_RETRY,
+                summary=f"record {self._state}",
+            )
+        )
+        # The store keeps the first final it was given (a record run again after this
+        # task failed, a worker crash): this workflow takes it as its own.
+        self._adopt(kept)
+        return dataclasses.replace(final, state=self._state, result=self._result, error=self._error)
+
+    async def _notify_requester(self, final: FinishRun, deadline_seconds: float) -> None:
+        try:  # best effort: the requester long-polls agent.status when this is lost
+            await past_cancel(
+                workflow.start_activity_method(
+                    FederationActivities.notify_requester,
+                    final,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=timedelta(seconds=deadline_seconds),
+                    retry_policy=RetryPolicy(
+                        initial_interval=timedelta(seconds=1),
+                        maximum_interval=timedelta(seconds=30),
+                    ),
+                    summary=f"tell the requester it is {self._state}",
+                )
+            )
+        except ActivityError as err:
+            workflow.logger.warning("requester not told (it will ask): %s", _cause_text(err))
 
     def _told_by_kill_answer(self) -> bool:
         """The requester's own kill ended the run: the kill's answer tells it the final state
@@ -202,31 +216,7 @@ class AgentRunWorkflow:
                 return
             self._attempt = attempt
             self._set_state(AgentState.RUNNING)
-            budget = timedelta(seconds=task.timeout_seconds)
-            deadline = workflow.now() + budget
-            # By name: the agent activity's module brings the agent runtime and the model SDK
-            # with it, which every importer of this workflow (the API) would then load.
-            self._run = workflow.start_activity(
-                RUN_AGENT,
-                dataclasses.replace(task, attempt=attempt, deadline=deadline.isoformat()),
-                result_type=AgentOutcome,
-                task_queue=task.agent_task_queue or None,
-                start_to_close_timeout=budget + TIMEOUT_GRACE,
-                schedule_to_close_timeout=budget + TIMEOUT_GRACE,
-                heartbeat_timeout=heartbeat_timeout,
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=1),
-                    maximum_attempts=INFRA_ATTEMPTS,
-                    non_retryable_error_types=[
-                        AGENT_FAILED,
-                        AGENT_TIMED_OUT,
-                        TASK_INVALID,
-                        AGENT_KILLED,
-                    ],
-                ),
-                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                summary=f"run {task.agent_type} agent for task {task.task_id} (try {attempt})",
-            )
+            self._run = self._start_try(task, attempt, heartbeat_timeout)
             try:
                 outcome = await self._run
                 self._end(AgentState.COMPLETED, result=outcome.result)
@@ -253,6 +243,37 @@ class AgentRunWorkflow:
                     )
                 except TimeoutError:
                     pass
+
+    def _start_try(
+        self, task: RunTask, attempt: int, heartbeat_timeout: timedelta
+    ) -> workflow.ActivityHandle[AgentOutcome]:
+        """Start try `attempt` of the agent activity, its timeout absolute across the
+        infrastructure retries of that try (lost workers)."""
+        budget = timedelta(seconds=task.timeout_seconds)
+        deadline = workflow.now() + budget
+        # By name: the agent activity's module brings the agent runtime and the model SDK
+        # with it, which every importer of this workflow (the API) would then load.
+        return workflow.start_activity(
+            RUN_AGENT,
+            dataclasses.replace(task, attempt=attempt, deadline=deadline.isoformat()),
+            result_type=AgentOutcome,
+            task_queue=task.agent_task_queue or None,
+            start_to_close_timeout=budget + TIMEOUT_GRACE,
+            schedule_to_close_timeout=budget + TIMEOUT_GRACE,
+            heartbeat_timeout=heartbeat_timeout,
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(seconds=1),
+                maximum_attempts=INFRA_ATTEMPTS,
+                non_retryable_error_types=[
+                    AGENT_FAILED,
+                    AGENT_TIMED_OUT,
+                    TASK_INVALID,
+                    AGENT_KILLED,
+                ],
+            ),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"run {task.agent_type} agent for task {task.task_id} (try {attempt})",
+        )
 
     def _classify(
         self, err: ActivityError, attempt: int

@@ -17,8 +17,9 @@ with workflow.unsafe.imports_passed_through():
 class KillDeliveryWorkflow:
     """Started by the requester's workflow (a kill the executor did not confirm, its own
     time-out), or by the reconciler (a requester's workflow that closed without recording a
-    final). Its activity sends agent.kill, with backoff, across restarts, until the executor
-    answers; the executor's answer is recorded (`killConfirmed`)."""
+    final; or a kill still pending that nothing delivers). Its activity sends agent.kill, with
+    backoff, across restarts, until the executor answers; the answer settles the kill
+    (`killDelivery`, `killConfirmed`), and a refusal no retry can fix fails it for good."""
 
     @workflow.run
     async def run(self, inp: KillDelivery) -> KillResult:

@@ -11,6 +11,7 @@ from typing import Any
 
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
+from federation.states import KILL_DELIVERY_SECONDS as KILL_DELIVERY_SECONDS
 from federation.states import LOCAL_REQUESTER as LOCAL_REQUESTER
 
 # Re-exported: workflow code imports only this module.
@@ -41,6 +42,13 @@ DELIVER_KILL = "deliver_kill"
 # The runs of a connection that ended (suspended, disconnected), ended durably.
 END_CONNECTION_RUNS = "end_connection_runs"
 AGENT_KILLED = "AgentKilled"
+# The requester's side of a run on an A2A agent (a connection of kind a2a).
+A2A_SEND_MESSAGE = "a2a_send_message"
+A2A_GET_TASK = "a2a_get_task"
+A2A_CANCEL_TASK = "a2a_cancel_task"
+# What a connection's peer speaks (federation.states.ConnectionKind): the transport of a run.
+TRANSPORT_FEDAGENT = "fedagent"
+TRANSPORT_A2A = "a2a"
 # Custom search attributes operators filter by in the Temporal Web UI.
 SA_AGENT_ID = SearchAttributeKey.for_keyword("AgentId")
 SA_TASK_ID = SearchAttributeKey.for_keyword("TaskId")
@@ -125,6 +133,8 @@ class SpawnAgentInput:
     carried: AgentStatus | None = None
     # Tests: continue as new once the history has this many events (0: when Temporal suggests).
     continue_as_new_after_events: int = 0
+    # How the peer is spoken to, from the connection's kind at start: fedagent/1 or A2A 1.0.
+    transport: str = TRANSPORT_FEDAGENT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,7 +185,7 @@ class KillDelivery:
     first_retry_seconds: float = 2.0
     max_retry_seconds: float = 300.0
     # After this long the delivery gives up (its workflow fails, for an operator to see).
-    give_up_after_seconds: float = 7 * 24 * 3600.0
+    give_up_after_seconds: float = KILL_DELIVERY_SECONDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,6 +202,9 @@ class RequesterFinal:
     state: AgentState
     result: dict[str, Any] | None = None
     error: str | None = None
+    # Decided here without the executor's word: the store marks its kill pending with the
+    # final (one statement), so the kill is delivered even if this workflow dies right after.
+    tell_executor: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

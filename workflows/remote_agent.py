@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -21,6 +22,7 @@ from temporalio.exceptions import TimeoutError as FailureTimeout
 from workflows.agent_run import past_cancel
 
 with workflow.unsafe.imports_passed_through():
+    from activities.a2a_peer import A2APeerActivities
     from activities.federation import FederationActivities
     from workflows.kill_delivery import KillDeliveryWorkflow
     from workflows.models import (
@@ -29,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         SA_AGENT_STATE,
         STORE_REFUSED,
         TERMINAL_STATES,
+        TRANSPORT_A2A,
         AgentEvent,
         AgentState,
         AgentStatus,
@@ -65,6 +68,23 @@ class Phase(StrEnum):
     CONTINUING = "continuing"  # continue-as-new is due once the handlers have finished
     RECORDING = "recording"  # the final state is being written to the store
     DONE = "done"  # the final state is in the store
+
+
+def _transport(
+    inp: SpawnAgentInput,
+) -> tuple[
+    Callable[[Any, SpawnAgentInput], Awaitable[AgentEvent]],
+    Callable[[Any, PeerCall], Awaitable[AgentEvent]],
+    Callable[[Any, PeerCall], Awaitable[KillResult]],
+    str,
+]:
+    """The activities that send, check and kill, as the connection's kind says at start:
+    fedagent/1 (signed commands) or A2A 1.0 (SendMessage, GetTask, CancelTask)."""
+    if inp.transport == TRANSPORT_A2A:
+        a2a = A2APeerActivities
+        return a2a.send_message, a2a.get_task, a2a.cancel_task, "A2A "
+    fed = FederationActivities
+    return fed.send_spawn, fed.check_status, fed.send_kill, ""
 
 
 def _changed_or_done(
@@ -121,9 +141,13 @@ class RemoteAgentWorkflow:
         # A kill answered by a local activity held the workflow task open for its round
         # trip; the workflow closes in a later task (see _close_in_a_later_task).
         self._answered_in_task = False
-        # This side ended the run without the executor's word (an unconfirmed kill, its own
-        # time-out): the executor is told by a KillDeliveryWorkflow once the end is recorded.
-        self._tell_executor = False
+        # The final this side decided without the executor's word (an unconfirmed kill, its
+        # own time-out, a spawn it gave up on): if the store keeps it, the executor is told by
+        # a KillDeliveryWorkflow once it is recorded.
+        self._tell_executor: AgentState | None = None
+        # A kill this side recorded though the executor answered a state not final (the
+        # workflow was cancelled): its kill is still to be delivered (see _record_final).
+        self._unconfirmed_kill = False
         self._input: SpawnAgentInput | None = None
         self._poll: workflow.ActivityHandle[AgentEvent] | None = None
 
@@ -166,6 +190,9 @@ class RemoteAgentWorkflow:
                 try:
                     await self._kill_peer(inp)
                 except ApplicationError as err:  # the executor answered a state not final
+                    # Not confirmed: the record marks the kill pending and the reconciler
+                    # delivers it (no child is started here, so recorded histories replay).
+                    self._unconfirmed_kill = True
                     self._finish(
                         AgentState.KILLED, error=f"killed here (workflow cancelled): {err}"
                     )
@@ -178,7 +205,7 @@ class RemoteAgentWorkflow:
                 )
             )
         await self._record_final(inp)
-        if self._tell_executor and self._state in (AgentState.KILLED, AgentState.TIMED_OUT):
+        if self._tell_executor is not None and self._state == self._tell_executor:
             await self._start_kill_delivery(inp)
         if cancelled and self._state != AgentState.KILLED:
             cancelled = False  # the run had ended otherwise before the cancel: it closes so
@@ -226,7 +253,14 @@ class RemoteAgentWorkflow:
             workflow.start_local_activity_method(
                 FederationActivities.record_requester_final,
                 RequesterFinal(
-                    agent_id=inp.agent_id, state=self._state, result=self._result, error=self._error
+                    agent_id=inp.agent_id,
+                    state=self._state,
+                    result=self._result,
+                    error=self._error,
+                    tell_executor=(
+                        self._tell_executor is not None and self._state == self._tell_executor
+                    )
+                    or (self._unconfirmed_kill and self._state == AgentState.KILLED),
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=STORE_RETRY,
@@ -273,7 +307,7 @@ class RemoteAgentWorkflow:
                 return  # the caller continues as new unless a handler ended the run
             remaining = (deadline - workflow.now()).total_seconds()
             if remaining <= 0:
-                self._tell_executor = True
+                self._tell_executor = AgentState.TIMED_OUT
                 self._finish(
                     AgentState.TIMED_OUT,
                     error=f"no final state from {inp.peer_name} within"
@@ -299,7 +333,7 @@ class RemoteAgentWorkflow:
         known = self._state
         self._changed = False
         check = self._poll = workflow.start_activity_method(
-            FederationActivities.check_status,
+            _transport(inp)[1],
             PeerCall(
                 agent_id=inp.agent_id,
                 connection_id=inp.connection_id,
@@ -329,16 +363,22 @@ class RemoteAgentWorkflow:
     async def _send_spawn(self, inp: SpawnAgentInput) -> None:
         """Deliver agent.spawn (retried until the spawn deadline); its ack is the first report."""
         try:
+            send, _, _, via = _transport(inp)
             ack = await workflow.execute_activity_method(
-                FederationActivities.send_spawn,
+                send,
                 inp,
                 schedule_to_close_timeout=timedelta(seconds=inp.spawn_deadline_seconds),
                 start_to_close_timeout=timedelta(seconds=inp.peer_timeout_seconds + 5),
                 retry_policy=PEER_RETRY,
-                summary=f"send agent.spawn to {inp.peer_name}",
+                summary=f"send {via}agent.spawn to {inp.peer_name}",
             )
             self._apply(ack)
         except ActivityError as err:
+            if self._seq > 0:
+                return  # its answers were lost, but the executor's events say it has the run
+            # Given up on a failure a retry might have fixed (no answer, a peer away): the
+            # spawn may have reached the executor with only its answers lost, so it is told.
+            self._tell_executor = AgentState.FAILED if _retryable(err) else None
             self._finish(AgentState.FAILED, error=f"spawn not delivered: {_reason(err)}")
 
     def _continue_as_new_due(self, inp: SpawnAgentInput) -> bool:
@@ -384,6 +424,7 @@ class RemoteAgentWorkflow:
             traceparent=self._traceparent,
         )
         deadline = workflow.now() + timedelta(seconds=inp.kill_deadline_seconds)
+        _, _, send_kill, via = _transport(inp)
         try:
             answer: KillResult | None = None
             # One try as a local activity, answered in the workflow task that sent it: no
@@ -392,11 +433,11 @@ class RemoteAgentWorkflow:
             first_try = max(1.0, min(inp.kill_deadline_seconds / 2, inp.peer_timeout_seconds))
             try:
                 answer = await workflow.execute_local_activity_method(
-                    FederationActivities.send_kill,
+                    send_kill,
                     call,
                     start_to_close_timeout=timedelta(seconds=first_try),
                     retry_policy=RetryPolicy(maximum_attempts=1),
-                    summary="send agent.kill",
+                    summary=f"send {via}agent.kill",
                 )
                 self._answered_in_task = True
             except (ActivityError, ApplicationError, FailureTimeout) as err:
@@ -406,16 +447,16 @@ class RemoteAgentWorkflow:
                 # Retried until the kill deadline (the peer may be restarting).
                 remaining = max(1.0, (deadline - workflow.now()).total_seconds())
                 answer = await workflow.execute_activity_method(
-                    FederationActivities.send_kill,
+                    send_kill,
                     call,
                     start_to_close_timeout=timedelta(seconds=60),
                     schedule_to_close_timeout=timedelta(seconds=remaining),
                     retry_policy=PEER_RETRY,
-                    summary="send agent.kill",
+                    summary=f"send {via}agent.kill",
                 )
         except (ActivityError, ApplicationError, FailureTimeout) as err:
             # The peer is gone or silent: end the run here; it is told later, durably.
-            self._tell_executor = True
+            self._tell_executor = AgentState.KILLED
             self._finish(
                 AgentState.KILLED,
                 error=f"killed here, not confirmed by {inp.peer_name}: {_reason(err)}",

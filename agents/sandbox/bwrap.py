@@ -470,6 +470,27 @@ class BwrapSandbox(Sandbox):
         if not self._started:
             raise RuntimeError("the sandbox is not started")
         oom_before = self._cgroup.oom_kills() if self._cgroup else 0
+        launched = await self._launch(command)
+        if isinstance(launched, CommandResult):
+            return launched
+        proc, info_read = launched
+        running = _Running(proc)
+        self._running.add(running)
+        if self._killed:  # kill() ran while this command was being spawned
+            running.kill()
+        self._learn_namespace(running, info_read)
+        assert proc.stdout is not None
+        reader = asyncio.ensure_future(read_bounded(proc.stdout))
+        timed_out = await self._wait(running, reader, timeout or self.limits.command_timeout)
+        output = reader.result() if reader.done() and not reader.cancelled() else ""
+        if self._cgroup is not None and self._cgroup.oom_kills() > oom_before:
+            output += "\n[a process was killed: the sandbox's memory limit was reached]\n"
+        code = proc.returncode if proc.returncode is not None else -9
+        return CommandResult(command, code, output, timed_out, self._killed)
+
+    async def _launch(self, command: str) -> tuple[asyncio.subprocess.Process, int] | CommandResult:
+        """Start `command` under bwrap, holding the workspace's fence while it is spawned; the
+        process and the pipe bwrap writes its info to, or the result of a superseded run."""
         seccomp_fd = program_fd()
         info_read, info_write = os.pipe()
         stage = None
@@ -502,10 +523,10 @@ class BwrapSandbox(Sandbox):
         finally:
             os.close(info_write)
             os.close(seccomp_fd)
-        running = _Running(proc)
-        self._running.add(running)
-        if self._killed:  # kill() ran while this command was being spawned
-            running.kill()
+        return proc, info_read
+
+    def _learn_namespace(self, running: _Running, info_read: int) -> None:
+        """Read bwrap's info in the background: the command's pid namespace, for kill()."""
         info_task = asyncio.ensure_future(asyncio.to_thread(_read_info, info_read))
 
         def remember(task: asyncio.Future[dict[str, Any]]) -> None:
@@ -518,11 +539,13 @@ class BwrapSandbox(Sandbox):
                     running.kill()
 
         info_task.add_done_callback(remember)
-        assert proc.stdout is not None
-        reader = asyncio.ensure_future(read_bounded(proc.stdout))
+
+    async def _wait(self, running: _Running, reader: asyncio.Future[str], timeout: float) -> bool:
+        """Wait for the command to end (True: it timed out); whatever it left running ends
+        with it, and its output is read for at most 2 s more."""
         timed_out = False
         try:
-            await asyncio.wait_for(proc.wait(), timeout or self.limits.command_timeout)
+            await asyncio.wait_for(running.proc.wait(), timeout)
         except TimeoutError:
             timed_out = True
             await self._kill_command(running)
@@ -538,11 +561,7 @@ class BwrapSandbox(Sandbox):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reader), 2.0)
             reader.cancel()
-        output = reader.result() if reader.done() and not reader.cancelled() else ""
-        if self._cgroup is not None and self._cgroup.oom_kills() > oom_before:
-            output += "\n[a process was killed: the sandbox's memory limit was reached]\n"
-        code = proc.returncode if proc.returncode is not None else -9
-        return CommandResult(command, code, output, timed_out, self._killed)
+        return timed_out
 
     def _command_rlimits(self) -> list[tuple[int, int]]:
         """The rlimits of the next command. A worker that is not root runs its sandboxes as

@@ -165,25 +165,7 @@ class DockerSandbox(Sandbox):
     def _create(self) -> None:
         assert self._client is not None
         client = self._client
-        try:
-            client.images.get(self.image)
-        except docker.errors.ImageNotFound:
-            try:
-                client.images.pull(self.image)
-            except docker.errors.DockerException as exc:
-                raise SandboxUnavailable(
-                    f"the sandbox image {self.image!r} is not on the Docker host and could not "
-                    f"be pulled ({exc}); pull or build it there, or set FEDAGENT_DOCKER_IMAGE"
-                ) from exc
-        limits = self.limits
-        options: dict[str, Any] = {}
-        if limits.memory_bytes:
-            options["mem_limit"] = limits.memory_bytes
-            options["memswap_limit"] = limits.memory_bytes  # no swap on top
-        if limits.pids:
-            options["pids_limit"] = limits.pids
-        if limits.cpus:
-            options["nano_cpus"] = int(limits.cpus * 1e9)
+        self._ensure_image(client)
         workspace = str(self.workspace.resolve())
         self._container = client.containers.run(
             self.image,
@@ -210,8 +192,38 @@ class DockerSandbox(Sandbox):
                 f"{LABEL}.workspace": workspace,
                 f"{LABEL}.sandbox": self.name,
             },
-            **options,
+            **self._limit_options(),
         )
+        self._record_enforced()
+
+    def _ensure_image(self, client: Any) -> None:
+        try:
+            client.images.get(self.image)
+        except docker.errors.ImageNotFound:
+            try:
+                client.images.pull(self.image)
+            except docker.errors.DockerException as exc:
+                raise SandboxUnavailable(
+                    f"the sandbox image {self.image!r} is not on the Docker host and could not "
+                    f"be pulled ({exc}); pull or build it there, or set FEDAGENT_DOCKER_IMAGE"
+                ) from exc
+
+    def _limit_options(self) -> dict[str, Any]:
+        """The container's cgroup limits, as docker's run() takes them."""
+        limits = self.limits
+        options: dict[str, Any] = {}
+        if limits.memory_bytes:
+            options["mem_limit"] = limits.memory_bytes
+            options["memswap_limit"] = limits.memory_bytes  # no swap on top
+        if limits.pids:
+            options["pids_limit"] = limits.pids
+        if limits.cpus:
+            options["nano_cpus"] = int(limits.cpus * 1e9)
+        return options
+
+    def _record_enforced(self) -> None:
+        """What the container enforces, for the run's report."""
+        limits = self.limits
         self.enforced = {}
         if limits.memory_bytes:
             self.enforced["memory"] = "docker (cgroup, no swap)"

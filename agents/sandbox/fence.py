@@ -31,6 +31,7 @@ import fcntl
 import os
 import signal
 import stat
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -122,6 +123,68 @@ async def end_workspace_processes(workspace: Path, *, timeout: float = 10.0) -> 
     if left:
         raise RuntimeError(f"processes of an earlier attempt in {workspace} did not end: {left}")
     return sorted(ended)
+
+
+def _pid_namespace_init(pid: int) -> bool:
+    """Whether the process is pid 1 of a pid namespace of its own (a sandbox's init)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            ids = line.split()[1:]
+            return len(ids) > 1 and ids[-1] == "1"
+    return False
+
+
+def orphaned_sandboxes(root: Path) -> list[int]:
+    """Sandbox inits over workspaces below `root` whose outer bwrap is gone. bwrap's child
+    (the sandbox's pid 1) waits for its parent's word before it sets itself up, and only then
+    asks to die with its parent: when the worker dies in that moment (kill -9), the outer bwrap
+    dies with it and the child waits for ever, outside any fence (its own user namespace).
+    Such a process is a bwrap naming the workspace, pid 1 of its own pid namespace, whose
+    parent is not the outer bwrap of the same command line."""
+    prefix = str(root.resolve()) + "/"
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        argv = raw.split(b"\0")
+        if not argv or os.path.basename(argv[0]) != b"bwrap":
+            continue
+        named = [
+            argv[i + 2].decode(errors="replace")
+            for i in range(len(argv) - 2)
+            if argv[i : i + 2] == [b"--setenv", HOST_WORKSPACE_VAR.encode()]
+        ]
+        if not any(path.startswith(prefix) for path in named):
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is None or fields[0] in ("Z", "X") or not _pid_namespace_init(int(entry)):
+            continue
+        try:
+            parent = Path(f"/proc/{fields[1]}/cmdline").read_bytes()
+        except OSError:
+            parent = b""
+        if parent != raw:
+            found.append(int(entry))
+    return found
+
+
+def end_orphaned_sandboxes(root: Path, *, timeout: float = 10.0) -> list[int]:
+    """SIGKILL the `orphaned_sandboxes` below `root` (their pid namespaces end with them);
+    returns their pids once they are gone."""
+    orphans = orphaned_sandboxes(root)
+    _kill_all(set(orphans))
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in orphans) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return orphans
 
 
 def scratch_dir(workspace: Path) -> Path:

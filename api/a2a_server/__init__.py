@@ -24,8 +24,13 @@ from a2a.server.request_handlers.response_helpers import (
 )
 from a2a.server.routes.common import ServerCallContextBuilder, create_event_source_response
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
-from a2a.utils import json_utils
-from a2a.utils.errors import ContentTypeNotSupportedError, InvalidParamsError
+from a2a.utils import constants, json_utils
+from a2a.utils.errors import (
+    A2AError,
+    ContentTypeNotSupportedError,
+    InvalidParamsError,
+    VersionNotSupportedError,
+)
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from google.protobuf.json_format import ParseDict, ParseError
@@ -49,7 +54,7 @@ class _Context(ServerCallContextBuilder):
             state={
                 "headers": dict(request.headers),
                 "fedagent_user": request.state.fedagent_user,
-                "fedagent_services": services_for(request),  # type: ignore[arg-type]
+                "fedagent_services": services_for(request),
             },
         )
 
@@ -74,6 +79,17 @@ class _Dispatcher(JsonRpcDispatcher):
 
 
 _dispatcher = _Dispatcher(request_handler=FedagentRequestHandler(), context_builder=_Context())
+
+
+def _unsupported_version(request: Request) -> VersionNotSupportedError | None:
+    """The version the request speaks (its A2A-Version; none: 0.3), if not A2A 1.x. Asked
+    before the params are read: a 0.3 client's params are not 1.0's, and it is told so."""
+    asked = request.headers.get(constants.VERSION_HEADER) or constants.PROTOCOL_VERSION_0_3
+    if asked.strip().split(".")[0] == VERSION.split(".")[0]:  # the major version (1.x)
+        return None
+    return VersionNotSupportedError(
+        message=f"A2A version {asked[:20]!r} is not supported: send A2A-Version: {VERSION}"
+    )
 
 
 def _strict(body: Any) -> InvalidParamsError | None:
@@ -107,18 +123,21 @@ async def a2a_rpc(request: Request) -> Response:
         refused = ContentTypeNotSupportedError(
             message=f"the body must be application/json, not {media[:100]!r}"
         )
-        answer = JSONResponse(build_error_response(None, refused))
-        answer.headers["A2A-Version"] = VERSION
-        return answer
+        refusal = JSONResponse(build_error_response(None, refused))
+        refusal.headers["A2A-Version"] = VERSION
+        return refusal
     raw = await request.body()
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         body = None  # the dispatcher answers the parse error
-    refused = _strict(body)
-    if refused is not None:
+    invalid: A2AError | None = None
+    if isinstance(body, dict) and str(body.get("method")) in _Dispatcher.METHOD_TO_MODEL:
+        # A request of a known method (else the dispatcher answers): its version, its params.
+        invalid = _unsupported_version(request) or _strict(body)
+    if invalid is not None:
         request_id = body.get("id") if isinstance(body, dict) else None
-        answer = JSONResponse(build_error_response(request_id, refused))
+        answer: Response = JSONResponse(build_error_response(request_id, invalid))
     else:
         answer = await _dispatcher.handle_requests(request)
     answer.headers["A2A-Version"] = VERSION

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncGenerator
+from datetime import UTC
 from typing import Any
 
 from a2a.server.context import ServerCallContext
@@ -42,6 +43,7 @@ from operations import artifacts as artifact_ops
 
 PAGE_SIZE = 50
 PAGE_SIZE_MAX = 100
+OFFSET_MAX = 1_000_000  # as the REST lists' `offset`
 WAIT_STEP = 20.0  # a blocking SendMessage re-reads the run at least this often
 FINAL = 15  # the low bits of a stream's final status event id (see `_stream`)
 
@@ -62,6 +64,15 @@ async def _row(services: Services, user: User, task_id: str) -> dict[str, Any]:
         return await agents.get(services, user, _agent_id(task_id))
     except AgentNotFound:
         raise TaskNotFoundError(message=f"no task {task_id[:100]!r}") from None
+
+
+async def _lease(services: Services, user: User, agent_id: uuid.UUID) -> Lease:
+    """A place among the token's open streams (the REST event streams' rules: bounded per
+    token, ended by its revocation), for an answer held open: a stream, a blocking send."""
+    try:
+        return await Lease.take(services, user, agent_id)
+    except TooManyStreams as err:
+        raise InvalidRequestError(message=err.detail, data={"reason": err.code}) from None
 
 
 def _sse_id(context: ServerCallContext, value: int) -> None:
@@ -87,17 +98,24 @@ class FedagentRequestHandler(RequestHandler):
         return tasks.result_artifacts(row, diff_url=f"{url}/{row['agent_id']}/diff", diff=diff)
 
     async def _send(
-        self, params: pb.SendMessageRequest, context: ServerCallContext
-    ) -> dict[str, Any] | pb.Task | pb.Message:
+        self, params: pb.SendMessageRequest, context: ServerCallContext, *, hold: bool
+    ) -> tuple[dict[str, Any] | pb.Task | pb.Message, Lease | None]:
         """Spawn what the message asks (its row), or the REJECTED task of a refused spawn
-        (or, in the conformance mode only, the TCK's own answer)."""
+        (or, in the conformance mode only, the TCK's own answer). `hold`: the answer is held
+        open (a stream, a blocking send): its lease among the token's streams is taken first,
+        so that a send past the bound is refused with nothing stored or started."""
         services, user = _who(context)
+        if params.configuration.HasField("task_push_notification_config"):
+            raise PushNotificationNotSupportedError(
+                message="this agent sends no push notifications (capabilities.pushNotifications"
+                " is false): send the message without taskPushNotificationConfig"
+            )
         salt = ""
         if services.settings.a2a_conformance and params.message.message_id.startswith(
             conformance.PREFIX
         ):
             if (answer := conformance.answer(params.message)) is not None:
-                return answer
+                return answer, None
             salt = conformance.content_key(params.message)
         if params.message.task_id:
             row = await _row(services, user, params.message.task_id)
@@ -110,10 +128,16 @@ class FedagentRequestHandler(RequestHandler):
                 params.message.message_id, body.context.instructions
             )
         traceparent = context.state.get("headers", {}).get("traceparent", "")
+        assert body.agentId is not None  # derived from the messageId
+        lease = await _lease(services, user, body.agentId) if hold else None
+        held = False
         try:
             accepted = await agents.spawn(services, user, body, traceparent=traceparent)
+            row = await agents.get(services, user, accepted.agentId)
+            held = True
+            return row, lease
         except (GrantDenied, CapacityExceeded, QueueFull) as err:
-            return tasks.rejected_task(body, err.detail, err.code)
+            return tasks.rejected_task(body, err.detail, err.code), None
         except AgentIdConflict:
             raise InvalidParamsError(
                 message="this messageId already names another task of this user",
@@ -123,31 +147,46 @@ class FedagentRequestHandler(RequestHandler):
             if err.status >= 500:  # this instance's fault (Temporal away): not the params'
                 raise InternalError(message=err.detail, data={"reason": err.code}) from None
             raise InvalidParamsError(message=err.detail, data={"reason": err.code}) from None
-        return await agents.get(services, user, accepted.agentId)
+        finally:
+            if lease is not None and not held:
+                await lease.release()
 
     @validate_request_params
     async def on_message_send(
         self, params: pb.SendMessageRequest, context: ServerCallContext
     ) -> pb.Task | pb.Message:
         services, user = _who(context)
-        row = await self._send(params, context)
+        blocking = not params.configuration.return_immediately
+        row, lease = await self._send(params, context, hold=blocking)
         if isinstance(row, pb.Task | pb.Message):
             return row
-        if not params.configuration.return_immediately:
+        if lease is None:
+            return await self._task(services, user, row)
+        try:  # held open like a stream: bounded per token, ended by its revocation
+            loop = asyncio.get_running_loop()
             while row["state"] not in TERMINAL_STATES:
-                row = await agents.wait_for_change(services, user, row["agent_id"], row, WAIT_STEP)
-        return await self._task(services, user, row)
+                if lease.due(loop.time()) and not await lease.still_valid():
+                    raise InvalidRequestError(
+                        message="the API token was revoked or has expired while waiting",
+                        data={"reason": "unauthenticated"},
+                    )
+                step = min(WAIT_STEP, lease.interval)
+                row = await agents.wait_for_change(services, user, row["agent_id"], row, step)
+            return await self._task(services, user, row)
+        finally:
+            await lease.release()
 
     @validate_request_params
     async def on_message_send_stream(
         self, params: pb.SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event]:
-        row = await self._send(params, context)
+        row, lease = await self._send(params, context, hold=True)
         if isinstance(row, pb.Task | pb.Message):
             _sse_id(context, 0)
             yield row
             return
-        async for event in self._stream(context, row, resume=None):
+        assert lease is not None
+        async for event in self._stream(context, row, resume=None, lease=lease):
             yield event
 
     @validate_request_params
@@ -157,6 +196,8 @@ class FedagentRequestHandler(RequestHandler):
         services, user = _who(context)
         row = await _row(services, user, params.id)
         resume = _last_event_id(context)
+        if resume is not None and not await _of_this_stream(services, user, row, resume):
+            raise InvalidParamsError(message="Last-Event-ID is not an id of this task's stream")
         if resume is None and row["state"] in TERMINAL_STATES:
             raise UnsupportedOperationError(
                 message=f"task {params.id} is {row['state']}: nothing more will happen"
@@ -167,17 +208,20 @@ class FedagentRequestHandler(RequestHandler):
             yield event
 
     async def _stream(
-        self, context: ServerCallContext, row: dict[str, Any], *, resume: int | None
+        self,
+        context: ServerCallContext,
+        row: dict[str, Any],
+        *,
+        resume: int | None,
+        lease: Lease | None = None,
     ) -> AsyncGenerator[Event]:
         """The task's snapshot, then each change of state, then (at its end) the artifacts
         and the final status; each event's SSE id is `log id << 4 | n` (n: 0 for a state,
-        1.. for the final's artifacts, FINAL for the final), so that Last-Event-ID resumes."""
+        1.. for the final's artifacts, FINAL for the final), so that Last-Event-ID resumes.
+        `lease`: the stream's, if taken already (else taken here)."""
         services, user = _who(context)
-        agent_id = row["agent_id"]
-        try:  # the REST event streams' rules: bounded per token, ended by its revocation
-            lease = await Lease.take(services, user, agent_id)
-        except TooManyStreams as err:
-            raise InvalidRequestError(message=err.detail, data={"reason": err.code}) from None
+        if lease is None:
+            lease = await _lease(services, user, row["agent_id"])
         try:
             async for event in self._events(context, row, resume, lease):
                 yield event
@@ -259,18 +303,22 @@ class FedagentRequestHandler(RequestHandler):
             raise InvalidParamsError(message=f"pageSize must be 1 to {PAGE_SIZE_MAX}")
         try:
             offset = int(params.page_token or "0")
-            if offset < 0:
+            if not 0 <= offset <= OFFSET_MAX:
                 raise ValueError
         except ValueError:
             raise InvalidParamsError(message="pageToken is not one this server gave") from None
         states = None
         if params.status != pb.TASK_STATE_UNSPECIFIED:
             states = tasks.STATES_OF.get(params.status, [])
+        after = None
+        if params.HasField("status_timestamp_after"):
+            after = params.status_timestamp_after.ToDatetime(tzinfo=UTC)
         rows = await agents.list_(
             services,
             user,
             state=states,
             task_id=params.context_id or None,
+            updated_after=after,
             limit=size,
             offset=offset,
             count=True,
@@ -327,13 +375,25 @@ class FedagentRequestHandler(RequestHandler):
         raise ExtendedAgentCardNotConfiguredError
 
 
+async def _of_this_stream(
+    services: Services, user: User, row: dict[str, Any], event_id: int
+) -> bool:
+    """Whether an SSE id names an event of this task's log (see `_stream`): another task's,
+    or one past the log's end, would resume a stream that never ends."""
+    cursor = event_id >> 4
+    if cursor == 0:  # the snapshot of a task with no log yet
+        return True
+    found = await agents.events_after(services, user, row["agent_id"], cursor - 1, 1)
+    return bool(found) and found[0]["id"] == cursor
+
+
 def _last_event_id(context: ServerCallContext) -> int | None:
     value = context.state.get("headers", {}).get("last-event-id")
     if value is None:
         return None
     try:
         cursor = int(value)
-        if cursor < 0:
+        if not 0 <= cursor < 1 << 62:  # a log id (bigint) << 4, and its low bits
             raise ValueError
     except ValueError:
         raise InvalidParamsError(message="Last-Event-ID is not an id of this stream") from None

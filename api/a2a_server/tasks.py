@@ -9,7 +9,7 @@ from `metadata.fedagent`, both a `SpawnFields` object (unknown fields are refuse
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from a2a.types import a2a_pb2 as pb
 from a2a.utils.errors import ContentTypeNotSupportedError, InvalidParamsError
@@ -210,6 +210,7 @@ def result_artifacts(
         out.append(pb.Artifact(artifact_id="diff", name="diff", parts=[part]))
     if result.get("changedFiles") is not None:
         files = pb.Part(media_type="application/json")
-        ParseDict(list(result["changedFiles"]), files.data)
+        # a JSON list into the part's google.protobuf.Value (the stubs know only dicts)
+        ParseDict(cast(Any, list(result["changedFiles"])), files.data)
         out.append(pb.Artifact(artifact_id="changed-files", name="changed files", parts=[files]))
     return out

@@ -14,7 +14,7 @@ import hmac
 
 from fastapi import Request, Response
 
-from api.deps import user_for_token
+from api.deps import app_pool, user_for_token
 from federation.errors import Forbidden, Unauthenticated
 from federation.users import User
 
@@ -49,7 +49,7 @@ async def console_user(request: Request) -> User:
     if token is None:
         raise NotSignedIn("sign in with an API token")
     try:
-        return await user_for_token(request.app.state.pool, token)
+        return await user_for_token(app_pool(request), token)
     except Unauthenticated:
         raise NotSignedIn("the session's token is no longer valid; sign in again") from None
 

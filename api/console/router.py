@@ -35,7 +35,7 @@ from api.console.auth import (
 from api.console.diff import agent_diff, parse_diff, result_diff_bytes
 from api.console.progress import progress_facts, state_changes
 from api.console.transcript import agent_transcript
-from api.deps import require_admin, services_for, user_for_token
+from api.deps import app_pool, app_settings, require_admin, services_for, user_for_token
 from api.event_stream import event_stream
 from federation.errors import FederationError, InvalidRequest, Unauthenticated
 from federation.models import (
@@ -70,6 +70,7 @@ NOTES = {
     "updated": "The instance is updated.",
     "rotated": "A new key signs from now on; the previous one is retiring.",
     "requested": "The request is sent; the connection stays PENDING until the peer accepts.",
+    "a2a-added": "The A2A agent is added: its connection is ACTIVE, spawns on it go over A2A.",
     "accepted": "The connection is ACTIVE.",
     "rejected": "The request is rejected.",
     "suspended": "The connection is suspended.",
@@ -89,7 +90,7 @@ def _problem_page(request: Request, err: FederationError) -> Response:
         request,
         "error.html",
         {
-            "instance_name": request.app.state.settings.instance_name,
+            "instance_name": app_settings(request).instance_name,
             "title": err.title,
             "code": err.code,
             "detail": err.detail,
@@ -307,7 +308,7 @@ async def sign_in(request: Request) -> Response:
     if not target.startswith("/console/") or target.startswith("//"):
         target = "/console/overview"
     try:
-        await user_for_token(request.app.state.pool, token) if token else None
+        await user_for_token(app_pool(request), token) if token else None
         if not token:
             raise Unauthenticated("enter an API token")
     except Unauthenticated as err:
@@ -448,7 +449,16 @@ async def connections_page(request: Request) -> Response:
 async def connection_create(request: Request) -> Response:
     form = await checked_form(request)
     services, user = await _admin(request)
-    body = ConnectionCreate.model_validate({"remoteUrl": _first(form, "remoteUrl")})
+    fields: dict[str, Any] = {"remoteUrl": _first(form, "remoteUrl")}
+    if _first(form, "kind") == "a2a":
+        fields["kind"] = "a2a"
+        if _first(form, "token"):
+            fields["token"] = _first(form, "token")
+    body = ConnectionCreate.model_validate(fields)
+    if body.kind == "a2a":
+        token = body.token.get_secret_value() if body.token else None
+        await connections.connect_a2a(services, user, str(body.remoteUrl), token)
+        return _back("/console/connections", "a2a-added")
     await connections.create(services, user, str(body.remoteUrl))
     return _back("/console/connections", "requested")
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, status
 
 from api.deps import AdminUser, ServicesDep
 from federation.models import ConnectionAccept, ConnectionCreate, ConnectionPublic, ConnectionUpdate
+from federation.states import ConnectionKind
 from operations import connections
 
 router = APIRouter(prefix="/api/v1/federation/connections", tags=["connections"])
@@ -19,7 +20,12 @@ async def create_connection(
 ) -> ConnectionPublic:
     """Ask the instance at `remoteUrl` for a connection; it stays PENDING until the peer accepts.
 
-    The peer may ask nothing of this instance over it until `grants` (here or later) allow it."""
+    The peer may ask nothing of this instance over it until `grants` (here or later) allow it.
+    With `kind: "a2a"`, `remoteUrl` is an A2A agent's card URL (or its base URL) and `token`
+    its bearer credentials: the connection is ACTIVE at once."""
+    if body.kind == ConnectionKind.A2A:
+        token = body.token.get_secret_value() if body.token else None
+        return await connections.connect_a2a(services, user, str(body.remoteUrl), token)
     return await connections.create(services, user, str(body.remoteUrl), body.grants)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from federation.store.repos import Executor
+from federation.store.repos import PEER_KIND, Executor
 
 
 async def set_peer_grants(
@@ -45,7 +45,7 @@ async def list_hosted(
 ) -> list[dict[str, Any]]:
     """Runs peers started on this instance, newest first."""
     rows = await db.fetch(
-        "SELECT * FROM agents WHERE role = 'executor'"
+        f"SELECT *, {PEER_KIND} FROM agents WHERE role = 'executor'"
         " AND peer_instance_id <> '_local'"  # local runs are the users' own: /agents shows them
         " AND ($1::text IS NULL OR peer_instance_id = $1) AND ($2::text IS NULL OR state = $2)"
         " AND ($3::uuid IS NULL OR agent_id = $3) AND ($6::text IS NULL OR agent_type = $6)"

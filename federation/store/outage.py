@@ -36,13 +36,16 @@ class StoreUnavailable(Exception):
 
 
 def is_outage(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) says the database is away rather than that it refused."""
+    """Whether `exc` (or what caused it) says the database is away rather than that it refused.
+
+    Followed through the context too: a transaction the outage cut off ends in asyncpg's
+    InterfaceError ("the underlying connection is closed") raised while handling the outage."""
     seen = 0
     current: BaseException | None = exc
     while current is not None and seen < 10:
         if isinstance(current, OUTAGE_ERRORS):
             return True
-        current, seen = current.__cause__, seen + 1
+        current, seen = current.__cause__ or current.__context__, seen + 1
     return False
 
 

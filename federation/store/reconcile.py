@@ -23,12 +23,15 @@ async def open_runs(
 ) -> list[dict]:  # type: ignore[type-arg]
     """Open runs (requester rows whose workflow started, executor rows) not touched lately, in
     key order after the cursor `after` (a previous batch's `cursor_of`; None: from the first).
-    `start_overdue` says whether the row is older than `start_grace` seconds."""
+    `start_overdue` says whether the row is older than `start_grace` seconds. Requester rows
+    final here whose kill is still `pending` are walked too (`kill_pending`): their delivery is
+    started if it never was, and settled if it ended without settling."""
     role, peer, agent_id = after if after is not None else ("", "", str(uuid.UUID(int=0)))
     rows = await db.fetch(
-        "SELECT agent_id, role, peer_instance_id, workflow_id, state,"
+        "SELECT agent_id, role, peer_instance_id, workflow_id, state, traceparent,"
+        " (kill_delivery = 'pending' AND state = ANY($1::text[])) IS TRUE AS kill_pending,"
         " created_at < now() - make_interval(secs => $3) AS start_overdue FROM agents"
-        " WHERE NOT (state = ANY($1::text[]))"
+        " WHERE (NOT (state = ANY($1::text[])) OR kill_delivery = 'pending')"
         " AND (role = 'executor' OR workflow_started)"
         " AND updated_at < now() - make_interval(secs => $2)"
         " AND (role, peer_instance_id, agent_id) > ($4, $5, $6::uuid)"
@@ -53,6 +56,10 @@ async def repair(db: Executor, row: dict[str, Any], *, state: str, error: str) -
     """Record the final state a closed workflow did not record (terminal states stay final)."""
     agent_id: uuid.UUID = row["agent_id"]
     if row["role"] == "requester":
-        await force_requester_final(db, agent_id, state=state, result=None, error=error)
+        # Ended here without the executor's word: its kill is delivered (marked pending in
+        # the same statement, so a delivery that cannot start now is started by a later round).
+        await force_requester_final(
+            db, agent_id, state=state, result=None, error=error, tell_executor=True
+        )
     else:
         await update_executed_agent(db, row["peer_instance_id"], agent_id, state=state, error=error)

@@ -68,6 +68,44 @@ async def insert_connection(
     return dict(row)
 
 
+async def insert_a2a_connection(
+    db: Executor,
+    *,
+    connection_id: uuid.UUID,
+    remote_instance_id: str,
+    remote_name: str,
+    remote_url: str,
+    a2a_endpoint: str,
+    credentials_sealed: str | None,
+) -> dict[str, Any]:
+    """An A2A agent as a peer: ACTIVE at once (no handshake), outbound, it may ask nothing."""
+    row = await db.fetchrow(
+        "INSERT INTO connections (connection_id, remote_instance_id, remote_name, remote_url,"
+        " remote_keys, direction, status, grants, kind, a2a_endpoint, credentials_sealed)"
+        " VALUES ($1,$2,$3,$4,'[]'::jsonb,'outbound','ACTIVE',$5,'a2a',$6,$7) RETURNING *",
+        connection_id,
+        remote_instance_id,
+        remote_name,
+        remote_url,
+        {"commandTypes": [], "agentTypes": [], "repositories": []},
+        a2a_endpoint,
+        credentials_sealed,
+    )
+    assert row is not None
+    return dict(row)
+
+
+async def keep_remote_task_id(db: Executor, agent_id: uuid.UUID, task_id: str) -> str:
+    """Keep the A2A task id of a requester's run; the first one kept stays (answered)."""
+    kept = await db.fetchval(
+        "UPDATE agents SET remote_task_id = COALESCE(remote_task_id, $2)"
+        " WHERE role = 'requester' AND agent_id = $1 RETURNING remote_task_id",
+        agent_id,
+        task_id,
+    )
+    return str(kept) if kept is not None else task_id
+
+
 async def get_connection(db: Executor, connection_id: uuid.UUID) -> dict[str, Any] | None:
     return row_dict(
         await db.fetchrow("SELECT * FROM connections WHERE connection_id = $1", connection_id)
@@ -221,18 +259,77 @@ async def note_kill_delivery(db: Executor, agent_id: uuid.UUID, *, confirmed: bo
     """A kill this requester decided: being delivered (False, unless confirmed already) or
     confirmed by the executor (True)."""
     await db.execute(
-        "UPDATE agents SET kill_confirmed = $2 OR coalesce(kill_confirmed, false)"
+        "UPDATE agents SET kill_confirmed = $2 OR coalesce(kill_confirmed, false),"
+        # A delivery started for a final recorded without the mark (by an older build).
+        " kill_delivery = CASE WHEN $2 THEN kill_delivery"
+        "  ELSE coalesce(kill_delivery, 'pending') END"
         " WHERE role = 'requester' AND agent_id = $1",
         agent_id,
         confirmed,
     )
 
 
+# The kind of peer an agent row runs on, as a column `peer_kind` of the users' and hosted views:
+# the connection's kind (`fedagent`, `a2a`), or `local` for a local run (no peer).
+PEER_KIND = (
+    f"CASE WHEN agents.role = 'executor' AND agents.peer_instance_id = '{LOCAL_REQUESTER}'"
+    " THEN 'local' ELSE (SELECT c.kind FROM connections c"
+    " WHERE c.connection_id = agents.connection_id) END AS peer_kind"
+)
+
+
+async def settle_kill_delivery(
+    db: Executor,
+    agent_id: uuid.UUID,
+    *,
+    outcome: str,
+    note: str,
+    answer: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """What became of a pending kill (see migration 0024). With `answer` (the executor's final
+    report, `too_late`: the run had ended there on its own before the kill reached it), the
+    requester's record becomes that end, since that is what happened: both sides then agree.
+    Only a pending kill is settled (a retried delivery changes nothing); answers the row as it
+    is then, or None when there is no such row."""
+    confirmed = outcome in ("confirmed", "too_late", "not_found")
+    adopt = answer is not None and outcome == "too_late"
+    report = answer or {}
+    row = await db.fetchrow(
+        "WITH updated AS ("
+        " UPDATE agents SET kill_delivery = $2, kill_delivery_note = $3,"
+        " kill_confirmed = $4 OR coalesce(kill_confirmed, false),"
+        " state = CASE WHEN $5 THEN $6 ELSE state END,"
+        " result = CASE WHEN $5 THEN $7 ELSE result END,"
+        " error = CASE WHEN $5 THEN $8 ELSE error END,"
+        " seq = CASE WHEN $5 THEN greatest(seq, $9) ELSE seq END,"
+        " updated_at = now()"
+        " WHERE role = 'requester' AND agent_id = $1 AND kill_delivery = 'pending'"
+        " RETURNING *),"
+        " event AS (INSERT INTO agent_events (agent_id, seq, state, progress, error, attempt)"
+        " SELECT agent_id, seq, state, progress, error, attempt FROM updated WHERE $5)"
+        " SELECT * FROM updated",
+        agent_id,
+        outcome,
+        _text(note[:2000]),  # a peer's refusal detail is the peer's: kept bounded
+        confirmed,
+        adopt,
+        str(report.get("state") or ""),
+        report.get("result"),
+        _text(report.get("error")),
+        int(report.get("seq") or 0),
+    )
+    if row is None:
+        row = await db.fetchrow(
+            "SELECT * FROM agents WHERE role = 'requester' AND agent_id = $1", agent_id
+        )
+    return row_dict(row)
+
+
 async def get_user_agent(db: Executor, agent_id: uuid.UUID) -> dict[str, Any] | None:
     """An agent of this instance's users: spawned on a peer (requester row) or a local run."""
     return row_dict(
         await db.fetchrow(
-            "SELECT * FROM agents WHERE agent_id = $1"
+            f"SELECT *, {PEER_KIND} FROM agents WHERE agent_id = $1"
             " AND (role = 'requester' OR peer_instance_id = $2)",
             agent_id,
             LOCAL_REQUESTER,
@@ -275,18 +372,22 @@ async def list_agents(
     connection_id: uuid.UUID | None = None,
     agent_type: str | None = None,
     task_id: str | None = None,
+    updated_after: datetime | None = None,
     limit: int = 100,
     offset: int = 0,
     count: bool = False,
 ) -> list[dict[str, Any]]:
-    """`count`: each row also has `total_count`, the number of rows matching in all."""
+    """`count`: each row also has `total_count`, the number of rows matching in all;
+    `updated_after`: rows updated after it only."""
     rows = await db.fetch(
-        f"SELECT *{', count(*) OVER () AS total_count' if count else ''} FROM agents"
+        f"SELECT *, {PEER_KIND}{', count(*) OVER () AS total_count' if count else ''}"
+        " FROM agents"
         " WHERE ($1::text IS NULL OR role = $1"
         " OR ($9 AND role = 'executor' AND peer_instance_id = $10))"
         " AND ($2::text IS NULL OR workspace = $2) AND ($3::text[] IS NULL OR state = ANY($3))"
         " AND ($4::uuid IS NULL OR connection_id = $4) AND ($5::text IS NULL OR agent_type = $5)"
         " AND ($6::text IS NULL OR task_id = $6)"
+        " AND ($11::timestamptz IS NULL OR updated_at > $11)"
         " ORDER BY created_at DESC, agent_id LIMIT $7 OFFSET $8",
         role,
         workspace,
@@ -298,6 +399,7 @@ async def list_agents(
         offset,
         with_local,
         LOCAL_REQUESTER,
+        updated_after,
     )
     return [dict(r) for r in rows]
 
@@ -350,15 +452,23 @@ async def force_requester_final(
     state: str,
     result: dict[str, Any] | None,
     error: str | None,
+    tell_executor: bool = False,
 ) -> dict[str, Any] | None:
     """The requester's own final word (its workflow ended): terminal, whatever came before,
     unless a final is there already. Answers the final the row keeps (`written` False when it
-    was there before), or None when there is no such row."""
+    was there before), or None when there is no such row.
+
+    `tell_executor`: this end was decided without the executor's word, so its kill is to be
+    delivered: marked `pending` in the same statement (only if this final is the one kept), so
+    a delivery that never starts (a workflow terminated right after this record, Temporal away)
+    is still started by the reconciler, which walks pending rows."""
     row = await db.fetchrow(
         "WITH updated AS ("
         " UPDATE agents SET state = $2, result = COALESCE($3, result),"
         " error = COALESCE($4, error), updated_at = now(),"
-        " finished_at = COALESCE(finished_at, now())"
+        " finished_at = COALESCE(finished_at, now()),"
+        " kill_delivery = CASE WHEN $6 THEN 'pending' ELSE kill_delivery END,"
+        " kill_confirmed = CASE WHEN $6 THEN false ELSE kill_confirmed END"
         " WHERE role = 'requester' AND agent_id = $1 AND NOT (state = ANY($5::text[]))"
         " RETURNING agent_id, seq, state, progress, result, error, attempt),"
         " event AS (INSERT INTO agent_events (agent_id, seq, state, progress, error, attempt)"
@@ -369,6 +479,7 @@ async def force_requester_final(
         result,
         _text(error),
         list(TERMINAL_STATES),
+        tell_executor,
     )
     if row is None:
         row = await db.fetchrow(

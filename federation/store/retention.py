@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from federation.states import TERMINAL_STATES
+from federation.states import KILL_DELIVERY_SECONDS, TERMINAL_STATES
 from federation.store.repos import Executor
 
 
@@ -88,6 +88,8 @@ _LINK_KEPT = (
 # In the order they are deleted: a run's own record last.
 KINDS: dict[str, tuple[Part, ...]] = {
     "messages": (
+        # What users sent through `POST /federation/command`, with the peer's answer.
+        Part(table="commands", where=_OLDER.format(column="x.created_at")),
         Part(
             table="messages",
             where=_OLDER.format(column="x.created_at")
@@ -149,7 +151,10 @@ KINDS: dict[str, tuple[Part, ...]] = {
         Part(
             table="agents",
             where="x.state = ANY($2::text[])"
-            " AND coalesce(x.finished_at, x.updated_at) < now() - make_interval(secs => $1)",
+            " AND coalesce(x.finished_at, x.updated_at) < now() - make_interval(secs => $1)"
+            # A kill still being delivered to the executor reads the record on each try.
+            " AND (x.kill_confirmed IS NOT FALSE OR coalesce(x.finished_at, x.updated_at)"
+            f" < now() - make_interval(secs => {KILL_DELIVERY_SECONDS}))",
         ),
     ),
 }
@@ -157,8 +162,9 @@ KINDS: dict[str, tuple[Part, ...]] = {
 
 def _args(part: Part, kind: str, policy: Retention) -> tuple[object, ...]:
     terminal = sorted(str(state) for state in TERMINAL_STATES)
-    args: tuple[object, ...] = (float(policy.seconds(kind)), terminal)
-    return (*args, float(policy.artifacts)) if "$3" in part.where else args
+    args: tuple[object, ...] = (float(policy.seconds(kind)), terminal, float(policy.artifacts))
+    used = 3 if "$3" in part.where else 2 if "$2" in part.where else 1
+    return args[:used]
 
 
 async def expired(db: Executor, kind: str, policy: Retention) -> Amount:

@@ -83,6 +83,16 @@ async def get_blobs(db: Executor, shas: Iterable[str]) -> dict[str, bytes]:
     return {r["sha256"]: bytes(r["data"]) for r in rows}
 
 
+async def blob_sizes(db: Executor, shas: Iterable[str]) -> dict[str, int]:
+    """The stored length of each blob (its bytes as held, not the `bytes` column)."""
+    rows = await db.fetch(
+        "SELECT sha256, octet_length(data) AS size FROM workspace_blobs"
+        " WHERE sha256 = ANY($1::text[])",
+        list(shas),
+    )
+    return {r["sha256"]: int(r["size"]) for r in rows}
+
+
 async def latest(db: Executor, requester_id: str, agent_id: uuid.UUID) -> dict[str, Any] | None:
     """The workspace the run's latest checkpoint holds (of its latest try that has one)."""
     value = await db.fetchval(

@@ -20,7 +20,11 @@ import pytest
 
 from agents.sandbox.base import Limits, Sandbox, SandboxUnavailable
 from agents.sandbox.bwrap import BwrapSandbox
-from agents.sandbox.fence import HOST_WORKSPACE_VAR, end_workspace_processes
+from agents.sandbox.fence import (
+    HOST_WORKSPACE_VAR,
+    end_orphaned_sandboxes,
+    end_workspace_processes,
+)
 from agents.sandbox.process import ProcessSandbox
 from tests.agents.conftest import Listener, pid_alive
 from tests.agents.contract import (
@@ -106,7 +110,9 @@ async def test_the_sandbox_runs_as_an_unprivileged_host_uid_when_the_worker_is_r
 async def test_without_cgroups_rlimits_hold_the_limits(
     make_sandbox: MakeSandbox, tmp_path: Path
 ) -> None:
-    sandbox = await make_sandbox(tmp_path / "ws", SMALL, use_cgroups=False)
+    # RLIMIT_NPROC counts every task of the uid on the host: a uid no other sandbox runs as,
+    # or the runs of a parallel test worker (uid 61000) eat this one's headroom.
+    sandbox = await make_sandbox(tmp_path / "ws", SMALL, use_cgroups=False, run_as_uid=61017)
     assert sandbox.enforced["memory"].startswith("rlimit")
     assert sandbox.enforced["cpu"].startswith("rlimit")
     hog = await sandbox.run(MEMORY_HOG, timeout=20)
@@ -125,6 +131,57 @@ async def test_background_processes_end_with_their_command(
     result = await sandbox.run("sleep 300 & echo started")
     assert result.output.strip() == "started"
     assert await wait_until(lambda: sandbox.alive_pids() == [])
+
+
+def _sandbox_left_starting(workspace: Path) -> int:
+    """A bwrap whose outer process died before it told its child to go on, as when the worker
+    starting it is killed: the outer waits on a pipe nobody writes (--userns-block-fd) and is
+    killed there. Returns the pid of the child it leaves behind (its sandbox's pid 1)."""
+    block_r, block_w = os.pipe()
+    info_r, info_w = os.pipe()
+    outer = subprocess.Popen(
+        ["bwrap", "--unshare-user", "--unshare-pid", "--die-with-parent", "--ro-bind", "/", "/"]
+        + ["--setenv", HOST_WORKSPACE_VAR, str(workspace.resolve())]
+        + ["--info-fd", str(info_w), "--userns-block-fd", str(block_r), "--", "sleep", "300"],
+        pass_fds=(block_r, info_w),
+    )
+    os.close(info_w)
+    with os.fdopen(info_r) as info:
+        child = json.loads(info.read())["child-pid"]  # written just before it blocks
+    outer.send_signal(signal.SIGKILL)
+    outer.wait()
+    os.close(block_r)
+    os.close(block_w)
+    [pid] = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ns_pid(int(p)) == child]
+    return pid
+
+
+def _ns_pid(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    line = next((x for x in status.splitlines() if x.startswith("NSpid:")), "")
+    ids = line.split()[1:]
+    return int(ids[0]) if len(ids) > 1 else None
+
+
+async def test_a_sandbox_its_worker_died_starting_is_ended_by_the_sweep_and_no_other(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    root = tmp_path / "workspaces"
+    left = _sandbox_left_starting(root / "dead-worker-run")
+    time.sleep(0.5)
+    assert pid_alive(left)  # nothing else ends it: it waits for ever
+    live = await make_sandbox(root / "live-run", SMALL)
+    running = asyncio.create_task(live.run("sleep 300"))
+    assert await wait_until(lambda: len(live.alive_pids()) >= 4)  # bwrap, its init, sh, sleep
+    live_pids = live.alive_pids()
+    assert end_orphaned_sandboxes(root) == [left]
+    assert not pid_alive(left)
+    assert all(pid_alive(pid) for pid in live_pids)  # a running sandbox goes on
+    await live.kill()
+    await running
 
 
 async def test_a_new_attempt_ends_the_sandboxes_of_its_workspace_and_no_other(

@@ -19,6 +19,13 @@ class ProxyRules:
     down: bool = False
     # Connections are cut before any answer: the network drops requests.
     drop: bool = False
+    # The next request whose path ends with this reaches the upstream twice and gets the second
+    # answer (the first is lost), as when a balancer sends a request again to another replica
+    # after the first died before answering; then the rule clears.
+    repeat_next: str | None = None
+    # Requests reach the upstream, but their connection is cut before the answer: the network
+    # drops answers.
+    lose_answers: bool = False
 
 
 class ControlledProxy:
@@ -28,6 +35,7 @@ class ControlledProxy:
         self.rules = ProxyRules()
         self.refused: list[str] = []
         self.forwarded: list[str] = []
+        self.repeated: list[str] = []
         self._server: asyncio.Server | None = None
         # Requests being forwarded: a long-poll can hold one open when the proxy stops.
         self._handlers: set[asyncio.Task[None]] = set()
@@ -47,11 +55,23 @@ class ControlledProxy:
             await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
 
+    async def _forward(self, request: bytes) -> bytes:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self.upstream_port
+        )
+        try:
+            upstream_writer.write(request)
+            await upstream_writer.drain()
+            return await upstream_reader.read()
+        finally:
+            upstream_writer.close()
+            with contextlib.suppress(ConnectionError):
+                await upstream_writer.wait_closed()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        upstream_writer: asyncio.StreamWriter | None = None
         try:
             while True:
                 try:
@@ -86,19 +106,22 @@ class ControlledProxy:
                     await writer.drain()
                     return
                 self.forwarded.append(what)
-                upstream_reader, upstream_writer = await asyncio.open_connection(
-                    "127.0.0.1", self.upstream_port
-                )
-                upstream_writer.write(
+                request = (
                     request_line
                     + b"\r\n"
                     + b"\r\n".join([*headers, b"connection: close"])
                     + b"\r\n\r\n"
                     + body
                 )
-                await upstream_writer.drain()
-                response = await upstream_reader.read()
-                upstream_writer.close()
+                repeat = self.rules.repeat_next
+                if repeat is not None and path.endswith(repeat):
+                    self.rules.repeat_next = None
+                    self.repeated.append(what)
+                    await self._forward(request)  # its answer is lost
+                response = await self._forward(request)
+                if self.rules.lose_answers:
+                    self.refused.append(what)
+                    return
                 writer.write(response)
                 await writer.drain()
                 return  # the response said connection: close
@@ -106,8 +129,6 @@ class ControlledProxy:
             return  # the proxy is stopping
         finally:
             self._handlers.discard(task)
-            for stream in (upstream_writer, writer):
-                if stream is not None:
-                    with contextlib.suppress(ConnectionError, RuntimeError):
-                        stream.close()
-                        await stream.wait_closed()
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                writer.close()
+                await writer.wait_closed()

@@ -19,7 +19,9 @@ from a2a.types import a2a_pb2 as pb
 from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError
 from google.protobuf.json_format import MessageToDict, ParseDict
 
+from api.a2a_server.tasks import agent_id_for
 from cli.devstack import DevStack
+from federation.users import User
 from tests.conftest import Instance
 from tests.e2e.test_users import bearer, cli_token
 
@@ -370,3 +372,138 @@ async def test_a2a_streams_are_bounded_per_token_and_end_when_it_is_revoked(hub:
 
 async def _drain(response: httpx.Response) -> list[str]:
     return [line async for line in response.aiter_lines()]
+
+
+async def test_a_send_asking_for_push_notifications_is_refused_and_nothing_is_stored(
+    hub: Instance,
+) -> None:
+    """The card says no push notifications: a send that asks for them gets the spec's
+    PushNotificationNotSupportedError (-32003), not a task whose callbacks never come."""
+    message_id = str(uuid.uuid4())
+    before = await hub.fetch("SELECT count(*) AS n FROM agents")
+    msg = {"messageId": message_id, "role": "ROLE_USER", "parts": [{"text": "$ echo push"}]}
+    push = {"url": "https://callback.example.org/a2a", "token": "t"}
+    for method in ("SendMessage", "SendStreamingMessage"):
+        answer = await rpc(
+            hub,
+            method,
+            {
+                "message": msg,
+                "configuration": {"returnImmediately": True, "taskPushNotificationConfig": push},
+            },
+        )
+        assert answer["error"]["code"] == -32003, answer
+    assert await hub.fetch("SELECT count(*) AS n FROM agents") == before
+
+
+async def test_list_tasks_filters_by_status_timestamp_and_ids_not_given_are_invalid_params(
+    hub: Instance,
+) -> None:
+    gen, client = await client_of(hub, streaming=False)
+    context = str(uuid.uuid4())
+    task = await first(client, send(message("$ echo ts", {"timeout": 60}, context_id=context)))
+    assert task.status.state == pb.TASK_STATE_COMPLETED
+    listed = await rpc(hub, "ListTasks", {"contextId": context})
+    assert [t["id"] for t in listed["result"]["tasks"]] == [task.id]
+    # Only the tasks whose status changed after the given time (the spec's filter).
+    later = await rpc(
+        hub, "ListTasks", {"contextId": context, "statusTimestampAfter": "2999-01-01T00:00:00Z"}
+    )
+    assert later["result"].get("tasks", []) == [] and later["result"]["totalSize"] == 0
+    earlier = await rpc(
+        hub, "ListTasks", {"contextId": context, "statusTimestampAfter": "2000-01-01T00:00:00Z"}
+    )
+    assert [t["id"] for t in earlier["result"]["tasks"]] == [task.id]
+    # A page token (or a Last-Event-ID) past what this server gives: invalid params, not an
+    # internal error.
+    huge = await rpc(hub, "ListTasks", {"contextId": context, "pageToken": "9" * 30})
+    assert huge["error"]["code"] == -32602, huge
+    other = await first(client, send(message("$ echo other", {"timeout": 60})))
+    its_events = await sse(hub, {"id": other.id}, last_event_id="0")
+    another_tasks = its_events[0][0]
+    assert another_tasks is not None
+    subscribe = {"jsonrpc": "2.0", "id": 1, "method": "SubscribeToTask", "params": {"id": task.id}}
+    # Too large for a log id; an id of another task's stream; one past this log's end.
+    for event_id in ("9" * 30, another_tasks, str(int(another_tasks) + (1 << 40))):
+        headers = {**hub.auth, "A2A-Version": "1.0", "Last-Event-ID": event_id}
+        resumed = await hub.http.post(f"{hub.url}/a2a", json=subscribe, headers=headers)
+        assert resumed.json()["error"]["code"] == -32602, (event_id, resumed.text)
+    await gen.aclose()
+
+
+async def test_answers_held_open_are_bounded_per_token_and_a_refused_one_starts_nothing(
+    hub: Instance,
+) -> None:
+    """A blocking SendMessage and a SendStreamingMessage hold their answer open as a stream
+    does: past the token's bound they are refused before anything is stored or started, and
+    a blocking send ends when its token is revoked."""
+    name = f"a2a-{uuid.uuid4().hex[:8]}"
+    made = await hub.call("POST", "/tokens", json={"name": name, "role": "admin"})
+    token_id, token = made.json()["id"], made.json()["token"]
+    headers = {"Authorization": f"Bearer {token}", "A2A-Version": "1.0"}
+    msg = message("$ sleep 40", {"timeout": 60})
+    task_id = str(agent_id_for(User(name, "admin", "default"), msg.message_id))
+
+    def call(method: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+
+    async with contextlib.AsyncExitStack() as held, httpx.AsyncClient(timeout=60) as http:
+        # A blocking send: its answer is held open until the task ends, in one place.
+        blocking = asyncio.ensure_future(
+            http.post(
+                f"{hub.url}/a2a",
+                json=call("SendMessage", {"message": MessageToDict(msg)}),
+                headers=headers,
+            )
+        )
+        while not await rows_of(hub, task_id):  # the send is under way
+            await asyncio.sleep(0.1)
+        await hub.wait_agent(task_id, {"running"})
+        for _ in range(7):  # FEDAGENT_SSE_MAX_STREAMS_PER_TOKEN's default, with the send
+            answer = await held.enter_async_context(
+                http.stream(
+                    "POST",
+                    f"{hub.url}/a2a",
+                    json=call("SubscribeToTask", {"id": task_id}),
+                    headers=headers,
+                )
+            )
+            assert answer.headers["content-type"].startswith("text/event-stream")
+        assert not blocking.done()
+        before = await hub.fetch("SELECT count(*) AS n FROM agents")
+        for method in ("SendMessage", "SendStreamingMessage"):
+            new = {"message": MessageToDict(message("$ echo past the bound", {"timeout": 60}))}
+            refused = await http.post(f"{hub.url}/a2a", json=call(method, new), headers=headers)
+            reason = refused.json()["error"]["data"][0]["metadata"]["reason"]
+            assert reason == "too_many_streams", refused.text
+        assert await hub.fetch("SELECT count(*) AS n FROM agents") == before
+        revoked = await hub.call("DELETE", f"/tokens/{token_id}")
+        assert revoked.status_code == 200
+        ended = await asyncio.wait_for(blocking, timeout=30)
+        assert "error" in ended.json() and "TASK_STATE_COMPLETED" not in ended.text, ended.text
+    gen, client = await client_of(hub, streaming=False)
+    await client.cancel_task(pb.CancelTaskRequest(id=task_id))
+    await gen.aclose()
+
+
+async def test_a_client_of_another_version_is_told_so_before_its_params_are_read(
+    hub: Instance,
+) -> None:
+    """The version is negotiated first: a client of A2A 2.0 (or of 0.3: no A2A-Version)
+    whose params hold fields 1.0 does not know is told VersionNotSupportedError (-32009),
+    not that its params are invalid; nothing is stored."""
+    before = await hub.fetch("SELECT count(*) AS n FROM agents")
+    msg = {
+        "messageId": str(uuid.uuid4()),
+        "role": "ROLE_USER",
+        "parts": [{"text": "$ echo from the future"}],
+        "futureField": {"x": 1},
+    }
+    body = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {"message": msg}}
+    for version in ({"A2A-Version": "2.0"}, {}):
+        answer = await hub.http.post(f"{hub.url}/a2a", json=body, headers={**hub.auth, **version})
+        assert answer.json()["error"]["code"] == -32009, (version, answer.text)
+        assert answer.headers["A2A-Version"] == "1.0"
+    # Of this version, the same params are invalid (-32602).
+    assert (await rpc(hub, "SendMessage", {"message": msg}))["error"]["code"] == -32602
+    assert await hub.fetch("SELECT count(*) AS n FROM agents") == before

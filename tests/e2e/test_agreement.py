@@ -12,43 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import WorkflowExecutionStatus
 
 from cli.devstack import DevStack
 from federation.envelope import MessageType, sign_envelope
 from tests.conftest import Instance, connect, ensure_connection
-from tests.e2e.helpers import spawn_body
+from tests.e2e.helpers import hosted, hosted_state, spawn_body, workflow_state
 from tests.e2e.proxy import ControlledProxy
 from tests.e2e.signing import assert_refused, craft, instance_key, post_command, spawn_payload
 
 pytestmark = pytest.mark.e2e
-
-
-async def hosted(executor: Instance, agent_id: str) -> dict[str, Any]:
-    response = await executor.call("GET", f"/hosted/{agent_id}")
-    assert response.status_code == 200, response.text
-    return dict(response.json())
-
-
-async def hosted_state(executor: Instance, agent_id: str, states: set[str], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = str((await hosted(executor, agent_id))["state"])
-        if state in states or time.monotonic() > deadline:
-            return state
-        await asyncio.sleep(0.2)
-
-
-async def workflow_state(instance: Instance, workflow_id: str, timeout: float = 30.0) -> str:
-    """The state a closed workflow reports itself (its `status` query), once it is closed."""
-    client = await instance.temporal()
-    handle = client.get_workflow_handle(workflow_id)
-    deadline = time.monotonic() + timeout
-    while (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
-        assert time.monotonic() < deadline, f"{workflow_id} is still running"
-        await asyncio.sleep(0.2)
-    status = await handle.query("status")
-    return str(status["state"] if isinstance(status, dict) else status.state)
 
 
 async def both_ended(
@@ -326,3 +298,23 @@ async def final_event_sent(executor: Instance, agent_id: str, timeout: float) ->
         if rows or time.monotonic() > deadline:
             return bool(rows)
         await asyncio.sleep(0.5)
+
+
+async def test_a_spawn_delivered_twice_by_a_balancer_still_runs_once_alike_on_both_sides(
+    hub: Instance, far: Instance, far_proxy: ControlledProxy
+) -> None:
+    """The executor records the spawn's message and its run, but its answer is lost and the
+    same signed message arrives again (a balancer's retry on another replica): refused as a
+    replay, it must not end the run on the requester while it runs on the executor."""
+    connection_id = await through_the_proxy(hub, far)
+    body = spawn_body(connection_id, "$ echo once >> once.txt", task_id="delivered-twice")
+    far_proxy.rules.repeat_next = "/incoming/command"
+    try:
+        response = await hub.call("POST", "/agents/spawn", json=body)
+        assert response.status_code == 202, response.text
+        mine, theirs = await both_ended(hub, far, body["agentId"])
+    finally:
+        far_proxy.rules.repeat_next = None
+    assert far_proxy.repeated, "the spawn was not delivered twice"
+    assert (mine["state"], theirs["state"]) == ("completed", "completed"), (mine, theirs)
+    assert [c["command"] for c in theirs["result"]["commands"]] == ["echo once >> once.txt"]

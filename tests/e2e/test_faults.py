@@ -15,7 +15,7 @@ import pytest
 from cli.devstack import DevStack
 from federation.store.db import create_pool
 from tests.conftest import Instance, free_port_block
-from tests.e2e.helpers import processes_in, spawn_body
+from tests.e2e.helpers import hosted_state, processes_in, spawn_body, workflow_state
 from tests.e2e.proxy import ControlledProxy
 from tests.e2e.rogue_peer import RoguePeer
 from tests.e2e.signing import craft, instance_key, post_command, spawn_payload
@@ -342,4 +342,54 @@ async def test_a_run_waits_out_a_long_database_outage_and_completes_every_step(
     assert agent["state"] == "completed", (agent["error"], agent)
     assert done.read_text().split() == [f"step-{i}" for i in range(steps)]
     assert f"Ran {steps} command(s), all commands succeeded" in agent["result"]["summary"]
+    # Waited out within the attempt that was running: not failed and retried from a checkpoint.
+    assert await run_agent_attempts(world, body["agentId"]) == [1]
     print("postgres away for 30 s: the run waited it out and completed every step once")
+
+
+async def run_agent_attempts(world: FaultWorld, agent_id: str) -> list[int]:
+    """The activity attempt each try of the run's agent activity ended on, on the executor."""
+    client = await world.beta.temporal()
+    handle = client.get_workflow_handle(f"agent-run/{world.alpha.id}/{agent_id}")
+    history = await handle.fetch_history()
+    runs = {
+        event.event_id
+        for event in history.events
+        if event.HasField("activity_task_scheduled_event_attributes")
+        and event.activity_task_scheduled_event_attributes.activity_type.name == "run_agent"
+    }
+    return [
+        event.activity_task_started_event_attributes.attempt
+        for event in history.events
+        if event.HasField("activity_task_started_event_attributes")
+        and event.activity_task_started_event_attributes.scheduled_event_id in runs
+    ]
+
+
+async def test_a_spawn_whose_answers_were_all_lost_is_killed_on_the_executor(
+    world: FaultWorld,
+) -> None:
+    """The executor took the spawn, but every answer to it (and every event back) was lost
+    until the requester's spawn deadline (15 s here): the requester ends the run `failed`
+    ("spawn not delivered"), and the executor, told once the network is back, kills it
+    instead of running it on unseen."""
+    alpha, beta = world.alpha, world.beta
+    body = spawn_body(world.connection_id, "$ sleep 300", task_id="answers-lost", timeout=600)
+    agent_id = body["agentId"]
+    world.proxies["beta"].rules.lose_answers = True  # alpha -> beta: the answers are lost
+    world.proxies["alpha"].rules.drop = True  # beta -> alpha: the events are lost
+    try:
+        assert (await alpha.call("POST", "/agents/spawn", json=body)).status_code == 202
+        mine = await alpha.wait_agent(agent_id, timeout=90)
+        assert mine["state"] == "failed" and "spawn not delivered" in mine["error"], mine
+        assert await hosted_state(beta, agent_id, {"running"}, 30) == "running"
+    finally:
+        world.proxies["beta"].rules.lose_answers = False
+        world.proxies["alpha"].rules.drop = False
+    assert await hosted_state(beta, agent_id, {"killed"}, 90) == "killed"
+    assert await workflow_state(alpha, f"remote-agent/{agent_id}") == "failed"
+    assert await workflow_state(beta, f"agent-run/{alpha.id}/{agent_id}") == "killed"
+    deadline = time.monotonic() + 30
+    while not (await alpha.call("GET", f"/agents/{agent_id}")).json().get("killConfirmed"):
+        assert time.monotonic() < deadline, "the kill's delivery was never confirmed"
+        await asyncio.sleep(0.5)

@@ -25,7 +25,7 @@ from federation.identity import (
 from federation.keystore import KeyCipher, KeystoreError
 from federation.store.db import create_pool, migrate
 from tests.conftest import Instance
-from tests.e2e.helpers import spawn_body
+from tests.e2e.helpers import scratch_database, spawn_body
 from tests.e2e.signing import (
     assert_refused,
     craft,
@@ -191,20 +191,8 @@ async def test_private_keys_are_sealed_and_never_shown(stack: DevStack, hub: Ins
 @pytest.fixture
 async def scratch_db(hub: Instance) -> AsyncIterator[str]:
     """A database of its own in the stack's PostgreSQL, dropped afterwards."""
-    name = f"scratch_{uuid.uuid4().hex[:12]}"
-    admin = await hub.db()
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url, _, query = hub.info["databaseUrl"].partition("?")
-    base, _, _ = url.rpartition("/")
-    yield f"{base}/{name}" + (f"?{query}" if query else "")
-    admin = await hub.db()
-    try:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(hub.info["databaseUrl"], "scratch") as url:
+        yield url
 
 
 async def test_plain_keys_of_an_older_store_are_sealed_on_start_and_rotation_erases_them(

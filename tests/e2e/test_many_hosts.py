@@ -27,7 +27,7 @@ from federation.states import TERMINAL_STATES
 from federation.store import workspaces
 from federation.store.db import create_pool, migrate
 from tests.conftest import Instance
-from tests.e2e.helpers import spawn_body
+from tests.e2e.helpers import scratch_database, spawn_body, start_process, start_worker_on_host
 
 pytestmark = pytest.mark.e2e
 EXIT_REFUSED = 78
@@ -38,20 +38,8 @@ URL = "https://multi.example.test"
 @pytest.fixture
 async def scratch_db(hub: Instance) -> AsyncIterator[str]:
     """A database of its own in the stack's PostgreSQL, dropped afterwards."""
-    name = f"hosts_{uuid.uuid4().hex[:12]}"
-    admin = await hub.db()
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url, _, query = hub.info["databaseUrl"].partition("?")
-    base, _, _ = url.rpartition("/")
-    yield f"{base}/{name}" + (f"?{query}" if query else "")
-    admin = await hub.db()
-    try:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(hub.info["databaseUrl"], "hosts") as url:
+        yield url
 
 
 @pytest.fixture
@@ -88,20 +76,9 @@ def _env(stack: DevStack, database_url: str, data_dir: Path, **settings: str) ->
     return env
 
 
-def _run(role: str, env: dict[str, str], out: Path) -> subprocess.Popen[bytes]:
-    with open(out, "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cli.main", role],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-
 async def _refused(role: str, env: dict[str, str], out: Path) -> str:
     """Run the process; it must exit with EX_CONFIG; returns what it printed."""
-    proc = _run(role, env, out)
+    proc = start_process(role, env, out)
     deadline = time.monotonic() + 60
     while proc.poll() is None:
         if time.monotonic() > deadline:
@@ -117,7 +94,7 @@ async def _refused(role: str, env: dict[str, str], out: Path) -> str:
 
 async def _worker_starts(env: dict[str, str], out: Path) -> None:
     """The worker gets past its start checks and polls (then stops on SIGTERM)."""
-    proc = _run("worker", env, out)
+    proc = start_process("worker", env, out)
     try:
         deadline = time.monotonic() + 60
         while "polling" not in out.read_text(errors="replace"):
@@ -193,15 +170,6 @@ async def test_a_process_whose_settings_contradict_the_identity_refuses_to_start
 # --- a run moves to another host --------------------------------------------------------------
 
 
-def _other_host(stack: DevStack, data_dir: Path, out: Path, **settings: str) -> subprocess.Popen:
-    """A worker of spoke on "another host": its own data dir, the instance's master key."""
-    inst = stack.instances["spoke"]
-    master = (stack.data_dir / "secrets" / "spoke.key").read_text().strip()
-    env = {**os.environ, **inst.env, "FEDAGENT_DATA_DIR": str(data_dir)}
-    env.update({"FEDAGENT_SECRET_KEY": master, **settings})
-    return _run("worker", env, out)
-
-
 async def _sleeping(hub: Instance, agent_id: str, command: str) -> None:
     deadline = time.monotonic() + 90
     while True:
@@ -228,7 +196,9 @@ async def _move_run(
     """`echo one`, a sleep, `echo two`: the sleep's worker (host A) is killed -9 and the retry
     runs on host B. Returns the run as the requester sees it at its end."""
     stack.stop_workers("spoke")  # the run starts on host A, a worker of this test
-    host_a = _other_host(stack, tmp_path / "host-a", tmp_path / "a.out", **first_settings)
+    host_a = start_worker_on_host(
+        stack, "spoke", tmp_path / "host-a", tmp_path / "a.out", **first_settings
+    )
     host_b: subprocess.Popen | None = None
     try:
         body = spawn_body(
@@ -239,7 +209,7 @@ async def _move_run(
         )
         assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
         await _sleeping(hub, body["agentId"], "sleep 15")
-        host_b = _other_host(stack, tmp_path / "host-b", tmp_path / "b.out")
+        host_b = start_worker_on_host(stack, "spoke", tmp_path / "host-b", tmp_path / "b.out")
         await asyncio.sleep(3)  # host B polls
         host_a.send_signal(signal.SIGKILL)
         host_a.wait()

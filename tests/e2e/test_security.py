@@ -191,6 +191,23 @@ async def _spawned_agent(hub: Instance, connection_id: str) -> str:
     return agent_id
 
 
+async def test_a_message_sent_to_the_endpoint_of_another_type_is_refused(
+    stack: DevStack, spoke: Instance, hub: Instance, hub_spoke: str
+) -> None:
+    # A validly signed COMMAND posted to the EVENT endpoint: refused and audited, and its
+    # messageId is not kept (the refusal rolls the verification back).
+    envelope = craft(await instance_key(hub), hub, spoke, spawn_payload())
+    response = await spoke.http.post(f"{spoke.url}/api/v1/federation/incoming/event", json=envelope)
+    assert (response.status_code, response.json()["code"]) == (422, "envelope_malformed")
+    assert "EVENT" in response.json()["detail"]
+    assert await refused_codes(spoke, envelope["messageId"]) == ["envelope_malformed"]
+    await assert_nothing_started(spoke, envelope)
+    seen = await spoke.fetch(
+        "SELECT 1 FROM seen_messages WHERE message_id = $1", envelope["messageId"]
+    )
+    assert seen == []
+
+
 # --- connection states, on a fresh edge -> spoke connection ---------------------------------
 
 

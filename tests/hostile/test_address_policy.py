@@ -6,6 +6,7 @@ real loopback servers: 127.0.0.1 is on this test's allowlist, 127.0.0.2 is not."
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import pytest
@@ -32,6 +33,7 @@ class Raw:
     def __init__(self, host: str, answer: bytes, delay: float = 0.0) -> None:
         self.host, self.answer, self.delay = host, answer, delay
         self.hits = 0
+        self.requests: list[bytes] = []
 
     async def __aenter__(self) -> Raw:
         self.server = await asyncio.start_server(self._serve, self.host, 0)
@@ -43,7 +45,7 @@ class Raw:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.hits += 1
-        await reader.readuntil(b"\r\n\r\n")
+        self.requests.append(await reader.readuntil(b"\r\n\r\n"))
         await asyncio.sleep(self.delay)
         writer.write(self.answer)
         try:
@@ -160,6 +162,22 @@ async def test_a_card_larger_than_64_kib_is_not_read_to_the_end() -> None:
         async with peer_client(production()) as http:
             with pytest.raises(PeerResponseInvalid, match="larger"):
                 await fetch_card(http, f"http://127.0.0.1:{server.port}")
+
+
+async def test_a_compressed_answer_is_refused_before_it_is_inflated() -> None:
+    # 10 MiB of zeros in about 10 KiB of gzip: the cap must not count the inflated bytes late.
+    body = gzip.compress(json.dumps({"pad": "0" * (10 << 20)}).encode())
+    answer = (
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+    async with Raw("127.0.0.1", answer) as server:
+        async with peer_client(production()) as http:
+            with pytest.raises(PeerResponseInvalid, match="compressed"):
+                await request_bounded(
+                    http, "GET", f"http://127.0.0.1:{server.port}/", max_bytes=64 << 20, deadline=5
+                )
+    assert server.requests and b"accept-encoding: identity" in server.requests[0].lower()
 
 
 async def test_a_peer_that_answers_slowly_hits_one_total_deadline() -> None:

@@ -287,3 +287,31 @@ async def test_a_pull_reply_nested_too_deep_breaks_neither_the_transcript_nor_th
     events = await read_stream(hub, run)
     assert events[-1][0] == "state" and events[-1][1]["state"] == "completed"
     assert await kept(hub, run) == []
+
+
+async def test_the_executors_final_settles_a_kill_the_requester_still_owes_it(
+    hub: Instance, rogue: Rogue, run: uuid.UUID
+) -> None:
+    """Issue 20: hub ended the run `killed` without the executor's word (its kill pending:
+    the executor cannot be reached from hub), and the executor's final event says it had
+    completed. That is how the run ended: hub records it, and owes no kill any more, even if
+    its kill never reaches the executor."""
+    await hub.fetch(
+        "UPDATE agents SET state = 'killed', error = 'killed here, not confirmed',"
+        " finished_at = now(), kill_delivery = 'pending', kill_confirmed = false"
+        " WHERE agent_id = $1",
+        run,
+    )
+    await report_final(rogue, hub, run, entries=0)
+    agent = (await hub.call("GET", f"/agents/{run}")).json()
+    assert (agent["state"], agent["result"]["summary"], agent["error"]) == (
+        "completed",
+        "done",
+        None,
+    ), agent
+    assert (agent["killDelivery"], agent["killConfirmed"]) == ("too_late", True), agent
+    # A later final changes nothing: the kill is settled, the run's end is final.
+    report = {"agentId": str(run), "seq": 6, "state": "failed", "error": "late"}
+    event = rogue.envelope("EVENT", hub.id, report, command_type="agent.state")
+    assert (await rogue.post(hub.url, "event", event)).status_code == 200
+    assert (await hub.call("GET", f"/agents/{run}")).json()["state"] == "completed"

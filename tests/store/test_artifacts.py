@@ -8,6 +8,7 @@ import io
 import os
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -15,25 +16,18 @@ import pytest
 from cli.devstack import DevStack
 from federation.errors import ArtifactTooLarge
 from federation.store import artifacts
-from federation.store.db import create_pool, migrate
+
+if TYPE_CHECKING:
+    from tests.store.conftest import NewDatabase
 
 CHUNK = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-async def pool(stack: DevStack) -> AsyncIterator[asyncpg.Pool]:
-    server = stack._pg  # the stack's real PostgreSQL; this module gets a database of its own
-    assert server is not None
-    name = f"artifacts_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server.get_uri())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    pool = await create_pool(server.get_uri(name))
-    await migrate(pool)
-    yield pool
-    await pool.close()
+async def pool(stack: DevStack, new_database: NewDatabase) -> AsyncIterator[asyncpg.Pool]:
+    # The stack's real PostgreSQL; this module gets a database of its own.
+    async with new_database(stack._pg, "artifacts") as pool:
+        yield pool
 
 
 async def test_stored_bytes_come_back_whole_and_by_range(pool: asyncpg.Pool) -> None:

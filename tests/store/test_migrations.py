@@ -4,12 +4,13 @@ applied once on a real PostgreSQL."""
 from __future__ import annotations
 
 import re
-import uuid
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from cli.devstack import DevStack
-from federation.store.db import _migrations, create_pool, migrate
+from federation.store.db import _migrations, migrate
+
+if TYPE_CHECKING:
+    from tests.store.conftest import NewDatabase
 
 NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -25,25 +26,11 @@ def test_migrations_start_with_the_initial_schema_and_are_numbered_uniquely() ->
     assert len(numbers) == len(set(numbers)), f"two migrations share a number: {names}"
 
 
-async def test_a_new_database_gets_every_migration_once(stack: DevStack) -> None:
-    server = stack._pg
-    assert server is not None
-    name = f"migrations_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server.get_uri())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    pool = await create_pool(server.get_uri(name))
-    try:
+async def test_a_new_database_gets_every_migration_once(
+    stack: DevStack, new_database: NewDatabase
+) -> None:
+    async with new_database(stack._pg, "migrations", migrated=False) as pool:
         assert await migrate(pool) == [name for name, _ in _migrations()]
         assert await migrate(pool) == []
         tables = {r["tablename"] for r in await pool.fetch("SELECT tablename FROM pg_tables")}
         assert {"instance", "connections", "agents", "audit_log", "event_streams"} <= tables
-    finally:
-        await pool.close()
-        admin = await asyncpg.connect(server.get_uri())
-        try:
-            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()

@@ -144,3 +144,24 @@ async def test_an_agent_run_heartbeats_while_it_waits_and_then_asks_to_be_retrie
         assert len(beats) >= 5  # it kept heartbeating the ~2 s it waited
     finally:
         await pool.close()
+
+
+async def test_a_transaction_cut_off_by_the_database_going_away_is_an_outage(
+    server: tuple[Path, list[Any]],
+) -> None:
+    """PostgreSQL shuts down under a checkpoint's open transaction: asyncpg then reports that
+    it cannot end the transaction on a closed connection (the outage is that error's context,
+    not its cause). Waited out like any outage, not failed at once."""
+    path, running = server
+    pool = await create_pool(running[0].get_uri())
+    try:
+        with pytest.raises(Exception) as cut:
+            async with pool.acquire() as conn, conn.transaction():
+                statement = asyncio.create_task(conn.execute("SELECT pg_sleep(30)"))
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(running.pop().cleanup)  # the database goes away
+                await statement
+        assert isinstance(cut.value, asyncpg.InterfaceError), repr(cut.value)
+        assert is_outage(cut.value), repr(cut.value)
+    finally:
+        await pool.close()

@@ -8,56 +8,31 @@ import hashlib
 import json
 import os
 import uuid
-import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
 
 from federation.settings import Settings
 from federation.store import artifacts, retention
-from federation.store.db import create_pool, migrate
 from federation.store.jobs import instance_job
 from operations.retention import STORE_JOB, collect_store, run_periodically, sweep_workspaces
+
+if TYPE_CHECKING:
+    from tests.store.conftest import NewDatabase
 
 HOUR = 3600.0
 POLICY = retention.Retention(run_data=HOUR, artifacts=HOUR, runs=HOUR)
 CHUNK = 4096
 
 
-@pytest.fixture(scope="module")
-async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
-    """A real PostgreSQL of this module's own (no whole stack needed)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
-        made: Any = await asyncio.to_thread(
-            pgserver.get_server,  # type: ignore[attr-defined]
-            Path(tmp_path_factory.mktemp("pg")),
-            cleanup_mode="stop",
-        )
-    try:
-        yield made
-    finally:
-        await asyncio.to_thread(made.cleanup)
-
-
 @pytest.fixture
-async def pool(server: Any) -> AsyncIterator[asyncpg.Pool]:
-    name = f"retention_{uuid.uuid4().hex[:8]}"  # a database per test
-    admin = await asyncpg.connect(server.get_uri())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    pool = await create_pool(server.get_uri(name))
-    await migrate(pool)
-    yield pool
-    await pool.close()
+async def pool(server: Any, new_database: NewDatabase) -> AsyncIterator[asyncpg.Pool]:
+    async with new_database(server, "retention") as pool:  # a database per test
+        yield pool
 
 
 @dataclass(frozen=True)
@@ -300,3 +275,49 @@ async def test_workspaces_go_once_their_run_ended_and_never_while_it_runs(
     for run in (running, just_ended):
         assert all(path.exists() for path in made[run.agent_id]), run
     assert other.read_text() == "left alone"
+
+
+async def test_commands_users_sent_go_after_their_time(pool: asyncpg.Pool) -> None:
+    """`POST /federation/command` keeps each command with its payload and answer: without a
+    rule of their own they would only ever grow."""
+
+    async def command(age: float) -> uuid.UUID:
+        command_id = uuid.uuid4()
+        await pool.execute(
+            "INSERT INTO commands (command_id, workspace, actor, connection_id,"
+            " peer_instance_id, command_type, payload, message_id, status, response, created_at)"
+            " VALUES ($1, 'default', 'alice', $2, 'spoke', 'agent.status', '{\"pad\": 1}', $3,"
+            " 'answered', '{}', now() - make_interval(secs => $4))",
+            command_id,
+            uuid.uuid4(),
+            uuid.uuid4().hex,
+            age,
+        )
+        return command_id
+
+    old, recent = await command(2 * HOUR), await command(60)
+    dry = await collect_store(pool, retention_policy=POLICY, dry_run=True)
+    await collect_store(pool, retention_policy=POLICY)
+    left = {r["command_id"] for r in await pool.fetch("SELECT command_id FROM commands")}
+    assert left == {recent}
+    assert old not in left
+    assert dry["messages"].rows == 1
+
+
+async def test_a_run_whose_kill_is_still_being_delivered_keeps_its_record(
+    pool: asyncpg.Pool,
+) -> None:
+    """The delivery of a kill the requester decided reads the run's record on each try, and
+    ends ("no such run") once it is gone: the record stays while a delivery may still try,
+    and goes once no delivery can (it gives up after a week)."""
+    delivering = await add_run(pool, role="requester", state="killed", ended_ago=2 * HOUR)
+    given_up = await add_run(pool, role="requester", state="killed", ended_ago=8 * 24 * HOUR)
+    confirmed = await add_run(pool, role="requester", state="killed", ended_ago=2 * HOUR)
+    for run, flag in ((delivering, False), (given_up, False), (confirmed, True)):
+        await pool.execute(
+            "UPDATE agents SET kill_confirmed = $2 WHERE agent_id = $1", run.agent_id, flag
+        )
+    await collect_store(pool, retention_policy=POLICY)
+    assert (await rows_of(pool, delivering))["runs"] == 1
+    assert (await rows_of(pool, given_up))["runs"] == 0
+    assert (await rows_of(pool, confirmed))["runs"] == 0

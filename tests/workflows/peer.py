@@ -50,6 +50,8 @@ class ScriptedPeer:
         self.delivery_error: ApplicationError | None = None
         # executor side
         self.admit_error: ApplicationError | None = None
+        # Admissions that fail as a database away would (a retry may fix them) before one works.
+        self.admit_outage_tries = 0
         self.run_script: RunScript | None = None
         self.sandbox_started = asyncio.Event()
         self.sandboxes_gone = 0
@@ -125,6 +127,9 @@ class ScriptedPeer:
         self.calls.append(m.ADMIT_RUN)
         if self.admit_error is not None:
             raise self.admit_error
+        if self.admit_outage_tries > 0:
+            self.admit_outage_tries -= 1
+            raise ApplicationError("connection refused: the database is away", type="OSError")
         payload = inp.envelope["payload"]
         options = payload.get("options") or {}
         return m.RunTask(

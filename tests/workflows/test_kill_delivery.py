@@ -4,17 +4,24 @@ answers (issue 20, point 2)."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from typing import Any
+
 import asyncpg
+import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 import workflows.models as m
-from tests.workflows.peer import ScriptedPeer, save_history
+from tests.workflows.peer import ScriptedPeer, save_history, spawn_input
 from tests.workflows.test_paths import final_status, start_requester
 from tests.workflows.test_races import kill, wait_for
-from tests.workflows.test_reconciler import insert_run, state_of
+from tests.workflows.test_reconciler import insert_run, state_of, walk_from_the_start
 from worker.reconciler import Reconciler
 from workflows.kill_delivery import KillDeliveryWorkflow
+from workflows.remote_agent import RemoteAgentWorkflow
 
 
 async def delivered(client: Client, agent_id: str) -> m.KillResult:
@@ -100,3 +107,101 @@ async def test_a_requester_run_the_reconciler_ends_is_killed_on_the_executor(
     )
     assert (await delivered(client, agent_id)).state == "killed"
     assert agent_id in [d.agent_id for d in peer.deliveries]
+
+
+class TemporalAwayOnce(Reconciler):
+    """The reconciler as it is, with Temporal away the first time it starts a delivery."""
+
+    def __init__(self, *args: Any, failing: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failing = failing
+
+    async def tell_executor(self, row: dict[str, Any]) -> None:
+        if str(row["agent_id"]) == self.failing:
+            self.failing = ""
+            raise RPCError("Temporal is away", RPCStatusCode.UNAVAILABLE, b"")
+        await super().tell_executor(row)
+
+
+async def test_a_repaired_run_whose_delivery_could_not_start_is_still_killed_on_the_executor(
+    client: Client, task_queue: str, peer: ScriptedPeer, pool: asyncpg.Pool
+) -> None:
+    """The reconciler ends a terminated requester's run and starts its kill's delivery; with
+    Temporal away at that moment, a later round still starts it (the run is not left final
+    here and running there for good)."""
+    handle = await start_requester(client, task_queue)
+    agent_id = handle.id.removeprefix("remote-agent/")
+    await wait_for(lambda: peer.status_checks >= 1)
+    await insert_run(pool, "requester", handle.id, agent_id)
+    await handle.terminate("operator cleanup")
+
+    reconciler = TemporalAwayOnce(
+        pool, client, interval=0.01, batch=10_000, task_queue=task_queue, failing=agent_id
+    )
+    await reconciler.reconcile_once()  # the row's failure is logged; the round goes on
+    assert (await state_of(pool, agent_id))[0] == "killed"  # recorded, its kill pending
+    assert reconciler.failing == ""  # the delivery's start was tried, and failed
+    await pool.execute(
+        "UPDATE agents SET updated_at = now() - interval '1 minute' WHERE agent_id = $1",
+        uuid.UUID(agent_id),
+    )
+    await walk_from_the_start(pool)
+    await asyncio.sleep(0.05)  # the next round is due
+    await reconciler.reconcile_once()
+    assert (await asyncio.wait_for(delivered(client, agent_id), 30)).state == "killed"
+    assert agent_id in [d.agent_id for d in peer.deliveries]
+
+
+async def test_a_spawn_whose_answer_never_came_is_killed_on_the_executor(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The spawn may have reached the executor with only its answers lost: the requester
+    that gives up on it (failed, "spawn not delivered") has the executor told to stop it, so
+    it does not run there to its end unseen. A spawn the executor refused starts nothing."""
+    peer.spawn_answer = ApplicationError("read timeout", type="peer_unreachable")
+    lost = await start_requester(client, task_queue, spawn_deadline_seconds=2)
+    status = await final_status(lost)
+    assert status.state == "failed"
+    assert "spawn not delivered" in (status.error or "")
+    agent_id = lost.id.removeprefix("remote-agent/")
+    assert (await asyncio.wait_for(delivered(client, agent_id), 30)).state == "killed"
+
+    peer.spawn_answer = ApplicationError("no", type="grant_agent_type", non_retryable=True)
+    refused = await start_requester(client, task_queue)
+    assert (await final_status(refused)).state == "failed"
+    refused_id = refused.id.removeprefix("remote-agent/")
+    with pytest.raises(RPCError):
+        await client.get_workflow_handle(m.kill_delivery_workflow_id(refused_id)).describe()
+    assert [d.agent_id for d in peer.deliveries] == [agent_id]
+
+
+async def test_a_final_the_store_kept_from_an_event_not_heard_here_is_the_workflows_own(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The requester's workflow times out while the executor's final event, received by the
+    API, is already in the store (the signal not yet heard): the record answers `completed`,
+    the workflow says and closes so, and tells the executor nothing (no delivery)."""
+    agent_id = str(uuid.uuid4())
+    peer.status_answer = ApplicationError("gone", type="peer_unreachable", non_retryable=True)
+    peer.requester_finals.append(
+        m.RequesterFinal(
+            agent_id=agent_id, state=m.AgentState.COMPLETED, result={"summary": "by the event"}
+        )
+    )
+    handle = await client.start_workflow(
+        RemoteAgentWorkflow.run,
+        spawn_input(
+            agent_id,
+            options={"timeout": 1, "maxRetries": 0},
+            spawn_deadline_seconds=1,
+            deadline_grace_seconds=1,
+        ),
+        id=m.remote_agent_workflow_id(agent_id),
+        task_queue=task_queue,
+    )
+    status = await final_status(handle)
+    assert peer.requester_finals[-1].state == "timed_out"  # what the workflow decided
+    assert (status.state, status.result) == ("completed", {"summary": "by the event"})
+    assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+    with pytest.raises(RPCError):
+        await client.get_workflow_handle(m.kill_delivery_workflow_id(agent_id)).describe()

@@ -176,6 +176,20 @@ async def test_executor_refused_spawn_ends_failed(
     assert m.RUN_AGENT not in peer.calls
 
 
+async def test_a_spawn_admitted_through_a_database_outage_of_minutes_runs(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """The spawn is committed, then the database goes away before its workflow verifies it
+    again: the admission waits the outage out (21 refused tries, about a minute and a half)
+    instead of ending the run `failed` as "refused" for an outage."""
+    peer.admit_outage_tries = 21
+    peer.release_run.set()
+    handle = await start_executor(client, task_queue)
+    status = await final_status(handle)
+    assert (status.state, status.error) == ("completed", None)
+    assert peer.admit_outage_tries == 0
+
+
 async def test_executor_large_result_completes(
     client: Client, task_queue: str, peer: ScriptedPeer
 ) -> None:
@@ -220,3 +234,23 @@ async def test_requester_kill_after_completion_keeps_completed(
     assert answer.state == "completed"
     assert (status.state, status.result) == ("completed", {"summary": "ok"})
     assert m.SEND_KILL not in peer.calls
+
+
+async def test_a_spawn_whose_answers_were_lost_but_whose_events_came_is_followed_to_its_end(
+    client: Client, task_queue: str, peer: ScriptedPeer
+) -> None:
+    """Every answer to agent.spawn is lost until the spawn deadline, but the executor's events
+    say it runs the agent: the requester follows the run to its end instead of ending it
+    `failed` ("spawn not delivered") while the executor runs it on."""
+    peer.spawn_answer = ApplicationError("read timeout", type="peer_unreachable")
+    handle = await start_requester(client, task_queue, spawn_deadline_seconds=2)
+    await handle.signal(RemoteAgentWorkflow.on_event, m.AgentEvent(seq=1, state="running"))
+    await asyncio.sleep(3)  # past the spawn deadline: the spawn was given up
+    assert (await handle.query(RemoteAgentWorkflow.status)).state == "running"
+    await handle.signal(
+        RemoteAgentWorkflow.on_event,
+        m.AgentEvent(seq=3, state=m.AgentState.COMPLETED, result={"summary": "ran"}),
+    )
+    status = await final_status(handle)
+    assert (status.state, status.result) == ("completed", {"summary": "ran"})
+    assert m.DELIVER_KILL not in peer.calls

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import asyncpg
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 import workflows.models as m
+from federation.states import AgentState
 from federation.store import notifications, repos
 from federation.store.db import create_pool
 from federation.store.jobs import instance_job
@@ -225,3 +228,43 @@ async def test_a_spawn_whose_start_answered_503_is_not_failed_before_the_request
         "failed",
         "its workflow does not exist without recording a final state",
     )
+
+
+class FailingOn(Reconciler):
+    """The reconciler as it is, but asking Temporal about one row fails (a row it cannot
+    handle: a bad workflow id, a query that breaks, Temporal refusing that one call)."""
+
+    def __init__(self, *args: Any, failing: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failing = failing
+
+    async def _verdict(self, row: dict[str, Any]) -> tuple[AgentState, str] | None:
+        if str(row["agent_id"]) == self.failing:
+            raise RPCError("this row breaks", RPCStatusCode.INTERNAL, b"")
+        return await super()._verdict(row)
+
+
+async def test_one_row_that_fails_does_not_stop_the_round(
+    client: Client, task_queue: str, pool: asyncpg.Pool
+) -> None:
+    """Issue 20 point 5: a row the reconciler cannot handle is logged and left to a later
+    round; the rows after it in the same round are repaired all the same."""
+    bad_id, ended_id = sorted(str(uuid.uuid4()) for _ in range(2))
+    for agent_id in (bad_id, ended_id):
+        run = await client.start_workflow(
+            AgentRunWorkflow.run,
+            run_input(agent_id),
+            id=m.agent_run_workflow_id("hub", agent_id),
+            task_queue=task_queue,
+        )
+        await insert_run(pool, "executor", run.id, agent_id)
+        await run.terminate("operator cleanup")
+    await walk_from_the_start(pool)
+    reconciler = FailingOn(pool, client, interval=0.01, batch=10_000, failing=bad_id)
+    await reconciler.reconcile_once()
+    assert (await state_of(pool, ended_id))[0] == "killed"
+    assert await state_of(pool, bad_id) == ("running", None)  # left to a later round
+    await asyncio.sleep(0.05)
+    reconciler.failing = ""
+    await reconciler.reconcile_once()
+    assert (await state_of(pool, bad_id))[0] == "killed"
