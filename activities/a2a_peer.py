@@ -406,7 +406,7 @@ class A2APeerActivities:
             except FederationError as err:
                 raise _as_activity_error(err) from None
             if event.state in TERMINAL_STATES:
-                await repos.note_kill_delivery(self.pool, row["agent_id"], confirmed=True)
+                await repos.note_kill_confirmed(self.pool, row["agent_id"])
             return KillResult(
                 agent_id=call.agent_id,
                 state=event.state,

@@ -342,7 +342,7 @@ class FederationActivities:
                 timeout=60.0,
             )
         if event.state in TERMINAL_STATES:
-            await repos.note_kill_delivery(self.pool, uuid.UUID(call.agent_id), confirmed=True)
+            await repos.note_kill_confirmed(self.pool, uuid.UUID(call.agent_id))
         return KillResult(
             agent_id=call.agent_id,
             state=event.state,
@@ -371,15 +371,16 @@ class FederationActivities:
                 type=KILL_UNDELIVERABLE,
                 non_retryable=True,
             )
-        if row["kill_delivery"] not in (None, "pending"):
-            # Settled meanwhile (the executor's final event came): nothing is owed any more.
+        if row["kill_delivery"] != "pending":
+            # Settled meanwhile (the executor's final event came), or never owed: a final
+            # decided here is recorded with its kill pending in the same statement; one without
+            # the mark came from the executor (a delivery started for it raced that end).
             return KillResult(
                 agent_id=inp.agent_id,
                 state=row["state"],
                 seq=int(row["seq"]),
                 confirmed=bool(row["kill_confirmed"]),
             )
-        await repos.note_kill_delivery(self.pool, agent_id, confirmed=False)
         connection = await repos.get_connection(self.pool, row["connection_id"])
         a2a = self.a2a_cancel if connection and connection["kind"] == "a2a" else None
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -37,6 +37,16 @@ from workflows.remote_agent import RemoteAgentWorkflow
 log = logging.getLogger(__name__)
 JOB = "reconciler"
 BATCH = 100  # open runs looked at in one round
+
+
+class Verdict(NamedTuple):
+    """What a run's closed workflow says of its end: `its_own_word` when it recorded that end
+    itself before it closed (the row was read before the record)."""
+
+    state: AgentState
+    why: str
+    its_own_word: bool = False
+
 
 CLOSED = {
     WorkflowExecutionStatus.TERMINATED: (AgentState.KILLED, "its workflow was terminated"),
@@ -115,14 +125,29 @@ class Reconciler:
         verdict = await self._verdict(row)
         if verdict is None:
             return 0
-        state, why = verdict
-        # A requester's run is recorded with its kill pending (one statement): the delivery is
-        # started below, and if it cannot start now (Temporal away), by a later round.
-        await reconcile.repair(
-            self.pool, row, state=state, error=f"{why} without recording a final state"
+        # A requester's run ended here without the executor's word (its workflow terminated,
+        # gone): recorded with its kill pending (one statement), delivered below or, if that
+        # cannot start now (Temporal away), by a later round. A workflow that closed on its
+        # own word recorded it (and started any delivery it owed) before it closed: the row
+        # was read before that record, and nothing is owed.
+        owes_kill = row["role"] == "requester" and not verdict.its_own_word
+        written = await reconcile.repair(
+            self.pool,
+            row,
+            state=verdict.state,
+            error=f"{verdict.why} without recording a final state",
+            tell_executor=owes_kill,
         )
-        log.warning("agent %s (%s): %s; recorded %s", row["agent_id"], row["role"], why, state)
-        if row["role"] == "requester":
+        if not written:
+            return 0  # it ended meanwhile: the store keeps the first final
+        log.warning(
+            "agent %s (%s): %s; recorded %s",
+            row["agent_id"],
+            row["role"],
+            verdict.why,
+            verdict.state,
+        )
+        if owes_kill:
             await self.tell_executor(row)
         return 1
 
@@ -176,7 +201,7 @@ class Reconciler:
         except WorkflowAlreadyStartedError:
             pass  # delivered already
 
-    async def _verdict(self, row: dict[str, Any]) -> tuple[AgentState, str] | None:
+    async def _verdict(self, row: dict[str, Any]) -> Verdict | None:
         handle = self.client.get_workflow_handle(row["workflow_id"])
         try:
             described = await handle.describe()
@@ -185,7 +210,7 @@ class Reconciler:
                 raise
             if _may_still_start(row):
                 return None
-            return AgentState.FAILED, "its workflow does not exist"
+            return Verdict(AgentState.FAILED, "its workflow does not exist")
         if described.status is None or described.status not in CLOSED:
             return None  # running (or continued as new: describe shows the newest run)
         if described.status == WorkflowExecutionStatus.COMPLETED:
@@ -198,10 +223,10 @@ class Reconciler:
                 )
                 status: AgentStatus = await handle.query(query)
                 if status.state in TERMINAL_STATES:
-                    return status.state, "its workflow closed"
+                    return Verdict(status.state, "its workflow closed", its_own_word=True)
             except Exception:  # noqa: BLE001 - fall back to the closed status
                 pass
-        return CLOSED[described.status]
+        return Verdict(*CLOSED[described.status])
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -325,7 +325,11 @@ class FedagentRequestHandler(RequestHandler):
         )
         total = int(rows[0]["total_count"]) if rows else 0
         more = offset + len(rows) < total
-        found = [await self._task(services, user, r) for r in rows]
+        # Artifacts (a diff read from the store each) only when asked: the spec's default.
+        if params.include_artifacts:
+            found = [await self._task(services, user, r) for r in rows]
+        else:
+            found = [tasks.task_of(r) for r in rows]
         return pb.ListTasksResponse(
             tasks=found,
             next_page_token=str(offset + len(rows)) if more else "",

@@ -255,17 +255,11 @@ async def ended_connections_with_open_runs(
     return [dict(r) for r in rows]
 
 
-async def note_kill_delivery(db: Executor, agent_id: uuid.UUID, *, confirmed: bool) -> None:
-    """A kill this requester decided: being delivered (False, unless confirmed already) or
-    confirmed by the executor (True)."""
+async def note_kill_confirmed(db: Executor, agent_id: uuid.UUID) -> None:
+    """The executor confirmed a kill this requester asked for."""
     await db.execute(
-        "UPDATE agents SET kill_confirmed = $2 OR coalesce(kill_confirmed, false),"
-        # A delivery started for a final recorded without the mark (by an older build).
-        " kill_delivery = CASE WHEN $2 THEN kill_delivery"
-        "  ELSE coalesce(kill_delivery, 'pending') END"
-        " WHERE role = 'requester' AND agent_id = $1",
+        "UPDATE agents SET kill_confirmed = true WHERE role = 'requester' AND agent_id = $1",
         agent_id,
-        confirmed,
     )
 
 
@@ -294,19 +288,24 @@ async def settle_kill_delivery(
     confirmed = outcome in ("confirmed", "too_late", "not_found")
     adopt = answer is not None and outcome == "too_late"
     report = answer or {}
+    # The event log gains the adopted end only when it changes the state (`before` holds the
+    # row locked, so it is the state this update replaces).
     row = await db.fetchrow(
-        "WITH updated AS ("
+        "WITH before AS (SELECT agent_id, state FROM agents"
+        " WHERE role = 'requester' AND agent_id = $1 AND kill_delivery = 'pending' FOR UPDATE),"
+        " updated AS ("
         " UPDATE agents SET kill_delivery = $2, kill_delivery_note = $3,"
         " kill_confirmed = $4 OR coalesce(kill_confirmed, false),"
-        " state = CASE WHEN $5 THEN $6 ELSE state END,"
+        " state = CASE WHEN $5 THEN $6 ELSE agents.state END,"
         " result = CASE WHEN $5 THEN $7 ELSE result END,"
         " error = CASE WHEN $5 THEN $8 ELSE error END,"
         " seq = CASE WHEN $5 THEN greatest(seq, $9) ELSE seq END,"
         " updated_at = now()"
-        " WHERE role = 'requester' AND agent_id = $1 AND kill_delivery = 'pending'"
-        " RETURNING *),"
+        " FROM before WHERE agents.role = 'requester' AND agents.agent_id = before.agent_id"
+        " RETURNING agents.*, before.state AS state_before),"
         " event AS (INSERT INTO agent_events (agent_id, seq, state, progress, error, attempt)"
-        " SELECT agent_id, seq, state, progress, error, attempt FROM updated WHERE $5)"
+        " SELECT agent_id, seq, state, progress, error, attempt FROM updated"
+        " WHERE $5 AND state <> state_before)"
         " SELECT * FROM updated",
         agent_id,
         outcome,
@@ -322,7 +321,10 @@ async def settle_kill_delivery(
         row = await db.fetchrow(
             "SELECT * FROM agents WHERE role = 'requester' AND agent_id = $1", agent_id
         )
-    return row_dict(row)
+    settled = row_dict(row)
+    if settled is not None:
+        settled.pop("state_before", None)
+    return settled
 
 
 async def get_user_agent(db: Executor, agent_id: uuid.UUID) -> dict[str, Any] | None:

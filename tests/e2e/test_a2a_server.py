@@ -405,6 +405,10 @@ async def test_list_tasks_filters_by_status_timestamp_and_ids_not_given_are_inva
     assert task.status.state == pb.TASK_STATE_COMPLETED
     listed = await rpc(hub, "ListTasks", {"contextId": context})
     assert [t["id"] for t in listed["result"]["tasks"]] == [task.id]
+    # Artifacts only when asked (includeArtifacts, false by default: the spec's payload rule).
+    assert "artifacts" not in listed["result"]["tasks"][0], listed
+    full = await rpc(hub, "ListTasks", {"contextId": context, "includeArtifacts": True})
+    assert "summary" in [a["name"] for a in full["result"]["tasks"][0]["artifacts"]], full
     # Only the tasks whose status changed after the given time (the spec's filter).
     later = await rpc(
         hub, "ListTasks", {"contextId": context, "statusTimestampAfter": "2999-01-01T00:00:00Z"}

@@ -17,6 +17,7 @@ import pytest
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 import workflows.models as m
@@ -24,7 +25,7 @@ from activities.federation import FederationActivities, as_activity_error
 from federation.errors import AgentNotFound, FederationError, PeerRefused, PeerUnreachable
 from federation.settings import Settings
 from federation.states import ConnectionStatus
-from federation.store import repos
+from federation.store import reconcile, repos
 from tests.workflows.peer import ScriptedPeer, spawn_input
 from tests.workflows.test_paths import final_status
 from tests.workflows.test_races import kill, wait_for
@@ -420,3 +421,112 @@ async def test_no_such_run_on_the_executor_is_final_only_once_no_spawn_can_still
     row = await row_of(pool, lost)
     assert (row["state"], row["kill_delivery"]) == ("failed", "not_found")
     assert executor.kills.count(lost) >= 2  # asked again while a spawn could still arrive
+
+
+async def test_a_run_that_completed_while_the_reconciler_looked_owes_the_executor_nothing(
+    client: Client, queue: str, peer: ScriptedPeer, pool: asyncpg.Pool, executor: ScriptedExecutor
+) -> None:
+    """A round reads a run still open; before it asks Temporal, the executor's final event is
+    applied and the workflow closes completed. The round's repair keeps that end (the store
+    keeps the first final) and must not tell the executor to kill a run it completed: a kill
+    delivered then came back `too_late` and recorded `completed` a second time in the run's
+    event log (seen in tests/e2e/test_load.py: "an agent completed twice")."""
+    agent_id = await requested_run(pool)
+    handle = await start_run(client, queue, agent_id)
+    await wait_for(lambda: peer.status_checks >= 1)
+    await pool.execute(
+        "UPDATE agents SET updated_at = now() - interval '1 minute' WHERE agent_id = $1",
+        uuid.UUID(agent_id),
+    )
+    rows = await reconcile.open_runs(
+        pool, after=None, quiet_seconds=0.01, start_grace=60, limit=100_000
+    )
+    stale = [r for r in rows if str(r["agent_id"]) == agent_id]
+    assert [r["state"] for r in stale] == ["running"]
+
+    done = m.AgentEvent(seq=5, state=m.AgentState.COMPLETED, result={"summary": "did it"})
+    await repos.apply_requester_update(
+        pool,
+        uuid.UUID(agent_id),
+        seq=5,
+        state="completed",
+        progress=None,
+        result=done.result,
+        error=None,
+    )
+    await handle.signal(RemoteAgentWorkflow.on_event, done)
+    assert (await final_status(handle)).state == "completed"
+
+    executor.answer = {"state": "completed", "seq": 5, "result": {"summary": "did it"}}
+    reconciler = Reconciler(pool, client, interval=0.01, batch=10_000, task_queue=queue)
+    assert await reconciler._repair(stale) == 0  # nothing to repair: it recorded its end
+    with pytest.raises(RPCError) as started:
+        await delivery(client, agent_id).describe()  # no kill delivery was started
+    assert started.value.status == RPCStatusCode.NOT_FOUND
+    events = await pool.fetch(
+        "SELECT state FROM agent_events WHERE agent_id = $1 ORDER BY id", uuid.UUID(agent_id)
+    )
+    assert [e["state"] for e in events].count("completed") == 1, events
+    row = await row_of(pool, agent_id)
+    assert (row["state"], row["kill_delivery"]) == ("completed", None)
+
+
+async def test_a_delivery_of_a_run_that_owes_no_kill_sends_nothing(
+    client: Client, queue: str, pool: asyncpg.Pool, executor: ScriptedExecutor
+) -> None:
+    """A delivery started for a run whose end came from the executor (no kill pending: one
+    raced that end) tells the executor nothing and leaves the run as it is."""
+    agent_id = await requested_run(pool)
+    await repos.apply_requester_update(
+        pool,
+        uuid.UUID(agent_id),
+        seq=5,
+        state="completed",
+        progress=None,
+        result={"summary": "did it"},
+        error=None,
+    )
+    executor.answer = {"state": "completed", "seq": 5, "result": {"summary": "did it"}}
+    handle = await client.start_workflow(
+        KillDeliveryWorkflow.run,
+        m.KillDelivery(agent_id=agent_id, first_retry_seconds=0.2),
+        id=m.kill_delivery_workflow_id(agent_id),
+        task_queue=queue,
+    )
+    assert (await asyncio.wait_for(handle.result(), 30)).state == "completed"
+    assert executor.kills == []
+    row = await row_of(pool, agent_id)
+    assert (row["state"], row["kill_delivery"]) == ("completed", None)
+    events = await pool.fetch(
+        "SELECT state FROM agent_events WHERE agent_id = $1 ORDER BY id", uuid.UUID(agent_id)
+    )
+    assert [e["state"] for e in events] == ["completed"]
+
+
+async def test_a_kill_settled_too_late_with_the_same_end_logs_no_second_event(
+    pool: asyncpg.Pool,
+) -> None:
+    """The requester gave up on the spawn (`failed`, kill pending); the executor's answer is
+    that the run had failed there on its own: its end is adopted (its error, its seq), and the
+    event log does not say `failed` twice."""
+    agent_id = await requested_run(pool)
+    await repos.force_requester_final(
+        pool, uuid.UUID(agent_id), state="failed", result=None, error="x", tell_executor=True
+    )
+    settled = await repos.settle_kill_delivery(
+        pool,
+        uuid.UUID(agent_id),
+        outcome="too_late",
+        note="ended there first",
+        answer={"state": "failed", "seq": 4, "error": "the model refused"},
+    )
+    assert settled is not None and "state_before" not in settled
+    assert (settled["state"], settled["error"], settled["seq"]) == (
+        "failed",
+        "the model refused",
+        4,
+    )
+    events = await pool.fetch(
+        "SELECT state FROM agent_events WHERE agent_id = $1 ORDER BY id", uuid.UUID(agent_id)
+    )
+    assert [e["state"] for e in events] == ["failed"]
