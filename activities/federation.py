@@ -373,8 +373,9 @@ class FederationActivities:
             )
         if row["kill_delivery"] != "pending":
             # Settled meanwhile (the executor's final event came), or never owed: a final
-            # decided here is recorded with its kill pending in the same statement; one without
-            # the mark came from the executor (a delivery started for it raced that end).
+            # decided here is recorded with its kill pending in the same statement (and rows of
+            # builds before that mark by migration 0024); a final without the mark is the
+            # executor's own (a delivery started for it raced that end).
             return KillResult(
                 agent_id=inp.agent_id,
                 state=row["state"],

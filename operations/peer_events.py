@@ -51,10 +51,12 @@ async def admit_event(
         error=event.error,
         attempt=event.attempt,
     )
-    if not applied and event.state in TERMINAL_STATES and row.get("kill_delivery") == "pending":
-        # This side ended the run without the executor's word and owes it a kill; the
-        # executor's own final is its word: it settles the kill (a run that had ended there on
-        # its own is recorded as it ended), even if no kill can reach the executor.
+    if not applied and event.state in TERMINAL_STATES:
+        # This side ended the run without the executor's word and may owe it a kill (recorded
+        # after `row` was read, maybe: the settle looks at the row as it is now, and changes
+        # only a kill still pending); the executor's own final is its word: it settles the kill
+        # (a run that had ended there on its own is recorded as it ended), even if no kill can
+        # reach the executor.
         said = KillResult(
             agent_id=str(event.agentId),
             state=event.state,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -37,15 +37,6 @@ from workflows.remote_agent import RemoteAgentWorkflow
 log = logging.getLogger(__name__)
 JOB = "reconciler"
 BATCH = 100  # open runs looked at in one round
-
-
-class Verdict(NamedTuple):
-    """What a run's closed workflow says of its end: `its_own_word` when it recorded that end
-    itself before it closed (the row was read before the record)."""
-
-    state: AgentState
-    why: str
-    its_own_word: bool = False
 
 
 CLOSED = {
@@ -125,29 +116,18 @@ class Reconciler:
         verdict = await self._verdict(row)
         if verdict is None:
             return 0
-        # A requester's run ended here without the executor's word (its workflow terminated,
-        # gone): recorded with its kill pending (one statement), delivered below or, if that
-        # cannot start now (Temporal away), by a later round. A workflow that closed on its
-        # own word recorded it (and started any delivery it owed) before it closed: the row
-        # was read before that record, and nothing is owed.
-        owes_kill = row["role"] == "requester" and not verdict.its_own_word
+        state, why = verdict
+        # A requester's run ended here without the executor's word: recorded with its kill
+        # pending (one statement), delivered below or, if that cannot start now (Temporal
+        # away), by a later round. Only if this repair wrote the final: a run that recorded
+        # its end after this round read it (its workflow closed meanwhile) owes nothing.
         written = await reconcile.repair(
-            self.pool,
-            row,
-            state=verdict.state,
-            error=f"{verdict.why} without recording a final state",
-            tell_executor=owes_kill,
+            self.pool, row, state=state, error=f"{why} without recording a final state"
         )
         if not written:
             return 0  # it ended meanwhile: the store keeps the first final
-        log.warning(
-            "agent %s (%s): %s; recorded %s",
-            row["agent_id"],
-            row["role"],
-            verdict.why,
-            verdict.state,
-        )
-        if owes_kill:
+        log.warning("agent %s (%s): %s; recorded %s", row["agent_id"], row["role"], why, state)
+        if row["role"] == "requester":
             await self.tell_executor(row)
         return 1
 
@@ -201,7 +181,7 @@ class Reconciler:
         except WorkflowAlreadyStartedError:
             pass  # delivered already
 
-    async def _verdict(self, row: dict[str, Any]) -> Verdict | None:
+    async def _verdict(self, row: dict[str, Any]) -> tuple[AgentState, str] | None:
         handle = self.client.get_workflow_handle(row["workflow_id"])
         try:
             described = await handle.describe()
@@ -210,7 +190,7 @@ class Reconciler:
                 raise
             if _may_still_start(row):
                 return None
-            return Verdict(AgentState.FAILED, "its workflow does not exist")
+            return AgentState.FAILED, "its workflow does not exist"
         if described.status is None or described.status not in CLOSED:
             return None  # running (or continued as new: describe shows the newest run)
         if described.status == WorkflowExecutionStatus.COMPLETED:
@@ -223,10 +203,10 @@ class Reconciler:
                 )
                 status: AgentStatus = await handle.query(query)
                 if status.state in TERMINAL_STATES:
-                    return Verdict(status.state, "its workflow closed", its_own_word=True)
+                    return status.state, "its workflow closed"
             except Exception:  # noqa: BLE001 - fall back to the closed status
                 pass
-        return Verdict(*CLOSED[described.status])
+        return CLOSED[described.status]
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -52,17 +52,15 @@ def cursor_of(row: dict[str, Any]) -> list[str]:
     return [row["role"], row["peer_instance_id"], str(row["agent_id"])]
 
 
-async def repair(
-    db: Executor, row: dict[str, Any], *, state: str, error: str, tell_executor: bool
-) -> bool:
+async def repair(db: Executor, row: dict[str, Any], *, state: str, error: str) -> bool:
     """Record the final state a closed workflow did not record; False when the run has one
-    already (terminal states stay final: the first is kept). `tell_executor` (a requester's
-    run ended here without the executor's word): its kill is marked pending in the same
-    statement, so a delivery that cannot start now is started by a later round."""
+    already (terminal states stay final: the first is kept). A requester's run ended so
+    without the executor's word: its kill is marked pending in the same statement, so a
+    delivery that cannot start now is started by a later round."""
     agent_id: uuid.UUID = row["agent_id"]
     if row["role"] == "requester":
         kept = await force_requester_final(
-            db, agent_id, state=state, result=None, error=error, tell_executor=tell_executor
+            db, agent_id, state=state, result=None, error=error, tell_executor=True
         )
         return bool(kept and kept["written"])
     ended = await update_executed_agent(

@@ -45,7 +45,11 @@ backend replicas
     balance roundrobin
     option httpchk GET /healthz
     http-check expect status 200
-    default-server inter 300ms fall 1 rise 2
+    # A replica is out after three failed checks, and one slow answer on a loaded machine does
+    # not take the last replica out (a check of 300 ms did: "no server available", 503); a
+    # dead replica refuses connections, which are tried again on the other meanwhile.
+    timeout check 2s
+    default-server inter 300ms fall 3 rise 1
     http-response set-header X-Served-By %s
 {servers}
 """

@@ -393,7 +393,15 @@ async def _both_sides_agree(shape: Shape, run: Run) -> dict[str, Any]:
     assert mine["attempt"] == theirs["attempt"] == 1  # no try failed and was tried again
     for name, workflow_id in ((REQUESTER, mine["workflowId"]), (EXECUTOR, theirs["workflowId"])):
         client = await shape.temporal(name)
-        described = await client.get_workflow_handle(workflow_id).describe()
+        # A workflow closes after its record: the executor's tells the requester first (which
+        # may have heard the end by a status check already), on a worker that may have died.
+        deadline = time.monotonic() + 120
+        while True:
+            described = await client.get_workflow_handle(workflow_id).describe()
+            if described.status != WorkflowExecutionStatus.RUNNING:
+                break
+            assert time.monotonic() < deadline, (name, workflow_id, "still running")
+            await asyncio.sleep(0.5)
         assert described.status == WorkflowExecutionStatus.COMPLETED, (name, workflow_id)
     result: dict[str, Any] = mine["result"]
     return result

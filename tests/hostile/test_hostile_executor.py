@@ -7,6 +7,7 @@ pulls."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -315,3 +316,40 @@ async def test_the_executors_final_settles_a_kill_the_requester_still_owes_it(
     event = rogue.envelope("EVENT", hub.id, report, command_type="agent.state")
     assert (await rogue.post(hub.url, "event", event)).status_code == 200
     assert (await hub.call("GET", f"/agents/{run}")).json()["state"] == "completed"
+
+
+async def test_the_executors_final_settles_a_kill_recorded_while_its_event_was_admitted(
+    hub: Instance, rogue: Rogue, run: uuid.UUID
+) -> None:
+    """The race behind the test above: hub's ingress reads the run (running, no kill owed),
+    then hub records its own end (`timed_out`, its kill pending) before the event's update
+    gets the row. The event is not applied (the row is final), and it must still settle the
+    kill from what the row is then, not from the read before: the executor completed."""
+    holder = await hub.db()
+    try:
+        record = holder.transaction()
+        await record.start()
+        await holder.execute("SELECT 1 FROM agents WHERE agent_id = $1 FOR UPDATE", run)
+        event = asyncio.create_task(report_final(rogue, hub, run, entries=0))
+        # The ingress has read the row and now waits for the lock this transaction holds.
+        for _ in range(200):
+            waiting = await hub.fetch(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%UPDATE agents SET seq%'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting, "the event's update never waited for the row"
+        await holder.execute(
+            "UPDATE agents SET state = 'timed_out', error = 'no final state in time',"
+            " finished_at = now(), kill_delivery = 'pending', kill_confirmed = false"
+            " WHERE role = 'requester' AND agent_id = $1",
+            run,
+        )
+        await record.commit()
+        await asyncio.wait_for(event, 30)
+    finally:
+        await holder.close()
+    agent = (await hub.call("GET", f"/agents/{run}")).json()
+    assert (agent["state"], agent["killDelivery"]) == ("completed", "too_late"), agent

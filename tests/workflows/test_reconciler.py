@@ -12,12 +12,13 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 import workflows.models as m
+from federation.states import AgentState
 from federation.store import notifications, repos
 from federation.store.db import create_pool
 from federation.store.jobs import instance_job
 from tests.workflows.peer import ScriptedPeer, run_input, spawn_input
 from tests.workflows.test_paths import start_requester
-from worker.reconciler import JOB, Reconciler, Verdict
+from worker.reconciler import JOB, Reconciler
 from workflows.agent_run import AgentRunWorkflow
 from workflows.remote_agent import RemoteAgentWorkflow
 
@@ -237,7 +238,7 @@ class FailingOn(Reconciler):
         super().__init__(*args, **kwargs)
         self.failing = failing
 
-    async def _verdict(self, row: dict[str, Any]) -> Verdict | None:
+    async def _verdict(self, row: dict[str, Any]) -> tuple[AgentState, str] | None:
         if str(row["agent_id"]) == self.failing:
             raise RPCError("this row breaks", RPCStatusCode.INTERNAL, b"")
         return await super()._verdict(row)
