@@ -27,6 +27,7 @@ from agents.models import (
 )
 from agents.sandbox.base import (
     PEER_DISK_BUDGET,
+    PEER_USAGE_MAX_AGE,
     Limits,
     Sandbox,
     SandboxUnavailable,
@@ -430,7 +431,10 @@ def _agent_loop(
 async def _refuse_over_peer_budget(config: RuntimeConfig, workspace: Path) -> None:
     """A try does not start while its peer's runs already hold its whole disk budget here."""
     budget = config.limits.peer_disk_bytes
-    if budget and (together := await asyncio.to_thread(peer_disk_usage, workspace)) >= budget:
+    if not budget:
+        return
+    together = await asyncio.to_thread(peer_disk_usage, workspace, PEER_USAGE_MAX_AGE)
+    if together >= budget:
         raise AgentSetupError(
             f"{PEER_DISK_BUDGET}: this peer's runs hold {together} bytes here together, at or "
             f"above this executor's budget of {budget} bytes per peer; the try was not started"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +94,46 @@ class DiskOveruse:
         )
 
 
-def peer_disk_usage(workspace: Path) -> int:
-    """Bytes all the runs of the peer whose workspace this is hold on disk now."""
-    return files.disk_usage([workspace.parent])
+# How old what this process saw of a peer's *other* runs' disk usage may be when a try checks,
+# before it starts, that the peer's runs do not hold the whole budget already: each run's files
+# are walked for it at most once per this many seconds (the try's own at every check), so N
+# tries starting cost O(N) walks per interval, not O(N) each (with hundreds of runs, a whole
+# walk per start took most of a worker's CPU). The check of a run that grew walks them all.
+PEER_USAGE_MAX_AGE = 5.0
+_seen_usage: dict[Path, dict[str, tuple[float, int]]] = {}
+
+
+def _run_of(name: str) -> str:
+    """The run an entry of a peer's directory belongs to: its workspace `X` and `.X.*`."""
+    if name.startswith(".") and "." in name[1:]:
+        return name[1:].split(".", 1)[0]
+    return name
+
+
+def peer_disk_usage(workspace: Path, max_age: float = 0.0) -> int:
+    """Bytes all the runs of the peer whose workspace this is hold on disk: this run's files
+    now, the others' as this process saw them at most `max_age` seconds ago (0: now).
+    Everything in the peer's directory counts (a file hard-linked into two runs, in each)."""
+    peer = workspace.parent
+    try:
+        entries = list(os.scandir(peer))
+    except OSError:
+        return 0
+    runs: dict[str, list[Path]] = {}
+    for entry in entries:
+        runs.setdefault(_run_of(entry.name), []).append(Path(entry.path))
+    now = time.monotonic()
+    seen = _seen_usage.get(peer, {})
+    current: dict[str, tuple[float, int]] = {}
+    total = 0
+    for run, paths in runs.items():
+        at, used = seen.get(run, (float("-inf"), 0))
+        if run == workspace.name or now - at >= max_age:
+            at, used = now, files.disk_usage(paths)
+        current[run] = (at, used)
+        total += used
+    _seen_usage[peer] = current  # runs gone from the directory are forgotten
+    return total
 
 
 class Sandbox(ABC):

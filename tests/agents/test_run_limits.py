@@ -4,6 +4,7 @@ workspace when it is a reviewer, fill the disk, or blow a file up with one edit.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ from agents.errors import AgentSetupError
 from agents.loop import AgentRunReport
 from agents.models import ToolCall
 from agents.runtime import RuntimeConfig, run_agent_task
-from agents.sandbox.base import Limits
+from agents.sandbox.base import PEER_DISK_BUDGET, Limits, peer_disk_usage
 from agents.sandbox.bwrap import BwrapSandbox
+from agents.sandbox.process import ProcessSandbox
 from agents.tools import EDIT_LIMIT, ToolRunner, tools_for
 from tests.agents.conftest import git
 
@@ -204,3 +206,26 @@ async def test_the_run_that_takes_its_peer_past_the_disk_budget_is_stopped(tmp_p
     # Another peer's runs have a budget of their own.
     other = await scripted(tmp_path / "workspaces" / "peer-b" / "b1", "$ echo hi", limits=limits)
     assert other.success
+
+
+async def test_a_try_start_may_count_other_runs_as_seen_lately_but_a_run_that_grew_counts_them_now(
+    tmp_path: Path,
+) -> None:
+    """A try's start looks at its peer's other runs as this process saw them lately (each
+    walked at most every few seconds, so hundreds of starts do not each walk hundreds of
+    runs), its own files now; the check of a run whose command grew walks every run now."""
+    peer = tmp_path / "workspaces" / "peer-a"
+    first, second = peer / "a1", peer / "a2"
+    for workspace in (first, second):
+        workspace.mkdir(parents=True)
+    assert peer_disk_usage(second, 60) < 1024 * 1024  # a start: the first run seen now
+    (first / "blob").write_bytes(os.urandom(3 * 1024 * 1024))
+    assert peer_disk_usage(second, 60) < 1024 * 1024  # seen lately: not walked again
+    (second / "own").write_bytes(os.urandom(1024 * 1024))
+    assert peer_disk_usage(second, 60) >= 1024 * 1024  # its own files: now
+    assert peer_disk_usage(second) >= 4 * 1024 * 1024  # every run now
+
+    (first / "more").write_bytes(os.urandom(2 * 1024 * 1024))
+    sandbox = ProcessSandbox(second, Limits(peer_disk_bytes=5 * 1024 * 1024))
+    _, over = await sandbox.check_disk(grown_since=0)
+    assert over is not None and over.code == PEER_DISK_BUDGET, over

@@ -138,6 +138,32 @@ async def row_of(pool: asyncpg.Pool, agent_id: str) -> dict[str, Any]:
     return dict(row)
 
 
+async def ended_here(pool: asyncpg.Pool, state: str) -> str:
+    """A requester's run this side ended (`state`) without the executor's word: kill pending."""
+    agent_id = await requested_run(pool)
+    await repos.force_requester_final(
+        pool, uuid.UUID(agent_id), state=state, result=None, error="x", tell_executor=True
+    )
+    return agent_id
+
+
+async def start_delivery(client: Client, queue: str, agent_id: str, **options: Any) -> Any:
+    return await client.start_workflow(
+        KillDeliveryWorkflow.run,
+        m.KillDelivery(agent_id=agent_id, **{"first_retry_seconds": 0.2, **options}),
+        id=m.kill_delivery_workflow_id(agent_id),
+        task_queue=queue,
+    )
+
+
+async def event_states(pool: asyncpg.Pool, agent_id: str) -> list[str]:
+    """The states of the run's event log, in order."""
+    events = await pool.fetch(
+        "SELECT state FROM agent_events WHERE agent_id = $1 ORDER BY id", uuid.UUID(agent_id)
+    )
+    return [e["state"] for e in events]
+
+
 def delivery(client: Client, agent_id: str) -> Any:
     return client.get_workflow_handle_for(
         KillDeliveryWorkflow.run, m.kill_delivery_workflow_id(agent_id)
@@ -179,10 +205,8 @@ async def test_an_unconfirmed_kill_of_a_run_the_executor_had_completed_ends_comp
     ), row
     assert (row["kill_delivery"], row["kill_confirmed"]) == ("too_late", True)
     assert "before the kill reached it" in row["kill_delivery_note"]
-    events = await pool.fetch(
-        "SELECT state FROM agent_events WHERE agent_id = $1 ORDER BY id", uuid.UUID(agent_id)
-    )
-    assert [e["state"] for e in events][-1] == "completed"
+    events = await event_states(pool, agent_id)
+    assert events[-1] == "completed"
 
 
 async def test_a_kill_the_executor_confirms_keeps_the_requesters_end(
@@ -249,17 +273,9 @@ async def test_a_kill_the_executor_refuses_for_good_is_settled_undeliverable_at_
 ) -> None:
     """A refusal no retry can fix is not retried for 7 days: the kill is recorded as not
     deliverable, with the reason, and its delivery fails for an operator to see."""
-    agent_id = await requested_run(pool)
-    await repos.force_requester_final(
-        pool, uuid.UUID(agent_id), state="killed", result=None, error="x", tell_executor=True
-    )
+    agent_id = await ended_here(pool, "killed")
     executor.answer = refusal
-    handle = await client.start_workflow(
-        KillDeliveryWorkflow.run,
-        m.KillDelivery(agent_id=agent_id, first_retry_seconds=0.2),
-        id=m.kill_delivery_workflow_id(agent_id),
-        task_queue=queue,
-    )
+    handle = await start_delivery(client, queue, agent_id)
     with pytest.raises(WorkflowFailureError):
         await asyncio.wait_for(handle.result(), 30)
     assert executor.kills == [agent_id]  # asked once, not again
@@ -275,21 +291,13 @@ async def test_a_kill_the_executor_refuses_for_good_is_settled_undeliverable_at_
 async def test_a_kill_whose_connection_is_gone_is_settled_undeliverable(
     client: Client, queue: str, pool: asyncpg.Pool, executor: ScriptedExecutor
 ) -> None:
-    agent_id = await requested_run(pool)
-    await repos.force_requester_final(
-        pool, uuid.UUID(agent_id), state="timed_out", result=None, error="x", tell_executor=True
-    )
+    agent_id = await ended_here(pool, "timed_out")
     await pool.execute(
         "UPDATE agents SET connection_id = $2 WHERE agent_id = $1",
         uuid.UUID(agent_id),
         uuid.uuid4(),
     )
-    handle = await client.start_workflow(
-        KillDeliveryWorkflow.run,
-        m.KillDelivery(agent_id=agent_id, first_retry_seconds=0.2),
-        id=m.kill_delivery_workflow_id(agent_id),
-        task_queue=queue,
-    )
+    handle = await start_delivery(client, queue, agent_id)
     with pytest.raises(WorkflowFailureError):
         await asyncio.wait_for(handle.result(), 30)
     row = await row_of(pool, agent_id)
@@ -303,16 +311,8 @@ async def test_a_delivery_that_ended_without_an_answer_is_settled_by_the_reconci
 ) -> None:
     """Its delivery terminated (or given up) leaves the kill pending no longer: the reconciler
     says it is undeliverable and stops walking it (nothing is walked for ever)."""
-    agent_id = await requested_run(pool)
-    await repos.force_requester_final(
-        pool, uuid.UUID(agent_id), state="killed", result=None, error="x", tell_executor=True
-    )
-    handle = await client.start_workflow(
-        KillDeliveryWorkflow.run,
-        m.KillDelivery(agent_id=agent_id, first_retry_seconds=5),
-        id=m.kill_delivery_workflow_id(agent_id),
-        task_queue=queue,
-    )
+    agent_id = await ended_here(pool, "killed")
+    handle = await start_delivery(client, queue, agent_id, first_retry_seconds=5)
     await wait_for(lambda: executor.kills == [agent_id])
     await handle.terminate("operator")
     assert (await handle.describe()).status == WorkflowExecutionStatus.TERMINATED
@@ -362,10 +362,7 @@ async def test_a_delivery_of_a_kill_settled_meanwhile_sends_nothing(
 ) -> None:
     """The executor's own final event settled the kill (it had completed) while its delivery
     waited for the executor: the delivery's next try ends, telling it nothing."""
-    agent_id = await requested_run(pool)
-    await repos.force_requester_final(
-        pool, uuid.UUID(agent_id), state="killed", result=None, error="x", tell_executor=True
-    )
+    agent_id = await ended_here(pool, "killed")
     await repos.settle_kill_delivery(
         pool,
         uuid.UUID(agent_id),
@@ -373,12 +370,7 @@ async def test_a_delivery_of_a_kill_settled_meanwhile_sends_nothing(
         note="by the event",
         answer={"state": "completed", "seq": 4, "result": {"summary": "s"}},
     )
-    handle = await client.start_workflow(
-        KillDeliveryWorkflow.run,
-        m.KillDelivery(agent_id=agent_id, first_retry_seconds=0.2),
-        id=m.kill_delivery_workflow_id(agent_id),
-        task_queue=queue,
-    )
+    handle = await start_delivery(client, queue, agent_id)
     assert (await asyncio.wait_for(handle.result(), 30)).state == "completed"
     assert executor.kills == []
     assert (await row_of(pool, agent_id))["kill_delivery"] == "too_late"
@@ -391,18 +383,9 @@ async def test_no_such_run_on_the_executor_is_final_only_once_no_spawn_can_still
     flight: the executor has no such run when the kill first reaches it, and takes the spawn
     just after. "No such run" is not the last word while a spawn may still arrive (its
     envelope's timestamp window), so the next try kills the run the late spawn started."""
-    late, lost = await requested_run(pool), await requested_run(pool)
-    for agent_id in (late, lost):
-        await repos.force_requester_final(
-            pool, uuid.UUID(agent_id), state="failed", result=None, error="x", tell_executor=True
-        )
+    late, lost = await ended_here(pool, "failed"), await ended_here(pool, "failed")
     executor.answer = AgentNotFound("no such run here")
-    handle = await client.start_workflow(
-        KillDeliveryWorkflow.run,
-        m.KillDelivery(agent_id=late, first_retry_seconds=0.2, max_retry_seconds=0.5),
-        id=m.kill_delivery_workflow_id(late),
-        task_queue=queue,
-    )
+    handle = await start_delivery(client, queue, late, max_retry_seconds=0.5)
     await wait_for(lambda: executor.kills.count(late) >= 1)
     executor.answer = {"state": "killed", "seq": 2}  # the late spawn arrived, then the kill
     assert (await asyncio.wait_for(handle.result(), 30)).state == "killed"
@@ -410,12 +393,8 @@ async def test_no_such_run_on_the_executor_is_final_only_once_no_spawn_can_still
 
     # No spawn ever came: once the window is past, "no such run" settles the kill.
     executor.answer = AgentNotFound("no such run here")
-    gone = await client.execute_workflow(
-        KillDeliveryWorkflow.run,
-        m.KillDelivery(agent_id=lost, first_retry_seconds=0.2, max_retry_seconds=1),
-        id=m.kill_delivery_workflow_id(lost),
-        task_queue=queue,
-        execution_timeout=timedelta(seconds=60),
+    gone = await asyncio.wait_for(
+        (await start_delivery(client, queue, lost, max_retry_seconds=1)).result(), 60
     )
     assert gone.confirmed is False
     row = await row_of(pool, lost)
@@ -463,10 +442,8 @@ async def test_a_run_that_completed_while_the_reconciler_looked_owes_the_executo
     with pytest.raises(RPCError) as started:
         await delivery(client, agent_id).describe()  # no kill delivery was started
     assert started.value.status == RPCStatusCode.NOT_FOUND
-    events = await pool.fetch(
-        "SELECT state FROM agent_events WHERE agent_id = $1 ORDER BY id", uuid.UUID(agent_id)
-    )
-    assert [e["state"] for e in events].count("completed") == 1, events
+    events = await event_states(pool, agent_id)
+    assert events.count("completed") == 1, events
     row = await row_of(pool, agent_id)
     assert (row["state"], row["kill_delivery"]) == ("completed", None)
 
@@ -487,20 +464,13 @@ async def test_a_delivery_of_a_run_that_owes_no_kill_sends_nothing(
         error=None,
     )
     executor.answer = {"state": "completed", "seq": 5, "result": {"summary": "did it"}}
-    handle = await client.start_workflow(
-        KillDeliveryWorkflow.run,
-        m.KillDelivery(agent_id=agent_id, first_retry_seconds=0.2),
-        id=m.kill_delivery_workflow_id(agent_id),
-        task_queue=queue,
-    )
+    handle = await start_delivery(client, queue, agent_id)
     assert (await asyncio.wait_for(handle.result(), 30)).state == "completed"
     assert executor.kills == []
     row = await row_of(pool, agent_id)
     assert (row["state"], row["kill_delivery"]) == ("completed", None)
-    events = await pool.fetch(
-        "SELECT state FROM agent_events WHERE agent_id = $1 ORDER BY id", uuid.UUID(agent_id)
-    )
-    assert [e["state"] for e in events] == ["completed"]
+    events = await event_states(pool, agent_id)
+    assert events == ["completed"]
 
 
 async def test_a_kill_settled_too_late_with_the_same_end_logs_no_second_event(
@@ -509,10 +479,7 @@ async def test_a_kill_settled_too_late_with_the_same_end_logs_no_second_event(
     """The requester gave up on the spawn (`failed`, kill pending); the executor's answer is
     that the run had failed there on its own: its end is adopted (its error, its seq), and the
     event log does not say `failed` twice."""
-    agent_id = await requested_run(pool)
-    await repos.force_requester_final(
-        pool, uuid.UUID(agent_id), state="failed", result=None, error="x", tell_executor=True
-    )
+    agent_id = await ended_here(pool, "failed")
     settled = await repos.settle_kill_delivery(
         pool,
         uuid.UUID(agent_id),
@@ -526,7 +493,5 @@ async def test_a_kill_settled_too_late_with_the_same_end_logs_no_second_event(
         "the model refused",
         4,
     )
-    events = await pool.fetch(
-        "SELECT state FROM agent_events WHERE agent_id = $1 ORDER BY id", uuid.UUID(agent_id)
-    )
-    assert [e["state"] for e in events] == ["failed"]
+    events = await event_states(pool, agent_id)
+    assert events == ["failed"]
