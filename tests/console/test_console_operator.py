@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, expect
+from playwright.async_api import Browser, BrowserContext, Route, expect
 
 from cli.devstack import DevStack
 from federation.store import tokens
@@ -142,3 +142,43 @@ async def test_an_executor_sees_the_runs_peers_started_on_it_and_kills_one_after
     await expect(run.locator(".state")).to_have_text("killed")
     assert processes_in(workspace) == []
     assert (await hub.wait_agent(agent_id))["state"] == "killed"  # the requester hears it
+
+
+async def test_a_confirmation_opened_while_the_list_refreshes_stays_open(
+    context: BrowserContext, hub: Instance, spoke: Instance
+) -> None:
+    """The list of unfinished runs fetches itself again every 2 s and swaps its rows in; a
+    kill confirmation opened while such a fetch was in flight vanished with its row when the
+    answer came (the operator's click then met a closed dialog: a CI flake of the test above).
+    Rows holding an open confirmation are left as they are until it closes."""
+    connection_id = await ensure_connection(hub, spoke)
+    task_id = f"refresh-{uuid.uuid4().hex[:6]}"
+    body = spawn_body(connection_id, "$ sleep 60", task_id=task_id)
+    assert (await hub.call("POST", "/agents/spawn", json=body)).status_code == 202
+    agent_id = body["agentId"]
+    await hub.wait_agent(agent_id, {"running"}, timeout=120)
+
+    page = await sign_in(context, spoke)
+    in_flight, answer = asyncio.Event(), asyncio.Event()
+
+    async def hold_refreshes(route: Route) -> None:
+        if route.request.resource_type == "fetch" and not answer.is_set():
+            in_flight.set()
+            await answer.wait()
+        await route.continue_()
+
+    await page.route(f"{spoke.url}/console/agents*", hold_refreshes)
+    await page.goto(f"{spoke.url}/console/agents")
+    run = page.locator(f"#hosted-rows tr[data-agent='{agent_id}']")
+    await expect(run.locator(".state")).to_have_text("running")
+    await asyncio.wait_for(in_flight.wait(), 30)  # a refresh asked, its answer held
+    await run.get_by_role("button", name="Kill…").click()
+    dialog = page.locator(f"dialog#kill-hosted-{agent_id}")
+    await expect(dialog).to_be_visible()
+    async with page.expect_response(lambda r: r.request.resource_type == "fetch"):
+        answer.set()
+    await page.wait_for_timeout(500)  # the answer is read and swapped in (or not)
+    await expect(dialog).to_be_visible()
+    await dialog.get_by_role("button", name="Kill the run").click()
+    await expect(run.locator(".state")).to_have_text("killed")
+    assert (await hub.wait_agent(agent_id))["state"] == "killed"

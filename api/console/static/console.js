@@ -34,7 +34,8 @@
       var doc = new DOMParser().parseFromString(html, "text/html");
       ids.forEach(function (id) {
         var fresh = doc.getElementById(id), old = document.getElementById(id);
-        if (fresh && old) old.replaceWith(fresh);
+        // A confirmation opened while this was fetched stays open: its rows wait a refresh.
+        if (fresh && old && !old.querySelector("dialog[open]")) old.replaceWith(fresh);
       });
       return doc;
     });
