@@ -292,10 +292,16 @@ async def _kill_a_long_runs_worker(shape: Shape, longs: list[Run]) -> list[Run]:
     that were sleeping on that worker."""
     client = await shape.temporal(EXECUTOR)
     deadline = time.monotonic() + 120
+    # A run's progress may still name the sleep after it ended (progress is sent at a bounded
+    # pace): only a run first seen sleeping less than half the sleep ago still sleeps surely.
+    first_seen: dict[str, float] = {}
     while True:
         pids: dict[str, int] = {}
         for run in longs:
             if await _sleeping(shape, run):
+                seen = first_seen.setdefault(run.agent_id, time.monotonic())
+                if time.monotonic() - seen > LONG_SLEEP / 2:
+                    continue
                 pid = await _worker_pid(client, _executor_workflow(shape, run))
                 if pid is not None:
                     pids[run.agent_id] = pid

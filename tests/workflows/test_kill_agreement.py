@@ -156,6 +156,19 @@ async def start_delivery(client: Client, queue: str, agent_id: str, **options: A
     )
 
 
+async def completed_there(pool: asyncpg.Pool, agent_id: str) -> None:
+    """The executor's final event (completed, seq 5) applied here, as the ingress does."""
+    await repos.apply_requester_update(
+        pool,
+        uuid.UUID(agent_id),
+        seq=5,
+        state="completed",
+        progress=None,
+        result={"summary": "did it"},
+        error=None,
+    )
+
+
 async def event_states(pool: asyncpg.Pool, agent_id: str) -> list[str]:
     """The states of the run's event log, in order."""
     events = await pool.fetch(
@@ -424,15 +437,7 @@ async def test_a_run_that_completed_while_the_reconciler_looked_owes_the_executo
     assert [r["state"] for r in stale] == ["running"]
 
     done = m.AgentEvent(seq=5, state=m.AgentState.COMPLETED, result={"summary": "did it"})
-    await repos.apply_requester_update(
-        pool,
-        uuid.UUID(agent_id),
-        seq=5,
-        state="completed",
-        progress=None,
-        result=done.result,
-        error=None,
-    )
+    await completed_there(pool, agent_id)
     await handle.signal(RemoteAgentWorkflow.on_event, done)
     assert (await final_status(handle)).state == "completed"
 
@@ -454,15 +459,7 @@ async def test_a_delivery_of_a_run_that_owes_no_kill_sends_nothing(
     """A delivery started for a run whose end came from the executor (no kill pending: one
     raced that end) tells the executor nothing and leaves the run as it is."""
     agent_id = await requested_run(pool)
-    await repos.apply_requester_update(
-        pool,
-        uuid.UUID(agent_id),
-        seq=5,
-        state="completed",
-        progress=None,
-        result={"summary": "did it"},
-        error=None,
-    )
+    await completed_there(pool, agent_id)
     executor.answer = {"state": "completed", "seq": 5, "result": {"summary": "did it"}}
     handle = await start_delivery(client, queue, agent_id)
     assert (await asyncio.wait_for(handle.result(), 30)).state == "completed"
