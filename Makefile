@@ -23,7 +23,7 @@ system-deps:
 
 # Two pytest workers (pytest-xdist), each test module whole on one of them, the tests of a shared
 # stack together, the longest modules first (tests/conftest.py): on 2 cores the suite takes about
-# 23 minutes instead of 34. PYTEST_WORKERS=0 runs it in one process, in the files' own order.
+# 23-28 minutes instead of 34. PYTEST_WORKERS=0 runs it in one process, in the files' own order.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP) system-deps
