@@ -198,8 +198,8 @@ def run_files(workspaces: Path) -> dict[str, list[Path]]:
     except OSError:
         return runs
     for entry in entries:
-        name = entry.name[1:].split(".", 1)[0] if entry.name.startswith(".") else entry.name
-        if RUN_NAME.fullmatch(name) and (entry.name == name or entry.name.startswith(f".{name}.")):
+        name = files.run_of(entry.name)
+        if RUN_NAME.fullmatch(name):
             runs.setdefault(name, []).append(Path(entry.path))
     return runs
 

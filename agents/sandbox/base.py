@@ -103,13 +103,6 @@ PEER_USAGE_MAX_AGE = 5.0
 _seen_usage: dict[Path, dict[str, tuple[float, int]]] = {}
 
 
-def _run_of(name: str) -> str:
-    """The run an entry of a peer's directory belongs to: its workspace `X` and `.X.*`."""
-    if name.startswith(".") and "." in name[1:]:
-        return name[1:].split(".", 1)[0]
-    return name
-
-
 def peer_disk_usage(workspace: Path, max_age: float = 0.0) -> int:
     """Bytes all the runs of the peer whose workspace this is hold on disk: this run's files
     now, the others' as this process saw them at most `max_age` seconds ago (0: now).
@@ -121,7 +114,7 @@ def peer_disk_usage(workspace: Path, max_age: float = 0.0) -> int:
         return 0
     runs: dict[str, list[Path]] = {}
     for entry in entries:
-        runs.setdefault(_run_of(entry.name), []).append(Path(entry.path))
+        runs.setdefault(files.run_of(entry.name), []).append(Path(entry.path))
     now = time.monotonic()
     seen = _seen_usage.get(peer, {})
     current: dict[str, tuple[float, int]] = {}

@@ -197,6 +197,14 @@ def list_files(
             os.close(fd)
 
 
+def run_of(name: str) -> str:
+    """The run an entry of a directory of workspaces belongs to: a run `X` holds its workspace
+    `X` and the files `.X.*` beside it; any other name stands for itself."""
+    if name.startswith(".") and "." in name[1:]:
+        return name[1:].split(".", 1)[0]
+    return name
+
+
 def disk_usage(roots: list[Path]) -> int:
     """Bytes allocated on disk below these directories (symlinks not followed, each inode
     counted once, whatever cannot be read skipped).
