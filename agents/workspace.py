@@ -24,6 +24,7 @@ objects) is trusted or run by the executor.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import logging
@@ -31,6 +32,7 @@ import os
 import posixpath
 import re
 import shlex
+import shutil
 import stat
 import tempfile
 import urllib.parse
@@ -367,12 +369,12 @@ async def prepare_workspace(
     try:
         workspace.mkdir()
         if kind == "none":
-            await _init_empty(workspace, branch)
+            start = await _lay_empty(workspace, baseline, branch)
             note = f"an empty git repository ({where})"
         else:
             await clone_in_sandbox(workspace, kind, where, branch, clone, what)
             note = f"a clone of {repository}" + (f" at {branch}" if branch else "")
-        start = await _record_baseline(workspace, baseline)
+            start = await _record_baseline(workspace, baseline)
     except GitError as exc:
         log.warning("preparing the workspace from %s failed: %s", what, exc)
         await asyncio.shield(_remove_both(workspace, baseline))
@@ -385,10 +387,68 @@ async def prepare_workspace(
     )
 
 
+# Empty workspaces (with their baselines) made once per branch by this process, then copied:
+# a copy of a few small files instead of a dozen git processes per run. The templates live in
+# a private directory of this process; the last TEMPLATES_KEPT branches are kept.
+TEMPLATES_KEPT = 16
+_templates: dict[str, tuple[Path, str]] = {}
+_templates_root: list[Path] = []
+
+
+def _template_dir() -> Path:
+    if not _templates_root or not _templates_root[0].is_dir():
+        _templates_root[:] = [Path(tempfile.mkdtemp(prefix="fedagent-empty-"))]
+        atexit.register(shutil.rmtree, _templates_root[0], True)
+    return Path(tempfile.mkdtemp(dir=_templates_root[0]))
+
+
+async def _empty_template(branch: str) -> tuple[Path, str]:
+    """The template of an empty workspace on `branch` (`work/.git`, `baseline`) and its
+    commit, made by git the first time (a branch name git refuses fails here as before)."""
+    known = _templates.pop(branch, None)
+    if known is not None and (known[0] / "baseline" / "HEAD").exists():
+        _templates[branch] = known  # the most recently used last
+        return known
+    made = await asyncio.to_thread(_template_dir)
+    try:
+        (made / "work").mkdir()
+        await _init_empty(made / "work", branch)
+        start = await _record_baseline(made / "work", made / "baseline")
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, made, True)
+        raise
+    known = _templates.setdefault(branch, (made, start))
+    if known[0] != made:  # another run made it meanwhile
+        await asyncio.to_thread(shutil.rmtree, made, True)
+    while len(_templates) > TEMPLATES_KEPT:
+        oldest = next(iter(_templates))
+        await asyncio.to_thread(shutil.rmtree, _templates.pop(oldest)[0], True)
+    return known
+
+
+async def _lay_empty(workspace: Path, baseline: Path, branch: str | None) -> str:
+    """An empty repository with one empty commit on `branch` (default: main) in the (empty)
+    workspace, and its baseline beside it; the starting commit."""
+    template, start = await _empty_template(branch or "main")
+
+    def lay() -> None:
+        shutil.copytree(template / "work" / ".git", workspace / ".git", symlinks=True)
+        shutil.copytree(template / "baseline", baseline, symlinks=True)
+
+    await asyncio.to_thread(lay)
+    return start
+
+
 async def _init_empty(workspace: Path, branch: str | None) -> None:
     """An empty repository with one empty commit, on `branch` (default: main)."""
     env = _local_env()
-    await _git("init", "-q", "--initial-branch", branch or "main", cwd=workspace, env=env)
+    # Without git's sample hooks (files copied to every workspace for nothing), but with the
+    # directories an agent expects to write in.
+    await _git(
+        "init", "-q", "--template=", "--initial-branch", branch or "main", cwd=workspace, env=env
+    )
+    for directory in ("hooks", "info"):
+        (workspace / ".git" / directory).mkdir(exist_ok=True)
     await _git(
         *IDENTITY,
         "commit",
@@ -410,7 +470,10 @@ async def _record_baseline(workspace: Path, baseline: Path) -> str:
     )
     # Readable by the diff's sandbox uid whatever the worker's umask (0644 files, 0755
     # directories); the sandbox mounts it read-only, so it cannot write it either way.
-    await _git("init", "-q", "--bare", "--shared=0644", str(baseline), env=_local_env())
+    # No template: no sample hooks or info files to write (and copy) for nothing.
+    await _git(
+        "init", "-q", "--bare", "--template=", "--shared=0644", str(baseline), env=_local_env()
+    )
     await _git(
         *SAFE_LOCAL,
         "--git-dir",
@@ -800,7 +863,8 @@ async def collect_diff(
     executor only reads the bytes they wrote. The patch is cut at `max_bytes`; a changed file
     larger than `file_max_bytes` is left out of the patch and listed in `omitted_files`.
     """
-    gitlinks = await _gitlinks(prepared, timeout)
+    # An empty workspace's starting tree is empty: it has no submodules to ask git for.
+    gitlinks = [] if prepared.source == "empty" else await _gitlinks(prepared, timeout)
     updates = await _submodule_updates(prepared, sandboxes, gitlinks, timeout)
     async with sandboxes("diff") as where:
         names = _script_names(where, prepared, max_bytes + 1)

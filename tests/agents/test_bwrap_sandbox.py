@@ -519,3 +519,43 @@ async def test_a_sandbox_of_an_earlier_attempt_starts_no_command_once_a_new_one_
         assert not (workspace / "late.txt").exists()
     finally:
         await old.kill()
+
+
+async def test_a_sandbox_of_a_superseded_attempt_does_not_start_though_bwrap_is_proven(
+    tmp_path: Path,
+) -> None:
+    """After one sandbox of this process showed bwrap works, later ones start without a probe
+    command; a sandbox whose attempt a newer one has claimed still refuses to start."""
+    from agents.sandbox.fence import Superseded, claim_workspace
+
+    workspace = tmp_path / "runs" / "claimed-before-start"
+    first = BwrapSandbox(workspace, Limits(command_timeout=30))
+    first.generation = await claim_workspace(workspace)
+    await first.start()  # proves bwrap with these settings (or they were proven before)
+    await first.kill()
+    await claim_workspace(workspace)  # a newer attempt
+    late = BwrapSandbox(workspace, Limits(command_timeout=30), generation=first.generation)
+    with pytest.raises(Superseded):
+        await late.start()
+    assert (await late.run("echo late > late.txt")).killed
+    assert not (workspace / "late.txt").exists()
+
+
+async def test_a_bwrap_that_cannot_start_is_refused_at_start_after_another_could(
+    tmp_path: Path,
+) -> None:
+    """The probe is skipped only for the settings it proved: another bwrap that fails (as one
+    does where user namespaces are blocked) is found at start, with a clear reason."""
+    proven = BwrapSandbox(tmp_path / "ok", Limits(command_timeout=30))
+    await proven.start()
+    await proven.kill()
+    with tempfile.TemporaryDirectory() as where:  # a path the sandbox's uid can run
+        os.chmod(where, 0o755)
+        broken = Path(where) / "bwrap"
+        broken.write_text(
+            "#!/bin/sh\necho 'bwrap: No permissions to create new namespace'\nexit 9\n"
+        )
+        broken.chmod(0o755)
+        sandbox = BwrapSandbox(tmp_path / "ws", Limits(command_timeout=30), bwrap=str(broken))
+        with pytest.raises(SandboxUnavailable, match="user namespaces"):
+            await sandbox.start()

@@ -246,3 +246,46 @@ async def test_a_new_attempt_first_ends_the_commands_an_earlier_attempt_still_ru
     assert second.success, second.summary
     assert "scratch" in second.log_tail
     assert processes_in(workspace) == []
+
+
+async def test_each_empty_workspace_is_its_own_whatever_an_earlier_one_wrote_in_its_git(
+    tmp_path: Path,
+) -> None:
+    """Empty workspaces are laid from one template per branch: what an agent writes in its
+    `.git` (config, hooks, commits) stays in its own workspace."""
+    first = await scripted(
+        tmp_path / "runs" / "e1",
+        "$ git config core.pager 'touch /workspace/PAGER_RAN'\n"
+        "$ printf '#!/bin/sh\\nexit 1\\n' > .git/hooks/pre-commit\n"
+        "$ chmod +x .git/hooks/pre-commit\n"
+        "$ echo '*.txt' >> .git/info/exclude\n"
+        "$ git commit -q --allow-empty --no-verify -m mine",
+        branch="feature/x",
+    )
+    assert first.success, first.summary
+    second = await scripted(
+        tmp_path / "runs" / "e2",
+        "$ git config --get core.pager || echo no-pager\n"
+        "$ ls -A .git/hooks; cat .git/info/exclude 2>/dev/null; echo listed\n"
+        "$ git log --format=%s; git symbolic-ref HEAD\n"
+        "$ echo kept > kept.txt",
+        branch="feature/x",
+    )
+    assert second.success, second.summary
+    assert second.workspace["startCommit"] == first.workspace["startCommit"]
+    outputs = second.log
+    assert "no-pager" in outputs and "PAGER_RAN" not in outputs
+    assert "pre-commit" not in outputs and "*.txt" not in outputs
+    assert "fedagent: empty workspace\nrefs/heads/feature/x\n" in outputs
+    assert "mine" not in outputs
+    assert second.changed_files == ["kept.txt"]
+    main = await scripted(tmp_path / "runs" / "e3", "$ git symbolic-ref HEAD")
+    assert "refs/heads/main" in main.log
+
+
+async def test_an_empty_workspace_on_a_branch_name_git_refuses_fails_the_setup(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(AgentSetupError, match="could not prepare the workspace"):
+        await scripted(tmp_path / "runs" / "bad", "$ true", branch="two..dots")
+    assert not (tmp_path / "runs" / "bad").exists()
