@@ -147,6 +147,10 @@ class ToolRunner:
     async def run(self, call: ToolCall) -> tuple[ToolOutcome, CommandRecord | None]:
         """Run one call. What it answers is text by `agents.text`'s rule (file names that are
         not UTF-8, paths and arguments with NUL from the model show escaped)."""
+        if self._last_used is None and self.sandbox.limits.peer_disk_bytes:
+            # The run's own usage before its first call: the check after a call that wrote
+            # nothing then has no reason to walk the peer's other runs.
+            self._last_used = await self.sandbox.disk_usage()
         outcome, record = await self._run(call)
         return dataclasses.replace(outcome, content=clean(outcome.content)), record
 

@@ -98,14 +98,19 @@ class DiskOveruse:
 # before it starts, that the peer's runs do not hold the whole budget already: each run's files
 # are walked for it at most once per this many seconds (the try's own at every check), so N
 # tries starting cost O(N) walks per interval, not O(N) each (with hundreds of runs, a whole
-# walk per start took most of a worker's CPU). The check of a run that grew walks them all.
+# walk per start took most of a worker's CPU). A run whose usage was the same at two walks in
+# a row (an ended run, an idle one) is trusted twice as long each time, up to
+# PEER_USAGE_STABLE_MAX_AGE. The check of a run that grew walks them all.
 PEER_USAGE_MAX_AGE = 5.0
-_seen_usage: dict[Path, dict[str, tuple[float, int]]] = {}
+PEER_USAGE_STABLE_MAX_AGE = 60.0
+# peer directory -> run -> (walked at, bytes, trusted for this many seconds after)
+_seen_usage: dict[Path, dict[str, tuple[float, int, float]]] = {}
 
 
 def peer_disk_usage(workspace: Path, max_age: float = 0.0) -> int:
     """Bytes all the runs of the peer whose workspace this is hold on disk: this run's files
-    now, the others' as this process saw them at most `max_age` seconds ago (0: now).
+    now, the others' as this process saw them at most `max_age` seconds ago (0: now), or
+    longer for a run whose usage did not change lately.
     Everything in the peer's directory counts (a file hard-linked into two runs, in each)."""
     peer = workspace.parent
     try:
@@ -117,13 +122,17 @@ def peer_disk_usage(workspace: Path, max_age: float = 0.0) -> int:
         runs.setdefault(files.run_of(entry.name), []).append(Path(entry.path))
     now = time.monotonic()
     seen = _seen_usage.get(peer, {})
-    current: dict[str, tuple[float, int]] = {}
+    current: dict[str, tuple[float, int, float]] = {}
     total = 0
     for run, paths in runs.items():
-        at, used = seen.get(run, (float("-inf"), 0))
-        if run == workspace.name or now - at >= max_age:
-            at, used = now, files.disk_usage(paths)
-        current[run] = (at, used)
+        at, used, trusted = seen.get(run, (float("-inf"), -1, 0.0))
+        fresh = bool(max_age) and run != workspace.name and now - at < max(max_age, trusted)
+        if not fresh:
+            walked = files.disk_usage(paths)
+            steady = walked == used
+            trusted = min(2 * max(trusted, PEER_USAGE_MAX_AGE), PEER_USAGE_STABLE_MAX_AGE)
+            at, used, trusted = now, walked, trusted if steady else 0.0
+        current[run] = (at, used, trusted)
         total += used
     _seen_usage[peer] = current  # runs gone from the directory are forgotten
     return total

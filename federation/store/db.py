@@ -36,9 +36,31 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+# Server pids of pooled connections that took session-level state (a session advisory lock):
+# the pool resets only those when they go back. asyncpg's default reset query (release every
+# advisory lock, close cursors, UNLISTEN, RESET ALL) is one more round trip per release, which
+# nothing else here needs: no pooled connection LISTENs or SETs, transactions and their locks
+# end with them, and asyncpg rolls back a transaction left open before this runs.
+_SESSION_STATE: set[int] = set()
+
+
+def holds_session_state(conn: asyncpg.Connection) -> None:
+    """Say so before taking a session-level advisory lock on a pooled connection: whatever
+    becomes of the unlock, the pool then releases every such lock when it takes it back."""
+    _SESSION_STATE.add(conn.get_server_pid())
+
+
+async def _reset_session(conn: asyncpg.Connection) -> None:
+    if conn.get_server_pid() in _SESSION_STATE:
+        _SESSION_STATE.discard(conn.get_server_pid())
+        reset = conn.get_reset_query()
+        if reset:
+            await conn.execute(reset)
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_reset_session
     )
     assert pool is not None
     return pool
@@ -54,6 +76,7 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
     """Apply the migrations that are missing; safe to call from many processes at once."""
     applied: list[str] = []
     async with pool.acquire() as conn:
+        holds_session_state(conn)
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
         try:
             await conn.execute(

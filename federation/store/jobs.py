@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from federation.store.db import holds_session_state
 from federation.store.repos import Executor
 
 JOB_LOCK_PREFIX = "fedagent:job:"
@@ -27,6 +28,7 @@ async def instance_job(pool: asyncpg.Pool, name: str) -> AsyncIterator[bool]:
     when another process holds it (skip this round). The lock is held until the block ends."""
     key = JOB_LOCK_PREFIX + name
     async with pool.acquire() as conn:
+        holds_session_state(conn)
         held = bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key))
         try:
             yield held

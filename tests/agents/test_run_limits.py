@@ -229,3 +229,67 @@ async def test_a_try_start_may_count_other_runs_as_seen_lately_but_a_run_that_gr
     sandbox = ProcessSandbox(second, Limits(peer_disk_bytes=5 * 1024 * 1024))
     _, over = await sandbox.check_disk(grown_since=0)
     assert over is not None and over.code == PEER_DISK_BUDGET, over
+
+
+async def test_a_run_whose_usage_stays_the_same_is_walked_less_often_and_again_once_it_grew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ended or idle run of the peer is trusted longer at each walk that finds it unchanged
+    (up to a minute); a change found brings it back to every few seconds."""
+    from types import SimpleNamespace
+
+    from agents.sandbox import base
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(base, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    peer = tmp_path / "workspaces" / "peer-b"
+    other, own = peer / "b1", peer / "b2"
+    for workspace in (other, own):
+        workspace.mkdir(parents=True)
+    mb = 1024 * 1024
+
+    def seen_at(now: float) -> int:
+        clock.now = now
+        return peer_disk_usage(own, base.PEER_USAGE_MAX_AGE)
+
+    assert seen_at(1000) < mb  # walked: first seen
+    assert seen_at(1006) < mb  # walked again, unchanged: now trusted for 10 s
+    (other / "blob").write_bytes(os.urandom(2 * mb))
+    assert seen_at(1012) < mb  # 6 s after: still trusted
+    assert seen_at(1017) >= 2 * mb  # 11 s after: walked, grown: back to every 5 s
+    (other / "more").write_bytes(os.urandom(mb))
+    assert seen_at(1020) < 3 * mb
+    assert seen_at(1023) >= 3 * mb
+    assert peer_disk_usage(own) >= 3 * mb  # the check of a run that grew: now, always
+
+
+async def test_a_call_that_writes_nothing_does_not_walk_the_peers_other_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After each call the run's disk is checked; its peer's other runs are walked only when
+    the run grew, its first call included."""
+    from agents.sandbox import files
+
+    peer = tmp_path / "workspaces" / "peer-c"
+    (peer / "c1").mkdir(parents=True)
+    (peer / "c1" / "blob").write_bytes(os.urandom(1024))
+    walked: list[str] = []
+    real = files.disk_usage
+
+    def counting(paths: list[Path]) -> int:
+        walked.extend(path.name for path in paths)
+        return real(paths)
+
+    monkeypatch.setattr(files, "disk_usage", counting)
+    sandbox = ProcessSandbox(peer / "c2", Limits(peer_disk_bytes=64 * 1024 * 1024))
+    await sandbox.start()
+    try:
+        runner = ToolRunner(sandbox, tools_for("worker"))
+        await runner.run(ToolCall("t1", "run_command", {"command": "true"}))
+        assert await runner.check_disk() is None
+        assert "c1" not in walked, walked
+        await runner.run(ToolCall("t2", "run_command", {"command": "echo grown > new.txt"}))
+        assert await runner.check_disk() is None
+        assert "c1" in walked, walked
+    finally:
+        await sandbox.kill()

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from cli.devstack import DevStack
-from federation.store.db import create_pool
+from federation.store.db import create_pool, holds_session_state
 from federation.store.jobs import JOB_LOCK_PREFIX, instance_job
 
 
@@ -51,6 +51,32 @@ async def test_a_dead_holder_frees_the_job(pool: asyncpg.Pool, stack: DevStack) 
                 return
         await asyncio.sleep(0.1)
     raise AssertionError("the job stayed held after its holder died")
+
+
+async def test_a_pooled_connection_goes_back_without_a_session_lock_it_never_unlocked(
+    stack: DevStack,
+) -> None:
+    """Pooled connections go back without asyncpg's reset query (one round trip fewer per
+    query), except one that took session-level state: a job's lock whose unlock never ran
+    (its block cancelled mid-unlock) is released with the connection."""
+    assert stack._pg is not None
+    uri = stack._pg.get_uri()
+    small = await create_pool(uri, min_size=1, max_size=1)
+    other = await asyncpg.connect(uri)
+    key = JOB_LOCK_PREFIX + f"probe-{uuid.uuid4().hex[:8]}"
+    try:
+        async with small.acquire() as conn:
+            holds_session_state(conn)
+            assert await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+        assert await other.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+        # Any other connection goes back as it is: what the round trip saved means.
+        async with small.acquire() as conn:
+            await conn.execute("SET application_name = 'kept'")
+        async with small.acquire() as conn:
+            assert await conn.fetchval("SHOW application_name") == "kept"
+    finally:
+        await other.close()
+        await small.close()
 
 
 async def test_message_expiry_and_audit_partitions_run_in_one_replica_at_a_time(
